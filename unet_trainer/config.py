@@ -1,0 +1,775 @@
+"""Configuration: YAML run configs, reusable recipes, command-line overrides and durations.
+
+A run's config is resolved from four layers, later ones winning:
+
+    defaults (this module)  <  recipe (recipes/*.yaml)  <  config (configs/*.yaml)  <  command line
+
+Every layer is checked against one schema before it is merged, so an unknown key or a value of
+the wrong type is reported with the file (or "command line") it came from, the dotted key, and
+what was expected. YAML is only ever read with ``yaml.safe_load``; components (optimizers,
+schedulers, losses, callbacks, algorithms) are chosen from known names, never import paths.
+
+The schema speaks Composer's vocabulary::
+
+    optimizer:  {radam: {lr: 1.0e-3, betas: [0.9, 0.999], eps: 1.0e-8, weight_decay: 1.0e-4}}
+    schedulers: [{constant: {}}]
+    max_duration: 200ep          # or 1000ba, 64000sp; a plain integer means epochs
+
+Only values live in YAML; the objects are built by :mod:`unet_trainer.builders`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the source, the key and what was expected."""
+
+
+# --------------------------------------------------------------------------------------------
+# Durations
+# --------------------------------------------------------------------------------------------
+
+DURATION_UNITS = {"ep": "epochs", "ba": "batches", "sp": "samples"}
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*(ep|ba|sp)\s*$")
+
+
+@dataclass(frozen=True)
+class Duration:
+    """A span of training time: ``value`` epochs (``ep``), batches (``ba``) or samples (``sp``)."""
+
+    value: int
+    unit: str
+
+    @classmethod
+    def parse(cls, raw: Any) -> "Duration":
+        """Parse ``"200ep"``, ``"1000ba"``, ``"64sp"`` or a plain non-negative integer (epochs).
+
+        Raises:
+            ValueError: for anything else (the message says which forms are accepted).
+        """
+        if isinstance(raw, Duration):
+            return raw
+        if isinstance(raw, bool):
+            raise ValueError(f"{raw!r} is not a duration")
+        if isinstance(raw, int):
+            if raw < 0:
+                raise ValueError(f"{raw!r} is negative")
+            return cls(raw, "ep")
+        if isinstance(raw, str):
+            match = _DURATION_RE.match(raw)
+            if match:
+                return cls(int(match.group(1)), match.group(2))
+            if raw.strip().isdigit():
+                return cls(int(raw), "ep")
+        raise ValueError(f"{raw!r} is not a duration (use Nep, Nba or Nsp, e.g. 200ep, 1000ba, 64sp)")
+
+    def __str__(self) -> str:
+        return f"{self.value}{self.unit}"
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One leaf of the schema.
+
+    ``kind`` is one of: int, float, bool, str, duration, int_list, float_list, int_or_auto.
+    ``length`` fixes a list's length; ``choices`` restricts a str; ``nullable`` admits null.
+    """
+
+    kind: str
+    default: Any
+    nullable: bool = False
+    choices: tuple[str, ...] | None = None
+    length: int | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def expected(self) -> str:
+        """Human phrase for the expected type, used in error messages."""
+        phrase = {
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+            "str": "a string",
+            "duration": "a duration like 200ep, 1000ba or 64sp",
+            "int_list": "a list of integers",
+            "float_list": "a list of numbers",
+            "int_or_auto": "an integer or 'auto'",
+        }[self.kind]
+        if self.choices:
+            phrase = "one of " + ", ".join(self.choices)
+        if self.length is not None:
+            phrase += f" of length {self.length}"
+        if self.minimum is not None and self.maximum is not None:
+            phrase += f" in [{self.minimum}, {self.maximum}]"
+        elif self.minimum is not None:
+            phrase += f" >= {self.minimum}"
+        if self.nullable:
+            phrase += " (or null)"
+        return phrase
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """Exactly one named component with its settings, e.g. ``optimizer: {radam: {lr: 1e-3}}``.
+
+    A later layer naming a different component replaces the choice; naming the same one merges.
+    """
+
+    components: Mapping[str, Mapping[str, Field]]
+    default: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """An ordered list of named components, e.g. ``schedulers: [{constant: {}}]``; replaced whole."""
+
+    components: Mapping[str, Mapping[str, Field]]
+    default: list
+
+
+@dataclass(frozen=True)
+class SetOf:
+    """Any subset of named components, switched on by name: ``callbacks: {lr_monitor: {}}``.
+
+    Layers merge per component; giving a component the value null switches it off.
+    """
+
+    components: Mapping[str, Mapping[str, Field]]
+    default: Mapping[str, Any]
+
+
+def F(kind: str, default: Any, **kwargs: Any) -> Field:
+    return Field(kind, default, **kwargs)
+
+
+PROB = dict(minimum=0.0, maximum=1.0)
+POSITIVE = dict(minimum=0.0)
+
+OPTIMIZERS: dict[str, dict[str, Field]] = {
+    "radam": {
+        "lr": F("float", 1e-3, **POSITIVE),
+        "betas": F("float_list", [0.9, 0.999], length=2),
+        "eps": F("float", 1e-8, **POSITIVE),
+        "weight_decay": F("float", 0.0, **POSITIVE),
+    },
+    "adam": {
+        "lr": F("float", 1e-3, **POSITIVE),
+        "betas": F("float_list", [0.9, 0.999], length=2),
+        "eps": F("float", 1e-8, **POSITIVE),
+        "weight_decay": F("float", 0.0, **POSITIVE),
+    },
+    "adamw": {
+        "lr": F("float", 1e-3, **POSITIVE),
+        "betas": F("float_list", [0.9, 0.999], length=2),
+        "eps": F("float", 1e-8, **POSITIVE),
+        "weight_decay": F("float", 1e-2, **POSITIVE),
+    },
+    "sgd": {
+        "lr": F("float", 1e-2, **POSITIVE),
+        "momentum": F("float", 0.99, **POSITIVE),
+        "nesterov": F("bool", True),
+        "weight_decay": F("float", 3e-5, **POSITIVE),
+    },
+}
+
+SCHEDULERS: dict[str, dict[str, Field]] = {
+    # Each factor multiplies the optimizer's base lr; a list of schedulers multiplies them all,
+    # as Composer composes its schedulers.
+    "constant": {"factor": F("float", 1.0, **POSITIVE)},
+    "cosine": {"min_factor": F("float", 0.0, **POSITIVE), "t_max": F("duration", None, nullable=True)},
+    "poly": {"power": F("float", 0.9, **POSITIVE), "t_max": F("duration", None, nullable=True)},
+    "linear_warmup": {"duration": F("duration", "1ep"), "start_factor": F("float", 0.0, **POSITIVE)},
+}
+
+LOSSES: dict[str, dict[str, Field]] = {
+    # Dice over the tumour labels (background left out, as Composer and DLE do) + cross-entropy.
+    "dice_ce": {"dice_weight": F("float", 1.0, **POSITIVE), "ce_weight": F("float", 1.0, **POSITIVE)},
+    # nnU-Net's BraTS mode: sigmoid outputs for WT, TC, ET with Dice + binary cross-entropy.
+    "region_dice_bce": {"dice_weight": F("float", 1.0, **POSITIVE), "bce_weight": F("float", 1.0, **POSITIVE)},
+}
+
+CALLBACKS: dict[str, dict[str, Field]] = {
+    "lr_monitor": {},
+    "speed_monitor": {"window": F("int", 10, minimum=1)},
+    "early_stopper": {"patience": F("int", 10, minimum=1), "min_delta": F("float", 0.0, **POSITIVE)},
+}
+
+ALGORITHMS: dict[str, dict[str, Field]] = {
+    "channels_last": {},
+}
+
+MODEL_FIELDS: dict[str, Field] = {
+    "spatial_dims": F("int", 3, choices=None, minimum=2, maximum=3),
+    "in_channels": F("int", 4, minimum=1),
+    "num_classes": F("int", 4, minimum=1),
+    "filters": F("int_list", [32, 64, 128, 256, 320, 320]),
+    "kernel_sizes": F("int_list", [3, 3, 3, 3, 3, 3]),
+    "strides": F("int_list", [1, 2, 2, 2, 2, 2]),
+    "norm": F("str", "instance", choices=("instance", "batch", "group", "none")),
+    "norm_groups": F("int", 8, minimum=1),
+    "activation": F("str", "leaky_relu", choices=("leaky_relu", "relu")),
+    "negative_slope": F("float", 0.01, **POSITIVE),
+    "upsample": F("str", "transposed", choices=("transposed", "linear")),
+    "downsample": F("str", "strided_conv", choices=("strided_conv", "max_pool")),
+    "residual": F("bool", False),
+    "deep_supervision": F("bool", False),
+    "deep_supervision_heads": F("int", 2, minimum=1),
+    "dropout": F("float", 0.0, **PROB),
+    "padding": F("str", "same", choices=("same", "valid")),
+    "gradient_checkpointing": F("bool", False),
+}
+
+SCHEMA: dict[str, Any] = {
+    "recipe": F("str", None, nullable=True),
+    "run_name": F("str", None, nullable=True),
+    "save_folder": F("str", "runs/{run_name}"),
+    "seed": F("int", 42, minimum=0),
+    "device": F("str", "auto", choices=("auto", "cpu", "cuda")),
+    "precision": F("str", "fp32", choices=("fp32", "amp_fp16", "amp_bf16")),
+    "train_batch_size": F("int", 64, minimum=1),
+    "eval_batch_size": F("int", 8, minimum=1),
+    "device_train_microbatch_size": F("int_or_auto", None, nullable=True),
+    "max_duration": F("duration", "200ep"),
+    "eval_interval": F("duration", "1ep"),
+    "save_interval": F("duration", "1ep"),
+    "save_num_checkpoints_to_keep": F("int", 3, minimum=-1),
+    "autoresume": F("bool", True),
+    "load_path": F("str", None, nullable=True),
+    "load_weights_only": F("bool", False),
+    "grad_clip_norm": F("float", None, nullable=True, minimum=0.0),
+    "optimizer": OneOf(OPTIMIZERS, {"radam": {}}),
+    "schedulers": ListOf(SCHEDULERS, [{"constant": {}}]),
+    "loss": OneOf(LOSSES, {"dice_ce": {}}),
+    "callbacks": SetOf(CALLBACKS, {}),
+    "algorithms": SetOf(ALGORITHMS, {}),
+    "model": MODEL_FIELDS,
+    "data": {
+        "path": F("str", None, nullable=True),
+        "format": F("str", "auto", choices=("auto", "msd", "brats2021", "brats2023", "dle")),
+        "cache_dir": F("str", None, nullable=True),
+        "prepared_path": F("str", None, nullable=True),
+        "phantom": {
+            "cases": F("int", 20, minimum=2),
+            "shape": F("int_list", [64, 64, 64], length=3),
+            "seed": F("int", 0, minimum=0),
+        },
+        "num_folds": F("int", 5, minimum=2),
+        "fold": F("int", 0, minimum=0),
+        "split_seed": F("int", 0, minimum=0),
+        "split_file": F("str", None, nullable=True),
+        "patch_size": F("int_list", [128, 128, 128], length=3),
+        "oversampling": F("float", 0.4, **PROB),
+        "num_workers": F("int", 2, minimum=0),
+        "prepare_workers": F("int", 2, minimum=1),
+    },
+    "augmentation": {
+        "enabled": F("bool", True),
+        "flip": {"p": F("float", 0.5, **PROB)},
+        "noise": {"p": F("float", 0.15, **PROB), "std": F("float_list", [0.0, 0.33], length=2)},
+        "blur": {"p": F("float", 0.15, **PROB), "sigma": F("float_list", [0.5, 1.5], length=2)},
+        "brightness": {"p": F("float", 0.15, **PROB), "scale": F("float_list", [0.7, 1.3], length=2)},
+        "contrast": {"p": F("float", 0.15, **PROB), "scale": F("float_list", [0.65, 1.5], length=2)},
+    },
+    "eval": {
+        "overlap": F("float", 0.5, minimum=0.0, maximum=0.95),
+        "sw_batch_size": F("int", 4, minimum=1),
+        "gaussian": F("bool", True),
+        "mirror_tta": F("bool", False),
+        # Composer/DLE score an empty ground truth 1 when the prediction is empty too, else 0;
+        # MONAI's ignore_empty leaves such a case out of the mean instead.
+        "empty_policy": F("str", "one_if_both_empty", choices=("one_if_both_empty", "ignore")),
+    },
+}
+
+# Keys a recipe may set: the training hyperparameters, never the data or the model.
+RECIPE_KEYS = (
+    "optimizer", "schedulers", "max_duration", "train_batch_size", "eval_batch_size", "precision",
+    "device_train_microbatch_size", "algorithms", "callbacks", "loss", "grad_clip_norm",
+    "eval_interval", "save_interval", "seed",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Checking values
+# --------------------------------------------------------------------------------------------
+
+
+def _all_key_paths(node: Any, prefix: str = "") -> list[str]:
+    """Every valid dotted key path in the schema, components included (for 'did you mean')."""
+    paths: list[str] = []
+    if isinstance(node, dict):
+        for key, child in node.items():
+            path = f"{prefix}{key}"
+            paths.append(path)
+            paths.extend(_all_key_paths(child, path + "."))
+    elif isinstance(node, (OneOf, ListOf, SetOf)):
+        for name, fields in node.components.items():
+            path = f"{prefix}{name}"
+            paths.append(path)
+            paths.extend(_all_key_paths(dict(fields), path + "."))
+    return paths
+
+
+_ALL_PATHS = _all_key_paths(SCHEMA)
+
+
+def _unknown_key_error(source: str, path: str, siblings: Iterable[str]) -> ConfigError:
+    leaf = path.rsplit(".", 1)[-1]
+    parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+    candidates = [parent + s for s in siblings]
+    close = difflib.get_close_matches(path, candidates, n=1, cutoff=0.5)
+    if not close:
+        close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+        close = [parent + c for c in close]
+    if not close:
+        close = difflib.get_close_matches(path, _ALL_PATHS, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(sorted(siblings))}"
+    return ConfigError(f"{source}: unknown key '{path}'{hint}")
+
+
+def _type_error(source: str, path: str, value: Any, spec: Field, detail: str = "") -> ConfigError:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    extra = f" ({detail})" if detail else ""
+    return ConfigError(f"{source}: '{path}' = {shown} is not {spec.expected()}{extra}")
+
+
+def _as_float(value: Any) -> float | None:
+    # YAML 1.1 reads "1e-3" (no dot) as a string, so numbers written that way are accepted here.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _check_range(source: str, path: str, value: float, spec: Field) -> None:
+    if spec.minimum is not None and value < spec.minimum:
+        raise _type_error(source, path, value, spec)
+    if spec.maximum is not None and value > spec.maximum:
+        raise _type_error(source, path, value, spec)
+
+
+def _check_field(source: str, path: str, value: Any, spec: Field) -> Any:
+    """Return ``value`` converted to the field's kind, or raise a one-line ConfigError."""
+    if value is None:
+        if spec.nullable:
+            return None
+        raise _type_error(source, path, value, spec)
+    kind = spec.kind
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise _type_error(source, path, value, spec)
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(source, path, value, spec)
+        _check_range(source, path, value, spec)
+        return value
+    if kind == "int_or_auto":
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _type_error(source, path, value, spec)
+        return value
+    if kind == "float":
+        number = _as_float(value)
+        if number is None:
+            raise _type_error(source, path, value, spec)
+        _check_range(source, path, number, spec)
+        return number
+    if kind == "str":
+        if not isinstance(value, str):
+            raise _type_error(source, path, value, spec)
+        if spec.choices and value not in spec.choices:
+            raise _type_error(source, path, value, spec)
+        return value
+    if kind == "duration":
+        try:
+            return str(Duration.parse(value))
+        except ValueError:
+            raise _type_error(source, path, value, spec) from None
+    if kind in ("int_list", "float_list"):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(source, path, value, spec)
+        out = []
+        for item in value:
+            if kind == "int_list":
+                if isinstance(item, bool) or not isinstance(item, int):
+                    raise _type_error(source, path, value, spec, f"item {item!r}")
+                out.append(item)
+            else:
+                number = _as_float(item)
+                if number is None:
+                    raise _type_error(source, path, value, spec, f"item {item!r}")
+                out.append(number)
+        if spec.length is not None and len(out) != spec.length:
+            raise _type_error(source, path, value, spec)
+        return out
+    raise AssertionError(f"schema kind {kind!r} has no checker")
+
+
+def _check_component_settings(source: str, path: str, settings: Any, fields: Mapping[str, Field]) -> dict:
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{source}: '{path}' must be a mapping of settings, got {settings!r}")
+    checked = {}
+    for key, value in settings.items():
+        sub = f"{path}.{key}"
+        if key not in fields:
+            raise _unknown_key_error(source, sub, fields.keys())
+        checked[key] = _check_field(source, sub, value, fields[key])
+    return checked
+
+
+def _check_component_entry(source: str, path: str, entry: Any, spec: OneOf | ListOf | SetOf) -> tuple[str, dict]:
+    names = ", ".join(spec.components)
+    if isinstance(entry, str):
+        entry = {entry: {}}
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise ConfigError(f"{source}: '{path}' must name exactly one of {names}, like {{{next(iter(spec.components))}: {{}}}}; got {entry!r}")
+    (name, settings), = entry.items()
+    if name not in spec.components:
+        raise _unknown_key_error(source, f"{path}.{name}", spec.components.keys())
+    return name, _check_component_settings(source, f"{path}.{name}", settings, spec.components[name])
+
+
+def check_layer(layer: Any, source: str, schema: Mapping[str, Any] = SCHEMA, prefix: str = "") -> dict:
+    """Check one layer (a recipe, a config file or the command line) against the schema.
+
+    Args:
+        layer: the parsed YAML mapping (partial: missing keys are fine).
+        source: where it came from, used in messages ("configs/demo.yaml", "command line").
+
+    Returns:
+        A copy with values converted to their kinds (numbers written as "1e-3" become floats).
+
+    Raises:
+        ConfigError: unknown key (with the closest valid key) or wrong type (key, value, expected).
+    """
+    if layer is None:
+        return {}
+    if not isinstance(layer, dict):
+        where = f"'{prefix[:-1]}'" if prefix else "the top level"
+        raise ConfigError(f"{source}: {where} must be a mapping of keys, got {layer!r}")
+    checked: dict[str, Any] = {}
+    for key, value in layer.items():
+        path = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in schema:
+            raise _unknown_key_error(source, path, schema.keys())
+        spec = schema[key]
+        if isinstance(spec, Field):
+            checked[key] = _check_field(source, path, value, spec)
+        elif isinstance(spec, dict):
+            checked[key] = check_layer(value, source, spec, path + ".")
+        elif isinstance(spec, OneOf):
+            name, settings = _check_component_entry(source, path, value, spec)
+            checked[key] = {name: settings}
+        elif isinstance(spec, ListOf):
+            if not isinstance(value, list):
+                raise ConfigError(f"{source}: '{path}' must be a list like [{{{next(iter(spec.components))}: {{}}}}], got {value!r}")
+            checked[key] = [
+                dict([_check_component_entry(source, f"{path}[{i}]", item, spec)]) for i, item in enumerate(value)
+            ]
+        elif isinstance(spec, SetOf):
+            if value is None:
+                checked[key] = {}
+                continue
+            if isinstance(value, list):  # [a, b] is shorthand for {a: {}, b: {}}
+                value = {name: {} for name in value}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{path}' must be a mapping of names to settings, got {value!r}")
+            entries: dict[str, Any] = {}
+            for name, settings in value.items():
+                if name not in spec.components:
+                    raise _unknown_key_error(source, f"{path}.{name}", spec.components.keys())
+                # null switches a component off in a later layer.
+                entries[name] = None if settings is None else _check_component_settings(
+                    source, f"{path}.{name}", settings, spec.components[name])
+            checked[key] = entries
+    return checked
+
+
+# --------------------------------------------------------------------------------------------
+# Merging and defaults
+# --------------------------------------------------------------------------------------------
+
+
+def merge_layers(base: dict, over: dict, schema: Mapping[str, Any] = SCHEMA) -> dict:
+    """Merge checked layer ``over`` onto ``base`` (both partial); returns a new dict."""
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        spec = schema[key]
+        if isinstance(spec, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_layers(merged[key], value, spec)
+        elif isinstance(spec, OneOf) and isinstance(merged.get(key), dict):
+            (name, settings), = value.items()
+            if name in merged[key]:
+                merged[key] = {name: {**merged[key][name], **settings}}
+            else:
+                merged[key] = copy.deepcopy(value)
+        elif isinstance(spec, SetOf) and isinstance(merged.get(key), dict):
+            for name, settings in value.items():
+                if settings is None:
+                    merged[key].pop(name, None)
+                else:
+                    merged[key][name] = {**(merged[key].get(name) or {}), **settings}
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _fill_defaults(layer: dict, schema: Mapping[str, Any]) -> dict:
+    full: dict[str, Any] = {}
+    for key, spec in schema.items():
+        value = layer.get(key)
+        if isinstance(spec, Field):
+            full[key] = copy.deepcopy(spec.default) if key not in layer else value
+            if key not in layer and spec.kind == "duration" and spec.default is not None:
+                full[key] = str(Duration.parse(spec.default))
+        elif isinstance(spec, dict):
+            full[key] = _fill_defaults(value or {}, spec)
+        elif isinstance(spec, OneOf):
+            chosen = value if key in layer else spec.default
+            (name, settings), = chosen.items()
+            full[key] = {name: _fill_defaults(settings, spec.components[name])}
+        elif isinstance(spec, ListOf):
+            chosen = value if key in layer else spec.default
+            full[key] = [
+                {name: _fill_defaults(settings, spec.components[name])}
+                for item in chosen for name, settings in item.items()
+            ]
+        elif isinstance(spec, SetOf):
+            chosen = value if key in layer else spec.default
+            full[key] = {
+                name: _fill_defaults(settings or {}, spec.components[name])
+                for name, settings in chosen.items() if settings is not None
+            }
+    return full
+
+
+def defaults() -> dict:
+    """The fully populated default config."""
+    return _fill_defaults({}, SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as a YAML scalar or flow list/mapping (never as code)."""
+    try:
+        return yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """Turn ``key.sub=value``, ``--key.sub value`` and ``--key.sub=value`` into (key, value) pairs.
+
+    Raises:
+        ConfigError: a token that is none of those forms, or a ``--key`` with no value.
+    """
+    pairs: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token.startswith("--"):
+            body = token[2:]
+            if "=" in body:
+                key, text = body.split("=", 1)
+            else:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"command line: '{token}' needs a value (use --key value or --key=value)")
+                key, text = body, args[i + 1]
+                i += 1
+        elif "=" in token:
+            key, text = token.split("=", 1)
+        else:
+            raise ConfigError(f"command line: '{token}' is not an override (use key=value, --key value or --key=value)")
+        if not key or key.startswith(".") or key.endswith(".") or ".." in key:
+            raise ConfigError(f"command line: '{token}' has an empty key")
+        pairs.append((key, _parse_value(text)))
+        i += 1
+    return pairs
+
+
+def overrides_to_layer(pairs: list[tuple[str, Any]]) -> dict:
+    """Nest dotted pairs into one mapping: ``[("a.b", 1)]`` -> ``{"a": {"b": 1}}``.
+
+    A list-valued key such as ``schedulers`` takes an index: ``schedulers.0.cosine.t_max=10ep``
+    is not supported; give the whole list, e.g. ``schedulers='[{cosine: {}}]'``.
+    """
+    layer: dict[str, Any] = {}
+    for key, value in pairs:
+        node = layer
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return layer
+
+
+# --------------------------------------------------------------------------------------------
+# Loading files and resolving the four layers
+# --------------------------------------------------------------------------------------------
+
+
+def load_yaml(path: Path) -> dict:
+    """Read a YAML mapping with ``yaml.safe_load``.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error (with line) or a top level that is not a mapping.
+    """
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def repo_root() -> Path:
+    """The folder holding ``configs/`` and ``recipes/`` in a source checkout."""
+    return Path(__file__).resolve().parent.parent
+
+
+def find_recipe(name: str, config_dir: Path | None) -> Path:
+    """Locate a recipe given by name (``composer-unet``) or path (``recipes/fast.yaml``).
+
+    Looks, in order: the path as given, next to the config, ``../recipes`` from the config, and the
+    checkout's ``recipes/``.
+
+    Raises:
+        ConfigError: when none exists (lists the recipes that do).
+    """
+    filename = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    candidates = [Path(name), Path(filename)]
+    if config_dir is not None:
+        candidates += [config_dir / filename, config_dir.parent / "recipes" / filename]
+    candidates.append(repo_root() / "recipes" / Path(filename).name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in (repo_root() / "recipes").glob("*.yaml"))
+    raise ConfigError(f"recipe '{name}' not found; known recipes: {', '.join(known) or 'none'}")
+
+
+def resolve_config(config_path: str | os.PathLike | None, override_args: list[str] | None = None) -> dict:
+    """Resolve defaults < recipe < config < command line into one fully populated, checked config.
+
+    Args:
+        config_path: the YAML run config, or None for defaults only.
+        override_args: the command-line tokens after the config path.
+
+    Returns:
+        The resolved config as plain dicts/lists/scalars (durations as strings like "200ep"),
+        with ``run_name`` and ``save_folder`` filled in.
+
+    Raises:
+        ConfigError: any problem, as one line naming the file or key.
+    """
+    config_layer: dict = {}
+    config_dir = None
+    if config_path is not None:
+        path = Path(config_path)
+        config_layer = check_layer(load_yaml(path), str(path))
+        config_dir = path.resolve().parent
+    cli_layer = check_layer(overrides_to_layer(parse_overrides(override_args or [])), "command line")
+
+    recipe_name = cli_layer.get("recipe", config_layer.get("recipe"))
+    recipe_layer: dict = {}
+    if recipe_name:
+        recipe_path = find_recipe(recipe_name, config_dir)
+        raw_recipe = load_yaml(recipe_path)
+        for key in raw_recipe:
+            if key not in RECIPE_KEYS and key in SCHEMA:
+                raise ConfigError(
+                    f"{recipe_path}: '{key}' does not belong in a recipe (recipes hold {', '.join(RECIPE_KEYS)}); "
+                    "put it in the config")
+        recipe_layer = check_layer(raw_recipe, str(recipe_path))
+
+    merged = merge_layers(merge_layers(recipe_layer, config_layer), cli_layer)
+    resolved = _fill_defaults(merged, SCHEMA)
+    if resolved["run_name"] is None:
+        resolved["run_name"] = Path(config_path).stem if config_path is not None else "run"
+    resolved["save_folder"] = resolved["save_folder"].replace("{run_name}", resolved["run_name"])
+    _check_consistency(resolved)
+    return resolved
+
+
+def _check_consistency(cfg: dict) -> None:
+    """Cross-key rules that a single field cannot express."""
+    data, model = cfg["data"], cfg["model"]
+    if data["fold"] >= data["num_folds"]:
+        raise ConfigError(f"'data.fold' = {data['fold']} must be below 'data.num_folds' = {data['num_folds']}")
+    n_levels = len(model["filters"])
+    for key in ("kernel_sizes", "strides"):
+        if len(model[key]) != n_levels:
+            raise ConfigError(
+                f"'model.{key}' has {len(model[key])} entries but 'model.filters' has {n_levels}; give one per level")
+    for key in ("std", "sigma", "scale"):
+        for name, section in cfg["augmentation"].items():
+            if isinstance(section, dict) and key in section and section[key][0] > section[key][1]:
+                raise ConfigError(f"'augmentation.{name}.{key}' = {section[key]} must be [low, high] with low <= high")
+    if model["spatial_dims"] == 2 and data["patch_size"][0] != 1:
+        raise ConfigError(
+            f"'data.patch_size' = {data['patch_size']} must start with 1 for a 2D model (slices), e.g. [1, 192, 160]")
+    micro = cfg["device_train_microbatch_size"]
+    if isinstance(micro, int) and micro > cfg["train_batch_size"]:
+        raise ConfigError(
+            f"'device_train_microbatch_size' = {micro} exceeds 'train_batch_size' = {cfg['train_batch_size']}")
+
+
+def dump_config(cfg: dict) -> str:
+    """The resolved config as YAML text (key order kept)."""
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (for resume warnings)."""
+    keys = sorted(set(old) | set(new))
+    diffs: list[str] = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(config_differences(a, b, path + "."))
+        elif a != b:
+            diffs.append(path)
+    return diffs
