@@ -1,0 +1,480 @@
+"""Tests for unet_trainer.transforms (batched on-device augmentation).
+
+All tensors are tiny; the statistical tests use a few thousand samples of
+4^3 voxels so the whole file stays within seconds on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unet_trainer.transforms import AugmentationParameters, AugmentationSettings, BatchAugmenter
+
+TRANSFORM_PROBABILITY_FIELDS = ("noise_p", "blur_p", "brightness_p", "contrast_p")
+ALL_PROBABILITY_FIELDS = ("flip_p",) + TRANSFORM_PROBABILITY_FIELDS
+
+
+def settings_with_only(**enabled: float) -> AugmentationSettings:
+    """Settings where every probability not named in ``enabled`` is 0."""
+    probabilities = {name: 0.0 for name in ALL_PROBABILITY_FIELDS}
+    probabilities.update(enabled)
+    return AugmentationSettings(**probabilities)
+
+
+def always_fire_settings() -> AugmentationSettings:
+    return AugmentationSettings(**{name: 1.0 for name in ALL_PROBABILITY_FIELDS})
+
+
+def binomial_tolerance(probability: float, trials: int, sigmas: float = 4.0) -> float:
+    return sigmas * math.sqrt(probability * (1.0 - probability) / trials)
+
+
+def coordinate_image(batch: int, channels: int, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Image whose voxel value encodes its position: sum of index * 100**(axis from last)."""
+    value = torch.zeros(spatial)
+    for axis, size in enumerate(spatial):
+        shape = [1] * len(spatial)
+        shape[axis] = size
+        value = value + torch.arange(size, dtype=torch.float32).view(shape) * 100.0 ** (len(spatial) - 1 - axis)
+    channel_offset = torch.arange(channels, dtype=torch.float32).view(channels, *([1] * len(spatial))) * 1e-2
+    return (value + channel_offset).expand(batch, channels, *spatial).clone()
+
+
+def random_batch(batch: int, channels: int, spatial: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn((batch, channels, *spatial), generator=generator)
+    label = torch.randint(0, 4, (batch, 1, *spatial), generator=generator)
+    return image, label
+
+
+def hand_made_parameters(batch: int, spatial_dims: int, **overrides: torch.Tensor) -> AugmentationParameters:
+    """Parameters where nothing fires, all factors 1, unless overridden."""
+    nothing = torch.zeros(batch, dtype=torch.bool)
+    ones = torch.ones(batch)
+    values = dict(
+        flip_mask=torch.zeros(batch, spatial_dims, dtype=torch.bool),
+        noise_mask=nothing,
+        noise_std=ones * 0.1,
+        blur_mask=nothing,
+        blur_sigma=ones,
+        brightness_mask=nothing,
+        brightness_factor=ones,
+        contrast_mask=nothing,
+        contrast_factor=ones,
+    )
+    values.update(overrides)
+    return AugmentationParameters(**values)
+
+
+def reference_blur(sample: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Full (non-separable) convolution with the outer-product 3-tap Gaussian, reflect padding.
+
+    sample: (C, *S) with S of length 2 or 3. Computed in float64.
+    """
+    taps = torch.exp(-torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64) / (2.0 * sigma**2))
+    taps = taps / taps.sum()
+    spatial_dims = sample.dim() - 1
+    channels = sample.shape[0]
+    if spatial_dims == 3:
+        kernel = torch.einsum("i,j,k->ijk", taps, taps, taps)
+        padded = F.pad(sample.double().unsqueeze(0), (1, 1, 1, 1, 1, 1), mode="reflect")
+        weight = kernel.expand(channels, 1, 3, 3, 3)
+        return F.conv3d(padded, weight, groups=channels).squeeze(0)
+    kernel = torch.outer(taps, taps)
+    padded = F.pad(sample.double().unsqueeze(0), (1, 1, 1, 1), mode="reflect")
+    weight = kernel.expand(channels, 1, 3, 3)
+    return F.conv2d(padded, weight, groups=channels).squeeze(0)
+
+
+# ---------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    "field_name, bad_value",
+    [
+        ("flip_p", 1.5),
+        ("noise_p", -0.1),
+        ("blur_p", float("nan")),
+        ("contrast_p", True),
+        ("noise_std", (0.3, 0.1)),
+        ("noise_std", (-0.1, 0.3)),
+        ("blur_sigma", (-0.5, 1.5)),
+        ("blur_sigma", (0.5, float("inf"))),
+        ("brightness_scale", (0.7,)),
+        ("brightness_scale", (1.3, 0.7)),
+        ("contrast_scale", "wide"),
+        ("contrast_scale", (-1.0, 1.0)),
+    ],
+)
+def test_settings_reject_invalid_values_naming_the_field(field_name, bad_value):
+    with pytest.raises(ValueError, match=field_name) as raised:
+        AugmentationSettings(**{field_name: bad_value})
+    assert "\n" not in str(raised.value)
+
+
+def test_settings_accept_lists_and_store_tuples():
+    settings = AugmentationSettings(noise_std=[0.0, 0.2], flip_p=1)
+    assert settings.noise_std == (0.0, 0.2)
+    assert isinstance(settings.noise_std, tuple)
+    hash(settings)  # frozen dataclass with tuples stays hashable
+
+
+def test_augmenter_rejects_bad_construction_arguments():
+    with pytest.raises(ValueError, match="spatial_dims"):
+        BatchAugmenter(AugmentationSettings(), 4, "cpu", 0)
+    with pytest.raises(ValueError, match="seed"):
+        BatchAugmenter(AugmentationSettings(), 3, "cpu", -1)
+    with pytest.raises(TypeError, match="settings"):
+        BatchAugmenter({"flip_p": 0.5}, 3, "cpu", 0)
+
+
+# ---------------------------------------------------------------------- statistics
+
+
+def test_parameters_fire_at_their_probability_and_stay_in_range():
+    # Distinct probabilities and ranges per transform, so swapped fields fail.
+    settings = AugmentationSettings(
+        flip_p=0.5,
+        noise_p=0.1,
+        noise_std=(0.05, 0.33),
+        blur_p=0.2,
+        blur_sigma=(0.5, 1.5),
+        brightness_p=0.3,
+        brightness_scale=(0.7, 1.3),
+        contrast_p=0.4,
+        contrast_scale=(0.65, 1.5),
+    )
+    augmenter = BatchAugmenter(settings, 3, "cpu", seed=11)
+    draws = [augmenter.sample_parameters(500) for _ in range(8)]
+    samples = 4000
+
+    flip_mask = torch.cat([d.flip_mask for d in draws])
+    assert flip_mask.shape == (samples, 3)
+    for axis in range(3):
+        rate = flip_mask[:, axis].double().mean().item()
+        assert abs(rate - 0.5) < binomial_tolerance(0.5, samples), (axis, rate)
+    # Axes are drawn independently: all-three-flipped happens 1/8 of the time.
+    all_axes_rate = flip_mask.all(dim=1).double().mean().item()
+    assert abs(all_axes_rate - 0.125) < binomial_tolerance(0.125, samples)
+
+    for mask_name, value_name, probability, (low, high) in [
+        ("noise_mask", "noise_std", 0.1, settings.noise_std),
+        ("blur_mask", "blur_sigma", 0.2, settings.blur_sigma),
+        ("brightness_mask", "brightness_factor", 0.3, settings.brightness_scale),
+        ("contrast_mask", "contrast_factor", 0.4, settings.contrast_scale),
+    ]:
+        mask = torch.cat([getattr(d, mask_name) for d in draws])
+        values = torch.cat([getattr(d, value_name) for d in draws])
+        assert mask.dtype == torch.bool and mask.shape == (samples,)
+        rate = mask.double().mean().item()
+        assert abs(rate - probability) < binomial_tolerance(probability, samples), (mask_name, rate)
+        assert values.min().item() >= low and values.max().item() <= high, value_name
+        # Uniform on [low, high]: mean within 4 standard errors of the midpoint.
+        standard_error = (high - low) / math.sqrt(12 * samples)
+        assert abs(values.double().mean().item() - (low + high) / 2) < 4 * standard_error, value_name
+
+
+def test_parameters_are_drawn_independently():
+    # Every fire decision and value comes from its own uniform draw: reusing one
+    # draw for two parameters would correlate them perfectly.
+    augmenter = BatchAugmenter(AugmentationSettings(), 3, "cpu", seed=12)
+    draws = [augmenter.sample_parameters(500) for _ in range(8)]
+    columns = [torch.cat([d.flip_mask for d in draws]).double().T]
+    for field in dataclasses.fields(AugmentationParameters):
+        if field.name != "flip_mask":
+            columns.append(torch.cat([getattr(d, field.name) for d in draws]).double().unsqueeze(0))
+    correlation = torch.corrcoef(torch.cat(columns))
+    off_diagonal = correlation - torch.eye(correlation.shape[0], dtype=correlation.dtype)
+    # Null standard error of a correlation is 1/sqrt(N) = 0.016 for N = 4000.
+    assert off_diagonal.abs().max().item() < 4 / math.sqrt(4000)
+
+
+@pytest.mark.parametrize("probability_field", TRANSFORM_PROBABILITY_FIELDS)
+def test_each_transform_changes_exactly_the_samples_it_fires_on(probability_field):
+    probability = 0.3
+    augmenter = BatchAugmenter(settings_with_only(**{probability_field: probability}), 3, "cpu", seed=5)
+    mask_name = probability_field.replace("_p", "_mask")
+    changed, fired = [], []
+    for batch_index in range(4):
+        image, label = random_batch(500, 1, (4, 4, 4), seed=batch_index)
+        out_image, out_label = augmenter(image, label)
+        changed.append((out_image != image).flatten(1).any(dim=1))
+        fired.append(getattr(augmenter.last_params, mask_name))
+        assert torch.equal(out_label, label)  # intensity transforms never touch the label
+    changed, fired = torch.cat(changed), torch.cat(fired)
+    assert torch.equal(changed, fired)
+    rate = changed.double().mean().item()
+    assert abs(rate - probability) < binomial_tolerance(probability, changed.numel())
+
+
+def test_flips_fire_per_axis_at_their_probability_in_the_output():
+    spatial = (4, 5, 6)
+    augmenter = BatchAugmenter(settings_with_only(flip_p=0.5), 3, "cpu", seed=9)
+    observed, drawn = [], []
+    for _ in range(4):
+        image = coordinate_image(500, 1, spatial)
+        label = torch.zeros((500, 1, *spatial), dtype=torch.long)
+        out_image, _ = augmenter(image, label)
+        corner = out_image[:, 0, 0, 0, 0].round().long()
+        # Digit k of the corner value is the source index along axis k.
+        source_index = torch.stack([corner // 10000, corner // 100 % 100, corner % 100], dim=1)
+        observed.append(source_index == torch.tensor(spatial) - 1)
+        drawn.append(augmenter.last_params.flip_mask)
+    observed, drawn = torch.cat(observed), torch.cat(drawn)
+    assert torch.equal(observed, drawn)
+    for axis in range(3):
+        rate = observed[:, axis].double().mean().item()
+        assert abs(rate - 0.5) < binomial_tolerance(0.5, observed.shape[0])
+
+
+# ---------------------------------------------------------------------- flips
+
+
+@pytest.mark.parametrize("spatial", [(5, 6, 7), (6, 7)])
+def test_flips_keep_image_and_label_aligned(spatial):
+    batch = 32
+    augmenter = BatchAugmenter(settings_with_only(flip_p=0.5), len(spatial), "cpu", seed=3)
+    image = coordinate_image(batch, 2, spatial)
+    # The label is a function of the voxel's coordinates, hence of the image.
+    label = (image[:, :1].round().long() % 7).to(torch.uint8)
+    out_image, out_label = augmenter(image, label)
+    assert torch.equal(out_label.long(), out_image[:, :1].round().long() % 7)
+    for sample in range(batch):
+        dims = [axis + 1 for axis in range(len(spatial)) if augmenter.last_params.flip_mask[sample, axis]]
+        assert torch.equal(out_image[sample], image[sample].flip(dims))
+        assert torch.equal(out_label[sample], label[sample].flip(dims))
+    # A batch of 32 with 2-3 axes at p=0.5 has several flip patterns, so the
+    # grouped path (not the single-pattern shortcut) is what ran.
+    assert augmenter.last_params.flip_mask.unique(dim=0).shape[0] > 1
+
+
+@pytest.mark.parametrize("firing_samples", [[1, 2], [0, 2], [0, 1, 2, 3]])
+def test_flip_with_contiguous_and_scattered_groups(firing_samples):
+    image, label = random_batch(4, 2, (4, 5, 6))
+    flip_mask = torch.zeros(4, 3, dtype=torch.bool)
+    flip_mask[firing_samples, 1] = True
+    augmenter = BatchAugmenter(AugmentationSettings(), 3, "cpu", seed=0)
+    out_image, out_label = augmenter.apply(image, label, hand_made_parameters(4, 3, flip_mask=flip_mask))
+    for sample in range(4):
+        # Spatial axis 1 is dimension 2 of a single (C, D, H, W) sample.
+        dims = [2] if sample in firing_samples else []
+        assert torch.equal(out_image[sample], image[sample].flip(dims))
+        assert torch.equal(out_label[sample], label[sample].flip(dims))
+
+
+# ---------------------------------------------------------------------- blur
+
+
+@pytest.mark.parametrize("spatial", [(6, 7, 8), (2, 5, 9), (9, 10), (2, 7)])
+def test_blur_equals_reference_full_convolution(spatial):
+    image, label = random_batch(4, 2, spatial, seed=1)
+    augmenter = BatchAugmenter(settings_with_only(blur_p=1.0), len(spatial), "cpu", seed=4)
+    out_image, _ = augmenter(image, label)
+    sigmas = augmenter.last_params.blur_sigma
+    for sample in range(4):
+        expected = reference_blur(image[sample], sigmas[sample].item()).float()
+        torch.testing.assert_close(out_image[sample], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("firing_samples", [[1], [0, 2], [1, 2]])
+def test_blur_touches_only_firing_samples(firing_samples):
+    image, label = random_batch(4, 1, (5, 6, 7), seed=2)
+    blur_mask = torch.zeros(4, dtype=torch.bool)
+    blur_mask[firing_samples] = True
+    sigmas = torch.tensor([0.6, 0.9, 1.2, 1.4])
+    parameters = hand_made_parameters(4, 3, blur_mask=blur_mask, blur_sigma=sigmas)
+    augmenter = BatchAugmenter(AugmentationSettings(), 3, "cpu", seed=0)
+    out_image, _ = augmenter.apply(image, label, parameters)
+    for sample in range(4):
+        if sample in firing_samples:
+            expected = reference_blur(image[sample], sigmas[sample].item()).float()
+            torch.testing.assert_close(out_image[sample], expected, atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(out_image[sample], image[sample])
+
+
+def test_blur_of_bfloat16_rounds_once():
+    # The blur runs in float32 on half-precision input, so each output voxel is
+    # the exact result rounded once to bfloat16 (unit roundoff 2**-8); computing in
+    # bfloat16 itself rounds after every multiply-add and misses this bound.
+    image, label = random_batch(4, 2, (8, 8, 8), seed=5)
+    image = image.bfloat16()
+    augmenter = BatchAugmenter(settings_with_only(blur_p=1.0), 3, "cpu", seed=4)
+    out_image, _ = augmenter(image, label)
+    assert out_image.dtype == torch.bfloat16
+    sigmas = augmenter.last_params.blur_sigma
+    for sample in range(4):
+        expected = reference_blur(image[sample].float(), sigmas[sample].item()).float()
+        error = (out_image[sample].float() - expected).abs()
+        assert (error <= expected.abs() * 2**-8 + 1e-6).all()
+
+
+# ---------------------------------------------------------------------- intensity
+
+
+def test_contrast_clamps_each_sample_to_its_own_range():
+    image, label = random_batch(16, 3, (4, 4, 4), seed=3)
+    image = image * torch.linspace(0.5, 4.0, 16).view(16, 1, 1, 1, 1)  # a different range per sample
+    settings = dataclasses.replace(settings_with_only(contrast_p=1.0), contrast_scale=(0.5, 2.0))
+    augmenter = BatchAugmenter(settings, 3, "cpu", seed=8)
+    out_image, _ = augmenter(image, label)
+    factors = augmenter.last_params.contrast_factor
+    assert (factors > 1.2).any() and (factors < 0.8).any()
+    for sample in range(16):
+        low, high = image[sample].min(), image[sample].max()
+        assert out_image[sample].min() >= low and out_image[sample].max() <= high
+        expected = (image[sample] * factors[sample]).clamp(low, high)
+        torch.testing.assert_close(out_image[sample], expected, atol=0, rtol=0)
+    # A factor above 1 pushes the extremes out, so the clamp must have bitten.
+    strongest = factors.argmax()
+    assert out_image[strongest].max() == image[strongest].max()
+
+
+@pytest.mark.parametrize("firing_samples", [[2], [0, 3], [0, 1, 2, 3]])
+def test_brightness_multiplies_firing_samples(firing_samples):
+    image, label = random_batch(4, 2, (4, 4, 4))
+    brightness_mask = torch.zeros(4, dtype=torch.bool)
+    brightness_mask[firing_samples] = True
+    factors = torch.tensor([0.7, 0.9, 1.1, 1.3])
+    parameters = hand_made_parameters(4, 3, brightness_mask=brightness_mask, brightness_factor=factors)
+    out_image, _ = BatchAugmenter(AugmentationSettings(), 3, "cpu", seed=0).apply(image, label, parameters)
+    for sample in range(4):
+        factor = factors[sample] if sample in firing_samples else 1.0
+        torch.testing.assert_close(out_image[sample], image[sample] * factor, atol=0, rtol=0)
+
+
+def test_noise_has_the_drawn_standard_deviation():
+    settings = dataclasses.replace(settings_with_only(noise_p=1.0), noise_std=(0.1, 1.0))
+    augmenter = BatchAugmenter(settings, 3, "cpu", seed=6)
+    image = torch.full((6, 1, 16, 16, 16), 2.0)
+    out_image, _ = augmenter(image, torch.zeros((6, 1, 16, 16, 16), dtype=torch.long))
+    noise = (out_image - image).flatten(1)
+    drawn = augmenter.last_params.noise_std
+    # 4096 voxels: the sample std has a relative standard error of about 1.1 %.
+    torch.testing.assert_close(noise.std(dim=1), drawn, rtol=0.05, atol=0)
+    assert (noise.mean(dim=1).abs() < 4 * drawn / 64).all()
+    # Independent noise per sample, not one field scaled per sample.
+    normalised = noise / drawn.view(-1, 1)
+    assert not torch.allclose(normalised[0], normalised[1], atol=0.1)
+
+
+# ---------------------------------------------------------------------- randomness
+
+
+def test_same_seed_same_output_other_seed_different():
+    image, label = random_batch(8, 2, (8, 8, 8))
+
+    def run(seed: int) -> list[torch.Tensor]:
+        augmenter = BatchAugmenter(AugmentationSettings(noise_p=0.5, blur_p=0.5), 3, "cpu", seed=seed)
+        return [t for _ in range(3) for t in augmenter(image, label)]
+
+    first, again, other = run(123), run(123), run(124)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_noise_stream_depends_on_the_seed():
+    image, label = random_batch(2, 1, (6, 6, 6))
+    parameters = hand_made_parameters(2, 3, noise_mask=torch.ones(2, dtype=torch.bool))
+    first = BatchAugmenter(AugmentationSettings(), 3, "cpu", seed=1).apply(image, label, parameters)[0]
+    again = BatchAugmenter(AugmentationSettings(), 3, "cpu", seed=1).apply(image, label, parameters)[0]
+    other = BatchAugmenter(AugmentationSettings(), 3, "cpu", seed=2).apply(image, label, parameters)[0]
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_state_dict_round_trip_continues_the_stream_exactly():
+    image, label = random_batch(6, 2, (6, 6, 6))
+    # Noise always fires, so the device generator's state matters too.
+    settings = AugmentationSettings(noise_p=1.0, blur_p=0.5, brightness_p=0.5, contrast_p=0.5)
+    augmenter = BatchAugmenter(settings, 3, "cpu", seed=21)
+    for _ in range(2):
+        augmenter(image, label)
+    buffer = io.BytesIO()
+    torch.save(augmenter.state_dict(), buffer)
+    recorded = [augmenter(image, label) for _ in range(3)]
+
+    buffer.seek(0)
+    restored = BatchAugmenter(settings, 3, "cpu", seed=999)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    replayed = [restored(image, label) for _ in range(3)]
+    for (image_a, label_a), (image_b, label_b) in zip(recorded, replayed):
+        assert torch.equal(image_a, image_b) and torch.equal(label_a, label_b)
+
+
+def test_load_state_dict_rejects_wrong_keys():
+    augmenter = BatchAugmenter(AugmentationSettings(), 3, "cpu", seed=0)
+    state = augmenter.state_dict()
+    del state["noise_generator"]
+    with pytest.raises(KeyError, match="noise_generator"):
+        augmenter.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------- shapes, dtypes, inputs
+
+
+@pytest.mark.parametrize("spatial", [(16, 16, 16), (8, 12, 10), (32, 32), (16, 24)])
+@pytest.mark.parametrize("settings", [AugmentationSettings(), always_fire_settings()], ids=["default", "always"])
+def test_shapes_dtypes_and_inputs_left_untouched(spatial, settings):
+    image, label = random_batch(3, 4, spatial)
+    label = label.to(torch.uint8)
+    image_before, label_before = image.clone(), label.clone()
+    augmenter = BatchAugmenter(settings, len(spatial), "cpu", seed=1)
+    for _ in range(3):
+        out_image, out_label = augmenter(image, label)
+        assert out_image.shape == image.shape and out_image.dtype == image.dtype
+        assert out_label.shape == label.shape and out_label.dtype == label.dtype
+        assert out_image.is_contiguous() and out_label.is_contiguous()
+        assert out_image.data_ptr() != image.data_ptr() and out_label.data_ptr() != label.data_ptr()
+    assert torch.equal(image, image_before) and torch.equal(label, label_before)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+def test_half_precision_matches_float32(dtype, tolerance):
+    image, label = random_batch(4, 2, (8, 8, 8))
+    outputs = {}
+    for run_dtype in (torch.float32, dtype):
+        augmenter = BatchAugmenter(always_fire_settings(), 3, "cpu", seed=2)
+        out_image, out_label = augmenter(image.to(run_dtype), label)
+        assert out_image.dtype == run_dtype
+        outputs[run_dtype] = (out_image, out_label)
+    torch.testing.assert_close(outputs[dtype][0].float(), outputs[torch.float32][0], atol=tolerance, rtol=tolerance)
+    assert torch.equal(outputs[dtype][1], outputs[torch.float32][1])
+
+
+def test_rejects_malformed_batches():
+    augmenter = BatchAugmenter(AugmentationSettings(), 3, "cpu", seed=0)
+    image, label = random_batch(2, 4, (4, 4, 4))
+    with pytest.raises(ValueError, match="spatial dims"):
+        augmenter(image[:, :, 0], label[:, :, 0])
+    with pytest.raises(TypeError, match="floating"):
+        augmenter(image.long(), label)
+    with pytest.raises(TypeError, match="label"):
+        augmenter(image, label.float())
+    with pytest.raises(ValueError, match="label must have shape"):
+        augmenter(image, label.expand(2, 2, 4, 4, 4))
+    with pytest.raises(ValueError, match="meta"):
+        augmenter(image.to("meta"), label.to("meta"))
+    with pytest.raises(ValueError, match="parameters"):
+        augmenter.apply(image, label, augmenter.sample_parameters(3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_draws_the_same_parameters_as_cpu():
+    image, label = random_batch(4, 2, (8, 8, 8))
+    settings = AugmentationSettings(blur_p=0.5, brightness_p=0.5, contrast_p=0.5)  # no noise: its stream is per device
+    cpu = BatchAugmenter(settings, 3, "cpu", seed=7)
+    cuda = BatchAugmenter(settings, 3, "cuda", seed=7)
+    for _ in range(3):
+        cpu_image, cpu_label = cpu(image, label)
+        cuda_image, cuda_label = cuda(image.cuda(), label.cuda())
+        for field in dataclasses.fields(AugmentationParameters):
+            assert torch.equal(getattr(cpu.last_params, field.name), getattr(cuda.last_params, field.name))
+        torch.testing.assert_close(cuda_image.cpu(), cpu_image, atol=1e-5, rtol=1e-5)
+        assert torch.equal(cuda_label.cpu(), cpu_label)
