@@ -1,0 +1,113 @@
+"""End to end on the tiny phantom: a training smoke test, resume exactness, checkpoints, logs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from unet_trainer.builders import run_training
+from unet_trainer.checkpoint import list_checkpoints, load_checkpoint
+from unet_trainer.cli import train_main
+from unet_trainer.trainer import TrainingDiverged
+
+
+def weights(summary) -> dict:
+    return {k: v.clone() for k, v in summary["state"].unwrapped_model.state_dict().items()}
+
+
+def test_two_step_training_smoke(tiny_config, tmp_path):
+    cfg = tiny_config("max_duration=2ba")
+    summary = run_training(cfg, progress=False)
+    run = tmp_path / "run"
+    assert summary["batch"] == 2
+    assert (run / "config.yaml").is_file() and (run / "split.json").is_file()
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) == 4 and len(split["val"]) == 2 and not set(split["train"]) & set(split["val"])
+    final = summary["final_eval"]
+    for key in ("dice/WT", "dice/TC", "dice/ET", "dice/mean"):
+        assert 0.0 <= final[key] <= 1.0
+    train_lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in train_lines if r["kind"] == "train"] == [1, 2]
+    assert all(math.isfinite(r["loss/train"]) for r in train_lines if r["kind"] == "train")
+    assert (run / "eval_cases.csv").read_text().count("\n") == 1 + len(split["val"])
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["ep0-ba1-rank0.pt", "ep0-ba2-rank0.pt"]
+    assert (run / "checkpoints" / "latest-rank0.pt").resolve().name == "ep0-ba2-rank0.pt"
+
+
+def test_checkpoint_holds_the_full_state(tiny_config, tmp_path):
+    run_training(tiny_config("max_duration=1ba"), progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "ep0-ba1-rank0.pt")
+    assert set(state) >= {"model", "optimizer", "scheduler", "augmenter", "timestamp", "rng", "config",
+                          "eval_history"}
+    assert state["timestamp"]["batch"] == 1 and state["timestamp"]["sample"] == 2
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert state["optimizer"]["state"], "optimizer moments must be saved"
+
+
+def test_resume_gives_identical_weights(tiny_config, tmp_path):
+    """4 steps in one go == 2 steps, then a new process-like run resuming, then 2 more."""
+    straight = run_training(tiny_config("max_duration=4ba", run_dir=tmp_path / "straight"), progress=False)
+    first = run_training(tiny_config("max_duration=2ba", run_dir=tmp_path / "split"), progress=False)
+    assert first["batch"] == 2
+    torch.manual_seed(12345)  # disturb the global streams: resume must restore them
+    resumed = run_training(tiny_config("max_duration=4ba", run_dir=tmp_path / "split"), progress=False)
+    assert resumed["resumed_from"] is not None and resumed["batch"] == 4
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_across_an_epoch_boundary_and_load_path(tiny_config, tmp_path):
+    """Epochs here are 2 batches: resume from batch 3 (mid-epoch 2) via an explicit load_path."""
+    straight = run_training(tiny_config("max_duration=3ep", run_dir=tmp_path / "a"), progress=False)
+    run_training(tiny_config("max_duration=3ba", run_dir=tmp_path / "b"), progress=False)
+    ckpt = tmp_path / "b" / "checkpoints" / "ep1-ba3-rank0.pt"
+    resumed = run_training(tiny_config("max_duration=3ep", f"load_path={ckpt}", "autoresume=false",
+                                       run_dir=tmp_path / "c"), progress=False)
+    assert straight["batch"] == resumed["batch"] == 6
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_autoresume_off_starts_over(tiny_config, tmp_path):
+    run_training(tiny_config("max_duration=2ba"), progress=False)
+    again = run_training(tiny_config("max_duration=1ba", "autoresume=false"), progress=False)
+    assert again["resumed_from"] is None and again["batch"] == 1
+
+
+def test_config_change_on_resume_warns(tiny_config, tmp_path, capsys):
+    run_training(tiny_config("max_duration=1ba"), progress=False)
+    run_training(tiny_config("max_duration=2ba", "optimizer.radam.lr=0.01"), progress=False)
+    assert "differs from the checkpoint's in: optimizer.radam.lr" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tiny_config, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    cfg_args = ["max_duration=1ba", f"load_path={bad}"]
+    from tests.conftest import ROOT, tiny_overrides  # the CLI path, for the exit status
+    status = train_main([str(ROOT / "configs" / "demo.yaml"),
+                         *tiny_overrides(tmp_path / "cache", tmp_path / "run", *cfg_args)])
+    err = capsys.readouterr().err
+    assert status == 1 and "bad.pt: not a readable checkpoint" in err and "Traceback" not in err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+    from unet_trainer import losses
+
+    calls = {"n": 0}
+    original = losses.DiceCELoss.forward
+
+    def poisoned(self, logits, target):
+        calls["n"] += 1
+        value = original(self, logits, target)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(losses.DiceCELoss, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan at batch 3"):
+        run_training(tiny_config("max_duration=5ba", "eval_interval=0ep"), progress=False)
+    latest = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest-rank0.pt")
+    assert latest["timestamp"]["batch"] == 2
+    assert all(torch.isfinite(v).all() for v in latest["model"].values() if v.is_floating_point())

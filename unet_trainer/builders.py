@@ -1,0 +1,366 @@
+"""Builders: the only code that reads the resolved config. Each turns one section into objects
+built from plain typed arguments; :func:`run_training` wires them into a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import callbacks as cb
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_rng_state
+from .config import ConfigError, Duration, config_differences, dump_config
+from .data.formats import DataFormatError
+from .data.loader import PatchDataset, build_train_loader
+from .data.phantom import write_phantom_dataset
+from .data.prepare import PrepareSettings, atomic_write_text, load_prepared_index, prepare_dataset, prepared_is_current
+from .data.split import kfold_split, load_split_file
+from .distributed import DistInfo, barrier, init_distributed
+from .evaluation import DiceEvaluator
+from .losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
+from .model import UNet, optimize_model
+from .schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
+from .trainer import Algorithm, Engine, Event, State, duration_in_batches, fit
+from .transforms import AugmentationSettings, BatchAugmenter
+
+AMP_DTYPES = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
+# Config keys that may change between a checkpoint and its resume without a warning.
+RESUME_FREE_KEYS = {"load_path", "autoresume", "max_duration", "load_weights_only"}
+
+
+# --------------------------------------------------------------------------------------------
+# Device, seeds
+# --------------------------------------------------------------------------------------------
+
+
+def build_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when available. Raises ConfigError for ``cuda`` without a GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("'device' = cuda but no CUDA GPU is available; use device=cpu or device=auto")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def cache_dir(cfg: dict) -> Path:
+    """``data.cache_dir``, else ``$UNET_TRAINER_CACHE``, else ``~/.cache/unet-trainer``."""
+    if cfg["data"]["cache_dir"]:
+        return Path(cfg["data"]["cache_dir"]).expanduser()
+    env = os.environ.get("UNET_TRAINER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "unet-trainer"
+
+
+def raw_data_dir(cfg: dict, progress: bool = True) -> Path:
+    """The raw dataset folder; for ``data.path: null`` the phantom, generated into the cache if absent.
+
+    Raises:
+        DataFormatError: ``data.path`` does not exist.
+    """
+    data = cfg["data"]
+    if data["path"] is None:
+        phantom = data["phantom"]
+        shape = "x".join(str(s) for s in phantom["shape"])
+        folder = cache_dir(cfg) / f"phantom-{phantom['cases']}cases-{shape}-seed{phantom['seed']}"
+        if not (folder / "phantom.json").is_file():
+            print(f"Generating the synthetic BraTS phantom into {folder}", file=sys.stderr)
+            write_phantom_dataset(folder, phantom["cases"], tuple(phantom["shape"]), phantom["seed"], progress)
+        return folder
+    path = Path(data["path"]).expanduser()
+    if not path.is_dir():
+        raise DataFormatError(f"data.path: folder {path} does not exist (set data.path=/path/to/your/BraTS)")
+    return path
+
+
+def prepared_data_dir(cfg: dict, source: Path) -> Path:
+    """``data.prepared_path``, else a cache folder named after the source and its absolute path."""
+    if cfg["data"]["prepared_path"]:
+        return Path(cfg["data"]["prepared_path"]).expanduser()
+    digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
+    return cache_dir(cfg) / "prepared" / f"{source.name}-{digest}"
+
+
+def ensure_prepared(cfg: dict, dist_info: DistInfo, progress: bool = True) -> tuple[Path, dict]:
+    """Prepare the dataset when the prepared copy is missing or stale (rank 0; others wait)."""
+    source = raw_data_dir(cfg, progress) if dist_info.is_main else None
+    barrier()
+    if source is None:
+        source = raw_data_dir(cfg, progress=False)
+    out = prepared_data_dir(cfg, source)
+    settings = PrepareSettings()
+    if dist_info.is_main and not prepared_is_current(out, source, settings):
+        print(f"Preparing {source} -> {out}", file=sys.stderr)
+        prepare_dataset(source, out, cfg["data"]["format"], settings, workers=cfg["data"]["prepare_workers"],
+                        progress=progress)
+    barrier()
+    return out, load_prepared_index(out)
+
+
+def build_split(cfg: dict, case_ids: list[str]) -> dict[str, list[str]]:
+    data = cfg["data"]
+    if data["split_file"]:
+        return load_split_file(Path(data["split_file"]), case_ids)
+    try:
+        return kfold_split(case_ids, data["num_folds"], data["fold"], data["split_seed"])
+    except ValueError as exc:
+        raise DataFormatError(f"data: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Model, optimisation
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(model_cfg: dict) -> UNet:
+    """The UNet from the ``model`` section (its keys are UNet's arguments)."""
+    return UNet(**model_cfg)
+
+
+def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
+    (name, settings), = cfg["optimizer"].items()
+    if name == "radam":
+        return torch.optim.RAdam(params, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"],
+                                 weight_decay=settings["weight_decay"])
+    if name == "adam":
+        return torch.optim.Adam(params, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"],
+                                weight_decay=settings["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"],
+                                 weight_decay=settings["weight_decay"])
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"],
+                               nesterov=settings["nesterov"], weight_decay=settings["weight_decay"])
+    raise ConfigError(f"unknown optimizer {name!r}")
+
+
+def build_scheduler(cfg: dict, optimizer, batches_per_epoch: int, total_batches: int) -> BatchScheduler:
+    def to_batches(raw) -> int | None:
+        if raw is None:
+            return None
+        return duration_in_batches(Duration.parse(raw), batches_per_epoch, cfg["train_batch_size"])
+
+    parts = []
+    for entry in cfg["schedulers"]:
+        (name, s), = entry.items()
+        if name == "constant":
+            parts.append(Constant(s["factor"]))
+        elif name == "cosine":
+            parts.append(Cosine(s["min_factor"], to_batches(s["t_max"])))
+        elif name == "poly":
+            parts.append(Poly(s["power"], to_batches(s["t_max"])))
+        elif name == "linear_warmup":
+            parts.append(LinearWarmup(to_batches(s["duration"]), s["start_factor"]))
+    return BatchScheduler(optimizer, ComposedSchedule(parts, total_batches))
+
+
+def build_loss(cfg: dict, model: UNet) -> DeepSupervisionLoss:
+    (name, s), = cfg["loss"].items()
+    base = DiceCELoss(s["dice_weight"], s["ce_weight"]) if name == "dice_ce" else RegionDiceBCELoss(
+        s["dice_weight"], s["bce_weight"])
+    if name == "region_dice_bce" and cfg["model"]["num_classes"] != 3:
+        raise ConfigError("loss region_dice_bce predicts WT, TC and ET: set model.num_classes=3")
+    weights = model.deep_supervision_weights() if cfg["model"]["deep_supervision"] else None
+    return DeepSupervisionLoss(base, weights)
+
+
+def build_augmenter(cfg: dict, device: torch.device, seed: int) -> BatchAugmenter | None:
+    aug = cfg["augmentation"]
+    if not aug["enabled"]:
+        return None
+    settings = AugmentationSettings(
+        flip_p=aug["flip"]["p"],
+        noise_p=aug["noise"]["p"], noise_std=tuple(aug["noise"]["std"]),
+        blur_p=aug["blur"]["p"], blur_sigma=tuple(aug["blur"]["sigma"]),
+        brightness_p=aug["brightness"]["p"], brightness_scale=tuple(aug["brightness"]["scale"]),
+        contrast_p=aug["contrast"]["p"], contrast_scale=tuple(aug["contrast"]["scale"]),
+    )
+    return BatchAugmenter(settings, cfg["model"]["spatial_dims"], device, seed)
+
+
+class ChannelsLast(Algorithm):
+    """Channels-last memory format for the model (at init) and every batch (at batch start)."""
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.BATCH_START)
+
+    def apply(self, event: Event, state: State) -> None:
+        fmt = torch.channels_last_3d if state.batch is None or state.batch[0].ndim == 5 else torch.channels_last
+        if event == Event.INIT:
+            optimize_model(state.unwrapped_model, channels_last=True)
+        elif state.batch is not None:
+            image, label = state.batch
+            state.batch = (image.contiguous(memory_format=fmt), label)
+
+
+def build_algorithms(cfg: dict) -> list[Algorithm]:
+    algorithms: list[Algorithm] = []
+    for name in cfg["algorithms"]:
+        if name == "channels_last":
+            algorithms.append(ChannelsLast())
+    return algorithms
+
+
+def build_callbacks(cfg: dict, run_dir: Path, is_main: bool, progress: bool) -> list[cb.Callback]:
+    callbacks: list[cb.Callback] = []
+    for name, s in cfg["callbacks"].items():  # monitors first, so the logger sees their values
+        if name == "lr_monitor":
+            callbacks.append(cb.LRMonitor())
+        elif name == "speed_monitor":
+            callbacks.append(cb.SpeedMonitor(s["window"]))
+        elif name == "early_stopper":
+            callbacks.append(cb.EarlyStopper(s["patience"], s["min_delta"]))
+    callbacks += [
+        cb.SignalHandler(),
+        cb.ProgressBar(enabled=is_main and progress),
+        cb.MetricsLogger(run_dir, enabled=is_main),
+        cb.CheckpointSaver(run_dir / "checkpoints", Duration.parse(cfg["save_interval"]),
+                           cfg["save_num_checkpoints_to_keep"], enabled=is_main),
+    ]
+    return callbacks
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def _resume_checkpoint(cfg: dict, run_dir: Path) -> Path | None:
+    if cfg["load_path"]:
+        return Path(cfg["load_path"]).expanduser()
+    if cfg["autoresume"]:
+        return latest_checkpoint(run_dir / "checkpoints")
+    return None
+
+
+def run_training(cfg: dict, progress: bool = True) -> dict:
+    """Train (or resume) the run described by a resolved config; returns a summary.
+
+    Writes into ``cfg["save_folder"]``: config.yaml, split.json, checkpoints/, metrics.jsonl,
+    train/eval_metrics.csv, eval_cases.csv.
+
+    Raises:
+        ConfigError, DataFormatError, CheckpointError: bad input, as one line.
+        TrainingDiverged: NaN/Inf loss.
+    """
+    started = time.perf_counter()
+    device_name = cfg["device"]
+    dist_info = init_distributed("cuda" if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available()) else "cpu")
+    device = build_device(device_name, dist_info.local_rank)
+    if cfg["train_batch_size"] % dist_info.world_size:
+        raise ConfigError(f"'train_batch_size' = {cfg['train_batch_size']} is not divisible by the "
+                          f"{dist_info.world_size} processes")
+    run_dir = Path(cfg["save_folder"])
+    seed = cfg["seed"]
+
+    prepared, index = ensure_prepared(cfg, dist_info, progress=progress and dist_info.is_main)
+    split = build_split(cfg, index["cases"])
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "split.json", json.dumps(split, indent=1))
+
+    model_cfg = cfg["model"]
+    spatial_dims = model_cfg["spatial_dims"]
+    dataset = PatchDataset(prepared, split["train"], cfg["data"]["patch_size"], cfg["data"]["oversampling"],
+                           squeeze_slice_axis=spatial_dims == 2)
+    per_rank_batch = cfg["train_batch_size"] // dist_info.world_size
+    loader = build_train_loader(dataset, per_rank_batch, seed, cfg["data"]["num_workers"],
+                                pin_memory=device.type == "cuda", num_replicas=dist_info.world_size,
+                                rank=dist_info.rank)
+    batches_per_epoch = math.ceil(loader.sampler.num_samples / per_rank_batch)
+
+    seed_everything(seed)
+    model = build_model(model_cfg).to(device)
+    loss_fn = build_loss(cfg, model)
+    optimizer = build_optimizer(cfg, model.parameters())
+    max_duration = Duration.parse(cfg["max_duration"])
+    total_batches = duration_in_batches(max_duration, batches_per_epoch, cfg["train_batch_size"])
+    scheduler = build_scheduler(cfg, optimizer, batches_per_epoch, total_batches)
+    amp_dtype = AMP_DTYPES[cfg["precision"]]
+    scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "amp_fp16" else None
+    trained_model = model
+    if dist_info.enabled:
+        trained_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    evaluator = DiceEvaluator(
+        prepared, split["val"], cfg["data"]["patch_size"], spatial_dims, model_cfg["num_classes"],
+        region_mode="region_dice_bce" in cfg["loss"], overlap=cfg["eval"]["overlap"],
+        sw_batch_size=cfg["eval"]["sw_batch_size"], gaussian=cfg["eval"]["gaussian"],
+        mirror=cfg["eval"]["mirror_tta"], empty_policy=cfg["eval"]["empty_policy"], amp_dtype=amp_dtype,
+        device=device, rank=dist_info.rank, world_size=dist_info.world_size,
+        cases_csv=run_dir / "eval_cases.csv") if split["val"] else None
+
+    state = State(
+        model=trained_model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, train_loader=loader,
+        device=device, max_duration=max_duration, train_batch_size=cfg["train_batch_size"],
+        batches_per_epoch=batches_per_epoch, samples_per_epoch=len(dataset), amp_dtype=amp_dtype, scaler=scaler,
+        augmenter=build_augmenter(cfg, device, seed + dist_info.rank),
+        microbatch_size=cfg["device_train_microbatch_size"], grad_clip_norm=cfg["grad_clip_norm"],
+        evaluator=evaluator, eval_interval=Duration.parse(cfg["eval_interval"]), run_dir=run_dir, config=cfg,
+        seed=seed, rank=dist_info.rank, world_size=dist_info.world_size,
+    )
+
+    resumed_from = None
+    checkpoint_path = _resume_checkpoint(cfg, run_dir)
+    if checkpoint_path is not None:
+        checkpoint = load_checkpoint(checkpoint_path)
+        differing = [k for k in config_differences(checkpoint.get("config", {}), cfg)
+                     if k.split(".")[0] not in RESUME_FREE_KEYS]
+        if differing and dist_info.is_main:
+            shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
+            print(f"warning: the config differs from the checkpoint's in: {shown}", file=sys.stderr)
+        try:
+            state.load_state_dict(checkpoint, weights_only=cfg["load_weights_only"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{checkpoint_path}: does not fit this model/config "
+                                  f"({str(exc).splitlines()[0][:160]})") from None
+        if not cfg["load_weights_only"]:
+            restore_rng_state(checkpoint["rng"])
+        resumed_from = checkpoint_path
+        if dist_info.is_main:
+            ts = state.timestamp
+            print(f"Resuming from {checkpoint_path} (epoch {ts.epoch}, batch {ts.batch})", file=sys.stderr)
+
+    if dist_info.is_main:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+
+    engine = Engine(state, build_algorithms(cfg), build_callbacks(cfg, run_dir, dist_info.is_main, progress))
+    engine.run(Event.INIT)
+    fit(state, engine)
+
+    final = state.eval_history[-1] if state.eval_history else {}
+    return {
+        "run_dir": str(run_dir),
+        "prepared": str(prepared),
+        "checkpoint": str(latest_checkpoint(run_dir / "checkpoints")) if dist_info.is_main else None,
+        "best_checkpoint": str(run_dir / "checkpoints" / "best-rank0.pt") if state.extra_state.get("best_dice") is not None else None,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "epoch": state.timestamp.epoch,
+        "batch": state.timestamp.batch,
+        "stop_reason": state.stop_reason,
+        "final_eval": final,
+        "best_dice": state.extra_state.get("best_dice"),
+        "seconds": time.perf_counter() - started,
+        "state": state,
+    }

@@ -1,0 +1,294 @@
+"""Callbacks: the run's side effects, each hung on events. Only rank 0 writes files.
+
+Always on: the progress bar, the metrics logger, the checkpoint saver and the signal handler.
+Optional, switched on by name under ``callbacks:`` in YAML: lr_monitor, speed_monitor,
+early_stopper.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import (atomic_symlink, atomic_torch_save, capture_rng_state, checkpoint_name, list_checkpoints)
+from .config import Duration
+from .trainer import Callback, State
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the whole run's batches: epoch, step, loss, samples/s and ETA."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self._last_time = None
+
+    def fit_start(self, state: State) -> None:
+        if not self.enabled:
+            return
+        self.bar = tqdm(total=state.total_batches, initial=state.timestamp.batch, desc="train", unit="ba",
+                        dynamic_ncols=True, leave=True)
+        self._last_time = time.perf_counter()
+
+    def batch_end(self, state: State) -> None:
+        if self.bar is None:
+            return
+        now = time.perf_counter()
+        elapsed, self._last_time = now - self._last_time, now
+        rate = state.train_batch_size / elapsed if elapsed > 0 else float("nan")
+        postfix = {"ep": f"{state.timestamp.epoch + 1}", "loss": f"{state.step_metrics.get('loss/train', float('nan')):.4f}",
+                   "sp/s": f"{rate:.1f}"}
+        if state.eval_history:
+            postfix["dice"] = f"{state.eval_history[-1].get('dice/mean', float('nan')):.3f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def eval_start(self, state: State) -> None:
+        if self.bar is not None:
+            self.bar.set_description("eval")
+
+    def eval_end(self, state: State) -> None:
+        if self.bar is not None:
+            self.bar.set_description("train")
+            self._last_time = time.perf_counter()  # keep eval time out of the samples/s
+
+    def fit_end(self, state: State) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class MetricsLogger(Callback):
+    """Per-step and per-eval metrics as JSON lines and CSV in the run folder.
+
+    Files: ``metrics.jsonl`` (every record, ``"kind": "train" | "eval"``), ``train_metrics.csv``
+    and ``eval_metrics.csv``. On resume, records past the resumed batch (written after the
+    checkpoint by the interrupted run) are dropped so the logs match the state.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+
+    @property
+    def jsonl(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def _records(self) -> list[dict]:
+        if not self.jsonl.is_file():
+            return []
+        records = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        return records
+
+    def _rewrite_csv(self, kind: str, records: list[dict]) -> None:
+        rows = [r for r in records if r.get("kind") == kind]
+        path = self.run_dir / f"{kind}_metrics.csv"
+        if not rows:
+            path.unlink(missing_ok=True)
+            return
+        columns = list(dict.fromkeys(k for r in rows for k in r if k != "kind"))
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: r.get(k, "") for k in columns})
+
+    def fit_start(self, state: State) -> None:
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        records = [r for r in self._records() if r.get("batch", 0) <= state.timestamp.batch]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+        for kind in ("train", "eval"):
+            self._rewrite_csv(kind, records)
+
+    def _append(self, record: dict) -> None:
+        with open(self.jsonl, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        path = self.run_dir / f"{record['kind']}_metrics.csv"
+        columns = [k for k in record if k != "kind"]
+        new_file = not path.exists()
+        if not new_file:
+            with open(path) as handle:
+                header = handle.readline().strip().split(",")
+            if header != columns:  # a new metric appeared: rewrite with the wider header
+                self._rewrite_csv(record["kind"], self._records())
+                return
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            if new_file:
+                writer.writeheader()
+            writer.writerow({k: record[k] for k in columns})
+
+    def batch_end(self, state: State) -> None:
+        if self.enabled:
+            ts = state.timestamp
+            self._append({"kind": "train", "epoch": ts.epoch, "batch": ts.batch, "sample": ts.sample,
+                          **state.step_metrics})
+
+    def eval_end(self, state: State) -> None:
+        if self.enabled:
+            self._append({"kind": "eval", **state.eval_history[-1]})
+
+
+class CheckpointSaver(Callback):
+    """Writes ``ep{E}-ba{B}-rank0.pt`` every ``save_interval``, at the end, and on a stop signal.
+
+    Keeps the newest ``keep`` (all when -1, none but latest/best when 0), points
+    ``latest-rank0.pt`` at the newest and writes ``best-rank0.pt`` whenever the validation mean
+    Dice improves. Writes are atomic (see :mod:`unet_trainer.checkpoint`).
+    """
+
+    def __init__(self, folder: Path, interval: Duration, keep: int = 3, enabled: bool = True):
+        self.folder = Path(folder)
+        self.interval = interval
+        self.keep = keep
+        self.enabled = enabled
+        self.last_saved_batch = None
+        self.saved: list[Path] = []
+
+    def _payload(self, state: State) -> dict:
+        payload = state.state_dict()
+        payload["rng"] = capture_rng_state()
+        return payload
+
+    def save(self, state: State) -> Path | None:
+        if not self.enabled or self.last_saved_batch == state.timestamp.batch:
+            return None
+        name = checkpoint_name(state.timestamp.epoch, state.timestamp.batch)
+        path = self.folder / name
+        atomic_torch_save(self._payload(state), path)
+        atomic_symlink(name, self.folder / "latest-rank0.pt")
+        self.last_saved_batch = state.timestamp.batch
+        self.saved.append(path)
+        if self.keep >= 0:
+            existing = list_checkpoints(self.folder)
+            for old in existing[: max(len(existing) - max(self.keep, 1), 0)]:
+                old.unlink(missing_ok=True)
+        return path
+
+    def _due(self, state: State, at_epoch_end: bool) -> bool:
+        unit, value = self.interval.unit, self.interval.value
+        if value == 0:
+            return False
+        ts = state.timestamp
+        if unit == "ep":
+            return at_epoch_end and ts.epoch % value == 0
+        if at_epoch_end:
+            return False
+        if unit == "ba":
+            return ts.batch % value == 0
+        return (ts.sample // value) != ((ts.sample - state.train_batch_size) // value)
+
+    def fit_start(self, state: State) -> None:
+        self.last_saved_batch = state.timestamp.batch if state.timestamp.batch else None
+
+    def batch_end(self, state: State) -> None:
+        if self._due(state, at_epoch_end=False) or state.stop_reason is not None:
+            self.save(state)
+
+    def epoch_end(self, state: State) -> None:
+        if self._due(state, at_epoch_end=True):
+            self.save(state)
+
+    def eval_end(self, state: State) -> None:
+        if not self.enabled:
+            return
+        current = state.eval_history[-1].get("dice/mean", float("nan"))
+        best = state.extra_state.get("best_dice")
+        if math.isnan(current) or (best is not None and current <= best):
+            return
+        state.extra_state["best_dice"] = current
+        state.extra_state["best_batch"] = state.timestamp.batch
+        atomic_torch_save(self._payload(state), self.folder / "best-rank0.pt")
+
+    def fit_end(self, state: State) -> None:
+        self.save(state)
+
+
+class SignalHandler(Callback):
+    """SIGINT/SIGTERM ask the run to stop at the next batch boundary; a checkpoint is then saved.
+
+    A second signal restores the default handler, so pressing Ctrl-C twice stops at once.
+    """
+
+    def __init__(self):
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.state.stop_reason = f"received {signal.Signals(signum).name}"
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def fit_start(self, state: State) -> None:
+        self.state = state
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+
+    def fit_end(self, state: State) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+class LRMonitor(Callback):
+    """Logs each parameter group's learning rate per step (``lr/group0``...)."""
+
+    def batch_end(self, state: State) -> None:
+        for i, group in enumerate(state.optimizer.param_groups):
+            state.step_metrics[f"lr/group{i}"] = group["lr"]
+
+
+class SpeedMonitor(Callback):
+    """Logs training throughput (samples/s over the last ``window`` batches) and, on CUDA, peak memory."""
+
+    def __init__(self, window: int = 10):
+        self.times: deque = deque(maxlen=window + 1)
+
+    def epoch_start(self, state: State) -> None:
+        self.times.clear()
+
+    def batch_end(self, state: State) -> None:
+        self.times.append((time.perf_counter(), state.timestamp.sample))
+        if len(self.times) >= 2:
+            (t0, s0), (t1, s1) = self.times[0], self.times[-1]
+            if t1 > t0:
+                state.step_metrics["throughput/samples_per_sec"] = (s1 - s0) / (t1 - t0)
+        if state.device.type == "cuda":
+            state.step_metrics["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(state.device) / 2**30
+
+    def eval_end(self, state: State) -> None:
+        self.times.clear()  # evaluation time is not training throughput
+
+
+class EarlyStopper(Callback):
+    """Stops when the validation mean Dice has not improved by ``min_delta`` for ``patience`` evals."""
+
+    def __init__(self, patience: int = 10, min_delta: float = 0.0):
+        self.patience, self.min_delta = patience, min_delta
+
+    def eval_end(self, state: State) -> None:
+        scores = [r.get("dice/mean", float("nan")) for r in state.eval_history]
+        scores = [s for s in scores if not math.isnan(s)]
+        if len(scores) <= self.patience:
+            return
+        best_before = max(scores[: -self.patience])
+        if max(scores[-self.patience:]) < best_before + self.min_delta:
+            state.stop_reason = (f"early stop: validation Dice has not improved by {self.min_delta} "
+                                 f"in {self.patience} evaluations (best {max(scores):.4f})")

@@ -1,0 +1,197 @@
+"""Patch loading from prepared, memory-mapped cases.
+
+DataLoader workers only read and crop; augmentation runs batched on the training device
+(:mod:`unet_trainer.transforms`). One epoch visits every training case once, one random patch
+each. Randomness is keyed by (seed, epoch, position in the epoch), never by worker, so the
+batches are identical whatever the number of workers, and a resumed run picks up mid-epoch
+with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The crop seed of the sample at ``position`` of ``epoch`` (independent of workers and ranks)."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+class PreparedCase:
+    """Lazy, memory-mapped access to one prepared case (image, label, foreground voxels, metadata)."""
+
+    def __init__(self, folder: Path, case_id: str):
+        self.folder, self.case_id = Path(folder), case_id
+        self._image = self._label = self._foreground = None
+        self.meta = json.loads((self.folder / f"{case_id}_meta.json").read_text())
+
+    @property
+    def image(self) -> np.ndarray:
+        """float32 (C, Z, Y, X), memory-mapped."""
+        if self._image is None:
+            self._image = np.load(self.folder / f"{self.case_id}_x.npy", mmap_mode="r", allow_pickle=False)
+        return self._image
+
+    @property
+    def label(self) -> np.ndarray:
+        """uint8 (Z, Y, X) canonical labels, memory-mapped."""
+        if self._label is None:
+            self._label = np.load(self.folder / f"{self.case_id}_y.npy", mmap_mode="r", allow_pickle=False)
+        return self._label
+
+    @property
+    def foreground(self) -> np.ndarray:
+        """int32 (N, 4) rows of (label, z, y, x) of sampled tumour voxels."""
+        if self._foreground is None:
+            self._foreground = np.load(self.folder / f"{self.case_id}_fg.npy", allow_pickle=False)
+        return self._foreground
+
+
+def crop_with_padding(image: np.ndarray, label: np.ndarray, start: Sequence[int],
+                      patch: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Cut ``patch`` voxels starting at ``start`` (may be negative or overhang); pad with zeros.
+
+    Args:
+        image: (C, Z, Y, X) array (a memmap is read only where needed).
+        label: (Z, Y, X).
+        start: first voxel per spatial axis; the patch may extend past either border.
+        patch: patch size per spatial axis.
+
+    Returns:
+        image (C, *patch) float32 and label (1, *patch) uint8; outside the volume is 0.
+    """
+    spatial = image.shape[1:]
+    src, dst = [], []
+    for s, p, n in zip(start, patch, spatial):
+        lo, hi = max(s, 0), min(s + p, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, lo - s + max(hi - lo, 0)))
+    out_image = np.zeros((image.shape[0],) + tuple(patch), np.float32)
+    out_label = np.zeros((1,) + tuple(patch), np.uint8)
+    out_image[(slice(None),) + tuple(dst)] = image[(slice(None),) + tuple(src)]
+    out_label[(0,) + tuple(dst)] = label[tuple(src)]
+    return out_image, out_label
+
+
+def choose_patch_start(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator,
+                       foreground: np.ndarray | None, oversampling: float) -> list[int]:
+    """Pick the patch origin: with probability ``oversampling`` centred on a tumour voxel.
+
+    An oversampled patch picks a tumour label uniformly among those present (so a small
+    enhancing rim is drawn as often as a large oedema), then a random voxel of that label, and
+    centres the patch there, shifted to stay inside the volume where the volume allows. A volume
+    smaller than the patch on an axis is centred in the patch (and padded by the caller).
+    """
+    centre = None
+    if oversampling > 0 and foreground is not None and len(foreground) and rng.random() < oversampling:
+        labels = np.unique(foreground[:, 0])
+        chosen = labels[rng.integers(len(labels))]
+        rows = np.flatnonzero(foreground[:, 0] == chosen)
+        centre = foreground[rows[rng.integers(len(rows))], 1:]
+    start = []
+    for axis, (n, p) in enumerate(zip(shape, patch)):
+        if n <= p:
+            start.append(-((p - n) // 2))
+        elif centre is not None:
+            start.append(int(np.clip(centre[axis] - p // 2, 0, n - p)))
+        else:
+            start.append(int(rng.integers(0, n - p + 1)))
+    return start
+
+
+class PatchDataset(Dataset):
+    """Random patches from prepared cases; indexed by ``(case_index, crop_seed)`` pairs.
+
+    Args:
+        folder: the prepared folder.
+        case_ids: the cases this dataset draws from (e.g. the training fold).
+        patch_size: (Z, Y, X) patch; a leading 1 with ``squeeze_slice_axis`` gives 2D slices.
+        oversampling: probability that a patch is centred on a tumour voxel.
+        squeeze_slice_axis: drop the leading size-1 axis, for 2D models.
+
+    Items are ``(image, label)`` tensors: image float32 (C, *S) and label uint8 (1, *S), where S is
+    the patch without its slice axis when squeezed.
+    """
+
+    def __init__(self, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int],
+                 oversampling: float, squeeze_slice_axis: bool = False):
+        self.folder = Path(folder)
+        self.case_ids = list(case_ids)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.oversampling = float(oversampling)
+        self.squeeze_slice_axis = squeeze_slice_axis
+        if squeeze_slice_axis and self.patch_size[0] != 1:
+            raise ValueError(f"2D patches need a leading 1 in patch_size, got {self.patch_size}")
+        self._cases: dict[int, PreparedCase] = {}
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def case(self, index: int) -> PreparedCase:
+        if index not in self._cases:  # opened lazily in each worker
+            self._cases[index] = PreparedCase(self.folder, self.case_ids[index])
+        return self._cases[index]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key
+        case = self.case(index)
+        rng = np.random.default_rng(seed)
+        start = choose_patch_start(case.image.shape[1:], self.patch_size, rng, case.foreground, self.oversampling)
+        image, label = crop_with_padding(case.image, case.label, start, self.patch_size)
+        if self.squeeze_slice_axis:
+            image, label = image[:, 0], label[:, 0]
+        return torch.from_numpy(image), torch.from_numpy(label)
+
+
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler that yields ``(case_index, crop_seed)`` and can start mid-epoch.
+
+    Each rank gets its share of the shuffled epoch; ``set_epoch`` picks the permutation and
+    ``set_start`` skips the samples this rank already consumed (for exact resume).
+    """
+
+    def __init__(self, num_cases: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(num_cases), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=False)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        """Skip the first ``start`` samples of this rank's share of the current epoch."""
+        self.start = int(start)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())
+        for local, index in enumerate(indices):
+            if local < self.start:
+                continue
+            position = local * self.num_replicas + self.rank
+            yield index, sample_seed(self.seed, self.epoch, position)
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start, 0)
+
+
+def build_train_loader(dataset: PatchDataset, batch_size: int, seed: int, num_workers: int,
+                       pin_memory: bool, num_replicas: int = 1, rank: int = 0) -> DataLoader:
+    """A DataLoader of training patches for one rank.
+
+    Args:
+        batch_size: samples per batch on this rank (the global batch divided by the world size).
+        num_workers: reading processes; 0 reads in the main process.
+        pin_memory: pin host memory for faster, asynchronous copies to a GPU.
+
+    Returns:
+        A DataLoader whose sampler is an :class:`EpochSampler` (call ``set_epoch``/``set_start``).
+    """
+    sampler = EpochSampler(len(dataset), seed, num_replicas=num_replicas, rank=rank)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+        drop_last=False, persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -1,0 +1,181 @@
+"""A synthetic BraTS-format phantom: the embedded default dataset.
+
+Each case is a head (scalp, skull, CSF, grey and white matter, ventricles) whose tissues have
+different contrasts in FLAIR, T1, T1ce and T2, holding one tumour built like a glioma: a
+necrotic core (BraTS 2021 label 1) inside an enhancing rim (label 4) inside oedema (label 2),
+with random size, position and an irregular, lobulated outline. A smooth bias field, Rician-like
+noise and a per-modality intensity scale make the intensities look like raw MRI, so the whole
+preparation pipeline (crop, z-score) has real work to do.
+
+Cases are written in the BraTS 2021 layout, one folder per case with
+``BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz`` and a 1 mm identity-direction affine.
+Everything is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .formats import write_case
+
+# Mean intensity of each tissue in (flair, t1, t1ce, t2), loosely after real 3T contrasts:
+# CSF is dark in FLAIR and T1, bright in T2; oedema is bright in FLAIR and T2; the enhancing rim
+# lights up only after contrast (T1ce); the necrotic core is dark in T1ce and bright in T2.
+TISSUE_CONTRAST = {
+    "scalp": (0.55, 0.90, 0.90, 0.45),
+    "skull": (0.10, 0.20, 0.20, 0.10),
+    "csf": (0.08, 0.18, 0.20, 1.00),
+    "grey": (0.55, 0.55, 0.58, 0.60),
+    "white": (0.45, 0.80, 0.82, 0.40),
+    "edema": (1.10, 0.45, 0.48, 1.05),
+    "enhancing": (0.85, 0.55, 1.55, 0.80),
+    "necrotic": (0.60, 0.25, 0.22, 1.30),
+}
+# Raw scanner units differ per modality; z-scoring in preparation removes this.
+MODALITY_SCALE = (420.0, 780.0, 910.0, 1260.0)
+# Canonical label values (0 bg, 1 necrotic core, 2 oedema, 3 enhancing); written as BraTS 2021.
+LABEL_NECROTIC, LABEL_EDEMA, LABEL_ENHANCING = 1, 2, 3
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], coarse: int) -> np.ndarray:
+    """A smooth random field in about [-1, 1]: coarse Gaussian noise, trilinearly upsampled."""
+    noise = rng.standard_normal((1, 1, coarse, coarse, coarse)).astype(np.float32)
+    field = F.interpolate(torch.from_numpy(noise), size=shape, mode="trilinear", align_corners=True)
+    field = field[0, 0].numpy()
+    return field / max(float(np.abs(field).max()), 1e-6)
+
+
+def make_phantom_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one phantom case.
+
+    Args:
+        shape: array shape (Z, Y, X) in voxels of 1 mm; each at least 24.
+        rng: the random generator (the case is a pure function of its state).
+
+    Returns:
+        image: float32 (4, Z, Y, X), channels (flair, t1, t1ce, t2), raw positive units, 0 outside the head.
+        label: uint8 (Z, Y, X), canonical labels 0 background, 1 necrotic core, 2 oedema, 3 enhancing.
+
+    Raises:
+        ValueError: a dimension below 24 voxels (too small to hold a head with a tumour).
+    """
+    if min(shape) < 24:
+        raise ValueError(f"phantom shape {tuple(shape)} is too small: every dimension must be at least 24")
+    shape = tuple(int(s) for s in shape)
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    centre = np.array(shape, np.float32)[:, None, None, None] / 2 + rng.uniform(-1.5, 1.5, (3, 1, 1, 1))
+    rel = (grid - centre) / (np.array(shape, np.float32)[:, None, None, None] / 2)
+
+    # Head: nested ellipsoids with a gently irregular outline.
+    outline = 0.04 * _smooth_field(rng, shape, 4)
+    radius = np.sqrt((rel**2).sum(0)) + outline
+    head_r = rng.uniform(0.86, 0.92)
+    head = radius < head_r
+    skull = radius < head_r - 0.07
+    brain = radius < head_r - 0.13
+
+    # Grey/white matter from a smooth field; ventricles as two small ellipsoids near the centre.
+    tissue = _smooth_field(rng, shape, 6)
+    white = brain & (tissue > rng.uniform(-0.15, 0.15))
+    vent_offset = rng.uniform(0.08, 0.14)
+    ventricles = np.zeros(shape, bool)
+    for side in (-1.0, 1.0):
+        d = ((rel[0] / 0.22) ** 2 + ((rel[1] + 0.05) / 0.30) ** 2 + ((rel[2] - side * vent_offset) / 0.09) ** 2)
+        ventricles |= d < 1.0
+    ventricles &= brain
+    sulci = brain & ~white & (np.abs(_smooth_field(rng, shape, 10)) < 0.06)
+
+    # Tumour: a lobulated ball placed inside the brain, with oedema > enhancing rim > necrotic core.
+    size = float(min(shape))
+    edema_r = rng.uniform(0.16, 0.24) * size
+    enh_r = edema_r * rng.uniform(0.50, 0.62)
+    core_r = enh_r * rng.uniform(0.45, 0.62)
+    core_r = min(core_r, enh_r - 2.5)  # keep the enhancing rim at least ~2 voxels thick
+    max_offset = (head_r - 0.13) * size / 2 - edema_r * 0.8
+    direction = rng.standard_normal(3)
+    direction /= np.linalg.norm(direction)
+    tumour_centre = np.array(shape, np.float32) / 2 + direction * rng.uniform(0.0, max(max_offset, 0.0))
+    dist = np.sqrt(((grid - tumour_centre[:, None, None, None]) ** 2).sum(0))
+    lobes = 1.0 + 0.22 * _smooth_field(rng, shape, 5)
+    dist = dist * lobes
+    necrotic = dist < core_r
+    enhancing = (dist < enh_r) & ~necrotic
+    edema = (dist < edema_r) & ~(necrotic | enhancing)
+    # Oedema spreads along white matter; it does not cross into CSF or outside the brain.
+    edema &= brain & ~ventricles
+    enhancing &= brain
+    necrotic &= brain
+
+    label = np.zeros(shape, np.uint8)
+    label[edema] = LABEL_EDEMA
+    label[enhancing] = LABEL_ENHANCING
+    label[necrotic] = LABEL_NECROTIC
+
+    regions = [
+        ("scalp", head & ~skull), ("skull", skull & ~brain), ("grey", brain & ~white), ("white", white),
+        ("csf", ventricles | sulci), ("edema", edema), ("enhancing", enhancing), ("necrotic", necrotic),
+    ]
+    image = np.zeros((4,) + shape, np.float32)
+    for name, mask in regions:
+        image[:, mask] = np.array(TISSUE_CONTRAST[name], np.float32)[:, None]
+    # Texture within tissues, a smooth multiplicative bias field per modality and noise.
+    texture = 0.04 * _smooth_field(rng, shape, 16)
+    for c in range(4):
+        bias = 1.0 + 0.12 * _smooth_field(rng, shape, 3)
+        noise = rng.normal(0.0, 0.035, shape).astype(np.float32)
+        channel = (image[c] * (1.0 + texture) * bias + noise) * MODALITY_SCALE[c]
+        image[c] = np.where(head, np.clip(channel, 1.0, None), 0.0)
+    return image, label
+
+
+def write_phantom_dataset(out: Path, cases: int, shape: tuple[int, int, int], seed: int,
+                          progress: bool = True) -> list[str]:
+    """Write ``cases`` phantom cases in the BraTS 2021 layout under ``out``.
+
+    The dataset is built in a temporary sibling folder and renamed into place when complete,
+    so an interrupted run never leaves a half dataset at ``out``.
+
+    Args:
+        out: the dataset folder to create (must not exist yet, or be a complete phantom).
+        cases: number of cases (>= 1).
+        shape: array shape (Z, Y, X) per case; the NIfTI files hold (X, Y, Z).
+        seed: case ``i`` is drawn from ``np.random.default_rng([seed, i])``.
+
+    Returns:
+        The case ids, ``BraTS2021_00000`` onwards.
+
+    Raises:
+        FileExistsError: ``out`` exists and is not a complete phantom written with these settings.
+    """
+    out = Path(out)
+    settings = {"cases": int(cases), "shape": [int(s) for s in shape], "seed": int(seed), "version": 1}
+    marker = out / "phantom.json"
+    if out.exists():
+        if marker.is_file() and json.loads(marker.read_text()) == settings:
+            return [f"BraTS2021_{i:05d}" for i in range(cases)]
+        raise FileExistsError(f"{out}: exists and is not a phantom written with {settings}; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        affine = np.eye(4)
+        ids = []
+        for i in tqdm(range(cases), desc="phantom", unit="case", disable=not progress):
+            image, label = make_phantom_case(tuple(shape), np.random.default_rng([seed, i]))
+            case_id = f"BraTS2021_{i:05d}"
+            write_case(staging, "brats2021", case_id, image, label, affine)
+            ids.append(case_id)
+        (staging / "phantom.json").write_text(json.dumps(settings))
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ids

@@ -1,0 +1,318 @@
+"""One-time preparation of raw BraTS cases into memory-mappable arrays.
+
+For every case: crop to the nonzero bounding box of all channels, resample to the target spacing
+when the case's spacing differs, z-score each channel over its nonzero voxels, and store
+
+    {case}_x.npy      float32 (C, Z, Y, X)   the normalised image (memory-mappable)
+    {case}_y.npy      uint8   (Z, Y, X)      canonical labels (0 bg, 1 necrotic, 2 oedema, 3 enhancing)
+    {case}_fg.npy     int32   (N, 4)         (label, z, y, x) of sampled tumour voxels, for oversampling
+    {case}_meta.json  original shape/affine/spacing, crop box, label convention; written last
+
+The ``_meta.json`` file is the case's completion marker and every file is written under a temporary
+name and renamed, so an interrupted run never leaves a half-written case that could be read.
+The settings are recorded in ``prepare.json``; cases prepared with other settings are redone.
+Raw data is only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .formats import CaseFiles, DataFormatError, RawCase, list_cases, read_case
+
+PREPARE_VERSION = 1
+# Foreground voxels kept per label for oversampling: enough to cover a tumour, small on disk.
+MAX_FOREGROUND_SAMPLES = 20_000
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """What determines the prepared arrays; a change makes every case be prepared again."""
+
+    target_spacing: tuple[float, float, float] | None = None  # (z, y, x) mm; None keeps each case's own
+
+    def as_dict(self) -> dict:
+        return {"version": PREPARE_VERSION,
+                "target_spacing": list(self.target_spacing) if self.target_spacing else None}
+
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to ``path`` via a temporary file, fsync and rename (never a half file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def nonzero_bounding_box(image: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Bounding box of voxels nonzero in any channel.
+
+    Args:
+        image: (C, Z, Y, X).
+
+    Returns:
+        ((z0, z1), (y0, y1), (x0, x1)), half-open; the whole volume if every voxel is zero.
+    """
+    mask = np.any(image != 0, axis=0)
+    if not mask.any():
+        return tuple((0, s) for s in mask.shape)
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append((int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def zscore_nonzero(image: np.ndarray) -> np.ndarray:
+    """Z-score each channel over its own nonzero voxels; zero (background) voxels stay 0.
+
+    Args:
+        image: float32 (C, Z, Y, X).
+
+    Returns:
+        A new float32 array of the same shape.
+    """
+    out = np.zeros_like(image, dtype=np.float32)
+    for c in range(image.shape[0]):
+        mask = image[c] != 0
+        if not mask.any():
+            continue
+        values = image[c][mask].astype(np.float64)
+        std = values.std()
+        out[c][mask] = ((values - values.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+    return out
+
+
+def resample(image: np.ndarray, label: np.ndarray | None, spacing: Sequence[float],
+             target: Sequence[float]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Resample to the target spacing: trilinear for the image, nearest for labels.
+
+    Args:
+        image: float32 (C, Z, Y, X); label: uint8 (Z, Y, X) or None; spacings in (z, y, x) mm.
+
+    Returns:
+        The resampled (image, label); unchanged when the spacings already agree within 1%.
+    """
+    spacing = np.asarray(spacing, np.float64)
+    target = np.asarray(target, np.float64)
+    if np.allclose(spacing, target, rtol=0.01):
+        return image, label
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.shape[1:], spacing, target)]
+    img = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None], size=size, mode="trilinear",
+                        align_corners=False)[0].numpy()
+    lab = None
+    if label is not None:
+        lab = F.interpolate(torch.from_numpy(label.astype(np.float32))[None, None], size=size,
+                            mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
+    return img, lab
+
+
+def foreground_samples(label: np.ndarray, rng: np.random.Generator,
+                       max_per_label: int = MAX_FOREGROUND_SAMPLES) -> np.ndarray:
+    """Up to ``max_per_label`` random voxel coordinates of each tumour label.
+
+    Returns:
+        int32 (N, 4) rows of (label, z, y, x); empty (0, 4) when the case has no tumour.
+    """
+    rows = []
+    for value in np.unique(label):
+        if value == 0:
+            continue
+        coords = np.argwhere(label == value)
+        if len(coords) > max_per_label:
+            coords = coords[rng.choice(len(coords), max_per_label, replace=False)]
+        rows.append(np.concatenate([np.full((len(coords), 1), value), coords], axis=1))
+    if not rows:
+        return np.zeros((0, 4), np.int32)
+    return np.concatenate(rows).astype(np.int32)
+
+
+def prepare_case(raw: RawCase, settings: PrepareSettings) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Crop, resample and normalise one case in memory.
+
+    Returns:
+        (image float32 (C, Z', Y', X'), label uint8 (Z', Y', X') or None, metadata dict).
+    """
+    image, label = raw.image, raw.label
+    original_shape = list(image.shape[1:])
+    box = nonzero_bounding_box(image)
+    crop = tuple(slice(a, b) for a, b in box)
+    image = image[(slice(None),) + crop]
+    label = label[crop] if label is not None else None
+    spacing = list(raw.spacing)
+    if settings.target_spacing is not None:
+        image, label = resample(image, label, raw.spacing, settings.target_spacing)
+        spacing = list(settings.target_spacing)
+    if not raw.preprocessed:
+        image = zscore_nonzero(image)
+    meta = {
+        "case_id": raw.case_id,
+        "original_shape": original_shape,            # (Z, Y, X) of the raw array
+        "original_spacing": list(raw.spacing),       # (z, y, x) mm
+        "spacing": spacing,                          # after resampling
+        "crop_box": [list(b) for b in box],          # half-open (Z, Y, X) ranges in the raw array
+        "affine": np.asarray(raw.affine).tolist(),   # NIfTI affine of the raw (x, y, z) grid
+        "label_convention": raw.label_convention,
+        "prepared_shape": list(image.shape[1:]),
+        "has_label": label is not None,
+    }
+    return image.astype(np.float32, copy=False), label, meta
+
+
+def _case_is_done(out: Path, case_id: str, digest: str) -> bool:
+    meta_path = out / f"{case_id}_meta.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("settings_digest") == digest and (out / f"{case_id}_x.npy").is_file()
+
+
+def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings]) -> tuple[str, str | None]:
+    """Worker: prepare and write one case; returns (case_id, error message or None)."""
+    case, out_dir, settings = args
+    out = Path(out_dir)
+    try:
+        raw = read_case(case)
+    except DataFormatError as exc:
+        return case.case_id, str(exc)
+    image, label, meta = prepare_case(raw, settings)
+    meta["settings_digest"] = settings.digest()
+    _atomic_save_npy(out / f"{case.case_id}_x.npy", image)
+    if label is not None:
+        _atomic_save_npy(out / f"{case.case_id}_y.npy", label.astype(np.uint8))
+        # str hash() is salted per process; a digest keeps the sampled voxels reproducible.
+        rng = np.random.default_rng(int(hashlib.sha1(case.case_id.encode()).hexdigest()[:8], 16))
+        _atomic_save_npy(out / f"{case.case_id}_fg.npy", foreground_samples(label, rng))
+    # The metadata goes last: its presence means the case is complete.
+    atomic_write_text(out / f"{case.case_id}_meta.json", json.dumps(meta, indent=1))
+    return case.case_id, None
+
+
+def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: PrepareSettings = PrepareSettings(),
+                    workers: int = 1, skip_bad: bool = False, progress: bool = True,
+                    require_labels: bool = True) -> dict:
+    """Prepare every case of a raw dataset into ``out`` (resumable, atomic per case).
+
+    Args:
+        source: the raw dataset folder (any supported layout); never modified.
+        out: the prepared folder (created).
+        fmt: layout name or "auto".
+        settings: preparation settings; cases prepared with other settings are redone.
+        workers: processes working in parallel.
+        skip_bad: skip cases that fail validation and list them, instead of stopping.
+
+    Returns:
+        The ``prepare.json`` record: source, format, settings, case ids and skipped cases.
+
+    Raises:
+        DataFormatError: the first bad case (one line naming case and file) unless ``skip_bad``;
+            also an unrecognised or empty source folder, or one where every case is bad.
+    """
+    source, out = Path(source), Path(out)
+    cases = list_cases(source, fmt, require_labels=require_labels)
+    if not cases:
+        raise DataFormatError(f"{source}: no cases found")
+    if source.resolve() == out.resolve() or out.resolve() in source.resolve().parents:
+        raise DataFormatError(f"{out}: the prepared folder must not be the raw folder or contain it")
+    out.mkdir(parents=True, exist_ok=True)
+    digest = settings.digest()
+    todo = [c for c in cases if not _case_is_done(out, c.case_id, digest)]
+    errors: dict[str, str] = {}
+    jobs = [(c, str(out), settings) for c in todo]
+    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="prepare", unit="case", disable=not progress)
+    try:
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for case_id, error in pool.map(_prepare_one, jobs):
+                    bar.update()
+                    if error:
+                        if not skip_bad:
+                            raise DataFormatError(error)
+                        errors[case_id] = error
+        else:
+            for job in jobs:
+                case_id, error = _prepare_one(job)
+                bar.update()
+                if error:
+                    if not skip_bad:
+                        raise DataFormatError(error)
+                    errors[case_id] = error
+    finally:
+        bar.close()
+    good = [c.case_id for c in cases if c.case_id not in errors]
+    if not good:
+        raise DataFormatError(f"{source}: every case failed validation; first: {next(iter(errors.values()))}")
+    record = {
+        "source": str(source.resolve()),
+        "format": cases[0].format,
+        "settings": settings.as_dict(),
+        "settings_digest": digest,
+        "cases": good,
+        "skipped": errors,
+    }
+    atomic_write_text(out / "prepare.json", json.dumps(record, indent=1))
+    return record
+
+
+def prepared_is_current(out: Path, source: Path, settings: PrepareSettings) -> bool:
+    """True when ``out`` holds a complete preparation of ``source`` with ``settings``."""
+    record_path = Path(out) / "prepare.json"
+    if not record_path.is_file():
+        return False
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if record.get("settings_digest") != settings.digest() or record.get("source") != str(Path(source).resolve()):
+        return False
+    return all(_case_is_done(Path(out), case_id, settings.digest()) for case_id in record["cases"])
+
+
+def load_prepared_index(out: Path) -> dict:
+    """Read ``prepare.json`` of a prepared folder.
+
+    Raises:
+        DataFormatError: the folder holds no complete preparation.
+    """
+    record_path = Path(out) / "prepare.json"
+    if not record_path.is_file():
+        raise DataFormatError(f"{out}: not a prepared dataset (no prepare.json); run `unet-data prepare`")
+    return json.loads(record_path.read_text())

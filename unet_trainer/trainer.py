@@ -1,0 +1,348 @@
+"""The training loop, Composer-style: a State, Events, and hooks that run on them.
+
+The loop in :func:`fit` reads top to bottom. Everything that is not the optimisation itself hangs
+on events: algorithms (speed-ups that change the computation) run first at each event, then
+callbacks (side effects: progress, logs, checkpoints, early stop). Neither is special-cased in
+the loop.
+
+Timekeeping follows Composer: ``timestamp.batch`` counts optimizer steps, ``timestamp.sample``
+samples (global, across ranks), ``timestamp.epoch`` finished epochs. The data position is
+(epoch, batch_in_epoch): the sampler is a pure function of it, so a resumed run sees exactly the
+batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .config import Duration
+
+
+class Event(str, Enum):
+    """Points in the run where algorithms and callbacks are called, in the order they occur."""
+
+    INIT = "init"
+    FIT_START = "fit_start"
+    EPOCH_START = "epoch_start"
+    BATCH_START = "batch_start"
+    AFTER_FORWARD = "after_forward"
+    AFTER_LOSS = "after_loss"
+    AFTER_BACKWARD = "after_backward"
+    BATCH_END = "batch_end"
+    EPOCH_END = "epoch_end"
+    EVAL_START = "eval_start"
+    EVAL_END = "eval_end"
+    FIT_END = "fit_end"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the run stops without stepping, keeping the last good checkpoint."""
+
+
+@dataclass
+class Timestamp:
+    """Progress counters; all saved in checkpoints."""
+
+    epoch: int = 0             # finished epochs
+    batch: int = 0             # optimizer steps taken
+    sample: int = 0            # training samples consumed, all ranks
+    batch_in_epoch: int = 0    # steps taken in the current epoch
+    sample_in_epoch: int = 0   # samples consumed in the current epoch, all ranks
+
+    def reached(self, duration: Duration, batches_per_epoch: int, samples_per_epoch: int) -> bool:
+        """Whether this point is at or past ``duration``."""
+        if duration.unit == "ep":
+            return self.epoch >= duration.value
+        if duration.unit == "ba":
+            return self.batch >= duration.value
+        return self.sample >= duration.value
+
+
+def duration_in_batches(duration: Duration, batches_per_epoch: int, batch_size: int) -> int:
+    """Convert a duration to optimizer steps (samples round up to whole batches)."""
+    if duration.unit == "ep":
+        return duration.value * batches_per_epoch
+    if duration.unit == "ba":
+        return duration.value
+    return math.ceil(duration.value / batch_size)
+
+
+@dataclass
+class State:
+    """Everything the loop and its hooks share. Built by :mod:`unet_trainer.builders`."""
+
+    model: nn.Module                      # the module stepped (DDP-wrapped when distributed)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any                        # schedules.BatchScheduler
+    loss_fn: nn.Module
+    train_loader: Any                     # DataLoader with an EpochSampler
+    device: torch.device
+    max_duration: Duration
+    train_batch_size: int                 # global batch
+    batches_per_epoch: int
+    samples_per_epoch: int
+    amp_dtype: torch.dtype | None = None
+    scaler: Any = None                    # torch.amp.GradScaler for fp16
+    augmenter: Callable | None = None     # transforms.BatchAugmenter
+    microbatch_size: int | str | None = None   # int, "auto" or None (whole rank batch)
+    grad_clip_norm: float | None = None
+    evaluator: Callable[["State"], dict] | None = None
+    eval_interval: Duration | None = None
+    run_dir: Path | None = None
+    config: dict = field(default_factory=dict)
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    timestamp: Timestamp = field(default_factory=Timestamp)
+    eval_history: list = field(default_factory=list)   # one record per evaluation
+    # Per batch, for hooks to read or change.
+    batch: tuple | None = None
+    outputs: Any = None
+    loss: torch.Tensor | None = None
+    step_metrics: dict = field(default_factory=dict)
+    stop_reason: str | None = None
+    extra_state: dict = field(default_factory=dict)     # hooks' own resumable state, by name
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    @property
+    def total_batches(self) -> int:
+        return duration_in_batches(self.max_duration, self.batches_per_epoch, self.train_batch_size)
+
+    def done(self) -> bool:
+        return self.timestamp.reached(self.max_duration, self.batches_per_epoch, self.samples_per_epoch)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint holds besides the RNG states (weights-only loadable)."""
+        return {
+            "model": self.unwrapped_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "augmenter": self.augmenter.state_dict() if self.augmenter is not None else None,
+            "timestamp": asdict(self.timestamp),
+            "eval_history": self.eval_history,
+            "config": self.config,
+            "extra_state": self.extra_state,
+        }
+
+    def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
+        self.unwrapped_model.load_state_dict(state["model"])
+        if weights_only:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.augmenter is not None and state.get("augmenter") is not None:
+            self.augmenter.load_state_dict(state["augmenter"])
+        self.timestamp = Timestamp(**state["timestamp"])
+        self.eval_history = list(state.get("eval_history", []))
+        self.extra_state = dict(state.get("extra_state", {}))
+
+
+class Callback:
+    """A side effect on events. Override methods named after events (``epoch_end(self, state)``)."""
+
+    def run_event(self, event: Event, state: State) -> None:
+        handler = getattr(self, event.value, None)
+        if handler is not None:
+            handler(state)
+
+
+class Algorithm:
+    """A change to the computation, applied at the events it matches (runs before callbacks)."""
+
+    def match(self, event: Event, state: State) -> bool:
+        raise NotImplementedError
+
+    def apply(self, event: Event, state: State) -> None:
+        raise NotImplementedError
+
+
+class Engine:
+    """Runs algorithms, then callbacks, at each event."""
+
+    def __init__(self, state: State, algorithms: Sequence[Algorithm] = (), callbacks: Sequence[Callback] = ()):
+        self.state = state
+        self.algorithms = list(algorithms)
+        self.callbacks = list(callbacks)
+
+    def run(self, event: Event) -> None:
+        for algorithm in self.algorithms:
+            if algorithm.match(event, self.state):
+                algorithm.apply(event, self.state)
+        for callback in self.callbacks:
+            callback.run_event(event, self.state)
+
+
+def _autocast(state: State):
+    if state.amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=state.device.type, dtype=state.amp_dtype)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _microbatches(size: int, microbatch: int | str | None) -> list[tuple[int, int]]:
+    if not isinstance(microbatch, int) or microbatch >= size:
+        return [(0, size)]
+    return [(start, min(start + microbatch, size)) for start in range(0, size, microbatch)]
+
+
+def train_batch(state: State, engine: Engine) -> float:
+    """One optimizer step over ``state.batch`` (already on the device and augmented).
+
+    The rank's batch is split into microbatches whose gradients accumulate, each loss scaled by
+    its share of the batch, so the step matches the whole batch. With ``microbatch_size="auto"``
+    an out-of-memory error halves the microbatch and the same batch is retried.
+
+    Returns:
+        The batch's mean loss as a float.
+
+    Raises:
+        TrainingDiverged: the loss is NaN or Inf (the optimizer has not stepped).
+    """
+    image, label = state.batch
+    size = image.shape[0]
+    if state.microbatch_size == "auto":
+        state.extra_state.setdefault("auto_microbatch", size)
+    while True:
+        micro = state.extra_state["auto_microbatch"] if state.microbatch_size == "auto" else state.microbatch_size
+        state.optimizer.zero_grad(set_to_none=True)
+        try:
+            total = 0.0
+            chunks = _microbatches(size, micro)
+            for index, (lo, hi) in enumerate(chunks):
+                # DDP all-reduces only on the last microbatch's backward.
+                sync = nullcontext()
+                if hasattr(state.model, "no_sync") and index < len(chunks) - 1:
+                    sync = state.model.no_sync()
+                with sync:
+                    with _autocast(state):
+                        state.outputs = state.model(image[lo:hi])
+                        engine.run(Event.AFTER_FORWARD)
+                        state.loss = state.loss_fn(state.outputs, label[lo:hi])
+                    engine.run(Event.AFTER_LOSS)
+                    loss_value = state.loss.detach()
+                    if not torch.isfinite(loss_value):
+                        raise TrainingDiverged(
+                            f"loss became {loss_value.item()} at batch {state.timestamp.batch + 1} "
+                            f"(epoch {state.timestamp.epoch + 1}); stopped before the optimizer step, "
+                            "the last checkpoint is the last good state")
+                    scaled = state.loss * ((hi - lo) / size)
+                    if state.scaler is not None:
+                        state.scaler.scale(scaled).backward()
+                    else:
+                        scaled.backward()
+                    engine.run(Event.AFTER_BACKWARD)
+                    total += loss_value.item() * (hi - lo) / size
+            break
+        except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+            if state.microbatch_size != "auto" or not _is_out_of_memory(exc) or micro <= 1:
+                raise
+            state.outputs = state.loss = None
+            state.optimizer.zero_grad(set_to_none=True)
+            if state.device.type == "cuda":
+                torch.cuda.empty_cache()
+            state.extra_state["auto_microbatch"] = max(1, micro // 2)
+    if state.grad_clip_norm is not None:
+        if state.scaler is not None:
+            state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.grad_clip_norm)
+    if state.scaler is not None:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
+    state.scheduler.step()
+    state.outputs = None
+    return total
+
+
+def _eval_due(interval: Duration | None, state: State, at_epoch_end: bool) -> bool:
+    if interval is None or interval.value == 0:
+        return False
+    ts = state.timestamp
+    if interval.unit == "ep":
+        return at_epoch_end and ts.epoch % interval.value == 0
+    if at_epoch_end:
+        return False
+    if interval.unit == "ba":
+        return ts.batch % interval.value == 0
+    per_batch = state.train_batch_size
+    return (ts.sample // interval.value) != ((ts.sample - per_batch) // interval.value)
+
+
+def evaluate(state: State, engine: Engine) -> None:
+    """Run the evaluator (if any) and record its result in ``state.eval_history``."""
+    if state.evaluator is None:
+        return
+    engine.run(Event.EVAL_START)
+    state.model.eval()
+    result = state.evaluator(state)
+    state.model.train()
+    record = {"epoch": state.timestamp.epoch, "batch": state.timestamp.batch, **result}
+    state.eval_history.append(record)
+    engine.run(Event.EVAL_END)
+
+
+def fit(state: State, engine: Engine) -> State:
+    """Train until ``state.max_duration`` or until a hook sets ``state.stop_reason``.
+
+    Evaluation runs every ``state.eval_interval`` and once more at the end if the last step was
+    not evaluated. Checkpoints are written by the checkpoint callback on batch/epoch/fit end.
+    """
+    engine.run(Event.FIT_START)
+    state.model.train()
+    sampler = state.train_loader.sampler
+    batch_size_per_rank = state.train_loader.batch_size
+    while not state.done() and state.stop_reason is None:
+        ts = state.timestamp
+        sampler.set_epoch(ts.epoch)
+        sampler.set_start(ts.batch_in_epoch * batch_size_per_rank)
+        engine.run(Event.EPOCH_START)
+        for image, label in state.train_loader:
+            image = image.to(state.device, non_blocking=True)
+            label = label.to(state.device, non_blocking=True)
+            if state.augmenter is not None:
+                image, label = state.augmenter(image, label)
+            state.batch = (image, label)
+            engine.run(Event.BATCH_START)
+            state.step_metrics = {"loss/train": train_batch(state, engine)}
+            global_samples = image.shape[0] * state.world_size
+            ts.batch += 1
+            ts.batch_in_epoch += 1
+            ts.sample += global_samples
+            ts.sample_in_epoch += global_samples
+            state.batch = None
+            if _eval_due(state.eval_interval, state, at_epoch_end=False):
+                evaluate(state, engine)
+            engine.run(Event.BATCH_END)
+            if state.done() or state.stop_reason is not None:
+                break
+        if ts.batch_in_epoch >= state.batches_per_epoch:
+            ts.epoch += 1
+            ts.batch_in_epoch = 0
+            ts.sample_in_epoch = 0
+            if _eval_due(state.eval_interval, state, at_epoch_end=True):
+                evaluate(state, engine)
+            engine.run(Event.EPOCH_END)
+    # A final evaluation unless the last step was just evaluated or the run was asked to stop.
+    evaluated_last = bool(state.eval_history) and state.eval_history[-1]["batch"] == state.timestamp.batch
+    if state.evaluator is not None and state.stop_reason is None and not evaluated_last:
+        evaluate(state, engine)
+    engine.run(Event.FIT_END)
+    return state
