@@ -293,6 +293,8 @@ SCHEMA: dict[str, Any] = {
         # Composer/DLE score an empty ground truth 1 when the prediction is empty too, else 0;
         # MONAI's ignore_empty leaves such a case out of the mean instead.
         "empty_policy": F("str", "one_if_both_empty", choices=("one_if_both_empty", "ignore")),
+        # 95th-percentile Hausdorff distance per region through MONAI (slower; off by default).
+        "hd95": F("bool", False),
     },
 }
 
@@ -754,6 +756,22 @@ def _check_consistency(cfg: dict) -> None:
     if isinstance(micro, int) and micro > cfg["train_batch_size"]:
         raise ConfigError(
             f"'device_train_microbatch_size' = {micro} exceeds 'train_batch_size' = {cfg['train_batch_size']}")
+
+
+def resolve_from_base(base: dict, override_args: list[str] | None = None, source: str = "checkpoint") -> dict:
+    """Apply command-line overrides on top of an already resolved config (e.g. a checkpoint's).
+
+    The base is checked against the schema again (a checkpoint from another version fails with a
+    clear line naming ``source``), then overrides are merged as usual.
+
+    Raises:
+        ConfigError: any problem, as one line.
+    """
+    base_layer = check_layer(copy.deepcopy(base), source)
+    cli_layer = check_layer(overrides_to_layer(parse_overrides(override_args or [])), "command line")
+    resolved = _fill_defaults(merge_layers(base_layer, cli_layer), SCHEMA)
+    _check_consistency(resolved)
+    return resolved
 
 
 def dump_config(cfg: dict) -> str:
