@@ -12,6 +12,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -253,7 +254,7 @@ def _resume_checkpoint(cfg: dict, run_dir: Path) -> Path | None:
     return None
 
 
-def run_training(cfg: dict, progress: bool = True) -> dict:
+def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.Callback] = ()) -> dict:
     """Train (or resume) the run described by a resolved config; returns a summary.
 
     Writes into ``cfg["save_folder"]``: config.yaml, split.json, checkpoints/, metrics.jsonl,
@@ -345,7 +346,9 @@ def run_training(cfg: dict, progress: bool = True) -> dict:
     if dist_info.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 
-    engine = Engine(state, build_algorithms(cfg), build_callbacks(cfg, run_dir, dist_info.is_main, progress))
+    # Extra callbacks (benchmarks, tests) run before the built-in ones, so the logger sees their values.
+    engine = Engine(state, build_algorithms(cfg),
+                    list(extra_callbacks) + build_callbacks(cfg, run_dir, dist_info.is_main, progress))
     engine.run(Event.INIT)
     fit(state, engine)
 

@@ -260,6 +260,7 @@ class SpeedMonitor(Callback):
 
     def __init__(self, window: int = 10):
         self.times: deque = deque(maxlen=window + 1)
+        self.waits: deque = deque(maxlen=window)
 
     def epoch_start(self, state: State) -> None:
         self.times.clear()
@@ -270,6 +271,9 @@ class SpeedMonitor(Callback):
             (t0, s0), (t1, s1) = self.times[0], self.times[-1]
             if t1 > t0:
                 state.step_metrics["throughput/samples_per_sec"] = (s1 - s0) / (t1 - t0)
+                # The share of wall time the loop sat waiting for the loader over the window.
+                self.waits.append(state.step_metrics.get("time/data_wait_s", 0.0))
+                state.step_metrics["throughput/data_wait_fraction"] = min(sum(self.waits) / (t1 - t0), 1.0)
         if state.device.type == "cuda":
             state.step_metrics["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(state.device) / 2**30
 

@@ -14,6 +14,7 @@ batches an uninterrupted run would have.
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -314,14 +315,22 @@ def fit(state: State, engine: Engine) -> State:
         sampler.set_epoch(ts.epoch)
         sampler.set_start(ts.batch_in_epoch * batch_size_per_rank)
         engine.run(Event.EPOCH_START)
-        for image, label in state.train_loader:
+        batches = iter(state.train_loader)
+        while True:
+            # Time spent blocked on the loader: what the device waits for data.
+            wait_start = time.perf_counter()
+            try:
+                image, label = next(batches)
+            except StopIteration:
+                break
+            data_wait = time.perf_counter() - wait_start
             image = image.to(state.device, non_blocking=True)
             label = label.to(state.device, non_blocking=True)
             if state.augmenter is not None:
                 image, label = state.augmenter(image, label)
             state.batch = (image, label)
             engine.run(Event.BATCH_START)
-            state.step_metrics = {"loss/train": train_batch(state, engine)}
+            state.step_metrics = {"loss/train": train_batch(state, engine), "time/data_wait_s": data_wait}
             global_samples = image.shape[0] * state.world_size
             ts.batch += 1
             ts.batch_in_epoch += 1
