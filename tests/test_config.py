@@ -76,10 +76,14 @@ def test_choosing_another_component_replaces_the_choice(layered):
 
 
 def test_set_of_components_switch_on_and_off(layered):
-    cfg = resolve_config(layered, ["callbacks.early_stopper.patience=4", "callbacks.lr_monitor={}"])
-    assert cfg["callbacks"] == {"early_stopper": {"patience": 4, "min_delta": 0.0}, "lr_monitor": {}}
-    cfg = resolve_config(layered, ["callbacks.lr_monitor=null"])
-    assert cfg["callbacks"] == {}
+    base = resolve_config(layered)["callbacks"]
+    assert set(base) == {"lr_monitor", "speed_monitor", "memory_monitor", "progress_plot"}  # on by default
+    cfg = resolve_config(layered, ["callbacks.early_stopper.patience=4", "callbacks.tensorboard={}"])
+    assert cfg["callbacks"] == {**base, "early_stopper": {"patience": 4, "min_delta": 0.0}, "tensorboard": {}}
+    cfg = resolve_config(layered, ["callbacks.lr_monitor=null", "callbacks.progress_plot=null"])
+    assert set(cfg["callbacks"]) == {"speed_monitor", "memory_monitor"}
+    cfg = resolve_config(layered, ["algorithms.ema.decay=0.9"])
+    assert cfg["algorithms"] == {"ema": {"decay": 0.9}}
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -139,6 +143,8 @@ def test_cross_key_rules(layered):
         resolve_config(layered, ["data.fold=5"])
     with pytest.raises(ConfigError, match="'model.strides' has 2 entries"):
         resolve_config(layered, ["model.strides=[1,2]"])
+    with pytest.raises(ConfigError, match="nesterov' = true needs 'optimizer.sgd.momentum' > 0"):
+        resolve_config(layered, ["optimizer.sgd.momentum=0"])
     with pytest.raises(ConfigError, match="low <= high"):
         resolve_config(layered, ["augmentation.noise.std=[0.5, 0.1]"])
 

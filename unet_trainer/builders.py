@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import callbacks as cb
+from .algorithms import EMA, ChannelsLast
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_rng_state
 from .config import ConfigError, Duration, config_differences, dump_config
 from .data.formats import DataFormatError
@@ -28,9 +29,9 @@ from .data.split import kfold_split, load_split_file
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluation import DiceEvaluator
 from .losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
-from .model import UNet, optimize_model
+from .model import UNet
 from .schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
-from .trainer import Algorithm, Engine, Event, State, duration_in_batches, fit
+from .trainer import Algorithm, Engine, Event, State, duration_in_batches, fit, rank_entry
 from .transforms import AugmentationSettings, BatchAugmenter
 
 AMP_DTYPES = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
@@ -199,44 +200,48 @@ def build_augmenter(cfg: dict, device: torch.device, seed: int) -> BatchAugmente
     return BatchAugmenter(settings, cfg["model"]["spatial_dims"], device, seed)
 
 
-class ChannelsLast(Algorithm):
-    """Channels-last memory format for the model (at init) and every batch (at batch start)."""
-
-    def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.BATCH_START)
-
-    def apply(self, event: Event, state: State) -> None:
-        fmt = torch.channels_last_3d if state.batch is None or state.batch[0].ndim == 5 else torch.channels_last
-        if event == Event.INIT:
-            optimize_model(state.unwrapped_model, channels_last=True)
-        elif state.batch is not None:
-            image, label = state.batch
-            state.batch = (image.contiguous(memory_format=fmt), label)
-
-
 def build_algorithms(cfg: dict) -> list[Algorithm]:
     algorithms: list[Algorithm] = []
-    for name in cfg["algorithms"]:
+    for name, settings in cfg["algorithms"].items():
         if name == "channels_last":
             algorithms.append(ChannelsLast())
+        elif name == "ema":
+            algorithms.append(EMA(settings["decay"]))
     return algorithms
 
 
 def build_callbacks(cfg: dict, run_dir: Path, is_main: bool, progress: bool) -> list[cb.Callback]:
+    """The configured callbacks, then the always-on ones.
+
+    Raises:
+        ConfigError: a callback whose optional package is missing (names the install command).
+    """
+    if "tensorboard" in cfg["callbacks"]:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("callbacks.tensorboard needs the tensorboard package: "
+                              "pip install 'unet-trainer[tensorboard]'") from None
     callbacks: list[cb.Callback] = []
     for name, s in cfg["callbacks"].items():  # monitors first, so the logger sees their values
         if name == "lr_monitor":
             callbacks.append(cb.LRMonitor())
         elif name == "speed_monitor":
             callbacks.append(cb.SpeedMonitor(s["window"]))
+        elif name == "memory_monitor":
+            callbacks.append(cb.MemoryMonitor())
         elif name == "early_stopper":
             callbacks.append(cb.EarlyStopper(s["patience"], s["min_delta"]))
+        elif name == "progress_plot" and is_main:
+            callbacks.append(cb.ProgressPlot(run_dir / "progress.png"))
+        elif name == "tensorboard" and is_main:
+            callbacks.append(cb.TensorBoardLogger(run_dir / "tensorboard"))
     callbacks += [
         cb.SignalHandler(),
         cb.ProgressBar(enabled=is_main and progress),
         cb.MetricsLogger(run_dir, enabled=is_main),
         cb.CheckpointSaver(run_dir / "checkpoints", Duration.parse(cfg["save_interval"]),
-                           cfg["save_num_checkpoints_to_keep"], enabled=is_main),
+                           cfg["save_num_checkpoints_to_keep"], is_writer=is_main),
     ]
     return callbacks
 
@@ -337,7 +342,7 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
             raise CheckpointError(f"{checkpoint_path}: does not fit this model/config "
                                   f"({str(exc).splitlines()[0][:160]})") from None
         if not cfg["load_weights_only"]:
-            restore_rng_state(checkpoint["rng"])
+            restore_rng_state(rank_entry(checkpoint, "rng", dist_info.rank, dist_info.world_size))
         resumed_from = checkpoint_path
         if dist_info.is_main:
             ts = state.timestamp

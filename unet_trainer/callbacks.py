@@ -1,8 +1,8 @@
 """Callbacks: the run's side effects, each hung on events. Only rank 0 writes files.
 
 Always on: the progress bar, the metrics logger, the checkpoint saver and the signal handler.
-Optional, switched on by name under ``callbacks:`` in YAML: lr_monitor, speed_monitor,
-early_stopper.
+Switched on by name under ``callbacks:`` in YAML (``null`` switches one off): lr_monitor,
+speed_monitor, memory_monitor and progress_plot (on by default), early_stopper, tensorboard.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import resource
 import signal
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -20,6 +22,7 @@ from tqdm import tqdm
 
 from .checkpoint import (atomic_symlink, atomic_torch_save, capture_rng_state, checkpoint_name, list_checkpoints)
 from .config import Duration
+from .distributed import all_gather_objects, all_ranks_agree, barrier
 from .trainer import Callback, State
 
 
@@ -152,32 +155,42 @@ class CheckpointSaver(Callback):
     Dice improves. Writes are atomic (see :mod:`unet_trainer.checkpoint`).
     """
 
-    def __init__(self, folder: Path, interval: Duration, keep: int = 3, enabled: bool = True):
+    def __init__(self, folder: Path, interval: Duration, keep: int = 3, is_writer: bool = True):
         self.folder = Path(folder)
         self.interval = interval
         self.keep = keep
-        self.enabled = enabled
+        # Every rank runs this callback (the payload gathers each rank's random streams, a collective
+        # step); only the writer (rank 0) touches the disk.
+        self.is_writer = is_writer
         self.last_saved_batch = None
         self.saved: list[Path] = []
 
     def _payload(self, state: State) -> dict:
         payload = state.state_dict()
-        payload["rng"] = capture_rng_state()
+        rng = capture_rng_state()
+        augmenter = state.augmenter.state_dict() if state.augmenter is not None else None
+        payload["rng"] = rng
+        # Each rank's streams, so that every rank of a resumed run continues its own.
+        payload["rng_per_rank"] = all_gather_objects(rng)
+        payload["augmenter_per_rank"] = all_gather_objects(augmenter)
         return payload
 
     def save(self, state: State) -> Path | None:
-        if not self.enabled or self.last_saved_batch == state.timestamp.batch:
+        if self.last_saved_batch == state.timestamp.batch:
             return None
+        payload = self._payload(state)
         name = checkpoint_name(state.timestamp.epoch, state.timestamp.batch)
         path = self.folder / name
-        atomic_torch_save(self._payload(state), path)
-        atomic_symlink(name, self.folder / "latest-rank0.pt")
         self.last_saved_batch = state.timestamp.batch
-        self.saved.append(path)
-        if self.keep >= 0:
-            existing = list_checkpoints(self.folder)
-            for old in existing[: max(len(existing) - max(self.keep, 1), 0)]:
-                old.unlink(missing_ok=True)
+        if self.is_writer:
+            atomic_torch_save(payload, path)
+            atomic_symlink(name, self.folder / "latest-rank0.pt")
+            self.saved.append(path)
+            if self.keep >= 0:
+                existing = list_checkpoints(self.folder)
+                for old in existing[: max(len(existing) - max(self.keep, 1), 0)]:
+                    old.unlink(missing_ok=True)
+        barrier()
         return path
 
     def _due(self, state: State, at_epoch_end: bool) -> bool:
@@ -205,15 +218,17 @@ class CheckpointSaver(Callback):
             self.save(state)
 
     def eval_end(self, state: State) -> None:
-        if not self.enabled:
-            return
+        # Scores are gathered across ranks, so every rank takes the same decision here.
         current = state.eval_history[-1].get("dice/mean", float("nan"))
         best = state.extra_state.get("best_dice")
         if math.isnan(current) or (best is not None and current <= best):
             return
         state.extra_state["best_dice"] = current
         state.extra_state["best_batch"] = state.timestamp.batch
-        atomic_torch_save(self._payload(state), self.folder / "best-rank0.pt")
+        payload = self._payload(state)
+        if self.is_writer:
+            atomic_torch_save(payload, self.folder / "best-rank0.pt")
+        barrier()
 
     def fit_end(self, state: State) -> None:
         self.save(state)
@@ -232,6 +247,13 @@ class SignalHandler(Callback):
         self.state.stop_reason = f"received {signal.Signals(signum).name}"
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+
+    def batch_end(self, state: State) -> None:
+        # A signal may reach one rank only; all ranks must stop at the same batch.
+        if state.world_size > 1:
+            others_stop = not all_ranks_agree(state.stop_reason is None, state.device)
+            if others_stop and state.stop_reason is None:
+                state.stop_reason = "another rank received a stop signal"
 
     def fit_start(self, state: State) -> None:
         self.state = state
@@ -256,16 +278,14 @@ class LRMonitor(Callback):
 
 
 class SpeedMonitor(Callback):
-    """Logs training throughput (samples/s over the last ``window`` batches) and, on CUDA, peak memory."""
+    """Logs training throughput (samples/s over the last ``window`` batches) and the data-wait share."""
 
     def __init__(self, window: int = 10):
         self.times: deque = deque(maxlen=window + 1)
         self.waits: deque = deque(maxlen=window)
 
-    def epoch_start(self, state: State) -> None:
-        self.times.clear()
-
     def batch_end(self, state: State) -> None:
+        # Epoch boundaries stay in the window: restarting the loader is real training time.
         self.times.append((time.perf_counter(), state.timestamp.sample))
         if len(self.times) >= 2:
             (t0, s0), (t1, s1) = self.times[0], self.times[-1]
@@ -274,8 +294,6 @@ class SpeedMonitor(Callback):
                 # The share of wall time the loop sat waiting for the loader over the window.
                 self.waits.append(state.step_metrics.get("time/data_wait_s", 0.0))
                 state.step_metrics["throughput/data_wait_fraction"] = min(sum(self.waits) / (t1 - t0), 1.0)
-        if state.device.type == "cuda":
-            state.step_metrics["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(state.device) / 2**30
 
     def eval_end(self, state: State) -> None:
         self.times.clear()  # evaluation time is not training throughput
@@ -296,3 +314,126 @@ class EarlyStopper(Callback):
         if max(scores[-self.patience:]) < best_before + self.min_delta:
             state.stop_reason = (f"early stop: validation Dice has not improved by {self.min_delta} "
                                  f"in {self.patience} evaluations (best {max(scores):.4f})")
+
+
+class MemoryMonitor(Callback):
+    """Logs peak memory per step: CUDA allocated/reserved (GiB) on a GPU, else the process peak RSS."""
+
+    def batch_end(self, state: State) -> None:
+        if state.device.type == "cuda":
+            state.step_metrics["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(state.device) / 2**30
+            state.step_metrics["memory/reserved_gib"] = torch.cuda.memory_reserved(state.device) / 2**30
+        else:
+            # ru_maxrss is in KiB on Linux.
+            state.step_metrics["memory/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class ProgressPlot(Callback):
+    """``progress.png``: training loss, validation Dice per region and learning rate against steps,
+    redrawn after each evaluation (and at the end). Needs matplotlib; without it a one-line note
+    is printed once and nothing is drawn.
+
+    The history is read back from ``metrics.jsonl`` at fit start, so a resumed run's plot is whole.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.lr_steps: list[int] = []
+        self.lrs: list[float] = []
+        self.available = True
+
+    def fit_start(self, state: State) -> None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.available = False
+            print("note: progress.png needs matplotlib (pip install 'unet-trainer[plots]'); not drawn",
+                  file=sys.stderr)
+            return
+        metrics = self.path.parent / "metrics.jsonl"
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("kind") == "train" and record.get("batch", 0) <= state.timestamp.batch:
+                    self._add(record)
+
+    def _add(self, record: dict) -> None:
+        if "loss/train" in record:
+            self.steps.append(record["batch"])
+            self.losses.append(record["loss/train"])
+        if "lr/group0" in record:
+            self.lr_steps.append(record["batch"])
+            self.lrs.append(record["lr/group0"])
+
+    def batch_end(self, state: State) -> None:
+        if self.available:
+            self._add({"batch": state.timestamp.batch, **state.step_metrics,
+                       "lr/group0": state.optimizer.param_groups[0]["lr"]})
+
+    def draw(self, state: State) -> None:
+        if not self.available or not self.steps:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        axes[0].plot(self.steps, self.losses, lw=0.8)
+        axes[0].set(title="training loss", xlabel="step", yscale="log")
+        for region in ("WT", "TC", "ET", "mean"):
+            points = [(r["batch"], r[f"dice/{region}"]) for r in state.eval_history if f"dice/{region}" in r]
+            if points:
+                axes[1].plot(*zip(*points), marker="o", label=region, lw=2 if region == "mean" else 1)
+        axes[1].set(title="validation Dice", xlabel="step", ylim=(0, 1))
+        axes[1].legend(loc="lower right")
+        axes[2].plot(self.lr_steps, self.lrs)
+        axes[2].set(title="learning rate", xlabel="step")
+        fig.tight_layout()
+        tmp = self.path.with_name(f".{self.path.name}.tmp.png")
+        fig.savefig(tmp, dpi=80)
+        plt.close(fig)
+        tmp.replace(self.path)  # never a half-drawn file
+
+    def eval_end(self, state: State) -> None:
+        self.draw(state)
+
+    def fit_end(self, state: State) -> None:
+        self.draw(state)
+
+
+class TensorBoardLogger(Callback):
+    """Step and evaluation metrics as TensorBoard scalars under ``<save_folder>/tensorboard``.
+
+    Needs the tensorboard package (the builder checks it is there before the run starts).
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.writer = None
+
+    def fit_start(self, state: State) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events past the resumed step, written by an interrupted run.
+        self.writer = SummaryWriter(str(self.folder), purge_step=state.timestamp.batch + 1)
+
+    def batch_end(self, state: State) -> None:
+        for key, value in state.step_metrics.items():
+            self.writer.add_scalar(key, value, state.timestamp.batch)
+
+    def eval_end(self, state: State) -> None:
+        for key, value in state.eval_history[-1].items():
+            if key not in ("epoch", "batch") and isinstance(value, float) and not math.isnan(value):
+                self.writer.add_scalar(f"eval/{key}", value, state.timestamp.batch)
+        self.writer.flush()
+
+    def fit_end(self, state: State) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

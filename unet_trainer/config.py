@@ -206,11 +206,18 @@ LOSSES: dict[str, dict[str, Field]] = {
 CALLBACKS: dict[str, dict[str, Field]] = {
     "lr_monitor": {},
     "speed_monitor": {"window": F("int", 10, minimum=1)},
+    "memory_monitor": {},
     "early_stopper": {"patience": F("int", 10, minimum=1), "min_delta": F("float", 0.0, **POSITIVE)},
+    # progress.png in the run folder, redrawn after each evaluation (needs matplotlib).
+    "progress_plot": {},
+    # TensorBoard event files in <save_folder>/tensorboard (needs the tensorboard package).
+    "tensorboard": {},
 }
 
 ALGORITHMS: dict[str, dict[str, Field]] = {
     "channels_last": {},
+    # Exponential moving average of the weights, used for evaluation and saved in checkpoints.
+    "ema": {"decay": F("float", 0.999, minimum=0.0, maximum=1.0)},
 }
 
 MODEL_FIELDS: dict[str, Field] = {
@@ -255,7 +262,7 @@ SCHEMA: dict[str, Any] = {
     "optimizer": OneOf(OPTIMIZERS, {"radam": {}}),
     "schedulers": ListOf(SCHEDULERS, [{"constant": {}}]),
     "loss": OneOf(LOSSES, {"dice_ce": {}}),
-    "callbacks": SetOf(CALLBACKS, {}),
+    "callbacks": SetOf(CALLBACKS, {"lr_monitor": {}, "speed_monitor": {}, "memory_monitor": {}, "progress_plot": {}}),
     "algorithms": SetOf(ALGORITHMS, {}),
     "model": MODEL_FIELDS,
     "data": {
@@ -564,7 +571,8 @@ def _fill_defaults(layer: dict, schema: Mapping[str, Any]) -> dict:
                 for item in chosen for name, settings in item.items()
             ]
         elif isinstance(spec, SetOf):
-            chosen = value if key in layer else spec.default
+            # Defaults are the base of a set: layers add components to them or switch them off (null).
+            chosen = {**spec.default, **(value or {})}
             full[key] = {
                 name: _fill_defaults(settings or {}, spec.components[name])
                 for name, settings in chosen.items() if settings is not None
@@ -752,6 +760,10 @@ def _check_consistency(cfg: dict) -> None:
     if model["spatial_dims"] == 2 and data["patch_size"][0] != 1:
         raise ConfigError(
             f"'data.patch_size' = {data['patch_size']} must start with 1 for a 2D model (slices), e.g. [1, 192, 160]")
+    sgd = cfg["optimizer"].get("sgd")
+    if sgd is not None and sgd["nesterov"] and sgd["momentum"] <= 0:
+        raise ConfigError("'optimizer.sgd.nesterov' = true needs 'optimizer.sgd.momentum' > 0; "
+                          "set optimizer.sgd.nesterov=false for plain SGD")
     micro = cfg["device_train_microbatch_size"]
     if isinstance(micro, int) and micro > cfg["train_batch_size"]:
         raise ConfigError(

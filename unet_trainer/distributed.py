@@ -74,3 +74,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank iff ``flag`` is True on every rank (one tiny all-reduce).
+
+    Used so that a decision taken on one rank (a NaN loss, a stop signal) is taken by all,
+    instead of leaving the others waiting in a collective forever.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())

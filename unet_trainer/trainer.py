@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import Duration
+from .distributed import all_ranks_agree
 
 
 class Event(str, Enum):
@@ -145,11 +146,21 @@ class State:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
-        if self.augmenter is not None and state.get("augmenter") is not None:
-            self.augmenter.load_state_dict(state["augmenter"])
+        augmenter_state = rank_entry(state, "augmenter", self.rank, self.world_size)
+        if self.augmenter is not None and augmenter_state is not None:
+            self.augmenter.load_state_dict(augmenter_state)
         self.timestamp = Timestamp(**state["timestamp"])
         self.eval_history = list(state.get("eval_history", []))
         self.extra_state = dict(state.get("extra_state", {}))
+
+
+def rank_entry(checkpoint: dict, key: str, rank: int, world_size: int):
+    """This rank's copy of a per-rank value (``{key}_per_rank``) when the checkpoint was written by
+    the same number of ranks, else the single ``key`` value (rank 0's)."""
+    per_rank = checkpoint.get(f"{key}_per_rank")
+    if isinstance(per_rank, list) and len(per_rank) == world_size:
+        return per_rank[rank]
+    return checkpoint.get(key)
 
 
 class Callback:
@@ -238,7 +249,10 @@ def train_batch(state: State, engine: Engine) -> float:
                         state.loss = state.loss_fn(state.outputs, label[lo:hi])
                     engine.run(Event.AFTER_LOSS)
                     loss_value = state.loss.detach()
-                    if not torch.isfinite(loss_value):
+                    finite = bool(torch.isfinite(loss_value))
+                    if state.world_size > 1:  # every rank stops together, or none waits in backward
+                        finite = all_ranks_agree(finite, state.device)
+                    if not finite:
                         raise TrainingDiverged(
                             f"loss became {loss_value.item()} at batch {state.timestamp.batch + 1} "
                             f"(epoch {state.timestamp.epoch + 1}); stopped before the optimizer step, "

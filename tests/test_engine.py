@@ -1,0 +1,265 @@
+"""The engine: events, schedules, microbatching, EMA, logs and plots, signals, SIGKILL resume, DDP."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, tiny_overrides
+from unet_trainer import trainer as trainer_module
+from unet_trainer.builders import run_training
+from unet_trainer.checkpoint import list_checkpoints, load_checkpoint
+from unet_trainer.config import Duration
+from unet_trainer.schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
+from unet_trainer.trainer import Callback, Event
+
+
+def weights(summary) -> dict:
+    return {k: v.clone() for k, v in summary["state"].unwrapped_model.state_dict().items()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class EventRecorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def run_event(self, event, state):
+        self.events.append(event)
+
+
+def test_events_fire_in_order(tiny_config):
+    recorder = EventRecorder()
+    run_training(tiny_config("max_duration=1ep", "eval_interval=1ep"), progress=False, extra_callbacks=[recorder])
+    ev = recorder.events
+    assert ev[0] == Event.INIT and ev[1] == Event.FIT_START and ev[-1] == Event.FIT_END
+    first_batch = ev[ev.index(Event.BATCH_START):ev.index(Event.BATCH_END) + 1]
+    assert first_batch == [Event.BATCH_START, Event.AFTER_FORWARD, Event.AFTER_LOSS, Event.AFTER_BACKWARD,
+                           Event.BATCH_END]
+    assert ev.count(Event.BATCH_END) == 2 and ev.count(Event.EPOCH_START) == ev.count(Event.EPOCH_END) == 1
+    # Evaluation at the epoch boundary comes before EPOCH_END, so the checkpoint sees its result.
+    assert ev.index(Event.EVAL_END) < ev.index(Event.EPOCH_END)
+
+
+def test_schedules_compose_and_resume_without_jump():
+    assert Cosine()(0, 100) == 1.0 and abs(Cosine()(100, 100)) < 1e-12 and Cosine()(50, 100) == pytest.approx(0.5)
+    assert Poly(0.9)(50, 100) == pytest.approx(0.5 ** 0.9) and Poly()(100, 100) == 0.0
+    assert LinearWarmup(10)(0, 100) == 0.0 and LinearWarmup(10)(5, 100) == 0.5 and LinearWarmup(10)(10, 100) == 1
+    schedule = ComposedSchedule([LinearWarmup(4), Cosine(), Constant(0.5)], total_batches=20)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=2.0)
+    sched = BatchScheduler(opt, schedule)
+    lrs = []
+    for _ in range(10):
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[3] == pytest.approx(2.0 * 1.0 * Cosine()(4, 20) * 0.5)
+    fresh_opt = torch.optim.SGD([param], lr=2.0)
+    resumed = BatchScheduler(fresh_opt, schedule)
+    resumed.load_state_dict(sched.state_dict())
+    assert fresh_opt.param_groups[0]["lr"] == lrs[-1]   # no learning-rate jump after resume
+
+
+def test_lr_is_logged_per_step(tiny_config, tmp_path):
+    run_training(tiny_config("max_duration=4ba", "schedulers=[{linear_warmup: {duration: 4ba}}]", "eval_interval=0ep"),
+                 progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    base = 3e-3  # configs/demo.yaml
+    assert [r["lr/group0"] for r in train] == pytest.approx([base * 0.25, base * 0.5, base * 0.75, base])
+    assert all("throughput/samples_per_sec" in r and "memory/peak_rss_gib" in r for r in train[1:])
+    assert all(0 <= r["throughput/data_wait_fraction"] <= 1 for r in train[1:])
+
+
+def test_auto_microbatch_halves_on_out_of_memory(tiny_config, tmp_path, monkeypatch):
+    """A fake OOM whenever more than one sample goes through: 'auto' must settle on 1 and match it."""
+    from unet_trainer.model import UNet
+
+    real_forward = UNet.forward
+
+    def forward(self, x):
+        if self.training and x.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(self, x)
+
+    monkeypatch.setattr(UNet, "forward", forward)
+    auto = run_training(tiny_config("max_duration=2ba", "device_train_microbatch_size=auto",
+                                    run_dir=tmp_path / "auto"), progress=False)
+    assert auto["state"].extra_state["auto_microbatch"] == 1 and auto["batch"] == 2
+    one = run_training(tiny_config("max_duration=2ba", "device_train_microbatch_size=1", run_dir=tmp_path / "one"),
+                       progress=False)
+    assert same_weights(weights(auto), weights(one))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # without auto, the error is the user's to see
+        run_training(tiny_config("max_duration=1ba", run_dir=tmp_path / "plain"), progress=False)
+
+
+def test_microbatches_accumulate_to_the_batch_gradient(tiny_config, tmp_path):
+    """With a per-sample-decomposable loss (CE only), 2 microbatches give the full batch's step."""
+    common = ("max_duration=1ba", "loss.dice_ce.dice_weight=0", "optimizer.sgd.lr=0.1", "augmentation.enabled=false")
+    full = run_training(tiny_config(*common, run_dir=tmp_path / "full"), progress=False)
+    micro = run_training(tiny_config(*common, "device_train_microbatch_size=1", run_dir=tmp_path / "micro"),
+                         progress=False)
+    a, b = weights(full), weights(micro)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_gradient_clipping_bounds_the_step(tiny_config, tmp_path):
+    start = run_training(tiny_config("max_duration=0ba", run_dir=tmp_path / "start"), progress=False)
+    clipped = run_training(tiny_config("max_duration=1ba", "optimizer.sgd.lr=1.0", "optimizer.sgd.momentum=0.0",
+                                       "optimizer.sgd.weight_decay=0.0", "optimizer.sgd.nesterov=false", "grad_clip_norm=1e-6",
+                                       run_dir=tmp_path / "clipped"), progress=False)
+    a, b = weights(start), weights(clipped)
+    change = torch.sqrt(sum(((a[k] - b[k]).float() ** 2).sum() for k in a if a[k].is_floating_point()))
+    assert 0 < change <= 1.01e-6
+
+
+def test_ema_evaluates_averaged_weights_and_resumes_exactly(tiny_config, tmp_path):
+    straight = run_training(tiny_config("max_duration=4ba", "algorithms.ema.decay=0.5", run_dir=tmp_path / "a"),
+                            progress=False)
+    ema = straight["state"].extra_state["ema"]
+    model = weights(straight)
+    assert not same_weights(ema, model)  # an average, not the weights
+    run_training(tiny_config("max_duration=2ba", "algorithms.ema.decay=0.5", run_dir=tmp_path / "b"), progress=False)
+    resumed = run_training(tiny_config("max_duration=4ba", "algorithms.ema.decay=0.5", run_dir=tmp_path / "b"),
+                           progress=False)
+    assert same_weights(resumed["state"].extra_state["ema"], ema) and same_weights(weights(resumed), model)
+
+
+def test_progress_plot_and_tensorboard_are_written(tiny_config, tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+    run_training(tiny_config("max_duration=2ep", "callbacks.tensorboard={}"), progress=False)
+    run = tmp_path / "run"
+    png = run / "progress.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_optional_package_missing_is_a_clear_error(tiny_config, monkeypatch):
+    import builtins
+
+    from unet_trainer.config import ConfigError
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    with pytest.raises(ConfigError, match=r"pip install 'unet-trainer\[tensorboard\]'"):
+        run_training(tiny_config("max_duration=1ba", "callbacks.tensorboard={}"), progress=False)
+
+
+@pytest.mark.parametrize("precision", ["amp_bf16", "amp_fp16"])
+def test_mixed_precision_trains_on_cpu(tiny_config, tmp_path, precision):
+    summary = run_training(tiny_config("max_duration=2ba", f"precision={precision}"), progress=False)
+    state = summary["state"]
+    assert summary["batch"] == 2 and (state.scaler is not None) == (precision == "amp_fp16")
+    assert all(torch.isfinite(v).all() for v in weights(summary).values() if v.is_floating_point())
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest-rank0.pt")
+    assert (saved["scaler"] is not None) == (precision == "amp_fp16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Separate processes: signals, SIGKILL, torchrun
+# ---------------------------------------------------------------------------------------------
+
+
+def train_command(cache: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "unet_trainer.cli", "train", str(ROOT / "configs" / "demo.yaml"),
+            *tiny_overrides(cache, run_dir, *extra)]
+
+
+def child_env(threads: int | None = None) -> dict:
+    """The child's environment; the same thread count as this process by default, since CPU
+    kernels reduce in a thread-dependent order and bit-exact comparisons need the same one."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads or torch.get_num_threads()))
+
+
+def wait_for(predicate, timeout: float = 120.0, process=None) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"process ended early: {process.communicate()}")
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def test_sigterm_saves_at_a_batch_boundary_and_exits_cleanly(cache_root, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_command(cache_root, run, "max_duration=500ba", "save_interval=1000ba",
+                                          "eval_interval=0ep"),
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 3, process=proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Stopped early: received SIGTERM" in out
+    saved = list_checkpoints(run / "checkpoints")
+    assert len(saved) == 1
+    state = load_checkpoint(saved[0])
+    logged = [json.loads(l)["batch"] for l in metrics.read_text().splitlines()]
+    assert state["timestamp"]["batch"] == logged[-1] >= 3 and state["timestamp"]["batch"] < 500
+
+
+def test_sigkill_after_a_checkpoint_then_resume_is_exact(cache_root, tmp_path, tiny_config):
+    """Killed with SIGKILL (no chance to clean up) after its 3rd checkpoint, the resumed run ends
+    with weights identical to an uninterrupted run."""
+    extra = ("max_duration=8ba", "save_interval=1ba", "eval_interval=0ep", "save_num_checkpoints_to_keep=-1")
+    straight = run_training(tiny_config(*extra, run_dir=tmp_path / "straight"), progress=False)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(train_command(cache_root, run, *extra), env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(list_checkpoints(run / "checkpoints")) >= 3, process=proc)
+    proc.kill()
+    proc.wait()
+    done = len(list_checkpoints(run / "checkpoints"))
+    assert done < 8, "the run finished before it could be killed"
+    resumed = run_training(tiny_config(*extra, run_dir=run), progress=False)
+    assert resumed["resumed_from"] is not None and resumed["batch"] == 8
+    assert same_weights(weights(straight), weights(resumed))
+
+
+def test_torchrun_two_processes_agree_and_write_once(cache_root, tmp_path):
+    # Prepare the data once in this process so the two ranks only read it.
+    run_training_dir = tmp_path / "warm"
+    from unet_trainer.config import resolve_config
+
+    run_training(resolve_config(ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, run_training_dir,
+                                                                                 "max_duration=0ba")), progress=False)
+    run = tmp_path / "ddp"
+    out = tmp_path / "ranks"
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port),
+               str(ROOT / "tests" / "ddp_worker.py"), str(out),
+               *tiny_overrides(cache_root, run, "max_duration=4ba", "save_interval=2ba", "eval_interval=2ba")]
+    result = subprocess.run(command, env=child_env(threads=1), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(out / "rank0.pt", weights_only=True)
+    rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert same_weights(rank0["model"], rank1["model"])
+    assert rank0["eval_history"] == rank1["eval_history"] and len(rank0["eval_history"]) == 2
+    assert rank0["batch"] == rank1["batch"] == 4 and rank0["sample"] == 8  # global batch 2 = 1 per rank
+    files = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert files == ["best-rank0.pt", "ep0-ba2-rank0.pt", "ep1-ba4-rank0.pt", "latest-rank0.pt"]
+    saved = load_checkpoint(run / "checkpoints" / "ep1-ba4-rank0.pt")
+    assert len(saved["rng_per_rank"]) == 2 and len(saved["augmenter_per_rank"]) == 2
+    assert not torch.equal(saved["augmenter_per_rank"][0]["noise_generator"],
+                           saved["augmenter_per_rank"][1]["noise_generator"])
