@@ -111,3 +111,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, mo
     latest = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest-rank0.pt")
     assert latest["timestamp"]["batch"] == 2
     assert all(torch.isfinite(v).all() for v in latest["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("config,extra", [
+    ("brats.yaml", ["data.patch_size=[16, 16, 16]"]),
+    ("brats-2d.yaml", ["data.patch_size=[1, 16, 16]"]),
+])
+def test_shipped_brats_configs_train(cache_root, tmp_path, config, extra):
+    """The shipped BraTS presets (3D DLE net, Composer's 2D residual net) train end to end, shrunk
+    only in width and size, on the phantom."""
+    from tests.conftest import ROOT
+    from unet_trainer.config import resolve_config
+
+    overrides = [f"data.cache_dir={cache_root}", f"save_folder={tmp_path / 'run'}", "data.path=null",
+                 "data.phantom.cases=6", "data.phantom.shape=[24, 24, 24]", "data.num_folds=3",
+                 "data.num_workers=0", "model.filters=[4, 8, 8]", "model.kernel_sizes=[3, 3, 3]",
+                 "model.strides=[1, 2, 2]", "train_batch_size=2", "device_train_microbatch_size=null",
+                 "max_duration=2ba", "device=cpu", *extra]
+    cfg = resolve_config(ROOT / "configs" / config, overrides)
+    summary = run_training(cfg, progress=False)
+    model = summary["state"].unwrapped_model
+    assert summary["batch"] == 2 and 0.0 <= summary["final_eval"]["dice/mean"] <= 1.0
+    conv = torch.nn.Conv2d if cfg["model"]["spatial_dims"] == 2 else torch.nn.Conv3d
+    assert any(isinstance(m, conv) for m in model.modules())
+    if config == "brats-2d.yaml":
+        assert cfg["model"]["residual"] and cfg["model"]["norm"] == "batch"
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
