@@ -296,3 +296,26 @@ def test_load_weights_only_fine_tunes_from_fresh_counters(tiny_config, tmp_path)
                                      run_dir=tmp_path / "tuned"), progress=False)
     assert tuned["batch"] == 0 and same_weights(weights(tuned), weights(source))
     assert tuned["state"].optimizer.state_dict()["state"] == {}       # fresh optimizer, fresh schedule
+
+
+def test_speed_algorithms_are_applied_at_init(tiny_config, monkeypatch):
+    from unet_trainer.model import UNet
+
+    compiled = {}
+    monkeypatch.setattr(UNet, "compile", lambda self, **kwargs: compiled.update(kwargs), raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    summary = run_training(tiny_config("max_duration=1ba", "algorithms.compile.mode=max-autotune",
+                                       "algorithms.cudnn_benchmark={}", "algorithms.channels_last={}"),
+                           progress=False)
+    assert compiled == {"mode": "max-autotune"} and torch.backends.cudnn.benchmark is True
+    weight = next(p for p in summary["state"].unwrapped_model.parameters() if p.ndim == 5)
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.skipif(os.environ.get("UNET_TEST_COMPILE") != "1", reason="compiling takes ~30 s on CPU; UNET_TEST_COMPILE=1")
+def test_compiled_training_matches_eager(tiny_config, tmp_path):
+    eager = run_training(tiny_config("max_duration=2ba", run_dir=tmp_path / "eager"), progress=False)
+    compiled = run_training(tiny_config("max_duration=2ba", "algorithms.compile={}", run_dir=tmp_path / "c"),
+                            progress=False)
+    a, b = weights(eager), weights(compiled)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

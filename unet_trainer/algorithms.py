@@ -69,3 +69,28 @@ class EMA(Algorithm):
         elif event == Event.EVAL_END and self._backup is not None:
             state.unwrapped_model.load_state_dict(self._backup)
             self._backup = None
+
+
+class Compile(Algorithm):
+    """``torch.compile`` the model's forward in place at init (``nn.Module.compile``), so the
+    module, its state-dict keys and a DDP wrapper around it stay as they are."""
+
+    def __init__(self, mode: str = "default"):
+        self.mode = mode
+
+    def match(self, event: Event, state: State) -> bool:
+        return event == Event.INIT
+
+    def apply(self, event: Event, state: State) -> None:
+        state.unwrapped_model.compile(mode=self.mode)
+
+
+class CudnnBenchmark(Algorithm):
+    """Turn on ``torch.backends.cudnn.benchmark`` at init: fixed patch sizes make the one-off
+    autotuning per shape pay for itself within a few steps."""
+
+    def match(self, event: Event, state: State) -> bool:
+        return event == Event.INIT
+
+    def apply(self, event: Event, state: State) -> None:
+        torch.backends.cudnn.benchmark = True

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import callbacks as cb
-from .algorithms import EMA, ChannelsLast
+from .algorithms import EMA, ChannelsLast, Compile, CudnnBenchmark
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_rng_state
 from .config import ConfigError, Duration, config_differences, dump_config
 from .data.formats import DataFormatError
@@ -207,6 +207,10 @@ def build_algorithms(cfg: dict) -> list[Algorithm]:
             algorithms.append(ChannelsLast())
         elif name == "ema":
             algorithms.append(EMA(settings["decay"]))
+        elif name == "compile":
+            algorithms.append(Compile(settings["mode"]))
+        elif name == "cudnn_benchmark":
+            algorithms.append(CudnnBenchmark())
     return algorithms
 
 

@@ -218,6 +218,10 @@ ALGORITHMS: dict[str, dict[str, Field]] = {
     "channels_last": {},
     # Exponential moving average of the weights, used for evaluation and saved in checkpoints.
     "ema": {"decay": F("float", 0.999, minimum=0.0, maximum=1.0)},
+    # torch.compile of the model's forward, in place (checkpoints keep their plain keys).
+    "compile": {"mode": F("str", "default", choices=("default", "reduce-overhead", "max-autotune"))},
+    # Let cuDNN time its convolution algorithms once per input shape and keep the fastest.
+    "cudnn_benchmark": {},
 }
 
 MODEL_FIELDS: dict[str, Field] = {
