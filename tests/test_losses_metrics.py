@@ -145,3 +145,24 @@ def test_2d_model_runs_slice_by_slice():
     with torch.no_grad():
         direct = torch.stack([conv(image[:, z][None])[0] for z in range(5)], dim=1)
     assert out.shape == (3, 5, 20, 18) and torch.allclose(out, direct, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy,ignore_empty", [("one_if_both_empty", False), ("ignore", True)])
+def test_case_dice_from_one_histogram_equals_monai_per_structure(policy, ignore_empty):
+    g = torch.Generator().manual_seed(4)
+    structures = {"NCR": (1,), "ED": (2,), "EN": (3,), "WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+    pairs = [(torch.randint(0, 4, (9, 10, 11), generator=g, dtype=torch.uint8),
+              torch.randint(0, 4, (9, 10, 11), generator=g, dtype=torch.uint8)) for _ in range(3)]
+    no_tumour = torch.zeros(6, 6, 6, dtype=torch.uint8)
+    enhancing_only = no_tumour.clone()
+    enhancing_only[2:4, 2:4, 2:4] = 3
+    pairs += [(no_tumour, no_tumour), (enhancing_only, no_tumour), (no_tumour, enhancing_only)]
+    for pred, truth in pairs:
+        scores = case_dice(pred, truth, policy)
+        for name, members in structures.items():
+            p, t = torch.isin(pred, torch.tensor(members)), torch.isin(truth, torch.tensor(members))
+            ref = monai_dice(p, t, ignore_empty)
+            assert (math.isnan(scores[name]) and math.isnan(ref)) or scores[name] == pytest.approx(ref, abs=1e-6), name
+            assert (math.isnan(scores[name]) and math.isnan(dice(p, t, policy))) or scores[name] == dice(p, t, policy)
+    with pytest.raises(ValueError, match="differ in shape"):
+        case_dice(no_tumour, no_tumour[:5])

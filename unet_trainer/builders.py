@@ -319,7 +319,7 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
         sw_batch_size=cfg["eval"]["sw_batch_size"], gaussian=cfg["eval"]["gaussian"],
         mirror=cfg["eval"]["mirror_tta"], empty_policy=cfg["eval"]["empty_policy"], amp_dtype=amp_dtype,
         device=device, rank=dist_info.rank, world_size=dist_info.world_size,
-        cases_csv=run_dir / "eval_cases.csv") if split["val"] else None
+        cases_csv=run_dir / "eval_cases.csv", hd95=cfg["eval"]["hd95"]) if split["val"] else None
 
     state = State(
         model=trained_model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, train_loader=loader,

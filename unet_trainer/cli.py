@@ -1,4 +1,4 @@
-"""Command-line entry points: ``unet-train`` and ``unet-data``.
+"""Command-line entry points: ``unet-train``, ``unet-data``, ``unet-eval`` and ``unet-predict``.
 
 Every expected failure (a bad config, bad data, an unreadable checkpoint, a diverged loss) ends
 with one line on stderr and a non-zero exit status, never a traceback.
@@ -128,13 +128,179 @@ def data_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+EVAL_USAGE = """usage: unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV] [--no-progress]
+
+Score a checkpoint of unet-train: Dice per BraTS region (WT, TC, ET) and their mean, Dice per label
+(NCR, ED, EN), and HD95 per region with eval.hd95=true. Prints a table and writes one row per case
+to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv).
+
+  CHECKPOINT         a checkpoint, e.g. runs/demo/checkpoints/best-rank0.pt
+  OVERRIDES          config overrides on the checkpoint's own config, e.g. eval.empty_policy=ignore
+                     eval.hd95=true eval.mirror_tta=true data.fold=1 device=cpu precision=fp32
+  --dataset PATH     every labelled case of this raw dataset (any layout) instead of the
+                     validation fold of the checkpoint's config
+  --format FMT       layout of --dataset: auto (default), msd, brats2021, brats2023, dle
+  --out CSV          where to write the per-case scores
+  --no-progress      no progress bars
+  -h, --help         show this help
+"""
+
+PREDICT_USAGE = """usage: unet-predict CHECKPOINT INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities] [--no-progress]
+
+Segment every case of INPUT (raw cases in any supported layout, labels not needed) with a
+checkpoint of unet-train and write OUTPUT/<case>.nii.gz: uint8 labels with the case's original
+shape and affine, in the input's label convention (BraTS 2021: 0/1/2/4; BraTS 2023: 0/1/2/3;
+MSD and DLE: MSD's 0/1/2/3). A case that cannot be read or does not fit the model is reported in
+one line and skipped; the exit status is then 1.
+
+  OVERRIDES          config overrides, e.g. eval.mirror_tta=true eval.overlap=0.5 device=cpu precision=fp32
+  --format FMT       layout of INPUT: auto (default), msd, brats2021, brats2023, dle
+  --probabilities    also write OUTPUT/<case>_probabilities.nii.gz (float32, x, y, z, class)
+  --no-progress      no progress bar
+  -h, --help         show this help
+"""
+
+_FORMAT_CHOICES = ("auto", "msd", "brats2021", "brats2023", "dle")
+_EMPTY_POLICY_TEXT = {
+    "one_if_both_empty": "a structure absent from the ground truth scores 1 if the prediction is empty too, "
+                         "else 0 (Composer/DLE); every case counts",
+    "ignore": "a structure absent from the ground truth scores NaN and is left out of its mean "
+              "(MONAI ignore_empty=True)",
+}
+
+
+def _split_command_line(args: list[str], positional: int, value_flags: tuple[str, ...],
+                        switch_flags: tuple[str, ...]) -> tuple[list[str], dict, list[str]]:
+    """Split arguments into positionals (the first ``positional`` plain words), our flags and
+    config overrides (``key=value``, ``--key value``, ``--key=value``).
+
+    Raises:
+        ConfigError: a flag without its value, or missing positionals.
+    """
+    positionals: list[str] = []
+    flags: dict = {name: False for name in switch_flags}
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if name in value_flags:
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"command line: {name} needs a value")
+                value = args[i + 1]
+                i += 1
+            flags[name] = value
+        elif arg in switch_flags:
+            flags[arg] = True
+        elif len(positionals) < positional and not arg.startswith("-"):
+            positionals.append(arg)
+        elif arg.startswith("--") and not eq and i + 1 < len(args):
+            overrides += [arg, args[i + 1]]  # --key value
+            i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    if len(positionals) < positional:
+        raise ConfigError(f"command line: expected {positional} path argument(s) first, got {len(positionals)}")
+    return positionals, flags, overrides
+
+
+def _format_eval(report) -> str:
+    means, counts = report.means, report.counts
+    hd95 = any(k.startswith("hd95/") for k in means)
+    loaded = report.loaded
+
+    def number(value: float | None, digits: int) -> str:
+        return "-" if value is None else ("nan" if math.isnan(value) else f"{value:.{digits}f}")
+
+    lines = [
+        f"Checkpoint: {loaded.checkpoint} ({loaded.weights} weights)",
+        f"Scored:     {report.source}",
+        f"Empty ground truth ({report.empty_policy}): {_EMPTY_POLICY_TEXT[report.empty_policy]}",
+    ]
+    if hd95:
+        lines.append("HD95: 95th-percentile Hausdorff distance in mm (prepared spacing); NaN and left out of the "
+                     "mean where a region is empty in the prediction or the ground truth")
+    header = f"{'':<10}{'Dice':>8}{'cases':>7}" + (f"{'HD95 mm':>10}{'cases':>7}" if hd95 else "")
+    lines += ["", header]
+    for key, title in (("WT", "WT"), ("TC", "TC"), ("ET", "ET"), ("mean", "mean"),
+                       ("NCR", "NCR (1)"), ("ED", "ED (2)"), ("EN", "EN (3)")):
+        row = f"{title:<10}{number(means.get(key), 4):>8}{counts.get(key, 0):>7}"
+        if hd95:
+            hd_key = f"hd95/{key}"
+            row += f"{number(means.get(hd_key), 2):>10}{counts[hd_key] if hd_key in counts else '-':>7}"
+        lines.append(row)
+    lines += ["", f"Per-case scores: {report.csv_path}"]
+    return "\n".join(lines)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """``unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV]``; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or "-h" in args or "--help" in args:
+        print(EVAL_USAGE)
+        return 0 if args else 2
+    try:
+        (checkpoint,), flags, overrides = _split_command_line(args, 1, ("--dataset", "--format", "--out"),
+                                                               ("--no-progress",))
+        fmt = flags.get("--format") or "auto"
+        if fmt not in _FORMAT_CHOICES:
+            return _fail(f"command line: --format {fmt!r} is not one of {', '.join(_FORMAT_CHOICES)}", 2)
+        from .predict import evaluate_checkpoint  # imported here so --help and usage errors stay fast
+
+        dataset = flags.get("--dataset")
+        out = flags.get("--out")
+        report = evaluate_checkpoint(Path(checkpoint), overrides, Path(dataset) if dataset else None, fmt,
+                                     Path(out) if out else None, progress=not flags["--no-progress"])
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    except (DataFormatError, CheckpointError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    print(_format_eval(report))
+    return 0
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    """``unet-predict CHECKPOINT INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities]``; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or "-h" in args or "--help" in args:
+        print(PREDICT_USAGE)
+        return 0 if args else 2
+    try:
+        (checkpoint, source, output), flags, overrides = _split_command_line(
+            args, 3, ("--format",), ("--probabilities", "--no-progress"))
+        fmt = flags.get("--format") or "auto"
+        if fmt not in _FORMAT_CHOICES:
+            return _fail(f"command line: --format {fmt!r} is not one of {', '.join(_FORMAT_CHOICES)}", 2)
+        from .predict import predict_dataset
+
+        summary = predict_dataset(Path(checkpoint), Path(source), Path(output), fmt, overrides,
+                                  probabilities=flags["--probabilities"], progress=not flags["--no-progress"])
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    except (DataFormatError, CheckpointError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    files = sum(len(paths) for paths in summary.written.values())
+    line = f"Wrote {len(summary.written)} segmentation(s) ({files} files) to {output}"
+    if summary.failed:
+        print(f"{line}; {len(summary.failed)} case(s) failed: {', '.join(sorted(summary.failed))}", file=sys.stderr)
+        return 1
+    print(line)
+    return 0
+
+
 def main() -> int:
-    """``python -m unet_trainer.cli train|data ...`` (handy under torchrun)."""
-    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "data"):
-        print("usage: python -m unet_trainer.cli {train,data} ...", file=sys.stderr)
+    """``python -m unet_trainer.cli train|data|eval|predict ...`` (handy under torchrun)."""
+    commands = {"train": train_main, "data": data_main, "eval": eval_main, "predict": predict_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print("usage: python -m unet_trainer.cli {train,data,eval,predict} ...", file=sys.stderr)
         return 2
-    command, rest = sys.argv[1], sys.argv[2:]
-    return train_main(rest) if command == "train" else data_main(rest)
+    return commands[sys.argv[1]](sys.argv[2:])
 
 
 if __name__ == "__main__":

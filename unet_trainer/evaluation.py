@@ -1,5 +1,6 @@
-"""The Dice evaluator used during training: sliding-window prediction over whole prepared
-validation volumes, Dice per label and per BraTS region, reduced across ranks, and a per-case CSV.
+"""The Dice evaluator used during training (every ``eval_interval``) and by ``unet-eval``:
+sliding-window prediction over whole prepared validation volumes, Dice per label and per BraTS
+region (optionally HD95 per region), gathered across ranks, and a per-case CSV.
 """
 
 from __future__ import annotations
@@ -10,18 +11,43 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .data.loader import PreparedCase
 from .distributed import all_gather_objects
 from .inference import predict_volume
-from .metrics import case_dice, mean_scores, regions_to_labels
+from .metrics import case_dice, case_hd95, mean_scores, regions_to_labels
 
 
 def logits_to_labels(logits: torch.Tensor, region_mode: bool) -> torch.Tensor:
-    """(K, *S) logits -> canonical labels (*S): argmax over classes, or thresholded sigmoid regions."""
+    """(K, *S) logits -> canonical labels (*S) uint8: argmax over classes, or thresholded sigmoid
+    regions (WT, TC, ET) nested as nnU-Net does."""
     if region_mode:
         return regions_to_labels(torch.sigmoid(logits)[None])[0]
     return logits.argmax(0).to(torch.uint8)
+
+
+def logits_to_probabilities(logits: torch.Tensor, region_mode: bool) -> torch.Tensor:
+    """(K, *S) logits -> float32 probabilities (K, *S): softmax over classes, or per-region sigmoid."""
+    return torch.sigmoid(logits) if region_mode else torch.softmax(logits, dim=0)
+
+
+def probabilities_to_labels(probs: torch.Tensor, region_mode: bool) -> torch.Tensor:
+    """(K, *S) probabilities -> canonical labels (*S) uint8; the same labels
+    :func:`logits_to_labels` gives for the logits they came from."""
+    if region_mode:
+        return regions_to_labels(probs[None])[0]
+    return probs.argmax(0).to(torch.uint8)
+
+
+def write_cases_csv(path: Path, rows: Sequence[dict]) -> None:
+    """Per-case rows (``case_id`` then the score keys) as CSV; NaN written as ``nan``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class DiceEvaluator:
@@ -38,12 +64,19 @@ class DiceEvaluator:
         empty_policy: see :mod:`unet_trainer.metrics`.
         amp_dtype: autocast dtype or None.
         cases_csv: where rank 0 writes the per-case scores of the latest evaluation (or None).
+        hd95: also the 95th-percentile Hausdorff distance per region (``hd95/WT`` ...; in mm of the
+            prepared spacing; NaN for a region empty in prediction or truth, left out of means).
+        progress: a progress bar over this rank's cases (for ``unet-eval``).
+
+    Scores per case: Dice keys NCR, ED, EN, WT, TC, ET, mean (plus hd95/WT, hd95/TC, hd95/ET);
+    :meth:`__call__` reports them as ``dice/<key>`` and ``hd95/<region>``.
     """
 
     def __init__(self, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int], spatial_dims: int,
                  num_outputs: int, region_mode: bool, overlap: float, sw_batch_size: int, gaussian: bool,
                  mirror: bool, empty_policy: str, amp_dtype: torch.dtype | None, device: torch.device,
-                 rank: int = 0, world_size: int = 1, cases_csv: Path | None = None):
+                 rank: int = 0, world_size: int = 1, cases_csv: Path | None = None, hd95: bool = False,
+                 progress: bool = False):
         self.folder = Path(folder)
         self.case_ids = list(case_ids)
         self.patch_size, self.spatial_dims = tuple(patch_size), spatial_dims
@@ -52,19 +85,29 @@ class DiceEvaluator:
         self.empty_policy, self.amp_dtype, self.device = empty_policy, amp_dtype, device
         self.rank, self.world_size = rank, world_size
         self.cases_csv = cases_csv
+        self.hd95, self.progress = hd95, progress
         self.last_per_case: list[dict] = []
+
+    def score_case(self, model: torch.nn.Module, case_id: str) -> dict:
+        """The score row of one prepared case: {"case_id", Dice keys[, hd95 keys]}."""
+        case = PreparedCase(self.folder, case_id)
+        image = torch.from_numpy(np.array(case.image)).to(self.device)  # copy: the memmap is read-only
+        label = torch.from_numpy(np.array(case.label)).to(self.device)
+        logits = predict_volume(model, image, self.patch_size, self.spatial_dims, self.num_outputs,
+                                self.overlap, self.sw_batch_size, self.gaussian, self.amp_dtype, self.mirror)
+        pred = logits_to_labels(logits, self.region_mode)
+        del logits  # K float32 volumes; free them before the (CPU-heavy) HD95
+        row = {"case_id": case_id, **case_dice(pred, label, self.empty_policy)}
+        if self.hd95:
+            row.update(case_hd95(pred, label, case.meta.get("spacing")))
+        return row
 
     def score_model(self, model: torch.nn.Module) -> tuple[dict[str, float], list[dict]]:
         """Mean scores over all validation cases and the per-case rows (all ranks gathered)."""
-        mine = []
-        for case_id in self.case_ids[self.rank::self.world_size]:
-            case = PreparedCase(self.folder, case_id)
-            image = torch.from_numpy(np.array(case.image)).to(self.device)  # copy: the memmap is read-only
-            label = torch.from_numpy(np.array(case.label)).to(self.device)
-            logits = predict_volume(model, image, self.patch_size, self.spatial_dims, self.num_outputs,
-                                    self.overlap, self.sw_batch_size, self.gaussian, self.amp_dtype, self.mirror)
-            scores = case_dice(logits_to_labels(logits, self.region_mode), label, self.empty_policy)
-            mine.append({"case_id": case_id, **scores})
+        mine_ids = self.case_ids[self.rank::self.world_size]
+        mine = [self.score_case(model, case_id)
+                for case_id in tqdm(mine_ids, desc="evaluate", unit="case",
+                                     disable=None if self.progress else True)]
         per_case = sorted((row for rows in all_gather_objects(mine) for row in rows), key=lambda r: r["case_id"])
         means = mean_scores([{k: v for k, v in r.items() if k != "case_id"} for r in per_case])
         return means, per_case
@@ -73,9 +116,5 @@ class DiceEvaluator:
         means, per_case = self.score_model(state.unwrapped_model)
         self.last_per_case = per_case
         if self.cases_csv is not None and self.rank == 0 and per_case:
-            self.cases_csv.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.cases_csv, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(per_case[0]))
-                writer.writeheader()
-                writer.writerows(per_case)
-        return {f"dice/{k}": v for k, v in means.items()}
+            write_cases_csv(self.cases_csv, per_case)
+        return {(k if k.startswith("hd95/") else f"dice/{k}"): v for k, v in means.items()}

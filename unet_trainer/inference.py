@@ -3,12 +3,28 @@
 Windows of the patch size tile the volume with the given overlap (nnU-Net's default 0.5), each
 window's logits are weighted by a Gaussian importance map (sigma = 1/8 of the window, so voxels
 near a window's border, which see less context, count less) and accumulated; optional mirroring
-test-time augmentation averages over every flip of the spatial axes. A 2D model is run slice by
-slice over the first spatial axis.
+test-time augmentation averages over every flip of the spatial axes (8 in 3D, 4 in 2D).
+
+A 2D model is run over the volume slice by slice, but never one slice per forward pass: the
+in-plane windows of consecutive slices are stacked into window batches of ``sw_batch_size``.
+
+Speed notes (what the loop does and does not do on a GPU):
+
+* the importance map is built once per (window, mode, device) and cached;
+* windows are cut by slicing (views) and stacked, one copy per batch; results are accumulated
+  with one fused ``addcmul_`` per window into a float32 buffer; nothing in the loop reads a value
+  back to the host, so the CPU only queues kernels and never waits for the GPU;
+* under AMP the model runs in autocast and the accumulation stays float32;
+* every tensor is created on the image's device.
+
+A model whose output is smaller than its input (unpadded "valid" convolutions) is supported by
+``output_window``: the output of a window is its centred ``output_window`` part, and the volume
+is zero-padded by the margin so every voxel is covered by some window's output.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from contextlib import nullcontext
@@ -35,7 +51,7 @@ def gaussian_importance(window: Sequence[int], sigma_scale: float = 0.125, devic
     """A separable Gaussian importance map over the window, peak 1, floor at a small positive value.
 
     Returns:
-        float32 (*window).
+        float32 (*window), a new tensor.
     """
     axes = []
     for n in window:
@@ -50,21 +66,90 @@ def gaussian_importance(window: Sequence[int], sigma_scale: float = 0.125, devic
     return weight.clamp_min(1e-3)
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_importance(window: tuple[int, ...], gaussian: bool, device: torch.device) -> torch.Tensor:
+    # Read-only by convention: the loop below only reads it. A 128^3 map is 8 MiB, so a handful
+    # of cached (window, device) pairs cost nothing next to the volumes.
+    if gaussian:
+        return gaussian_importance(window, device=device)
+    return torch.ones(window, dtype=torch.float32, device=device)
+
+
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     if amp_dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+def _flip_sets(first_dim: int, count: int, mirror: bool) -> list[tuple[int, ...]]:
+    """Every subset of the ``count`` spatial dims starting at ``first_dim`` (2^count flips), or
+    just the identity without mirroring."""
+    if not mirror:
+        return [()]
+    dims = list(range(first_dim, first_dim + count))
+    return [c for r in range(count + 1) for c in itertools.combinations(dims, r)]
+
+
+def _run_windows(predict: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
+                 flips: list[tuple[int, ...]], amp_dtype: torch.dtype | None, num_outputs: int,
+                 output_window: tuple[int, ...]) -> torch.Tensor:
+    """Logits (N, K, *output_window) of a window batch (N, C, *window), averaged over ``flips``.
+
+    The result keeps the model's dtype (bf16 under AMP) without flips; the flip average is float32.
+
+    Raises:
+        ValueError: the model's output does not have the expected shape (checked on shapes only,
+            no device synchronisation).
+    """
+    with _autocast(batch.device, amp_dtype):
+        out = None
+        for flip in flips:
+            y = predict(batch.flip(flip) if flip else batch)
+            expected = (batch.shape[0], num_outputs) + output_window
+            if tuple(y.shape) != expected:
+                raise ValueError(f"the model returned {tuple(y.shape)} for windows {tuple(batch.shape)}; expected "
+                                 f"{expected} (num_outputs / output_window do not match the model)")
+            if len(flips) == 1:
+                return y
+            y = (y.flip(flip) if flip else y).float()
+            out = y if out is None else out.add_(y)
+    return out.div_(len(flips))
+
+
+def _padding(spatial: Sequence[int], window: Sequence[int], output_window: Sequence[int]):
+    """Per axis: (fit_before, fit_after) that grow the volume to at least the output window, and
+    (margin_before, margin_after) of input context around an output window."""
+    fit = [max(o - s, 0) for s, o in zip(spatial, output_window)]
+    fit_pairs = [(f // 2, f - f // 2) for f in fit]
+    margins = [((w - o) // 2, w - o - (w - o) // 2) for w, o in zip(window, output_window)]
+    return fit_pairs, margins
+
+
+def _pad_last_axes(x: torch.Tensor, before_after: Sequence[tuple[int, int]]) -> torch.Tensor:
+    if not any(a or b for a, b in before_after):
+        return x
+    pad_arg: list[int] = []
+    for before, after in reversed(list(before_after)):
+        pad_arg += [before, after]
+    return F.pad(x, pad_arg)
+
+
+def _check_windows(window: tuple[int, ...], output_window: tuple[int, ...]) -> None:
+    if len(output_window) != len(window) or any(o < 1 or o > w for o, w in zip(output_window, window)):
+        raise ValueError(f"output_window {list(output_window)} must have one size per axis of window "
+                         f"{list(window)}, each between 1 and the window size")
+
+
 @torch.no_grad()
 def sliding_window_logits(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
                           window: Sequence[int], num_outputs: int, overlap: float = 0.5,
                           sw_batch_size: int = 4, gaussian: bool = True,
-                          amp_dtype: torch.dtype | None = None, mirror: bool = False) -> torch.Tensor:
+                          amp_dtype: torch.dtype | None = None, mirror: bool = False,
+                          output_window: Sequence[int] | None = None) -> torch.Tensor:
     """Blend window predictions over a whole image.
 
     Args:
-        predict: maps a batch of windows (N, C, *window) to logits (N, K, *window).
+        predict: maps a batch of windows (N, C, *window) to logits (N, K, *output_window).
         image: (C, *S) on the compute device; S smaller than the window is zero-padded.
         window: spatial window size (len(S) entries).
         num_outputs: K.
@@ -73,48 +158,137 @@ def sliding_window_logits(predict: Callable[[torch.Tensor], torch.Tensor], image
         gaussian: Gaussian importance weighting, else uniform.
         amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for full precision.
         mirror: average over all 2^d flips of the spatial axes (test-time augmentation).
+        output_window: spatial size of the model's output for one window when it is smaller than
+            the window (valid convolutions; the output is the window's centred part); None when
+            the output has the window's size.
 
     Returns:
         float32 logits (K, *S) on the image's device.
+
+    Raises:
+        ValueError: inconsistent window sizes, or a model output of an unexpected shape.
     """
     device = image.device
     spatial = tuple(image.shape[1:])
     window = tuple(int(w) for w in window)
-    pads = [max(w - s, 0) for s, w in zip(spatial, window)]
-    if any(pads):
-        pad_arg = []
-        for p in reversed(pads):
-            pad_arg += [p // 2, p - p // 2]
-        image = F.pad(image, pad_arg)
-    padded = tuple(image.shape[1:])
-    weight = gaussian_importance(window, device=device) if gaussian else torch.ones(window, device=device)
-    logits = torch.zeros((num_outputs,) + padded, dtype=torch.float32, device=device)
-    norm = torch.zeros(padded, dtype=torch.float32, device=device)
-    starts = list(itertools.product(*[window_starts(s, w, overlap) for s, w in zip(padded, window)]))
-    flips = [()]
-    if mirror:
-        dims = list(range(2, 2 + len(window)))
-        flips = [c for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
+    output_window = window if output_window is None else tuple(int(o) for o in output_window)
+    _check_windows(window, output_window)
+    fit, margins = _padding(spatial, window, output_window)
+    # Accumulator coordinates: the volume grown to at least one output window. The input is further
+    # padded by the context margins, so the window whose output starts at t starts at t in it.
+    acc_shape = tuple(s + a + b for s, (a, b) in zip(spatial, fit))
+    image = _pad_last_axes(image, [(fa + ma, fb + mb) for (fa, fb), (ma, mb) in zip(fit, margins)])
+    weight = _cached_importance(output_window, gaussian, device)
+    logits = torch.zeros((num_outputs,) + acc_shape, dtype=torch.float32, device=device)
+    norm = torch.zeros(acc_shape, dtype=torch.float32, device=device)
+    starts = list(itertools.product(*[window_starts(n, o, overlap) for n, o in zip(acc_shape, output_window)]))
+    flips = _flip_sets(2, len(window), mirror)
     for first in range(0, len(starts), sw_batch_size):
         chunk = starts[first:first + sw_batch_size]
-        slices = [tuple(slice(s, s + w) for s, w in zip(start, window)) for start in chunk]
-        batch = torch.stack([image[(slice(None),) + sl] for sl in slices])
-        with _autocast(device, amp_dtype):
-            out = None
-            for flip in flips:
-                x = batch.flip(flip) if flip else batch
-                y = predict(x)
-                y = (y.flip(flip) if flip else y).float()
-                out = y if out is None else out + y
-        out = out / len(flips)
-        for sl, pred in zip(slices, out):
-            logits[(slice(None),) + sl] += pred * weight
-            norm[sl] += weight
+        batch = torch.stack([image[(slice(None),) + tuple(slice(s, s + w) for s, w in zip(start, window))]
+                             for start in chunk])
+        out = _run_windows(predict, batch, flips, amp_dtype, num_outputs, output_window)
+        for start, pred in zip(chunk, out):
+            region = tuple(slice(s, s + o) for s, o in zip(start, output_window))
+            logits[(slice(None),) + region].addcmul_(pred, weight)
+            norm[region] += weight
     logits /= norm
-    if any(pads):
-        crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, spatial))
+    if any(a or b for a, b in fit):
+        crop = tuple(slice(a, a + s) for (a, _), s in zip(fit, spatial))
         logits = logits[(slice(None),) + crop]
     return logits
+
+
+@torch.no_grad()
+def sliding_window_slices(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+                          window: Sequence[int], num_outputs: int, overlap: float = 0.5,
+                          sw_batch_size: int = 4, gaussian: bool = True,
+                          amp_dtype: torch.dtype | None = None, mirror: bool = False,
+                          output_window: Sequence[int] | None = None) -> torch.Tensor:
+    """A 2D model over a volume, slice by slice along the first spatial axis, windows batched
+    across slices.
+
+    Every slice is tiled in-plane exactly as :func:`sliding_window_logits` tiles a 2D image. The
+    windows are ordered by in-plane position, then slice, and cut into batches of
+    ``sw_batch_size``; within a batch, windows at the same in-plane position on consecutive slices
+    are one strided view of the volume, cut and accumulated with one operation.
+
+    Args:
+        predict: maps (N, C, wy, wx) to logits (N, K, *output_window).
+        image: (C, Z, Y, X) on the compute device.
+        window: in-plane window (wy, wx).
+        mirror: average over the 4 flips of the two in-plane axes.
+        Others: as :func:`sliding_window_logits`.
+
+    Returns:
+        float32 logits (K, Z, Y, X) on the image's device; equal (up to float rounding) to running
+        :func:`sliding_window_logits` on each slice ``image[:, z]``.
+
+    Raises:
+        ValueError: as :func:`sliding_window_logits`.
+    """
+    device = image.device
+    depth = image.shape[1]
+    plane = tuple(image.shape[2:])
+    window = tuple(int(w) for w in window)
+    output_window = window if output_window is None else tuple(int(o) for o in output_window)
+    _check_windows(window, output_window)
+    fit, margins = _padding(plane, window, output_window)
+    acc_plane = tuple(s + a + b for s, (a, b) in zip(plane, fit))
+    image = _pad_last_axes(image, [(fa + ma, fb + mb) for (fa, fb), (ma, mb) in zip(fit, margins)])
+    weight = _cached_importance(output_window, gaussian, device)
+    logits = torch.zeros((num_outputs, depth) + acc_plane, dtype=torch.float32, device=device)
+    # Every slice is tiled identically, so the weight sum is one in-plane map for all slices.
+    norm = torch.zeros(acc_plane, dtype=torch.float32, device=device)
+    in_plane = list(itertools.product(*[window_starts(n, o, overlap) for n, o in zip(acc_plane, output_window)]))
+    for start in in_plane:
+        norm[tuple(slice(s, s + o) for s, o in zip(start, output_window))] += weight
+    windows = [(start, z) for start in in_plane for z in range(depth)]
+    flips = _flip_sets(2, 2, mirror)
+    for first in range(0, len(windows), sw_batch_size):
+        chunk = windows[first:first + sw_batch_size]
+        # Runs of one in-plane position on consecutive slices: (start, z0, z1).
+        runs: list[list] = []
+        for start, z in chunk:
+            if runs and runs[-1][0] == start and runs[-1][2] == z:
+                runs[-1][2] = z + 1
+            else:
+                runs.append([start, z, z + 1])
+        parts = [image[(slice(None), slice(z0, z1)) + tuple(slice(s, s + w) for s, w in zip(start, window))]
+                 .transpose(0, 1) for start, z0, z1 in runs]
+        batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = _run_windows(predict, batch, flips, amp_dtype, num_outputs, output_window)
+        row = 0
+        for start, z0, z1 in runs:
+            region = (slice(None), slice(z0, z1)) + tuple(slice(s, s + o) for s, o in zip(start, output_window))
+            logits[region].addcmul_(out[row:row + z1 - z0].transpose(0, 1), weight)
+            row += z1 - z0
+    logits /= norm
+    if any(a or b for a, b in fit):
+        crop = tuple(slice(a, a + s) for (a, _), s in zip(fit, plane))
+        logits = logits[(slice(None), slice(None)) + crop]
+    return logits
+
+
+def model_output_window(model: Callable, window: Sequence[int]) -> tuple[int, ...] | None:
+    """The output size of ``model`` for one window when the model can say (``UNet.output_size``)
+    and it is the smaller, centred output of unpadded ("valid") convolutions; None when the
+    output has the window's size (or the model cannot say, in which case the same size is assumed).
+
+    Raises:
+        ValueError: the window does not fit the model's strides (the model's own one-line message),
+            or a padded model whose output is not at the window's resolution (e.g. ``strides[0] > 1``).
+    """
+    output_size = getattr(model, "output_size", None)
+    if not callable(output_size):
+        return None
+    out = tuple(int(n) for n in output_size(tuple(window)))
+    if out == tuple(window):
+        return None
+    if getattr(model, "padding", None) != "valid":
+        raise ValueError(f"the model maps a {list(window)} window to {list(out)}: sliding-window inference needs "
+                         "logits at the input's resolution (strides[0] = 1)")
+    return out
 
 
 @torch.no_grad()
@@ -124,17 +298,24 @@ def predict_volume(model: torch.nn.Module, image: torch.Tensor, patch_size: Sequ
     """Logits for a whole prepared volume, with a 3D model or slice by slice with a 2D one.
 
     Args:
-        model: in eval mode, returning logits (N, K, *window).
+        model: in eval mode, returning logits (N, K, *window) (or a centred smaller output for a
+            valid-padding :class:`~unet_trainer.model.UNet`, found with ``model.output_size``).
         image: (C, Z, Y, X) on the model's device.
         patch_size: the training patch (Z, Y, X); for 2D models (1, Y, X).
+        spatial_dims: 3, or 2 for slice-by-slice prediction (windows batched across slices).
+        num_outputs: K, the model's output channels.
+        overlap, sw_batch_size, gaussian, amp_dtype, mirror: see :func:`sliding_window_logits`.
 
     Returns:
-        float32 logits (K, Z, Y, X).
+        float32 logits (K, Z, Y, X) on the image's device.
+
+    Raises:
+        ValueError: a window that does not fit the model, or a model output of the wrong shape.
     """
     if spatial_dims == 3:
-        return sliding_window_logits(model, image, patch_size, num_outputs, overlap, sw_batch_size, gaussian,
-                                     amp_dtype, mirror)
+        window = tuple(patch_size)
+        return sliding_window_logits(model, image, window, num_outputs, overlap, sw_batch_size, gaussian,
+                                     amp_dtype, mirror, model_output_window(model, window))
     window = tuple(patch_size[1:])
-    slices = [sliding_window_logits(model, image[:, z], window, num_outputs, overlap, sw_batch_size, gaussian,
-                                    amp_dtype, mirror) for z in range(image.shape[1])]
-    return torch.stack(slices, dim=1)
+    return sliding_window_slices(model, image, window, num_outputs, overlap, sw_batch_size, gaussian, amp_dtype,
+                                 mirror, model_output_window(model, window))

@@ -1,0 +1,423 @@
+"""Evaluation and prediction from a checkpoint: the logic behind ``unet-eval`` and ``unet-predict``.
+
+Plain-argument functions; the command-line parsing lives in :mod:`unet_trainer.cli`.
+
+* :func:`load_model` rebuilds the model of a checkpoint from the config stored in it (with
+  command-line overrides such as ``eval.mirror_tta=true device=cpu precision=fp32``).
+* :func:`evaluate_checkpoint` scores it on the validation fold of its own config, or on every
+  labelled case of another raw dataset, through the same prepared cache and evaluator as training.
+* :func:`predict_dataset` segments raw cases in any supported layout and writes one NIfTI per case
+  in the case's original geometry and native label convention.
+
+Putting a prediction back into the original geometry (:func:`prediction_to_original`): the
+prepared volume is the raw array cropped to the nonzero bounding box (``meta["crop_box"]``, in
+raw (Z, Y, X) voxels) and, when a target spacing is set, resampled. So the probabilities are first
+resampled back to the crop's size (trilinear, as the image was), then labelled (argmax or region
+thresholds), then pasted into a volume of the raw shape (``meta["original_shape"]``): outside
+the crop is background (label 0; probability 1 for the background class, 0 for every other
+class or region). The label map is written with the raw affine and in the source's label
+convention (BraTS 2021: 0/1/2/4; MSD and DLE: MSD numbering; BraTS 2023: 0/1/2/3). DLE arrays have
+no geometry; their predictions get the identity affine.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .builders import AMP_DTYPES, build_device, build_model, build_split, ensure_prepared
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import ConfigError, resolve_from_base
+from .data.formats import CANONICAL_CHANNELS, DataFormatError, RawCase, list_cases, read_case, write_label_nifti, \
+    write_probabilities_nifti
+from .data.prepare import PrepareSettings, prepare_case
+from .distributed import DistInfo
+from .evaluation import DiceEvaluator, logits_to_probabilities, probabilities_to_labels, write_cases_csv
+from .inference import predict_volume
+from .model import optimize_model
+
+
+# --------------------------------------------------------------------------------------------
+# The model of a checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's model, ready for inference.
+
+    Attributes:
+        model: in eval mode on ``device``.
+        cfg: the checkpoint's resolved config with the overrides applied.
+        device: where the model and every tensor of its inference live.
+        amp_dtype: autocast dtype from ``cfg["precision"]`` (None for fp32).
+        region_mode: outputs are sigmoid (WT, TC, ET) regions (loss ``region_dice_bce``).
+        checkpoint: the checkpoint file (symlinks resolved).
+        weights: "ema" when the checkpoint's moving-average weights were loaded (the weights its
+            own evaluations used), else "model".
+    """
+
+    model: torch.nn.Module
+    cfg: dict
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    region_mode: bool
+    checkpoint: Path
+    weights: str
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.cfg["model"]["spatial_dims"]
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return tuple(self.cfg["data"]["patch_size"])
+
+    @property
+    def num_outputs(self) -> int:
+        return self.cfg["model"]["num_classes"]
+
+    @property
+    def in_channels(self) -> int:
+        return self.cfg["model"]["in_channels"]
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Sliding-window logits of a prepared volume with the config's ``eval`` settings.
+
+        Args:
+            image: float32 (C, Z, Y, X) on ``device``.
+
+        Returns:
+            float32 (K, Z, Y, X) on ``device``.
+        """
+        ev = self.cfg["eval"]
+        return predict_volume(self.model, image, self.patch_size, self.spatial_dims, self.num_outputs,
+                              ev["overlap"], ev["sw_batch_size"], ev["gaussian"], self.amp_dtype, ev["mirror_tta"])
+
+
+def load_model(checkpoint: Path, overrides: Sequence[str] = (), channels_last: bool | None = None) -> LoadedModel:
+    """Rebuild a checkpoint's model from the config stored in it.
+
+    Args:
+        checkpoint: a ``.pt`` checkpoint of ``unet-train`` (a ``latest``/``best`` symlink is fine).
+        overrides: ``key=value`` / ``--key value`` overrides on top of the stored config.
+        channels_last: run the model in channels-last memory format (the layout tensor-core
+            convolutions use natively); None = on CUDA only.
+
+    Returns:
+        The :class:`LoadedModel`.
+
+    Raises:
+        CheckpointError: unreadable file, no config in it, or weights that do not fit its model.
+        ConfigError: a bad override, a stored config this version cannot read, or device=cuda
+            without a GPU.
+    """
+    path = Path(checkpoint).expanduser()
+    state = load_checkpoint(path)
+    base = state.get("config")
+    if not isinstance(base, dict) or "model" not in base:
+        raise CheckpointError(f"{path}: holds no training config, so its model cannot be rebuilt")
+    cfg = resolve_from_base(base, list(overrides), source=f"{path} (stored config)")
+    device = build_device(cfg["device"])
+    try:
+        model = build_model(cfg["model"])
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    ema = (state.get("extra_state") or {}).get("ema")
+    weights, name = (ema, "ema") if isinstance(ema, dict) and ema else (state["model"], "model")
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: the {name} weights do not fit the model of its config ({reason})") from None
+    model.to(device).eval()
+    if channels_last if channels_last is not None else device.type == "cuda":
+        optimize_model(model, channels_last=True)
+    return LoadedModel(model=model, cfg=cfg, device=device, amp_dtype=AMP_DTYPES[cfg["precision"]],
+                       region_mode="region_dice_bce" in cfg["loss"], checkpoint=path.resolve(), weights=name)
+
+
+def _speed_up_cuda(device: torch.device) -> None:
+    # Every window has the same shape, so cuDNN's per-shape algorithm search pays for itself after
+    # the first batch; a process-wide setting, hence only from the command-line entry points.
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+# --------------------------------------------------------------------------------------------
+# Back to the original geometry
+# --------------------------------------------------------------------------------------------
+
+
+def _crop_shape(meta: dict) -> tuple[int, ...]:
+    return tuple(int(b) - int(a) for a, b in meta["crop_box"])
+
+
+def uncrop(values: torch.Tensor, meta: dict, fill: Sequence[float]) -> torch.Tensor:
+    """Paste crop-sized values into a volume of the raw shape.
+
+    Args:
+        values: (K, *crop) where crop is the size of ``meta["crop_box"]``.
+        meta: prepared-case metadata with ``crop_box`` and ``original_shape`` (Z, Y, X).
+        fill: one value per channel for voxels outside the crop.
+
+    Returns:
+        (K, *original_shape), same dtype and device as ``values``.
+
+    Raises:
+        ValueError: ``values`` does not have the crop's size.
+    """
+    crop = _crop_shape(meta)
+    if tuple(values.shape[1:]) != crop:
+        raise ValueError(f"values of spatial shape {tuple(values.shape[1:])} do not fit crop box {meta['crop_box']}")
+    out = torch.empty((values.shape[0],) + tuple(meta["original_shape"]), dtype=values.dtype, device=values.device)
+    out.copy_(torch.as_tensor(list(fill), dtype=values.dtype, device=values.device).view(-1, 1, 1, 1).expand_as(out))
+    box = tuple(slice(int(a), int(b)) for a, b in meta["crop_box"])
+    out[(slice(None),) + box] = values
+    return out
+
+
+def labels_to_original(labels: torch.Tensor | np.ndarray, meta: dict) -> np.ndarray:
+    """A canonical label map of the prepared volume -> the raw (Z, Y, X) grid.
+
+    Undoes resampling (nearest neighbour, ``nearest-exact`` as preparation used) when the prepared
+    shape differs from the crop, then un-crops with background.
+
+    Args:
+        labels: (Z', Y', X') canonical labels of the prepared case.
+        meta: its prepared metadata.
+
+    Returns:
+        uint8 (Z, Y, X) = ``meta["original_shape"]``.
+    """
+    labels = torch.as_tensor(np.asarray(labels) if isinstance(labels, np.ndarray) else labels)
+    crop = _crop_shape(meta)
+    if tuple(labels.shape) != crop:
+        labels = F.interpolate(labels[None, None].float(), size=crop, mode="nearest-exact")[0, 0]
+    return uncrop(labels.to(torch.uint8)[None], meta, [0])[0].cpu().numpy()
+
+
+def prediction_to_original(logits: torch.Tensor, meta: dict, region_mode: bool,
+                           probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits of a prepared volume -> labels (and probabilities) on the raw grid.
+
+    Probabilities are resampled back to the crop's size (trilinear) when the case was resampled,
+    labelled there, and un-cropped (see the module docstring); all on the logits' device.
+
+    Args:
+        logits: float32 (K, Z', Y', X') of the prepared case.
+        meta: its prepared metadata (``crop_box``, ``original_shape``).
+        region_mode: sigmoid (WT, TC, ET) outputs instead of softmax classes.
+        probabilities: also return the probabilities on the raw grid.
+
+    Returns:
+        (canonical labels uint8 (Z, Y, X), float32 (K, Z, Y, X) probabilities or None).
+    """
+    probs = logits_to_probabilities(logits, region_mode)
+    crop = _crop_shape(meta)
+    if tuple(probs.shape[1:]) != crop:
+        probs = F.interpolate(probs[None], size=crop, mode="trilinear", align_corners=False)[0]
+    labels = uncrop(probabilities_to_labels(probs, region_mode)[None], meta, [0])[0].cpu().numpy()
+    if not probabilities:
+        return labels, None
+    background = [0.0] * probs.shape[0]
+    if not region_mode:
+        background[0] = 1.0
+    return labels, uncrop(probs, meta, background).cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# unet-predict
+# --------------------------------------------------------------------------------------------
+
+
+def predict_case(loaded: LoadedModel, raw: RawCase, settings: PrepareSettings = PrepareSettings(),
+                 probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Segment one raw case: prepare it in memory as training did, predict, put back.
+
+    Returns:
+        (canonical labels uint8 (Z, Y, X) on the raw grid, float32 (K, Z, Y, X) probabilities or None).
+
+    Raises:
+        DataFormatError: the case's channels do not match the model's input channels.
+    """
+    channels = raw.image.shape[0]
+    if channels != loaded.in_channels:
+        raise DataFormatError(f"case {raw.case_id}: has {channels} channels ({', '.join(CANONICAL_CHANNELS)}) but "
+                              f"the model of {loaded.checkpoint.name} takes {loaded.in_channels}")
+    image, _, meta = prepare_case(raw, settings)
+    with torch.no_grad():
+        logits = loaded.logits(torch.from_numpy(np.ascontiguousarray(image)).to(loaded.device))
+        return prediction_to_original(logits, meta, loaded.region_mode, probabilities)
+
+
+@dataclass
+class PredictSummary:
+    """What :func:`predict_dataset` did: files written per case id, and failed cases' messages."""
+
+    written: dict[str, list[Path]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def predict_dataset(checkpoint: Path, input_dir: Path, output_dir: Path, fmt: str = "auto",
+                    overrides: Sequence[str] = (), probabilities: bool = False, progress: bool = True,
+                    log: TextIO | None = None) -> PredictSummary:
+    """Segment every case of a raw dataset and write the results as NIfTI files.
+
+    Writes ``output_dir/{case_id}.nii.gz`` (uint8 labels in the case's native convention, raw shape
+    and affine) and with ``probabilities`` also ``output_dir/{case_id}_probabilities.nii.gz``
+    (float32 (x, y, z, K)). A case that cannot be read or does not fit the model is reported on
+    ``log`` in one line and skipped; the others are still written.
+
+    Args:
+        checkpoint: the ``unet-train`` checkpoint.
+        input_dir: raw cases in any supported layout; labels are not needed (and not used).
+        output_dir: created if missing; must not be ``input_dir``.
+        fmt: layout name or "auto".
+        overrides: config overrides (e.g. ``eval.mirror_tta=true``, ``device=cpu``).
+        probabilities: also write the probabilities.
+        progress: a progress bar on stderr (drawn only on a terminal).
+        log: where skipped cases are reported (default stderr).
+
+    Returns:
+        The :class:`PredictSummary`.
+
+    Raises:
+        CheckpointError, ConfigError: as :func:`load_model`.
+        DataFormatError: the input folder is missing, holds no recognised layout or no case,
+            a listing problem (e.g. a case missing a modality file), or output_dir is input_dir.
+    """
+    log = sys.stderr if log is None else log
+    input_dir, output_dir = Path(input_dir).expanduser(), Path(output_dir).expanduser()
+    loaded = load_model(checkpoint, overrides)
+    cases = list_cases(input_dir, fmt, require_labels=False)
+    if not cases:
+        raise DataFormatError(f"{input_dir}: no cases found")
+    if output_dir.resolve() == input_dir.resolve():
+        raise DataFormatError(f"{output_dir}: the output folder must not be the input folder (raw data is never written)")
+    _speed_up_cuda(loaded.device)
+    summary = PredictSummary()
+    settings = PrepareSettings()  # what ensure_prepared uses for every checkpoint's training data
+    bar = tqdm(cases, desc="predict", unit="case", disable=None if progress else True)
+    for case in bar:
+        try:
+            raw = read_case(case)
+            labels, probs = predict_case(loaded, raw, settings, probabilities)
+        except DataFormatError as exc:
+            summary.failed[case.case_id] = str(exc)
+            bar.write(f"skipped {case.case_id}: {exc}", file=log)
+            continue
+        label_path = output_dir / f"{case.case_id}.nii.gz"
+        write_label_nifti(label_path, labels, raw.affine, raw.label_convention)
+        summary.written[case.case_id] = [label_path]
+        if probs is not None:
+            prob_path = output_dir / f"{case.case_id}_probabilities.nii.gz"
+            write_probabilities_nifti(prob_path, probs, raw.affine)
+            summary.written[case.case_id].append(prob_path)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# unet-eval
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalReport:
+    """What :func:`evaluate_checkpoint` measured.
+
+    Attributes:
+        means: mean over cases of every score key (NaNs left out); Dice keys NCR, ED, EN, WT, TC,
+            ET, mean; with HD95 also hd95/WT, hd95/TC, hd95/ET.
+        counts: per key, how many cases entered its mean.
+        per_case: one row per case: {"case_id", score keys...}.
+        csv_path: where the per-case rows were written.
+        source: what was scored, in words.
+        empty_policy: the empty-ground-truth policy used.
+        loaded: the model that was scored.
+    """
+
+    means: dict[str, float]
+    counts: dict[str, int]
+    per_case: list[dict]
+    csv_path: Path
+    source: str
+    empty_policy: str
+    loaded: LoadedModel
+
+
+def default_eval_csv(checkpoint: Path, tag: str) -> Path:
+    """``<run folder>/eval_<checkpoint name>_<tag>.csv``: the run folder is the parent of the
+    ``checkpoints/`` folder holding the checkpoint (else the checkpoint's own folder)."""
+    checkpoint = Path(checkpoint)
+    folder = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    safe_tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
+    return folder / f"eval_{checkpoint.stem}_{safe_tag}.csv"
+
+
+def evaluate_checkpoint(checkpoint: Path, overrides: Sequence[str] = (), dataset: Path | None = None,
+                        fmt: str = "auto", out_csv: Path | None = None, progress: bool = True) -> EvalReport:
+    """Score a checkpoint: Dice per label and region (and HD95 with ``eval.hd95=true``).
+
+    Without ``dataset``: the validation fold of the checkpoint's own config (its data, split and
+    preparation, exactly as training evaluated). With ``dataset``: every labelled case of that raw
+    folder, prepared through the cache like training data. Scoring runs on the prepared (cropped)
+    volumes, as during training; outside the crop both prediction and truth are background, so
+    Dice and HD95 equal their values on the raw grid.
+
+    Args:
+        checkpoint: the ``unet-train`` checkpoint.
+        overrides: config overrides, e.g. ``eval.empty_policy=ignore eval.hd95=true data.fold=1``.
+        dataset: a raw dataset folder with labels, any supported layout (None: validation fold).
+        fmt: its layout ("auto" detects it).
+        out_csv: per-case CSV path (default :func:`default_eval_csv`).
+        progress: progress bars on stderr (drawn only on a terminal).
+
+    Returns:
+        The :class:`EvalReport`; the CSV is written.
+
+    Raises:
+        CheckpointError, ConfigError: as :func:`load_model`.
+        DataFormatError: missing or bad data, or an empty validation fold.
+    """
+    loaded = load_model(checkpoint, overrides)
+    cfg = loaded.cfg
+    if dataset is not None:
+        cfg = copy.deepcopy(cfg)
+        # Another dataset: its own prepared cache folder (keyed by its path), all of its cases.
+        cfg["data"].update(path=str(Path(dataset).expanduser()), format=fmt, prepared_path=None, split_file=None)
+    _speed_up_cuda(loaded.device)
+    prepared, index = ensure_prepared(cfg, DistInfo(), progress=progress)
+    if dataset is not None:
+        case_ids = list(index["cases"])
+        source = f"all {len(case_ids)} labelled cases of {dataset}"
+        tag = Path(dataset).expanduser().resolve().name
+    else:
+        case_ids = build_split(cfg, list(index["cases"]))["val"]
+        data = cfg["data"]
+        where = data["split_file"] or f"fold {data['fold']} of {data['num_folds']}"
+        source = f"validation cases ({where}) of {data['path'] or 'the phantom'}"
+        tag = f"val-fold{data['fold']}" if not data["split_file"] else "val"
+    if not case_ids:
+        raise DataFormatError(f"no cases to evaluate: {source} is empty")
+    ev = cfg["eval"]
+    evaluator = DiceEvaluator(prepared, case_ids, loaded.patch_size, loaded.spatial_dims, loaded.num_outputs,
+                              loaded.region_mode, overlap=ev["overlap"], sw_batch_size=ev["sw_batch_size"],
+                              gaussian=ev["gaussian"], mirror=ev["mirror_tta"], empty_policy=ev["empty_policy"],
+                              amp_dtype=loaded.amp_dtype, device=loaded.device, hd95=ev["hd95"], progress=progress)
+    means, per_case = evaluator.score_model(loaded.model)
+    keys = [k for k in per_case[0] if k != "case_id"]
+    counts = {k: sum(1 for row in per_case if not math.isnan(row[k])) for k in keys}
+    csv_path = Path(out_csv).expanduser() if out_csv is not None else default_eval_csv(loaded.checkpoint, tag)
+    write_cases_csv(csv_path, per_case)
+    return EvalReport(means=means, counts=counts, per_case=per_case, csv_path=csv_path, source=source,
+                      empty_policy=ev["empty_policy"], loaded=loaded)
