@@ -116,6 +116,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, mo
 @pytest.mark.parametrize("config,extra", [
     ("brats.yaml", ["data.patch_size=[16, 16, 16]"]),
     ("brats-2d.yaml", ["data.patch_size=[1, 16, 16]"]),
+    ("unet2015-2d.yaml", ["data.patch_size=[1, 52, 52]", "model.filters=[4, 8, 16]"]),  # 52 -> 12 valid
 ])
 def test_shipped_brats_configs_train(cache_root, tmp_path, config, extra):
     """The shipped BraTS presets (3D DLE net, Composer's 2D residual net) train end to end, shrunk
@@ -134,6 +135,9 @@ def test_shipped_brats_configs_train(cache_root, tmp_path, config, extra):
     assert summary["batch"] == 2 and 0.0 <= summary["final_eval"]["dice/mean"] <= 1.0
     conv = torch.nn.Conv2d if cfg["model"]["spatial_dims"] == 2 else torch.nn.Conv3d
     assert any(isinstance(m, conv) for m in model.modules())
+    if config == "unet2015-2d.yaml":
+        assert model.output_size((52, 52)) == (12, 12)
+        assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)) for m in model.modules())
     if config == "brats-2d.yaml":
         assert cfg["model"]["residual"] and cfg["model"]["norm"] == "batch"
         assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
