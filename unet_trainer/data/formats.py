@@ -56,6 +56,7 @@ __all__ = [
     "CANONICAL_LABELS",
     "FORMATS",
     "FORMAT_LABEL_CONVENTION",
+    "LAYOUT_DESCRIPTIONS",
     "LABEL_CONVENTIONS",
     "NATIVE_REGIONS",
     "REGIONS",
@@ -178,12 +179,14 @@ _CORRUPT_FILE_ERRORS = (
     ValueError,  # nibabel header problems; numpy "cannot load object arrays" and bad .npy headers
 )
 
-_LAYOUT_DESCRIPTIONS = (
-    "msd (imagesTr/<case>.nii.gz [+ labelsTr/, dataset.json])",
-    "brats2021 (<case>/<case>_{flair,t1,t1ce,t2,seg}.nii[.gz])",
-    "brats2023 (<case>/<case>-{t2f,t1n,t1c,t2w,seg}.nii[.gz])",
-    "dle (<case>_x.npy [+ <case>_y.npy])",
-)
+#: Each layout's files in a few words, for error messages.
+LAYOUT_DESCRIPTIONS: dict[str, str] = {
+    "msd": "msd (imagesTr/<case>.nii.gz [+ labelsTr/, dataset.json])",
+    "brats2021": "brats2021 (<case>/<case>_{flair,t1,t1ce,t2,seg}.nii[.gz])",
+    "brats2023": "brats2023 (<case>/<case>-{t2f,t1n,t1c,t2w,seg}.nii[.gz])",
+    "dle": "dle (<case>_x.npy [+ <case>_y.npy])",
+}
+_LAYOUT_DESCRIPTIONS = tuple(LAYOUT_DESCRIPTIONS[fmt] for fmt in FORMATS)
 
 
 class DataFormatError(ValueError):
@@ -428,32 +431,48 @@ def _find_nifti(folder: Path, stem: str, case_id: str) -> Path | None:
     return found[0] if found else None
 
 
-def _list_per_modality_cases(root: Path, fmt: str, require_labels: bool) -> list[CaseFiles]:
+def _record_bad(bad: dict[str, str] | None, case_id: str, error: DataFormatError) -> None:
+    """Raise ``error``, or note it under ``case_id`` when the caller collects bad cases."""
+    if bad is None:
+        raise error
+    bad.setdefault(case_id, str(error))
+
+
+def _per_modality_case_files(folder: Path, fmt: str, require_labels: bool) -> CaseFiles:
     separator = _SUFFIX_SEPARATOR[fmt]
     suffixes = _MODALITY_SUFFIXES[fmt]
+    case_id = folder.name
+    images: list[Path] = []
+    for channel in CANONICAL_CHANNELS:
+        stem = f"{case_id}{separator}{suffixes[channel]}"
+        path = _find_nifti(folder, stem, case_id)
+        if path is None:
+            raise DataFormatError(
+                f"case {case_id}: missing {channel} file {folder / stem}.nii[.gz]; "
+                f"expected all of {[suffixes[c] for c in CANONICAL_CHANNELS]}"
+            )
+        images.append(path)
+    seg_stem = f"{case_id}{separator}{_SEG_SUFFIX}"
+    label = _find_nifti(folder, seg_stem, case_id)
+    if label is None and require_labels:
+        raise DataFormatError(
+            f"case {case_id}: missing segmentation file {folder / seg_stem}.nii[.gz]; "
+            "labels are required (pass require_labels=False for prediction inputs)"
+        )
+    return CaseFiles(case_id, fmt, tuple(images), label)
+
+
+def _list_per_modality_cases(
+    root: Path, fmt: str, require_labels: bool, bad: dict[str, str] | None
+) -> list[CaseFiles]:
     cases: list[CaseFiles] = []
     for folder in _visible_subdirectories(root):
         if not _is_per_modality_case_folder(folder, fmt):
             continue
-        case_id = folder.name
-        images: list[Path] = []
-        for channel in CANONICAL_CHANNELS:
-            stem = f"{case_id}{separator}{suffixes[channel]}"
-            path = _find_nifti(folder, stem, case_id)
-            if path is None:
-                raise DataFormatError(
-                    f"case {case_id}: missing {channel} file {folder / stem}.nii[.gz]; "
-                    f"expected all of {[suffixes[c] for c in CANONICAL_CHANNELS]}"
-                )
-            images.append(path)
-        seg_stem = f"{case_id}{separator}{_SEG_SUFFIX}"
-        label = _find_nifti(folder, seg_stem, case_id)
-        if label is None and require_labels:
-            raise DataFormatError(
-                f"case {case_id}: missing segmentation file {folder / seg_stem}.nii[.gz]; "
-                "labels are required (pass require_labels=False for prediction inputs)"
-            )
-        cases.append(CaseFiles(case_id, fmt, tuple(images), label))
+        try:
+            cases.append(_per_modality_case_files(folder, fmt, require_labels))
+        except DataFormatError as error:
+            _record_bad(bad, folder.name, error)
     return cases
 
 
@@ -485,68 +504,83 @@ def _check_msd_dataset_json(path: Path) -> dict:
     return content
 
 
-def _list_msd_cases(root: Path, require_labels: bool) -> list[CaseFiles]:
+def _list_msd_cases(root: Path, require_labels: bool, bad: dict[str, str] | None) -> list[CaseFiles]:
     dataset_json = root / _MSD_DATASET_JSON
     if dataset_json.is_file():
         _check_msd_dataset_json(dataset_json)
     images_dir = root / _MSD_IMAGES_DIR
     labels_dir = root / _MSD_LABELS_DIR
     if not images_dir.is_dir():
-        raise DataFormatError(f"{root}: missing {images_dir}; expected the MSD imagesTr/ folder")
+        raise DataFormatError(
+            f"{root}: no msd cases: missing {images_dir}; expected {LAYOUT_DESCRIPTIONS['msd']}"
+        )
     image_by_case: dict[str, Path] = {}
     for path in _msd_image_files(images_dir):
         case_id = _strip_nifti_extension(path.name)
         if case_id in image_by_case:
-            raise DataFormatError(
+            _record_bad(bad, case_id, DataFormatError(
                 f"case {case_id}: both {image_by_case[case_id]} and {path} exist; expected exactly one"
-            )
+            ))
         image_by_case[case_id] = path
     if labels_dir.is_dir():
         for path in _msd_image_files(labels_dir):
             case_id = _strip_nifti_extension(path.name)
             if case_id not in image_by_case:
-                raise DataFormatError(
+                _record_bad(bad, case_id, DataFormatError(
                     f"case {case_id}: label {path} has no image; expected {images_dir / path.name}"
-                )
+                ))
     cases: list[CaseFiles] = []
     for case_id, image_path in image_by_case.items():
-        label = _find_nifti(labels_dir, case_id, case_id) if labels_dir.is_dir() else None
-        if label is None and require_labels:
-            raise DataFormatError(
-                f"case {case_id}: missing label file {labels_dir / case_id}.nii[.gz] for image "
-                f"{image_path.name}; labels are required (pass require_labels=False for prediction inputs)"
-            )
+        if bad is not None and case_id in bad:
+            continue
+        try:
+            label = _find_nifti(labels_dir, case_id, case_id) if labels_dir.is_dir() else None
+            if label is None and require_labels:
+                raise DataFormatError(
+                    f"case {case_id}: missing label file {labels_dir / case_id}.nii[.gz] for image "
+                    f"{image_path.name}; labels are required (pass require_labels=False for prediction inputs)"
+                )
+        except DataFormatError as error:
+            _record_bad(bad, case_id, error)
+            continue
         cases.append(CaseFiles(case_id, "msd", (image_path,), label))
     return cases
 
 
-def _list_dle_cases(root: Path, require_labels: bool) -> list[CaseFiles]:
+def _list_dle_cases(root: Path, require_labels: bool, bad: dict[str, str] | None) -> list[CaseFiles]:
     images = {p.name[: -len(_DLE_IMAGE_SUFFIX)]: p for p in _dle_files(root, _DLE_IMAGE_SUFFIX)}
     labels = {p.name[: -len(_DLE_LABEL_SUFFIX)]: p for p in _dle_files(root, _DLE_LABEL_SUFFIX)}
     for case_id, label_path in labels.items():
         if case_id not in images:
-            raise DataFormatError(
+            _record_bad(bad, case_id, DataFormatError(
                 f"case {case_id}: label {label_path} has no image; expected {root / (case_id + _DLE_IMAGE_SUFFIX)}"
-            )
+            ))
     cases: list[CaseFiles] = []
     for case_id, image_path in images.items():
         label = labels.get(case_id)
         if label is None and require_labels:
-            raise DataFormatError(
+            _record_bad(bad, case_id, DataFormatError(
                 f"case {case_id}: missing label file {root / (case_id + _DLE_LABEL_SUFFIX)}; "
                 "labels are required (pass require_labels=False for prediction inputs)"
-            )
+            ))
+            continue
         cases.append(CaseFiles(case_id, "dle", (image_path,), label))
     return cases
 
 
-def list_cases(root: Path, fmt: str = "auto", require_labels: bool = True) -> list[CaseFiles]:
+def list_cases(
+    root: Path, fmt: str = "auto", require_labels: bool = True, bad: dict[str, str] | None = None
+) -> list[CaseFiles]:
     """List the cases of a dataset folder, sorted by case id.
 
     Args:
         root: dataset folder.
         fmt: one of :data:`FORMATS`, or "auto" to call :func:`detect_format`.
         require_labels: when True every case must have a segmentation file.
+        bad: when given, a case with a problem of its own (missing modality or
+            segmentation, orphan label, both ``.nii`` and ``.nii.gz``) is left out and
+            its one-line message stored as ``bad[case_id]`` instead of raised (for
+            ``--skip-bad``); folder-level problems still raise.
 
     Returns:
         One :class:`CaseFiles` per case, sorted by ``case_id``.
@@ -555,17 +589,18 @@ def list_cases(root: Path, fmt: str = "auto", require_labels: bool = True) -> li
         DataFormatError: missing folder, unknown ``fmt``, a case missing a modality file
             (message names the case and the missing file pattern), a case missing its
             segmentation while ``require_labels``, an orphan label file, a file present
-            as both ``.nii`` and ``.nii.gz``, or an MSD dataset.json with other channels.
+            as both ``.nii`` and ``.nii.gz`` (these four unless ``bad`` collects them), a
+            missing MSD imagesTr/ folder, or an MSD dataset.json with other channels.
     """
     root = _require_folder(root)
     if fmt == "auto":
         fmt = detect_format(root)
     if fmt == "msd":
-        cases = _list_msd_cases(root, require_labels)
+        cases = _list_msd_cases(root, require_labels, bad)
     elif fmt in ("brats2021", "brats2023"):
-        cases = _list_per_modality_cases(root, fmt, require_labels)
+        cases = _list_per_modality_cases(root, fmt, require_labels, bad)
     elif fmt == "dle":
-        cases = _list_dle_cases(root, require_labels)
+        cases = _list_dle_cases(root, require_labels, bad)
     else:
         raise DataFormatError(f"unknown layout {fmt!r}; expected 'auto' or one of {list(FORMATS)}")
     return sorted(cases, key=lambda case: case.case_id)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .formats import CaseFiles, DataFormatError, RawCase, list_cases, read_case
+from .formats import LAYOUT_DESCRIPTIONS, CaseFiles, DataFormatError, RawCase, detect_format, list_cases, read_case
 
 PREPARE_VERSION = 1
 # Foreground voxels kept per label for oversampling: enough to cover a tumour, small on disk.
@@ -226,6 +226,18 @@ def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings]) -> tuple[str, str
     return case.case_id, None
 
 
+def _no_cases_message(source: Path, fmt: str) -> str:
+    """Why ``source`` gave no case: for a forced layout, also what the folder looks like instead."""
+    if fmt == "auto" or fmt not in LAYOUT_DESCRIPTIONS:
+        return f"{source}: no cases found"
+    try:
+        detected = detect_format(source)
+    except DataFormatError:
+        detected = None
+    hint = f"; the folder looks like {detected} (format auto detects it)" if detected and detected != fmt else ""
+    return f"{source}: no {fmt} cases found; expected {LAYOUT_DESCRIPTIONS[fmt]}{hint}"
+
+
 def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: PrepareSettings = PrepareSettings(),
                     workers: int = 1, skip_bad: bool = False, progress: bool = True,
                     require_labels: bool = True) -> dict:
@@ -237,27 +249,36 @@ def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: Prepar
         fmt: layout name or "auto".
         settings: preparation settings; cases prepared with other settings are redone.
         workers: processes working in parallel.
-        skip_bad: skip cases that fail validation and list them, instead of stopping.
+        skip_bad: skip cases that fail validation (including a missing modality or
+            segmentation file) and list them, instead of stopping.
+        progress: show a progress bar on stderr when it is a terminal (never in logs or pipes,
+            where it would bury the one-line error).
+        require_labels: every case must have a segmentation file.
 
     Returns:
         The ``prepare.json`` record: source, format, settings, case ids and skipped cases.
 
     Raises:
         DataFormatError: the first bad case (one line naming case and file) unless ``skip_bad``;
-            also an unrecognised or empty source folder, or one where every case is bad.
+            also an unrecognised or empty source folder, a forced ``fmt`` the folder does not
+            hold, or a folder where every case is bad.
     """
     source, out = Path(source), Path(out)
-    cases = list_cases(source, fmt, require_labels=require_labels)
-    if not cases:
-        raise DataFormatError(f"{source}: no cases found")
+    # Cases whose files are missing or ambiguous are found while listing; with skip_bad they
+    # are set aside here like the cases that fail when read.
+    errors: dict[str, str] = {}
+    cases = list_cases(source, fmt, require_labels=require_labels, bad=errors if skip_bad else None)
+    if not cases and not errors:
+        raise DataFormatError(_no_cases_message(source, fmt))
     if source.resolve() == out.resolve() or out.resolve() in source.resolve().parents:
         raise DataFormatError(f"{out}: the prepared folder must not be the raw folder or contain it")
     out.mkdir(parents=True, exist_ok=True)
     digest = settings.digest()
     todo = [c for c in cases if not _case_is_done(out, c.case_id, digest)]
-    errors: dict[str, str] = {}
     jobs = [(c, str(out), settings) for c in todo]
-    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="prepare", unit="case", disable=not progress)
+    # disable=None: tqdm draws only on a terminal.
+    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="prepare", unit="case",
+               disable=None if progress else True)
     try:
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -265,6 +286,8 @@ def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: Prepar
                     bar.update()
                     if error:
                         if not skip_bad:
+                            # Stop now rather than after every queued case has been prepared.
+                            pool.shutdown(wait=False, cancel_futures=True)
                             raise DataFormatError(error)
                         errors[case_id] = error
         else:
@@ -278,6 +301,7 @@ def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: Prepar
     finally:
         bar.close()
     good = [c.case_id for c in cases if c.case_id not in errors]
+    errors = dict(sorted(errors.items()))
     if not good:
         raise DataFormatError(f"{source}: every case failed validation; first: {next(iter(errors.values()))}")
     record = {
@@ -292,8 +316,12 @@ def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: Prepar
     return record
 
 
-def prepared_is_current(out: Path, source: Path, settings: PrepareSettings) -> bool:
-    """True when ``out`` holds a complete preparation of ``source`` with ``settings``."""
+def prepared_is_current(out: Path, source: Path, settings: PrepareSettings, fmt: str = "auto") -> bool:
+    """True when ``out`` holds a complete preparation of ``source`` with ``settings``.
+
+    A forced ``fmt`` (not "auto") must also be the layout the preparation read, so that forcing
+    a layout the folder does not hold fails instead of reusing an earlier preparation.
+    """
     record_path = Path(out) / "prepare.json"
     if not record_path.is_file():
         return False
@@ -302,6 +330,8 @@ def prepared_is_current(out: Path, source: Path, settings: PrepareSettings) -> b
     except (OSError, json.JSONDecodeError):
         return False
     if record.get("settings_digest") != settings.digest() or record.get("source") != str(Path(source).resolve()):
+        return False
+    if fmt != "auto" and record.get("format") != fmt:
         return False
     return all(_case_is_done(Path(out), case_id, settings.digest()) for case_id in record["cases"])
 
