@@ -297,6 +297,7 @@ class SpeedMonitor(Callback):
 
     def eval_end(self, state: State) -> None:
         self.times.clear()  # evaluation time is not training throughput
+        self.waits.clear()
 
 
 class EarlyStopper(Callback):
@@ -391,7 +392,8 @@ class ProgressPlot(Callback):
             if points:
                 axes[1].plot(*zip(*points), marker="o", label=region, lw=2 if region == "mean" else 1)
         axes[1].set(title="validation Dice", xlabel="step", ylim=(0, 1))
-        axes[1].legend(loc="lower right")
+        if state.eval_history:
+            axes[1].legend(loc="lower right")
         axes[2].plot(self.lr_steps, self.lrs)
         axes[2].set(title="learning rate", xlabel="step")
         fig.tight_layout()

@@ -235,7 +235,9 @@ def train_batch(state: State, engine: Engine) -> float:
         micro = state.extra_state["auto_microbatch"] if state.microbatch_size == "auto" else state.microbatch_size
         state.optimizer.zero_grad(set_to_none=True)
         try:
-            total = 0.0
+            # The loss stays on the device until the step ends: reading it (or testing it) per
+            # microbatch would stall the host on the GPU several times per step.
+            total = torch.zeros((), device=state.device)
             chunks = _microbatches(size, micro)
             for index, (lo, hi) in enumerate(chunks):
                 # DDP all-reduces only on the last microbatch's backward.
@@ -248,22 +250,13 @@ def train_batch(state: State, engine: Engine) -> float:
                         engine.run(Event.AFTER_FORWARD)
                         state.loss = state.loss_fn(state.outputs, label[lo:hi])
                     engine.run(Event.AFTER_LOSS)
-                    loss_value = state.loss.detach()
-                    finite = bool(torch.isfinite(loss_value))
-                    if state.world_size > 1:  # every rank stops together, or none waits in backward
-                        finite = all_ranks_agree(finite, state.device)
-                    if not finite:
-                        raise TrainingDiverged(
-                            f"loss became {loss_value.item()} at batch {state.timestamp.batch + 1} "
-                            f"(epoch {state.timestamp.epoch + 1}); stopped before the optimizer step, "
-                            "the last checkpoint is the last good state")
                     scaled = state.loss * ((hi - lo) / size)
                     if state.scaler is not None:
                         state.scaler.scale(scaled).backward()
                     else:
                         scaled.backward()
                     engine.run(Event.AFTER_BACKWARD)
-                    total += loss_value.item() * (hi - lo) / size
+                    total += scaled.detach().float()
             break
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
             if state.microbatch_size != "auto" or not _is_out_of_memory(exc) or micro <= 1:
@@ -273,6 +266,15 @@ def train_batch(state: State, engine: Engine) -> float:
             if state.device.type == "cuda":
                 torch.cuda.empty_cache()
             state.extra_state["auto_microbatch"] = max(1, micro // 2)
+    loss_value = total.item()  # the step's one host sync
+    finite = math.isfinite(loss_value)
+    if state.world_size > 1:  # a NaN on one rank stops every rank at the same step
+        finite = all_ranks_agree(finite, state.device)
+    if not finite:
+        state.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(
+            f"loss became {loss_value} at batch {state.timestamp.batch + 1} (epoch {state.timestamp.epoch + 1}); "
+            "stopped before the optimizer step, the last checkpoint is the last good state")
     if state.grad_clip_norm is not None:
         if state.scaler is not None:
             state.scaler.unscale_(state.optimizer)
@@ -284,7 +286,7 @@ def train_batch(state: State, engine: Engine) -> float:
         state.optimizer.step()
     state.scheduler.step()
     state.outputs = None
-    return total
+    return loss_value
 
 
 def _eval_due(interval: Duration | None, state: State, at_epoch_end: bool) -> bool:
@@ -363,9 +365,11 @@ def fit(state: State, engine: Engine) -> State:
             if _eval_due(state.eval_interval, state, at_epoch_end=True):
                 evaluate(state, engine)
             engine.run(Event.EPOCH_END)
-    # A final evaluation unless the last step was just evaluated or the run was asked to stop.
+    # A final evaluation unless evaluation is off (interval 0), the last step was just evaluated,
+    # or the run was asked to stop.
     evaluated_last = bool(state.eval_history) and state.eval_history[-1]["batch"] == state.timestamp.batch
-    if state.evaluator is not None and state.stop_reason is None and not evaluated_last:
+    evaluation_on = state.eval_interval is not None and state.eval_interval.value > 0
+    if state.evaluator is not None and evaluation_on and state.stop_reason is None and not evaluated_last:
         evaluate(state, engine)
     engine.run(Event.FIT_END)
     return state
