@@ -224,3 +224,27 @@ def test_patch_dataset_items(phantom, tmp_path):
     slices = PatchDataset(out, record["cases"], (1, 20, 20), oversampling=0.0, squeeze_slice_axis=True)
     image2d, label2d = slices[(1, 5)]
     assert image2d.shape == (4, 20, 20) and label2d.shape == (1, 20, 20)
+
+
+def test_new_raw_cases_make_the_preparation_stale(phantom, tmp_path):
+    raw = tmp_path / "raw"
+    for case in list_cases(phantom)[:3]:
+        r = read_case(case)
+        write_case(raw, "brats2021", case.case_id, r.image, r.label, r.affine)
+    out = tmp_path / "prep"
+    prepare_dataset(raw, out, progress=False)
+    assert prepared_is_current(out, raw, PrepareSettings())
+    r = read_case(list_cases(phantom)[3])
+    write_case(raw, "brats2021", "BraTS2021_00003", r.image, r.label, r.affine)
+    assert not prepared_is_current(out, raw, PrepareSettings())
+    assert prepare_dataset(raw, out, progress=False)["cases"][-1] == "BraTS2021_00003"
+    assert prepared_is_current(out, raw, PrepareSettings())
+
+
+def test_crop_keeps_labels_outside_the_nonzero_image():
+    image = np.zeros((1, 8, 8, 8), np.float32)
+    image[0, 2:4, 2:4, 2:4] = 1.0
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[6, 6, 6] = 2   # a label where every channel is zero
+    assert nonzero_bounding_box(image) == ((2, 4), (2, 4), (2, 4))
+    assert nonzero_bounding_box(image, label) == ((2, 7), (2, 7), (2, 7))

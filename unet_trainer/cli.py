@@ -79,8 +79,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_training(cfg)
-    except (ConfigError, DataFormatError, CheckpointError, TrainingDiverged) as exc:
-        return _fail(str(exc))
+    except (ConfigError, DataFormatError, CheckpointError, TrainingDiverged, OSError) as exc:
+        return _fail(str(exc))  # OSError: e.g. an unwritable save_folder or a full disk
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     print(_format_summary(summary))
@@ -123,7 +123,7 @@ def data_main(argv: list[str] | None = None) -> int:
             print(f"Prepared {len(record['cases'])} {record['format']} cases into {args.out}")
             for case_id, error in record["skipped"].items():
                 print(f"skipped {case_id}: {error}", file=sys.stderr)
-    except (DataFormatError, FileExistsError, ValueError) as exc:
+    except (DataFormatError, ValueError, OSError) as exc:  # OSError: unwritable --out, full disk
         return _fail(str(exc))
     return 0
 

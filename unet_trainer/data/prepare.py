@@ -78,16 +78,19 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def nonzero_bounding_box(image: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """Bounding box of voxels nonzero in any channel.
+def nonzero_bounding_box(image: np.ndarray, label: np.ndarray | None = None) -> tuple[tuple[int, int], ...]:
+    """Bounding box of voxels nonzero in any channel, or labelled (so no label is ever cut off).
 
     Args:
         image: (C, Z, Y, X).
+        label: (Z, Y, X) or None.
 
     Returns:
         ((z0, z1), (y0, y1), (x0, x1)), half-open; the whole volume if every voxel is zero.
     """
     mask = np.any(image != 0, axis=0)
+    if label is not None:
+        mask |= label != 0
     if not mask.any():
         return tuple((0, s) for s in mask.shape)
     box = []
@@ -170,7 +173,7 @@ def prepare_case(raw: RawCase, settings: PrepareSettings) -> tuple[np.ndarray, n
     """
     image, label = raw.image, raw.label
     original_shape = list(image.shape[1:])
-    box = nonzero_bounding_box(image)
+    box = nonzero_bounding_box(image, label)
     crop = tuple(slice(a, b) for a, b in box)
     image = image[(slice(None),) + crop]
     label = label[crop] if label is not None else None
@@ -332,6 +335,11 @@ def prepared_is_current(out: Path, source: Path, settings: PrepareSettings, fmt:
     if record.get("settings_digest") != settings.digest() or record.get("source") != str(Path(source).resolve()):
         return False
     if fmt != "auto" and record.get("format") != fmt:
+        return False
+    # Cases added to or removed from the raw folder since make the preparation stale too
+    # (a listing, no file is read); cases skipped as bad count as known.
+    listed = {case.case_id for case in list_cases(Path(source), record.get("format", fmt), bad={})}
+    if listed - set(record.get("skipped", {})) != set(record["cases"]):
         return False
     return all(_case_is_done(Path(out), case_id, settings.digest()) for case_id in record["cases"])
 
