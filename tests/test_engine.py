@@ -13,10 +13,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, tiny_overrides
-from unet_trainer import trainer as trainer_module
 from unet_trainer.builders import run_training
 from unet_trainer.checkpoint import list_checkpoints, load_checkpoint
-from unet_trainer.config import Duration
 from unet_trainer.schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
 from unet_trainer.trainer import Callback, Event
 

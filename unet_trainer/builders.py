@@ -24,10 +24,11 @@ from .config import ConfigError, Duration, config_differences, dump_config
 from .data.formats import DataFormatError
 from .data.loader import PatchDataset, build_train_loader
 from .data.phantom import write_phantom_dataset
-from .data.prepare import PrepareSettings, atomic_write_text, load_prepared_index, prepare_dataset, prepared_is_current
+from .data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current
 from .data.split import kfold_split, load_split_file
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluation import DiceEvaluator
+from .fileio import atomic_write_text
 from .losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 from .model import UNet
 from .schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly

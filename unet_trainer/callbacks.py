@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (atomic_symlink, atomic_torch_save, capture_rng_state, checkpoint_name, list_checkpoints)
+from .checkpoint import atomic_torch_save, capture_rng_state, checkpoint_name, list_checkpoints
 from .config import Duration
 from .distributed import all_gather_objects, all_ranks_agree, barrier
+from .fileio import atomic_symlink, atomic_write
 from .trainer import Callback, State
 
 
@@ -397,10 +398,8 @@ class ProgressPlot(Callback):
         axes[2].plot(self.lr_steps, self.lrs)
         axes[2].set(title="learning rate", xlabel="step")
         fig.tight_layout()
-        tmp = self.path.with_name(f".{self.path.name}.tmp.png")
-        fig.savefig(tmp, dpi=80)
+        atomic_write(self.path, lambda temporary: fig.savefig(temporary, dpi=80))  # never a half-drawn file
         plt.close(fig)
-        tmp.replace(self.path)  # never a half-drawn file
 
     def eval_end(self, state: State) -> None:
         self.draw(state)

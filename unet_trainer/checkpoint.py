@@ -12,15 +12,15 @@ to the newest, and ``best-rank{rank}.pt`` for the best validation Dice.
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .fileio import atomic_write
 
 CHECKPOINT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
 
@@ -29,43 +29,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit; one line naming the file."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename, fsync folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_symlink(target_name: str, link: Path) -> None:
-    """Point ``link`` at ``target_name`` (relative, same folder), replacing it atomically."""
-    tmp = link.parent / f".{link.name}.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
-    os.symlink(target_name, tmp)
-    os.replace(tmp, link)
-    _fsync_dir(link.parent)
+    """``torch.save`` to ``path`` atomically (see :mod:`unet_trainer.fileio`)."""
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +47,8 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
+
+from ..fileio import atomic_save_npy, atomic_write, atomic_write_text
 
 __all__ = [
     "AFFINE_TOLERANCE_MM",
@@ -862,35 +862,6 @@ def read_case(case: CaseFiles) -> RawCase:
 # ---------------------------------------------------------------------------
 
 
-def _temporary_sibling(path: Path) -> Path:
-    # Same folder so os.replace is an atomic rename; leading "." hides leftovers from
-    # listing; the real extension last so nibabel picks the right (gzip) writer.
-    extension = next((ext for ext in (*_NIFTI_EXTENSIONS, ".npy", ".json") if path.name.endswith(ext)), "")
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{extension}")
-
-
-def _fsync_file(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(temporary_path)`` then move the result onto ``path`` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_sibling(path)
-    try:
-        write(temporary)
-        _fsync_file(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
 def _check_nifti_path(path: Path) -> Path:
     path = Path(path)
     if _strip_nifti_extension(path.name) is None:
@@ -915,15 +886,7 @@ def _save_nifti_atomic(path: Path, data_xyz: np.ndarray, affine: np.ndarray) -> 
     image.header.set_data_dtype(data_xyz.dtype)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
-    _atomic_write(path, lambda temporary: nib.save(image, str(temporary)))
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    def write(temporary: Path) -> None:
-        with open(temporary, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-
-    _atomic_write(path, write)
+    atomic_write(path, lambda temporary: nib.save(image, str(temporary)))
 
 
 def write_label_nifti(path: Path, label: np.ndarray, affine: np.ndarray, convention: str) -> None:
@@ -1010,7 +973,7 @@ def _update_msd_dataset_json(root: Path, case_id: str, image_name: str, label_na
     content["numTraining"] = len(content["training"])
     content["numTest"] = len(content["test"])
     text = json.dumps(content, indent=4) + "\n"
-    _atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)
 
 
 def _remove_stale(paths: list[Path]) -> None:
@@ -1074,11 +1037,11 @@ def write_case(
     if fmt == "dle":
         image_path = root / f"{case_id}{_DLE_IMAGE_SUFFIX}"
         label_path = root / f"{case_id}{_DLE_LABEL_SUFFIX}"
-        _save_npy_atomic(image_path, np.ascontiguousarray(image))
+        atomic_save_npy(image_path, np.ascontiguousarray(image))
         if native_label is None:
             _remove_stale([label_path])
             return CaseFiles(case_id, fmt, (image_path,), None)
-        _save_npy_atomic(label_path, np.ascontiguousarray(native_label[np.newaxis]))
+        atomic_save_npy(label_path, np.ascontiguousarray(native_label[np.newaxis]))
         return CaseFiles(case_id, fmt, (image_path,), label_path)
 
     if fmt == "msd":

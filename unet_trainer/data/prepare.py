@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..fileio import atomic_save_npy, atomic_write_text
 from .formats import LAYOUT_DESCRIPTIONS, CaseFiles, DataFormatError, RawCase, detect_format, list_cases, read_case
 
 PREPARE_VERSION = 1
@@ -49,33 +48,6 @@ class PrepareSettings:
 
     def digest(self) -> str:
         return hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to ``path`` via a temporary file, fsync and rename (never a half file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def nonzero_bounding_box(image: np.ndarray, label: np.ndarray | None = None) -> tuple[tuple[int, int], ...]:
@@ -218,12 +190,12 @@ def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings]) -> tuple[str, str
         return case.case_id, str(exc)
     image, label, meta = prepare_case(raw, settings)
     meta["settings_digest"] = settings.digest()
-    _atomic_save_npy(out / f"{case.case_id}_x.npy", image)
+    atomic_save_npy(out / f"{case.case_id}_x.npy", image)
     if label is not None:
-        _atomic_save_npy(out / f"{case.case_id}_y.npy", label.astype(np.uint8))
+        atomic_save_npy(out / f"{case.case_id}_y.npy", label.astype(np.uint8))
         # str hash() is salted per process; a digest keeps the sampled voxels reproducible.
         rng = np.random.default_rng(int(hashlib.sha1(case.case_id.encode()).hexdigest()[:8], 16))
-        _atomic_save_npy(out / f"{case.case_id}_fg.npy", foreground_samples(label, rng))
+        atomic_save_npy(out / f"{case.case_id}_fg.npy", foreground_samples(label, rng))
     # The metadata goes last: its presence means the case is complete.
     atomic_write_text(out / f"{case.case_id}_meta.json", json.dumps(meta, indent=1))
     return case.case_id, None
