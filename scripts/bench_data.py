@@ -246,12 +246,11 @@ def time_loader(batches: Iterator, warmup: int, iters: int,
 def run_ours(prepared: Path, case_ids: list[str], args) -> dict:
     dataset = PatchDataset(prepared, case_ids, (args.patch,) * 3, args.oversampling)
     loader = build_train_loader(dataset, args.batch, args.seed, args.workers, pin_memory=False)
-    batches = endless_batches(loader, loader.sampler.set_epoch)
+    batches = iter(loader)  # our loader runs across epochs by itself
     try:
         return time_loader(batches, args.warmup, args.iters, lambda batch: (batch[0], batch[1]))
     finally:
-        batches.close()  # ends the persistent workers before the next measurement
-        del loader
+        del batches, loader  # ends the persistent workers before the next measurement
         gc.collect()
 
 
@@ -274,12 +273,11 @@ def run_ceiling(num_cases: int, args) -> dict:
     """Our loader's settings (sampler, workers, prefetch) over :class:`_ConstantPatches`."""
     loader = build_train_loader(_ConstantPatches(args.patch, num_cases), args.batch, args.seed, args.workers,
                                 pin_memory=False)
-    batches = endless_batches(loader, loader.sampler.set_epoch)
+    batches = iter(loader)
     try:
         return time_loader(batches, args.warmup, args.iters, lambda batch: (batch[0], batch[1]))
     finally:
-        batches.close()
-        del loader
+        del batches, loader
         gc.collect()
 
 

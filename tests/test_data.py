@@ -9,7 +9,7 @@ import torch
 
 from unet_trainer.cli import data_main
 from unet_trainer.data.formats import DataFormatError, detect_format, list_cases, read_case, write_case
-from unet_trainer.data.loader import (EpochSampler, PatchDataset, PreparedCase, choose_patch_start,
+from unet_trainer.data.loader import (ContinuousBatchSampler, EpochSampler, PatchDataset, PreparedCase, choose_patch_start,
                                       crop_with_padding)
 from unet_trainer.data.phantom import make_phantom_case, write_phantom_dataset
 from unet_trainer.data.prepare import (PrepareSettings, nonzero_bounding_box, prepare_dataset,
@@ -248,3 +248,21 @@ def test_crop_keeps_labels_outside_the_nonzero_image():
     label[6, 6, 6] = 2   # a label where every channel is zero
     assert nonzero_bounding_box(image) == ((2, 4), (2, 4), (2, 4))
     assert nonzero_bounding_box(image, label) == ((2, 7), (2, 7), (2, 7))
+
+
+def test_continuous_batches_cut_each_epoch_and_resume_anywhere():
+    sampler = EpochSampler(10, seed=5)
+    batches = ContinuousBatchSampler(sampler, batch_size=4)
+    assert batches.batches_per_epoch == 3
+    stream = iter(batches)
+    first_two_epochs = [next(stream) for _ in range(6)]
+    assert [len(b) for b in first_two_epochs] == [4, 4, 2, 4, 4, 2]       # partial last batch per epoch
+    for epoch in (0, 1):
+        reference = EpochSampler(10, seed=5)
+        reference.set_epoch(epoch)
+        flat = [item for b in first_two_epochs[3 * epoch:3 * epoch + 3] for item in b]
+        assert flat == list(reference)                                   # each case once, same order
+    batches.set_position(1, 1)                                           # resume at epoch 1, batch 1
+    assert [next(iter(batches)) for _ in range(1)][0] == first_two_epochs[4]
+    resumed = iter(batches)
+    assert [next(resumed) for _ in range(2)] == first_two_epochs[4:6]

@@ -298,7 +298,7 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
     loader = build_train_loader(dataset, per_rank_batch, seed, cfg["data"]["num_workers"],
                                 pin_memory=device.type == "cuda", num_replicas=dist_info.world_size,
                                 rank=dist_info.rank)
-    batches_per_epoch = math.ceil(loader.sampler.num_samples / per_rank_batch)
+    batches_per_epoch = loader.batch_sampler.batches_per_epoch
 
     seed_everything(seed)
     model = build_model(model_cfg).to(device)

@@ -319,26 +319,23 @@ def evaluate(state: State, engine: Engine) -> None:
 def fit(state: State, engine: Engine) -> State:
     """Train until ``state.max_duration`` or until a hook sets ``state.stop_reason``.
 
-    Evaluation runs every ``state.eval_interval`` and once more at the end if the last step was
-    not evaluated. Checkpoints are written by the checkpoint callback on batch/epoch/fit end.
+    Evaluation runs every ``state.eval_interval`` (never when it is 0) and once more at the end if
+    the last step was not evaluated. Checkpoints are written by the checkpoint callback on
+    batch/epoch/fit end.
     """
     engine.run(Event.FIT_START)
     state.model.train()
-    sampler = state.train_loader.sampler
-    batch_size_per_rank = state.train_loader.batch_size
+    # One loader iterator for the whole fit: it runs across epochs, so workers keep prefetching
+    # through epoch boundaries. It starts at the (resumed) data position.
+    state.train_loader.batch_sampler.set_position(state.timestamp.epoch, state.timestamp.batch_in_epoch)
+    batches = iter(state.train_loader) if not state.done() else None
     while not state.done() and state.stop_reason is None:
         ts = state.timestamp
-        sampler.set_epoch(ts.epoch)
-        sampler.set_start(ts.batch_in_epoch * batch_size_per_rank)
         engine.run(Event.EPOCH_START)
-        batches = iter(state.train_loader)
-        while True:
+        while ts.batch_in_epoch < state.batches_per_epoch:
             # Time spent blocked on the loader: what the device waits for data.
             wait_start = time.perf_counter()
-            try:
-                image, label = next(batches)
-            except StopIteration:
-                break
+            image, label = next(batches)
             data_wait = time.perf_counter() - wait_start
             image = image.to(state.device, non_blocking=True)
             label = label.to(state.device, non_blocking=True)
