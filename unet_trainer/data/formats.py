@@ -457,7 +457,7 @@ def _per_modality_case_files(folder: Path, fmt: str, require_labels: bool) -> Ca
     if label is None and require_labels:
         raise DataFormatError(
             f"case {case_id}: missing segmentation file {folder / seg_stem}.nii[.gz]; "
-            "labels are required (pass require_labels=False for prediction inputs)"
+            "training and scoring need a segmentation for every case (unet-predict does not)"
         )
     return CaseFiles(case_id, fmt, tuple(images), label)
 
@@ -538,7 +538,7 @@ def _list_msd_cases(root: Path, require_labels: bool, bad: dict[str, str] | None
             if label is None and require_labels:
                 raise DataFormatError(
                     f"case {case_id}: missing label file {labels_dir / case_id}.nii[.gz] for image "
-                    f"{image_path.name}; labels are required (pass require_labels=False for prediction inputs)"
+                    f"{image_path.name}; training and scoring need a segmentation for every case (unet-predict does not)"
                 )
         except DataFormatError as error:
             _record_bad(bad, case_id, error)
@@ -561,7 +561,7 @@ def _list_dle_cases(root: Path, require_labels: bool, bad: dict[str, str] | None
         if label is None and require_labels:
             _record_bad(bad, case_id, DataFormatError(
                 f"case {case_id}: missing label file {root / (case_id + _DLE_LABEL_SUFFIX)}; "
-                "labels are required (pass require_labels=False for prediction inputs)"
+                "training and scoring need a segmentation for every case (unet-predict does not)"
             ))
             continue
         cases.append(CaseFiles(case_id, "dle", (image_path,), label))
