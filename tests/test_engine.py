@@ -232,24 +232,25 @@ def test_sigkill_after_a_checkpoint_then_resume_is_exact(cache_root, tmp_path, t
     assert same_weights(weights(straight), weights(resumed))
 
 
-def test_torchrun_two_processes_agree_and_write_once(cache_root, tmp_path):
-    # Prepare the data once in this process so the two ranks only read it.
-    run_training_dir = tmp_path / "warm"
-    from unet_trainer.config import resolve_config
-
-    run_training(resolve_config(ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, run_training_dir,
-                                                                                 "max_duration=0ba")), progress=False)
-    run = tmp_path / "ddp"
-    out = tmp_path / "ranks"
+def torchrun(cache_root: Path, run: Path, out: Path, *extra: str) -> None:
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port),
-               str(ROOT / "tests" / "ddp_worker.py"), str(out),
-               *tiny_overrides(cache_root, run, "max_duration=4ba", "save_interval=2ba", "eval_interval=2ba")]
+               "--master_port", str(port), str(ROOT / "tests" / "ddp_worker.py"), str(out),
+               *tiny_overrides(cache_root, run, *extra)]
     result = subprocess.run(command, env=child_env(threads=1), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_torchrun_two_processes_agree_write_once_and_resume_consistently(cache_root, tmp_path):
+    from unet_trainer.config import resolve_config
+
+    # Prepare the data once in this process so the ranks only read it.
+    run_training(resolve_config(ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, tmp_path / "warm",
+                                                                                 "max_duration=0ba")), progress=False)
+    run, out = tmp_path / "ddp", tmp_path / "ranks"
+    torchrun(cache_root, run, out, "max_duration=4ba", "save_interval=2ba", "eval_interval=2ba")
     rank0 = torch.load(out / "rank0.pt", weights_only=True)
     rank1 = torch.load(out / "rank1.pt", weights_only=True)
     assert same_weights(rank0["model"], rank1["model"])
@@ -261,6 +262,14 @@ def test_torchrun_two_processes_agree_and_write_once(cache_root, tmp_path):
     assert len(saved["rng_per_rank"]) == 2 and len(saved["augmenter_per_rank"]) == 2
     assert not torch.equal(saved["augmenter_per_rank"][0]["noise_generator"],
                            saved["augmenter_per_rank"][1]["noise_generator"])
+    # Stopped after 2 steps and resumed to 4 by both ranks: the same weights as the straight run.
+    split_run, split_out = tmp_path / "ddp_split", tmp_path / "ranks_split"
+    torchrun(cache_root, split_run, split_out, "max_duration=2ba", "save_interval=2ba", "eval_interval=2ba")
+    torchrun(cache_root, split_run, split_out, "max_duration=4ba", "save_interval=2ba", "eval_interval=2ba")
+    resumed0 = torch.load(split_out / "rank0.pt", weights_only=True)
+    resumed1 = torch.load(split_out / "rank1.pt", weights_only=True)
+    assert resumed0["batch"] == 4
+    assert same_weights(resumed0["model"], rank0["model"]) and same_weights(resumed1["model"], rank0["model"])
 
 
 def test_keep_n_checkpoints_latest_and_best(tiny_config, tmp_path):
