@@ -111,7 +111,7 @@ def ensure_prepared(cfg: dict, dist_info: DistInfo, progress: bool = True) -> tu
     if source is None:
         source = raw_data_dir(cfg, progress=False)
     out = prepared_data_dir(cfg, source)
-    settings = PrepareSettings()
+    settings = PrepareSettings.from_config(cfg["data"])
     if dist_info.is_main and not prepared_is_current(out, source, settings, cfg["data"]["format"]):
         print(f"Preparing {source} -> {out}", file=sys.stderr)
         prepare_dataset(source, out, cfg["data"]["format"], settings, workers=cfg["data"]["prepare_workers"],

@@ -105,6 +105,8 @@ def data_main(argv: list[str] | None = None) -> int:
     prep.add_argument("--format", default="auto", choices=("auto", "msd", "brats2021", "brats2023", "dle"))
     prep.add_argument("--workers", type=int, default=2)
     prep.add_argument("--skip-bad", action="store_true", help="skip invalid cases and list them instead of stopping")
+    prep.add_argument("--target-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                      help="resample cases whose spacing differs to this one, in mm (default: keep each case's)")
 
     args = parser.parse_args(argv)
     from .data.prepare import PrepareSettings, prepare_dataset
@@ -118,7 +120,10 @@ def data_main(argv: list[str] | None = None) -> int:
             ids = write_phantom_dataset(args.out, args.cases, tuple(args.shape), args.seed)
             print(f"Wrote {len(ids)} phantom cases to {args.out}")
         else:
-            record = prepare_dataset(args.source, args.out, args.format, PrepareSettings(), workers=args.workers,
+            if args.target_spacing is not None and min(args.target_spacing) <= 0:
+                return _fail("--target-spacing takes three positive spacings in mm", 2)
+            settings = PrepareSettings(tuple(args.target_spacing) if args.target_spacing else None)
+            record = prepare_dataset(args.source, args.out, args.format, settings, workers=args.workers,
                                      skip_bad=args.skip_bad)
             print(f"Prepared {len(record['cases'])} {record['format']} cases into {args.out}")
             for case_id, error in record["skipped"].items():

@@ -279,6 +279,9 @@ SCHEMA: dict[str, Any] = {
             "shape": F("int_list", [64, 64, 64], length=3),
             "seed": F("int", 0, minimum=0),
         },
+        # Resample every case to this spacing (z, y, x) in mm when its own differs; null keeps each
+        # case's spacing (BraTS releases are already 1 mm isotropic).
+        "target_spacing": F("float_list", None, nullable=True, length=3),
         "num_folds": F("int", 5, minimum=2),
         "fold": F("int", 0, minimum=0),
         "split_seed": F("int", 0, minimum=0),
@@ -757,6 +760,9 @@ def _check_consistency(cfg: dict) -> None:
         if len(model[key]) != n_levels:
             raise ConfigError(
                 f"'model.{key}' has {len(model[key])} entries but 'model.filters' has {n_levels}; give one per level")
+    spacing = data["target_spacing"]
+    if spacing is not None and min(spacing) <= 0:
+        raise ConfigError(f"'data.target_spacing' = {spacing} must be three positive spacings (z, y, x) in mm")
     for key in ("std", "sigma", "scale"):
         for name, section in cfg["augmentation"].items():
             if isinstance(section, dict) and key in section and section[key][0] > section[key][1]:

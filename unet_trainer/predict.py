@@ -306,7 +306,7 @@ def predict_dataset(checkpoint: Path, input_dir: Path, output_dir: Path, fmt: st
         raise DataFormatError(f"{output_dir}: the output folder must not be the input folder (raw data is never written)")
     _speed_up_cuda(loaded.device)
     summary = PredictSummary()
-    settings = PrepareSettings()  # what ensure_prepared uses for every checkpoint's training data
+    settings = PrepareSettings.from_config(loaded.cfg["data"])  # as the training data was prepared
     bar = tqdm(cases, desc="predict", unit="case", disable=None if progress else True)
     for case in bar:
         try:

@@ -46,6 +46,12 @@ class PrepareSettings:
         return {"version": PREPARE_VERSION,
                 "target_spacing": list(self.target_spacing) if self.target_spacing else None}
 
+    @classmethod
+    def from_config(cls, data_cfg: dict) -> "PrepareSettings":
+        """The settings from a resolved config's ``data`` section."""
+        spacing = data_cfg.get("target_spacing")
+        return cls(target_spacing=tuple(float(v) for v in spacing) if spacing else None)
+
     def digest(self) -> str:
         return hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
