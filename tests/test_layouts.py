@@ -126,7 +126,8 @@ def test_every_layout_trains_through_unet_train(layout, datasets, phantom_cases,
     for index, (_, written) in enumerate(phantom_cases):
         cid = case_id(layout, index)
         meta = json.loads((prepared / f"{cid}_meta.json").read_text())
-        assert meta["label_convention"] == layout
+        # DLE arrays record the numbering they were read with (MSD's by default).
+        assert meta["label_convention"] == ("msd" if layout == "dle" else layout)
         label = np.load(prepared / f"{cid}_y.npy", allow_pickle=False)
         assert label.dtype == np.uint8 and set(np.unique(label).tolist()) <= {0, 1, 2, 3}
         # Canonical labels put back into the raw grid are exactly the labels that were written.
@@ -423,3 +424,30 @@ def test_every_case_bad_is_one_line_even_with_skip_bad(good_brats2021, tmp_path,
             (folder / f"{folder.name}_flair.nii.gz").write_bytes(b"not a nifti")
     assert data_main(["prepare", str(root), "--out", str(tmp_path / "p"), "--skip-bad"]) != 0
     assert_one_error_line(capsys.readouterr().err, "every case", "BraTS2021_00001", "flair")
+
+
+def test_dle_label_numbering_is_chosen_explicitly(tmp_path):
+    """DLE arrays made from BraTS 2021 hold 2023 numbering (1 NCR, 2 ED, 3 ET); made from MSD they
+    hold MSD's (1 ED, 2 NET, 3 ET). data.dle_labels / --dle-labels says which; the default is MSD."""
+    import numpy as np
+
+    from unet_trainer.cli import data_main
+    from unet_trainer.data.loader import PreparedCase
+
+    src = tmp_path / "dle"
+    src.mkdir()
+    image = np.random.default_rng(0).normal(size=(4, 6, 6, 6)).astype(np.float32)
+    native = np.zeros((1, 6, 6, 6), np.uint8)
+    native[0, 1, 1, 1], native[0, 2, 2, 2], native[0, 3, 3, 3] = 1, 2, 3
+    for case in ("a", "b"):
+        np.save(src / f"{case}_x.npy", image)
+        np.save(src / f"{case}_y.npy", native)
+    assert data_main(["prepare", str(src), "--out", str(tmp_path / "as_msd")]) == 0
+    assert data_main(["prepare", str(src), "--out", str(tmp_path / "as_2023"), "--dle-labels", "brats2023"]) == 0
+    as_msd = PreparedCase(tmp_path / "as_msd", "a")
+    as_2023 = PreparedCase(tmp_path / "as_2023", "a")
+    crop = as_msd.meta["crop_box"]
+    at = lambda case, z: int(case.label[z - crop[0][0], z - crop[1][0], z - crop[2][0]])  # noqa: E731
+    assert [at(as_msd, z) for z in (1, 2, 3)] == [2, 1, 3]        # MSD: 1 edema, 2 core
+    assert [at(as_2023, z) for z in (1, 2, 3)] == [1, 2, 3]       # 2023: 1 core, 2 edema
+    assert as_2023.meta["label_convention"] == "brats2023"

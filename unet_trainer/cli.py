@@ -105,6 +105,9 @@ def data_main(argv: list[str] | None = None) -> int:
     prep.add_argument("--format", default="auto", choices=("auto", "msd", "brats2021", "brats2023", "dle"))
     prep.add_argument("--workers", type=int, default=2)
     prep.add_argument("--skip-bad", action="store_true", help="skip invalid cases and list them instead of stopping")
+    prep.add_argument("--dle-labels", default="msd", choices=("msd", "brats2023"),
+                      help="label numbering of DLE .npy arrays: msd (from MSD Task01, default) or brats2023 "
+                           "(from BraTS 2021, enhancing 4 -> 3)")
     prep.add_argument("--target-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
                       help="resample cases whose spacing differs to this one, in mm (default: keep each case's)")
 
@@ -122,7 +125,7 @@ def data_main(argv: list[str] | None = None) -> int:
         else:
             if args.target_spacing is not None and min(args.target_spacing) <= 0:
                 return _fail("--target-spacing takes three positive spacings in mm", 2)
-            settings = PrepareSettings(tuple(args.target_spacing) if args.target_spacing else None)
+            settings = PrepareSettings(tuple(args.target_spacing) if args.target_spacing else None, args.dle_labels)
             record = prepare_dataset(args.source, args.out, args.format, settings, workers=args.workers,
                                      skip_bad=args.skip_bad)
             print(f"Prepared {len(record['cases'])} {record['format']} cases into {args.out}")

@@ -272,6 +272,9 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "path": F("str", None, nullable=True),
         "format": F("str", "auto", choices=("auto", "msd", "brats2021", "brats2023", "dle")),
+        # Label numbering of DLE .npy arrays: msd (DLE on MSD Task01, as Composer read) or
+        # brats2023 (DLE on BraTS 2021, which renumbers enhancing 4 -> 3).
+        "dle_labels": F("str", "msd", choices=("msd", "brats2023")),
         "cache_dir": F("str", None, nullable=True),
         "prepared_path": F("str", None, nullable=True),
         "phantom": {

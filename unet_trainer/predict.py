@@ -310,7 +310,7 @@ def predict_dataset(checkpoint: Path, input_dir: Path, output_dir: Path, fmt: st
     bar = tqdm(cases, desc="predict", unit="case", disable=None if progress else True)
     for case in bar:
         try:
-            raw = read_case(case)
+            raw = read_case(case, settings.dle_labels)
             labels, probs = predict_case(loaded, raw, settings, probabilities)
         except DataFormatError as exc:
             summary.failed[case.case_id] = str(exc)

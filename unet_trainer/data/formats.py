@@ -790,7 +790,7 @@ def _load_npy(path: Path, case_id: str) -> np.ndarray:
         ) from error
 
 
-def _read_dle_case(case: CaseFiles) -> RawCase:
+def _read_dle_case(case: CaseFiles, dle_labels: str = "msd") -> RawCase:
     (path,) = case.images
     stored = _load_npy(path, case.case_id)
     if stored.ndim != 4 or stored.shape[0] not in _DLE_ALLOWED_CHANNELS:
@@ -826,15 +826,23 @@ def _read_dle_case(case: CaseFiles) -> RawCase:
                 f"case {case.case_id}: cannot read {case.label} ({_one_line(error)}); "
                 "expected a complete .npy array"
             ) from error
-        label = _labels_to_canonical(native, "dle", case.label, case.case_id)
-    return RawCase(case.case_id, image, label, np.eye(4), (1.0, 1.0, 1.0), "dle", preprocessed=True)
+        label = _labels_to_canonical(native, dle_labels, case.label, case.case_id)
+    return RawCase(case.case_id, image, label, np.eye(4), (1.0, 1.0, 1.0), dle_labels, preprocessed=True)
 
 
-def read_case(case: CaseFiles) -> RawCase:
+# DLE's arrays carry no record of their numbering: preprocessed from MSD Task01 (what Composer
+# read) they keep MSD's labels; preprocessed from BraTS 2021 they hold 1, 2 and 4 -> 3, which is
+# the BraTS 2023 numbering. Read with the wrong one, oedema and necrotic core swap.
+DLE_LABEL_CONVENTIONS = ("msd", "brats2023")
+
+
+def read_case(case: CaseFiles, dle_labels: str = "msd") -> RawCase:
     """Read one case into canonical form, validating it.
 
     Args:
         case: files of one case, usually from :func:`list_cases`.
+        dle_labels: the label numbering of DLE arrays, one of :data:`DLE_LABEL_CONVENTIONS`
+            (ignored for other layouts).
 
     Returns:
         A :class:`RawCase`: image float32 ``(4, Z, Y, X)`` canonical channels, label uint8
@@ -853,7 +861,9 @@ def read_case(case: CaseFiles) -> RawCase:
     if case.format == "msd":
         return _read_msd_case(case)
     if case.format == "dle":
-        return _read_dle_case(case)
+        if dle_labels not in DLE_LABEL_CONVENTIONS:
+            raise ValueError(f"dle_labels must be one of {DLE_LABEL_CONVENTIONS}, got {dle_labels!r}")
+        return _read_dle_case(case, dle_labels)
     raise DataFormatError(f"case {case.case_id}: unknown layout {case.format!r}; expected one of {list(FORMATS)}")
 
 

@@ -41,16 +41,19 @@ class PrepareSettings:
     """What determines the prepared arrays; a change makes every case be prepared again."""
 
     target_spacing: tuple[float, float, float] | None = None  # (z, y, x) mm; None keeps each case's own
+    dle_labels: str = "msd"  # numbering of DLE arrays (formats.DLE_LABEL_CONVENTIONS)
 
     def as_dict(self) -> dict:
         return {"version": PREPARE_VERSION,
-                "target_spacing": list(self.target_spacing) if self.target_spacing else None}
+                "target_spacing": list(self.target_spacing) if self.target_spacing else None,
+                "dle_labels": self.dle_labels}
 
     @classmethod
     def from_config(cls, data_cfg: dict) -> "PrepareSettings":
         """The settings from a resolved config's ``data`` section."""
         spacing = data_cfg.get("target_spacing")
-        return cls(target_spacing=tuple(float(v) for v in spacing) if spacing else None)
+        return cls(target_spacing=tuple(float(v) for v in spacing) if spacing else None,
+                   dle_labels=data_cfg.get("dle_labels", "msd"))
 
     def digest(self) -> str:
         return hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
@@ -191,7 +194,7 @@ def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings]) -> tuple[str, str
     case, out_dir, settings = args
     out = Path(out_dir)
     try:
-        raw = read_case(case)
+        raw = read_case(case, settings.dle_labels)
     except DataFormatError as exc:
         return case.case_id, str(exc)
     image, label, meta = prepare_case(raw, settings)
