@@ -9,7 +9,7 @@ import torch
 
 from unet_trainer.cli import data_main
 from unet_trainer.data.formats import DataFormatError, detect_format, list_cases, read_case, write_case
-from unet_trainer.data.loader import (ContinuousBatchSampler, EpochSampler, PatchDataset, PreparedCase, choose_patch_start,
+from unet_trainer.data.loader import (ContinuousBatchSampler, DevicePrefetcher, EpochSampler, PatchDataset, PreparedCase, choose_patch_start,
                                       crop_with_padding)
 from unet_trainer.data.phantom import make_phantom_case, write_phantom_dataset
 from unet_trainer.data.prepare import (PrepareSettings, nonzero_bounding_box, prepare_dataset,
@@ -266,3 +266,25 @@ def test_continuous_batches_cut_each_epoch_and_resume_anywhere():
     assert [next(iter(batches)) for _ in range(1)][0] == first_two_epochs[4]
     resumed = iter(batches)
     assert [next(resumed) for _ in range(2)] == first_two_epochs[4:6]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_device_prefetcher_yields_every_batch_in_order(enabled):
+    batches = [(torch.full((2, 1, 3), float(i)), torch.full((2, 1, 3), i, dtype=torch.uint8)) for i in range(4)]
+    prefetcher = DevicePrefetcher(iter(batches), torch.device("cpu"), enabled=enabled)
+    got = list(prefetcher)
+    assert len(got) == 4
+    for (image, label), (ref_image, ref_label) in zip(got, batches):
+        assert torch.equal(image, ref_image) and torch.equal(label, ref_label) and image.device.type == "cpu"
+    with pytest.raises(StopIteration):
+        next(prefetcher)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_prefetcher_on_cuda_matches_the_cpu_batches():
+    batches = [(torch.randn(2, 4, 8, 8, 8).pin_memory(), torch.randint(0, 4, (2, 1, 8, 8, 8), dtype=torch.uint8))
+               for _ in range(5)]
+    got = list(DevicePrefetcher(iter(batches), torch.device("cuda"), enabled=True))
+    torch.cuda.synchronize()
+    assert all(torch.equal(g.cpu(), r) and h.device.type == "cuda" for (g, _), (r, _) in zip(got, batches))
+    assert all(torch.equal(h.cpu(), r) for (_, h), (_, r) in zip(got, batches))

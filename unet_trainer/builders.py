@@ -328,6 +328,7 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
         batches_per_epoch=batches_per_epoch, samples_per_epoch=len(dataset), amp_dtype=amp_dtype, scaler=scaler,
         augmenter=build_augmenter(cfg, device, seed + dist_info.rank),
         microbatch_size=cfg["device_train_microbatch_size"], grad_clip_norm=cfg["grad_clip_norm"],
+        prefetch_to_device=cfg["data"]["prefetch_to_device"],
         evaluator=evaluator, eval_interval=Duration.parse(cfg["eval_interval"]), run_dir=run_dir, config=cfg,
         seed=seed, rank=dist_info.rank, world_size=dist_info.world_size,
     )

@@ -292,6 +292,8 @@ SCHEMA: dict[str, Any] = {
         "patch_size": F("int_list", [128, 128, 128], length=3),
         "oversampling": F("float", 0.4, **PROB),
         "num_workers": F("int", 2, minimum=0),
+        # On CUDA, copy the next batch to the GPU on a side stream while the current step runs.
+        "prefetch_to_device": F("bool", True),
         "prepare_workers": F("int", 2, minimum=1),
     },
     "augmentation": {

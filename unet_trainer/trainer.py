@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import Duration
+from .data.loader import DevicePrefetcher
 from .distributed import all_ranks_agree
 
 
@@ -96,6 +97,7 @@ class State:
     augmenter: Callable | None = None     # transforms.BatchAugmenter
     microbatch_size: int | str | None = None   # int, "auto" or None (whole rank batch)
     grad_clip_norm: float | None = None
+    prefetch_to_device: bool = True       # copy the next batch on a side CUDA stream
     evaluator: Callable[["State"], dict] | None = None
     eval_interval: Duration | None = None
     run_dir: Path | None = None
@@ -328,17 +330,17 @@ def fit(state: State, engine: Engine) -> State:
     # One loader iterator for the whole fit: it runs across epochs, so workers keep prefetching
     # through epoch boundaries. It starts at the (resumed) data position.
     state.train_loader.batch_sampler.set_position(state.timestamp.epoch, state.timestamp.batch_in_epoch)
-    batches = iter(state.train_loader) if not state.done() else None
+    batches = None
+    if not state.done():
+        batches = DevicePrefetcher(iter(state.train_loader), state.device, enabled=state.prefetch_to_device)
     while not state.done() and state.stop_reason is None:
         ts = state.timestamp
         engine.run(Event.EPOCH_START)
         while ts.batch_in_epoch < state.batches_per_epoch:
             # Time spent blocked on the loader: what the device waits for data.
             wait_start = time.perf_counter()
-            image, label = next(batches)
+            image, label = next(batches)  # already on the device
             data_wait = time.perf_counter() - wait_start
-            image = image.to(state.device, non_blocking=True)
-            label = label.to(state.device, non_blocking=True)
             if state.augmenter is not None:
                 image, label = state.augmenter(image, label)
             state.batch = (image, label)
