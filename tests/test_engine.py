@@ -326,3 +326,13 @@ def test_compiled_training_matches_eager(tiny_config, tmp_path):
                             progress=False)
     a, b = weights(eager), weights(compiled)
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_sample_intervals_count_partial_batches(tiny_config, tmp_path):
+    """Epochs of 4 cases at batch 3 are batches of 3 and 1 samples (3, 4, 7, 8 seen). Saving
+    every 3 samples falls due when 3 and then 6 are reached (batches 1 and 3), not after the
+    1-sample batch 2; the end of the run (batch 4) saves once more."""
+    run_training(tiny_config("max_duration=4ba", "train_batch_size=3", "save_interval=3sp",
+                             "save_num_checkpoints_to_keep=-1", "eval_interval=0ep"), progress=False)
+    names = [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert names == ["ep0-ba1-rank0.pt", "ep1-ba3-rank0.pt", "ep2-ba4-rank0.pt"]

@@ -24,7 +24,7 @@ from .checkpoint import atomic_torch_save, capture_rng_state, checkpoint_name, l
 from .config import Duration
 from .distributed import all_gather_objects, all_ranks_agree, barrier
 from .fileio import atomic_symlink, atomic_write
-from .trainer import Callback, State
+from .trainer import Callback, State, interval_due
 
 
 class ProgressBar(Callback):
@@ -194,28 +194,15 @@ class CheckpointSaver(Callback):
         barrier()
         return path
 
-    def _due(self, state: State, at_epoch_end: bool) -> bool:
-        unit, value = self.interval.unit, self.interval.value
-        if value == 0:
-            return False
-        ts = state.timestamp
-        if unit == "ep":
-            return at_epoch_end and ts.epoch % value == 0
-        if at_epoch_end:
-            return False
-        if unit == "ba":
-            return ts.batch % value == 0
-        return (ts.sample // value) != ((ts.sample - state.train_batch_size) // value)
-
     def fit_start(self, state: State) -> None:
         self.last_saved_batch = state.timestamp.batch if state.timestamp.batch else None
 
     def batch_end(self, state: State) -> None:
-        if self._due(state, at_epoch_end=False) or state.stop_reason is not None:
+        if interval_due(self.interval, state, at_epoch_end=False) or state.stop_reason is not None:
             self.save(state)
 
     def epoch_end(self, state: State) -> None:
-        if self._due(state, at_epoch_end=True):
+        if interval_due(self.interval, state, at_epoch_end=True):
             self.save(state)
 
     def eval_end(self, state: State) -> None:

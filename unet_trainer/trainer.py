@@ -112,6 +112,7 @@ class State:
     outputs: Any = None
     loss: torch.Tensor | None = None
     step_metrics: dict = field(default_factory=dict)
+    last_batch_samples: int = 0           # global samples in the step just taken
     stop_reason: str | None = None
     extra_state: dict = field(default_factory=dict)     # hooks' own resumable state, by name
 
@@ -291,7 +292,13 @@ def train_batch(state: State, engine: Engine) -> float:
     return loss_value
 
 
-def _eval_due(interval: Duration | None, state: State, at_epoch_end: bool) -> bool:
+def interval_due(interval: Duration | None, state: State, at_epoch_end: bool) -> bool:
+    """Whether an every-``interval`` action (evaluate, save) is due at this point.
+
+    Epoch intervals fall due at epoch ends; batch and sample intervals at batch ends, when the
+    step just taken reached or crossed a multiple of the interval (the last batch of an epoch
+    may be partial, so samples are counted as they came). An interval of 0 is never due.
+    """
     if interval is None or interval.value == 0:
         return False
     ts = state.timestamp
@@ -301,8 +308,7 @@ def _eval_due(interval: Duration | None, state: State, at_epoch_end: bool) -> bo
         return False
     if interval.unit == "ba":
         return ts.batch % interval.value == 0
-    per_batch = state.train_batch_size
-    return (ts.sample // interval.value) != ((ts.sample - per_batch) // interval.value)
+    return (ts.sample // interval.value) != ((ts.sample - state.last_batch_samples) // interval.value)
 
 
 def evaluate(state: State, engine: Engine) -> None:
@@ -347,12 +353,13 @@ def fit(state: State, engine: Engine) -> State:
             engine.run(Event.BATCH_START)
             state.step_metrics = {"loss/train": train_batch(state, engine), "time/data_wait_s": data_wait}
             global_samples = image.shape[0] * state.world_size
+            state.last_batch_samples = global_samples
             ts.batch += 1
             ts.batch_in_epoch += 1
             ts.sample += global_samples
             ts.sample_in_epoch += global_samples
             state.batch = None
-            if _eval_due(state.eval_interval, state, at_epoch_end=False):
+            if interval_due(state.eval_interval, state, at_epoch_end=False):
                 evaluate(state, engine)
             engine.run(Event.BATCH_END)
             if state.done() or state.stop_reason is not None:
@@ -361,7 +368,7 @@ def fit(state: State, engine: Engine) -> State:
             ts.epoch += 1
             ts.batch_in_epoch = 0
             ts.sample_in_epoch = 0
-            if _eval_due(state.eval_interval, state, at_epoch_end=True):
+            if interval_due(state.eval_interval, state, at_epoch_end=True):
                 evaluate(state, engine)
             engine.run(Event.EPOCH_END)
     # A final evaluation unless evaluation is off (interval 0), the last step was just evaluated,
