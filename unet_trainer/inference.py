@@ -28,7 +28,7 @@ import functools
 import itertools
 import math
 from contextlib import nullcontext
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,44 @@ def _check_windows(window: tuple[int, ...], output_window: tuple[int, ...]) -> N
                          f"{list(window)}, each between 1 and the window size")
 
 
+class _Tiling(NamedTuple):
+    """How an image is tiled by windows: shared by the 3D and the slice-by-slice paths."""
+
+    image: torch.Tensor                 # padded by the fit and the context margins
+    window: tuple[int, ...]             # input window
+    output_window: tuple[int, ...]      # the model's output for one window
+    fit: list[tuple[int, int]]          # padding that grows the image to one output window
+    acc_shape: tuple[int, ...]          # accumulator extent over the tiled axes
+    weight: torch.Tensor                # importance map over the output window
+    starts: list[tuple[int, ...]]       # output-window origins in accumulator coordinates
+
+    def crop(self, logits: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        """Drop the fit padding from accumulated logits (tiled axes last)."""
+        if not any(a or b for a, b in self.fit):
+            return logits
+        lead = (slice(None),) * (logits.ndim - len(spatial))
+        return logits[lead + tuple(slice(a, a + n) for (a, _), n in zip(self.fit, spatial))]
+
+
+def _tile(image: torch.Tensor, window: Sequence[int], output_window: Sequence[int] | None, overlap: float,
+          gaussian: bool) -> _Tiling:
+    """Check the windows, pad the last ``len(window)`` axes of ``image`` and place the windows.
+
+    In accumulator coordinates the image is grown to at least one output window; the input is
+    further padded by the context margins, so the window whose output starts at t starts at t in it.
+    """
+    window = tuple(int(w) for w in window)
+    output_window = window if output_window is None else tuple(int(o) for o in output_window)
+    _check_windows(window, output_window)
+    spatial = tuple(image.shape[-len(window):])
+    fit, margins = _padding(spatial, window, output_window)
+    acc_shape = tuple(n + a + b for n, (a, b) in zip(spatial, fit))
+    padded = _pad_last_axes(image, [(fa + ma, fb + mb) for (fa, fb), (ma, mb) in zip(fit, margins)])
+    starts = list(itertools.product(*[window_starts(n, o, overlap) for n, o in zip(acc_shape, output_window)]))
+    return _Tiling(padded, window, output_window, fit, acc_shape,
+                   _cached_importance(output_window, gaussian, image.device), starts)
+
+
 @torch.no_grad()
 def sliding_window_logits(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
                           window: Sequence[int], num_outputs: int, overlap: float = 0.5,
@@ -168,20 +206,12 @@ def sliding_window_logits(predict: Callable[[torch.Tensor], torch.Tensor], image
     Raises:
         ValueError: inconsistent window sizes, or a model output of an unexpected shape.
     """
-    device = image.device
     spatial = tuple(image.shape[1:])
-    window = tuple(int(w) for w in window)
-    output_window = window if output_window is None else tuple(int(o) for o in output_window)
-    _check_windows(window, output_window)
-    fit, margins = _padding(spatial, window, output_window)
-    # Accumulator coordinates: the volume grown to at least one output window. The input is further
-    # padded by the context margins, so the window whose output starts at t starts at t in it.
-    acc_shape = tuple(s + a + b for s, (a, b) in zip(spatial, fit))
-    image = _pad_last_axes(image, [(fa + ma, fb + mb) for (fa, fb), (ma, mb) in zip(fit, margins)])
-    weight = _cached_importance(output_window, gaussian, device)
-    logits = torch.zeros((num_outputs,) + acc_shape, dtype=torch.float32, device=device)
-    norm = torch.zeros(acc_shape, dtype=torch.float32, device=device)
-    starts = list(itertools.product(*[window_starts(n, o, overlap) for n, o in zip(acc_shape, output_window)]))
+    tiling = _tile(image, window, output_window, overlap, gaussian)
+    image, window, output_window, weight, starts = (tiling.image, tiling.window, tiling.output_window,
+                                                     tiling.weight, tiling.starts)
+    logits = torch.zeros((num_outputs,) + tiling.acc_shape, dtype=torch.float32, device=image.device)
+    norm = torch.zeros(tiling.acc_shape, dtype=torch.float32, device=image.device)
     flips = _flip_sets(2, len(window), mirror)
     for first in range(0, len(starts), sw_batch_size):
         chunk = starts[first:first + sw_batch_size]
@@ -193,10 +223,7 @@ def sliding_window_logits(predict: Callable[[torch.Tensor], torch.Tensor], image
             logits[(slice(None),) + region].addcmul_(pred, weight)
             norm[region] += weight
     logits /= norm
-    if any(a or b for a, b in fit):
-        crop = tuple(slice(a, a + s) for (a, _), s in zip(fit, spatial))
-        logits = logits[(slice(None),) + crop]
-    return logits
+    return tiling.crop(logits, spatial)
 
 
 @torch.no_grad()
@@ -227,20 +254,14 @@ def sliding_window_slices(predict: Callable[[torch.Tensor], torch.Tensor], image
     Raises:
         ValueError: as :func:`sliding_window_logits`.
     """
-    device = image.device
     depth = image.shape[1]
     plane = tuple(image.shape[2:])
-    window = tuple(int(w) for w in window)
-    output_window = window if output_window is None else tuple(int(o) for o in output_window)
-    _check_windows(window, output_window)
-    fit, margins = _padding(plane, window, output_window)
-    acc_plane = tuple(s + a + b for s, (a, b) in zip(plane, fit))
-    image = _pad_last_axes(image, [(fa + ma, fb + mb) for (fa, fb), (ma, mb) in zip(fit, margins)])
-    weight = _cached_importance(output_window, gaussian, device)
-    logits = torch.zeros((num_outputs, depth) + acc_plane, dtype=torch.float32, device=device)
+    tiling = _tile(image, window, output_window, overlap, gaussian)
+    image, window, output_window, weight, in_plane = (tiling.image, tiling.window, tiling.output_window,
+                                                       tiling.weight, tiling.starts)
+    logits = torch.zeros((num_outputs, depth) + tiling.acc_shape, dtype=torch.float32, device=image.device)
     # Every slice is tiled identically, so the weight sum is one in-plane map for all slices.
-    norm = torch.zeros(acc_plane, dtype=torch.float32, device=device)
-    in_plane = list(itertools.product(*[window_starts(n, o, overlap) for n, o in zip(acc_plane, output_window)]))
+    norm = torch.zeros(tiling.acc_shape, dtype=torch.float32, device=image.device)
     for start in in_plane:
         norm[tuple(slice(s, s + o) for s, o in zip(start, output_window))] += weight
     windows = [(start, z) for start in in_plane for z in range(depth)]
@@ -264,10 +285,7 @@ def sliding_window_slices(predict: Callable[[torch.Tensor], torch.Tensor], image
             logits[region].addcmul_(out[row:row + z1 - z0].transpose(0, 1), weight)
             row += z1 - z0
     logits /= norm
-    if any(a or b for a, b in fit):
-        crop = tuple(slice(a, a + s) for (a, _), s in zip(fit, plane))
-        logits = logits[(slice(None), slice(None)) + crop]
-    return logits
+    return tiling.crop(logits, plane)
 
 
 def model_output_window(model: Callable, window: Sequence[int]) -> tuple[int, ...] | None:
