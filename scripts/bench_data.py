@@ -61,6 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchutil import cpu_model_name
 from unet_trainer.data.formats import CaseFiles, list_cases, write_case  # noqa: E402
 from unet_trainer.data.loader import PatchDataset, build_train_loader  # noqa: E402
 from unet_trainer.data.phantom import make_phantom_case  # noqa: E402
@@ -72,17 +73,6 @@ CASE_PREFIX = "BraTS2021_"
 # --------------------------------------------------------------------------------------------
 # Machine and memory
 # --------------------------------------------------------------------------------------------
-
-
-def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def available_memory_bytes() -> int | None:

@@ -55,6 +55,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchutil import device_description
 from unet_trainer.model import UNet, optimize_model  # noqa: E402
 
 FULL_WIDTH_FILTERS = (32, 64, 128, 256, 320, 320)
@@ -193,21 +194,6 @@ def return_freed_memory_to_the_os() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 64 * 1024)) and bool(mallopt(m_trim_threshold, 64 * 1024))
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model_name = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model_name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model_name} ({os.cpu_count()} logical CPUs, torch using {torch.get_num_threads()} threads)"
 
 
 def measure(

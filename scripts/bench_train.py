@@ -92,6 +92,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchutil import device_description
 from unet_trainer.builders import AMP_DTYPES, build_optimizer, run_training  # noqa: E402
 from unet_trainer.config import ConfigError, Duration, resolve_config  # noqa: E402
 from unet_trainer.data.phantom import write_phantom_dataset  # noqa: E402
@@ -551,19 +552,6 @@ def fmt_duration(seconds: float) -> str:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
-
-def device_description(device: str) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
 
 
 def verdict(value: float, target: float, higher_is_better: bool, measurable: str | None) -> str:

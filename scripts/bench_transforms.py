@@ -19,7 +19,6 @@ Example (quick CPU check):
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchutil import cpu_model_name
 from unet_trainer.transforms import AugmentationSettings, BatchAugmenter
 
 CHANNELS = 4
@@ -209,17 +209,6 @@ def training_step_seconds(patch: int, device: torch.device, warmup: int, iters: 
 
 
 # ---------------------------------------------------------------------- reporting
-
-
-def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def devices_to_run(choice: str) -> list[torch.device]:

@@ -1,0 +1,28 @@
+"""Shared by the benchmarks in this folder: naming the device a figure was measured on."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def cpu_model_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what the platform module reports."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_description(device: torch.device | str) -> str:
+    """One line naming the device: the GPU and CUDA version, or the CPU, its cores and torch threads."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"CPU {cpu_model_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
