@@ -376,5 +376,6 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
         "final_eval": final,
         "best_dice": state.extra_state.get("best_dice"),
         "seconds": time.perf_counter() - started,
+        "is_main": dist_info.is_main,
         "state": state,
     }

@@ -83,7 +83,8 @@ def train_main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))  # OSError: e.g. an unwritable save_folder or a full disk
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
-    print(_format_summary(summary))
+    if summary["is_main"]:  # under torchrun, one summary, from rank 0
+        print(_format_summary(summary))
     return 0
 
 
