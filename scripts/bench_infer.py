@@ -53,18 +53,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchutil import brats_3d_model
 from unet_trainer.inference import predict_volume  # noqa: E402
 from unet_trainer.model import UNet, optimize_model  # noqa: E402
 
-FULL_WIDTH_FILTERS = (32, 64, 128, 256, 320, 320)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def build_model(width_divisor: int) -> UNet:
-    filters = [max(1, f // width_divisor) for f in FULL_WIDTH_FILTERS]
-    return UNet(spatial_dims=3, in_channels=4, num_classes=4, filters=filters, kernel_sizes=[3] * 6,
-                strides=[1, 2, 2, 2, 2, 2], norm="instance", activation="leaky_relu", negative_slope=0.01,
-                upsample="transposed")
+    return UNet(**brats_3d_model(width_divisor))
 
 
 def time_volume(run: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int
@@ -141,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                                             mode="gaussian", sigma_scale=0.125)[0]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    filters = [max(1, f // args.width_divisor) for f in FULL_WIDTH_FILTERS]
+    filters = brats_3d_model(args.width_divisor)["filters"]
     print(f"device {name}, torch {torch.__version__}, volume 4x{'x'.join(map(str, args.size))}, window {args.window}^3, "
           f"sw batch {args.sw_batch_size}, overlap {args.overlap}, gaussian sigma 1/8, {args.precision}, "
           f"filters {filters}, warmup {args.warmup}, median of {args.iters}")

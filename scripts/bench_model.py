@@ -55,31 +55,21 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchutil import device_description
+from benchutil import brats_3d_model, device_description
 from unet_trainer.model import UNet, optimize_model  # noqa: E402
 
-FULL_WIDTH_FILTERS = (32, 64, 128, 256, 320, 320)
+PRESET = brats_3d_model()  # configs/brats.yaml's model section; the peers are built to match it
+FULL_WIDTH_FILTERS = tuple(PRESET["filters"])
 FILTERS = list(FULL_WIDTH_FILTERS)  # narrowed by --width-divisor before any model is built
-STRIDES = [1, 2, 2, 2, 2, 2]
-IN_CHANNELS = 4
-NUM_CLASSES = 4
+STRIDES = PRESET["strides"]
+IN_CHANNELS = PRESET["in_channels"]
+NUM_CLASSES = PRESET["num_classes"]
 MODES = ("eager", "channels_last", "compiled", "compiled_channels_last")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_ours() -> nn.Module:
-    return UNet(
-        spatial_dims=3,
-        in_channels=IN_CHANNELS,
-        num_classes=NUM_CLASSES,
-        filters=FILTERS,
-        kernel_sizes=[3] * len(FILTERS),
-        strides=STRIDES,
-        norm="instance",
-        activation="leaky_relu",
-        negative_slope=0.01,
-        upsample="transposed",
-    )
+    return UNet(**{**PRESET, "filters": FILTERS})
 
 
 def build_dynunet() -> nn.Module:

@@ -179,20 +179,10 @@ def monai_seconds_per_batch(setting: Setting, batch: int, patch: int, warmup: in
 
 def training_step_seconds(patch: int, device: torch.device, warmup: int, iters: int) -> float:
     """One forward+backward of the BraTS 3D U-Net at batch 2, bf16 autocast, cross-entropy loss."""
-    from unet_trainer.model import UNet  # imported here: only the CUDA branch needs the model
+    from benchutil import brats_3d_model  # imported here: only the CUDA branch needs the model
+    from unet_trainer.model import UNet
 
-    model = UNet(
-        spatial_dims=3,
-        in_channels=CHANNELS,
-        num_classes=NUM_CLASSES,
-        filters=[32, 64, 128, 256, 320, 320],
-        kernel_sizes=[3] * 6,
-        strides=[1, 2, 2, 2, 2, 2],
-        norm="instance",
-        activation="leaky_relu",
-        negative_slope=0.01,
-        upsample="transposed",
-    ).to(device)
+    model = UNet(**brats_3d_model()).to(device)
     model.train()
     image, label = make_batch(2, patch, device)
     target = label[:, 0].long()

@@ -26,3 +26,13 @@ def device_description(device: torch.device | str) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     return f"CPU {cpu_model_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
+
+
+def brats_3d_model(width_divisor: int = 1) -> dict:
+    """The BraTS 3D preset's UNet arguments, read from ``configs/brats.yaml`` (its one definition),
+    with every filter count divided by ``width_divisor`` (at least 1) for quick CPU runs."""
+    from unet_trainer.config import repo_root, resolve_config
+
+    model = resolve_config(repo_root() / "configs" / "brats.yaml")["model"]
+    model["filters"] = [max(1, f // width_divisor) for f in model["filters"]]
+    return model

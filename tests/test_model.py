@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unet_trainer.config import resolve_config
 from unet_trainer.model import GroupNorm, InstanceNorm, LinearUpsample, UNet, optimize_model
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,18 +29,8 @@ def single_cpu_thread():
     torch.set_num_threads(previous)
 
 
-BRATS_3D = dict(
-    spatial_dims=3,
-    in_channels=4,
-    num_classes=4,
-    filters=[32, 64, 128, 256, 320, 320],
-    kernel_sizes=[3] * 6,
-    strides=[1, 2, 2, 2, 2, 2],
-    norm="instance",
-    activation="leaky_relu",
-    negative_slope=0.01,
-    upsample="transposed",
-)
+# The shipped preset itself, so the DynUNet parity below holds for what users train.
+BRATS_3D = resolve_config(Path(__file__).resolve().parent.parent / "configs" / "brats.yaml")["model"]
 COMPOSER_2D = dict(
     spatial_dims=2,
     in_channels=4,
