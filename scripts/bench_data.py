@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         available = available_memory_bytes()
         need = cache_bytes_estimate(shape, len(items))
         if args.no_cache_dataset:
-            pass
+            print("(d) MONAI CacheDataset: not run (--no-cache-dataset)")
         elif available is not None and need > available / 2:
             print(f"(d) MONAI CacheDataset: skipped, needs about {gib(need)} and {gib(available)} is available")
         else:

@@ -244,6 +244,18 @@ def _format_eval(report) -> str:
     return "\n".join(lines)
 
 
+def _format_flag(flags: dict) -> str:
+    """The ``--format`` flag's layout ("auto" when absent).
+
+    Raises:
+        ConfigError: a layout that does not exist.
+    """
+    fmt = flags.get("--format") or "auto"
+    if fmt not in _FORMAT_CHOICES:
+        raise ConfigError(f"command line: --format {fmt!r} is not one of {', '.join(_FORMAT_CHOICES)}")
+    return fmt
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     """``unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV]``; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -253,9 +265,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         (checkpoint,), flags, overrides = _split_command_line(args, 1, ("--dataset", "--format", "--out"),
                                                                ("--no-progress",))
-        fmt = flags.get("--format") or "auto"
-        if fmt not in _FORMAT_CHOICES:
-            return _fail(f"command line: --format {fmt!r} is not one of {', '.join(_FORMAT_CHOICES)}", 2)
+        fmt = _format_flag(flags)
         from .predict import evaluate_checkpoint  # imported here so --help and usage errors stay fast
 
         dataset = flags.get("--dataset")
@@ -281,9 +291,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     try:
         (checkpoint, source, output), flags, overrides = _split_command_line(
             args, 3, ("--format",), ("--probabilities", "--no-progress"))
-        fmt = flags.get("--format") or "auto"
-        if fmt not in _FORMAT_CHOICES:
-            return _fail(f"command line: --format {fmt!r} is not one of {', '.join(_FORMAT_CHOICES)}", 2)
+        fmt = _format_flag(flags)
         from .predict import predict_dataset
 
         summary = predict_dataset(Path(checkpoint), Path(source), Path(output), fmt, overrides,
