@@ -286,5 +286,7 @@ def test_device_prefetcher_on_cuda_matches_the_cpu_batches():
                for _ in range(5)]
     got = list(DevicePrefetcher(iter(batches), torch.device("cuda"), enabled=True))
     torch.cuda.synchronize()
-    assert all(torch.equal(g.cpu(), r) and h.device.type == "cuda" for (g, _), (r, _) in zip(got, batches))
-    assert all(torch.equal(h.cpu(), r) for (_, h), (_, r) in zip(got, batches))
+    assert len(got) == len(batches)
+    for (image, label), (ref_image, ref_label) in zip(got, batches):
+        assert image.device.type == label.device.type == "cuda"
+        assert torch.equal(image.cpu(), ref_image) and torch.equal(label.cpu(), ref_label)
