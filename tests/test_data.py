@@ -45,9 +45,10 @@ def test_phantom_dataset_layout_and_determinism(phantom, tmp_path):
     seg = nib.load(str(phantom / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz"))
     assert set(np.unique(np.asarray(seg.dataobj))) == {0, 1, 2, 4}       # BraTS 2021 labels on disk
     assert seg.shape == (30, 28, 32) and np.allclose(seg.affine, np.eye(4))  # (x, y, z), 1 mm
-    again = tmp_path / "again"
-    write_phantom_dataset(again, cases=4, shape=(32, 28, 30), seed=7, progress=False)
-    for a, b in zip(cases, list_cases(again)):
+    again = tmp_path / "again"  # written by 2 processes: the same files as the serial fixture's
+    assert write_phantom_dataset(again, cases=4, shape=(32, 28, 30), seed=7, progress=False,
+                                 workers=2) == [c.case_id for c in cases]
+    for a, b in zip(cases, list_cases(again), strict=True):
         ra, rb = read_case(a), read_case(b)
         assert np.array_equal(ra.image, rb.image) and np.array_equal(ra.label, rb.label)
 

@@ -87,7 +87,8 @@ def raw_data_dir(cfg: dict, progress: bool = True) -> Path:
         folder = cache_dir(cfg) / f"phantom-{phantom['cases']}cases-{shape}-seed{phantom['seed']}"
         if not (folder / "phantom.json").is_file():
             print(f"Generating the synthetic BraTS phantom into {folder}", file=sys.stderr)
-            write_phantom_dataset(folder, phantom["cases"], tuple(phantom["shape"]), phantom["seed"], progress)
+            write_phantom_dataset(folder, phantom["cases"], tuple(phantom["shape"]), phantom["seed"], progress,
+                                  workers=data["prepare_workers"])
         return folder
     path = Path(data["path"]).expanduser()
     if not path.is_dir():

@@ -99,6 +99,7 @@ def data_main(argv: list[str] | None = None) -> int:
     synth.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64], metavar=("D", "H", "W"),
                        help="array shape per case, (Z, Y, X) voxels of 1 mm (default 64 64 64; BraTS is 155 240 240)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=2, help="processes writing cases in parallel (default 2)")
 
     prep = sub.add_parser("prepare", help="crop, normalise and store a raw dataset as memory-mappable arrays")
     prep.add_argument("source", type=Path, help="raw dataset folder (MSD Task01, BraTS 2021/2023, DLE npy)")
@@ -121,7 +122,9 @@ def data_main(argv: list[str] | None = None) -> int:
                 return _fail("--cases must be at least 1", 2)
             from .data.phantom import write_phantom_dataset
 
-            ids = write_phantom_dataset(args.out, args.cases, tuple(args.shape), args.seed)
+            if args.workers < 1:
+                return _fail("--workers must be at least 1", 2)
+            ids = write_phantom_dataset(args.out, args.cases, tuple(args.shape), args.seed, workers=args.workers)
             print(f"Wrote {len(ids)} phantom cases to {args.out}")
         else:
             if args.target_spacing is not None and min(args.target_spacing) <= 0:

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +138,21 @@ def make_phantom_case(shape: tuple[int, int, int], rng: np.random.Generator) -> 
     return image, label
 
 
+def _write_one_case(folder: Path, shape: tuple[int, int, int], seed: int, index: int) -> str:
+    """Draw case ``index`` and write it into ``folder``; returns its id. Runs in a worker process."""
+    image, label = make_phantom_case(shape, np.random.default_rng([seed, index]))
+    case_id = f"BraTS2021_{index:05d}"
+    write_case(folder, "brats2021", case_id, image, label, np.eye(4))
+    return case_id
+
+
+def _single_thread_worker() -> None:
+    # Each worker draws a whole case; torch's own thread pool would only oversubscribe the cores.
+    torch.set_num_threads(1)
+
+
 def write_phantom_dataset(out: Path, cases: int, shape: tuple[int, int, int], seed: int,
-                          progress: bool = True) -> list[str]:
+                          progress: bool = True, workers: int = 1) -> list[str]:
     """Write ``cases`` phantom cases in the BraTS 2021 layout under ``out``.
 
     The dataset is built in a temporary sibling folder and renamed into place when complete,
@@ -148,7 +162,10 @@ def write_phantom_dataset(out: Path, cases: int, shape: tuple[int, int, int], se
         out: the dataset folder to create (must not exist yet, or be a complete phantom).
         cases: number of cases (>= 1).
         shape: array shape (Z, Y, X) per case; the NIfTI files hold (X, Y, Z).
-        seed: case ``i`` is drawn from ``np.random.default_rng([seed, i])``.
+        seed: case ``i`` is drawn from ``np.random.default_rng([seed, i])``, so the files are the
+            same whatever ``workers`` is.
+        progress: show a progress bar.
+        workers: processes drawing and writing cases in parallel (1: in this process).
 
     Returns:
         The case ids, ``BraTS2021_00000`` onwards.
@@ -166,13 +183,21 @@ def write_phantom_dataset(out: Path, cases: int, shape: tuple[int, int, int], se
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        affine = np.eye(4)
-        ids = []
-        for i in tqdm(range(cases), desc="phantom", unit="case", disable=not progress):
-            image, label = make_phantom_case(tuple(shape), np.random.default_rng([seed, i]))
-            case_id = f"BraTS2021_{i:05d}"
-            write_case(staging, "brats2021", case_id, image, label, affine)
-            ids.append(case_id)
+        shape = tuple(int(s) for s in shape)
+        bar = tqdm(total=cases, desc="phantom", unit="case", disable=not progress)
+        if workers > 1 and cases > 1:
+            with ProcessPoolExecutor(max_workers=min(workers, cases), initializer=_single_thread_worker) as pool:
+                futures = [pool.submit(_write_one_case, staging, shape, seed, i) for i in range(cases)]
+                for future in as_completed(futures):
+                    future.result()  # re-raises a worker's error here
+                    bar.update()
+            ids = [future.result() for future in futures]
+        else:
+            ids = []
+            for i in range(cases):
+                ids.append(_write_one_case(staging, shape, seed, i))
+                bar.update()
+        bar.close()
         (staging / "phantom.json").write_text(json.dumps(settings))
         os.replace(staging, out)
     except BaseException:
