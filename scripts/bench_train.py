@@ -63,9 +63,22 @@ measured. On CUDA the batch, microbatch and precision default to the resolved co
 patches, filters / 4, 4 levels, batch 4 in microbatches of 2, fp32): those numbers only prove that
 the benchmark runs.
 
+Ablation (``--ablate``): which of the resolved config's speed switches pay. Ours runs once with all
+of them (the reference), once without each (``algorithms.NAME=null``, ``data.prefetch_to_device=false``),
+once without any, and once with each ``--candidate`` override added; each run is a separate process
+of this script (``--only ours --json``), so compile caches, cuDNN flags, the CUDA context and the
+memory statistics start fresh; MONAI runs once, at the microbatch the reference settled on. With
+``--repeats R`` every variant runs R times, interleaved (all variants, then all again), and its rate
+is the median of its runs'; the spread of those runs ((max - min) / median) is the run-to-run
+noise. A switch's gain is the reference's rate over the rate without it; it is kept when the gain
+is at least ``1 + --min-gain`` and above the noise of the two variants. The usual report is
+printed for the median reference run, then the ablation table.
+EMA is not ablated: it changes the weights, not only the speed.
+
 Examples:
     python scripts/bench_train.py                                        # CUDA: the issue's setting
     python scripts/bench_train.py --recipe fast                          # a recipe of recipes/
+    python scripts/bench_train.py --recipe fast --ablate --candidate algorithms.compile.mode=reduce-overhead
     python scripts/bench_train.py --override algorithms.channels_last={} --cudnn-benchmark
     python scripts/bench_train.py --device cpu                           # CPU smoke run, ~1-2 minutes
 """
@@ -81,6 +94,7 @@ import platform
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -160,6 +174,19 @@ class Measurement:
         """Share of the timed wall time spent blocked on the loader (0..1)."""
         return sum(self.wait_s) / sum(self.step_s)
 
+    def to_json(self) -> dict:
+        """The raw per-step lists, the derived rates and the side measurements, JSON-serializable."""
+        return {"name": self.name, "median_rate": self.median_rate, "epoch_rate": self.epoch_rate,
+                "wait_fraction": self.wait_fraction, "peak_bytes": self.peak_bytes, "microbatch": self.microbatch,
+                "eval_case_s": self.eval_case_s, "step_s": self.step_s, "wait_s": self.wait_s,
+                "samples": self.samples, "setup_s": self.setup_s, "notes": self.notes}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Measurement:
+        return cls(data["name"], list(data["step_s"]), list(data["wait_s"]), list(data["samples"]),
+                   data["peak_bytes"], data["microbatch"], data["eval_case_s"], dict(data["setup_s"]),
+                   list(data["notes"]))
+
 
 class StepTimer(Callback):
     """Times the trainer's steps between consecutive ``BATCH_END`` events.
@@ -211,14 +238,16 @@ class StepTimer(Callback):
 # --------------------------------------------------------------------------------------------
 
 
-def ensure_phantom(work: Path, cases: int, shape: tuple[int, int, int], seed: int) -> tuple[Path, float]:
-    """The raw phantom folder in ``work`` (generated on first use) and the seconds spent generating it."""
+def ensure_phantom(work: Path, cases: int, shape: tuple[int, int, int], seed: int,
+                   workers: int) -> tuple[Path, float]:
+    """The raw phantom folder in ``work`` (generated on first use, by ``workers`` processes) and the
+    seconds spent generating it."""
     folder = work / f"phantom-{cases}cases-{'x'.join(map(str, shape))}-seed{seed}"
     started = time.perf_counter()
     if not (folder / "phantom.json").is_file():
         print(f"Generating {cases} phantom cases of {'x'.join(map(str, shape))} into {folder} "
-              "(once; serial, about 12 s per full-size case)", file=sys.stderr)
-        write_phantom_dataset(folder, cases, shape, seed, progress=sys.stderr.isatty())
+              f"(once; about 8-12 s per full-size case and process, {workers} processes)", file=sys.stderr)
+        write_phantom_dataset(folder, cases, shape, seed, progress=sys.stderr.isatty(), workers=workers)
     return folder, time.perf_counter() - started
 
 
@@ -561,6 +590,28 @@ def verdict(value: float, target: float, higher_is_better: bool, measurable: str
     return "PASS" if ok else "FAIL"
 
 
+def print_targets(ours: Measurement | None, monai: Measurement | None, ratio: float | None, plan: RecipePlan,
+                  val_cases: int, setting_ok: str | None) -> None:
+    """Issue 8's four targets for ``ours``, each PASS/FAIL, or why it is not measured here."""
+    print("targets (issue 8, on an H100 at the full setting):")
+    if ours is None:
+        print("  not checked: ours was not run (--only monai)")
+        return
+    train_s, eval_s = projected_seconds(ours, plan, val_cases)
+    checks = [
+        (f"ours/MONAI end to end >= {TARGET_RATIO:g}x", ratio, TARGET_RATIO, True, "x"),
+        (f"ours >= {TARGET_SAMPLES_PER_S:g} samples/s", ours.median_rate, TARGET_SAMPLES_PER_S, True, " samples/s"),
+        (f"ours data wait < {100 * TARGET_DATA_WAIT:g}%", 100 * ours.wait_fraction, 100 * TARGET_DATA_WAIT, False, "%"),
+        (f"ours full recipe <= {TARGET_RECIPE_S / 60:g} min", (train_s + eval_s) / 60, TARGET_RECIPE_S / 60, False,
+         " min"),
+    ]
+    for label, value, target, higher, unit in checks:
+        if value is None:
+            print(f"  {label:<34} not measured (the MONAI reference was not run)")
+            continue
+        print(f"  {label:<34} {value:9.2f}{unit:<10} {verdict(value, target, higher, setting_ok)}")
+
+
 def print_report(args, cfg: dict, overrides: list[str], plan: RecipePlan, ours: Measurement | None,
                  monai: Measurement | None, device: str, setting_ok: str | None) -> None:
     import monai as monai_pkg
@@ -618,28 +669,273 @@ def print_report(args, cfg: dict, overrides: list[str], plan: RecipePlan, ours: 
           f"phantom's speed holds for real BraTS cases; the phantom's foreground crop is larger than BraTS's, "
           f"so eval/case is pessimistic.")
     print()
-    print("targets (issue 8, on an H100 at the full setting):")
-    if ours is None:
-        print("  not checked: ours was not run (--only monai)")
-    else:
-        train_s, eval_s = projected_seconds(ours, plan, args.recipe_val_cases)
-        checks = [
-            (f"ours/MONAI end to end >= {TARGET_RATIO:g}x", ratio, TARGET_RATIO, True, "x"),
-            (f"ours >= {TARGET_SAMPLES_PER_S:g} samples/s", ours.median_rate, TARGET_SAMPLES_PER_S, True, " samples/s"),
-            (f"ours data wait < {100 * TARGET_DATA_WAIT:g}%", 100 * ours.wait_fraction, 100 * TARGET_DATA_WAIT, False, "%"),
-            (f"ours full recipe <= {TARGET_RECIPE_S / 60:g} min", (train_s + eval_s) / 60, TARGET_RECIPE_S / 60, False,
-             " min"),
-        ]
-        for label, value, target, higher, unit in checks:
-            if value is None:
-                print(f"  {label:<34} not measured (the MONAI reference was not run)")
-                continue
-            print(f"  {label:<34} {value:9.2f}{unit:<10} {verdict(value, target, higher, setting_ok)}")
+    print_targets(ours, monai, ratio, plan, args.recipe_val_cases, setting_ok)
     if device != "cuda":
         print()
         print("NOTE: CPU run at a reduced size. These numbers only prove that the benchmark runs end to end;")
         print("      they say nothing about GPU throughput, and the targets are not checked.")
     print("=" * 100)
+
+
+# --------------------------------------------------------------------------------------------
+# Ablation: which switches of a recipe pay for themselves
+# --------------------------------------------------------------------------------------------
+
+# Algorithms that change what is learned, not only how fast: never ablated as speed switches.
+NOT_SPEED_SWITCHES = ("ema",)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation run of ours: a label, the overrides it adds after the user's, and the switch
+    it turns off (None for the all / none / candidate runs)."""
+
+    label: str
+    overrides: tuple[str, ...]
+    switch: str | None = None
+
+
+def speed_switches(cfg: dict) -> list[tuple[str, str]]:
+    """(name, the override that turns it off) for each speed switch on in the resolved ``cfg``:
+    its algorithms except those that change the result (EMA), then the prefetch to the device."""
+    switches = [(name, f"algorithms.{name}=null") for name in cfg["algorithms"] if name not in NOT_SPEED_SWITCHES]
+    if cfg["data"]["prefetch_to_device"]:
+        switches.append(("data.prefetch_to_device", "data.prefetch_to_device=false"))
+    return switches
+
+
+def ablation_variants(cfg: dict, candidates: list[str]) -> list[Variant]:
+    """All switches on (the reference), each switch off in turn, all off (when there are two or
+    more), then each candidate override added to the reference."""
+    switches = speed_switches(cfg)
+    variants = [Variant("all switches", ())]
+    variants += [Variant(f"without {name}", (off,), name) for name, off in switches]
+    if len(switches) > 1:
+        variants.append(Variant("no switches", tuple(off for _, off in switches)))
+    variants += [Variant(f"with {candidate}", (candidate,)) for candidate in candidates]
+    return variants
+
+
+def switch_verdict(gain: float, min_gain: float, noise: float | None) -> str:
+    """Keep a switch only when turning it off costs at least ``min_gain`` (a fraction) of the rate and
+    more than the run-to-run ``noise`` (a fraction; None with one repeat, when it is unknown)."""
+    threshold = max(min_gain, noise or 0.0)
+    if gain >= 1.0 + threshold:
+        return "keep"
+    if gain <= 1.0 - threshold:
+        return f"drop: it costs {100 * (1.0 - gain):.0f}%"
+    return f"drop: no measurable gain (within {100 * threshold:.0f}%)"
+
+
+@dataclass
+class Repeats:
+    """One variant's runs (None for a failed run) and its summary across them."""
+
+    runs: list[Measurement | None] = field(default_factory=list)
+
+    @property
+    def measured(self) -> list[Measurement]:
+        return [m for m in self.runs if m is not None]
+
+    @property
+    def rate(self) -> float:
+        """Median over the runs of each run's median samples/s."""
+        return statistics.median(m.median_rate for m in self.measured)
+
+    @property
+    def spread(self) -> float | None:
+        """(max - min) / median of the runs' rates: the run-to-run noise; None with fewer than 2 runs."""
+        rates = [m.median_rate for m in self.measured]
+        return (max(rates) - min(rates)) / statistics.median(rates) if len(rates) > 1 else None
+
+    @property
+    def representative(self) -> Measurement | None:
+        """The run with the median rate (the lower middle one for an even count)."""
+        ranked = sorted(self.measured, key=lambda m: m.median_rate)
+        return ranked[(len(ranked) - 1) // 2] if ranked else None
+
+
+def pair_noise(a: Repeats, b: Repeats) -> float | None:
+    """The larger spread of two variants, or None when either ran once."""
+    spreads = [a.spread, b.spread]
+    return None if None in spreads else max(spreads)
+
+
+def child_command(args: argparse.Namespace, extra_overrides: tuple[str, ...], only: str, json_path: Path,
+                  microbatch: int | str | None = None) -> list[str]:
+    """The command line of one ablation run: this script, the parent's settings as resolved, one
+    pipeline, the extra overrides last."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--config", args.config,
+               "--work", str(args.work), "--cases", str(args.cases), "--shape", *map(str, args.shape),
+               "--seed", str(args.seed), "--epoch-cases", str(args.epoch_cases), "--patch", str(args.patch),
+               "--depth", str(args.depth), "--width-divisor", str(args.width_divisor), "--batch", str(args.batch),
+               "--precision", args.precision, "--prepare-workers", str(args.prepare_workers),
+               "--warmup-epochs", str(args.warmup_epochs), "--timed-epochs", str(args.timed_epochs),
+               "--eval-repeats", str(args.eval_repeats), "--monai-dataset", args.monai_dataset,
+               "--recipe-train-cases", str(args.recipe_train_cases), "--recipe-val-cases", str(args.recipe_val_cases),
+               "--only", only, "--json", str(json_path)]
+    microbatch = microbatch if microbatch is not None else args.microbatch
+    if microbatch != "null":  # "null" (the whole batch) is what the child resolves to when none is given
+        command += ["--microbatch", str(microbatch)]
+    if args.recipe:
+        command += ["--recipe", args.recipe]
+    if args.workers is not None:
+        command += ["--workers", str(args.workers)]
+    if args.cudnn_benchmark:
+        command.append("--cudnn-benchmark")
+    for override in [*args.override, *extra_overrides]:
+        command += ["--override", override]
+    return command
+
+
+def run_child(command: list[str], log: Path) -> tuple[dict | None, float]:
+    """Run one ablation run in its own process (fresh CUDA context, compile caches, cuDNN flags and
+    memory statistics), its report into ``log``; returns (its JSON or None on failure, wall seconds)."""
+    json_path = Path(command[command.index("--json") + 1])
+    json_path.unlink(missing_ok=True)
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        out.write(shlex.join(command) + "\n")
+        out.flush()
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+    wall = time.perf_counter() - started
+    if code != 0 or not json_path.is_file():
+        lines = log.read_text().splitlines()
+        print(f"  FAILED (exit {code}); the last lines of {log}:", file=sys.stderr)
+        for line in lines[-15:]:
+            print(f"    {line}", file=sys.stderr)
+        return None, wall
+    return json.loads(json_path.read_text()), wall
+
+
+def run_ablation(args: argparse.Namespace, cfg: dict, overrides: list[str], plan: RecipePlan,
+                 measurable: str | None) -> int:
+    """Run every variant of ours ``--repeats`` times, interleaved so that a drift of the machine
+    touches all of them alike, each run in its own process; then the MONAI reference once. Prints
+    the usual report for the median all-switches run, then what each switch gains."""
+    variants = ablation_variants(cfg, args.candidate)
+    folder = args.work / "ablation"
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {variant.label: Repeats() for variant in variants}
+    walls: dict[str, list[float]] = {variant.label: [] for variant in variants}
+    total = args.repeats * len(variants)
+    monai = None
+
+    def save() -> None:
+        # After every run, so a command stopped at a time limit still leaves what it measured.
+        if args.json:
+            write_json(args.json, args, cfg, {f"{v.label} #{r}": m for v in variants
+                                              for r, m in enumerate(results[v.label].runs)}, monai,
+                       {"variants": [{"label": v.label, "overrides": list(v.overrides), "switch": v.switch,
+                                      "wall_s": walls[v.label]} for v in variants]})
+
+    for repeat in range(args.repeats):
+        for index, variant in enumerate(variants):
+            number = repeat * len(variants) + index + 1
+            print(f"[ablation {number}/{total}] ours, {variant.label}"
+                  f"{' (' + ', '.join(variant.overrides) + ')' if variant.overrides else ''}", file=sys.stderr)
+            stem = f"{index}-r{repeat}"
+            data, wall = run_child(child_command(args, variant.overrides, "ours", folder / f"{stem}.json"),
+                                   folder / f"{stem}.log")
+            results[variant.label].runs.append(Measurement.from_json(data["ours"]) if data else None)
+            walls[variant.label].append(wall)
+            save()
+    reference = results[variants[0].label].representative
+    if args.only != "ours":
+        microbatch = args.microbatch
+        if microbatch == "auto" and reference is not None:
+            microbatch = reference.microbatch  # MONAI trains at the microbatch ours settled on, as without --ablate
+        print(f"[ablation] MONAI reference (microbatch {microbatch})", file=sys.stderr)
+        data, wall = run_child(child_command(args, (), "monai", folder / "monai.json", microbatch),
+                               folder / "monai.log")
+        monai = Measurement.from_json(data["monai"]) if data else None
+        walls["MONAI reference"] = [wall]
+        save()
+    if reference is None:
+        print("error: every all-switches run failed; see the log above", file=sys.stderr)
+        return 1
+    print_report(args, cfg, overrides, plan, reference, monai, args.device, measurable)
+    print_ablation(variants, results, walls, monai, args, folder)
+    return 0
+
+
+def print_ablation(variants: list[Variant], results: dict[str, Repeats], walls: dict[str, list[float]],
+                   monai: Measurement | None, args: argparse.Namespace, folder: Path) -> None:
+    reference = results[variants[0].label]
+    print()
+    print(f"ablation: {args.repeats} run(s) per variant, interleaved, each in its own process, on the same phantom, "
+          f"setting and timing; per-run reports in {folder}")
+    print(f"{'variant':<52}{'runs':>5}{'samples/s':>11}{'spread':>8}{'data wait':>11}{'peak mem':>10}{'vs all':>9}"
+          f"{'run wall':>10}")
+    print(f"{'':<52}{'':>5}{'(median)':>11}{'':>8}{'':>11}{'(GiB)':>10}{'':>9}{'(s)':>10}")
+    rows = [(v.label, results[v.label]) for v in variants]
+    if monai is not None:
+        rows.append(("MONAI reference", Repeats([monai])))
+    for label, repeats in rows:
+        m = repeats.representative
+        if m is None:
+            print(f"{label:<52}{'failed: see its logs':>41}")
+            continue
+        peak = f"{m.peak_bytes / 2**30:.2f}" if m.peak_bytes is not None else "n/a"
+        spread = f"{100 * repeats.spread:.0f}%" if repeats.spread is not None else "-"
+        print(f"{label:<52}{len(repeats.measured):>5}{repeats.rate:>11.2f}{spread:>8}{100 * m.wait_fraction:>10.1f}%"
+              f"{peak:>10}{repeats.rate / reference.rate:>8.2f}x{statistics.median(walls[label]):>10.0f}")
+    print()
+    print(f"switches (gain = all switches / without it, median samples/s; kept at >= {1 + args.min_gain:.2f}x and "
+          "above the spread of the two variants):")
+    for variant in variants:
+        if variant.switch is None:
+            continue
+        without = results[variant.label]
+        if not without.measured:
+            print(f"  {variant.switch:<28} not measured: the runs without it failed")
+            continue
+        gain = reference.rate / without.rate
+        print(f"  {variant.switch:<28} {gain:6.2f}x   {switch_verdict(gain, args.min_gain, pair_noise(reference, without))}")
+    candidates = [v for v in variants if v.label.startswith("with ")]
+    if candidates:
+        print("candidates (gain = with it / all switches; adopted on the same rule):")
+        for variant in candidates:
+            added = results[variant.label]
+            if not added.measured:
+                print(f"  {variant.overrides[0]:<50} not measured: its runs failed")
+                continue
+            gain = added.rate / reference.rate
+            verdict = switch_verdict(gain, args.min_gain, pair_noise(reference, added))
+            print(f"  {variant.overrides[0]:<50} {gain:6.2f}x   {'adopt' if verdict == 'keep' else 'leave out'}")
+    if args.repeats == 1:
+        print("NOTE: one run per variant: the run-to-run noise is unknown; --repeats 3 measures it.")
+    if args.device != "cuda":
+        print("NOTE: CPU verdicts. cudnn_benchmark and the prefetch to the device do nothing without CUDA, and")
+        print("      CPU kernels rank channels-last and compile differently from a GPU: these verdicts do not")
+        print("      decide recipes/fast.yaml, which is for GPUs.")
+    print("=" * 100)
+
+
+def write_json(path: Path, args: argparse.Namespace, cfg: dict, ours: Measurement | dict[str, Measurement | None] | None,
+               monai: Measurement | None, extra: dict | None = None) -> None:
+    """Every measurement of this invocation, with the device and the resolved setting, as JSON:
+    ``ours`` is one measurement, or one per ablation variant label."""
+    if isinstance(ours, dict):
+        ours_json = {label: m.to_json() if m is not None else None for label, m in ours.items()}
+    else:
+        ours_json = ours.to_json() if ours is not None else None
+    document = {
+        "command": shlex.join(["python", *sys.argv]),
+        "device": device_description(args.device),
+        "torch": torch.__version__,
+        "setting": {"shape": list(args.shape), "patch": args.patch, "depth": args.depth,
+                    "width_divisor": args.width_divisor, "batch": cfg["train_batch_size"],
+                    "microbatch": cfg["device_train_microbatch_size"], "precision": cfg["precision"],
+                    "workers": cfg["data"]["num_workers"], "epoch_cases": args.epoch_cases,
+                    "warmup_epochs": args.warmup_epochs, "timed_epochs": args.timed_epochs,
+                    "algorithms": cfg["algorithms"], "prefetch_to_device": cfg["data"]["prefetch_to_device"]},
+        "ours": ours_json,
+        "monai": monai.to_json() if monai is not None else None,
+        **(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -689,7 +985,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers for both pipelines (default: the config's, 8; 1 on CPU)")
     p.add_argument("--prepare-workers", type=int, default=min(os.cpu_count() or 1, 8),
-                   help="processes for the one-time preparation and the MONAI cache fill")
+                   help="processes for the one-time phantom generation and preparation and the MONAI cache fill")
     p.add_argument("--warmup-epochs", type=int, default=1, help="untimed whole epochs first (default 1)")
     p.add_argument("--timed-epochs", type=int, default=2, help="timed whole epochs (default 2)")
     p.add_argument("--eval-repeats", type=int, default=1, help="timed evaluations of the validation case (median)")
@@ -698,6 +994,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=None, choices=("ours", "monai"), help="run one pipeline only")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="set torch.backends.cudnn.benchmark for both pipelines (unet-train does not)")
+    p.add_argument("--ablate", action="store_true",
+                   help="measure what each speed switch of the resolved config gains: ours with all of them, "
+                        "without each in turn and without any, each in its own process, then MONAI once")
+    p.add_argument("--candidate", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --ablate, also measure the all-switches run plus this override (repeatable), "
+                        "e.g. algorithms.compile.mode=reduce-overhead (CUDA graphs)")
+    p.add_argument("--min-gain", type=float, default=0.03,
+                   help="with --ablate, the fraction a switch must gain to be kept (default 0.03)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="with --ablate, runs per variant, interleaved; 2 or more measure the run-to-run noise, "
+                        "which a switch must beat to be kept (default 1)")
+    p.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file")
     p.add_argument("--recipe-train-cases", type=int, default=RECIPE_TRAIN_CASES,
                    help="training cases per epoch of the projected full recipe (default 387)")
     p.add_argument("--recipe-val-cases", type=int, default=RECIPE_VAL_CASES,
@@ -720,7 +1028,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--cases must be at least 2 (one validation case and at least one training case)")
     if args.warmup_epochs < 0 or args.timed_epochs < 1 or args.epoch_cases < 1 or args.eval_repeats < 1:
         p.error("--warmup-epochs >= 0, --timed-epochs >= 1, --epoch-cases >= 1 and --eval-repeats >= 1")
-    for token in args.override:
+    if args.ablate and args.only == "monai":
+        p.error("--ablate measures ours; it cannot be combined with --only monai")
+    if (args.candidate or args.repeats != 1) and not args.ablate:
+        p.error("--candidate and --repeats need --ablate")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    for token in [*args.override, *args.candidate]:
         key = token.lstrip("-").split("=", 1)[0]
         if key in RESERVED_KEYS or key.startswith("data.phantom"):
             p.error(f"--override {key}: set by the benchmark for timing (see the options instead)")
@@ -733,7 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    work = args.work.expanduser().resolve()
+    work = args.work = args.work.expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
 
     user = ([f"recipe={args.recipe}"] if args.recipe else []) + list(args.override)
@@ -762,7 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     filters = [max(1, f // args.width_divisor) for f in base["model"]["filters"][:depth]]
 
-    phantom, phantom_s = ensure_phantom(work, args.cases, tuple(args.shape), args.seed)
+    phantom, phantom_s = ensure_phantom(work, args.cases, tuple(args.shape), args.seed, args.prepare_workers)
     split_file, train_ids, val_id = write_split(work, phantom, args.cases, args.epoch_cases)
     steps_per_epoch = math.ceil(args.epoch_cases / args.batch)
     warmup_steps = args.warmup_epochs * steps_per_epoch
@@ -806,6 +1120,9 @@ def main(argv: list[str] | None = None) -> int:
         if changed:
             measurable = f"setting differs from the issue's in: {', '.join(changed)}"
 
+    plan = recipe_plan(base, args.recipe_train_cases)  # the recipe as it would run, without the timing overrides
+    if args.ablate:
+        return run_ablation(args, cfg, overrides, plan, measurable)
     ours = monai = None
     if args.only != "monai":
         print(f"[ours] training {warmup_steps} warm-up + {timed_steps} timed steps", file=sys.stderr)
@@ -820,8 +1137,9 @@ def main(argv: list[str] | None = None) -> int:
         monai = run_monai(cfg, phantom, train_ids, val_id, args.monai_dataset, args.prepare_workers, microbatch,
                           warmup_steps, timed_steps, args.eval_repeats)
 
-    plan = recipe_plan(base, args.recipe_train_cases)  # the recipe as it would run, without the timing overrides
     print_report(args, cfg, overrides, plan, ours, monai, args.device, measurable)
+    if args.json:
+        write_json(args.json, args, cfg, ours, monai)
     return 0
 
 
