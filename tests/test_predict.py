@@ -348,6 +348,25 @@ def test_mirror_tta_equals_the_average_over_flipped_volumes():
     assert not torch.allclose(mirrored, plain, atol=1e-3)  # the net is not flip-invariant
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_mirror_tta_copes_with_a_model_that_reuses_its_output_buffer(dims):
+    # A model compiled with CUDA graphs (mode "reduce-overhead"/"max-autotune") returns one static
+    # output buffer that each call overwrites; the flip average must not accumulate into it.
+    net = small_net(dims)
+    buffers: dict = {}
+
+    def static_output(x: torch.Tensor) -> torch.Tensor:
+        result = net(x)
+        buffer = buffers.setdefault(tuple(result.shape), torch.empty_like(result))
+        return buffer.copy_(result)
+
+    image = torch.randn(2, 20, 24, 16) if dims == 3 else torch.randn(2, 3, 24, 16)
+    window = (16, 16, 16) if dims == 3 else (1, 16, 16)
+    expected = predict_volume(net, image, window, dims, 3, sw_batch_size=3, mirror=True)
+    got = predict_volume(static_output, image, window, dims, 3, sw_batch_size=3, mirror=True)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("mirror", [False, True])
 @pytest.mark.parametrize("sw_batch_size", [1, 3, 8])
 def test_2d_window_batches_across_slices_match_slice_by_slice(mirror, sw_batch_size):

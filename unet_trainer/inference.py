@@ -111,8 +111,11 @@ def _run_windows(predict: Callable[[torch.Tensor], torch.Tensor], batch: torch.T
                                  f"{expected} (num_outputs / output_window do not match the model)")
             if len(flips) == 1:
                 return y
-            y = (y.flip(flip) if flip else y).float()
-            out = y if out is None else out.add_(y)
+            y = y.flip(flip) if flip else y
+            # The first term is copied, never accumulated into in place: under CUDA graphs
+            # (torch.compile "reduce-overhead" / "max-autotune") the model returns a static output
+            # buffer that its next call overwrites (and marks as unreadable).
+            out = y.to(torch.float32, copy=True) if out is None else out.add_(y)
     return out.div_(len(flips))
 
 
