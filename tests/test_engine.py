@@ -1,6 +1,7 @@
 """The engine: events, schedules, microbatching, EMA, logs and plots, signals, SIGKILL resume, DDP."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -98,6 +99,47 @@ def test_auto_microbatch_halves_on_out_of_memory(tiny_config, tmp_path, monkeypa
     assert same_weights(weights(auto), weights(one))
     with pytest.raises(torch.cuda.OutOfMemoryError):  # without auto, the error is the user's to see
         run_training(tiny_config("max_duration=1ba", run_dir=tmp_path / "plain"), progress=False)
+
+
+def test_auto_microbatch_frees_the_failed_attempt_before_retrying(tiny_config, tmp_path, monkeypatch):
+    """After an OOM in backward the failed attempt's graph (its saved activations) must be released
+    before the retry runs, or on a GPU the smaller microbatch runs out of memory again with it."""
+    import weakref
+
+    from unet_trainer.losses import DeepSupervisionLoss
+
+    class OutOfMemoryInBackward(torch.autograd.Function):
+        """Passes the loss through, saves the logits as an activation would be, and fails its
+        backward for batches of more than one sample."""
+
+        @staticmethod
+        def forward(ctx, loss, logits):
+            ctx.save_for_backward(logits)
+            ctx.batch = logits.shape[0]
+            return loss.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            if ctx.batch > 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return grad, None
+
+    real_loss = DeepSupervisionLoss.forward
+    failed: list = []               # weak references to the logits saved by failed attempts
+    still_alive: list[bool] = []    # at each loss call, whether a failed attempt's logits live on
+
+    def loss(self, outputs, target):
+        still_alive.extend(ref() is not None for ref in failed)
+        logits = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+        if logits.shape[0] > 1:
+            failed.append(weakref.ref(logits))
+        return OutOfMemoryInBackward.apply(real_loss(self, outputs, target), logits)
+
+    monkeypatch.setattr(DeepSupervisionLoss, "forward", loss)
+    summary = run_training(tiny_config("max_duration=1ba", "device_train_microbatch_size=auto",
+                                       "eval_interval=0ep"), progress=False)
+    assert summary["state"].extra_state["auto_microbatch"] == 1 and summary["batch"] == 1
+    assert failed and still_alive and not any(still_alive)
 
 
 def test_microbatches_accumulate_to_the_batch_gradient(tiny_config, tmp_path):
@@ -232,15 +274,18 @@ def test_sigkill_after_a_checkpoint_then_resume_is_exact(cache_root, tmp_path, t
     assert same_weights(weights(straight), weights(resumed))
 
 
-def torchrun(cache_root: Path, run: Path, out: Path, *extra: str) -> None:
+def torchrun(cache_root: Path, run: Path, out: Path, *extra: str, env: dict | None = None) -> str:
+    """Train the tiny config with 2 gloo processes under torchrun; returns their stderr."""
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(port), str(ROOT / "tests" / "ddp_worker.py"), str(out),
                *tiny_overrides(cache_root, run, *extra)]
-    result = subprocess.run(command, env=child_env(threads=1), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env={**child_env(threads=1), **(env or {})}, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
 
 
 def test_torchrun_two_processes_agree_write_once_and_resume_consistently(cache_root, tmp_path):
@@ -270,6 +315,40 @@ def test_torchrun_two_processes_agree_write_once_and_resume_consistently(cache_r
     resumed1 = torch.load(split_out / "rank1.pt", weights_only=True)
     assert resumed0["batch"] == 4
     assert same_weights(resumed0["model"], rank0["model"]) and same_weights(resumed1["model"], rank0["model"])
+
+
+def test_torchrun_auto_microbatch_agrees_when_one_rank_runs_out_of_memory_in_backward(cache_root, tmp_path):
+    """Rank 1 runs out of memory in backward at microbatch 2, rank 0 never does: a rank retrying
+    alone would leave DDP's all-reduce half done (the next forward raises, or the ranks hang). Both
+    ranks must settle on microbatch 1 together and match a run told to use 1."""
+    from unet_trainer.config import resolve_config
+
+    run_training(resolve_config(ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, tmp_path / "warm",
+                                                                                 "max_duration=0ba")), progress=False)
+    settings = ("max_duration=2ba", "train_batch_size=4", "save_interval=0ep", "eval_interval=0ep")
+    torchrun(cache_root, tmp_path / "auto", tmp_path / "auto-ranks", *settings, "device_train_microbatch_size=auto",
+             env={"UNET_TEST_OOM_IN_BACKWARD_RANK": "1"})
+    torchrun(cache_root, tmp_path / "one", tmp_path / "one-ranks", *settings, "device_train_microbatch_size=1")
+    auto = [torch.load(tmp_path / "auto-ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    one = torch.load(tmp_path / "one-ranks" / "rank0.pt", weights_only=True)
+    assert [a["auto_microbatch"] for a in auto] == [1, 1] and [a["batch"] for a in auto] == [2, 2]
+    assert same_weights(auto[0]["model"], auto[1]["model"])
+    assert same_weights(auto[0]["model"], one["model"])
+
+
+def test_torchrun_channels_last_gradients_fit_the_ddp_buckets(cache_root, tmp_path):
+    """DDP must be built after the channels-last conversion, or its buckets keep the old strides and
+    every step copies each gradient in and out of them (the reducer warns then)."""
+    from unet_trainer.config import resolve_config
+
+    run_training(resolve_config(ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, tmp_path / "warm",
+                                                                                 "max_duration=0ba")), progress=False)
+    stderr = torchrun(cache_root, tmp_path / "run", tmp_path / "ranks", "max_duration=1ba", "save_interval=0ep",
+                      "eval_interval=0ep", "algorithms.channels_last={}")
+    assert "Grad strides do not match bucket view strides" not in stderr
+    model = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)["model"]
+    assert any(t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+               for t in model.values())  # the conversion did happen
 
 
 def test_keep_n_checkpoints_latest_and_best(tiny_config, tmp_path):
@@ -317,6 +396,30 @@ def test_speed_algorithms_are_applied_at_init(tiny_config, monkeypatch):
     assert compiled == {"mode": "max-autotune"} and torch.backends.cudnn.benchmark is True
     weight = next(p for p in summary["state"].unwrapped_model.parameters() if p.ndim == 5)
     assert weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["amp_fp16", "amp_bf16"])
+def test_cuda_training_with_every_gpu_path_resumes(tiny_config, tmp_path, monkeypatch, precision):
+    """The CUDA-only paths end to end: side-stream prefetch from pinned memory, autocast (with the
+    GradScaler for fp16), channels-last, auto microbatching, CUDA memory stats, and a resume that
+    restores the CUDA random states (weights are not compared: cuDNN kernels are not bitwise
+    deterministic, but the augmenter's generators are)."""
+    if precision == "amp_bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    common = ("device=cuda", f"precision={precision}", "algorithms.channels_last={}",
+              "device_train_microbatch_size=auto", "eval_interval=0ep")
+    straight = run_training(tiny_config("max_duration=3ba", *common, run_dir=tmp_path / "straight"), progress=False)
+    run_training(tiny_config("max_duration=2ba", *common, run_dir=tmp_path / "split"), progress=False)
+    resumed = run_training(tiny_config("max_duration=3ba", *common, run_dir=tmp_path / "split"), progress=False)
+    assert resumed["resumed_from"] is not None and resumed["batch"] == straight["batch"] == 3
+    assert straight["state"].device.type == "cuda" and (straight["state"].scaler is not None) == (precision == "amp_fp16")
+    for key, value in straight["state"].augmenter.state_dict().items():
+        assert torch.equal(resumed["state"].augmenter.state_dict()[key], value), key
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 3 and all(math.isfinite(r["loss/train"]) and r["memory/peak_allocated_gib"] > 0 for r in train)
 
 
 @pytest.mark.skipif(os.environ.get("UNET_TEST_COMPILE") != "1", reason="compiling takes ~30 s on CPU; UNET_TEST_COMPILE=1")

@@ -309,11 +309,6 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
     scheduler = build_scheduler(cfg, optimizer, batches_per_epoch, total_batches)
     amp_dtype = AMP_DTYPES[cfg["precision"]]
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "amp_fp16" else None
-    trained_model = model
-    if dist_info.enabled:
-        trained_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
     evaluator = DiceEvaluator(
         prepared, split["val"], cfg["data"]["patch_size"], spatial_dims, model_cfg["num_classes"],
         region_mode="region_dice_bce" in cfg["loss"], overlap=cfg["eval"]["overlap"],
@@ -323,7 +318,7 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
         cases_csv=run_dir / "eval_cases.csv", hd95=cfg["eval"]["hd95"]) if split["val"] else None
 
     state = State(
-        model=trained_model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, train_loader=loader,
+        model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, train_loader=loader,
         device=device, max_duration=max_duration, train_batch_size=cfg["train_batch_size"],
         batches_per_epoch=batches_per_epoch, samples_per_epoch=len(dataset), amp_dtype=amp_dtype, scaler=scaler,
         augmenter=build_augmenter(cfg, device, seed + dist_info.rank),
@@ -361,6 +356,12 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
     engine = Engine(state, build_algorithms(cfg),
                     list(extra_callbacks) + build_callbacks(cfg, run_dir, dist_info.is_main, progress))
     engine.run(Event.INIT)
+    if dist_info.enabled:
+        # Only now: DDP lays its gradient buckets out after the parameters' strides, so the
+        # algorithms that change the layout at INIT (channels-last) must have run, or every step
+        # copies each gradient in and out of its bucket.
+        state.model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     fit(state, engine)
 
     final = state.eval_history[-1] if state.eval_history else {}

@@ -87,3 +87,24 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def smallest_on_any_rank(value: int, device: torch.device) -> int:
+    """The minimum of ``value`` over the ranks (one tiny all-reduce); ``value`` alone without a group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def average_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """Average every parameter's gradient over the ranks, as DDP's reducer does: each gradient is
+    divided by ``world_size`` first, then summed across ranks. Parameters without a gradient are
+    skipped (they must be the same ones on every rank). A no-op without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad.div_(world_size)
+            dist.all_reduce(param.grad)

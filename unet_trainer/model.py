@@ -743,6 +743,12 @@ def optimize_model(model: nn.Module, *, channels_last: bool = False, compile: bo
     if channels_last:
         memory_format = torch.channels_last if _spatial_dims_of(model) == 2 else torch.channels_last_3d
         model = model.to(memory_format=memory_format)
+        # Pointwise kernels (every spatial size 1) hold the same bytes in both layouts, but the
+        # conversion gives their size-1 axes unusual strides that their gradients do not share;
+        # DDP compares strides exactly and would copy those gradients in and out of its buckets.
+        for param in model.parameters():
+            if param.ndim >= 4 and all(size == 1 for size in param.shape[2:]):
+                param.data = torch.empty_like(param.data, memory_format=torch.contiguous_format).copy_(param.data)
         if isinstance(model, UNet):
             model.input_memory_format = memory_format
     if compile:

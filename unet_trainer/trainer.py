@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import Duration
 from .data.loader import DevicePrefetcher
-from .distributed import all_ranks_agree
+from .distributed import all_ranks_agree, average_gradients, smallest_on_any_rank
 
 
 class Event(str, Enum):
@@ -115,6 +115,9 @@ class State:
     last_batch_samples: int = 0           # global samples in the step just taken
     stop_reason: str | None = None
     extra_state: dict = field(default_factory=dict)     # hooks' own resumable state, by name
+    # Under DDP, whether the ranks have agreed on the "auto" microbatch in this process (not saved:
+    # a resumed run, maybe on other GPUs, checks its saved size again).
+    auto_microbatch_agreed: bool = False
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -217,6 +220,35 @@ def _microbatches(size: int, microbatch: int | str | None) -> list[tuple[int, in
     return [(start, min(start + microbatch, size)) for start in range(0, size, microbatch)]
 
 
+def _accumulate_gradients(state: State, engine: Engine, model: nn.Module, micro: int | None) -> torch.Tensor:
+    """Forward and backward ``state.batch`` in microbatches of ``micro`` samples through ``model``,
+    each loss scaled by its share of the batch, so the gradients add up to the whole batch's.
+    Under DDP only the last microbatch's backward all-reduces. Returns the batch's mean loss as a
+    0-d tensor on the device (not read here: reading it would stall the host on the GPU)."""
+    image, label = state.batch
+    size = image.shape[0]
+    total = torch.zeros((), device=state.device)
+    chunks = _microbatches(size, micro)
+    for index, (lo, hi) in enumerate(chunks):
+        sync = nullcontext()
+        if hasattr(model, "no_sync") and index < len(chunks) - 1:
+            sync = model.no_sync()
+        with sync:
+            with _autocast(state):
+                state.outputs = model(image[lo:hi])
+                engine.run(Event.AFTER_FORWARD)
+                state.loss = state.loss_fn(state.outputs, label[lo:hi])
+            engine.run(Event.AFTER_LOSS)
+            scaled = state.loss * ((hi - lo) / size)
+            if state.scaler is not None:
+                state.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+            engine.run(Event.AFTER_BACKWARD)
+            total += scaled.detach().float()
+    return total
+
+
 def train_batch(state: State, engine: Engine) -> float:
     """One optimizer step over ``state.batch`` (already on the device and augmented).
 
@@ -224,51 +256,60 @@ def train_batch(state: State, engine: Engine) -> float:
     its share of the batch, so the step matches the whole batch. With ``microbatch_size="auto"``
     an out-of-memory error halves the microbatch and the same batch is retried.
 
+    Under DDP the ranks must take the same steps: until they have agreed on the "auto"
+    microbatch, a step runs through the plain module (no DDP hooks, so an out-of-memory error
+    leaves no all-reduce half done), the ranks then agree whether every one of them succeeded,
+    halving together from the smallest size tried if not, and the gradients are averaged by hand
+    as DDP would. From then on steps run through DDP as usual.
+
     Returns:
         The batch's mean loss as a float.
 
     Raises:
         TrainingDiverged: the loss is NaN or Inf (the optimizer has not stepped).
+        torch.cuda.OutOfMemoryError: out of memory with a fixed microbatch, at microbatch 1, or
+            under DDP after the ranks agreed on the microbatch (no rank can retry alone then).
     """
-    image, label = state.batch
-    size = image.shape[0]
-    if state.microbatch_size == "auto":
+    size = state.batch[0].shape[0]
+    auto = state.microbatch_size == "auto"
+    if auto:
         state.extra_state.setdefault("auto_microbatch", size)
+    searching = auto and state.world_size > 1 and not state.auto_microbatch_agreed
+    model = state.unwrapped_model if searching else state.model
     while True:
-        micro = state.extra_state["auto_microbatch"] if state.microbatch_size == "auto" else state.microbatch_size
+        micro = state.extra_state["auto_microbatch"] if auto else state.microbatch_size
         state.optimizer.zero_grad(set_to_none=True)
+        failed = False
         try:
-            # The loss stays on the device until the step ends: reading it (or testing it) per
-            # microbatch would stall the host on the GPU several times per step.
-            total = torch.zeros((), device=state.device)
-            chunks = _microbatches(size, micro)
-            for index, (lo, hi) in enumerate(chunks):
-                # DDP all-reduces only on the last microbatch's backward.
-                sync = nullcontext()
-                if hasattr(state.model, "no_sync") and index < len(chunks) - 1:
-                    sync = state.model.no_sync()
-                with sync:
-                    with _autocast(state):
-                        state.outputs = state.model(image[lo:hi])
-                        engine.run(Event.AFTER_FORWARD)
-                        state.loss = state.loss_fn(state.outputs, label[lo:hi])
-                    engine.run(Event.AFTER_LOSS)
-                    scaled = state.loss * ((hi - lo) / size)
-                    if state.scaler is not None:
-                        state.scaler.scale(scaled).backward()
-                    else:
-                        scaled.backward()
-                    engine.run(Event.AFTER_BACKWARD)
-                    total += scaled.detach().float()
-            break
+            total = _accumulate_gradients(state, engine, model, micro)
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-            if state.microbatch_size != "auto" or not _is_out_of_memory(exc) or micro <= 1:
+            if not auto or not _is_out_of_memory(exc) or micro <= 1:
                 raise
+            if state.world_size > 1 and not searching:
+                raise torch.cuda.OutOfMemoryError(
+                    f"out of memory at device_train_microbatch_size {micro}, which the ranks had agreed on; "
+                    "under DDP one rank cannot retry alone: set device_train_microbatch_size to a smaller "
+                    "number") from exc
+            # Drop every reference to the failed attempt's autograd graph: after an OOM in backward,
+            # the loss still reaches the nodes that did not run, with their saved activations, and
+            # the retry would otherwise run out of memory again with them allocated.
             state.outputs = state.loss = None
-            state.optimizer.zero_grad(set_to_none=True)
-            if state.device.type == "cuda":
-                torch.cuda.empty_cache()
-            state.extra_state["auto_microbatch"] = max(1, micro // 2)
+            failed = True
+        if searching:
+            if all_ranks_agree(not failed, state.device):
+                average_gradients(state.unwrapped_model, state.world_size)
+                state.auto_microbatch_agreed = True
+                break
+            micro = smallest_on_any_rank(micro, state.device)
+        elif not failed:
+            break
+        state.optimizer.zero_grad(set_to_none=True)
+        state.extra_state["auto_microbatch"] = max(1, micro // 2)
+        # Outside the except block the traceback, and with it the frames of the failed
+        # forward/backward, is gone, so their tensors are back in the caching allocator and
+        # empty_cache can release them.
+        if state.device.type == "cuda":
+            torch.cuda.empty_cache()
     loss_value = total.item()  # the step's one host sync
     finite = math.isfinite(loss_value)
     if state.world_size > 1:  # a NaN on one rank stops every rank at the same step
