@@ -223,8 +223,9 @@ class StepTimer(Callback):
             self.m.record(now - self._last_time, float(state.step_metrics.get("time/data_wait_s", 0.0)),
                           sample - self._last_sample)
             if state.device.type == "cuda":
-                # Read at every timed step: the final evaluation after the last one must not count.
-                self.m.peak_bytes = torch.cuda.max_memory_allocated(state.device)
+                # Read at every timed step, as a running maximum: the memory monitor (after this
+                # callback) resets the counter each step, and the final evaluation must not count.
+                self.m.peak_bytes = max(self.m.peak_bytes or 0, torch.cuda.max_memory_allocated(state.device))
         elif step == self.warmup_steps and state.device.type == "cuda":
             # The auto-microbatch search may have hit out-of-memory during warm-up: not the steady state.
             torch.cuda.reset_peak_memory_stats(state.device)

@@ -306,12 +306,16 @@ class EarlyStopper(Callback):
 
 
 class MemoryMonitor(Callback):
-    """Logs peak memory per step: CUDA allocated/reserved (GiB) on a GPU, else the process peak RSS."""
+    """Logs peak memory per step: on a GPU the CUDA memory allocated at the step's peak and reserved
+    at its end (GiB), else the process's peak RSS since it started (the OS keeps no per-step peak)."""
 
     def batch_end(self, state: State) -> None:
         if state.device.type == "cuda":
             state.step_metrics["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(state.device) / 2**30
             state.step_metrics["memory/reserved_gib"] = torch.cuda.memory_reserved(state.device) / 2**30
+            # The peak counter runs from the program's start unless reset: reset it so the next
+            # value is the next step's own, not the largest step or evaluation so far.
+            torch.cuda.reset_peak_memory_stats(state.device)
         else:
             # ru_maxrss is in KiB on Linux.
             state.step_metrics["memory/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
