@@ -77,7 +77,7 @@ def _group_norm_in_activation_dtype(
 class InstanceNorm(nn.Module):
     """Instance normalisation with a learnt per-channel affine (weight 1, bias 0 at start).
 
-    Shapes: ``(B, C, *S) -> (B, C, *S)``, same dtype and memory format as the input.
+    Shapes: ``(B, C, *S) -> (B, C, *S)``, same dtype as the input (and memory format, but see below).
 
     Why not ``nn.InstanceNormNd``: for an input in the default (contiguous) layout this calls the
     same ``F.instance_norm`` kernel, which autocast leaves in the activation dtype (bf16 stays bf16;
@@ -85,8 +85,12 @@ class InstanceNorm(nn.Module):
     promotes to fp32. For a channels-last input, however, ``F.instance_norm`` folds the batch into
     the channels with ``.contiguous()`` and returns a contiguous tensor, so a channels-last model
     would pay a layout conversion before and after every norm. Instance norm is group norm with one
-    group per channel, and ``group_norm`` keeps the channels-last layout, so that path is used for
-    channels-last inputs (in the activation dtype, see :func:`_group_norm_in_activation_dtype`).
+    group per channel, and on the CPU ``group_norm`` keeps the channels-last layout, so that path
+    is used for channels-last inputs (in the activation dtype, see
+    :func:`_group_norm_in_activation_dtype`). On CUDA, ATen's ``group_norm`` (torch 2.11-2.13) also
+    makes its input contiguous and returns a contiguous tensor, so eager channels-last pays the
+    conversions there either way; under ``torch.compile`` the generated norm kernels take any
+    layout. Whether channels-last pays on a GPU is for ``scripts/bench_train.py --ablate`` to say.
     """
 
     def __init__(self, num_channels: int, eps: float = _NORM_EPS) -> None:
