@@ -389,11 +389,19 @@ def test_speed_algorithms_are_applied_at_init(tiny_config, monkeypatch):
 
     compiled = {}
     monkeypatch.setattr(UNet, "compile", lambda self, **kwargs: compiled.update(kwargs), raising=False)
+    class BenchmarkFlag(Callback):
+        seen: list[bool] = []
+
+        def batch_end(self, state):
+            self.seen.append(torch.backends.cudnn.benchmark)
+
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     summary = run_training(tiny_config("max_duration=1ba", "algorithms.compile.mode=max-autotune",
                                        "algorithms.cudnn_benchmark={}", "algorithms.channels_last={}"),
-                           progress=False)
-    assert compiled == {"mode": "max-autotune"} and torch.backends.cudnn.benchmark is True
+                           progress=False, extra_callbacks=[BenchmarkFlag()])
+    assert compiled == {"mode": "max-autotune"}
+    # On while training; the process-wide flag is given back at fit end.
+    assert BenchmarkFlag.seen == [True] and torch.backends.cudnn.benchmark is False
     weight = next(p for p in summary["state"].unwrapped_model.parameters() if p.ndim == 5)
     assert weight.is_contiguous(memory_format=torch.channels_last_3d)
 

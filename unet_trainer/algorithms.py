@@ -87,10 +87,20 @@ class Compile(Algorithm):
 
 class CudnnBenchmark(Algorithm):
     """Turn on ``torch.backends.cudnn.benchmark`` at init: fixed patch sizes make the one-off
-    autotuning per shape pay for itself within a few steps."""
+    autotuning per shape pay for itself within a few steps. The flag is process-wide, so the
+    previous value is put back at fit end (code that runs after training in the same process, a
+    notebook say, keeps its own cuDNN choice)."""
+
+    def __init__(self) -> None:
+        self._previous: bool | None = None
 
     def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
+        return event in (Event.INIT, Event.FIT_END)
 
     def apply(self, event: Event, state: State) -> None:
-        torch.backends.cudnn.benchmark = True
+        if event == Event.INIT:
+            self._previous = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+        elif self._previous is not None:
+            torch.backends.cudnn.benchmark = self._previous
+            self._previous = None
