@@ -128,7 +128,7 @@ def test_ablation_options_are_checked(bench, capsys):
 
 
 def test_the_evaluation_box_is_a_centred_brats_brain_box(bench):
-    assert bench.centre_crop_box((136, 213, 210), (140, 170, 140)) == (slice(0, 136), slice(21, 191), slice(35, 175))
+    assert bench.centre_crop_box((136, 217, 210), (140, 170, 140)) == (slice(0, 136), slice(23, 193), slice(35, 175))
     full = bench.parse_args(["--device", "cpu", "--shape", "155", "240", "240"])
     assert full.eval_crop == list(bench.BRATS_BRAIN_BOX)
     small = bench.parse_args(["--device", "cpu", "--shape", "62", "96", "48"])
