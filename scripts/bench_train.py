@@ -76,7 +76,10 @@ memory statistics start fresh; MONAI runs once, at the microbatch the reference 
 is the median of its runs'; the spread of those runs ((max - min) / median) is the run-to-run
 noise. A switch's gain is the reference's rate over the rate without it; it is kept when the gain
 is at least ``1 + --min-gain`` and above the noise of the two variants. The usual report is
-printed for the median reference run, then the ablation table.
+printed for the median reference run, then the ablation table. Only the reference runs time the
+evaluation (``--skip-eval`` for the others). ``--json`` is rewritten after every run, and
+``--resume`` with the same ``--json`` keeps the runs it holds (same setting and device, checked)
+and runs only the rest: an ablation longer than one command's time limit goes on in the next.
 EMA is not ablated: it changes the weights, not only the speed.
 
 Examples:
@@ -318,7 +321,7 @@ def monai_item(phantom: Path, case_id: str) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def run_ours(cfg: dict, warmup_steps: int, eval_repeats: int, eval_crop: tuple[int, int, int]) -> Measurement:
+def run_ours(cfg: dict, warmup_steps: int, eval_repeats: int, eval_crop: tuple[int, int, int] | None) -> Measurement:
     """Train with ``run_training`` under a :class:`StepTimer`, then time the evaluator on the validation case."""
     m = Measurement("ours")
     if isinstance(cfg["device_train_microbatch_size"], int):
@@ -334,6 +337,12 @@ def run_ours(cfg: dict, warmup_steps: int, eval_repeats: int, eval_crop: tuple[i
     gc.collect()
     device = state.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    if eval_crop is None:  # --skip-eval
+        del state, summary
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return m
     state.model.eval()
     # Evaluations during a real run happen inside fit, where the cudnn_benchmark algorithm has
     # the flag on; it puts the previous value back at fit end.
@@ -448,7 +457,7 @@ def build_dynunet(model_cfg: dict, notes: list[str]) -> torch.nn.Module:
 
 def run_monai(cfg: dict, phantom: Path, train_ids: list[str], val_id: str, dataset_kind: str, cache_workers: int,
               microbatch: int | None, warmup_steps: int, timed_steps: int, eval_repeats: int,
-              eval_crop: tuple[int, int, int]) -> Measurement:
+              eval_crop: tuple[int, int, int] | None) -> Measurement:
     """Train the MONAI reference for ``warmup_steps + timed_steps`` steps, timing the latter, then
     time one sliding-window evaluation of the validation case."""
     from monai.data import CacheDataset, DataLoader, Dataset
@@ -554,6 +563,12 @@ def run_monai(cfg: dict, phantom: Path, train_ids: list[str], val_id: str, datas
     m.microbatch = micro
     del iterator, loader, dataset, batch, image, label
     gc.collect()
+    if eval_crop is None:  # --skip-eval
+        del model, optimizer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return m
 
     # One sliding-window evaluation of the validation case (loaded beforehand: MONAI validation
     # loops keep it in a CacheDataset), with argmax and Dice per tumour label.
@@ -638,6 +653,10 @@ def fmt_duration(seconds: float) -> str:
 
 
 
+def fmt_seconds(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.2f}"
+
+
 def verdict(value: float, target: float, higher_is_better: bool, measurable: str | None) -> str:
     ok = value >= target if higher_is_better else value <= target
     if measurable is not None:
@@ -713,13 +732,13 @@ def print_report(args, cfg: dict, overrides: list[str], plan: RecipePlan, ours: 
         per_step = f"{min(m.samples)}-{max(m.samples)}" if min(m.samples) != max(m.samples) else str(m.samples[0])
         projection = f"{fmt_duration(train_s)} + {fmt_duration(eval_s)} = {fmt_duration(train_s + eval_s)}"
         print(f"{m.name:<10}{len(m.step_s):>6}{per_step:>14}{m.median_rate:>11.2f}{m.epoch_rate:>11.2f}"
-              f"{100 * m.wait_fraction:>10.1f}%{peak:>10}{m.eval_crop_s:>11.2f}{projection:>34}")
+              f"{100 * m.wait_fraction:>10.1f}%{peak:>10}{fmt_seconds(m.eval_crop_s):>11}{projection:>34}")
     ratio = None
     if ours is not None and monai is not None:
         ratio = ours.median_rate / monai.median_rate
         print(f"ratio ours/MONAI samples/s: {ratio:.2f}x (median), {ours.epoch_rate / monai.epoch_rate:.2f}x (epochs)")
     for m in (ours, monai):
-        if m is not None:
+        if m is not None and m.eval_crop_s is not None:
             print(f"eval/case {m.name}: {m.eval_crop_s:.2f} s on the validation case's centre "
                   f"{'x'.join(map(str, m.eval_crop_shape))} (Z,Y,X; a BraTS brain box, used below), "
                   f"{m.eval_case_s:.2f} s on the whole phantom case")
@@ -821,7 +840,7 @@ def pair_noise(a: Repeats, b: Repeats) -> float | None:
 
 
 def child_command(args: argparse.Namespace, extra_overrides: tuple[str, ...], only: str, json_path: Path,
-                  microbatch: int | str | None = None) -> list[str]:
+                  microbatch: int | str | None = None, skip_eval: bool = False) -> list[str]:
     """The command line of one ablation run: this script, the parent's settings as resolved, one
     pipeline, the extra overrides last."""
     command = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--config", args.config,
@@ -843,6 +862,8 @@ def child_command(args: argparse.Namespace, extra_overrides: tuple[str, ...], on
         command += ["--workers", str(args.workers)]
     if args.cudnn_benchmark:
         command.append("--cudnn-benchmark")
+    if skip_eval or args.skip_eval:
+        command.append("--skip-eval")
     for override in [*args.override, *extra_overrides]:
         command += ["--override", override]
     return command
@@ -880,6 +901,16 @@ def run_ablation(args: argparse.Namespace, cfg: dict, overrides: list[str], plan
     walls: dict[str, list[float]] = {variant.label: [] for variant in variants}
     total = args.repeats * len(variants)
     monai = None
+    if args.resume and args.json and args.json.is_file():
+        runs, earlier_walls, monai = earlier_runs(args.json, args, cfg, variants)
+        for label, measured in runs.items():
+            # Failed runs are tried again; measured ones are kept.
+            kept = [(m, w) for m, w in zip(measured, earlier_walls[label]) if m is not None][:args.repeats]
+            results[label].runs = [m for m, _ in kept]
+            walls[label] = [w for _, w in kept]
+        done = sum(len(r.runs) for r in results.values())
+        print(f"[ablation] --resume: {done} run(s) taken from {args.json}"
+              f"{' and the MONAI reference' if monai is not None else ''}", file=sys.stderr)
 
     def save() -> None:
         # After every run, so a command stopped at a time limit still leaves what it measured.
@@ -891,17 +922,21 @@ def run_ablation(args: argparse.Namespace, cfg: dict, overrides: list[str], plan
 
     for repeat in range(args.repeats):
         for index, variant in enumerate(variants):
+            if len(results[variant.label].runs) > repeat:
+                continue  # measured by an earlier, resumed command
             number = repeat * len(variants) + index + 1
             print(f"[ablation {number}/{total}] ours, {variant.label}"
                   f"{' (' + ', '.join(variant.overrides) + ')' if variant.overrides else ''}", file=sys.stderr)
             stem = f"{index}-r{repeat}"
-            data, wall = run_child(child_command(args, variant.overrides, "ours", folder / f"{stem}.json"),
-                                   folder / f"{stem}.log")
+            # Evaluation is timed for the reference only: the projection needs it once, and a
+            # compiled variant would compile its eval graph for nothing.
+            data, wall = run_child(child_command(args, variant.overrides, "ours", folder / f"{stem}.json",
+                                                 skip_eval=index > 0), folder / f"{stem}.log")
             results[variant.label].runs.append(Measurement.from_json(data["ours"]) if data else None)
             walls[variant.label].append(wall)
             save()
     reference = results[variants[0].label].representative
-    if args.only != "ours":
+    if args.only != "ours" and monai is None:
         microbatch = args.microbatch
         if microbatch == "auto" and reference is not None:
             microbatch = reference.microbatch  # MONAI trains at the microbatch ours settled on, as without --ablate
@@ -972,6 +1007,44 @@ def print_ablation(variants: list[Variant], results: dict[str, Repeats], walls: 
     print("=" * 100)
 
 
+def setting_of(args: argparse.Namespace, cfg: dict) -> dict:
+    """What a measurement depends on besides the device, as JSON (a resumed ablation must match it)."""
+    return {"shape": list(args.shape), "patch": args.patch, "depth": args.depth, "width_divisor": args.width_divisor,
+            "batch": cfg["train_batch_size"], "microbatch": cfg["device_train_microbatch_size"],
+            "precision": cfg["precision"], "workers": cfg["data"]["num_workers"], "epoch_cases": args.epoch_cases,
+            "warmup_epochs": args.warmup_epochs, "timed_epochs": args.timed_epochs, "eval_crop": list(args.eval_crop),
+            "algorithms": cfg["algorithms"], "prefetch_to_device": cfg["data"]["prefetch_to_device"],
+            "overrides": list(args.override), "recipe": args.recipe, "cudnn_benchmark_flag": args.cudnn_benchmark}
+
+
+def earlier_runs(path: Path, args: argparse.Namespace, cfg: dict,
+                 variants: list[Variant]) -> tuple[dict[str, list], dict[str, list[float]], Measurement | None]:
+    """The runs an earlier ``--ablate --json PATH`` of the same setting on this device measured:
+    (label -> runs by repeat, label -> wall seconds, the MONAI reference or None).
+
+    Raises:
+        SystemExit: the file was written for another setting or device (names what differs).
+    """
+    document = json.loads(path.read_text())
+    mine = {"device": device_description(args.device), "setting": setting_of(args, cfg)}
+    differing = [key for key in mine if document.get(key) != mine[key]]
+    if differing:
+        raise SystemExit(f"error: --resume: {path} was measured with another {' and '.join(differing)}; "
+                         "remove it or name another --json")
+    known = {v["label"]: v for v in document.get("variants", [])}
+    runs: dict[str, list] = {}
+    walls: dict[str, list[float]] = {}
+    for variant in variants:
+        entry = known.get(variant.label)
+        if entry is None or entry["overrides"] != list(variant.overrides):
+            continue
+        runs[variant.label] = [Measurement.from_json(data) if data else None
+                               for key, data in document["ours"].items() if key.rsplit(" #", 1)[0] == variant.label]
+        walls[variant.label] = list(entry["wall_s"])
+    monai = Measurement.from_json(document["monai"]) if document.get("monai") else None
+    return runs, walls, monai
+
+
 def write_json(path: Path, args: argparse.Namespace, cfg: dict, ours: Measurement | dict[str, Measurement | None] | None,
                monai: Measurement | None, extra: dict | None = None) -> None:
     """Every measurement of this invocation, with the device and the resolved setting, as JSON:
@@ -984,12 +1057,7 @@ def write_json(path: Path, args: argparse.Namespace, cfg: dict, ours: Measuremen
         "command": shlex.join(["python", *sys.argv]),
         "device": device_description(args.device),
         "torch": torch.__version__,
-        "setting": {"shape": list(args.shape), "patch": args.patch, "depth": args.depth,
-                    "width_divisor": args.width_divisor, "batch": cfg["train_batch_size"],
-                    "microbatch": cfg["device_train_microbatch_size"], "precision": cfg["precision"],
-                    "workers": cfg["data"]["num_workers"], "epoch_cases": args.epoch_cases,
-                    "warmup_epochs": args.warmup_epochs, "timed_epochs": args.timed_epochs,
-                    "algorithms": cfg["algorithms"], "prefetch_to_device": cfg["data"]["prefetch_to_device"]},
+        "setting": setting_of(args, cfg),
         "ours": ours_json,
         "monai": monai.to_json() if monai is not None else None,
         **(extra or {}),
@@ -1068,6 +1136,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1,
                    help="with --ablate, runs per variant, interleaved; 2 or more measure the run-to-run noise, "
                         "which a switch must beat to be kept (default 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --ablate and --json: keep the runs that file already holds (an earlier command of "
+                        "the same setting on this device, stopped at a time limit say) and run only the rest")
+    p.add_argument("--skip-eval", action="store_true",
+                   help="do not time the evaluation (the projection is then training only)")
     p.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file")
     p.add_argument("--recipe-train-cases", type=int, default=RECIPE_TRAIN_CASES,
                    help="training cases per epoch of the projected full recipe (default 387)")
@@ -1100,6 +1173,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--candidate and --repeats need --ablate")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.resume and not (args.ablate and args.json):
+        p.error("--resume needs --ablate and --json")
     for token in [*args.override, *args.candidate]:
         key = token.lstrip("-").split("=", 1)[0]
         if key in RESERVED_KEYS or key.startswith("data.phantom"):
@@ -1192,7 +1267,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = monai = None
     if args.only != "monai":
         print(f"[ours] training {warmup_steps} warm-up + {timed_steps} timed steps", file=sys.stderr)
-        ours = run_ours(cfg, warmup_steps, args.eval_repeats, tuple(args.eval_crop))
+        ours = run_ours(cfg, warmup_steps, args.eval_repeats, None if args.skip_eval else tuple(args.eval_crop))
         if phantom_s > 1:
             ours.setup_s["phantom generation"] = phantom_s
     if args.only != "ours":
@@ -1201,7 +1276,8 @@ def main(argv: list[str] | None = None) -> int:
             microbatch = ours.microbatch if ours is not None else None
         print(f"[monai] training {warmup_steps} warm-up + {timed_steps} timed steps", file=sys.stderr)
         monai = run_monai(cfg, phantom, train_ids, val_id, args.monai_dataset, args.prepare_workers, microbatch,
-                          warmup_steps, timed_steps, args.eval_repeats, tuple(args.eval_crop))
+                          warmup_steps, timed_steps, args.eval_repeats,
+                          None if args.skip_eval else tuple(args.eval_crop))
 
     print_report(args, cfg, overrides, plan, ours, monai, args.device, measurable)
     if args.json:

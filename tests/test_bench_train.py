@@ -133,3 +133,29 @@ def test_the_evaluation_box_is_a_centred_brats_brain_box(bench):
     assert full.eval_crop == list(bench.BRATS_BRAIN_BOX)
     small = bench.parse_args(["--device", "cpu", "--shape", "62", "96", "48"])
     assert small.eval_crop == [56, 68, 28]  # the brain box scaled with the volume
+
+
+def test_a_resumed_ablation_keeps_what_the_earlier_command_measured(bench, tmp_path):
+    path = tmp_path / "ablate.json"
+    args = bench.parse_args(["--device", "cpu", "--recipe", "fast", "--ablate", "--resume", "--json", str(path)])
+    cfg = resolve_config(ROOT / "configs" / "brats.yaml", ["recipe=fast"])
+    variants = bench.ablation_variants(cfg, [])
+
+    def run(rate: float):
+        return bench.Measurement("ours", step_s=[1.0], wait_s=[0.0], samples=[int(rate)])
+
+    # A command stopped after the reference ran twice (once failing) and the first switch once.
+    runs = {f"{variants[0].label} #0": run(30), f"{variants[0].label} #1": None, f"{variants[1].label} #0": run(20)}
+    walls = {variants[0].label: [50.0, 3.0], variants[1].label: [40.0]}
+    bench.write_json(path, args, cfg, runs, None,
+                     {"variants": [{"label": v.label, "overrides": list(v.overrides), "switch": v.switch,
+                                    "wall_s": walls.get(v.label, [])} for v in variants]})
+    earlier, earlier_walls, monai = bench.earlier_runs(path, args, cfg, variants)
+    assert [m and m.median_rate for m in earlier[variants[0].label]] == [30, None]
+    assert [m.median_rate for m in earlier[variants[1].label]] == [20]
+    assert earlier_walls[variants[0].label] == [50.0, 3.0] and monai is None
+    # Another setting must not be mixed in.
+    other = bench.parse_args(["--device", "cpu", "--recipe", "fast", "--ablate", "--resume", "--json", str(path),
+                              "--patch", "16"])
+    with pytest.raises(SystemExit, match="setting"):
+        bench.earlier_runs(path, other, cfg, variants)
