@@ -17,11 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class OutOfMemoryInBackward(torch.autograd.Function):
-    """Passes the loss through; its backward fails for batches of more than one sample."""
+    """Passes the loss through, saves the logits as an activation would be, and fails its
+    backward with a simulated CUDA out-of-memory error for batches of more than one sample."""
 
     @staticmethod
-    def forward(ctx, loss, batch_size):
-        ctx.batch = batch_size
+    def forward(ctx, loss, logits):
+        ctx.save_for_backward(logits)
+        ctx.batch = logits.shape[0]
         return loss.clone()
 
     @staticmethod
@@ -38,7 +40,7 @@ def simulate_out_of_memory_in_backward() -> None:
 
     def loss(self, outputs, target):
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
-        return OutOfMemoryInBackward.apply(real_loss(self, outputs, target), logits.shape[0])
+        return OutOfMemoryInBackward.apply(real_loss(self, outputs, target), logits)
 
     DeepSupervisionLoss.forward = loss
 

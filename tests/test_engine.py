@@ -106,23 +106,8 @@ def test_auto_microbatch_frees_the_failed_attempt_before_retrying(tiny_config, t
     before the retry runs, or on a GPU the smaller microbatch runs out of memory again with it."""
     import weakref
 
+    from tests.ddp_worker import OutOfMemoryInBackward
     from unet_trainer.losses import DeepSupervisionLoss
-
-    class OutOfMemoryInBackward(torch.autograd.Function):
-        """Passes the loss through, saves the logits as an activation would be, and fails its
-        backward for batches of more than one sample."""
-
-        @staticmethod
-        def forward(ctx, loss, logits):
-            ctx.save_for_backward(logits)
-            ctx.batch = logits.shape[0]
-            return loss.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            if ctx.batch > 1:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-            return grad, None
 
     real_loss = DeepSupervisionLoss.forward
     failed: list = []               # weak references to the logits saved by failed attempts
