@@ -160,6 +160,14 @@ def test_split_file(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(DataFormatError, match="split file must be"):
         load_split_file(path, ["a"])
+    path.write_text(json.dumps({"train": ["a", "a", "b"], "val": ["c"]}))  # a repeated training case: oversampled
+    assert load_split_file(path, ["a", "b", "c"])["train"] == ["a", "a", "b"]
+    path.write_text(json.dumps({"train": ["a"], "val": ["c", "b", "c"]}))
+    with pytest.raises(DataFormatError, match="'c' more than once"):
+        load_split_file(path, ["a", "b", "c"])
+    path.write_text(json.dumps({"train": ["a", "b"], "val": ["b", "c"]}))
+    with pytest.raises(DataFormatError, match="in both"):
+        load_split_file(path, ["a", "b", "c"])
 
 
 def test_crop_with_padding_places_small_volumes_in_the_middle():

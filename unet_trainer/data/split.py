@@ -36,8 +36,13 @@ def kfold_split(case_ids: Sequence[str], num_folds: int, fold: int, split_seed: 
 def load_split_file(path: Path, available: Sequence[str]) -> dict[str, list[str]]:
     """Read an explicit split ``{"train": [...], "val": [...]}`` and check every id exists.
 
+    An id repeated in "train" is drawn that many times per epoch (oversampling it). A validation
+    id may appear once only, and never in "train" too: a repeat would count twice in the mean
+    Dice, and a training case scored as validation would flatter it.
+
     Raises:
-        DataFormatError: unreadable file, missing keys, or ids absent from the prepared data.
+        DataFormatError: unreadable file, missing keys, ids absent from the prepared data, a
+            repeated validation id, or an id in both lists.
     """
     path = Path(path)
     try:
@@ -50,4 +55,10 @@ def load_split_file(path: Path, available: Sequence[str]) -> dict[str, list[str]
     missing = [i for i in split["train"] + split["val"] if i not in known]
     if missing:
         raise DataFormatError(f"{path}: {len(missing)} case ids are not in the dataset, e.g. {missing[0]!r}")
+    repeated = sorted({i for i in split["val"] if split["val"].count(i) > 1})
+    if repeated:
+        raise DataFormatError(f'{path}: "val" lists {repeated[0]!r} more than once; each validation case counts once')
+    leaked = sorted(set(split["val"]) & set(split["train"]))
+    if leaked:
+        raise DataFormatError(f'{path}: {len(leaked)} case ids are in both "train" and "val", e.g. {leaked[0]!r}')
     return {"train": list(split["train"]), "val": list(split["val"])}
