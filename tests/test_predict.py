@@ -317,6 +317,24 @@ def test_hd95_is_finite_for_a_tumour_scales_with_spacing_and_nan_when_empty():
     assert case_hd95(truth, truth)["hd95/WT"] == 0.0
 
 
+def test_hd95_keeps_gpu_masks_on_the_gpu_only_with_cucim(monkeypatch):
+    """MONAI's GPU distance transform needs cuCIM; with CuPy alone (common on GPU machines) it
+    would fall back to a dense SciPy transform, slower than the KD-tree it uses for host masks."""
+    import importlib.util
+
+    from unet_trainer import metrics
+
+    def installed(*names):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in names else None)
+
+    installed("cupy")
+    assert not metrics._gpu_distance_transform_available()
+    installed("cupy", "cucim")
+    assert metrics._gpu_distance_transform_available()
+    installed()
+    assert not metrics._gpu_distance_transform_available()
+
+
 def test_training_reports_hd95_when_enabled(tiny_config):
     final = run_training(tiny_config("max_duration=1ba", "eval.hd95=true"), progress=False)["final_eval"]
     assert {"dice/WT", "hd95/WT", "hd95/TC", "hd95/ET"} <= set(final)

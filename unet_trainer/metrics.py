@@ -114,6 +114,12 @@ def case_dice(pred_labels: torch.Tensor, true_labels: torch.Tensor,
     return scores
 
 
+def _gpu_distance_transform_available() -> bool:
+    """Whether MONAI can run its distance transform on the GPU: that takes cuCIM (CuPy alone,
+    common on GPU machines, is not enough)."""
+    return importlib.util.find_spec("cucim") is not None and importlib.util.find_spec("cupy") is not None
+
+
 def case_hd95(pred_labels: torch.Tensor, true_labels: torch.Tensor,
               spacing: Sequence[float] | None = None) -> dict[str, float]:
     """95th-percentile symmetric Hausdorff distance per BraTS region, through MONAI.
@@ -140,10 +146,10 @@ def case_hd95(pred_labels: torch.Tensor, true_labels: torch.Tensor,
         return torch.stack(masks)[None]
 
     pred, truth = one_hot(pred_labels), one_hot(true_labels)
-    if pred.device.type == "cuda" and importlib.util.find_spec("cupy") is None:
-        # Without cuCIM/CuPy MONAI copies GPU masks to the host for a dense SciPy distance
-        # transform; from host tensors it queries a KD-tree of the surface voxels instead, which is
-        # much faster for tumour-sized regions. The masks are bool: one byte a voxel to copy.
+    if pred.device.type == "cuda" and not _gpu_distance_transform_available():
+        # Without cuCIM MONAI copies GPU masks to the host for a dense SciPy distance transform;
+        # from host tensors it queries a KD-tree of the surface voxels instead, which is much
+        # faster for tumour-sized regions. The masks are bool: one byte a voxel to copy.
         pred, truth = pred.cpu(), truth.cpu()
     # Decided here rather than left to MONAI, whose result for an empty mask (NaN or inf) depends
     # on its version and on the distance-transform backend.
