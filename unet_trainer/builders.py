@@ -295,9 +295,12 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
     dataset = PatchDataset(prepared, split["train"], cfg["data"]["patch_size"], cfg["data"]["oversampling"],
                            squeeze_slice_axis=spatial_dims == 2)
     per_rank_batch = cfg["train_batch_size"] // dist_info.world_size
-    loader = build_train_loader(dataset, per_rank_batch, seed, cfg["data"]["num_workers"],
-                                pin_memory=device.type == "cuda", num_replicas=dist_info.world_size,
-                                rank=dist_info.rank)
+    try:
+        loader = build_train_loader(dataset, per_rank_batch, seed, cfg["data"]["num_workers"],
+                                    pin_memory=device.type == "cuda", num_replicas=dist_info.world_size,
+                                    rank=dist_info.rank, drop_last=cfg["drop_last"])
+    except ValueError as exc:
+        raise ConfigError(f"'drop_last' = true: {str(exc).removeprefix('drop_last: ')}") from None
     batches_per_epoch = loader.batch_sampler.batches_per_epoch
 
     seed_everything(seed)

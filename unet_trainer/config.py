@@ -255,6 +255,9 @@ SCHEMA: dict[str, Any] = {
     "train_batch_size": F("int", 64, minimum=1),
     "eval_batch_size": F("int", 8, minimum=1),
     "device_train_microbatch_size": F("int_or_auto", None, nullable=True),
+    # Drop each epoch's last partial batch, so every step has the same shape (what CUDA graphs
+    # need); false trains it, so every case is drawn once per epoch.
+    "drop_last": F("bool", False),
     "max_duration": F("duration", "200ep"),
     "eval_interval": F("duration", "1ep"),
     "save_interval": F("duration", "1ep"),
@@ -320,7 +323,7 @@ SCHEMA: dict[str, Any] = {
 # Keys a recipe may set: the training hyperparameters, never the data or the model.
 RECIPE_KEYS = (
     "optimizer", "schedulers", "max_duration", "train_batch_size", "eval_batch_size", "precision",
-    "device_train_microbatch_size", "algorithms", "callbacks", "loss", "grad_clip_norm",
+    "device_train_microbatch_size", "drop_last", "algorithms", "callbacks", "loss", "grad_clip_norm",
     "eval_interval", "save_interval", "seed",
 )
 

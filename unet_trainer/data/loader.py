@@ -20,6 +20,20 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 
+# The most bytes of finished batches the loader's workers may hold ahead of the trainer. Each
+# worker builds whole batches, and DataLoader keeps prefetch_factor x num_workers of them in shared
+# memory (and as many pinned copies): at BraTS size a batch of 64 patches of 4x128^3 float32 is
+# 2.1 GiB, so 8 workers x 4 would hold 69 GiB, more than the /dev/shm of a 128 GiB machine.
+PREFETCH_BYTES = 8 * 2**30
+
+
+def prefetch_batches(num_workers: int, batch_bytes: int, budget_bytes: int = PREFETCH_BYTES) -> int:
+    """DataLoader's ``prefetch_factor``: 4 batches per worker when they fit in ``budget_bytes``,
+    fewer for big batches, at least 1 (``num_workers`` batches in flight, which already outpace a
+    GPU step at BraTS size)."""
+    return max(1, min(4, budget_bytes // max(1, num_workers * batch_bytes)))
+
+
 def sample_seed(seed: int, epoch: int, position: int) -> int:
     """The crop seed of the sample at ``position`` of ``epoch`` (independent of workers and ranks)."""
     return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
@@ -135,6 +149,14 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.case_ids)
 
+    def sample_bytes(self) -> int:
+        """Bytes of one item (float32 image of the first case's channels and a uint8 label)."""
+        if not self.case_ids:
+            return 0
+        # A throwaway handle: cached ones would travel to the workers with the dataset.
+        channels = PreparedCase(self.folder, self.case_ids[0]).image.shape[0]
+        return math.prod(self.patch_size) * (4 * channels + 1)
+
     def case(self, index: int) -> PreparedCase:
         if index not in self._cases:  # opened lazily in each worker
             self._cases[index] = PreparedCase(self.folder, self.case_ids[index])
@@ -183,20 +205,28 @@ class ContinuousBatchSampler:
     """Batches of ``(case_index, crop_seed)`` for one rank, epoch after epoch without a break.
 
     Each epoch is the :class:`EpochSampler`'s permutation cut into batches of ``batch_size``
-    (the last one partial), exactly as a per-epoch DataLoader would cut it. Running on across
-    epochs lets the DataLoader's workers prefetch the next epoch's first batches while the current
-    epoch ends, instead of draining and refilling at every boundary (an epoch of 387 cases is only
-    7 steps at batch 64). ``set_position`` chooses where the next iteration starts, for resume.
+    (the last one partial, or dropped with ``drop_last``), exactly as a per-epoch DataLoader would
+    cut it. Running on across epochs lets the DataLoader's workers prefetch the next epoch's first
+    batches while the current epoch ends, instead of draining and refilling at every boundary (an
+    epoch of 387 cases is only 7 steps at batch 64). ``set_position`` chooses where the next
+    iteration starts, for resume.
+
+    ``drop_last`` keeps every batch at ``batch_size`` (387 cases at batch 64: 6 steps, 3 samples
+    left out), so a CUDA graph or a compiled graph sees one shape. The permutation changes every
+    epoch, so the samples left out differ from epoch to epoch.
     """
 
-    def __init__(self, sampler: EpochSampler, batch_size: int):
+    def __init__(self, sampler: EpochSampler, batch_size: int, drop_last: bool = False):
         self.sampler = sampler
         self.batch_size = int(batch_size)
+        self.drop_last = bool(drop_last)
         self.epoch = 0
         self.batch_in_epoch = 0
 
     @property
     def batches_per_epoch(self) -> int:
+        if self.drop_last:
+            return self.sampler.num_samples // self.batch_size
         return math.ceil(self.sampler.num_samples / self.batch_size)
 
     def set_position(self, epoch: int, batch_in_epoch: int) -> None:
@@ -214,29 +244,37 @@ class ContinuousBatchSampler:
                 if len(batch) == self.batch_size:
                     yield batch
                     batch = []
-            if batch:
+            if batch and not self.drop_last:
                 yield batch
             epoch, skip = epoch + 1, 0
 
 
 def build_train_loader(dataset: PatchDataset, batch_size: int, seed: int, num_workers: int,
-                       pin_memory: bool, num_replicas: int = 1, rank: int = 0) -> DataLoader:
+                       pin_memory: bool, num_replicas: int = 1, rank: int = 0, drop_last: bool = False) -> DataLoader:
     """An endless DataLoader of training patches for one rank, running across epochs.
 
     Args:
         batch_size: samples per batch on this rank (the global batch divided by the world size).
         num_workers: reading processes; 0 reads in the main process.
         pin_memory: pin host memory for faster, asynchronous copies to a GPU.
+        drop_last: leave out each epoch's last partial batch (every batch then has ``batch_size``).
 
     Returns:
         A DataLoader whose ``batch_sampler`` is a :class:`ContinuousBatchSampler`: call its
         ``set_position(epoch, batch_in_epoch)`` before iterating; the caller counts epochs.
+
+    Raises:
+        ValueError: ``drop_last`` with fewer samples per rank than ``batch_size`` (no batch would be left).
     """
     sampler = EpochSampler(len(dataset), seed, num_replicas=num_replicas, rank=rank)
+    if drop_last and sampler.num_samples < batch_size:
+        raise ValueError(f"drop_last: an epoch has {sampler.num_samples} samples per rank, fewer than the batch of "
+                         f"{batch_size} per rank, so every batch would be dropped; set drop_last=false or a smaller "
+                         "train_batch_size")
+    prefetch = prefetch_batches(num_workers, batch_size * dataset.sample_bytes()) if num_workers > 0 else None
     return DataLoader(
-        dataset, batch_sampler=ContinuousBatchSampler(sampler, batch_size), num_workers=num_workers,
-        pin_memory=pin_memory, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        dataset, batch_sampler=ContinuousBatchSampler(sampler, batch_size, drop_last), num_workers=num_workers,
+        pin_memory=pin_memory, persistent_workers=num_workers > 0, prefetch_factor=prefetch,
     )
 
 
