@@ -14,7 +14,7 @@ same autocast (bf16 by default on CUDA):
 
 Timing: ``--warmup`` untimed volumes, then ``--iters`` timed ones, each bracketed by
 ``torch.cuda.synchronize()`` (on CUDA) and ``time.perf_counter``; the median is reported in ms per
-volume, with the ratio ours / monai (the target on an H100 is <= 0.7). cuDNN's algorithm search
+volume, with the ratio ours / monai (the target on an H200 is <= 0.7). cuDNN's algorithm search
 (``cudnn.benchmark``) is on for both. So that the ratio can be attributed, two more rows run each
 loop with the other memory format: MONAI given the channels-last copy, ours given the model as
 built.
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -85,7 +86,7 @@ def time_volume(run: Callable[[], torch.Tensor], device: torch.device, warmup: i
     return statistics.median(times), out, peak
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("--size", type=int, nargs=3, default=[155, 240, 240], metavar=("Z", "Y", "X"),
@@ -101,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                         help="memory format of our model (auto: on for CUDA, as unet-predict runs it)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the figures to this JSON file, rewritten after each timing")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     from monai.inferers import sliding_window_inference
 
@@ -142,8 +149,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {name}, torch {torch.__version__}, volume 4x{'x'.join(map(str, args.size))}, window {args.window}^3, "
           f"sw batch {args.sw_batch_size}, overlap {args.overlap}, gaussian sigma 1/8, {args.precision}, "
           f"filters {filters}, warmup {args.warmup}, median of {args.iters}")
+    figures = {"device": name, "torch": torch.__version__, "size": list(args.size), "window": args.window,
+               "sw_batch_size": args.sw_batch_size, "overlap": args.overlap, "precision": args.precision,
+               "filters": filters, "channels_last": channels_last}
+
+    def save(**measured) -> None:
+        # After each timing, so a run stopped at a time limit keeps what it measured.
+        figures.update(measured)
+        if args.json:
+            temporary = args.json.with_name(args.json.name + ".tmp")
+            temporary.write_text(json.dumps(figures, indent=1))
+            temporary.replace(args.json)
+
     monai_ms, monai_out, monai_peak = time_volume(monai, device, args.warmup, args.iters)
+    save(monai_ms=monai_ms, monai_peak_gib=monai_peak)
     ours_ms, ours_out, ours_peak = time_volume(ours, device, args.warmup, args.iters)
+    save(ours_ms=ours_ms, ours_peak_gib=ours_peak, ratio=ours_ms / monai_ms)
 
     def row(label: str, ms: float, peak: float | None) -> str:
         return f"  {label:<58}{ms:10.1f} ms/volume" + (f"   peak {peak:.2f} GiB" if peak is not None else "")
@@ -151,15 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     layout = "channels-last" if channels_last else "model as built"
     print(row("monai.inferers.sliding_window_inference (model as built)", monai_ms, monai_peak))
     print(row(f"unet_trainer predict_volume ({layout})", ours_ms, ours_peak))
-    print(f"  ratio ours / monai: {ours_ms / monai_ms:.3f}  (target on an H100: <= 0.7)")
+    print(f"  ratio ours / monai: {ours_ms / monai_ms:.3f}  (target on an H200: <= 0.7)")
     if channels_last:
         # The same two loops with the memory formats swapped, to separate layout from loop.
         swapped_monai, _, _ = time_volume(lambda: monai(ours_model), device, args.warmup, args.iters)
         swapped_ours, _, _ = time_volume(lambda: ours(monai_model), device, args.warmup, args.iters)
         print(row("  attribution: monai with the channels-last copy", swapped_monai, None))
         print(row("  attribution: ours with the model as built", swapped_ours, None))
+        save(monai_channels_last_ms=swapped_monai, ours_as_built_ms=swapped_ours)
     difference = (ours_out - monai_out).abs().max().item()
     scale = monai_out.abs().max().item()
+    save(max_abs_difference=difference, max_abs_logit=scale)
     print(f"  max |ours - monai| = {difference:.4g} (logits up to {scale:.4g}); expected to differ a little: "
           f"same window count but evenly spread (nnU-Net) vs stepped-and-clamped (MONAI) placement, Gaussian "
           f"maps that differ in detail, {args.precision} rounding per window")

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
+import json
 import ctypes.util
 import gc
 import os
@@ -279,6 +281,16 @@ def format_table(results: list[Result], memory_label: str) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: Path, args: argparse.Namespace, device: torch.device, dtype_name: str, memory_label: str,
+               results: list[Result]) -> None:
+    document = {"device": device_description(device), "torch": torch.__version__, "dtype": dtype_name,
+                "patch": args.patch, "filters": FILTERS, "memory": memory_label,
+                "results": [dataclasses.asdict(r) for r in results]}
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(document, indent=1))
+    temporary.replace(path)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -298,6 +310,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="divide every filter count by this for all models (CPU smoke runs; 1 = the real preset)",
     )
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write every result to this JSON file, rewritten after each measurement")
     args = parser.parse_args(argv)
     if args.patch % 32 or args.patch < 64:
         parser.error(
@@ -360,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, build in models.items():
                 result = measure(name, build, mode, batch, args, device, amp_dtype)
                 results.append(result)
+                if args.json:  # after every measurement, so a run stopped at a time limit keeps the rest
+                    write_json(args.json, args, device, dtype_name, memory_label, results)
                 print(f"  measured {name:13s} {mode:22s} batch {batch}: "
                       f"{f'{result.samples_per_s:.2f} samples/s' if result.samples_per_s else result.note}", flush=True)
     print()

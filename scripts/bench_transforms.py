@@ -9,8 +9,9 @@ CUDA, for two settings:
 The MONAI baseline is what a CPU DataLoader worker would do: the equivalent
 ``Compose`` applied to one sample at a time on the CPU, single process (a
 DataLoader spreads it over workers; divide by the worker count you can spare).
-On CUDA it also times one forward+backward step of the BraTS 3D U-Net at
-batch 2 under bf16 autocast and reports the augmentation as a share of it.
+On CUDA (and on the CPU with ``--share``) it also times one forward+backward
+step of the BraTS 3D U-Net at batch 2 (bf16 autocast on CUDA, fp32 on the CPU)
+and reports the augmentation as a share of it. ``--json`` writes every figure.
 
 Example (quick CPU check):
     python scripts/bench_transforms.py --device cpu --patch 64 --batches 2 --iters 3
@@ -19,9 +20,11 @@ Example (quick CPU check):
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -177,19 +180,21 @@ def monai_seconds_per_batch(setting: Setting, batch: int, patch: int, warmup: in
     return median_seconds(augment_each_sample, torch.device("cpu"), warmup, iters)
 
 
-def training_step_seconds(patch: int, device: torch.device, warmup: int, iters: int) -> float:
-    """One forward+backward of the BraTS 3D U-Net at batch 2, bf16 autocast, cross-entropy loss."""
-    from benchutil import brats_3d_model  # imported here: only the CUDA branch needs the model
+def training_step_seconds(patch: int, device: torch.device, warmup: int, iters: int, width_divisor: int = 1) -> float:
+    """One forward+backward of the BraTS 3D U-Net at batch 2, cross-entropy loss; bf16 autocast on
+    CUDA, fp32 on the CPU (where bf16 3D convolutions are emulated). ``width_divisor`` narrows the
+    model for quick CPU runs."""
+    from benchutil import brats_3d_model  # imported here: only the share needs the model
     from unet_trainer.model import UNet
 
-    model = UNet(**brats_3d_model()).to(device)
+    model = UNet(**brats_3d_model(width_divisor)).to(device)
     model.train()
     image, label = make_batch(2, patch, device)
     target = label[:, 0].long()
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             output = model(image)
         # With deep supervision a model returns several heads; the first is full resolution.
         logits = output[0] if isinstance(output, (list, tuple)) else output
@@ -212,7 +217,7 @@ def devices_to_run(choice: str) -> list[torch.device]:
     return [torch.device(choice)]
 
 
-def parse_arguments() -> argparse.Namespace:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--device",
@@ -224,7 +229,13 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 8], help="batch sizes (default 2 8)")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per measurement; the median is reported")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each measurement")
-    arguments = parser.parse_args()
+    parser.add_argument("--share", action="store_true",
+                        help="also time the training step on the CPU (always done on CUDA) and report the share")
+    parser.add_argument("--width-divisor", type=int, default=1,
+                        help="divide the U-Net's filter counts for the step (quick CPU runs; 1 = the real preset)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write every figure to this JSON file, rewritten after each measurement")
+    arguments = parser.parse_args(argv)
     if arguments.patch < 2 or arguments.iters < 1 or arguments.warmup < 0 or min(arguments.batches) < 1:
         parser.error("--patch >= 2, --iters >= 1, --warmup >= 0 and every batch >= 1 are required")
     return arguments
@@ -253,6 +264,16 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     ours_seconds: dict[tuple[str, str, int], float] = {}
+    document: dict = {"torch": torch.__version__, "monai": monai.__version__, "cpu": cpu_model_name(),
+                      "patch": arguments.patch, "rows": [], "step_share_percent": {}}
+
+    def save() -> None:
+        # After each measurement, so a run stopped at a time limit keeps what it measured.
+        if arguments.json:
+            temporary = arguments.json.with_name(arguments.json.name + ".tmp")
+            temporary.write_text(json.dumps(document, indent=1))
+            temporary.replace(arguments.json)
+
     for setting in SETTINGS:
         for batch in arguments.batches:
             monai_seconds = monai_seconds_per_batch(setting, batch, arguments.patch, arguments.warmup, arguments.iters)
@@ -265,24 +286,38 @@ def main() -> None:
                     f"{setting.name:<9} {device.type:<6} {batch:>5} {seconds * 1e3:>13.2f} {batch / seconds:>12.1f} "
                     f"{batch / monai_seconds:>13.1f} {monai_seconds / seconds:>9.1f}x"
                 )
+                document["rows"].append({"setting": setting.name, "device": device.type, "batch": batch,
+                                         "ours_ms_per_batch": seconds * 1e3, "ours_patches_per_s": batch / seconds,
+                                         "monai_patches_per_s": batch / monai_seconds})
+                save()
 
-    cuda_device = next((device for device in devices if device.type == "cuda"), None)
-    if cuda_device is None:
+    # The share is measured where the augmentation runs in training: the GPU (or the CPU when asked).
+    share_device = next((device for device in devices if device.type == "cuda"), None)
+    if share_device is None and arguments.share:
+        share_device = devices[-1]
+    if share_device is None:
         return
     try:
-        step_seconds = training_step_seconds(arguments.patch, cuda_device, arguments.warmup, arguments.iters)
+        step_seconds = training_step_seconds(arguments.patch, share_device, arguments.warmup, arguments.iters,
+                                             arguments.width_divisor)
     except ImportError as error:
         print(f"\nno training-step comparison: cannot import the U-Net ({error})")
         return
-    print(f"\nU-Net forward+backward, batch 2, bf16 autocast: {step_seconds * 1e3:.1f} ms")
+    precision = "bf16 autocast" if share_device.type == "cuda" else "fp32"
+    print(f"\nU-Net forward+backward on {share_device.type}, batch 2, {precision}"
+          f"{f', filters / {arguments.width_divisor}' if arguments.width_divisor > 1 else ''}: {step_seconds * 1e3:.1f} ms")
+    document["step_ms"] = step_seconds * 1e3
+    document["step_device"] = share_device.type
     for setting in SETTINGS:
-        key = (setting.name, "cuda", 2)
+        key = (setting.name, share_device.type, 2)
         if key not in ours_seconds:
             ours_seconds[key] = ours_seconds_per_batch(
-                setting, 2, arguments.patch, cuda_device, arguments.warmup, arguments.iters
+                setting, 2, arguments.patch, share_device, arguments.warmup, arguments.iters
             )
         share = 100.0 * ours_seconds[key] / step_seconds
-        print(f"augmentation ({setting.name}, batch 2) = {share:.2f} % of a training step (target < 5 % on an H100)")
+        document["step_share_percent"][setting.name] = share
+        save()
+        print(f"augmentation ({setting.name}, batch 2) = {share:.2f} % of a training step (target < 5 % on an H200)")
 
 
 if __name__ == "__main__":
