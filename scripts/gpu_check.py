@@ -31,13 +31,15 @@ command stopped at its limit returns everything measured so far:
     ablate.json      bench_train's ablation file (``--resume-ablation`` continues it in a later command)
 
 ``--dry-run`` runs every step at a tiny size on the CPU (the same commands with smaller options,
-the same writers) in about a minute on 2 cores; tests/test_gpu_check.py runs it, so a typo cannot
-break the first GPU run. Its step 1 really runs ``pytest -k cuda``, where every test skips.
+the same writers) in about 120 CPU-seconds (11 Python processes, each paying its imports);
+tests/test_gpu_check.py runs it, so a typo cannot break the first GPU run. Its step 1 really runs
+``pytest -k cuda``, where every test skips. ``cpu_s`` per step in the JSON is what a loaded machine
+cannot hide: the CPU seconds of the step's processes.
 
 Examples:
     python scripts/gpu_check.py                         # on the GPU machine, everything, 6 minutes
     python scripts/gpu_check.py --steps ablation --resume-ablation .bench/ablate.json   # a rerun
-    python scripts/gpu_check.py --dry-run --out /tmp/gc  # CPU, tiny, about a minute
+    python scripts/gpu_check.py --dry-run --out /tmp/gc  # CPU, tiny, about 1.5 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -114,13 +116,13 @@ def gpu_sizes(workers: int) -> Sizes:
         ablation_args=("--device", "cuda", "--warmup-epochs", "1", "--timed-epochs", "1", "--eval-repeats", "1",
                        "--prepare-workers", str(workers),
                        "--candidate", "algorithms.compile.mode=reduce-overhead"),
-        budgets={"cuda_tests": (60, 20), "train_resume": (110, 60), "model": (100, 30), "infer": (40, 15),
+        budgets={"cuda_tests": (60, 20), "train_resume": (110, 60), "model": (80, 30), "infer": (40, 15),
                  "transforms": (40, 15), "train_bench": (120, 60), "ablation": (600, 60)},
     )
 
 
 def dry_sizes(workers: int) -> Sizes:
-    """Tiny CPU sizes that run the same commands in about a minute on 2 cores."""
+    """Tiny CPU sizes that run the same commands in about 120 CPU-seconds."""
     tiny_model = ("model.filters=[4,8,16]", "model.kernel_sizes=[3,3,3]", "model.strides=[1,2,2]")
     return Sizes(
         device="cpu", phantom_cases=4, phantom_shape=(24, 32, 32), epoch_cases=8, train_steps=10, stop_at=4,
@@ -268,6 +270,12 @@ def child_environment() -> dict:
     return env
 
 
+# Each command in its own process group, so that its limit kills its workers too; not in a new
+# session: the device machine ends a command's leftover processes when it returns, except those
+# that started a session of their own, which would run on into the next command.
+OWN_PROCESS_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+
+
 class Runner:
     """Runs commands with their output appended to one log; kills a command's whole process group
     at its limit (DataLoader workers and benchmark children included)."""
@@ -283,7 +291,7 @@ class Runner:
             offset = handle.tell()
         handle = open(path, "a")
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
-                                   env=child_environment(), start_new_session=True)
+                                   env=child_environment(), **OWN_PROCESS_GROUP)
         handle.close()  # the child holds its own copy
         return process, offset
 

@@ -26,7 +26,7 @@ def run_check(tmp_path: Path, *args: str, timeout: float = 900) -> tuple[subproc
 
 
 def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
-    # A budget far above the ~1 minute a quiet 2-core machine needs, so a loaded machine skips nothing.
+    # A budget far above the ~1.5 minutes a quiet 2-core machine needs, so a loaded one skips nothing.
     done, out = run_check(tmp_path, "--budget-s", "900")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
