@@ -138,10 +138,10 @@ def dry_sizes(workers: int) -> Sizes:
                           "--width-divisor", "8", "--batch", "4", "--microbatch", "auto", "--workers", "1",
                           "--warmup-epochs", "0", "--timed-epochs", "1", "--eval-repeats", "1",
                           "--prepare-workers", str(workers)),
-        # Every switch is turned off, so the ablation machinery runs its one quick reference run:
-        # compiling on a CPU takes half a minute a run.
+        # Every switch is turned off, so the ablation machinery runs its one quick reference run
+        # (compiling on a CPU takes half a minute a run), without the evaluation step 6 timed.
         ablation_args=("--device", "cpu", "--epoch-cases", "8", "--patch", "16", "--depth", "3",
-                       "--width-divisor", "8", "--batch", "4", "--workers", "1",
+                       "--width-divisor", "8", "--batch", "4", "--workers", "1", "--skip-eval",
                        "--warmup-epochs", "0", "--timed-epochs", "1", "--eval-repeats", "1",
                        "--prepare-workers", str(workers), "--override", "algorithms.compile=null",
                        "--override", "algorithms.channels_last=null", "--override", "algorithms.cudnn_benchmark=null",
