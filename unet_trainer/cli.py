@@ -49,6 +49,9 @@ def _format_summary(summary: dict) -> str:
         f"  split            {run_dir / 'split.json'}",
         f"  checkpoints      {run_dir / 'checkpoints'} (latest: {summary['checkpoint']})",
         f"  metrics          {run_dir / 'metrics.jsonl'}, train_metrics.csv, eval_metrics.csv, eval_cases.csv",
+        *[f"  {title:<16} {path}" for title, path in (("curves", run_dir / "progress.png"),
+                                                        ("overlays", run_dir / "overlays" / "summary.png"))
+          if path.is_file()],
         f"Prepared data:     {summary['prepared']}",
         "Run the same command again to resume from the latest checkpoint.",
     ]

@@ -26,9 +26,8 @@ class OverlayWriter(Callback):
 
     Every rank runs it: it switches the evaluator's ``case_view`` hook on for the evaluations
     that are due (each rank cuts the slices of the cases it scored; the evaluator gathers them),
-    and rank 0 (``is_writer``) draws. The drawing's wall time goes into the evaluation record as
-    ``time/overlays_s``. Keeps the latest summary picture in ``summary`` (with ``summary_batch``)
-    for loggers that run after it.
+    and rank 0 (``is_writer``) draws; ``seconds`` is the last drawing's wall time. Keeps the latest
+    summary picture in ``summary`` (with ``summary_batch``) for loggers that run after it.
     """
 
     def __init__(self, folder: Path, evaluator, cases: int | None = 16, every: int = 1, is_writer: bool = True):
@@ -37,6 +36,7 @@ class OverlayWriter(Callback):
         self.cases, self.every, self.is_writer = cases, every, is_writer
         self.summary: np.ndarray | None = None
         self.summary_batch: int | None = None
+        self.seconds: float | None = None
 
     def eval_start(self, state: State) -> None:
         # The same decision on every rank: the evaluation count and the timestamp agree across ranks.
@@ -55,7 +55,8 @@ class OverlayWriter(Callback):
         self.evaluator.last_views = {}
         if summary is not None:
             self.summary, self.summary_batch = summary, state.timestamp.batch
-            state.eval_history[-1]["time/overlays_s"] = time.perf_counter() - started
+            # Not in the evaluation record: that must stay the same on every rank.
+            self.seconds = time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------------------------
