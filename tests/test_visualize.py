@@ -84,7 +84,7 @@ def test_slices_go_through_the_tumours_centre_and_always_hold_some_of_it():
 
 def test_case_overlay_has_its_size_and_every_label_in_its_own_colour(tmp_path):
     image, label = sphere_case()
-    prediction = np.where(label == 1, 3, label).astype(np.uint8)  # core missed: called enhancing
+    prediction = np.roll(label, 2, axis=2)  # every label, two voxels off
     view = extract_case_view("BraTS_007", image, label, prediction, (1.0, 1.0, 1.0))
     path = tmp_path / "case.png"
     draw_case_overlay(path, view, "BraTS_007 | epoch 3 | Dice ...")

@@ -93,14 +93,15 @@ def _slices(volume: torch.Tensor, centre: Sequence[int]) -> tuple[torch.Tensor, 
 
 
 def _window(slices: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-    """Scale to [0, 1] between the 0.5th and 99.5th percentile of the nonzero pixels (MR
-    intensities have no fixed scale; the background is 0 in prepared and raw BraTS images)."""
+    """Scale to [0, 1] between the 0.5th and 99.5th percentile of the nonzero pixels, background
+    (exactly 0, in prepared and raw BraTS images alike) black. MR intensities have no fixed scale,
+    and a prepared image is z-scored, so its background 0 would otherwise be mid-grey."""
     values = np.concatenate([s[s != 0].ravel() for s in slices])
     if values.size == 0:
         return tuple(np.zeros_like(s, dtype=np.float16) for s in slices)
     low, high = np.percentile(values, [0.5, 99.5])
     scale = high - low if high > low else 1.0
-    return tuple(np.clip((s - low) / scale, 0.0, 1.0).astype(np.float16) for s in slices)
+    return tuple(np.where(s != 0, np.clip((s - low) / scale, 0.0, 1.0), 0.0).astype(np.float16) for s in slices)
 
 
 def extract_case_view(case_id: str, image, truth, prediction, spacing: Sequence[float] | None = None) -> CaseView:
@@ -144,23 +145,28 @@ def _aspect(view: CaseView, index: int) -> float:
     return (y / x, z / x, z / y)[index]
 
 
-def _contours(ax, labels: np.ndarray, linestyle: str, linewidth: float) -> None:
+# Ground truth solid and a little translucent, so that a prediction dashed on top of it stays visible.
+TRUTH_STYLE = {"linestyles": "solid", "alpha": 0.8}
+PREDICTION_STYLE = {"linestyles": [(0, (2.5, 1.5))]}
+
+
+def _contours(ax, labels: np.ndarray, linewidth: float, style: Mapping[str, Any]) -> None:
     for label in DRAW_ORDER:
         mask = labels == label
         # contour needs at least a 2x2 grid and a level that is crossed
         if mask.any() and not mask.all() and min(mask.shape) >= 2:
             ax.contour(mask.astype(np.float32), levels=[0.5], colors=[LABEL_COLOURS[label]], linewidths=linewidth,
-                       linestyles=linestyle)
+                       **style)
 
 
-def _draw_slice(ax, view: CaseView, index: int, truth_width: float = 2.2, prediction_width: float = 1.3) -> None:
+def _draw_slice(ax, view: CaseView, index: int, truth_width: float = 2.6, prediction_width: float = 1.6) -> None:
     ax.imshow(view.image[index].astype(np.float32), cmap="gray", vmin=0.0, vmax=1.0, origin="lower",
               aspect=_aspect(view, index), interpolation="nearest")
     if view.truth is not None:
-        _contours(ax, view.truth[index], "solid", truth_width)
-        _contours(ax, view.prediction[index], "dashed", prediction_width)
+        _contours(ax, view.truth[index], truth_width, TRUTH_STYLE)
+        _contours(ax, view.prediction[index], prediction_width, PREDICTION_STYLE)
     else:
-        _contours(ax, view.prediction[index], "solid", prediction_width + 0.4)
+        _contours(ax, view.prediction[index], prediction_width + 0.4, {"linestyles": "solid"})
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -168,8 +174,8 @@ def _draw_slice(ax, view: CaseView, index: int, truth_width: float = 2.2, predic
 def _legend_handles(with_truth: bool) -> list[Line2D]:
     handles = [Line2D([], [], color=LABEL_COLOURS[k], lw=3, label=LABEL_LEGEND[k]) for k in sorted(LABEL_COLOURS)]
     if with_truth:
-        handles += [Line2D([], [], color="black", lw=2.2, ls="solid", label="ground truth"),
-                    Line2D([], [], color="black", lw=1.3, ls="dashed", label="prediction")]
+        handles += [Line2D([], [], color="black", lw=2.6, ls="solid", alpha=0.8, label="ground truth"),
+                    Line2D([], [], color="black", lw=1.6, ls=(0, (2.5, 1.5)), label="prediction")]
     return handles
 
 
@@ -266,7 +272,7 @@ def draw_summary(path: Path, cases: Sequence[tuple[CaseView, Mapping[str, float]
                 ax.axis("off")
                 continue
             view, scores = row[c]
-            _draw_slice(ax, view, 0, truth_width=2.0, prediction_width=1.2)
+            _draw_slice(ax, view, 0, truth_width=2.2, prediction_width=1.4)
             ax.set_title(f"{view.case_id}\nmean {mean_dice(scores):.3f} | {scores_text(scores)}", fontsize=7.5)
             if c == 0:
                 ax.set_ylabel(group, fontsize=11)
