@@ -423,12 +423,15 @@ def draw_progress(path: Path, train: Mapping[str, Series], evals: Sequence[Mappi
     ax.set(title="training loss")
 
     ax = axes[1]
+    # Regions solid, the mean black; the labels dotted in their overlay colours.
+    colours = {"WT": "#1f63b4", "TC": "#c8322d", "ET": "#2a9a48", "mean": "black",
+               **{LABEL_NAMES[k]: colour for k, colour in LABEL_COLOURS.items()}}
     for name in sorted(dice, key=_region_order):
         series = dice[name]
         region = name in REGION_NAMES or name == "mean"
         ax.plot(series.steps, series.values, marker="o" if region else None, ms=3,
-                lw=2.4 if name == "mean" else (1.3 if region else 0.8), ls="solid" if region else "dotted",
-                color="black" if name == "mean" else None, label=name)
+                lw=2.4 if name == "mean" else (1.3 if region else 0.9), ls="solid" if region else "dotted",
+                color=colours.get(name), label=name)
     ax.set(title="validation Dice", ylim=(0, 1.02))
 
     ax = axes[2]
@@ -458,7 +461,10 @@ def draw_progress(path: Path, train: Mapping[str, Series], evals: Sequence[Mappi
     for ax in axes[panels:]:
         ax.axis("off")
 
+    last_step = max([s for series in train.values() for s in series.steps[-1:]] +
+                    [int(r["batch"]) for r in evals] + [1])
     for ax in axes[:panels]:
+        ax.set_xlim(0, last_step)  # every panel on the same steps
         ax.grid(alpha=0.3)
         ax.set_xlabel("step (top: epoch)" if batches_per_epoch else "step", fontsize=9)
         if batches_per_epoch:
