@@ -6,7 +6,7 @@ over its validation fold) three ways, as a training run would:
 
     evaluate   DiceEvaluator.score_model with the overlay hook off
     + slices   the same with the hook on (each case's three slices cut on the device)
-    draw       write_overlays: the per-case PNGs (``callbacks.overlays.cases``, default 16) and
+    draw       write_overlays: the per-case PNGs (``callbacks.overlays.cases`` of the config) and
                summary.png, from the slices of the second pass (rank 0's work after an evaluation)
 
 and prints each wall time, the drawing's share of the evaluation (draw / evaluate) and the device.
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchutil import device_description  # noqa: E402
 
 from unet_trainer.builders import AMP_DTYPES, build_device, build_model, build_split, ensure_prepared  # noqa: E402
-from unet_trainer.config import repo_root, resolve_config  # noqa: E402
+from unet_trainer.config import CALLBACKS, repo_root, resolve_config  # noqa: E402
 from unet_trainer.distributed import DistInfo  # noqa: E402
 from unet_trainer.evaluation import DiceEvaluator  # noqa: E402
 from unet_trainer.visualize import evaluator_case_view, write_overlays  # noqa: E402
@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                               cfg["model"]["num_classes"], "region_dice_bce" in cfg["loss"], ev["overlap"],
                               ev["sw_batch_size"], ev["gaussian"], ev["mirror_tta"], ev["empty_policy"],
                               AMP_DTYPES[cfg["precision"]], device)
-    overlay_cfg = cfg["callbacks"].get("overlays") or {"cases": 16}
-    cases = None if overlay_cfg["cases"] == "all" else overlay_cfg["cases"]
+    # The run's setting, or the default when the config switches overlays off.
+    cases = (cfg["callbacks"].get("overlays") or {"cases": CALLBACKS["overlays"]["cases"].default})["cases"]
+    cases = None if cases == "all" else cases
 
     def timed(function):
         if device.type == "cuda":

@@ -30,7 +30,7 @@ class OverlayWriter(Callback):
     summary picture in ``summary`` (with ``summary_batch``) for loggers that run after it.
     """
 
-    def __init__(self, folder: Path, evaluator, cases: int | None = 16, every: int = 1, is_writer: bool = True):
+    def __init__(self, folder: Path, evaluator, cases: int | None, every: int, is_writer: bool = True):
         self.folder = Path(folder)
         self.evaluator = evaluator
         self.cases, self.every, self.is_writer = cases, every, is_writer
@@ -44,15 +44,14 @@ class OverlayWriter(Callback):
         self.evaluator.case_view = evaluator_case_view if due else None
 
     def eval_end(self, state: State) -> None:
-        drawn = self.evaluator.case_view is not None
+        due = self.evaluator.case_view is not None
         self.evaluator.case_view = None
-        if not drawn or not self.is_writer:
+        views, self.evaluator.last_views = self.evaluator.last_views, {}  # no slices kept between evaluations
+        if not due or not self.is_writer:
             return
         started = time.perf_counter()
         rows = {row["case_id"]: row for row in self.evaluator.last_per_case}
-        summary = write_overlays(self.folder, self.evaluator.last_views, rows, self.cases,
-                                 state.timestamp.epoch, state.timestamp.batch)
-        self.evaluator.last_views = {}
+        summary = write_overlays(self.folder, views, rows, self.cases, state.timestamp.epoch, state.timestamp.batch)
         if summary is not None:
             self.summary, self.summary_batch = summary, state.timestamp.batch
             # Not in the evaluation record: that must stay the same on every rank.
