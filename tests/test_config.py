@@ -77,11 +77,11 @@ def test_choosing_another_component_replaces_the_choice(layered):
 
 def test_set_of_components_switch_on_and_off(layered):
     base = resolve_config(layered)["callbacks"]
-    assert set(base) == {"lr_monitor", "speed_monitor", "memory_monitor", "progress_plot"}  # on by default
+    assert set(base) == {"lr_monitor", "speed_monitor", "memory_monitor", "progress_plot", "overlays"}  # on by default
     cfg = resolve_config(layered, ["callbacks.early_stopper.patience=4", "callbacks.tensorboard={}"])
     assert cfg["callbacks"] == {**base, "early_stopper": {"patience": 4, "min_delta": 0.0}, "tensorboard": {}}
     cfg = resolve_config(layered, ["callbacks.lr_monitor=null", "callbacks.progress_plot=null"])
-    assert set(cfg["callbacks"]) == {"speed_monitor", "memory_monitor"}
+    assert set(cfg["callbacks"]) == {"speed_monitor", "memory_monitor", "overlays"}
     cfg = resolve_config(layered, ["algorithms.ema.decay=0.9"])
     assert cfg["algorithms"] == {"ema": {"decay": 0.9}}
 

@@ -288,6 +288,9 @@ def test_torchrun_two_processes_agree_write_once_and_resume_consistently(cache_r
     assert rank0["batch"] == rank1["batch"] == 4 and rank0["sample"] == 8  # global batch 2 = 1 per rank
     files = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert files == ["best-rank0.pt", "ep0-ba2-rank0.pt", "ep1-ba4-rank0.pt", "latest-rank0.pt"]
+    # Each rank cut the slices of the validation cases it scored; rank 0 drew all of them.
+    val = json.loads((run / "split.json").read_text())["val"]
+    assert sorted(p.name for p in (run / "overlays").iterdir()) == sorted([f"{c}.png" for c in val] + ["summary.png"])
     saved = load_checkpoint(run / "checkpoints" / "ep1-ba4-rank0.pt")
     assert len(saved["rng_per_rank"]) == 2 and len(saved["augmenter_per_rank"]) == 2
     assert not torch.equal(saved["augmenter_per_rank"][0]["noise_generator"],

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import callbacks as cb
+from . import reporting
 from .algorithms import EMA, ChannelsLast, Compile, CudnnBenchmark
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_rng_state
 from .config import ConfigError, Duration, config_differences, dump_config
@@ -215,8 +216,11 @@ def build_algorithms(cfg: dict) -> list[Algorithm]:
     return algorithms
 
 
-def build_callbacks(cfg: dict, run_dir: Path, is_main: bool, progress: bool) -> list[cb.Callback]:
-    """The configured callbacks, then the always-on ones.
+def build_callbacks(cfg: dict, run_dir: Path, is_main: bool, progress: bool,
+                    evaluator: DiceEvaluator | None = None) -> list[cb.Callback]:
+    """The configured callbacks, then the always-on ones. The overlay writer (with an evaluator)
+    comes first, so that the loggers find its pictures at the same evaluation; the MLflow logger
+    last, so that it finds the finished plots and checkpoints.
 
     Raises:
         ConfigError: a callback whose optional package is missing (names the install command).
@@ -227,7 +231,18 @@ def build_callbacks(cfg: dict, run_dir: Path, is_main: bool, progress: bool) -> 
         except ImportError:
             raise ConfigError("callbacks.tensorboard needs the tensorboard package: "
                               "pip install 'unet-trainer[tensorboard]'") from None
+    if "mlflow" in cfg["callbacks"]:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise ConfigError("callbacks.mlflow needs the mlflow package: pip install 'unet-trainer[mlflow]'") from None
     callbacks: list[cb.Callback] = []
+    overlays = None
+    if "overlays" in cfg["callbacks"] and evaluator is not None:
+        s = cfg["callbacks"]["overlays"]
+        overlays = reporting.OverlayWriter(run_dir / "overlays", evaluator, None if s["cases"] == "all" else s["cases"],
+                                           s["every"], is_writer=is_main)
+        callbacks.append(overlays)
     for name, s in cfg["callbacks"].items():  # monitors first, so the logger sees their values
         if name == "lr_monitor":
             callbacks.append(cb.LRMonitor())
@@ -240,7 +255,7 @@ def build_callbacks(cfg: dict, run_dir: Path, is_main: bool, progress: bool) -> 
         elif name == "progress_plot" and is_main:
             callbacks.append(cb.ProgressPlot(run_dir / "progress.png"))
         elif name == "tensorboard" and is_main:
-            callbacks.append(cb.TensorBoardLogger(run_dir / "tensorboard"))
+            callbacks.append(cb.TensorBoardLogger(run_dir / "tensorboard", overlays))
     callbacks += [
         cb.SignalHandler(),
         cb.ProgressBar(enabled=is_main and progress),
@@ -248,6 +263,10 @@ def build_callbacks(cfg: dict, run_dir: Path, is_main: bool, progress: bool) -> 
         cb.CheckpointSaver(run_dir / "checkpoints", Duration.parse(cfg["save_interval"]),
                            cfg["save_num_checkpoints_to_keep"], is_writer=is_main),
     ]
+    if "mlflow" in cfg["callbacks"] and is_main:
+        s = cfg["callbacks"]["mlflow"]
+        callbacks.append(reporting.MLflowLogger(s["tracking_uri"], s["experiment"], s["run_name"] or cfg["run_name"],
+                                                s["log_checkpoints"], run_dir, cfg))
     return callbacks
 
 
@@ -357,7 +376,7 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
 
     # Extra callbacks (benchmarks, tests) run before the built-in ones, so the logger sees their values.
     engine = Engine(state, build_algorithms(cfg),
-                    list(extra_callbacks) + build_callbacks(cfg, run_dir, dist_info.is_main, progress))
+                    list(extra_callbacks) + build_callbacks(cfg, run_dir, dist_info.is_main, progress, evaluator))
     engine.run(Event.INIT)
     if dist_info.enabled:
         # Only now: DDP lays its gradient buckets out after the parameters' strides, so the

@@ -3,6 +3,7 @@
 Always on: the progress bar, the metrics logger, the checkpoint saver and the signal handler.
 Switched on by name under ``callbacks:`` in YAML (``null`` switches one off): lr_monitor,
 speed_monitor, memory_monitor and progress_plot (on by default), early_stopper, tensorboard.
+The overlays and the MLflow logger live in :mod:`unet_trainer.reporting`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .config import Duration
 from .distributed import all_gather_objects, all_ranks_agree, barrier
 from .fileio import atomic_symlink, atomic_write
 from .trainer import Callback, State, interval_due
+from .visualize import Series, draw_progress
 
 
 class ProgressBar(Callback):
@@ -322,29 +324,19 @@ class MemoryMonitor(Callback):
 
 
 class ProgressPlot(Callback):
-    """``progress.png``: training loss, validation Dice per region and learning rate against steps,
-    redrawn after each evaluation (and at the end). Needs matplotlib; without it a one-line note
-    is printed once and nothing is drawn.
+    """``progress.png``: training loss, validation Dice per region (and every other group of
+    evaluation metrics), learning rate and samples/s against steps, the best evaluation marked;
+    redrawn after each evaluation and at the end (see :func:`unet_trainer.visualize.draw_progress`).
 
     The history is read back from ``metrics.jsonl`` at fit start, so a resumed run's plot is whole.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.steps: list[int] = []
-        self.losses: list[float] = []
-        self.lr_steps: list[int] = []
-        self.lrs: list[float] = []
-        self.available = True
+        self.train: dict[str, Series] = {}
 
     def fit_start(self, state: State) -> None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            self.available = False
-            print("note: progress.png needs matplotlib (pip install 'unet-trainer[plots]'); not drawn",
-                  file=sys.stderr)
-            return
+        self.train = {}
         metrics = self.path.parent / "metrics.jsonl"
         if metrics.is_file():
             for line in metrics.read_text().splitlines():
@@ -353,44 +345,22 @@ class ProgressPlot(Callback):
                 except json.JSONDecodeError:
                     continue
                 if record.get("kind") == "train" and record.get("batch", 0) <= state.timestamp.batch:
-                    self._add(record)
+                    self._add(record["batch"], record)
 
-    def _add(self, record: dict) -> None:
-        if "loss/train" in record:
-            self.steps.append(record["batch"])
-            self.losses.append(record["loss/train"])
-        if "lr/group0" in record:
-            self.lr_steps.append(record["batch"])
-            self.lrs.append(record["lr/group0"])
+    def _add(self, step: int, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if key in ("loss/train", "throughput/samples_per_sec") or key.startswith("lr/"):
+                series = self.train.setdefault(key, Series([], []))
+                series.steps.append(step)
+                series.values.append(value)
 
     def batch_end(self, state: State) -> None:
-        if self.available:
-            self._add({"batch": state.timestamp.batch, **state.step_metrics,
-                       "lr/group0": state.optimizer.param_groups[0]["lr"]})
+        lrs = {f"lr/group{i}": group["lr"] for i, group in enumerate(state.optimizer.param_groups)}
+        self._add(state.timestamp.batch, {**state.step_metrics, **lrs})
 
     def draw(self, state: State) -> None:
-        if not self.available or not self.steps:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        axes[0].plot(self.steps, self.losses, lw=0.8)
-        axes[0].set(title="training loss", xlabel="step", yscale="log")
-        for region in ("WT", "TC", "ET", "mean"):
-            points = [(r["batch"], r[f"dice/{region}"]) for r in state.eval_history if f"dice/{region}" in r]
-            if points:
-                axes[1].plot(*zip(*points), marker="o", label=region, lw=2 if region == "mean" else 1)
-        axes[1].set(title="validation Dice", xlabel="step", ylim=(0, 1))
-        if state.eval_history:
-            axes[1].legend(loc="lower right")
-        axes[2].plot(self.lr_steps, self.lrs)
-        axes[2].set(title="learning rate", xlabel="step")
-        fig.tight_layout()
-        atomic_write(self.path, lambda temporary: fig.savefig(temporary, dpi=80))  # never a half-drawn file
-        plt.close(fig)
+        if self.train:
+            draw_progress(self.path, self.train, state.eval_history, state.batches_per_epoch)
 
     def eval_end(self, state: State) -> None:
         self.draw(state)
@@ -400,13 +370,20 @@ class ProgressPlot(Callback):
 
 
 class TensorBoardLogger(Callback):
-    """Step and evaluation metrics as TensorBoard scalars under ``<save_folder>/tensorboard``.
+    """Step and evaluation metrics as TensorBoard scalars under ``<save_folder>/tensorboard``, and
+    the overlay summary grid as an image (``eval/overlay_summary``) at each evaluation that drew one.
 
     Needs the tensorboard package (the builder checks it is there before the run starts).
+
+    Args:
+        folder: the event files' folder.
+        overlays: the run's overlay writer (anything with ``summary`` (H, W, 3) uint8 and
+            ``summary_batch``), or None for no images; it must run before this logger.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, overlays=None):
         self.folder = Path(folder)
+        self.overlays = overlays
         self.writer = None
 
     def fit_start(self, state: State) -> None:
@@ -423,6 +400,9 @@ class TensorBoardLogger(Callback):
         for key, value in state.eval_history[-1].items():
             if key not in ("epoch", "batch") and isinstance(value, float) and not math.isnan(value):
                 self.writer.add_scalar(f"eval/{key}", value, state.timestamp.batch)
+        if self.overlays is not None and self.overlays.summary_batch == state.timestamp.batch:
+            self.writer.add_image("eval/overlay_summary", self.overlays.summary, state.timestamp.batch,
+                                  dataformats="HWC")
         self.writer.flush()
 
     def fit_end(self, state: State) -> None:

@@ -49,6 +49,9 @@ def _format_summary(summary: dict) -> str:
         f"  split            {run_dir / 'split.json'}",
         f"  checkpoints      {run_dir / 'checkpoints'} (latest: {summary['checkpoint']})",
         f"  metrics          {run_dir / 'metrics.jsonl'}, train_metrics.csv, eval_metrics.csv, eval_cases.csv",
+        *[f"  {title:<16} {path}" for title, path in (("curves", run_dir / "progress.png"),
+                                                        ("overlays", run_dir / "overlays" / "summary.png"))
+          if path.is_file()],
         f"Prepared data:     {summary['prepared']}",
         "Run the same command again to resume from the latest checkpoint.",
     ]
@@ -140,11 +143,13 @@ def data_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-EVAL_USAGE = """usage: unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV] [--no-progress]
+EVAL_USAGE = """usage: unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV] [--no-overlays]
+                 [--no-progress]
 
 Score a checkpoint of unet-train: Dice per BraTS region (WT, TC, ET) and their mean, Dice per label
 (NCR, ED, EN), and HD95 per region with eval.hd95=true. Prints a table and writes one row per case
-to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv).
+to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv), and one overlay PNG per case
+(contours of truth and prediction on three slices) plus summary.png into <CSV name>_overlays/.
 
   CHECKPOINT         a checkpoint, e.g. runs/demo/checkpoints/best-rank0.pt
   OVERRIDES          config overrides on the checkpoint's own config, e.g. eval.empty_policy=ignore
@@ -153,11 +158,13 @@ to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv).
                      validation fold of the checkpoint's config
   --format FMT       layout of --dataset: auto (default), msd, brats2021, brats2023, dle
   --out CSV          where to write the per-case scores
+  --no-overlays      draw no overlays
   --no-progress      no progress bars
   -h, --help         show this help
 """
 
-PREDICT_USAGE = """usage: unet-predict CHECKPOINT INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities] [--no-progress]
+PREDICT_USAGE = """usage: unet-predict CHECKPOINT INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities] [--overlays]
+                    [--no-progress]
 
 Segment every case of INPUT (raw cases in any supported layout, labels not needed) with a
 checkpoint of unet-train and write OUTPUT/<case>.nii.gz: uint8 labels with the case's original
@@ -168,6 +175,8 @@ one line and skipped; the exit status is then 1.
   OVERRIDES          config overrides, e.g. eval.mirror_tta=true eval.overlap=0.5 device=cpu precision=fp32
   --format FMT       layout of INPUT: auto (default), msd, brats2021, brats2023, dle
   --probabilities    also write OUTPUT/<case>_probabilities.nii.gz (float32, x, y, z, class)
+  --overlays         also write OUTPUT/<case>_overlay.png: the prediction's contours on three
+                     FLAIR slices through the tumour, region volumes in the title
   --no-progress      no progress bar
   -h, --help         show this help
 """
@@ -244,6 +253,8 @@ def _format_eval(report) -> str:
             row += f"{number(means.get(hd_key), 2):>10}{counts[hd_key] if hd_key in counts else '-':>7}"
         lines.append(row)
     lines += ["", f"Per-case scores: {report.csv_path}"]
+    if report.overlays is not None:
+        lines.append(f"Overlays:        {report.overlays}")
     return "\n".join(lines)
 
 
@@ -267,14 +278,15 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     try:
         (checkpoint,), flags, overrides = _split_command_line(args, 1, ("--dataset", "--format", "--out"),
-                                                               ("--no-progress",))
+                                                               ("--no-progress", "--no-overlays"))
         fmt = _format_flag(flags)
         from .predict import evaluate_checkpoint  # imported here so --help and usage errors stay fast
 
         dataset = flags.get("--dataset")
         out = flags.get("--out")
         report = evaluate_checkpoint(Path(checkpoint), overrides, Path(dataset) if dataset else None, fmt,
-                                     Path(out) if out else None, progress=not flags["--no-progress"])
+                                     Path(out) if out else None, progress=not flags["--no-progress"],
+                                     overlays=not flags["--no-overlays"])
     except ConfigError as exc:
         return _fail(str(exc), 2)
     except (DataFormatError, CheckpointError, ValueError, OSError) as exc:
@@ -293,12 +305,13 @@ def predict_main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     try:
         (checkpoint, source, output), flags, overrides = _split_command_line(
-            args, 3, ("--format",), ("--probabilities", "--no-progress"))
+            args, 3, ("--format",), ("--probabilities", "--overlays", "--no-progress"))
         fmt = _format_flag(flags)
         from .predict import predict_dataset
 
         summary = predict_dataset(Path(checkpoint), Path(source), Path(output), fmt, overrides,
-                                  probabilities=flags["--probabilities"], progress=not flags["--no-progress"])
+                                  probabilities=flags["--probabilities"], progress=not flags["--no-progress"],
+                                  overlays=flags["--overlays"])
     except ConfigError as exc:
         return _fail(str(exc), 2)
     except (DataFormatError, CheckpointError, ValueError, OSError) as exc:

@@ -86,7 +86,7 @@ class Duration:
 class Field:
     """One leaf of the schema.
 
-    ``kind`` is one of: int, float, bool, str, duration, int_list, float_list, int_or_auto.
+    ``kind`` is one of: int, float, bool, str, duration, int_list, float_list, int_or_auto, int_or_all.
     ``length`` fixes a list's length; ``choices`` restricts a str; ``nullable`` admits null.
     """
 
@@ -109,6 +109,7 @@ class Field:
             "int_list": "a list of integers",
             "float_list": "a list of numbers",
             "int_or_auto": "an integer or 'auto'",
+            "int_or_all": "a positive integer or 'all'",
         }[self.kind]
         if self.choices:
             phrase = "one of " + ", ".join(self.choices)
@@ -212,6 +213,17 @@ CALLBACKS: dict[str, dict[str, Field]] = {
     "progress_plot": {},
     # TensorBoard event files in <save_folder>/tensorboard (needs the tensorboard package).
     "tensorboard": {},
+    # <save_folder>/overlays/: contours of truth and prediction on three slices per validation case
+    # (the first `cases` by id, or all) and summary.png (worst and best 4 of all cases), redrawn
+    # at every `every`-th evaluation.
+    "overlays": {"cases": F("int_or_all", 16), "every": F("int", 1, minimum=1)},
+    # An MLflow run (needs mlflow: pip install 'unet-trainer[mlflow]'); run_name null = the config's.
+    "mlflow": {
+        "tracking_uri": F("str", "file:./mlruns"),
+        "experiment": F("str", "unet-trainer"),
+        "run_name": F("str", None, nullable=True),
+        "log_checkpoints": F("bool", False),
+    },
 }
 
 ALGORITHMS: dict[str, dict[str, Field]] = {
@@ -269,7 +281,8 @@ SCHEMA: dict[str, Any] = {
     "optimizer": OneOf(OPTIMIZERS, {"radam": {}}),
     "schedulers": ListOf(SCHEDULERS, [{"constant": {}}]),
     "loss": OneOf(LOSSES, {"dice_ce": {}}),
-    "callbacks": SetOf(CALLBACKS, {"lr_monitor": {}, "speed_monitor": {}, "memory_monitor": {}, "progress_plot": {}}),
+    "callbacks": SetOf(CALLBACKS, {"lr_monitor": {}, "speed_monitor": {}, "memory_monitor": {}, "progress_plot": {},
+                                   "overlays": {}}),
     "algorithms": SetOf(ALGORITHMS, {}),
     "model": MODEL_FIELDS,
     "data": {
@@ -413,6 +426,12 @@ def _check_field(source: str, path: str, value: Any, spec: Field) -> Any:
         return value
     if kind == "int_or_auto":
         if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _type_error(source, path, value, spec)
+        return value
+    if kind == "int_or_all":
+        if value == "all":
             return value
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _type_error(source, path, value, spec)

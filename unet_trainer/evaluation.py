@@ -70,6 +70,11 @@ class DiceEvaluator:
 
     Scores per case: Dice keys NCR, ED, EN, WT, TC, ET, mean (plus hd95/WT, hd95/TC, hd95/ET);
     :meth:`__call__` reports them as ``dice/<key>`` and ``hd95/<region>``.
+
+    ``case_view`` (None by default) is a hook for pictures: when set, it is called per scored case
+    as ``case_view(case_id, image (C, *S), label (*S), prediction (*S), meta)`` on the device, and
+    what it returns (small, picklable) lands in ``last_views`` by case id, gathered from all ranks;
+    every rank must set it alike, since the gather is collective.
     """
 
     def __init__(self, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int], spatial_dims: int,
@@ -87,6 +92,9 @@ class DiceEvaluator:
         self.cases_csv = cases_csv
         self.hd95, self.progress = hd95, progress
         self.last_per_case: list[dict] = []
+        self.case_view = None
+        self.last_views: dict = {}
+        self._views: list = []
 
     def score_case(self, model: torch.nn.Module, case_id: str) -> dict:
         """The score row of one prepared case: {"case_id", Dice keys[, hd95 keys]}."""
@@ -97,6 +105,8 @@ class DiceEvaluator:
                                 self.overlap, self.sw_batch_size, self.gaussian, self.amp_dtype, self.mirror)
         pred = logits_to_labels(logits, self.region_mode)
         del logits  # K float32 volumes; free them before the (CPU-heavy) HD95
+        if self.case_view is not None:
+            self._views.append((case_id, self.case_view(case_id, image, label, pred, case.meta)))
         row = {"case_id": case_id, **case_dice(pred, label, self.empty_policy)}
         if self.hd95:
             row.update(case_hd95(pred, label, case.meta.get("spacing")))
@@ -105,10 +115,15 @@ class DiceEvaluator:
     def score_model(self, model: torch.nn.Module) -> tuple[dict[str, float], list[dict]]:
         """Mean scores over all validation cases and the per-case rows (all ranks gathered)."""
         mine_ids = self.case_ids[self.rank::self.world_size]
+        self._views = []
         mine = [self.score_case(model, case_id)
                 for case_id in tqdm(mine_ids, desc="evaluate", unit="case",
                                      disable=None if self.progress else True)]
         per_case = sorted((row for rows in all_gather_objects(mine) for row in rows), key=lambda r: r["case_id"])
+        self.last_views = {}
+        if self.case_view is not None:
+            self.last_views = dict(pair for pairs in all_gather_objects(self._views) for pair in pairs)
+        self._views = []
         means = mean_scores([{k: v for k, v in r.items() if k != "case_id"} for r in per_case])
         return means, per_case
 
