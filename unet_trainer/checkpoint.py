@@ -94,13 +94,22 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, write)
 
 
+def _asks_for_code(exc: BaseException) -> bool:
+    """Whether the weights-only loader refused a global, a call or a class (code or arbitrary
+    objects), as opposed to bytes that are no pickle at all ("Unsupported operand")."""
+    text = str(exc)
+    return "GLOBAL" in text or "reduce" in text or "Unsupported class" in text
+
+
 def _refusal_reason(exc: BaseException) -> str:
     """What torch's weights-only loader objected to, e.g. "Unsupported global: GLOBAL posix.system"."""
-    for line in str(exc).splitlines():
-        if "Unsupported" in line or "GLOBAL" in line:
-            text = line.split("error:", 1)[-1].strip()
-            return one_line(text.split(" was not an allowed global")[0] + " is not allowed")
-    return one_line(str(exc))
+    text = str(exc)
+    if "WeightsUnpickler error:" not in text:
+        return one_line(text)
+    text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load")[0]
+    if " was not an allowed global" in text:  # the rest is torch's advice to allow it
+        text = text.split(" was not an allowed global")[0] + " is not allowed"
+    return one_line(text)
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict:
@@ -120,6 +129,8 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
+        if not _asks_for_code(exc):  # a broken pickle stream, not a refused one
+            raise CheckpointError(f"{path}: not a readable checkpoint ({_refusal_reason(exc)})") from None
         raise UnsafeCheckpointError(f"{path}: refused, it holds code or objects that a weights-only load never "
                                     f"runs ({_refusal_reason(exc)}); it was not loaded") from None
     except Exception as exc:  # torch raises many types for a damaged file; all mean the same here
