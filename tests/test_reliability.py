@@ -430,7 +430,12 @@ def test_orphan_temporaries_are_removed_by_the_next_run_and_preparation(tiny_con
     assert not orphan.exists() and someone_elses.is_file()
 
     raw = tmp_path / "raw"
+    staging = tmp_path / ".raw-k1ll3d_x"  # a phantom being written when its writer was killed
+    (staging / "BraTS2021_00000").mkdir(parents=True)
+    neighbour = tmp_path / ".raw-2-abcdefgh"  # another dataset's staging: not ours to remove
+    neighbour.mkdir()
     write_phantom_dataset(raw, cases=2, shape=(24, 24, 24), seed=0, progress=False)
+    assert not staging.exists() and neighbour.is_dir()
     out = tmp_path / "prepared"
     prepare_dataset(raw, out, progress=False)
     leftover = out / f".BraTS2021_00000_x.npy.{uuid.uuid4().hex}.tmp.npy"
