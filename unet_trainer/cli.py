@@ -42,10 +42,12 @@ def _fail(message: str, status: int = 1) -> int:
 
 
 def _os_error_line(exc: OSError, folder: Path) -> str:
-    """An OSError as one line; a full disk that did not say which file names ``folder`` and its free space."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not exc.filename and str(folder) not in str(exc):
-        return f"{folder}: no space left on the device while writing there ({free_space_text(folder)}); free some space"
-    return str(exc)
+    """An OSError as one line; a full disk names the file (else ``folder``) and the free space."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or "free" in str(exc):
+        return str(exc)
+    where = Path(exc.filename) if exc.filename else Path(folder)
+    return (f"{where}: no space left on the device while writing there ({free_space_text(where.parent)}); "
+            "free some space and run again")
 
 
 def _format_summary(summary: dict) -> str:
