@@ -414,6 +414,16 @@ def test_checkpoint_error_reasons_are_not_cut(tmp_path):
     assert "GLOBAL posix.system" in str(info.value)
 
 
+def test_a_checkpoint_that_does_not_fit_names_what_differs(tiny_config, tmp_path):
+    run_training(tiny_config("max_duration=1ba", "eval_interval=0ep", run_dir=tmp_path / "small"), progress=False)
+    ckpt = tmp_path / "small" / "checkpoints" / "ep0-ba1-rank0.pt"
+    with pytest.raises(CheckpointError) as info:
+        run_training(tiny_config("max_duration=1ba", "model.filters=[8, 16]", f"load_path={ckpt}"), progress=False)
+    message = str(info.value)
+    # Not just torch's first line ("Error(s) in loading state_dict for UNet:"): which tensor, which sizes.
+    assert "\n" not in message and "size mismatch for" in message and "torch.Size([8" in message
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Orphan temporaries left by SIGKILL
 # ---------------------------------------------------------------------------------------------

@@ -194,21 +194,22 @@ def _case_is_done(out: Path, case_id: str, digest: str) -> bool:
 
 
 def zero_channel_warning(case: CaseFiles, image: np.ndarray) -> str | None:
-    """A warning naming the case and its channels that hold nothing but zeros (a missing or blank
-    modality, almost surely a conversion mistake), or None.
+    """A warning naming the case and its modalities that hold nothing but zeros (a missing or
+    blank modality, almost surely a conversion mistake), or None.
 
     Args:
-        image: the raw (C, Z, Y, X) image in canonical channel order.
+        image: the raw (C, Z, Y, X) image in canonical channel order; only the modalities are
+            looked at (DLE's extra one-hot channel is empty for a case without tumour).
     """
-    zero = [c for c in range(image.shape[0]) if not np.any(image[c])]
+    modalities = min(image.shape[0], len(CANONICAL_CHANNELS))
+    zero = [c for c in range(modalities) if not np.any(image[c])]
     if not zero:
         return None
-    names = [CANONICAL_CHANNELS[c] if c < len(CANONICAL_CHANNELS) else f"channel {c}" for c in zero]
     source = case.images[zero[0]] if len(case.images) == image.shape[0] else case.images[0]
-    if len(zero) == image.shape[0]:
+    if len(zero) == modalities:
         return f"case {case.case_id}: every channel is all zeros ({source.parent}); it carries no image to learn from"
-    which = ", ".join(f"{name} (channel {c})" for name, c in zip(names, zero))
-    return f"case {case.case_id}: {which} all zeros ({source}); check the file"
+    which = ", ".join(f"{CANONICAL_CHANNELS[c]} (channel {c})" for c in zero)
+    return f"case {case.case_id}: {which} {'is' if len(zero) == 1 else 'are'} all zeros ({source}); check the file"
 
 
 def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings]) -> tuple[str, str | None, str | None]:
