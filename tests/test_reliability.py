@@ -26,6 +26,7 @@ from unet_trainer.cli import data_main, train_main
 from unet_trainer.config import ConfigError, resolve_config
 from unet_trainer.data.phantom import write_phantom_dataset
 from unet_trainer.data.prepare import prepare_dataset
+from unet_trainer.runfolder import FolderLock, RunFolderError
 from unet_trainer.trainer import Callback
 
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -201,6 +202,34 @@ def test_a_locked_run_folder_stops_a_second_run_at_once_and_sigkill_frees_it(cac
     # SIGKILL released the lock; the leftover temporary is now an orphan and is removed.
     assert train_main([DEMO, *tiny_overrides(cache_root, run, "max_duration=1ba")]) == 0
     assert temporaries(run) == []
+
+
+HOLD_LOCK_WITH_A_FORKED_WORKER = """
+import os, sys, time
+from unet_trainer.runfolder import FolderLock
+FolderLock(sys.argv[1]).acquire()
+worker = os.fork()  # as the data loader and the preparation pool fork their workers
+if worker == 0:
+    time.sleep(60)
+    os._exit(0)
+print(worker, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_runs_forked_workers_do_not_keep_its_folder_locked(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_WITH_A_FORKED_WORKER, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    worker = int(proc.stdout.readline())
+    try:
+        with pytest.raises(RunFolderError, match=f"in use by process {proc.pid} "):
+            FolderLock(tmp_path).acquire()
+        proc.kill()
+        proc.wait()
+        FolderLock(tmp_path).acquire().release()  # the worker still lives, but holds no lock
+    finally:
+        proc.kill()
+        os.kill(worker, 9)
 
 
 def test_two_identical_train_commands_cannot_share_a_folder(cache_root, tmp_path):

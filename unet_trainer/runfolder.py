@@ -1,8 +1,11 @@
 """The run folder belongs to one run: an exclusive lock, and no mixing with another run's checkpoints.
 
-* :class:`FolderLock` takes ``fcntl.flock`` on a lock file for as long as the run (or a data
-  preparation) lives. The OS drops it when the process ends, however it ends (SIGKILL too), so a
-  lock is never stale; the file keeps the holder's PID for the message a second command prints.
+* :class:`FolderLock` takes an exclusive POSIX lock (``fcntl.lockf``) on a lock file for as long
+  as the run (or a data preparation) lives. The OS drops it when the process ends, however it
+  ends (SIGKILL too), so a lock is never stale; the file keeps the holder's PID for the message
+  a second command prints. A POSIX lock belongs to the process, not to the open file: the data
+  loader's and the preparation pool's forked workers do not inherit it (with ``flock`` they
+  would, and keep a killed run's folder locked until they notice and exit).
 * :func:`other_runs_checkpoints` lists what in ``checkpoints/`` is not the current run's history,
   and :func:`move_run_aside` moves such files into ``previous/`` (``save_overwrite=true``):
   nothing is ever deleted.
@@ -10,6 +13,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -31,21 +35,25 @@ class RunFolderError(RuntimeError):
 
 
 class FolderLock:
-    """An exclusive ``flock`` on ``folder/name``, held until :meth:`release` or the process ends.
+    """An exclusive lock on ``folder/name``, held until :meth:`release` or the process ends.
 
-    Locks are per open file, so a second lock on the same folder fails even within one process.
+    POSIX locks do not exclude their own process, so the lock files this process holds are also
+    kept in a set: a second lock on the same folder fails within one process too.
     """
+
+    _held_here: set[str] = set()
 
     def __init__(self, folder: Path, name: str = RUN_LOCK_NAME):
         self.folder = Path(folder)
         self.path = self.folder / name
         self._descriptor: int | None = None
 
-    def holder(self) -> str:
-        """The holder as recorded in the lock file ("process 123 on host, since ..."), best effort."""
+    @staticmethod
+    def _holder_from(descriptor: int) -> str:
+        """The holder as its lock file records it ("process 123 on host, since ..."), best effort."""
         for _ in range(20):  # the holder writes its PID just after locking
             try:
-                record = json.loads(self.path.read_text() or "null")
+                record = json.loads(os.pread(descriptor, 4096, 0).decode() or "null")
             except (OSError, ValueError):
                 record = None
             if isinstance(record, dict) and "pid" in record:
@@ -66,26 +74,33 @@ class FolderLock:
             OSError: the folder cannot be created or the lock file written.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        key = str(self.path.resolve())
+        busy = (f"{self.folder}: in use by {{}}; one run per folder: wait for it to finish (or stop it), or give "
+                "this run its own folder with run_name=NEW or save_folder=PATH")
+        if key in self._held_here:
+            raise RunFolderError(busy.format(f"this process ({os.getpid()})"))
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                # Read through this descriptor: closing another one on the file would drop our locks.
+                holder = self._holder_from(descriptor)
                 if not wait:
-                    raise RunFolderError(
-                        f"{self.folder}: in use by {self.holder()}; one run per folder: wait for it to finish "
-                        "(or stop it), or give this run its own folder with run_name=NEW or save_folder=PATH"
-                    ) from None
+                    raise RunFolderError(busy.format(holder)) from None
                 if on_wait is not None:
-                    on_wait(self.holder())
-                fcntl.flock(descriptor, fcntl.LOCK_EX)
+                    on_wait(holder)
+                fcntl.lockf(descriptor, fcntl.LOCK_EX)
             record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, record.encode(), 0)
         except BaseException:
             os.close(descriptor)
             raise
-        self._descriptor = descriptor
+        self._descriptor, self._key = descriptor, key
+        self._held_here.add(key)
         return self
 
     def release(self) -> None:
@@ -93,6 +108,7 @@ class FolderLock:
         if self._descriptor is not None:
             os.close(self._descriptor)
             self._descriptor = None
+            self._held_here.discard(self._key)
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
@@ -185,7 +201,9 @@ def move_run_aside(run_dir: Path, others: list[tuple[Path, str, int]], whole_run
     checkpoints = run_dir / "checkpoints"
     for link in checkpoints.glob("latest-rank*.pt") if whole_run else ():
         os.replace(link, target / "checkpoints" / link.name)
-    for name in (*RUN_FILES, *RUN_FOLDERS):
+    # unet-eval's default score tables (eval_<checkpoint>_<cases>.csv) belong to the old run too.
+    scores = sorted(p.name for p in run_dir.glob("eval_*.csv") if p.name not in RUN_FILES)
+    for name in (*RUN_FILES, *RUN_FOLDERS, *scores):
         source = run_dir / name
         if not source.exists():
             continue
