@@ -61,9 +61,9 @@ def test_override_forms(layered, args):
 
 
 def test_override_values_are_yaml_scalars_and_lists(layered):
-    cfg = resolve_config(layered, ["data.patch_size=[32, 48, 64]", "autoresume=false", "max_duration=10ba",
+    cfg = resolve_config(layered, ["data.patch_size=[32, 64, 96]", "autoresume=false", "max_duration=10ba",
                                    "schedulers=[{cosine: {min_factor: 0.1}}]", "run_name=x"])
-    assert cfg["data"]["patch_size"] == [32, 48, 64]
+    assert cfg["data"]["patch_size"] == [32, 64, 96]
     assert cfg["autoresume"] is False
     assert cfg["max_duration"] == "10ba"
     assert cfg["schedulers"] == [{"cosine": {"min_factor": 0.1, "t_max": None}}]

@@ -9,6 +9,7 @@ import torch
 from unet_trainer.builders import run_training
 from unet_trainer.checkpoint import list_checkpoints, load_checkpoint
 from unet_trainer.cli import train_main
+from unet_trainer.runfolder import RunFolderError
 from unet_trainer.trainer import TrainingDiverged
 
 
@@ -71,9 +72,11 @@ def test_resume_across_an_epoch_boundary_and_load_path(tiny_config, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_autoresume_off_starts_over(tiny_config, tmp_path):
+def test_autoresume_off_starts_over_only_with_save_overwrite(tiny_config, tmp_path):
     run_training(tiny_config("max_duration=2ba"), progress=False)
-    again = run_training(tiny_config("max_duration=1ba", "autoresume=false"), progress=False)
+    with pytest.raises(RunFolderError, match="save_overwrite=true"):  # it would mix with the first run
+        run_training(tiny_config("max_duration=1ba", "autoresume=false"), progress=False)
+    again = run_training(tiny_config("max_duration=1ba", "autoresume=false", "save_overwrite=true"), progress=False)
     assert again["resumed_from"] is None and again["batch"] == 1
 
 

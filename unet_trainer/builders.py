@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -19,7 +20,8 @@ import torch
 from . import callbacks as cb
 from . import reporting
 from .algorithms import EMA, ChannelsLast, Compile, CudnnBenchmark
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_rng_state
+from .checkpoint import (LEGACY_RUN_ID, CheckpointError, latest_checkpoint, load_checkpoint, new_run_id,
+                         newest_loadable_checkpoint, one_line, restore_rng_state)
 from .config import ConfigError, Duration, config_differences, dump_config
 from .data.formats import DataFormatError
 from .data.loader import PatchDataset, build_train_loader
@@ -28,16 +30,17 @@ from .data.prepare import PrepareSettings, load_prepared_index, prepare_dataset,
 from .data.split import kfold_split, load_split_file
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluation import DiceEvaluator
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, remove_orphan_temporaries
 from .losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 from .model import UNet
+from .runfolder import FolderLock, RunFolderError, describe_others, move_run_aside, other_runs_checkpoints, run_file_name
 from .schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
 from .trainer import Algorithm, Engine, Event, State, duration_in_batches, fit, rank_entry
 from .transforms import AugmentationSettings, BatchAugmenter
 
 AMP_DTYPES = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
 # Config keys that may change between a checkpoint and its resume without a warning.
-RESUME_FREE_KEYS = {"load_path", "autoresume", "max_duration", "load_weights_only"}
+RESUME_FREE_KEYS = {"load_path", "autoresume", "max_duration", "load_weights_only", "save_overwrite"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,24 +278,118 @@ def build_callbacks(cfg: dict, run_dir: Path, is_main: bool, progress: bool,
 # --------------------------------------------------------------------------------------------
 
 
-def _resume_checkpoint(cfg: dict, run_dir: Path) -> Path | None:
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _resume_checkpoint(cfg: dict, run_dir: Path, is_main: bool) -> tuple[Path, dict] | None:
+    """The checkpoint to start from and its contents: ``load_path``, else with ``autoresume`` the
+    newest in the run folder that loads (damaged ones skipped with a warning), else None.
+
+    Raises:
+        CheckpointError: ``load_path`` cannot be read.
+    """
     if cfg["load_path"]:
-        return Path(cfg["load_path"]).expanduser()
+        path = Path(cfg["load_path"]).expanduser()
+        return path, load_checkpoint(path)
     if cfg["autoresume"]:
-        return latest_checkpoint(run_dir / "checkpoints")
+        return newest_loadable_checkpoint(run_dir / "checkpoints", warn=_warn if is_main else lambda _: None)
     return None
+
+
+def _lock_run_folder(run_dir: Path) -> FolderLock:
+    """Lock the run folder for this process, then clear what a killed run left half-written.
+
+    Raises:
+        RunFolderError: another live process holds the folder (names it).
+    """
+    lock = FolderLock(run_dir).acquire()
+    # Under the lock no other run can be writing here, so every temporary is an orphan.
+    removed = remove_orphan_temporaries(run_dir / "checkpoints") + remove_orphan_temporaries(run_dir, run_file_name)
+    if removed:
+        print(f"note: removed {len(removed)} temporary file(s) left in {run_dir} by an interrupted run",
+              file=sys.stderr)
+    return lock
+
+
+def _claim_run_folder(cfg: dict, run_dir: Path, run_id: str, resumed_batch: int | None,
+                      resumed_from: Path | None) -> None:
+    """Make sure ``checkpoints/`` holds nothing but this run's history before anything is written.
+
+    With ``save_overwrite`` the other files are moved into ``previous/`` (the whole old run for a
+    fresh start); never deleted.
+
+    Raises:
+        RunFolderError: other files are there and ``save_overwrite`` is false (one line saying
+            what is there and how to go on).
+    """
+    folder = run_dir / "checkpoints"
+    others = other_runs_checkpoints(folder, run_id, resumed_batch)
+    if not others:
+        return
+    fresh = resumed_batch is None
+    if cfg["save_overwrite"]:
+        moved = move_run_aside(run_dir, others, whole_run=fresh)
+        print(f"save_overwrite: moved {describe_others(others)}{' and its logs' if fresh else ''} to {moved}",
+              file=sys.stderr)
+        return
+    if fresh:
+        why = ("load_weights_only=true starts a new run" if cfg["load_weights_only"]
+               else "autoresume=false" if not cfg["autoresume"] else "nothing there to resume")
+        situation = f"this run starts fresh ({why}) and would mix with them"
+        carry_on = "to continue that run instead, run without autoresume=false and load_path; "
+    else:
+        situation = (f"this run resumes from {resumed_from} (batch {resumed_batch}), so they are not its history "
+                     "and would mix with it")
+        carry_on = ""
+    raise RunFolderError(
+        f"{folder}: holds {describe_others(others)}; {situation}. To keep both, give this run its own folder "
+        f"(run_name=NEW or save_folder=PATH); {carry_on}or add save_overwrite=true to move them aside into "
+        f"{run_dir / 'previous'} (nothing is deleted)")
+
+
+def _warn_patch_padding(patch: Sequence[int], prepared: Path, case_ids: Sequence[str]) -> None:
+    """Warn once when the patch is larger than the prepared (cropped) volumes: the excess is padding."""
+    shapes = []
+    for case_id in case_ids:
+        try:
+            shapes.append(json.loads((prepared / f"{case_id}_meta.json").read_text())["prepared_shape"])
+        except (OSError, ValueError, KeyError):
+            continue
+    shares = [1 - math.prod(min(p, s) for p, s in zip(patch, shape)) / math.prod(patch) for shape in shapes]
+    smaller = [(share, shape) for share, shape in zip(shares, shapes) if share > 0]
+    if not smaller:
+        return
+    smallest = min(shapes, key=math.prod)
+    _warn(f"'data.patch_size' = {list(patch)} is larger than {len(smaller)} of {len(shapes)} training volumes "
+          f"(smallest {'x'.join(map(str, smallest))} after cropping to the head): on average "
+          f"{100 * sum(shares) / len(shares):.0f}% of each patch is padding (up to {100 * max(shares):.0f}%); "
+          "a patch no larger than the volumes trains on the same voxels for less compute")
 
 
 def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.Callback] = ()) -> dict:
     """Train (or resume) the run described by a resolved config; returns a summary.
 
     Writes into ``cfg["save_folder"]``: config.yaml, split.json, checkpoints/, metrics.jsonl,
-    train/eval_metrics.csv, eval_cases.csv.
+    train/eval_metrics.csv, eval_cases.csv. Rank 0 holds the folder's lock (``run.lock``) from
+    start to end, so a second run on the same folder stops at once.
 
     Raises:
         ConfigError, DataFormatError, CheckpointError: bad input, as one line.
+        RunFolderError: the folder is in use, or holds another run's checkpoints.
+        DiskFullError (an OSError): no space left; names the file.
         TrainingDiverged: NaN/Inf loss.
     """
+    held: list[FolderLock] = []
+    try:
+        return _run_training(cfg, progress, extra_callbacks, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callback], held: list) -> dict:
+    """:func:`run_training`; locks it takes go into ``held``, for the caller to release."""
     started = time.perf_counter()
     device_name = cfg["device"]
     dist_info = init_distributed("cuda" if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available()) else "cpu")
@@ -302,6 +399,17 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
                           f"{dist_info.world_size} processes")
     run_dir = Path(cfg["save_folder"])
     seed = cfg["seed"]
+    if dist_info.is_main:  # under torchrun only rank 0 locks: the others are part of the same run
+        held.append(_lock_run_folder(run_dir))
+
+    # Which run this is, decided before anything is written into the folder.
+    resume = _resume_checkpoint(cfg, run_dir, dist_info.is_main)
+    resuming = resume is not None and not cfg["load_weights_only"]
+    run_id = str(resume[1].get("run_id", LEGACY_RUN_ID)) if resuming else new_run_id()
+    barrier()  # every rank has read its checkpoint before rank 0 may move files aside
+    if dist_info.is_main:
+        _claim_run_folder(cfg, run_dir, run_id, int((resume[1].get("timestamp") or {}).get("batch", 0)) if resuming else None,
+                          resume[0] if resume else None)
 
     prepared, index = ensure_prepared(cfg, dist_info, progress=progress and dist_info.is_main)
     split = build_split(cfg, index["cases"])
@@ -311,6 +419,8 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
 
     model_cfg = cfg["model"]
     spatial_dims = model_cfg["spatial_dims"]
+    if dist_info.is_main:
+        _warn_patch_padding(cfg["data"]["patch_size"], prepared, split["train"])
     dataset = PatchDataset(prepared, split["train"], cfg["data"]["patch_size"], cfg["data"]["oversampling"],
                            squeeze_slice_axis=spatial_dims == 2)
     per_rank_batch = cfg["train_batch_size"] // dist_info.world_size
@@ -324,6 +434,10 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
 
     seed_everything(seed)
     model = build_model(model_cfg).to(device)
+    try:
+        model.check_input_size(cfg["data"]["patch_size"][3 - spatial_dims:])
+    except ValueError as exc:
+        raise ConfigError(f"'data.patch_size' = {cfg['data']['patch_size']} does not fit the model: {exc}") from None
     loss_fn = build_loss(cfg, model)
     optimizer = build_optimizer(cfg, model.parameters())
     max_duration = Duration.parse(cfg["max_duration"])
@@ -347,13 +461,12 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
         microbatch_size=cfg["device_train_microbatch_size"], grad_clip_norm=cfg["grad_clip_norm"],
         prefetch_to_device=cfg["data"]["prefetch_to_device"],
         evaluator=evaluator, eval_interval=Duration.parse(cfg["eval_interval"]), run_dir=run_dir, config=cfg,
-        seed=seed, rank=dist_info.rank, world_size=dist_info.world_size,
+        seed=seed, rank=dist_info.rank, world_size=dist_info.world_size, run_id=run_id,
     )
 
     resumed_from = None
-    checkpoint_path = _resume_checkpoint(cfg, run_dir)
-    if checkpoint_path is not None:
-        checkpoint = load_checkpoint(checkpoint_path)
+    if resume is not None:
+        checkpoint_path, checkpoint = resume
         differing = [k for k in config_differences(checkpoint.get("config", {}), cfg)
                      if k.split(".")[0] not in RESUME_FREE_KEYS]
         if differing and dist_info.is_main:
@@ -362,8 +475,7 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
         try:
             state.load_state_dict(checkpoint, weights_only=cfg["load_weights_only"])
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{checkpoint_path}: does not fit this model/config "
-                                  f"({str(exc).splitlines()[0][:160]})") from None
+            raise CheckpointError(f"{checkpoint_path}: does not fit this model/config ({one_line(str(exc))})") from None
         if not cfg["load_weights_only"]:
             restore_rng_state(rank_entry(checkpoint, "rng", dist_info.rank, dist_info.world_size))
         resumed_from = checkpoint_path

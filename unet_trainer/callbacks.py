@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_torch_save, capture_rng_state, checkpoint_name, list_checkpoints
+from .checkpoint import (CHECKPOINT_RE, CheckpointError, atomic_torch_save, capture_rng_state, checkpoint_identity, checkpoint_name,
+                         list_checkpoints)
 from .config import Duration
 from .distributed import all_gather_objects, all_ranks_agree, barrier
 from .fileio import atomic_symlink, atomic_write
@@ -153,9 +154,11 @@ class MetricsLogger(Callback):
 class CheckpointSaver(Callback):
     """Writes ``ep{E}-ba{B}-rank0.pt`` every ``save_interval``, at the end, and on a stop signal.
 
-    Keeps the newest ``keep`` (all when -1, none but latest/best when 0), points
-    ``latest-rank0.pt`` at the newest and writes ``best-rank0.pt`` whenever the validation mean
-    Dice improves. Writes are atomic (see :mod:`unet_trainer.checkpoint`).
+    Keeps the newest ``keep`` of the run's own checkpoints (all when -1, none but latest/best when
+    0), points ``latest-rank0.pt`` at the newest and writes ``best-rank0.pt`` whenever the
+    validation mean Dice improves. Rotation only removes files carrying this run's identity
+    (``state.run_id``): another run's, or a stray or unreadable file, is never touched. Writes are
+    atomic (see :mod:`unet_trainer.checkpoint`).
     """
 
     def __init__(self, folder: Path, interval: Duration, keep: int = 3, is_writer: bool = True):
@@ -167,6 +170,31 @@ class CheckpointSaver(Callback):
         self.is_writer = is_writer
         self.last_saved_batch = None
         self.saved: list[Path] = []
+        # path -> ((size, mtime), (run id, batch) or None when unreadable): each file is read once.
+        self._identities: dict[Path, tuple[tuple[int, int], tuple[str, int] | None]] = {}
+
+    def _identity_of(self, path: Path) -> tuple[str, int] | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        key = (stat.st_size, stat.st_mtime_ns)
+        cached = self._identities.get(path)
+        if cached is None or cached[0] != key:
+            try:
+                identity = checkpoint_identity(path)
+            except CheckpointError:
+                identity = None
+            cached = self._identities[path] = (key, identity)
+        return cached[1]
+
+    def _rotate(self, state: State) -> None:
+        # Own: this run's identity, and the batch its name says (a renamed copy is left alone).
+        own = [p for p in list_checkpoints(self.folder)
+               if self._identity_of(p) == (state.run_id, int(CHECKPOINT_RE.match(p.name).group(2)))]
+        for old in own[: max(len(own) - max(self.keep, 1), 0)]:
+            old.unlink(missing_ok=True)
+            self._identities.pop(old, None)
 
     def _payload(self, state: State) -> dict:
         payload = state.state_dict()
@@ -189,10 +217,10 @@ class CheckpointSaver(Callback):
             atomic_torch_save(payload, path)
             atomic_symlink(name, self.folder / "latest-rank0.pt")
             self.saved.append(path)
+            stat = path.stat()
+            self._identities[path] = ((stat.st_size, stat.st_mtime_ns), (state.run_id, state.timestamp.batch))
             if self.keep >= 0:
-                existing = list_checkpoints(self.folder)
-                for old in existing[: max(len(existing) - max(self.keep, 1), 0)]:
-                    old.unlink(missing_ok=True)
+                self._rotate(state)
         barrier()
         return path
 

@@ -7,6 +7,7 @@ with one line on stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import ConfigError, dump_config, resolve_config
 from .data.formats import DataFormatError
+from .fileio import free_space_text
+from .runfolder import RunFolderError
 from .trainer import TrainingDiverged
 
 TRAIN_USAGE = """usage: unet-train CONFIG [OVERRIDES...] [--print-config]
@@ -29,8 +32,22 @@ Precedence: defaults < recipe < config < command line.
 
 
 def _fail(message: str, status: int = 1) -> int:
+    # A progress bar left open by the failure would otherwise carry the error on its line.
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
     print(f"error: {message}", file=sys.stderr)
     return status
+
+
+def _os_error_line(exc: OSError, folder: Path) -> str:
+    """An OSError as one line; a full disk names the file (else ``folder``) and the free space."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or "free" in str(exc):
+        return str(exc)
+    where = Path(exc.filename) if exc.filename else Path(folder)
+    return (f"{where}: no space left on the device while writing there ({free_space_text(where.parent)}); "
+            "free some space and run again")
 
 
 def _format_summary(summary: dict) -> str:
@@ -42,13 +59,15 @@ def _format_summary(summary: dict) -> str:
     if summary["stop_reason"]:
         lines.append(f"Stopped early: {summary['stop_reason']}")
     run_dir = Path(summary["run_dir"])
+    # Only the files this run has written (no eval_*.csv when evaluation is off).
+    metrics = [name for name in ("train_metrics.csv", "eval_metrics.csv", "eval_cases.csv") if (run_dir / name).is_file()]
     lines += [
         f"Finished epoch {summary['epoch']}, batch {summary['batch']} in {summary['seconds']:.0f} s",
         f"Run folder:        {run_dir}",
         f"  resolved config  {run_dir / 'config.yaml'}",
         f"  split            {run_dir / 'split.json'}",
         f"  checkpoints      {run_dir / 'checkpoints'} (latest: {summary['checkpoint']})",
-        f"  metrics          {run_dir / 'metrics.jsonl'}, train_metrics.csv, eval_metrics.csv, eval_cases.csv",
+        f"  metrics          {', '.join([str(run_dir / 'metrics.jsonl'), *metrics])}",
         *[f"  {title:<16} {path}" for title, path in (("curves", run_dir / "progress.png"),
                                                         ("overlays", run_dir / "overlays" / "summary.png"))
           if path.is_file()],
@@ -82,8 +101,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_training(cfg)
-    except (ConfigError, DataFormatError, CheckpointError, TrainingDiverged, OSError) as exc:
-        return _fail(str(exc))  # OSError: e.g. an unwritable save_folder or a full disk
+    except (ConfigError, DataFormatError, CheckpointError, RunFolderError, TrainingDiverged) as exc:
+        return _fail(str(exc))
+    except OSError as exc:  # e.g. an unwritable save_folder or a full disk
+        return _fail(_os_error_line(exc, Path(cfg["save_folder"])))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     if summary["is_main"]:  # under torchrun, one summary, from rank 0
@@ -138,8 +159,10 @@ def data_main(argv: list[str] | None = None) -> int:
             print(f"Prepared {len(record['cases'])} {record['format']} cases into {args.out}")
             for case_id, error in record["skipped"].items():
                 print(f"skipped {case_id}: {error}", file=sys.stderr)
-    except (DataFormatError, ValueError, OSError) as exc:  # OSError: unwritable --out, full disk
+    except (DataFormatError, ValueError, RunFolderError) as exc:
         return _fail(str(exc))
+    except OSError as exc:  # unwritable --out, full disk
+        return _fail(_os_error_line(exc, args.out))
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -275,6 +276,9 @@ SCHEMA: dict[str, Any] = {
     "save_interval": F("duration", "1ep"),
     "save_num_checkpoints_to_keep": F("int", 3, minimum=-1),
     "autoresume": F("bool", True),
+    # A fresh run in a folder holding another run's checkpoints stops, unless this is true: then
+    # the old run's files are moved into <save_folder>/previous/ (never deleted).
+    "save_overwrite": F("bool", False),
     "load_path": F("str", None, nullable=True),
     "load_weights_only": F("bool", False),
     "grad_clip_norm": F("float", None, nullable=True, minimum=0.0),
@@ -365,18 +369,24 @@ def _all_key_paths(node: Any, prefix: str = "") -> list[str]:
 _ALL_PATHS = _all_key_paths(SCHEMA)
 
 
-def _unknown_key_error(source: str, path: str, siblings: Iterable[str]) -> ConfigError:
-    leaf = path.rsplit(".", 1)[-1]
-    parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
-    candidates = [parent + s for s in siblings]
-    close = difflib.get_close_matches(path, candidates, n=1, cutoff=0.5)
+def _unknown_key_error(source: str, parent: str, key: Any, siblings: Iterable[str]) -> ConfigError:
+    """Unknown ``key`` under the dotted ``parent`` ("" at the top), with the closest valid key.
+
+    The key is taken whole: a key that itself holds dots (``{os.system: {}}``) is one wrong name,
+    not a path to split.
+    """
+    key = str(key)
+    siblings = list(siblings)
+    prefix = f"{parent}." if parent else ""
+    path = prefix + key
+    close = [] if "." in key else difflib.get_close_matches(path, [prefix + s for s in siblings], n=1, cutoff=0.5)
     if not close:
-        close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
-        close = [parent + c for c in close]
-    if not close:
+        close = [prefix + c for c in difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)]
+    if not close and "." not in key:
         close = difflib.get_close_matches(path, _ALL_PATHS, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(sorted(siblings))}"
-    return ConfigError(f"{source}: unknown key '{path}'{hint}")
+    where = f"'{key}' in '{parent}'" if "." in key and parent else f"'{path}'"
+    return ConfigError(f"{source}: unknown key {where}{hint}")
 
 
 def _type_error(source: str, path: str, value: Any, spec: Field, detail: str = "") -> ConfigError:
@@ -402,6 +412,8 @@ def _as_float(value: Any) -> float | None:
 
 
 def _check_range(source: str, path: str, value: float, spec: Field) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _type_error(source, path, value, spec, "it must be finite")
     if spec.minimum is not None and value < spec.minimum:
         raise _type_error(source, path, value, spec)
     if spec.maximum is not None and value > spec.maximum:
@@ -464,8 +476,8 @@ def _check_field(source: str, path: str, value: Any, spec: Field) -> Any:
                 out.append(item)
             else:
                 number = _as_float(item)
-                if number is None:
-                    raise _type_error(source, path, value, spec, f"item {item!r}")
+                if number is None or not math.isfinite(number):
+                    raise _type_error(source, path, value, spec, f"item {item!r}, each must be a finite number")
                 out.append(number)
         if spec.length is not None and len(out) != spec.length:
             raise _type_error(source, path, value, spec)
@@ -482,7 +494,7 @@ def _check_component_settings(source: str, path: str, settings: Any, fields: Map
     for key, value in settings.items():
         sub = f"{path}.{key}"
         if key not in fields:
-            raise _unknown_key_error(source, sub, fields.keys())
+            raise _unknown_key_error(source, path, key, fields.keys())
         checked[key] = _check_field(source, sub, value, fields[key])
     return checked
 
@@ -495,7 +507,7 @@ def _check_component_entry(source: str, path: str, entry: Any, spec: OneOf | Lis
         raise ConfigError(f"{source}: '{path}' must name exactly one of {names}, like {{{next(iter(spec.components))}: {{}}}}; got {entry!r}")
     (name, settings), = entry.items()
     if name not in spec.components:
-        raise _unknown_key_error(source, f"{path}.{name}", spec.components.keys())
+        raise _unknown_key_error(source, path, name, spec.components.keys())
     return name, _check_component_settings(source, f"{path}.{name}", settings, spec.components[name])
 
 
@@ -521,7 +533,7 @@ def check_layer(layer: Any, source: str, schema: Mapping[str, Any] = SCHEMA, pre
     for key, value in layer.items():
         path = f"{prefix}{key}"
         if not isinstance(key, str) or key not in schema:
-            raise _unknown_key_error(source, path, schema.keys())
+            raise _unknown_key_error(source, prefix[:-1], key, schema.keys())
         spec = schema[key]
         if isinstance(spec, Field):
             checked[key] = _check_field(source, path, value, spec)
@@ -547,7 +559,7 @@ def check_layer(layer: Any, source: str, schema: Mapping[str, Any] = SCHEMA, pre
             entries: dict[str, Any] = {}
             for name, settings in value.items():
                 if name not in spec.components:
-                    raise _unknown_key_error(source, f"{path}.{name}", spec.components.keys())
+                    raise _unknown_key_error(source, path, name, spec.components.keys())
                 # null switches a component off in a later layer.
                 entries[name] = None if settings is None else _check_component_settings(
                     source, f"{path}.{name}", settings, spec.components[name])
@@ -693,6 +705,8 @@ def load_yaml(path: Path) -> dict:
     Raises:
         ConfigError: missing file, YAML syntax error (with line) or a top level that is not a mapping.
     """
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file; give a YAML file such as configs/demo.yaml")
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
@@ -797,6 +811,7 @@ def _check_consistency(cfg: dict) -> None:
     if model["spatial_dims"] == 2 and data["patch_size"][0] != 1:
         raise ConfigError(
             f"'data.patch_size' = {data['patch_size']} must start with 1 for a 2D model (slices), e.g. [1, 192, 160]")
+    _check_patch_size(data["patch_size"], model)
     sgd = cfg["optimizer"].get("sgd")
     if sgd is not None and sgd["nesterov"] and sgd["momentum"] <= 0:
         raise ConfigError("'optimizer.sgd.nesterov' = true needs 'optimizer.sgd.momentum' > 0; "
@@ -805,6 +820,28 @@ def _check_consistency(cfg: dict) -> None:
     if isinstance(micro, int) and micro > cfg["train_batch_size"]:
         raise ConfigError(
             f"'device_train_microbatch_size' = {micro} exceeds 'train_batch_size' = {cfg['train_batch_size']}")
+
+
+def _check_patch_size(patch: list[int], model: dict) -> None:
+    """Every patch entry >= 1, and with "same" padding a multiple of the model's total stride on
+    the axes it downsamples (the model's own check covers "valid" padding, at build time)."""
+    if min(patch) < 1:
+        raise ConfigError(f"'data.patch_size' = {patch}: every entry must be at least 1 voxel")
+    if model["padding"] != "same":
+        return
+    total = math.prod(model["strides"])
+    axes = range(1, 3) if model["spatial_dims"] == 2 else range(3)
+    if all(patch[axis] % total == 0 for axis in axes):
+        return
+    below = [max(total, patch[a] // total * total) if a in axes else patch[a] for a in range(3)]
+    above = [-(-patch[a] // total) * total if a in axes else patch[a] for a in range(3)]
+    nearest = str(below) if below == above else f"{below} or {above}"
+    per_axis = ", ".join(
+        f"{patch[a]} -> {' or '.join(map(str, dict.fromkeys((below[a], above[a]))))}"
+        for a in axes if patch[a] % total)
+    raise ConfigError(
+        f"'data.patch_size' = {patch}: each entry must be a multiple of {total}, the model's total stride "
+        f"(product of model.strides {model['strides']}); nearest valid: {per_axis}, e.g. {nearest}")
 
 
 def resolve_from_base(base: dict, override_args: list[str] | None = None, source: str = "checkpoint") -> dict:

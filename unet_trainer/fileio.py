@@ -3,13 +3,20 @@
 Every file is written under a hidden temporary name in the same folder, flushed to disk, then
 renamed over its final name (an atomic step on POSIX), and the folder entry is flushed too. A
 crash at any moment leaves either the previous file or the complete new one, never a half file
-under the real name; leftovers start with "." and end in ".tmp<ext>", which no reader picks up.
+under the real name; leftovers start with "." and end in ".tmp<ext>", which no reader picks up,
+and :func:`remove_orphan_temporaries` clears them once the folder's lock shows no writer is alive.
+
+A write that fails because the disk is full raises :class:`DiskFullError`: one line naming the
+file and the space left, with the partial temporary already removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -21,10 +28,87 @@ import numpy as np
 _EXTENSIONS = (".nii.gz", ".nii", ".npy", ".json", ".png", ".pt", ".csv", ".yaml", ".txt")
 
 
+# What temporary_sibling names look like: ".{name}.{32 hex digits}.tmp{extension}".
+_TEMPORARY_RE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp(\.[A-Za-z0-9.]+)?$")
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """No space left while writing a file; the message names the file and the free space."""
+
+
 def temporary_sibling(path: Path) -> Path:
     """A unique hidden name next to ``path`` that keeps its extension last."""
     extension = next((ext for ext in _EXTENSIONS if path.name.endswith(ext)), "")
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{extension}")
+
+
+def temporary_target(path: Path) -> str | None:
+    """The file name a temporary of :func:`temporary_sibling` was standing in for, else None."""
+    match = _TEMPORARY_RE.match(Path(path).name)
+    return match.group("name") if match else None
+
+
+def remove_orphan_temporaries(folder: Path, targets=None) -> list[Path]:
+    """Delete the temporaries in ``folder`` (not below) left by a writer that died mid-write.
+
+    Call it only while holding the folder's lock (:mod:`unet_trainer.runfolder`): a temporary
+    of a live writer would otherwise vanish under it.
+
+    Args:
+        targets: if given, a predicate on the final file name; only temporaries standing in for
+            a name it accepts are removed (a folder shared with other tools keeps theirs).
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        name = temporary_target(path)
+        if name is None or (targets is not None and not targets(name)) or not path.is_file():
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def free_space_text(folder: Path) -> str:
+    """"1.2 GiB free" on the file system holding ``folder`` (or its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if free >= size:
+            return f"{free / size:.1f} {unit} free"
+    return f"{free} bytes free"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from or while handling, says the disk is full."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_error(path: Path) -> DiskFullError:
+    """The one-line error for a full disk while writing ``path`` (call after removing partial files)."""
+    path = Path(path)
+    error = DiskFullError(f"{path}: no space left on the device while writing it "
+                          f"({free_space_text(path.parent)} in {path.parent}); "
+                          "nothing was replaced: free some space and run again")
+    error.errno = errno.ENOSPC  # str() stays the plain line, without an "[Errno 28]" prefix
+    return error
 
 
 def fsync_path(path: Path) -> None:
@@ -45,15 +129,21 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(temporary_path)``, then move the result onto ``path`` in one rename.
 
     Raises:
+        DiskFullError: no space left (the temporary is removed, ``path`` is untouched).
         whatever ``write`` raises (the temporary file is removed first), or OSError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_sibling(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(temporary)
         fsync_path(temporary)
         os.replace(temporary, path)
+    except Exception as exc:
+        if is_disk_full(exc):
+            temporary.unlink(missing_ok=True)
+            raise disk_full_error(path) from None
+        raise
     finally:
         if temporary.exists():
             temporary.unlink()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .builders import AMP_DTYPES, build_device, build_model, build_split, ensure_prepared
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, one_line
 from .config import ConfigError, resolve_from_base
 from .data.formats import CANONICAL_CHANNELS, REGION_NAMES, REGIONS, DataFormatError, RawCase, list_cases, \
     read_case, write_label_nifti, write_probabilities_nifti
@@ -140,7 +140,7 @@ def load_model(checkpoint: Path, overrides: Sequence[str] = (), channels_last: b
     try:
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError) as exc:
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = one_line(str(exc)) if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: the {name} weights do not fit the model of its config ({reason})") from None
     model.to(device).eval()
     if channels_last if channels_last is not None else device.type == "cuda":

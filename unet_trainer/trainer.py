@@ -105,6 +105,7 @@ class State:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    run_id: str = ""                      # the run's identity, saved in its checkpoints
     timestamp: Timestamp = field(default_factory=Timestamp)
     eval_history: list = field(default_factory=list)   # one record per evaluation
     # Per batch, for hooks to read or change.
@@ -142,6 +143,7 @@ class State:
             "eval_history": self.eval_history,
             "config": self.config,
             "extra_state": self.extra_state,
+            "run_id": self.run_id,
         }
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..runfolder import FolderLock
 from .formats import write_case
 
 # Mean intensity of each tissue in (flair, t1, t1ce, t2), loosely after real 3T contrasts:
@@ -174,13 +176,29 @@ def write_phantom_dataset(out: Path, cases: int, shape: tuple[int, int, int], se
         FileExistsError: ``out`` exists and is not a complete phantom written with these settings.
     """
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One writer per phantom folder at a time (a second waits, then finds it complete); under the
+    # lock, staging folders left by a killed writer are orphans and are removed.
+    lock = FolderLock(out.parent, f".{out.name}.lock").acquire(wait=True)
+    try:
+        staging_name = re.compile(rf"^\.{re.escape(out.name)}-[a-z0-9_]{{8}}$")  # tempfile.mkdtemp's
+        for orphan in out.parent.iterdir():
+            if staging_name.match(orphan.name) and orphan.is_dir():
+                shutil.rmtree(orphan, ignore_errors=True)
+        return _write_phantom_locked(out, cases, shape, seed, progress, workers)
+    finally:
+        lock.release()
+
+
+def _write_phantom_locked(out: Path, cases: int, shape: tuple[int, int, int], seed: int, progress: bool,
+                          workers: int) -> list[str]:
+    """:func:`write_phantom_dataset` once ``out`` is locked."""
     settings = {"cases": int(cases), "shape": [int(s) for s in shape], "seed": int(seed), "version": 1}
     marker = out / "phantom.json"
     if out.exists():
         if marker.is_file() and json.loads(marker.read_text()) == settings:
             return [f"BraTS2021_{i:05d}" for i in range(cases)]
         raise FileExistsError(f"{out}: exists and is not a phantom written with {settings}; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         shape = tuple(int(s) for s in shape)

@@ -11,13 +11,15 @@ when the case's spacing differs, z-score each channel over its nonzero voxels, a
 The ``_meta.json`` file is the case's completion marker and every file is written under a temporary
 name and renamed, so an interrupted run never leaves a half-written case that could be read.
 The settings are recorded in ``prepare.json``; cases prepared with other settings are redone.
-Raw data is only ever read.
+Raw data is only ever read. One preparation at a time writes a folder (``prepare.lock``; a second
+waits), and it first removes the temporaries an interrupted (killed) preparation left.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..fileio import atomic_save_npy, atomic_write_text
-from .formats import LAYOUT_DESCRIPTIONS, CaseFiles, DataFormatError, RawCase, detect_format, list_cases, read_case
+from ..fileio import atomic_save_npy, atomic_write_text, remove_orphan_temporaries
+from ..runfolder import PREPARE_LOCK_NAME, FolderLock
+from .formats import (CANONICAL_CHANNELS, LAYOUT_DESCRIPTIONS, CaseFiles, DataFormatError, RawCase, detect_format,
+                      list_cases, read_case)
 
 PREPARE_VERSION = 1
 # Foreground voxels kept per label for oversampling: enough to cover a tumour, small on disk.
@@ -189,14 +193,34 @@ def _case_is_done(out: Path, case_id: str, digest: str) -> bool:
     return meta.get("settings_digest") == digest and (out / f"{case_id}_x.npy").is_file()
 
 
-def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings]) -> tuple[str, str | None]:
-    """Worker: prepare and write one case; returns (case_id, error message or None)."""
+def zero_channel_warning(case: CaseFiles, image: np.ndarray) -> str | None:
+    """A warning naming the case and its modalities that hold nothing but zeros (a missing or
+    blank modality, almost surely a conversion mistake), or None.
+
+    Args:
+        image: the raw (C, Z, Y, X) image in canonical channel order; only the modalities are
+            looked at (DLE's extra one-hot channel is empty for a case without tumour).
+    """
+    modalities = min(image.shape[0], len(CANONICAL_CHANNELS))
+    zero = [c for c in range(modalities) if not np.any(image[c])]
+    if not zero:
+        return None
+    source = case.images[zero[0]] if len(case.images) == image.shape[0] else case.images[0]
+    if len(zero) == modalities:
+        return f"case {case.case_id}: every channel is all zeros ({source.parent}); it carries no image to learn from"
+    which = ", ".join(f"{CANONICAL_CHANNELS[c]} (channel {c})" for c in zero)
+    return f"case {case.case_id}: {which} {'is' if len(zero) == 1 else 'are'} all zeros ({source}); check the file"
+
+
+def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings]) -> tuple[str, str | None, str | None]:
+    """Worker: prepare and write one case; returns (case_id, error message or None, warning or None)."""
     case, out_dir, settings = args
     out = Path(out_dir)
     try:
         raw = read_case(case, settings.dle_labels)
     except DataFormatError as exc:
-        return case.case_id, str(exc)
+        return case.case_id, str(exc), None
+    warning = zero_channel_warning(case, raw.image)
     image, label, meta = prepare_case(raw, settings)
     meta["settings_digest"] = settings.digest()
     atomic_save_npy(out / f"{case.case_id}_x.npy", image)
@@ -207,7 +231,7 @@ def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings]) -> tuple[str, str
         atomic_save_npy(out / f"{case.case_id}_fg.npy", foreground_samples(label, rng))
     # The metadata goes last: its presence means the case is complete.
     atomic_write_text(out / f"{case.case_id}_meta.json", json.dumps(meta, indent=1))
-    return case.case_id, None
+    return case.case_id, None, warning
 
 
 def _no_cases_message(source: Path, fmt: str) -> str:
@@ -257,6 +281,19 @@ def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: Prepar
     if source.resolve() == out.resolve() or out.resolve() in source.resolve().parents:
         raise DataFormatError(f"{out}: the prepared folder must not be the raw folder or contain it")
     out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out, PREPARE_LOCK_NAME).acquire(
+        wait=True, on_wait=lambda holder: print(f"waiting for {holder}, which is preparing {out}", file=sys.stderr))
+    try:
+        # Under the lock no other preparation writes here: every temporary is a killed one's orphan.
+        remove_orphan_temporaries(out)
+        return _prepare_cases(source, out, cases, errors, settings, workers, skip_bad, progress)
+    finally:
+        lock.release()
+
+
+def _prepare_cases(source: Path, out: Path, cases: list[CaseFiles], errors: dict[str, str],
+                   settings: PrepareSettings, workers: int, skip_bad: bool, progress: bool) -> dict:
+    """:func:`prepare_dataset` once the folder is locked."""
     digest = settings.digest()
     todo = [c for c in cases if not _case_is_done(out, c.case_id, digest)]
     jobs = [(c, str(out), settings) for c in todo]
@@ -266,8 +303,9 @@ def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: Prepar
     try:
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                for case_id, error in pool.map(_prepare_one, jobs):
+                for case_id, error, warning in pool.map(_prepare_one, jobs):
                     bar.update()
+                    _print_warning(warning)
                     if error:
                         if not skip_bad:
                             # Stop now rather than after every queued case has been prepared.
@@ -276,8 +314,9 @@ def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: Prepar
                         errors[case_id] = error
         else:
             for job in jobs:
-                case_id, error = _prepare_one(job)
+                case_id, error, warning = _prepare_one(job)
                 bar.update()
+                _print_warning(warning)
                 if error:
                     if not skip_bad:
                         raise DataFormatError(error)
@@ -298,6 +337,11 @@ def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: Prepar
     }
     atomic_write_text(out / "prepare.json", json.dumps(record, indent=1))
     return record
+
+
+def _print_warning(warning: str | None) -> None:
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def prepared_is_current(out: Path, source: Path, settings: PrepareSettings, fmt: str = "auto") -> bool:
