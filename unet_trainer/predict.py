@@ -39,6 +39,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, resolve_from_base
 from .data.formats import CANONICAL_CHANNELS, DataFormatError, RawCase, list_cases, read_case, write_label_nifti, \
     write_probabilities_nifti
+from .data.loader import PreparedCase
 from .data.prepare import PrepareSettings, prepare_case
 from .distributed import DistInfo
 from .evaluation import DiceEvaluator, logits_to_probabilities, probabilities_to_labels, write_cases_csv
@@ -344,6 +345,8 @@ class EvalReport:
         source: what was scored, in words.
         empty_policy: the empty-ground-truth policy used.
         loaded: the model that was scored.
+        label_convention: the scored cases' own label convention (a key of ``LABEL_CONVENTIONS``;
+            "mixed" when they differ), so labels can be named by the values the user's files hold.
     """
 
     means: dict[str, float]
@@ -353,6 +356,7 @@ class EvalReport:
     source: str
     empty_policy: str
     loaded: LoadedModel
+    label_convention: str = "mixed"
 
 
 def default_eval_csv(checkpoint: Path, tag: str) -> Path:
@@ -419,5 +423,7 @@ def evaluate_checkpoint(checkpoint: Path, overrides: Sequence[str] = (), dataset
     counts = {k: sum(1 for row in per_case if not math.isnan(row[k])) for k in keys}
     csv_path = Path(out_csv).expanduser() if out_csv is not None else default_eval_csv(loaded.checkpoint, tag)
     write_cases_csv(csv_path, per_case)
+    conventions = {PreparedCase(prepared, case_id).meta.get("label_convention") for case_id in case_ids}
     return EvalReport(means=means, counts=counts, per_case=per_case, csv_path=csv_path, source=source,
-                      empty_policy=ev["empty_policy"], loaded=loaded)
+                      empty_policy=ev["empty_policy"], loaded=loaded,
+                      label_convention=conventions.pop() if len(conventions) == 1 else "mixed")
