@@ -218,6 +218,8 @@ def run_monai(cfg: dict, phantom: Path, split: dict, evaluator: DiceEvaluator, s
             means, _ = evaluator.score_model(wrapped)
             model.train()
             history.append({"step": step, **{k: float(means[k]) for k in KEYS}})
+            print(f"  [{time.strftime('%H:%M:%S')}] monai step {step}: "
+                  + "  ".join(f"{k} {means[k]:.3f}" for k in KEYS), file=sys.stderr, flush=True)
     del iterator, loader
     return history
 

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from .checkpoint import atomic_torch_save, capture_rng_state, checkpoint_name, list_checkpoints
 from .config import Duration
 from .distributed import all_gather_objects, all_ranks_agree, barrier
-from .fileio import atomic_symlink, atomic_write
 from .evaluation import write_cases_csv
+from .fileio import atomic_symlink, atomic_write
 from .trainer import Callback, State, interval_due
 
 # Per-case scores of the evaluation best-rank0.pt was saved at, next to eval_cases.csv (the latest).
