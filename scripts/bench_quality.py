@@ -30,8 +30,8 @@ learning-curve mean (the average over all points, i.e. the normalised area under
 separately, to the last point.
 
 Sizes: ``--device cpu`` (the default without CUDA) runs the demo's own setting (24 cases of 64^3,
-patch 32^3, batch 4, filters 16-128) for 300 steps with 5 points and 2 seeds, about 20 minutes on
-a quiet 2-core machine. ``--device cuda`` runs a full setting (40 cases of 128^3, patch 64^3,
+patch 32^3, batch 4, filters 16-128) for 300 steps with 5 points and 2 seeds: 11 minutes in all on
+a fairly quiet 2-core machine (BENCHMARKS.md). ``--device cuda`` runs a full setting (40 cases of 128^3, patch 64^3,
 batch 2, filters 32-320, 1000 steps, 8 points, 3 seeds). Any size can be changed by its flag.
 
 ``--override KEY=VALUE`` changes the config of both pipelines (the MONAI side reads the model,
@@ -40,7 +40,7 @@ optimizer, schedule, oversampling and augmentation from it); ``--ours-override``
 the same setting already holds, so a long comparison can span commands.
 
 Examples:
-    python scripts/bench_quality.py --json quality.json                 # CPU: ~20 min quiet
+    python scripts/bench_quality.py --json quality.json                 # CPU: ~11 min quiet
     python scripts/bench_quality.py --device cuda --json quality-gpu.json
     python scripts/bench_quality.py --ours-override augmentation.noise.std=[0,0.1] --json abl-noise.json
     python scripts/bench_quality.py --steps 40 --points 2 --cases 8 --shape 32 --patch 16   # smoke
