@@ -20,14 +20,17 @@ from unet_trainer.data.split import kfold_split, load_split_file
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom") / "ds"
-    write_phantom_dataset(out, cases=4, shape=(32, 28, 30), seed=7, progress=False)
+    # The simple style: these layout and preparation tests expect every label in each case, and
+    # a small brats-style tumour may have no necrosis or no enhancement.
+    write_phantom_dataset(out, cases=4, shape=(32, 28, 30), seed=7, progress=False, style="simple")
     return out
 
 
 def test_phantom_case_is_deterministic_and_has_every_tumour_part():
-    a_img, a_lab = make_phantom_case((32, 32, 32), np.random.default_rng([3, 1]))
-    b_img, b_lab = make_phantom_case((32, 32, 32), np.random.default_rng([3, 1]))
-    c_img, _ = make_phantom_case((32, 32, 32), np.random.default_rng([4, 1]))
+    # The simple style always holds every tumour part (the brats style is tested below).
+    a_img, a_lab = make_phantom_case((32, 32, 32), np.random.default_rng([3, 1]), "simple")
+    b_img, b_lab = make_phantom_case((32, 32, 32), np.random.default_rng([3, 1]), "simple")
+    c_img, _ = make_phantom_case((32, 32, 32), np.random.default_rng([4, 1]), "simple")
     assert np.array_equal(a_img, b_img) and np.array_equal(a_lab, b_lab)
     assert not np.array_equal(a_img, c_img)
     assert a_img.shape == (4, 32, 32, 32) and a_img.dtype == np.float32
@@ -47,7 +50,7 @@ def test_phantom_dataset_layout_and_determinism(phantom, tmp_path):
     assert seg.shape == (30, 28, 32) and np.allclose(seg.affine, np.eye(4))  # (x, y, z), 1 mm
     again = tmp_path / "again"  # written by 2 processes: the same files as the serial fixture's
     assert write_phantom_dataset(again, cases=4, shape=(32, 28, 30), seed=7, progress=False,
-                                 workers=2) == [c.case_id for c in cases]
+                                 workers=2, style="simple") == [c.case_id for c in cases]
     for a, b in zip(cases, list_cases(again), strict=True):
         ra, rb = read_case(a), read_case(b)
         assert np.array_equal(ra.image, rb.image) and np.array_equal(ra.label, rb.label)
@@ -58,7 +61,48 @@ def test_phantom_refuses_to_overwrite_other_data(phantom, tmp_path):
     with pytest.raises(FileExistsError):
         write_phantom_dataset(tmp_path / "mine", 2, (24, 24, 24), 0, progress=False)
     # Same settings: a no-op returning the ids.
-    assert len(write_phantom_dataset(phantom, 4, (32, 28, 30), 7, progress=False)) == 4
+    assert len(write_phantom_dataset(phantom, 4, (32, 28, 30), 7, progress=False, style="simple")) == 4
+    # The same cases, seed and shape in another style are other data.
+    with pytest.raises(FileExistsError):
+        write_phantom_dataset(phantom, 4, (32, 28, 30), 7, progress=False, style="brats")
+
+
+def test_brats_phantom_is_deterministic_whatever_the_worker_count(tmp_path):
+    serial = write_phantom_dataset(tmp_path / "serial", 3, (24, 24, 24), 5, progress=False, style="brats")
+    parallel = write_phantom_dataset(tmp_path / "parallel", 3, (24, 24, 24), 5, progress=False, workers=2,
+                                     style="brats")
+    assert serial == parallel
+    for a, b in zip(list_cases(tmp_path / "serial"), list_cases(tmp_path / "parallel"), strict=True):
+        ra, rb = read_case(a), read_case(b)
+        assert np.array_equal(ra.image, rb.image) and np.array_equal(ra.label, rb.label)
+    with pytest.raises(ValueError, match="style 'round'"):
+        make_phantom_case((24, 24, 24), np.random.default_rng(0), "round")
+
+
+def test_brats_phantom_tumours_are_varied_like_brats():
+    from scipy import ndimage
+
+    shape = (48, 48, 48)
+    cases = [make_phantom_case(shape, np.random.default_rng([0, i]), "brats") for i in range(24)]
+    no_enhancement = sum(not (label == 3).any() for _, label in cases)
+    assert 3 <= no_enhancement <= 10  # about a quarter of 24
+    tumour_voxels, centre_offsets, satellites = [], [], 0
+    for image, label in cases:
+        core = (label == 1) | (label == 3)
+        assert core.any() and (label == 2).any()
+        tumour_voxels.append(int((label > 0).sum()))
+        centre_offsets.append(np.linalg.norm(np.argwhere(core).mean(0) - np.array(shape) / 2) / shape[0])
+        components = ndimage.label(core)[1]
+        satellites += components > 1
+        if (label == 3).any() and (label == 1).any():
+            # The rim: every enhancing voxel lies within 4 voxels of the core's outside (1 to 4
+            # voxels thick), necrosis at least 2 in; enhancement lights up T1ce (channel 2).
+            depth = ndimage.distance_transform_edt(core)
+            assert depth[label == 3].max() <= 4.0 + 1e-6 and depth[label == 1].min() > 1.0
+            assert image[2][label == 3].mean() > 1.5 * image[2][label == 1].mean()
+    assert max(tumour_voxels) > 8 * min(tumour_voxels)  # small tumours as well as large
+    assert max(centre_offsets) > 0.2 and np.median(centre_offsets) > 0.1  # off-centre
+    assert 2 <= satellites <= 14  # occasional satellite lesions
 
 
 def test_unet_data_synth_cli(tmp_path, capsys):

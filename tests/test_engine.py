@@ -287,11 +287,11 @@ def test_torchrun_two_processes_agree_write_once_and_resume_consistently(cache_r
     assert rank0["eval_history"] == rank1["eval_history"] and len(rank0["eval_history"]) == 2
     assert rank0["batch"] == rank1["batch"] == 4 and rank0["sample"] == 8  # global batch 2 = 1 per rank
     files = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert files == ["best-rank0.pt", "ep0-ba2-rank0.pt", "ep1-ba4-rank0.pt", "latest-rank0.pt"]
+    assert files == ["best-rank0.pt", "ep1-ba2-rank0.pt", "ep2-ba4-rank0.pt", "latest-rank0.pt"]
     # Each rank cut the slices of the validation cases it scored; rank 0 drew all of them.
     val = json.loads((run / "split.json").read_text())["val"]
     assert sorted(p.name for p in (run / "overlays").iterdir()) == sorted([f"{c}.png" for c in val] + ["summary.png"])
-    saved = load_checkpoint(run / "checkpoints" / "ep1-ba4-rank0.pt")
+    saved = load_checkpoint(run / "checkpoints" / "ep2-ba4-rank0.pt")
     assert len(saved["rng_per_rank"]) == 2 and len(saved["augmenter_per_rank"]) == 2
     assert not torch.equal(saved["augmenter_per_rank"][0]["noise_generator"],
                            saved["augmenter_per_rank"][1]["noise_generator"])
@@ -343,7 +343,7 @@ def test_keep_n_checkpoints_latest_and_best(tiny_config, tmp_path):
     run_training(tiny_config("max_duration=5ba", "save_interval=1ba", "save_num_checkpoints_to_keep=2",
                              "eval_interval=1ba"), progress=False)
     folder = tmp_path / "run" / "checkpoints"
-    assert [p.name for p in list_checkpoints(folder)] == ["ep1-ba4-rank0.pt", "ep2-ba5-rank0.pt"]
+    assert [p.name for p in list_checkpoints(folder)] == ["ep2-ba4-rank0.pt", "ep2-ba5-rank0.pt"]
     assert (folder / "latest-rank0.pt").resolve().name == "ep2-ba5-rank0.pt"
     best = load_checkpoint(folder / "best-rank0.pt")
     scores = [r["dice/mean"] for r in load_checkpoint(folder / "ep2-ba5-rank0.pt")["eval_history"]]
@@ -360,12 +360,12 @@ def test_partial_files_are_never_taken_for_checkpoints(tiny_config, tmp_path):
     (folder / "latest-rank0.pt").unlink()
     (folder / "latest-rank0.pt").symlink_to("ep0-ba7-rank0.pt")
     resumed = run_training(tiny_config("max_duration=3ba"), progress=False)
-    assert Path(resumed["resumed_from"]).name == "ep0-ba2-rank0.pt" and resumed["batch"] == 3
+    assert Path(resumed["resumed_from"]).name == "ep1-ba2-rank0.pt" and resumed["batch"] == 3
 
 
 def test_load_weights_only_fine_tunes_from_fresh_counters(tiny_config, tmp_path):
     source = run_training(tiny_config("max_duration=2ba", run_dir=tmp_path / "source"), progress=False)
-    ckpt = tmp_path / "source" / "checkpoints" / "ep0-ba2-rank0.pt"
+    ckpt = tmp_path / "source" / "checkpoints" / "ep1-ba2-rank0.pt"
     tuned = run_training(tiny_config("max_duration=0ba", f"load_path={ckpt}", "load_weights_only=true",
                                      run_dir=tmp_path / "tuned"), progress=False)
     assert tuned["batch"] == 0 and same_weights(weights(tuned), weights(source))

@@ -116,7 +116,7 @@ def test_every_layout_trains_through_unet_train(layout, datasets, phantom_cases,
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert "Traceback" not in captured.err
-    assert sorted(p.name for p in (run / "checkpoints").glob("ep*-rank0.pt")) == ["ep0-ba1-rank0.pt", "ep0-ba2-rank0.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("ep*-rank0.pt")) == ["ep0-ba1-rank0.pt", "ep1-ba2-rank0.pt"]
     split = json.loads((run / "split.json").read_text())
     assert sorted(split["train"] + split["val"]) == [case_id(layout, i) for i in range(NUM_CASES)]
 

@@ -257,13 +257,15 @@ def test_predict_command_line_errors_are_one_line(trained, tmp_path, capsys):
 def test_unet_eval_prints_the_table_and_matches_trainings_evaluation(trained, capsys):
     assert eval_main([str(trained["checkpoint"]), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    for row in ("WT", "TC", "ET", "mean", "NCR (1)", "ED (2)", "EN (3)"):
+    # Labels named by the values of the input's own convention: the phantom is BraTS 2021 (EN = 4).
+    for row in ("WT", "TC", "ET", "mean", "NCR (1)", "ED (2)", "EN (4)"):
         assert any(line.startswith(row) for line in out.splitlines()), row
+    assert "EN (3)" not in out
     assert "one_if_both_empty" in out and "validation cases (fold 0 of 3)" in out
     final = trained["summary"]["final_eval"]
     wt_line = next(line for line in out.splitlines() if line.startswith("WT"))
     assert wt_line.split()[1] == f"{final['dice/WT']:.4f}" and wt_line.split()[2] == "2"
-    csv_path = trained["run_dir"] / "eval_ep0-ba2-rank0_val-fold0.csv"
+    csv_path = trained["run_dir"] / "eval_ep1-ba2-rank0_val-fold0.csv"  # 2 batches: one finished epoch
     assert f"Per-case scores: {csv_path}" in out
     rows = csv_path.read_text().splitlines()
     split = json.loads((trained["run_dir"] / "split.json").read_text())
@@ -279,6 +281,9 @@ def test_unet_eval_on_a_dataset_with_ignore_policy_and_hd95(trained, tmp_path, c
     assert eval_main(argv) == 0
     out = capsys.readouterr().out
     assert f"all 2 labelled cases of {source}" in out and "ignore" in out and "HD95 mm" in out
+    # MSD numbers oedema 1, non-enhancing core 2, enhancing 3.
+    for row in ("NCR (2)", "ED (1)", "EN (3)"):
+        assert any(line.startswith(row) for line in out.splitlines()), row
     header, *rows = csv_path.read_text().splitlines()
     assert header.endswith("hd95/WT,hd95/TC,hd95/ET") and len(rows) == 2
 

@@ -32,8 +32,9 @@ def test_two_step_training_smoke(tiny_config, tmp_path):
     assert [r["batch"] for r in train_lines if r["kind"] == "train"] == [1, 2]
     assert all(math.isfinite(r["loss/train"]) for r in train_lines if r["kind"] == "train")
     assert (run / "eval_cases.csv").read_text().count("\n") == 1 + len(split["val"])
-    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["ep0-ba1-rank0.pt", "ep0-ba2-rank0.pt"]
-    assert (run / "checkpoints" / "latest-rank0.pt").resolve().name == "ep0-ba2-rank0.pt"
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["ep0-ba1-rank0.pt", "ep1-ba2-rank0.pt"]
+    # Two batches per epoch: batch 2 finishes epoch 1 (State.finished_epochs).
+    assert (run / "checkpoints" / "latest-rank0.pt").resolve().name == "ep1-ba2-rank0.pt"
 
 
 def test_checkpoint_holds_the_full_state(tiny_config, tmp_path):

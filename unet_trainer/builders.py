@@ -88,11 +88,11 @@ def raw_data_dir(cfg: dict, progress: bool = True) -> Path:
     if data["path"] is None:
         phantom = data["phantom"]
         shape = "x".join(str(s) for s in phantom["shape"])
-        folder = cache_dir(cfg) / f"phantom-{phantom['cases']}cases-{shape}-seed{phantom['seed']}"
+        folder = cache_dir(cfg) / f"phantom-{phantom['style']}-{phantom['cases']}cases-{shape}-seed{phantom['seed']}"
         if not (folder / "phantom.json").is_file():
             print(f"Generating the synthetic BraTS phantom into {folder}", file=sys.stderr)
             write_phantom_dataset(folder, phantom["cases"], tuple(phantom["shape"]), phantom["seed"], progress,
-                                  workers=data["prepare_workers"])
+                                  workers=data["prepare_workers"], style=phantom["style"])
         return folder
     path = Path(data["path"]).expanduser()
     if not path.is_dir():
@@ -371,7 +371,8 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
     """Train (or resume) the run described by a resolved config; returns a summary.
 
     Writes into ``cfg["save_folder"]``: config.yaml, split.json, checkpoints/, metrics.jsonl,
-    train/eval_metrics.csv, eval_cases.csv. Rank 0 holds the folder's lock (``run.lock``) from
+    train/eval_metrics.csv, eval_cases.csv (the latest evaluation), eval_cases_best.csv (the
+    evaluation best-rank0.pt was saved at). Rank 0 holds the folder's lock (``run.lock``) from
     start to end, so a second run on the same folder stops at once.
 
     Raises:
@@ -481,7 +482,7 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
         resumed_from = checkpoint_path
         if dist_info.is_main:
             ts = state.timestamp
-            print(f"Resuming from {checkpoint_path} (epoch {ts.epoch}, batch {ts.batch})", file=sys.stderr)
+            print(f"Resuming from {checkpoint_path} (epoch {state.finished_epochs}, batch {ts.batch})", file=sys.stderr)
 
     if dist_info.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
@@ -510,6 +511,7 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
         "stop_reason": state.stop_reason,
         "final_eval": final,
         "best_dice": state.extra_state.get("best_dice"),
+        "best_batch": state.extra_state.get("best_batch"),
         "seconds": time.perf_counter() - started,
         "is_main": dist_info.is_main,
         "state": state,

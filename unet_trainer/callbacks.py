@@ -25,18 +25,24 @@ from .checkpoint import (CHECKPOINT_RE, CheckpointError, atomic_torch_save, capt
                          list_checkpoints)
 from .config import Duration
 from .distributed import all_gather_objects, all_ranks_agree, barrier
+from .evaluation import write_cases_csv
 from .fileio import atomic_symlink, atomic_write
 from .trainer import Callback, State, interval_due
 from .visualize import Series, draw_progress
 
+# Per-case scores of the evaluation best-rank0.pt was saved at, next to eval_cases.csv (the latest).
+BEST_CASES_CSV = "eval_cases_best.csv"
+
 
 class ProgressBar(Callback):
-    """A tqdm bar over the whole run's batches: epoch, step, loss, samples/s and ETA."""
+    """A tqdm bar over the whole run's batches: epochs done (``ep``, as a fraction: its whole part
+    is the ``epoch`` of the logs and checkpoint names), step, loss, samples/s and ETA."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.bar = None
         self._last_time = None
+        self._eval_started = None
 
     def fit_start(self, state: State) -> None:
         if not self.enabled:
@@ -51,7 +57,7 @@ class ProgressBar(Callback):
         now = time.perf_counter()
         elapsed, self._last_time = now - self._last_time, now
         rate = state.train_batch_size / elapsed if elapsed > 0 else float("nan")
-        postfix = {"ep": f"{state.timestamp.epoch + 1}", "loss": f"{state.step_metrics.get('loss/train', float('nan')):.4f}",
+        postfix = {"ep": f"{state.timestamp.batch / state.batches_per_epoch:.2f}", "loss": f"{state.step_metrics.get('loss/train', float('nan')):.4f}",
                    "sp/s": f"{rate:.1f}"}
         if state.eval_history:
             postfix["dice"] = f"{state.eval_history[-1].get('dice/mean', float('nan')):.3f}"
@@ -61,11 +67,15 @@ class ProgressBar(Callback):
     def eval_start(self, state: State) -> None:
         if self.bar is not None:
             self.bar.set_description("eval")
+            self._eval_started = time.perf_counter()
 
     def eval_end(self, state: State) -> None:
         if self.bar is not None:
             self.bar.set_description("train")
-            self._last_time = time.perf_counter()  # keep eval time out of the samples/s
+            # Keep eval time out of the samples/s: shift the step's start by the evaluation's
+            # length. (Not a reset: with a batch-unit interval the evaluation runs between a
+            # step and its batch_end, and a reset would leave that step almost no time.)
+            self._last_time += time.perf_counter() - self._eval_started
 
     def fit_end(self, state: State) -> None:
         if self.bar is not None:
@@ -143,7 +153,7 @@ class MetricsLogger(Callback):
     def batch_end(self, state: State) -> None:
         if self.enabled:
             ts = state.timestamp
-            self._append({"kind": "train", "epoch": ts.epoch, "batch": ts.batch, "sample": ts.sample,
+            self._append({"kind": "train", "epoch": state.finished_epochs, "batch": ts.batch, "sample": ts.sample,
                           **state.step_metrics})
 
     def eval_end(self, state: State) -> None:
@@ -156,9 +166,10 @@ class CheckpointSaver(Callback):
 
     Keeps the newest ``keep`` of the run's own checkpoints (all when -1, none but latest/best when
     0), points ``latest-rank0.pt`` at the newest and writes ``best-rank0.pt`` whenever the
-    validation mean Dice improves. Rotation only removes files carrying this run's identity
+    validation mean Dice improves, with that evaluation's per-case scores in
+    ``<run>/eval_cases_best.csv``. Rotation only removes files carrying this run's identity
     (``state.run_id``): another run's, or a stray or unreadable file, is never touched. Writes are
-    atomic (see :mod:`unet_trainer.checkpoint`).
+    atomic (see :mod:`unet_trainer.checkpoint`). ``E`` in the names is :attr:`State.finished_epochs`.
     """
 
     def __init__(self, folder: Path, interval: Duration, keep: int = 3, is_writer: bool = True):
@@ -210,7 +221,7 @@ class CheckpointSaver(Callback):
         if self.last_saved_batch == state.timestamp.batch:
             return None
         payload = self._payload(state)
-        name = checkpoint_name(state.timestamp.epoch, state.timestamp.batch)
+        name = checkpoint_name(state.finished_epochs, state.timestamp.batch)
         path = self.folder / name
         self.last_saved_batch = state.timestamp.batch
         if self.is_writer:
@@ -246,6 +257,10 @@ class CheckpointSaver(Callback):
         payload = self._payload(state)
         if self.is_writer:
             atomic_torch_save(payload, self.folder / "best-rank0.pt")
+            # eval_cases.csv is the latest evaluation's; this one stays with best-rank0.pt.
+            rows = getattr(state.evaluator, "last_per_case", None)
+            if rows:
+                atomic_write((state.run_dir or self.folder.parent) / BEST_CASES_CSV, lambda temporary: write_cases_csv(temporary, rows))
         barrier()
 
     def fit_end(self, state: State) -> None:

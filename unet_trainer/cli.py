@@ -15,6 +15,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import ConfigError, dump_config, resolve_config
 from .data.formats import DataFormatError
+from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
 from .fileio import free_space_text
 from .runfolder import RunFolderError
 from .trainer import TrainingDiverged
@@ -60,7 +61,7 @@ def _format_summary(summary: dict) -> str:
         lines.append(f"Stopped early: {summary['stop_reason']}")
     run_dir = Path(summary["run_dir"])
     # Only the files this run has written (no eval_*.csv when evaluation is off).
-    metrics = [name for name in ("train_metrics.csv", "eval_metrics.csv", "eval_cases.csv") if (run_dir / name).is_file()]
+    metrics = [name for name in ("train_metrics.csv", "eval_metrics.csv") if (run_dir / name).is_file()]
     lines += [
         f"Finished epoch {summary['epoch']}, batch {summary['batch']} in {summary['seconds']:.0f} s",
         f"Run folder:        {run_dir}",
@@ -74,8 +75,12 @@ def _format_summary(summary: dict) -> str:
         f"Prepared data:     {summary['prepared']}",
         "Run the same command again to resume from the latest checkpoint.",
     ]
+    if final:
+        lines.insert(-2, f"  per-case Dice    {run_dir / 'eval_cases.csv'} (the latest evaluation, step {final.get('batch')})")
     if summary["best_checkpoint"]:
-        lines.insert(-2, f"  best checkpoint  {summary['best_checkpoint']} (mean Dice {summary['best_dice']:.3f})")
+        lines.insert(-2, f"  best checkpoint  {summary['best_checkpoint']} (mean Dice {summary['best_dice']:.3f}, "
+                         f"step {summary['best_batch']})")
+        lines.insert(-2, f"  its per-case     {run_dir / 'eval_cases_best.csv'} (the evaluation best-rank0.pt was saved at)")
     return "\n".join(lines)
 
 
@@ -124,6 +129,8 @@ def data_main(argv: list[str] | None = None) -> int:
                        help="array shape per case, (Z, Y, X) voxels of 1 mm (default 64 64 64; BraTS is 155 240 240)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=2, help="processes writing cases in parallel (default 2)")
+    synth.add_argument("--style", default=DEFAULT_STYLE, choices=PHANTOM_STYLES,
+                       help=f"tumour style (default {DEFAULT_STYLE}; see unet_trainer/data/phantom.py)")
 
     prep = sub.add_parser("prepare", help="crop, normalise and store a raw dataset as memory-mappable arrays")
     prep.add_argument("source", type=Path, help="raw dataset folder (MSD Task01, BraTS 2021/2023, DLE npy)")
@@ -148,7 +155,8 @@ def data_main(argv: list[str] | None = None) -> int:
 
             if args.workers < 1:
                 return _fail("--workers must be at least 1", 2)
-            ids = write_phantom_dataset(args.out, args.cases, tuple(args.shape), args.seed, workers=args.workers)
+            ids = write_phantom_dataset(args.out, args.cases, tuple(args.shape), args.seed, workers=args.workers,
+                                        style=args.style)
             print(f"Wrote {len(ids)} phantom cases to {args.out}")
         else:
             if args.target_spacing is not None and min(args.target_spacing) <= 0:
@@ -250,6 +258,20 @@ def _split_command_line(args: list[str], positional: int, value_flags: tuple[str
     return positionals, flags, overrides
 
 
+def _native_label_values(convention: str) -> dict[str, str]:
+    """{label name: its value in the input's own convention}, e.g. EN: "4" for BraTS 2021 and "3"
+    for BraTS 2023 and MSD; for cases of mixed conventions, every value ("4 / 3")."""
+    from .data.formats import LABEL_CONVENTIONS
+    from .metrics import LABEL_NAMES
+
+    conventions = [convention] if convention in LABEL_CONVENTIONS else list(LABEL_CONVENTIONS)
+    values = {}
+    for canonical, name in LABEL_NAMES.items():
+        natives = [str(n) for c in conventions for n, k in LABEL_CONVENTIONS[c].items() if k == canonical]
+        values[name] = " / ".join(dict.fromkeys(natives))
+    return values
+
+
 def _format_eval(report) -> str:
     means, counts = report.means, report.counts
     hd95 = any(k.startswith("hd95/") for k in means)
@@ -268,8 +290,9 @@ def _format_eval(report) -> str:
                      "mean where a region is empty in the prediction or the ground truth")
     header = f"{'':<10}{'Dice':>8}{'cases':>7}" + (f"{'HD95 mm':>10}{'cases':>7}" if hd95 else "")
     lines += ["", header]
-    for key, title in (("WT", "WT"), ("TC", "TC"), ("ET", "ET"), ("mean", "mean"),
-                       ("NCR", "NCR (1)"), ("ED", "ED (2)"), ("EN", "EN (3)")):
+    titles = [("WT", "WT"), ("TC", "TC"), ("ET", "ET"), ("mean", "mean")]
+    titles += [(name, f"{name} ({value})") for name, value in _native_label_values(report.label_convention).items()]
+    for key, title in titles:
         row = f"{title:<10}{number(means.get(key), 4):>8}{counts.get(key, 0):>7}"
         if hd95:
             hd_key = f"hd95/{key}"

@@ -31,6 +31,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
+
 
 class ConfigError(ValueError):
     """A config problem, phrased as one line that names the source, the key and what was expected."""
@@ -301,6 +303,7 @@ SCHEMA: dict[str, Any] = {
             "cases": F("int", 20, minimum=2),
             "shape": F("int_list", [64, 64, 64], length=3),
             "seed": F("int", 0, minimum=0),
+            "style": F("str", DEFAULT_STYLE, choices=PHANTOM_STYLES),
         },
         # Resample every case to this spacing (z, y, x) in mm when its own differs; null keeps each
         # case's spacing (BraTS releases are already 1 mm isotropic).

@@ -39,6 +39,7 @@ from .checkpoint import CheckpointError, load_checkpoint, one_line
 from .config import ConfigError, resolve_from_base
 from .data.formats import CANONICAL_CHANNELS, REGION_NAMES, REGIONS, DataFormatError, RawCase, list_cases, \
     read_case, write_label_nifti, write_probabilities_nifti
+from .data.loader import PreparedCase
 from .data.prepare import PrepareSettings, prepare_case
 from .distributed import DistInfo
 from .evaluation import DiceEvaluator, logits_to_probabilities, probabilities_to_labels, write_cases_csv
@@ -366,6 +367,8 @@ class EvalReport:
         empty_policy: the empty-ground-truth policy used.
         loaded: the model that was scored.
         overlays: the folder of the overlay PNGs (one per case and summary.png), or None.
+        label_convention: the scored cases' own label convention (a key of ``LABEL_CONVENTIONS``;
+            "mixed" when they differ), so labels can be named by the values the user's files hold.
     """
 
     means: dict[str, float]
@@ -376,6 +379,7 @@ class EvalReport:
     empty_policy: str
     loaded: LoadedModel
     overlays: Path | None = None
+    label_convention: str = "mixed"
 
 
 def default_eval_csv(checkpoint: Path, tag: str) -> Path:
@@ -451,5 +455,7 @@ def evaluate_checkpoint(checkpoint: Path, overrides: Sequence[str] = (), dataset
         overlay_dir = csv_path.parent / f"{csv_path.stem}_overlays"
         write_overlays(overlay_dir, evaluator.last_views, {row["case_id"]: row for row in per_case}, None,
                        loaded.timestamp.get("epoch"), loaded.timestamp.get("batch"))
+    conventions = {PreparedCase(prepared, case_id).meta.get("label_convention") for case_id in case_ids}
     return EvalReport(means=means, counts=counts, per_case=per_case, csv_path=csv_path, source=source,
-                      empty_policy=ev["empty_policy"], loaded=loaded, overlays=overlay_dir)
+                      empty_policy=ev["empty_policy"], loaded=loaded, overlays=overlay_dir,
+                      label_convention=conventions.pop() if len(conventions) == 1 else "mixed")

@@ -128,6 +128,15 @@ class State:
     def total_batches(self) -> int:
         return duration_in_batches(self.max_duration, self.batches_per_epoch, self.train_batch_size)
 
+    @property
+    def finished_epochs(self) -> int:
+        """Epochs finished by the steps taken so far; an epoch counts as finished as soon as its
+        last batch is done (also in the hooks of that batch, before the loop moves to the next
+        epoch). The one meaning of "epoch" in eval_metrics.csv, train_metrics.csv, checkpoint
+        names (``ep{E}-ba{B}``) and the console, whatever the interval units."""
+        ts = self.timestamp
+        return ts.epoch + (1 if ts.batch_in_epoch >= self.batches_per_epoch else 0)
+
     def done(self) -> bool:
         return self.timestamp.reached(self.max_duration, self.batches_per_epoch, self.samples_per_epoch)
 
@@ -362,7 +371,7 @@ def evaluate(state: State, engine: Engine) -> None:
     state.model.eval()
     result = state.evaluator(state)
     state.model.train()
-    record = {"epoch": state.timestamp.epoch, "batch": state.timestamp.batch, **result}
+    record = {"epoch": state.finished_epochs, "batch": state.timestamp.batch, **result}
     state.eval_history.append(record)
     engine.run(Event.EVAL_END)
 

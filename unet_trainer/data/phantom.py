@@ -1,11 +1,19 @@
 """A synthetic BraTS-format phantom: the embedded default dataset.
 
 Each case is a head (scalp, skull, CSF, grey and white matter, ventricles) whose tissues have
-different contrasts in FLAIR, T1, T1ce and T2, holding one tumour built like a glioma: a
-necrotic core (BraTS 2021 label 1) inside an enhancing rim (label 4) inside oedema (label 2),
-with random size, position and an irregular, lobulated outline. A smooth bias field, Rician-like
-noise and a per-modality intensity scale make the intensities look like raw MRI, so the whole
-preparation pipeline (crop, z-score) has real work to do.
+different contrasts in FLAIR, T1, T1ce and T2, holding a tumour built like a glioma. Two styles:
+
+- ``brats`` (the default): the tumour sits anywhere in white matter, off-centre, with a lobulated
+  core whose radius is log-uniform (small tumours as often as large ones). Three in four cores
+  have an enhancing rim (label 4) 1-4 voxels thick, varying around the core, with necrosis
+  (label 1) inside; the others do not enhance at all and are non-enhancing tumour (label 1)
+  throughout. Oedema (label 2) reaches out unevenly, mostly along white matter; about three cases
+  in ten have one or two small satellite lesions. Tumour contrasts vary per case.
+- ``simple``: one lobulated concentric tumour near the centre (necrotic core inside an enhancing
+  rim at least 2 voxels thick inside oedema) that always enhances; easy, kept for comparison.
+
+A smooth bias field, Rician-like noise and a per-modality intensity scale make the intensities
+look like raw MRI, so the whole preparation pipeline (crop, z-score) has real work to do.
 
 Cases are written in the BraTS 2021 layout, one folder per case with
 ``BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz`` and a 1 mm identity-direction affine.
@@ -25,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from tqdm import tqdm
 
 from ..runfolder import FolderLock
@@ -42,11 +51,20 @@ TISSUE_CONTRAST = {
     "edema": (1.10, 0.45, 0.48, 1.05),
     "enhancing": (0.85, 0.55, 1.55, 0.80),
     "necrotic": (0.60, 0.25, 0.22, 1.30),
+    # Non-enhancing tumour (label 1 of a tumour without enhancement): FLAIR/T2-bright, T1-dark.
+    "nonenhancing": (0.95, 0.40, 0.42, 1.15),
 }
 # Raw scanner units differ per modality; z-scoring in preparation removes this.
 MODALITY_SCALE = (420.0, 780.0, 910.0, 1260.0)
 # Canonical label values (0 bg, 1 necrotic core, 2 oedema, 3 enhancing); written as BraTS 2021.
 LABEL_NECROTIC, LABEL_EDEMA, LABEL_ENHANCING = 1, 2, 3
+# Phantom styles; the first is the default (``data.phantom.style``, ``unet-data synth --style``).
+PHANTOM_STYLES = ("brats", "simple")
+DEFAULT_STYLE = PHANTOM_STYLES[0]
+# brats style: share of tumours with an enhancing rim (BraTS: about three in four), and of cases
+# with satellite lesions.
+ENHANCING_P = 0.75
+SATELLITE_P = 0.3
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], coarse: int) -> np.ndarray:
@@ -57,20 +75,27 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], coarse:
     return field / max(float(np.abs(field).max()), 1e-6)
 
 
-def make_phantom_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def make_phantom_case(shape: tuple[int, int, int], rng: np.random.Generator,
+                      style: str = DEFAULT_STYLE) -> tuple[np.ndarray, np.ndarray]:
     """Draw one phantom case.
 
     Args:
         shape: array shape (Z, Y, X) in voxels of 1 mm; each at least 24.
         rng: the random generator (the case is a pure function of its state).
+        style: ``"brats"`` (a tumour anywhere in white matter, see the module docstring) or
+            ``"simple"`` (one near-centred concentric tumour that always enhances).
 
     Returns:
         image: float32 (4, Z, Y, X), channels (flair, t1, t1ce, t2), raw positive units, 0 outside the head.
-        label: uint8 (Z, Y, X), canonical labels 0 background, 1 necrotic core, 2 oedema, 3 enhancing.
+        label: uint8 (Z, Y, X), canonical labels 0 background, 1 necrotic/non-enhancing core, 2 oedema,
+        3 enhancing.
 
     Raises:
-        ValueError: a dimension below 24 voxels (too small to hold a head with a tumour).
+        ValueError: a dimension below 24 voxels (too small to hold a head with a tumour), or an
+            unknown style.
     """
+    if style not in PHANTOM_STYLES:
+        raise ValueError(f"phantom style {style!r} is not one of {', '.join(PHANTOM_STYLES)}")
     if min(shape) < 24:
         raise ValueError(f"phantom shape {tuple(shape)} is too small: every dimension must be at least 24")
     shape = tuple(int(s) for s in shape)
@@ -97,7 +122,45 @@ def make_phantom_case(shape: tuple[int, int, int], rng: np.random.Generator) -> 
     ventricles &= brain
     sulci = brain & ~white & (np.abs(_smooth_field(rng, shape, 10)) < 0.06)
 
-    # Tumour: a lobulated ball placed inside the brain, with oedema > enhancing rim > necrotic core.
+    if style == "simple":
+        necrotic, enhancing, edema = _simple_tumour(shape, grid, brain, ventricles, head_r, rng)
+        core_name = "necrotic"
+        contrast = TISSUE_CONTRAST
+    else:
+        necrotic, enhancing, edema, core_name = _brats_tumour(shape, grid, brain, white, ventricles, rng)
+        # Tumour contrasts vary between patients and scanners: scale each tumour tissue's
+        # deviation from white matter per case, so no single intensity threshold finds it.
+        contrast = dict(TISSUE_CONTRAST)
+        base = np.array(TISSUE_CONTRAST["white"])
+        for name in ("edema", "enhancing", "necrotic", "nonenhancing"):
+            contrast[name] = tuple(base + (np.array(TISSUE_CONTRAST[name]) - base) * rng.uniform(0.7, 1.15))
+
+    label = np.zeros(shape, np.uint8)
+    label[edema] = LABEL_EDEMA
+    label[enhancing] = LABEL_ENHANCING
+    label[necrotic] = LABEL_NECROTIC
+
+    regions = [
+        ("scalp", head & ~skull), ("skull", skull & ~brain), ("grey", brain & ~white), ("white", white),
+        ("csf", ventricles | sulci), ("edema", edema), ("enhancing", enhancing), (core_name, necrotic),
+    ]
+    image = np.zeros((4,) + shape, np.float32)
+    for name, mask in regions:
+        image[:, mask] = np.array(contrast[name], np.float32)[:, None]
+    # Texture within tissues, a smooth multiplicative bias field per modality and noise.
+    texture = 0.04 * _smooth_field(rng, shape, 16)
+    for c in range(4):
+        bias = 1.0 + 0.12 * _smooth_field(rng, shape, 3)
+        noise = rng.normal(0.0, 0.035, shape).astype(np.float32)
+        channel = (image[c] * (1.0 + texture) * bias + noise) * MODALITY_SCALE[c]
+        image[c] = np.where(head, np.clip(channel, 1.0, None), 0.0)
+    return image, label
+
+
+def _simple_tumour(shape: tuple[int, int, int], grid: np.ndarray, brain: np.ndarray, ventricles: np.ndarray,
+                   head_r: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``simple`` style's tumour masks (necrotic, enhancing, oedema): one lobulated concentric
+    ball near the centre, always with an enhancing rim at least ~2 voxels thick."""
     size = float(min(shape))
     edema_r = rng.uniform(0.16, 0.24) * size
     enh_r = edema_r * rng.uniform(0.50, 0.62)
@@ -117,32 +180,91 @@ def make_phantom_case(shape: tuple[int, int, int], rng: np.random.Generator) -> 
     edema &= brain & ~ventricles
     enhancing &= brain
     necrotic &= brain
-
-    label = np.zeros(shape, np.uint8)
-    label[edema] = LABEL_EDEMA
-    label[enhancing] = LABEL_ENHANCING
-    label[necrotic] = LABEL_NECROTIC
-
-    regions = [
-        ("scalp", head & ~skull), ("skull", skull & ~brain), ("grey", brain & ~white), ("white", white),
-        ("csf", ventricles | sulci), ("edema", edema), ("enhancing", enhancing), ("necrotic", necrotic),
-    ]
-    image = np.zeros((4,) + shape, np.float32)
-    for name, mask in regions:
-        image[:, mask] = np.array(TISSUE_CONTRAST[name], np.float32)[:, None]
-    # Texture within tissues, a smooth multiplicative bias field per modality and noise.
-    texture = 0.04 * _smooth_field(rng, shape, 16)
-    for c in range(4):
-        bias = 1.0 + 0.12 * _smooth_field(rng, shape, 3)
-        noise = rng.normal(0.0, 0.035, shape).astype(np.float32)
-        channel = (image[c] * (1.0 + texture) * bias + noise) * MODALITY_SCALE[c]
-        image[c] = np.where(head, np.clip(channel, 1.0, None), 0.0)
-    return image, label
+    return necrotic, enhancing, edema
 
 
-def _write_one_case(folder: Path, shape: tuple[int, int, int], seed: int, index: int) -> str:
+def _random_voxel(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """The (Z, Y, X) float coordinates of a voxel drawn uniformly from ``mask`` (which is not empty)."""
+    candidates = np.flatnonzero(mask)
+    return np.array(np.unravel_index(candidates[rng.integers(len(candidates))], mask.shape), np.float32)
+
+
+def _brats_tumour(shape: tuple[int, int, int], grid: np.ndarray, brain: np.ndarray, white: np.ndarray,
+                  ventricles: np.ndarray, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """The ``brats`` style's tumour masks (core label 1, enhancing, oedema) and the tissue name
+    the label-1 voxels are drawn with ("necrotic" inside a rim, "nonenhancing" without one).
+
+    The core is a union of 2-4 overlapping balls (lobes) with a wavy outline, centred on a random
+    white-matter voxel deep enough in the brain to hold it; its radius is log-uniform, so small
+    tumours are as common as large ones. With probability ENHANCING_P the outer 1-4 voxels of the
+    core (the thickness varies around it) enhance and the rest is necrosis; otherwise the whole
+    core is non-enhancing tumour (label 1, as BraTS 2021 labels it). Oedema reaches out from the
+    core by a distance that varies strongly with direction, mostly along white matter. With
+    probability SATELLITE_P one or two small satellite lesions with their own oedema lie nearby.
+    """
+    size = float(min(shape))
+    not_csf = brain & ~ventricles
+    depth = ndimage.distance_transform_edt(not_csf)  # voxels to the nearest CSF or non-brain voxel
+    core_r = max(float(np.exp(rng.uniform(np.log(0.05), np.log(0.17)))) * size, 2.5)
+    # Deep enough that the core fits inside the brain; relaxed for tiny volumes.
+    for margin in (core_r + 1.0, core_r * 0.6, 2.0, 0.5):
+        where = white & (depth > margin)
+        if where.any():
+            break
+    else:
+        where = not_csf
+    centre = _random_voxel(rng, where)
+
+    # Lobulated core: the main ball plus up to three smaller lobes pushed out in random directions.
+    ratio = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) / core_r
+    for _ in range(int(rng.integers(1, 4))):
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        lobe_centre = centre + direction * core_r * rng.uniform(0.7, 1.2)
+        lobe_r = core_r * rng.uniform(0.4, 0.7)
+        ratio = np.minimum(ratio, np.sqrt(((grid - lobe_centre[:, None, None, None]) ** 2).sum(0)) / lobe_r)
+    ratio = ratio * (1.0 + 0.25 * _smooth_field(rng, shape, 6))
+    core = (ratio < 1.0) & not_csf
+    if not core.any():  # a lobe field that missed the brain entirely: keep the centre voxel
+        core[tuple(centre.astype(int))] = True
+
+    # Enhancing rim of a locally varying thickness (1-4 voxels) around necrosis, or no enhancement.
+    enhances = rng.random() < ENHANCING_P
+    inner = ndimage.distance_transform_edt(core)  # 1 on the core's outer shell, growing inwards
+    thickness = np.clip(rng.uniform(1.0, 4.0) * (1.0 + 0.35 * _smooth_field(rng, shape, 5)), 1.0, 4.0)
+    if enhances:
+        necrotic = core & (inner > thickness)
+        enhancing = core & ~necrotic
+    else:
+        necrotic, enhancing = core, np.zeros(shape, bool)
+
+    # Oedema: uneven reach around the core, ragged at its edge, mostly in white matter.
+    outer = ndimage.distance_transform_edt(~core)
+    reach = (core_r * rng.uniform(0.4, 1.6) + 1.0) * np.clip(1.0 + 0.8 * _smooth_field(rng, shape, 4), 0.1, None)
+    reach = reach * (1.0 + 0.25 * _smooth_field(rng, shape, 10))
+    edema = (outer < reach) & ~core & not_csf & (white | (outer < 0.4 * reach))
+
+    # Satellites: small lesions a short way off, each with a thin oedema halo.
+    if rng.random() < SATELLITE_P:
+        for _ in range(int(rng.integers(1, 3))):
+            near = white & (depth > 2.0) & (outer > 3.0) & (outer < core_r + 0.3 * size)
+            if not near.any():
+                break
+            spot = _random_voxel(rng, near)
+            dist = np.sqrt(((grid - spot[:, None, None, None]) ** 2).sum(0))
+            lesion = (dist < rng.uniform(1.2, 2.6)) & not_csf & ~core
+            halo = (dist < rng.uniform(2.5, 5.0)) & not_csf & ~core & ~lesion
+            (enhancing if enhances else necrotic)[lesion] = True
+            edema |= halo
+            edema &= ~lesion
+    edema &= ~(necrotic | enhancing)
+    return necrotic, enhancing, edema, "necrotic" if enhances else "nonenhancing"
+
+
+def _write_one_case(folder: Path, shape: tuple[int, int, int], seed: int, index: int, style: str) -> str:
     """Draw case ``index`` and write it into ``folder``; returns its id. Runs in a worker process."""
-    image, label = make_phantom_case(shape, np.random.default_rng([seed, index]))
+    image, label = make_phantom_case(shape, np.random.default_rng([seed, index]), style)
     case_id = f"BraTS2021_{index:05d}"
     write_case(folder, "brats2021", case_id, image, label, np.eye(4))
     return case_id
@@ -154,7 +276,7 @@ def _single_thread_worker() -> None:
 
 
 def write_phantom_dataset(out: Path, cases: int, shape: tuple[int, int, int], seed: int,
-                          progress: bool = True, workers: int = 1) -> list[str]:
+                          progress: bool = True, workers: int = 1, style: str = DEFAULT_STYLE) -> list[str]:
     """Write ``cases`` phantom cases in the BraTS 2021 layout under ``out``.
 
     The dataset is built in a temporary sibling folder and renamed into place when complete,
@@ -168,13 +290,17 @@ def write_phantom_dataset(out: Path, cases: int, shape: tuple[int, int, int], se
             same whatever ``workers`` is.
         progress: show a progress bar.
         workers: processes drawing and writing cases in parallel (1: in this process).
+        style: one of PHANTOM_STYLES (see :func:`make_phantom_case`).
 
     Returns:
         The case ids, ``BraTS2021_00000`` onwards.
 
     Raises:
         FileExistsError: ``out`` exists and is not a complete phantom written with these settings.
+        ValueError: an unknown style.
     """
+    if style not in PHANTOM_STYLES:
+        raise ValueError(f"phantom style {style!r} is not one of {', '.join(PHANTOM_STYLES)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # One writer per phantom folder at a time (a second waits, then finds it complete); under the
@@ -185,15 +311,16 @@ def write_phantom_dataset(out: Path, cases: int, shape: tuple[int, int, int], se
         for orphan in out.parent.iterdir():
             if staging_name.match(orphan.name) and orphan.is_dir():
                 shutil.rmtree(orphan, ignore_errors=True)
-        return _write_phantom_locked(out, cases, shape, seed, progress, workers)
+        return _write_phantom_locked(out, cases, shape, seed, progress, workers, style)
     finally:
         lock.release()
 
 
 def _write_phantom_locked(out: Path, cases: int, shape: tuple[int, int, int], seed: int, progress: bool,
-                          workers: int) -> list[str]:
+                          workers: int, style: str) -> list[str]:
     """:func:`write_phantom_dataset` once ``out`` is locked."""
-    settings = {"cases": int(cases), "shape": [int(s) for s in shape], "seed": int(seed), "version": 1}
+    settings = {"cases": int(cases), "shape": [int(s) for s in shape], "seed": int(seed), "style": style,
+                "version": 2}
     marker = out / "phantom.json"
     if out.exists():
         if marker.is_file() and json.loads(marker.read_text()) == settings:
@@ -205,7 +332,7 @@ def _write_phantom_locked(out: Path, cases: int, shape: tuple[int, int, int], se
         bar = tqdm(total=cases, desc="phantom", unit="case", disable=not progress)
         if workers > 1 and cases > 1:
             with ProcessPoolExecutor(max_workers=min(workers, cases), initializer=_single_thread_worker) as pool:
-                futures = [pool.submit(_write_one_case, staging, shape, seed, i) for i in range(cases)]
+                futures = [pool.submit(_write_one_case, staging, shape, seed, i, style) for i in range(cases)]
                 for future in as_completed(futures):
                     future.result()  # re-raises a worker's error here
                     bar.update()
@@ -213,7 +340,7 @@ def _write_phantom_locked(out: Path, cases: int, shape: tuple[int, int, int], se
         else:
             ids = []
             for i in range(cases):
-                ids.append(_write_one_case(staging, shape, seed, i))
+                ids.append(_write_one_case(staging, shape, seed, i, style))
                 bar.update()
         bar.close()
         (staging / "phantom.json").write_text(json.dumps(settings))
