@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny phantom and a tiny training config, so end-to-end tests take seconds."""
 
+import contextlib
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,28 @@ def tiny_config(cache_root, tmp_path):
         return resolve_config(ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, run_dir or tmp_path / "run", *extra))
 
     return build
+
+
+@contextlib.contextmanager
+def script_module(name: str):
+    """Import ``scripts/<name>.py`` as module ``name`` for the duration of the block.
+
+    The scripts import their neighbours (benchutil, bench_train), so ``scripts/`` is put on
+    ``sys.path`` meanwhile; the module is registered in ``sys.modules`` because dataclasses resolve
+    their annotations through it. Every module the block imported from ``scripts/`` is dropped
+    afterwards, so each test module gets fresh copies.
+    """
+    scripts = str(ROOT / "scripts")
+    before = set(sys.modules)
+    sys.path.insert(0, scripts)
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for added in set(sys.modules) - before:
+            if (getattr(sys.modules[added], "__file__", None) or "").startswith(scripts):
+                sys.modules.pop(added, None)
+        sys.path.remove(scripts)

@@ -2,29 +2,15 @@
 settings, the axis order the MONAI network is scored in, and the noise rule of the verdicts.
 The learning runs themselves live in the benchmark, never in tests."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import script_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "scripts"))  # the script imports bench_train and benchutil
-    try:
-        spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "scripts" / "bench_quality.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_quality"] = module
-        spec.loader.exec_module(module)
+    with script_module("bench_quality") as module:  # it imports bench_train and benchutil
         yield module
-    finally:
-        for name in ("bench_quality", "bench_train", "benchutil"):
-            sys.modules.pop(name, None)
-        sys.path.remove(str(ROOT / "scripts"))
 
 
 def test_both_pipelines_get_the_same_setting_and_only_ours_the_ablation(bench, tmp_path):

@@ -1,29 +1,18 @@
 """The plumbing of scripts/bench_train.py that decides what is measured: the recipe projection and the
 ablation of speed switches. The timings themselves live in the benchmark, never in tests."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, script_module
 
 from unet_trainer.config import resolve_config
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "scripts"))  # the script imports its neighbour benchutil
-    try:
-        spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_train"] = module  # dataclasses resolve their annotations through it
-        spec.loader.exec_module(module)
+    with script_module("bench_train") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_train", None)
-        sys.path.remove(str(ROOT / "scripts"))
 
 
 def test_recipe_plan_counts_the_composer_recipe(bench):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, tiny_overrides
+from conftest import ROOT, tiny_overrides
 from unet_trainer.builders import run_training
 from unet_trainer.checkpoint import list_checkpoints, load_checkpoint
 from unet_trainer.schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
@@ -106,7 +106,7 @@ def test_auto_microbatch_frees_the_failed_attempt_before_retrying(tiny_config, t
     before the retry runs, or on a GPU the smaller microbatch runs out of memory again with it."""
     import weakref
 
-    from tests.ddp_worker import OutOfMemoryInBackward
+    from ddp_worker import OutOfMemoryInBackward
     from unet_trainer.losses import DeepSupervisionLoss
 
     real_loss = DeepSupervisionLoss.forward

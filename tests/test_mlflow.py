@@ -60,8 +60,12 @@ def test_mlflow_round_trip_and_resume_continue_the_same_run(tiny_config, tmp_pat
     # Resume from the checkpoint at step 2, as after a crash: the MLflow run already holds steps 3
     # and 4 of the interrupted run; the resumed run goes on to step 6 in the same MLflow run and
     # logs each step once.
-    checkpoint = run_dir / "checkpoints" / "ep0-ba2-rank0.pt"
+    checkpoint = run_dir / "checkpoints" / "ep1-ba2-rank0.pt"
     assert load_checkpoint(checkpoint)["extra_state"]["mlflow_run_id"] == run_id
+    # The crash came before step 4's checkpoint was written (a resume may not leave a later
+    # checkpoint of its own run behind it: rotation would remove it).
+    (run_dir / "checkpoints" / "ep2-ba4-rank0.pt").unlink()
+    (run_dir / "checkpoints" / "latest-rank0.pt").unlink()
     resumed = run_training(tiny_config("max_duration=6ba", f"load_path={checkpoint}", *settings), progress=False)
     assert resumed["resumed_from"] == str(checkpoint) and resumed["batch"] == 6
     (again,) = client.search_runs([experiment.experiment_id])

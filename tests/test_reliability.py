@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import unet_trainer.checkpoint as checkpoint_module
-from tests.conftest import ROOT, tiny_overrides
+from conftest import ROOT, tiny_overrides
 from unet_trainer.builders import run_training
 from unet_trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from unet_trainer.cli import data_main, train_main
@@ -86,9 +86,9 @@ def test_save_overwrite_moves_the_old_run_aside_and_never_deletes_it(tiny_config
     moved = [p for p in (run / "previous").iterdir()]
     assert len(moved) == 1 and tree_digest(moved[0] / "checkpoints") == old
     assert run_id_of(moved[0] / "checkpoints" / "ep1-ba3-rank0.pt") == old_id
-    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["ep0-ba1-rank0.pt", "ep0-ba2-rank0.pt"]
-    assert run_id_of(run / "checkpoints" / "ep0-ba2-rank0.pt") != old_id
-    assert (run / "checkpoints" / "latest-rank0.pt").resolve().name == "ep0-ba2-rank0.pt"
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["ep0-ba1-rank0.pt", "ep1-ba2-rank0.pt"]
+    assert run_id_of(run / "checkpoints" / "ep1-ba2-rank0.pt") != old_id
+    assert (run / "checkpoints" / "latest-rank0.pt").resolve().name == "ep1-ba2-rank0.pt"
 
 
 class DropForeignCheckpoint(Callback):
@@ -112,7 +112,7 @@ def test_rotation_and_latest_never_touch_another_runs_or_a_stray_file(tiny_confi
         tiny_config("max_duration=5ba", "save_num_checkpoints_to_keep=2", "eval_interval=0ep"), progress=False,
         extra_callbacks=[DropForeignCheckpoint(tmp_path / "other" / "checkpoints" / "ep0-ba1-rank0.pt", stray)])
     names = [p.name for p in list_checkpoints(folder)]
-    assert names == ["ep1-ba4-rank0.pt", "ep2-ba5-rank0.pt", "ep9-ba99-rank0.pt"]
+    assert names == ["ep2-ba4-rank0.pt", "ep2-ba5-rank0.pt", "ep9-ba99-rank0.pt"]
     assert stray.read_bytes() == (tmp_path / "other" / "checkpoints" / "ep0-ba1-rank0.pt").read_bytes()
     assert (folder / "latest-rank0.pt").resolve().name == "ep2-ba5-rank0.pt"
     assert Path(summary["checkpoint"]).name == "ep2-ba5-rank0.pt"
@@ -144,7 +144,7 @@ def test_the_readme_fine_tune_in_an_occupied_folder_then_the_plain_resume_loses_
     (moved,) = (run / "previous").iterdir()
     assert tree_digest(moved / "checkpoints") == earlier
     tuned = list_checkpoints(run / "checkpoints")
-    assert [p.name for p in tuned] == ["ep0-ba1-rank0.pt", "ep0-ba2-rank0.pt"]
+    assert [p.name for p in tuned] == ["ep0-ba1-rank0.pt", "ep1-ba2-rank0.pt"]
     tuned_id = run_id_of(tuned[-1])
     assert tuned_id != earlier_id
     tuned_files = tree_digest(run / "checkpoints")
@@ -155,8 +155,8 @@ def test_the_readme_fine_tune_in_an_occupied_folder_then_the_plain_resume_loses_
     after = tree_digest(run / "checkpoints")
     assert {k: v for k, v in after.items() if k in tuned_files and k.startswith("ep")} == \
         {k: v for k, v in tuned_files.items() if k.startswith("ep")}
-    assert [p.name for p in list_checkpoints(run / "checkpoints")][-1] == "ep1-ba4-rank0.pt"
-    assert run_id_of(run / "checkpoints" / "ep1-ba4-rank0.pt") == tuned_id
+    assert [p.name for p in list_checkpoints(run / "checkpoints")][-1] == "ep2-ba4-rank0.pt"
+    assert run_id_of(run / "checkpoints" / "ep2-ba4-rank0.pt") == tuned_id
     assert tree_digest(moved / "checkpoints") == earlier
 
 
@@ -289,7 +289,7 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(ca
     status = train_main([DEMO, *tiny_overrides(cache_root, run, "max_duration=3ba", "eval_interval=0ep")])
     line = one_error_line(capsys.readouterr().err)
     assert status != 0
-    assert str(run / "checkpoints" / "ep0-ba2-rank0.pt") in line and "free" in line
+    assert str(run / "checkpoints" / "ep1-ba2-rank0.pt") in line and "free" in line
     folder = run / "checkpoints"
     assert [p.name for p in list_checkpoints(folder)] == ["ep0-ba1-rank0.pt"]
     assert load_checkpoint(folder / "ep0-ba1-rank0.pt")["timestamp"]["batch"] == 1
@@ -375,7 +375,7 @@ def test_a_really_full_disk_while_saving(tiny_config, tmp_path):
             run_training(tiny_config("max_duration=3ba", "eval_interval=0ep", run_dir=run), progress=False,
                          extra_callbacks=[FillTheDisk(mount_point)])
         message = str(info.value)
-        assert "\n" not in message and str(run / "checkpoints" / "ep0-ba2-rank0.pt") in message and "free" in message
+        assert "\n" not in message and str(run / "checkpoints" / "ep1-ba2-rank0.pt") in message and "free" in message
         assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["ep0-ba1-rank0.pt"]
         assert load_checkpoint(run / "checkpoints" / "ep0-ba1-rank0.pt")["timestamp"]["batch"] == 1
         assert temporaries(run) == []
@@ -408,7 +408,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_newest_that_loads(tiny_
     resumed = run_training(tiny_config("max_duration=4ba", "eval_interval=0ep", "save_num_checkpoints_to_keep=-1"),
                            progress=False)
     err = capsys.readouterr().err
-    assert Path(resumed["resumed_from"]).name == "ep0-ba2-rank0.pt" and resumed["batch"] == 4
+    assert Path(resumed["resumed_from"]).name == "ep1-ba2-rank0.pt" and resumed["batch"] == 4
     warnings = [l for l in err.splitlines() if l.startswith("warning:") and str(newest) in l]
     assert len(warnings) == 1 and "skipped" in warnings[0]
 
@@ -425,7 +425,7 @@ def test_a_checkpoint_with_code_is_never_a_fallback_and_is_reported_by_name(tiny
     resumed = run_training(tiny_config("max_duration=3ba", "eval_interval=0ep"), progress=False)
     err = capsys.readouterr().err
     assert not marker.exists()
-    assert Path(resumed["resumed_from"]).name == "ep0-ba2-rank0.pt"
+    assert Path(resumed["resumed_from"]).name == "ep1-ba2-rank0.pt"
     (warning,) = [l for l in err.splitlines() if str(planted) in l]
     assert warning.startswith("warning:") and "code" in warning and "posix.system" in warning
     # Asked for by name, it is refused with the reason in full.
@@ -461,7 +461,7 @@ def test_a_checkpoint_that_does_not_fit_names_what_differs(tiny_config, tmp_path
 def test_orphan_temporaries_are_removed_by_the_next_run_and_preparation(tiny_config, tmp_path):
     run = tmp_path / "run"
     run_training(tiny_config("max_duration=1ba", "eval_interval=0ep"), progress=False)
-    orphan = run / "checkpoints" / f".ep0-ba2-rank0.pt.{uuid.uuid4().hex}.tmp.pt"
+    orphan = run / "checkpoints" / f".ep1-ba2-rank0.pt.{uuid.uuid4().hex}.tmp.pt"
     orphan.write_bytes(b"x" * 1000)
     someone_elses = run / "checkpoints" / "notes.tmp.txt"
     someone_elses.write_text("not ours")

@@ -1,12 +1,9 @@
 """``drop_last``: every training step the same shape (what CUDA graphs need), resume still exact."""
 
-import importlib.util
-import sys
-
 import pytest
 import torch
+from conftest import ROOT, script_module
 
-from tests.conftest import ROOT
 from unet_trainer.builders import run_training
 from unet_trainer.config import ConfigError, resolve_config
 from unet_trainer.data.loader import ContinuousBatchSampler, EpochSampler
@@ -75,20 +72,12 @@ def test_the_fast_recipe_drops_the_partial_batch_and_composers_keeps_it():
 
 
 def test_bench_train_counts_the_steps_drop_last_leaves():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_train_static", ROOT / "scripts" / "bench_train.py")
-        bench = importlib.util.module_from_spec(spec)
-        sys.modules["bench_train_static"] = bench
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    cfg = resolve_config(ROOT / "configs" / "brats.yaml", ["recipe=fast"])
-    plan = bench.recipe_plan(cfg, 387)
-    # 200 epochs of 6 full steps of 64: 3 samples of the 387 left out each epoch.
-    assert (plan.steps, plan.samples) == (200 * 6, 200 * 6 * 64)
-    assert bench.epoch_steps(387, 64, drop_last=False) == 7 and bench.epoch_steps(387, 64, drop_last=True) == 6
-    sys.modules.pop("bench_train_static", None)
+    with script_module("bench_train") as bench:
+        cfg = resolve_config(ROOT / "configs" / "brats.yaml", ["recipe=fast"])
+        plan = bench.recipe_plan(cfg, 387)
+        # 200 epochs of 6 full steps of 64: 3 samples of the 387 left out each epoch.
+        assert (plan.steps, plan.samples) == (200 * 6, 200 * 6 * 64)
+        assert bench.epoch_steps(387, 64, drop_last=False) == 7 and bench.epoch_steps(387, 64, drop_last=True) == 6
 
 
 def test_loader_prefetch_is_bounded_in_bytes(tiny_config, tmp_path):

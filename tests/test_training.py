@@ -91,7 +91,7 @@ def test_corrupt_checkpoint_is_one_clear_error(tiny_config, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     cfg_args = ["max_duration=1ba", f"load_path={bad}"]
-    from tests.conftest import ROOT, tiny_overrides  # the CLI path, for the exit status
+    from conftest import ROOT, tiny_overrides  # the CLI path, for the exit status
     status = train_main([str(ROOT / "configs" / "demo.yaml"),
                          *tiny_overrides(tmp_path / "cache", tmp_path / "run", *cfg_args)])
     err = capsys.readouterr().err
@@ -125,7 +125,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, mo
 def test_shipped_brats_configs_train(cache_root, tmp_path, config, extra):
     """The shipped BraTS presets (3D DLE net, Composer's 2D residual net) train end to end, shrunk
     only in width and size, on the phantom."""
-    from tests.conftest import ROOT
+    from conftest import ROOT
     from unet_trainer.config import resolve_config
 
     overrides = [f"data.cache_dir={cache_root}", f"save_folder={tmp_path / 'run'}", "data.path=null",

@@ -207,7 +207,7 @@ def test_unet_eval_and_unet_predict_draw_overlays(tiny_config, tmp_path, capsys)
     checkpoint = tmp_path / "run" / "checkpoints" / "latest-rank0.pt"
     assert eval_main([str(checkpoint), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    folder = tmp_path / "run" / "eval_ep0-ba2-rank0_val-fold0_overlays"
+    folder = tmp_path / "run" / "eval_ep1-ba2-rank0_val-fold0_overlays"
     assert f"Overlays:        {folder}" in out
     val = summary["state"].evaluator.case_ids
     assert sorted(p.name for p in folder.iterdir()) == sorted([f"{c}.png" for c in val] + ["summary.png"])

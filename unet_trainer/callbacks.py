@@ -13,7 +13,6 @@ import json
 import math
 import resource
 import signal
-import sys
 import time
 from collections import deque
 from pathlib import Path
