@@ -288,6 +288,23 @@ def test_unet_eval_on_a_dataset_with_ignore_policy_and_hd95(trained, tmp_path, c
     assert header.endswith("hd95/WT,hd95/TC,hd95/ET") and len(rows) == 2
 
 
+def test_unet_eval_lesion_wise_flag_adds_the_lesion_scores(trained, tmp_path, capsys):
+    csv_path = tmp_path / "scores.csv"
+    argv = [str(trained["checkpoint"]), "--out", str(csv_path), "--no-progress", "--no-overlays", "--lesion-wise",
+            "eval.lesion_min_voxels=10"]
+    assert eval_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Lesion-wise (BraTS 2023)" in out and "LW Dice" in out
+    header, *rows = csv_path.read_text().splitlines()
+    columns = header.split(",")
+    lesion_keys = [f"lesion_{m}/{r}" for m in ("dice", "hd95") for r in ("WT", "TC", "ET")]
+    assert columns[-6:] == lesion_keys and rows
+    for row in rows:
+        values = dict(zip(columns, row.split(",")))
+        assert all(0.0 <= float(values[f"lesion_dice/{r}"]) <= 1.0 for r in ("WT", "TC", "ET"))
+        assert all(0.0 <= float(values[f"lesion_hd95/{r}"]) <= 374.0 for r in ("WT", "TC", "ET"))
+
+
 def test_unet_eval_bad_checkpoints_give_one_line_errors(tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
@@ -344,6 +361,21 @@ def test_training_reports_hd95_when_enabled(tiny_config):
     final = run_training(tiny_config("max_duration=1ba", "eval.hd95=true"), progress=False)["final_eval"]
     assert {"dice/WT", "hd95/WT", "hd95/TC", "hd95/ET"} <= set(final)
     assert math.isfinite(final["hd95/WT"]) or math.isnan(final["hd95/WT"])
+
+
+def test_training_logs_lesion_wise_scores_beside_dice(tiny_config, tmp_path):
+    from unet_trainer.visualize import eval_metric_groups
+
+    result = run_training(tiny_config("max_duration=1ba", "eval.lesion_wise=true"), progress=False)
+    final = result["final_eval"]
+    lesion_keys = {f"lesion_{m}/{r}" for m in ("dice", "hd95") for r in ("WT", "TC", "ET")}
+    assert {"dice/WT"} | lesion_keys <= set(final)
+    assert all(math.isfinite(final[k]) for k in lesion_keys)  # lesion-wise scores are never NaN
+    run = tmp_path / "run"
+    assert lesion_keys <= set((run / "eval_metrics.csv").read_text().splitlines()[0].split(","))
+    assert lesion_keys <= set((run / "eval_cases.csv").read_text().splitlines()[0].split(","))
+    groups = eval_metric_groups([{"batch": 1, **final}])
+    assert {"dice", "lesion_dice", "lesion_hd95"} <= set(groups)  # progress.png draws one panel each
 
 
 # ----------------------------------------------------------------------------------------------

@@ -452,7 +452,9 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
         sw_batch_size=cfg["eval"]["sw_batch_size"], gaussian=cfg["eval"]["gaussian"],
         mirror=cfg["eval"]["mirror_tta"], empty_policy=cfg["eval"]["empty_policy"], amp_dtype=amp_dtype,
         device=device, rank=dist_info.rank, world_size=dist_info.world_size,
-        cases_csv=run_dir / "eval_cases.csv", hd95=cfg["eval"]["hd95"]) if split["val"] else None
+        cases_csv=run_dir / "eval_cases.csv", hd95=cfg["eval"]["hd95"], lesion_wise=cfg["eval"]["lesion_wise"],
+        lesion_dilation=cfg["eval"]["lesion_dilation"], lesion_min_voxels=cfg["eval"]["lesion_min_voxels"],
+        lesion_hd95_penalty=cfg["eval"]["lesion_hd95_penalty"]) if split["val"] else None
 
     state = State(
         model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, train_loader=loader,

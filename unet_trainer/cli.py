@@ -175,10 +175,11 @@ def data_main(argv: list[str] | None = None) -> int:
 
 
 EVAL_USAGE = """usage: unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV] [--no-overlays]
-                 [--no-progress]
+                 [--lesion-wise] [--no-progress]
 
 Score a checkpoint of unet-train: Dice per BraTS region (WT, TC, ET) and their mean, Dice per label
-(NCR, ED, EN), and HD95 per region with eval.hd95=true. Prints a table and writes one row per case
+(NCR, ED, EN), HD95 per region with eval.hd95=true, and the BraTS 2023 lesion-wise Dice and HD95
+per region with --lesion-wise (or eval.lesion_wise=true). Prints a table and writes one row per case
 to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv), and one overlay PNG per case
 (contours of truth and prediction on three slices) plus summary.png into <CSV name>_overlays/.
 
@@ -190,6 +191,8 @@ to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv), and one overlay 
   --format FMT       layout of --dataset: auto (default), msd, brats2021, brats2023, dle
   --out CSV          where to write the per-case scores
   --no-overlays      draw no overlays
+  --lesion-wise      also the lesion-wise Dice and HD95 (settings eval.lesion_dilation,
+                     eval.lesion_min_voxels, eval.lesion_hd95_penalty)
   --no-progress      no progress bars
   -h, --help         show this help
 """
@@ -275,6 +278,7 @@ def _native_label_values(convention: str) -> dict[str, str]:
 def _format_eval(report) -> str:
     means, counts = report.means, report.counts
     hd95 = any(k.startswith("hd95/") for k in means)
+    lesion_wise = any(k.startswith("lesion_dice/") for k in means)
     loaded = report.loaded
 
     def number(value: float | None, digits: int) -> str:
@@ -288,7 +292,11 @@ def _format_eval(report) -> str:
     if hd95:
         lines.append("HD95: 95th-percentile Hausdorff distance in mm (prepared spacing); NaN and left out of the "
                      "mean where a region is empty in the prediction or the ground truth")
-    header = f"{'':<10}{'Dice':>8}{'cases':>7}" + (f"{'HD95 mm':>10}{'cases':>7}" if hd95 else "")
+    if lesion_wise:
+        lines.append("Lesion-wise (BraTS 2023): per region, mean over truth lesions and false positives of each "
+                     "lesion's Dice and HD95 mm, averaged over cases")
+    header = (f"{'':<10}{'Dice':>8}{'cases':>7}" + (f"{'HD95 mm':>10}{'cases':>7}" if hd95 else "")
+              + (f"{'LW Dice':>9}{'LW HD95':>9}" if lesion_wise else ""))
     lines += ["", header]
     titles = [("WT", "WT"), ("TC", "TC"), ("ET", "ET"), ("mean", "mean")]
     titles += [(name, f"{name} ({value})") for name, value in _native_label_values(report.label_convention).items()]
@@ -297,6 +305,8 @@ def _format_eval(report) -> str:
         if hd95:
             hd_key = f"hd95/{key}"
             row += f"{number(means.get(hd_key), 2):>10}{counts[hd_key] if hd_key in counts else '-':>7}"
+        if lesion_wise:
+            row += f"{number(means.get(f'lesion_dice/{key}'), 4):>9}{number(means.get(f'lesion_hd95/{key}'), 2):>9}"
         lines.append(row)
     lines += ["", f"Per-case scores: {report.csv_path}"]
     if report.overlays is not None:
@@ -324,7 +334,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     try:
         (checkpoint,), flags, overrides = _split_command_line(args, 1, ("--dataset", "--format", "--out"),
-                                                               ("--no-progress", "--no-overlays"))
+                                                               ("--no-progress", "--no-overlays", "--lesion-wise"))
+        if flags["--lesion-wise"]:
+            overrides.append("eval.lesion_wise=true")
         fmt = _format_flag(flags)
         from .predict import evaluate_checkpoint  # imported here so --help and usage errors stay fast
 

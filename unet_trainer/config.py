@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
+from .lesion_metrics import DEFAULT_DILATION_ITERATIONS, DEFAULT_HD95_PENALTY, DEFAULT_MIN_LESION_VOXELS
 
 
 class ConfigError(ValueError):
@@ -337,6 +338,12 @@ SCHEMA: dict[str, Any] = {
         "empty_policy": F("str", "one_if_both_empty", choices=("one_if_both_empty", "ignore")),
         # 95th-percentile Hausdorff distance per region through MONAI (slower; off by default).
         "hd95": F("bool", False),
+        # BraTS 2023 lesion-wise Dice and HD95 per region (lesion_dice/WT ..., lesion_hd95/WT ...);
+        # the dilation, size threshold and penalty differ for meningioma (1) and metastases (1, 2).
+        "lesion_wise": F("bool", False),
+        "lesion_dilation": F("int", DEFAULT_DILATION_ITERATIONS, minimum=0),
+        "lesion_min_voxels": F("int", DEFAULT_MIN_LESION_VOXELS, minimum=0),
+        "lesion_hd95_penalty": F("float", DEFAULT_HD95_PENALTY, minimum=0.0),
     },
 }
 

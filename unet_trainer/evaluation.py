@@ -16,6 +16,8 @@ from tqdm import tqdm
 from .data.loader import PreparedCase
 from .distributed import all_gather_objects
 from .inference import predict_volume
+from .lesion_metrics import (DEFAULT_DILATION_ITERATIONS, DEFAULT_HD95_PENALTY, DEFAULT_MIN_LESION_VOXELS,
+                             case_lesion_scores)
 from .metrics import case_dice, case_hd95, mean_scores, regions_to_labels
 
 
@@ -67,9 +69,15 @@ class DiceEvaluator:
         hd95: also the 95th-percentile Hausdorff distance per region (``hd95/WT`` ...; in mm of the
             prepared spacing; NaN for a region empty in prediction or truth, left out of means).
         progress: a progress bar over this rank's cases (for ``unet-eval``).
+        lesion_wise: also the BraTS 2023 lesion-wise Dice and HD95 per region
+            (:mod:`unet_trainer.lesion_metrics`; ``lesion_dice/WT`` ..., ``lesion_hd95/WT`` ... in
+            mm; never NaN), with the lesion settings ``lesion_dilation`` (iterations),
+            ``lesion_min_voxels`` (truth lesions this small or smaller dropped) and
+            ``lesion_hd95_penalty`` (mm).
 
-    Scores per case: Dice keys NCR, ED, EN, WT, TC, ET, mean (plus hd95/WT, hd95/TC, hd95/ET);
-    :meth:`__call__` reports them as ``dice/<key>`` and ``hd95/<region>``.
+    Scores per case: Dice keys NCR, ED, EN, WT, TC, ET, mean (plus hd95/WT, hd95/TC, hd95/ET,
+    plus lesion_dice/<region> and lesion_hd95/<region>); :meth:`__call__` reports them as
+    ``dice/<key>``, ``hd95/<region>``, ``lesion_dice/<region>`` and ``lesion_hd95/<region>``.
 
     ``case_view`` (None by default) is a hook for pictures: when set, it is called per scored case
     as ``case_view(case_id, image (C, *S), label (*S), prediction (*S), meta)`` on the device, and
@@ -81,7 +89,10 @@ class DiceEvaluator:
                  num_outputs: int, region_mode: bool, overlap: float, sw_batch_size: int, gaussian: bool,
                  mirror: bool, empty_policy: str, amp_dtype: torch.dtype | None, device: torch.device,
                  rank: int = 0, world_size: int = 1, cases_csv: Path | None = None, hd95: bool = False,
-                 progress: bool = False):
+                 progress: bool = False, lesion_wise: bool = False,
+                 lesion_dilation: int = DEFAULT_DILATION_ITERATIONS,
+                 lesion_min_voxels: int = DEFAULT_MIN_LESION_VOXELS,
+                 lesion_hd95_penalty: float = DEFAULT_HD95_PENALTY):
         self.folder = Path(folder)
         self.case_ids = list(case_ids)
         self.patch_size, self.spatial_dims = tuple(patch_size), spatial_dims
@@ -91,13 +102,16 @@ class DiceEvaluator:
         self.rank, self.world_size = rank, world_size
         self.cases_csv = cases_csv
         self.hd95, self.progress = hd95, progress
+        self.lesion_wise = lesion_wise
+        self.lesion_settings = dict(dilation_iterations=lesion_dilation, min_lesion_voxels=lesion_min_voxels,
+                                    hd95_penalty=lesion_hd95_penalty)
         self.last_per_case: list[dict] = []
         self.case_view = None
         self.last_views: dict = {}
         self._views: list = []
 
     def score_case(self, model: torch.nn.Module, case_id: str) -> dict:
-        """The score row of one prepared case: {"case_id", Dice keys[, hd95 keys]}."""
+        """The score row of one prepared case: {"case_id", Dice keys[, hd95 keys][, lesion keys]}."""
         case = PreparedCase(self.folder, case_id)
         image = torch.from_numpy(np.array(case.image)).to(self.device)  # copy: the memmap is read-only
         label = torch.from_numpy(np.array(case.label)).to(self.device)
@@ -110,6 +124,8 @@ class DiceEvaluator:
         row = {"case_id": case_id, **case_dice(pred, label, self.empty_policy)}
         if self.hd95:
             row.update(case_hd95(pred, label, case.meta.get("spacing")))
+        if self.lesion_wise:
+            row.update(case_lesion_scores(pred, label, case.meta.get("spacing"), **self.lesion_settings))
         return row
 
     def score_model(self, model: torch.nn.Module) -> tuple[dict[str, float], list[dict]]:
@@ -132,4 +148,4 @@ class DiceEvaluator:
         self.last_per_case = per_case
         if self.cases_csv is not None and self.rank == 0 and per_case:
             write_cases_csv(self.cases_csv, per_case)
-        return {(k if k.startswith("hd95/") else f"dice/{k}"): v for k, v in means.items()}
+        return {(k if "/" in k else f"dice/{k}"): v for k, v in means.items()}

@@ -359,7 +359,8 @@ class EvalReport:
 
     Attributes:
         means: mean over cases of every score key (NaNs left out); Dice keys NCR, ED, EN, WT, TC,
-            ET, mean; with HD95 also hd95/WT, hd95/TC, hd95/ET.
+            ET, mean; with HD95 also hd95/WT, hd95/TC, hd95/ET; lesion-wise also lesion_dice/WT ...
+            and lesion_hd95/WT ....
         counts: per key, how many cases entered its mean.
         per_case: one row per case: {"case_id", score keys...}.
         csv_path: where the per-case rows were written.
@@ -443,7 +444,10 @@ def evaluate_checkpoint(checkpoint: Path, overrides: Sequence[str] = (), dataset
     evaluator = DiceEvaluator(prepared, case_ids, loaded.patch_size, loaded.spatial_dims, loaded.num_outputs,
                               loaded.region_mode, overlap=ev["overlap"], sw_batch_size=ev["sw_batch_size"],
                               gaussian=ev["gaussian"], mirror=ev["mirror_tta"], empty_policy=ev["empty_policy"],
-                              amp_dtype=loaded.amp_dtype, device=loaded.device, hd95=ev["hd95"], progress=progress)
+                              amp_dtype=loaded.amp_dtype, device=loaded.device, hd95=ev["hd95"], progress=progress,
+                              lesion_wise=ev["lesion_wise"], lesion_dilation=ev["lesion_dilation"],
+                              lesion_min_voxels=ev["lesion_min_voxels"],
+                              lesion_hd95_penalty=ev["lesion_hd95_penalty"])
     evaluator.case_view = evaluator_case_view if overlays else None
     means, per_case = evaluator.score_model(loaded.model)
     keys = [k for k in per_case[0] if k != "case_id"]
