@@ -116,6 +116,24 @@ def test_hd95_scales_with_spacing_and_handles_empties():
     assert hd95(box(), truth, (1.0, 1.0, 1.0)) == math.inf and hd95(box(), box(), (1, 1, 1)) == 0.0
 
 
+@pytest.mark.parametrize("corner", [(0, 0, 0), (20, 20, 20), (38, 38, 38)])
+def test_cropping_leaves_the_hd95_of_a_single_match_unchanged(corner):
+    """One lesion, one overlapping component (also at the volume's edges): the lesion-wise HD95 is
+    the plain HD95 of the two whole masks, and a false positive far away changes nothing but the
+    count."""
+    z, y, x = corner
+    truth = box((48, 48, 48), ((z, z + 10), (y, y + 10), (x, x + 10)))
+    pred = box((48, 48, 48), ((z, z + 9), (y + 1, y + 10), (x, x + 10)))
+    pred[z:z + 3, y:y + 2, x:x + 2] = True  # a bump, so the distances are not all equal
+    score = region_lesion_scores(pred, truth, spacing=(1.0, 2.0, 0.5))
+    assert score.hd95 == pytest.approx(hd95(pred, truth, (1.0, 2.0, 0.5)), abs=1e-9) and score.hd95 > 0
+    far = pred.copy()
+    far[(z + 30) % 48, (y + 30) % 48, (x + 30) % 48] = True
+    with_fp = region_lesion_scores(far, truth, spacing=(1.0, 2.0, 0.5))
+    assert with_fp.false_positives == 1
+    assert with_fp.hd95 == pytest.approx((score.hd95 + PENALTY) / 2) and with_fp.dice == pytest.approx(score.dice / 2)
+
+
 def test_case_scores_use_the_brats_regions_and_accept_tensors():
     truth = np.zeros((48, 48, 48), dtype=np.uint8)
     truth[5:15, 5:15, 5:15] = 2

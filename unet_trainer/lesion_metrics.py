@@ -86,6 +86,18 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float
     return float(np.percentile(np.concatenate([to_truth[pred_surface], to_pred[truth_surface]]), 95))
 
 
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of a boolean mask (*S), or None when it is empty
+    (three projections: quicker than ``find_objects`` on a whole volume)."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if len(hits) == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
 def _grow(box: tuple[slice, ...], margin: int, shape: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
 
@@ -117,19 +129,22 @@ def region_lesion_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[
     spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
     # Everything happens within the dilation (plus one voxel, so surfaces stay surfaces) of the
     # foreground's bounding box: a tumour fills a few percent of a brain volume.
-    foreground = ndimage.find_objects((pred | truth).astype(np.uint8))
-    if not foreground:
+    foreground = _bounding_box(pred | truth)
+    if foreground is None:
         return LesionScore(1.0, 0.0, 0, 0, 0)
-    crop = _grow(foreground[0], dilation_iterations + 1, truth.shape)
+    crop = _grow(foreground, dilation_iterations + 1, truth.shape)
     pred, truth = pred[crop], truth[crop]
     pred_cc, n_pred = ndimage.label(pred, structure=_COMPONENTS_26)
-    if truth.any():
-        dilated = (ndimage.binary_dilation(truth, structure=_DILATION_18, iterations=dilation_iterations)
-                   if dilation_iterations > 0 else truth)
+    lesion_cc = np.zeros(truth.shape, dtype=np.int32)
+    truth_box = _bounding_box(truth)
+    if truth_box is not None:
+        # The merging dilation on the truth's own box (false positives far away widen the crop).
+        near_truth = _grow(truth_box, dilation_iterations + 1, truth.shape)
+        truth_near = truth[near_truth]
+        dilated = (ndimage.binary_dilation(truth_near, structure=_DILATION_18, iterations=dilation_iterations)
+                   if dilation_iterations > 0 else truth_near)
         merged_cc, _ = ndimage.label(dilated, structure=_COMPONENTS_26)
-        lesion_cc = np.where(truth, merged_cc, 0)
-    else:
-        lesion_cc = np.zeros(truth.shape, dtype=np.int32)
+        lesion_cc[near_truth] = np.where(truth_near, merged_cc, 0)
     lesion_boxes = ndimage.find_objects(lesion_cc)
     pred_boxes = ndimage.find_objects(pred_cc)
     claimed = np.zeros(n_pred + 1, dtype=bool)
@@ -194,9 +209,9 @@ def case_lesion_scores(pred_labels, true_labels, spacing: Sequence[float] | None
         raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
     # One crop for the three regions (each region lies inside any tumour label), as in
     # region_lesion_scores.
-    foreground = ndimage.find_objects(((pred > 0) | (truth > 0)).astype(np.uint8))
-    if foreground:
-        crop = _grow(foreground[0], dilation_iterations + 1, truth.shape)
+    foreground = _bounding_box((pred > 0) | (truth > 0))
+    if foreground is not None:
+        crop = _grow(foreground, dilation_iterations + 1, truth.shape)
         pred, truth = pred[crop], truth[crop]
     dice_row, hd_row = {}, {}
     for name in REGION_NAMES:
