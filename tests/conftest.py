@@ -63,3 +63,20 @@ def script_module(name: str):
             if (getattr(sys.modules[added], "__file__", None) or "").startswith(scripts):
                 sys.modules.pop(added, None)
         sys.path.remove(scripts)
+
+
+def hide_package(monkeypatch, package: str) -> None:
+    """Make ``import package`` (and its submodules) fail with ImportError for this test, as if
+    the optional package were not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == package or name.startswith(package + "."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        monkeypatch.delitem(sys.modules, name)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, hide_package, tiny_overrides
 from unet_trainer.builders import run_training
 from unet_trainer.checkpoint import list_checkpoints, load_checkpoint
 from unet_trainer.schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
@@ -170,19 +170,9 @@ def test_progress_plot_and_tensorboard_are_written(tiny_config, tmp_path):
 
 
 def test_optional_package_missing_is_a_clear_error(tiny_config, monkeypatch):
-    import builtins
-
     from unet_trainer.config import ConfigError
 
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name.startswith("torch.utils.tensorboard"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    hide_package(monkeypatch, "torch.utils.tensorboard")
     with pytest.raises(ConfigError, match=r"pip install 'unet-trainer\[tensorboard\]'"):
         run_training(tiny_config("max_duration=1ba", "callbacks.tensorboard={}"), progress=False)
 

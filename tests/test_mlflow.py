@@ -2,11 +2,10 @@
 params, metrics with their steps, artifacts, and a resume that continues the same MLflow run
 without logging any step twice."""
 
-import builtins
 import json
-import sys
 
 import pytest
+from conftest import hide_package
 
 from unet_trainer.builders import run_training
 from unet_trainer.checkpoint import load_checkpoint
@@ -89,14 +88,6 @@ def test_mlflow_round_trip_and_resume_continue_the_same_run(tiny_config, tmp_pat
 
 
 def test_mlflow_missing_is_a_one_line_error(tiny_config, monkeypatch):
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "mlflow" or name.startswith("mlflow."):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    monkeypatch.delitem(sys.modules, "mlflow", raising=False)
+    hide_package(monkeypatch, "mlflow")
     with pytest.raises(ConfigError, match=r"^callbacks.mlflow needs the mlflow package: pip install 'unet-trainer\[mlflow\]'$"):
         run_training(tiny_config("max_duration=1ba", "callbacks.mlflow={}"), progress=False)
