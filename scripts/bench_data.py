@@ -52,9 +52,9 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchutil import cpu_model_name
+
 from unet_trainer.data.formats import CaseFiles, list_cases, write_case  # noqa: E402
 from unet_trainer.data.loader import PatchDataset, build_train_loader  # noqa: E402
 from unet_trainer.data.phantom import make_phantom_case  # noqa: E402
@@ -134,7 +135,7 @@ class PeakTreeMemory:
             self.peak = max(self.peak, self.sample())
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PeakTreeMemory":
+    def __enter__(self) -> PeakTreeMemory:
         self._thread.start()
         return self
 
@@ -163,7 +164,9 @@ def _write_phantom_case(args: tuple[str, int, tuple[int, int, int], int]) -> str
     return case_id
 
 
-def ensure_raw_dataset(work: Path, cases: int, shape: tuple[int, int, int], seed: int, workers: int) -> tuple[Path, float]:
+def ensure_raw_dataset(
+    work: Path, cases: int, shape: tuple[int, int, int], seed: int, workers: int
+) -> tuple[Path, float]:
     """A BraTS 2021 folder of exactly ``cases`` phantom cases; returns (folder, seconds spent generating).
 
     Cases live in ``work/pool-<shape>-seed<seed>/`` and are generated only once; the returned folder
@@ -172,8 +175,9 @@ def ensure_raw_dataset(work: Path, cases: int, shape: tuple[int, int, int], seed
     tag = f"{'x'.join(map(str, shape))}-seed{seed}"
     pool = work / f"pool-{tag}"
     pool.mkdir(parents=True, exist_ok=True)
-    missing = [i for i in range(cases)
-               if not (pool / f"{CASE_PREFIX}{i:05d}" / f"{CASE_PREFIX}{i:05d}_seg.nii.gz").is_file()]
+    missing = [
+        i for i in range(cases) if not (pool / f"{CASE_PREFIX}{i:05d}" / f"{CASE_PREFIX}{i:05d}_seg.nii.gz").is_file()
+    ]
     start = time.perf_counter()
     if missing:
         print(f"generating {len(missing)} phantom case(s) of {shape} into {pool} ...", flush=True)
@@ -209,8 +213,9 @@ def endless_batches(loader, set_epoch: Callable[[int], None] | None) -> Iterator
         epoch += 1
 
 
-def time_loader(batches: Iterator, warmup: int, iters: int,
-                unpack: Callable[[object], tuple[torch.Tensor, torch.Tensor]]) -> dict:
+def time_loader(
+    batches: Iterator, warmup: int, iters: int, unpack: Callable[[object], tuple[torch.Tensor, torch.Tensor]]
+) -> dict:
     """Draw ``warmup`` untimed then ``iters`` timed batches.
 
     Returns:
@@ -229,8 +234,14 @@ def time_loader(batches: Iterator, warmup: int, iters: int,
         tumour += int((label.reshape(label.shape[0], -1) > 0).any(dim=1).sum())
         shape = tuple(image.shape[1:])
     elapsed = time.perf_counter() - first
-    return {"patches_per_s": patches / elapsed, "startup_s": first - start, "patches": patches,
-            "seconds": elapsed, "tumour_fraction": tumour / max(patches, 1), "patch_shape": shape}
+    return {
+        "patches_per_s": patches / elapsed,
+        "startup_s": first - start,
+        "patches": patches,
+        "seconds": elapsed,
+        "tumour_fraction": tumour / max(patches, 1),
+        "patch_shape": shape,
+    }
 
 
 def run_ours(prepared: Path, case_ids: list[str], args) -> dict:
@@ -261,8 +272,9 @@ class _ConstantPatches(torch.utils.data.Dataset):
 
 def run_ceiling(num_cases: int, args) -> dict:
     """Our loader's settings (sampler, workers, prefetch) over :class:`_ConstantPatches`."""
-    loader = build_train_loader(_ConstantPatches(args.patch, num_cases), args.batch, args.seed, args.workers,
-                                pin_memory=False)
+    loader = build_train_loader(
+        _ConstantPatches(args.patch, num_cases), args.batch, args.seed, args.workers, pin_memory=False
+    )
     batches = iter(loader)
     try:
         return time_loader(batches, args.warmup, args.iters, lambda batch: (batch[0], batch[1]))
@@ -277,31 +289,48 @@ def monai_items(cases: list[CaseFiles]) -> list[dict]:
 
 
 def monai_transform(args):
-    from monai.transforms import (Compose, FgBgToIndicesd, LoadImaged, NormalizeIntensityd, RandCropByPosNegLabeld,
-                                  SelectItemsd)
+    from monai.transforms import (
+        Compose,
+        FgBgToIndicesd,
+        LoadImaged,
+        NormalizeIntensityd,
+        RandCropByPosNegLabeld,
+        SelectItemsd,
+    )
 
-    return Compose([
-        # A list of files under one key is stacked as channels: image (4, X, Y, Z), label (1, X, Y, Z).
-        LoadImaged(keys=["image", "label"], ensure_channel_first=True),
-        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-        FgBgToIndicesd(keys="label"),
-        RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=(args.patch,) * 3,
-                               pos=args.oversampling, neg=1.0 - args.oversampling, num_samples=1,
-                               fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices"),
-        # The index arrays are whole-volume sized; they must not travel to the main process.
-        SelectItemsd(keys=["image", "label"]),
-    ])
+    return Compose(
+        [
+            # A list of files under one key is stacked as channels: image (4, X, Y, Z), label (1, X, Y, Z).
+            LoadImaged(keys=["image", "label"], ensure_channel_first=True),
+            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+            FgBgToIndicesd(keys="label"),
+            RandCropByPosNegLabeld(
+                keys=["image", "label"],
+                label_key="label",
+                spatial_size=(args.patch,) * 3,
+                pos=args.oversampling,
+                neg=1.0 - args.oversampling,
+                num_samples=1,
+                fg_indices_key="label_fg_indices",
+                bg_indices_key="label_bg_indices",
+            ),
+            # The index arrays are whole-volume sized; they must not travel to the main process.
+            SelectItemsd(keys=["image", "label"]),
+        ]
+    )
 
 
 def run_monai(dataset, iters: int, args) -> dict:
     from monai.data import DataLoader
 
-    loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                        persistent_workers=args.workers > 0)
+    loader = DataLoader(
+        dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers, persistent_workers=args.workers > 0
+    )
     batches = endless_batches(loader, None)
     try:
-        return time_loader(batches, args.warmup, iters,
-                           lambda batch: (batch["image"].as_tensor(), batch["label"].as_tensor()))
+        return time_loader(
+            batches, args.warmup, iters, lambda batch: (batch["image"].as_tensor(), batch["label"].as_tensor())
+        )
     finally:
         batches.close()
         del loader
@@ -322,17 +351,32 @@ def cache_bytes_estimate(shape: tuple[int, int, int], cases: int) -> int:
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=8, help="phantom cases (default 8)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[155, 240, 240], metavar=("Z", "Y", "X"),
-                        help="case array shape (default 155 240 240, BraTS)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/unet-bench-data"),
-                        help="folder for the cached phantom and the prepared copy (default /tmp/unet-bench-data)")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[155, 240, 240],
+        metavar=("Z", "Y", "X"),
+        help="case array shape (default 155 240 240, BraTS)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/unet-bench-data"),
+        help="folder for the cached phantom and the prepared copy (default /tmp/unet-bench-data)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, ours and MONAI (default 2)")
     parser.add_argument("--prepare-workers", type=int, default=2, help="preparation processes (default 2)")
     parser.add_argument("--patch", type=int, default=128, help="cubic patch edge (default 128)")
     parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     parser.add_argument("--oversampling", type=float, default=0.4, help="tumour-centred share (default 0.4)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches per loader (default 2)")
-    parser.add_argument("--iters", type=int, default=40, help="timed batches of our loader, the ceiling and MONAI CacheDataset (default 40)")
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=40,
+        help="timed batches of our loader, the ceiling and MONAI CacheDataset (default 40)",
+    )
     parser.add_argument("--monai-iters", type=int, default=8, help="timed batches of MONAI Dataset (default 8)")
     parser.add_argument("--no-monai", action="store_true", help="measure preparation and our loader only")
     parser.add_argument("--no-cache-dataset", action="store_true", help="skip the MONAI CacheDataset reference")
@@ -364,9 +408,13 @@ def main(argv: list[str] | None = None) -> None:
         monai_version, args.no_monai = "not installed", True
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"CPU: {cpu_model_name()}, {cores} cores usable, load average {os.getloadavg()[0]:.2f} at start")
-    print(f"torch {torch.__version__}, MONAI {monai_version}, numpy {np.__version__}, Python {platform.python_version()}")
-    print(f"{args.cases} phantom cases of (4, {', '.join(map(str, shape))}), patch {args.patch}^3, batch {args.batch}, "
-          f"oversampling {args.oversampling}, {args.workers} loader workers")
+    print(
+        f"torch {torch.__version__}, MONAI {monai_version}, numpy {np.__version__}, Python {platform.python_version()}"
+    )
+    print(
+        f"{args.cases} phantom cases of (4, {', '.join(map(str, shape))}), patch {args.patch}^3, batch {args.batch}, "
+        f"oversampling {args.oversampling}, {args.workers} loader workers"
+    )
 
     raw, generated = ensure_raw_dataset(args.work, args.cases, shape, args.seed, args.prepare_workers)
     if generated:
@@ -382,19 +430,25 @@ def main(argv: list[str] | None = None) -> None:
         prepare_s = time.perf_counter() - start
     case_ids = record["cases"]
     prepared_bytes = sum(p.stat().st_size for p in prepared.glob("*_x.npy"))
-    print(f"\n(a) prepare: {len(case_ids) / prepare_s:.2f} cases/s ({len(case_ids)} cases in {prepare_s:.1f} s, "
-          f"{args.prepare_workers} processes); prepared images {gib(prepared_bytes)}; peak PSS {gib(memory.peak)}")
+    print(
+        f"\n(a) prepare: {len(case_ids) / prepare_s:.2f} cases/s ({len(case_ids)} cases in {prepare_s:.1f} s, "
+        f"{args.prepare_workers} processes); prepared images {gib(prepared_bytes)}; peak PSS {gib(memory.peak)}"
+    )
 
     # (b) our loader.
     with PeakTreeMemory() as memory:
         ours = run_ours(prepared, case_ids, args)
-    print(f"(b) ours:  {ours['patches_per_s']:7.2f} patches/s  ({ours['patches']} patches in {ours['seconds']:.1f} s; "
-          f"start-up {ours['startup_s']:.1f} s; {ours['tumour_fraction']:.0%} hold tumour; peak PSS {gib(memory.peak)})")
+    print(
+        f"(b) ours:  {ours['patches_per_s']:7.2f} patches/s  ({ours['patches']} patches in {ours['seconds']:.1f} s; "
+        f"start-up {ours['startup_s']:.1f} s; {ours['tumour_fraction']:.0%} hold tumour; peak PSS {gib(memory.peak)})"
+    )
     print(f"           per patch: pick an origin, copy a {args.patch}^3 crop out of the memory-mapped prepared arrays")
 
     ceiling = run_ceiling(len(case_ids), args)
-    print(f"(b') DataLoader ceiling: {ceiling['patches_per_s']:7.2f} patches/s  (constant patch, no reading: "
-          f"ours reaches {ours['patches_per_s'] / ceiling['patches_per_s']:.0%} of PyTorch's batch transport)")
+    print(
+        f"(b') DataLoader ceiling: {ceiling['patches_per_s']:7.2f} patches/s  (constant patch, no reading: "
+        f"ours reaches {ours['patches_per_s'] / ceiling['patches_per_s']:.0%} of PyTorch's batch transport)"
+    )
 
     results = {"ours": ours}
     if not args.no_monai:
@@ -405,11 +459,15 @@ def main(argv: list[str] | None = None) -> None:
         with PeakTreeMemory() as memory:
             plain = run_monai(Dataset(items, transform), args.monai_iters, args)
         results["monai"] = plain
-        print(f"(d) MONAI Dataset:      {plain['patches_per_s']:7.2f} patches/s  ({plain['patches']} patches in "
-              f"{plain['seconds']:.1f} s; start-up {plain['startup_s']:.1f} s; {plain['tumour_fraction']:.0%} hold tumour; "
-              f"peak PSS {gib(memory.peak)})")
-        print("           per patch: decompress the 5 NIfTI files of the case, normalise all 4 channels, "
-              "find foreground/background voxels, crop")
+        print(
+            f"(d) MONAI Dataset:      {plain['patches_per_s']:7.2f} patches/s  ({plain['patches']} patches in "
+            f"{plain['seconds']:.1f} s; start-up {plain['startup_s']:.1f} s; {plain['tumour_fraction']:.0%} hold tumour; "
+            f"peak PSS {gib(memory.peak)})"
+        )
+        print(
+            "           per patch: decompress the 5 NIfTI files of the case, normalise all 4 channels, "
+            "find foreground/background voxels, crop"
+        )
         available = available_memory_bytes()
         need = cache_bytes_estimate(shape, len(items))
         if args.no_cache_dataset:
@@ -419,32 +477,43 @@ def main(argv: list[str] | None = None) -> None:
         else:
             with PeakTreeMemory() as memory:
                 start = time.perf_counter()
-                cached = CacheDataset(items, transform, num_workers=max(args.workers, 1), copy_cache=False,
-                                      progress=False)
+                cached = CacheDataset(
+                    items, transform, num_workers=max(args.workers, 1), copy_cache=False, progress=False
+                )
                 fill_s = time.perf_counter() - start
                 cache = run_monai(cached, args.iters, args)
             del cached
             gc.collect()
             results["monai_cache"] = cache
-            print(f"(d) MONAI CacheDataset: {cache['patches_per_s']:7.2f} patches/s  ({cache['patches']} patches in "
-                  f"{cache['seconds']:.1f} s; cache filled in {fill_s:.1f} s; {cache['tumour_fraction']:.0%} hold tumour; "
-                  f"peak PSS {gib(memory.peak)})")
-            print("           per patch: one random crop of the cached normalised volume "
-                  "(the whole raw volumes stay in RAM, not cropped to the head)")
+            print(
+                f"(d) MONAI CacheDataset: {cache['patches_per_s']:7.2f} patches/s  ({cache['patches']} patches in "
+                f"{cache['seconds']:.1f} s; cache filled in {fill_s:.1f} s; {cache['tumour_fraction']:.0%} hold tumour; "
+                f"peak PSS {gib(memory.peak)})"
+            )
+            print(
+                "           per patch: one random crop of the cached normalised volume "
+                "(the whole raw volumes stay in RAM, not cropped to the head)"
+            )
 
     self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(f"(c) ru_maxrss: this process {gib(self_kib * 1024)}, largest child {gib(child_kib * 1024)} "
-          f"(per-measurement peaks are the PSS figures above)")
+    print(
+        f"(c) ru_maxrss: this process {gib(self_kib * 1024)}, largest child {gib(child_kib * 1024)} "
+        f"(per-measurement peaks are the PSS figures above)"
+    )
 
     if "monai" in results:
         ratio = ours["patches_per_s"] / results["monai"]["patches_per_s"]
         verdict = "meets" if ratio >= 2 else "MISSES"
-        print(f"\nratio ours / MONAI Dataset = {ratio:.1f}x with {args.workers} workers "
-              f"({verdict} the issue's target of >= 2x; this is the ratio the target uses)")
+        print(
+            f"\nratio ours / MONAI Dataset = {ratio:.1f}x with {args.workers} workers "
+            f"({verdict} the issue's target of >= 2x; this is the ratio the target uses)"
+        )
         if "monai_cache" in results:
-            print(f"ratio ours / MONAI CacheDataset = {ours['patches_per_s'] / results['monai_cache']['patches_per_s']:.1f}x "
-                  "(second reference)")
+            print(
+                f"ratio ours / MONAI CacheDataset = {ours['patches_per_s'] / results['monai_cache']['patches_per_s']:.1f}x "
+                "(second reference)"
+            )
 
 
 if __name__ == "__main__":

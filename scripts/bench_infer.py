@@ -46,15 +46,16 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchutil import brats_3d_model
+
 from unet_trainer.inference import predict_volume  # noqa: E402
 from unet_trainer.model import UNet, optimize_model  # noqa: E402
 
@@ -65,8 +66,9 @@ def build_model(width_divisor: int) -> UNet:
     return UNet(**brats_3d_model(width_divisor))
 
 
-def time_volume(run: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int
-                ) -> tuple[float, torch.Tensor, float | None]:
+def time_volume(
+    run: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int
+) -> tuple[float, torch.Tensor, float | None]:
     """Median ms per call, the last output, and the peak CUDA memory in GiB (None on CPU)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = None
@@ -89,21 +91,36 @@ def time_volume(run: Callable[[], torch.Tensor], device: torch.device, warmup: i
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--size", type=int, nargs=3, default=[155, 240, 240], metavar=("Z", "Y", "X"),
-                        help="spatial size of the volume (default 155 240 240)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=3,
+        default=[155, 240, 240],
+        metavar=("Z", "Y", "X"),
+        help="spatial size of the volume (default 155 240 240)",
+    )
     parser.add_argument("--window", type=int, default=128, help="cubic window edge (default 128)")
     parser.add_argument("--sw-batch-size", type=int, default=4)
     parser.add_argument("--overlap", type=float, default=0.5)
-    parser.add_argument("--precision", default="auto", choices=("auto",) + tuple(DTYPES),
-                        help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU (where bf16 3D convolutions "
-                             "are emulated and some 15x slower)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto",) + tuple(DTYPES),
+        help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU (where bf16 3D convolutions "
+        "are emulated and some 15x slower)",
+    )
     parser.add_argument("--width-divisor", type=int, default=1, help="divide every filter count (quick CPU runs)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                        help="memory format of our model (auto: on for CUDA, as unet-predict runs it)")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="also write the figures to this JSON file, rewritten after each timing")
+    parser.add_argument(
+        "--channels-last",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="memory format of our model (auto: on for CUDA, as unet-predict runs it)",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the figures to this JSON file, rewritten after each timing"
+    )
     return parser.parse_args(argv)
 
 
@@ -136,22 +153,42 @@ def main(argv: list[str] | None = None) -> int:
         return torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
     def ours(net=ours_model):
-        return predict_volume(net, image, window, 3, 4, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                              gaussian=True, amp_dtype=amp_dtype)
+        return predict_volume(
+            net,
+            image,
+            window,
+            3,
+            4,
+            overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size,
+            gaussian=True,
+            amp_dtype=amp_dtype,
+        )
 
     def monai(net=monai_model):
         with torch.no_grad(), autocast():
-            return sliding_window_inference(image[None], window, args.sw_batch_size, net, overlap=args.overlap,
-                                            mode="gaussian", sigma_scale=0.125)[0]
+            return sliding_window_inference(
+                image[None], window, args.sw_batch_size, net, overlap=args.overlap, mode="gaussian", sigma_scale=0.125
+            )[0]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     filters = brats_3d_model(args.width_divisor)["filters"]
-    print(f"device {name}, torch {torch.__version__}, volume 4x{'x'.join(map(str, args.size))}, window {args.window}^3, "
-          f"sw batch {args.sw_batch_size}, overlap {args.overlap}, gaussian sigma 1/8, {args.precision}, "
-          f"filters {filters}, warmup {args.warmup}, median of {args.iters}")
-    figures = {"device": name, "torch": torch.__version__, "size": list(args.size), "window": args.window,
-               "sw_batch_size": args.sw_batch_size, "overlap": args.overlap, "precision": args.precision,
-               "filters": filters, "channels_last": channels_last}
+    print(
+        f"device {name}, torch {torch.__version__}, volume 4x{'x'.join(map(str, args.size))}, window {args.window}^3, "
+        f"sw batch {args.sw_batch_size}, overlap {args.overlap}, gaussian sigma 1/8, {args.precision}, "
+        f"filters {filters}, warmup {args.warmup}, median of {args.iters}"
+    )
+    figures = {
+        "device": name,
+        "torch": torch.__version__,
+        "size": list(args.size),
+        "window": args.window,
+        "sw_batch_size": args.sw_batch_size,
+        "overlap": args.overlap,
+        "precision": args.precision,
+        "filters": filters,
+        "channels_last": channels_last,
+    }
 
     def save(**measured) -> None:
         # After each timing, so a run stopped at a time limit keeps what it measured.
@@ -183,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     difference = (ours_out - monai_out).abs().max().item()
     scale = monai_out.abs().max().item()
     save(max_abs_difference=difference, max_abs_logit=scale)
-    print(f"  max |ours - monai| = {difference:.4g} (logits up to {scale:.4g}); expected to differ a little: "
-          f"same window count but evenly spread (nnU-Net) vs stepped-and-clamped (MONAI) placement, Gaussian "
-          f"maps that differ in detail, {args.precision} rounding per window")
+    print(
+        f"  max |ours - monai| = {difference:.4g} (logits up to {scale:.4g}); expected to differ a little: "
+        f"same window count but evenly spread (nnU-Net) vs stepped-and-clamped (MONAI) placement, Gaussian "
+        f"maps that differ in detail, {args.precision} rounding per window"
+    )
     return 0
 
 

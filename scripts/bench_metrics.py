@@ -40,7 +40,7 @@ def corrupted(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     pred = np.roll(truth, shift=(1, -1, 0), axis=(0, 1, 2)).copy()
     for _ in range(8):
         z, y, x = (int(rng.integers(10, n - 10)) for n in truth.shape)
-        pred[z:z + 2, y:y + 3, x:x + 3] = rng.integers(1, 4)
+        pred[z : z + 2, y : y + 3, x : x + 3] = rng.integers(1, 4)
     et = np.argwhere(pred == 3)
     if len(et):
         z = int(np.median(et[:, 0]))
@@ -72,12 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         official = evaluator.evaluate(pred, truth)
         official_s += time.perf_counter() - start
-        line = "  ".join(f"{r}: Dice {scores[f'lesion_dice/{r}']:.3f} (official {official[r.lower()].sq_dsc:.3f})"
-                         for r in ("WT", "TC", "ET"))
+        line = "  ".join(
+            f"{r}: Dice {scores[f'lesion_dice/{r}']:.3f} (official {official[r.lower()].sq_dsc:.3f})"
+            for r in ("WT", "TC", "ET")
+        )
         print(f"case {index}: {line}")
     ours_s, official_s = ours_s / args.cases, official_s / args.cases
-    print(f"shape {tuple(args.shape)}, {args.cases} cases: ours {ours_s:.3f} s/case, "
-          f"official {official_s:.3f} s/case, official / ours = {official_s / ours_s:.1f}x")
+    print(
+        f"shape {tuple(args.shape)}, {args.cases} cases: ours {ours_s:.3f} s/case, "
+        f"official {official_s:.3f} s/case, official / ours = {official_s / ours_s:.1f}x"
+    )
     print(f"device: {device_description('cpu')}")
     return 0
 

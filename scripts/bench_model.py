@@ -38,10 +38,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
-import json
 import ctypes.util
+import dataclasses
 import gc
+import json
 import os
 import statistics
 import sys
@@ -58,6 +58,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchutil import brats_3d_model, device_description
+
 from unet_trainer.model import UNet, optimize_model  # noqa: E402
 
 PRESET = brats_3d_model()  # configs/brats.yaml's model section; the peers are built to match it
@@ -281,18 +282,32 @@ def format_table(results: list[Result], memory_label: str) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, args: argparse.Namespace, device: torch.device, dtype_name: str, memory_label: str,
-               results: list[Result]) -> None:
-    document = {"device": device_description(device), "torch": torch.__version__, "dtype": dtype_name,
-                "patch": args.patch, "filters": FILTERS, "memory": memory_label,
-                "results": [dataclasses.asdict(r) for r in results]}
+def write_json(
+    path: Path,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype_name: str,
+    memory_label: str,
+    results: list[Result],
+) -> None:
+    document = {
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "dtype": dtype_name,
+        "patch": args.patch,
+        "filters": FILTERS,
+        "memory": memory_label,
+        "results": [dataclasses.asdict(r) for r in results],
+    }
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(document, indent=1))
     temporary.replace(path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
         "--patch", type=int, default=128, help="cubic patch edge in voxels: a multiple of 32 and at least 64"
@@ -301,7 +316,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["eager", "channels_last", "compiled"])
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="autocast dtype; default bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=None, help="autocast dtype; default bf16 on CUDA, fp32 on CPU"
+    )
     parser.add_argument("--models", nargs="+", default=None, help="subset of: ours DynUNet PlainConvUNet")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument(
@@ -310,8 +327,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="divide every filter count by this for all models (CPU smoke runs; 1 = the real preset)",
     )
-    parser.add_argument("--json", type=Path, default=None,
-                        help="also write every result to this JSON file, rewritten after each measurement")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write every result to this JSON file, rewritten after each measurement",
+    )
     args = parser.parse_args(argv)
     if args.patch % 32 or args.patch < 64:
         parser.error(
@@ -352,15 +373,22 @@ def main(argv: list[str] | None = None) -> int:
 
     memory_label = "peak alloc MiB" if device.type == "cuda" else "peak RSS +MiB"
     print(f"device: {device_description(device)}")
-    print(f"torch {torch.__version__}; autocast {dtype_name if amp_dtype != torch.float32 else 'off (fp32)'}; "
-          f"patch {args.patch}^3; filters {FILTERS}; warmup {args.warmup}, timed {args.iters} (median)")
+    print(
+        f"torch {torch.__version__}; autocast {dtype_name if amp_dtype != torch.float32 else 'off (fp32)'}; "
+        f"patch {args.patch}^3; filters {FILTERS}; warmup {args.warmup}, timed {args.iters} (median)"
+    )
     if device.type == "cuda":
         print("memory: torch.cuda.max_memory_allocated over the timed steps (weights and gradients included)")
     else:
         exact_rss = return_freed_memory_to_the_os()
-        print("memory: process RSS sampled every 1 ms during one extra step, peak minus the RSS before it "
-              + ("(glibc set to unmap freed tensors, so RSS follows live memory)" if exact_rss
-                 else "(allocator caching not controlled: a lower bound)"))
+        print(
+            "memory: process RSS sampled every 1 ms during one extra step, peak minus the RSS before it "
+            + (
+                "(glibc set to unmap freed tensors, so RSS follows live memory)"
+                if exact_rss
+                else "(allocator caching not controlled: a lower bound)"
+            )
+        )
     for name, build in models.items():
         with torch.device("meta"):
             parameters = sum(p.numel() for p in build().parameters())
@@ -376,8 +404,11 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(result)
                 if args.json:  # after every measurement, so a run stopped at a time limit keeps the rest
                     write_json(args.json, args, device, dtype_name, memory_label, results)
-                print(f"  measured {name:13s} {mode:22s} batch {batch}: "
-                      f"{f'{result.samples_per_s:.2f} samples/s' if result.samples_per_s else result.note}", flush=True)
+                print(
+                    f"  measured {name:13s} {mode:22s} batch {batch}: "
+                    f"{f'{result.samples_per_s:.2f} samples/s' if result.samples_per_s else result.note}",
+                    flush=True,
+                )
     print()
     print(format_table(results, memory_label))
     return 0

@@ -60,10 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     prepared, index = ensure_prepared(cfg, DistInfo(), progress=False)
     val = build_split(cfg, list(index["cases"]))["val"]
     ev = cfg["eval"]
-    evaluator = DiceEvaluator(prepared, val, cfg["data"]["patch_size"], cfg["model"]["spatial_dims"],
-                              cfg["model"]["num_classes"], "region_dice_bce" in cfg["loss"], ev["overlap"],
-                              ev["sw_batch_size"], ev["gaussian"], ev["mirror_tta"], ev["empty_policy"],
-                              AMP_DTYPES[cfg["precision"]], device)
+    evaluator = DiceEvaluator(
+        prepared,
+        val,
+        cfg["data"]["patch_size"],
+        cfg["model"]["spatial_dims"],
+        cfg["model"]["num_classes"],
+        "region_dice_bce" in cfg["loss"],
+        ev["overlap"],
+        ev["sw_batch_size"],
+        ev["gaussian"],
+        ev["mirror_tta"],
+        ev["empty_policy"],
+        AMP_DTYPES[cfg["precision"]],
+        device,
+    )
     # The run's setting, or the default when the config switches overlays off.
     cases = (cfg["callbacks"].get("overlays") or {"cases": CALLBACKS["overlays"]["cases"].default})["cases"]
     cases = None if cases == "all" else cases
@@ -88,12 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         files = len(list(Path(folder).iterdir()))
     drawn = min(len(val), cases) if cases is not None else len(val)
     print(f"device: {device_description(device)}")
-    print(f"config: {args.config} ({len(val)} validation cases, weights: "
-          f"{args.checkpoint if args.checkpoint else 'untrained'})")
+    print(
+        f"config: {args.config} ({len(val)} validation cases, weights: "
+        f"{args.checkpoint if args.checkpoint else 'untrained'})"
+    )
     print(f"evaluate            {evaluate_s:8.2f} s")
     print(f"evaluate + slices   {sliced_s:8.2f} s  (slices: {sliced_s - evaluate_s:+.2f} s)")
-    print(f"draw                {draw_s:8.2f} s  ({files} PNGs: {drawn} cases + summary; "
-          f"{draw_s / max(drawn, 1):.2f} s per case)")
+    print(
+        f"draw                {draw_s:8.2f} s  ({files} PNGs: {drawn} cases + summary; "
+        f"{draw_s / max(drawn, 1):.2f} s per case)"
+    )
     print(f"ratio draw / evaluate: {draw_s / evaluate_s:.3f}")
     return 0
 

@@ -66,8 +66,15 @@ sys.path.insert(0, str(SCRIPTS))
 
 import bench_train  # noqa: E402  (the MONAI-built pipeline's parts)
 from benchutil import device_description  # noqa: E402
-from unet_trainer.builders import (AMP_DTYPES, build_optimizer, build_scheduler, build_split,  # noqa: E402
-                                   ensure_prepared, run_training)
+
+from unet_trainer.builders import (  # noqa: E402
+    AMP_DTYPES,
+    build_optimizer,
+    build_scheduler,
+    build_split,
+    ensure_prepared,
+    run_training,
+)
 from unet_trainer.config import resolve_config  # noqa: E402
 from unet_trainer.data.phantom import PHANTOM_STYLES, write_phantom_dataset  # noqa: E402
 from unet_trainer.distributed import init_distributed  # noqa: E402
@@ -79,10 +86,26 @@ KEYS = ("NCR", "ED", "EN", "WT", "TC", "ET", "mean")
 REGIONS = ("WT", "TC", "ET")
 PIPELINES = ("ours", "monai")
 SIZES = {
-    "cpu": {"shape": 64, "cases": 24, "patch": 32, "batch": 4, "filters": [16, 32, 64, 128], "steps": 300,
-            "points": 5, "seeds": 2},
-    "cuda": {"shape": 128, "cases": 40, "patch": 64, "batch": 2, "filters": [32, 64, 128, 256, 320], "steps": 1000,
-             "points": 8, "seeds": 3},
+    "cpu": {
+        "shape": 64,
+        "cases": 24,
+        "patch": 32,
+        "batch": 4,
+        "filters": [16, 32, 64, 128],
+        "steps": 300,
+        "points": 5,
+        "seeds": 2,
+    },
+    "cuda": {
+        "shape": 128,
+        "cases": 40,
+        "patch": 64,
+        "batch": 2,
+        "filters": [32, 64, 128, 256, 320],
+        "steps": 1000,
+        "points": 8,
+        "seeds": 3,
+    },
 }
 
 
@@ -95,13 +118,23 @@ def build_config(args: argparse.Namespace, phantom: Path, split_file: Path, seed
     """The resolved demo config at the benchmark's size for one run (``--ours-override`` only for ours)."""
     levels = len(args.filters)
     overrides = [
-        f"data.path={phantom}", "data.format=brats2021", f"data.split_file={split_file}",
-        f"data.cache_dir={args.work / 'cache'}", f"data.patch_size=[{args.patch}, {args.patch}, {args.patch}]",
-        f"model.filters={list(args.filters)}", f"model.kernel_sizes={[3] * levels}",
-        f"model.strides={[1] + [2] * (levels - 1)}", f"train_batch_size={args.batch}",
-        f"max_duration={args.steps}ba", f"eval_interval={args.steps // args.points}ba", "save_interval=0ep",
-        f"seed={seed}", f"device={args.device}", f"save_folder={args.work / 'runs' / f'{pipeline}-seed{seed}'}",
-        "callbacks.progress_plot=null", "autoresume=false",
+        f"data.path={phantom}",
+        "data.format=brats2021",
+        f"data.split_file={split_file}",
+        f"data.cache_dir={args.work / 'cache'}",
+        f"data.patch_size=[{args.patch}, {args.patch}, {args.patch}]",
+        f"model.filters={list(args.filters)}",
+        f"model.kernel_sizes={[3] * levels}",
+        f"model.strides={[1] + [2] * (levels - 1)}",
+        f"train_batch_size={args.batch}",
+        f"max_duration={args.steps}ba",
+        f"eval_interval={args.steps // args.points}ba",
+        "save_interval=0ep",
+        f"seed={seed}",
+        f"device={args.device}",
+        f"save_folder={args.work / 'runs' / f'{pipeline}-seed{seed}'}",
+        "callbacks.progress_plot=null",
+        "autoresume=false",
     ]
     overrides += list(args.override)
     if pipeline == "ours":
@@ -159,11 +192,21 @@ def build_evaluator(cfg: dict, split: dict) -> DiceEvaluator:
     (the same one ``run_training`` builds for ours)."""
     prepared, _ = ensure_prepared(cfg, init_distributed("cpu"), progress=False)
     device = torch.device("cuda" if cfg["device"] == "cuda" else "cpu")
-    return DiceEvaluator(prepared, split["val"], cfg["data"]["patch_size"], 3, cfg["model"]["num_classes"],
-                         region_mode=False, overlap=cfg["eval"]["overlap"], sw_batch_size=cfg["eval"]["sw_batch_size"],
-                         gaussian=cfg["eval"]["gaussian"], mirror=cfg["eval"]["mirror_tta"],
-                         empty_policy=cfg["eval"]["empty_policy"], amp_dtype=AMP_DTYPES[cfg["precision"]],
-                         device=device)
+    return DiceEvaluator(
+        prepared,
+        split["val"],
+        cfg["data"]["patch_size"],
+        3,
+        cfg["model"]["num_classes"],
+        region_mode=False,
+        overlap=cfg["eval"]["overlap"],
+        sw_batch_size=cfg["eval"]["sw_batch_size"],
+        gaussian=cfg["eval"]["gaussian"],
+        mirror=cfg["eval"]["mirror_tta"],
+        empty_policy=cfg["eval"]["empty_policy"],
+        amp_dtype=AMP_DTYPES[cfg["precision"]],
+        device=device,
+    )
 
 
 def run_monai(cfg: dict, phantom: Path, split: dict, evaluator: DiceEvaluator, steps: int, every: int) -> list[dict]:
@@ -178,15 +221,23 @@ def run_monai(cfg: dict, phantom: Path, split: dict, evaluator: DiceEvaluator, s
     train_tf, _ = bench_train.monai_transforms(cfg)
     train_tf.set_random_state(seed=seed)
     pool = list(dict.fromkeys(split["train"]))
-    cache = CacheDataset([bench_train.monai_item(phantom, c) for c in pool], train_tf, num_workers=1,
-                         progress=False, copy_cache=False)
+    cache = CacheDataset(
+        [bench_train.monai_item(phantom, c) for c in pool], train_tf, num_workers=1, progress=False, copy_cache=False
+    )
     position = {c: i for i, c in enumerate(pool)}
     dataset = cache[[position[c] for c in split["train"]]]
     workers = cfg["data"]["num_workers"]
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=cfg["train_batch_size"], shuffle=True, num_workers=workers,
-                        drop_last=False, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        generator=generator)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg["train_batch_size"],
+        shuffle=True,
+        num_workers=workers,
+        drop_last=False,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        generator=generator,
+    )
     notes: list[str] = []
     model = bench_train.build_dynunet(cfg["model"], notes).to(device)
     optimizer = build_optimizer(cfg, model.parameters())
@@ -218,8 +269,11 @@ def run_monai(cfg: dict, phantom: Path, split: dict, evaluator: DiceEvaluator, s
             means, _ = evaluator.score_model(wrapped)
             model.train()
             history.append({"step": step, **{k: float(means[k]) for k in KEYS}})
-            print(f"  [{time.strftime('%H:%M:%S')}] monai step {step}: "
-                  + "  ".join(f"{k} {means[k]:.3f}" for k in KEYS), file=sys.stderr, flush=True)
+            print(
+                f"  [{time.strftime('%H:%M:%S')}] monai step {step}: " + "  ".join(f"{k} {means[k]:.3f}" for k in KEYS),
+                file=sys.stderr,
+                flush=True,
+            )
     del iterator, loader
     return history
 
@@ -258,43 +312,63 @@ def compare(runs: dict[str, dict[int, list[dict]]], min_noise: float) -> dict:
                 row[p] = statistics.fmean(values)
                 row[f"{p}_spread"] = spread(values)
             row["diff"] = row["ours"] - row["monai"]
-            row["noise"] = max(min_noise, *(row[f"{p}_spread"] for p in PIPELINES if not math.isnan(row[f"{p}_spread"])))
+            row["noise"] = max(
+                min_noise, *(row[f"{p}_spread"] for p in PIPELINES if not math.isnan(row[f"{p}_spread"]))
+            )
             row["verdict"] = verdict(row["diff"], row["noise"])
             table.append(row)
     summary = {}
     for key in KEYS:
         entry = {}
-        for what, pick in (("curve", lambda h: statistics.fmean(r[key] for r in h)), ("final", lambda h: h[-1][key])):
+        for what, pick in (
+            ("curve", lambda h, key=key: statistics.fmean(r[key] for r in h)),
+            ("final", lambda h, key=key: h[-1][key]),
+        ):
             per = {p: [pick(h) for h in runs[p].values()] for p in PIPELINES}
             diff = statistics.fmean(per["ours"]) - statistics.fmean(per["monai"])
             noise = max([min_noise] + [spread(v) for v in per.values() if len(v) > 1])
-            entry[what] = {"ours": statistics.fmean(per["ours"]), "monai": statistics.fmean(per["monai"]),
-                           "diff": diff, "noise": noise, "verdict": verdict(diff, noise)}
+            entry[what] = {
+                "ours": statistics.fmean(per["ours"]),
+                "monai": statistics.fmean(per["monai"]),
+                "diff": diff,
+                "noise": noise,
+                "verdict": verdict(diff, noise),
+            }
         summary[key] = entry
     return {"steps": steps, "table": table, "summary": summary}
 
 
 def print_report(args: argparse.Namespace, result: dict, walls: dict[str, list[float]]) -> None:
     seeds = ", ".join(map(str, range(args.seed0, args.seed0 + args.seeds)))
-    print(f"\nLearning quality at equal budget: {args.style} phantom, {args.cases} cases of {args.shape}^3, "
-          f"patch {args.patch}^3, batch {args.batch}, filters {args.filters}, {args.steps} steps, seeds {seeds}; "
-          f"device {device_description(torch.device(args.device))}")
+    print(
+        f"\nLearning quality at equal budget: {args.style} phantom, {args.cases} cases of {args.shape}^3, "
+        f"patch {args.patch}^3, batch {args.batch}, filters {args.filters}, {args.steps} steps, seeds {seeds}; "
+        f"device {device_description(torch.device(args.device))}"
+    )
     for p in PIPELINES:
         print(f"  {p:6s} wall time per run: " + ", ".join(f"{w:.0f} s" for w in walls.get(p, [])))
-    print(f"Dice (mean over seeds, ± = seed spread max-min); diff = ours - monai; noise = max(spreads, "
-          f"{args.min_noise}); verdict: ahead / level / behind beyond noise")
+    print(
+        f"Dice (mean over seeds, ± = seed spread max-min); diff = ours - monai; noise = max(spreads, "
+        f"{args.min_noise}); verdict: ahead / level / behind beyond noise"
+    )
     print(f"{'step':>5} {'key':>4}  {'ours':>13}  {'monai':>13}  {'diff':>6}  {'noise':>5}  verdict")
     for row in result["table"]:
         cell = {p: f"{row[p]:.3f} ±{row[p + '_spread']:.3f}" for p in PIPELINES}
-        print(f"{row['step']:>5} {row['key']:>4}  {cell['ours']:>13}  {cell['monai']:>13}  {row['diff']:+.3f}  "
-              f"{row['noise']:.3f}  {row['verdict']}")
+        print(
+            f"{row['step']:>5} {row['key']:>4}  {cell['ours']:>13}  {cell['monai']:>13}  {row['diff']:+.3f}  "
+            f"{row['noise']:.3f}  {row['verdict']}"
+        )
     print("\nVerdict per region (curve = each seed's mean over all points; final = the last point):")
-    print(f"{'key':>4}  {'curve ours/monai':>16}  {'diff':>6}  {'noise':>5}  {'verdict':8}  "
-          f"{'final ours/monai':>16}  {'diff':>6}  {'noise':>5}  verdict")
+    print(
+        f"{'key':>4}  {'curve ours/monai':>16}  {'diff':>6}  {'noise':>5}  {'verdict':8}  "
+        f"{'final ours/monai':>16}  {'diff':>6}  {'noise':>5}  verdict"
+    )
     for key, entry in result["summary"].items():
         c, f = entry["curve"], entry["final"]
-        print(f"{key:>4}  {c['ours']:.3f} / {c['monai']:.3f}     {c['diff']:+.3f}  {c['noise']:.3f}  {c['verdict']:8}  "
-              f"{f['ours']:.3f} / {f['monai']:.3f}     {f['diff']:+.3f}  {f['noise']:.3f}  {f['verdict']}")
+        print(
+            f"{key:>4}  {c['ours']:.3f} / {c['monai']:.3f}     {c['diff']:+.3f}  {c['noise']:.3f}  {c['verdict']:8}  "
+            f"{f['ours']:.3f} / {f['monai']:.3f}     {f['diff']:+.3f}  {f['noise']:.3f}  {f['verdict']}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,14 +378,26 @@ def print_report(args: argparse.Namespace, result: dict, walls: dict[str, list[f
 
 def setting_of(args: argparse.Namespace) -> dict:
     """What a JSON's runs were measured under (``--resume`` refuses another setting)."""
-    keys = ("style", "cases", "shape", "patch", "batch", "filters", "steps", "points", "device", "override",
-            "ours_override")
+    keys = (
+        "style",
+        "cases",
+        "shape",
+        "patch",
+        "batch",
+        "filters",
+        "steps",
+        "points",
+        "device",
+        "override",
+        "ours_override",
+    )
     return {k: getattr(args, k) for k in keys}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--style", choices=PHANTOM_STYLES, default=PHANTOM_STYLES[0], help="phantom style")
     parser.add_argument("--cases", type=int, help="phantom cases (split by the demo's 5-fold, fold 0)")
@@ -327,8 +413,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", choices=PIPELINES, help="run one pipeline (the comparison needs both in --json)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="both pipelines")
     parser.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE", help="ours only")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/unet-bench-quality"),
-                        help="phantom, prepared data and run folders")
+    parser.add_argument(
+        "--work", type=Path, default=Path("/tmp/unet-bench-quality"), help="phantom, prepared data and run folders"
+    )
     parser.add_argument("--json", type=Path, help="write settings, every run's history and the comparison here")
     parser.add_argument("--resume", action="store_true", help="keep the runs --json already holds (same setting)")
     args = parser.parse_args(argv)
@@ -353,15 +440,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Generating {args.cases} {args.style} phantom cases of {args.shape}^3 into {phantom}", file=sys.stderr)
         write_phantom_dataset(phantom, args.cases, shape, 0, progress=False, workers=2, style=args.style)
     split_file, split = write_split(args, phantom)
-    print(f"split: {len(split['train'])} training, {len(split['val'])} validation cases ({split_file})", file=sys.stderr)
+    print(
+        f"split: {len(split['train'])} training, {len(split['val'])} validation cases ({split_file})", file=sys.stderr
+    )
 
     runs: dict[str, dict[int, list[dict]]] = {p: {} for p in PIPELINES}
     walls: dict[str, list[float]] = {p: [] for p in PIPELINES}
     if args.resume and args.json.is_file():
         old = json.loads(args.json.read_text())
         if old.get("setting") != setting_of(args):
-            print(f"error: {args.json} holds runs of another setting; drop --resume or choose another --json",
-                  file=sys.stderr)
+            print(
+                f"error: {args.json} holds runs of another setting; drop --resume or choose another --json",
+                file=sys.stderr,
+            )
             return 2
         for p in PIPELINES:
             runs[p] = {int(s): h for s, h in old["runs"][p].items()}
@@ -370,10 +461,16 @@ def main(argv: list[str] | None = None) -> int:
     def save(result: dict | None = None) -> None:
         if args.json is None:
             return
-        payload = {"setting": setting_of(args), "device": device_description(torch.device(args.device)),
-                   "torch": torch.__version__, "host": platform.node(), "split": split,
-                   "runs": {p: {str(s): h for s, h in runs[p].items()} for p in PIPELINES}, "walls": walls,
-                   "comparison": result}
+        payload = {
+            "setting": setting_of(args),
+            "device": device_description(torch.device(args.device)),
+            "torch": torch.__version__,
+            "host": platform.node(),
+            "split": split,
+            "runs": {p: {str(s): h for s, h in runs[p].items()} for p in PIPELINES},
+            "walls": walls,
+            "comparison": result,
+        }
         args.json.write_text(json.dumps(payload, indent=1))
 
     every = args.steps // args.points
@@ -394,8 +491,11 @@ def main(argv: list[str] | None = None) -> int:
                 runs[p][seed] = run_monai(cfg, phantom, split, evaluator, args.steps, every)
             walls[p].append(time.perf_counter() - started)
             last = runs[p][seed][-1]
-            print(f"  {time.perf_counter() - started:.0f} s; last point: "
-                  + "  ".join(f"{k} {last[k]:.3f}" for k in KEYS), file=sys.stderr)
+            print(
+                f"  {time.perf_counter() - started:.0f} s; last point: "
+                + "  ".join(f"{k} {last[k]:.3f}" for k in KEYS),
+                file=sys.stderr,
+            )
             save()
     if not all(runs[p] for p in PIPELINES):
         print("one pipeline has no runs yet: no comparison (run the other, with --resume and the same --json)")

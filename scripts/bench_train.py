@@ -114,6 +114,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchutil import device_description
+
 from unet_trainer.builders import AMP_DTYPES, build_optimizer, run_training  # noqa: E402
 from unet_trainer.config import ConfigError, Duration, resolve_config  # noqa: E402
 from unet_trainer.data.loader import PreparedCase, prefetch_batches  # noqa: E402
@@ -129,8 +130,18 @@ RECIPE_TRAIN_CASES = 387
 RECIPE_VAL_CASES = 97
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 # Keys the benchmark itself sets for timing; an --override of one would silently change what is measured.
-RESERVED_KEYS = ("max_duration", "eval_interval", "save_interval", "autoresume", "load_path", "save_folder",
-                 "data.path", "data.split_file", "data.prepared_path", "data.format")
+RESERVED_KEYS = (
+    "max_duration",
+    "eval_interval",
+    "save_interval",
+    "autoresume",
+    "load_path",
+    "save_folder",
+    "data.path",
+    "data.split_file",
+    "data.prepared_path",
+    "data.format",
+)
 # Issue 8's targets, as issue 12 restates them for one H200 at the full setting.
 TARGET_RATIO = 2.0
 TARGET_SAMPLES_PER_S = 60.0
@@ -140,8 +151,14 @@ TARGET_RECIPE_S = 30 * 60
 # preparation crops a real case to. The phantom draws a whole head, whose box is larger, so the
 # evaluation is also timed on a centre box of this size, which the projection uses.
 BRATS_BRAIN_BOX = (140, 170, 140)
-FULL_SETTING = {"shape": (155, 240, 240), "patch": 128, "batch": 64, "precision": "amp_bf16", "width_divisor": 1,
-                "depth": 6}
+FULL_SETTING = {
+    "shape": (155, 240, 240),
+    "patch": 128,
+    "batch": 64,
+    "precision": "amp_bf16",
+    "width_divisor": 1,
+    "depth": 6,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,17 +211,38 @@ class Measurement:
 
     def to_json(self) -> dict:
         """The raw per-step lists, the derived rates and the side measurements, JSON-serializable."""
-        return {"name": self.name, "median_rate": self.median_rate, "epoch_rate": self.epoch_rate,
-                "wait_fraction": self.wait_fraction, "peak_bytes": self.peak_bytes, "microbatch": self.microbatch,
-                "eval_case_s": self.eval_case_s, "eval_crop_s": self.eval_crop_s,
-                "eval_crop_shape": self.eval_crop_shape, "step_s": self.step_s, "wait_s": self.wait_s,
-                "samples": self.samples, "setup_s": self.setup_s, "notes": self.notes}
+        return {
+            "name": self.name,
+            "median_rate": self.median_rate,
+            "epoch_rate": self.epoch_rate,
+            "wait_fraction": self.wait_fraction,
+            "peak_bytes": self.peak_bytes,
+            "microbatch": self.microbatch,
+            "eval_case_s": self.eval_case_s,
+            "eval_crop_s": self.eval_crop_s,
+            "eval_crop_shape": self.eval_crop_shape,
+            "step_s": self.step_s,
+            "wait_s": self.wait_s,
+            "samples": self.samples,
+            "setup_s": self.setup_s,
+            "notes": self.notes,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Measurement:
-        return cls(data["name"], list(data["step_s"]), list(data["wait_s"]), list(data["samples"]),
-                   data["peak_bytes"], data["microbatch"], data["eval_case_s"], data.get("eval_crop_s"),
-                   data.get("eval_crop_shape"), dict(data["setup_s"]), list(data["notes"]))
+        return cls(
+            data["name"],
+            list(data["step_s"]),
+            list(data["wait_s"]),
+            list(data["samples"]),
+            data["peak_bytes"],
+            data["microbatch"],
+            data["eval_case_s"],
+            data.get("eval_crop_s"),
+            data.get("eval_crop_shape"),
+            dict(data["setup_s"]),
+            list(data["notes"]),
+        )
 
 
 class StepTimer(Callback):
@@ -239,8 +277,11 @@ class StepTimer(Callback):
         now = time.perf_counter()
         step, sample = state.timestamp.batch, state.timestamp.sample
         if step > self.warmup_steps:
-            self.m.record(now - self._last_time, float(state.step_metrics.get("time/data_wait_s", 0.0)),
-                          sample - self._last_sample)
+            self.m.record(
+                now - self._last_time,
+                float(state.step_metrics.get("time/data_wait_s", 0.0)),
+                sample - self._last_sample,
+            )
             if state.device.type == "cuda":
                 # Read at every timed step, as a running maximum: the memory monitor (after this
                 # callback) resets the counter each step, and the final evaluation must not count.
@@ -258,15 +299,17 @@ class StepTimer(Callback):
 # --------------------------------------------------------------------------------------------
 
 
-def ensure_phantom(work: Path, cases: int, shape: tuple[int, int, int], seed: int,
-                   workers: int) -> tuple[Path, float]:
+def ensure_phantom(work: Path, cases: int, shape: tuple[int, int, int], seed: int, workers: int) -> tuple[Path, float]:
     """The raw phantom folder in ``work`` (generated on first use, by ``workers`` processes) and the
     seconds spent generating it."""
     folder = work / f"phantom-{cases}cases-{'x'.join(map(str, shape))}-seed{seed}"
     started = time.perf_counter()
     if not (folder / "phantom.json").is_file():
-        print(f"Generating {cases} phantom cases of {'x'.join(map(str, shape))} into {folder} "
-              f"(once; about 8-12 s per full-size case and process, {workers} processes)", file=sys.stderr)
+        print(
+            f"Generating {cases} phantom cases of {'x'.join(map(str, shape))} into {folder} "
+            f"(once; about 8-12 s per full-size case and process, {workers} processes)",
+            file=sys.stderr,
+        )
         write_phantom_dataset(folder, cases, shape, seed, progress=sys.stderr.isatty(), workers=workers)
     return folder, time.perf_counter() - started
 
@@ -320,8 +363,10 @@ def write_split(work: Path, phantom: Path, cases: int, epoch_cases: int) -> tupl
 def monai_item(phantom: Path, case_id: str) -> dict:
     """A MONAI data dict: the 4 modality files (stacked as channels by LoadImaged) and the label file."""
     folder = phantom / case_id
-    return {"image": [str(folder / f"{case_id}_{m}.nii.gz") for m in MODALITIES],
-            "label": str(folder / f"{case_id}_seg.nii.gz")}
+    return {
+        "image": [str(folder / f"{case_id}_{m}.nii.gz") for m in MODALITIES],
+        "label": str(folder / f"{case_id}_seg.nii.gz"),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +383,9 @@ def run_ours(cfg: dict, warmup_steps: int, eval_repeats: int, eval_crop: tuple[i
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: nothing to resume, no stale logs
     started = time.perf_counter()
     summary = run_training(cfg, progress=False, extra_callbacks=[StepTimer(m, warmup_steps)])
-    m.setup_s["run_training wall time (incl. one-time preparation, untimed warm-up and final checkpoint)"] = time.perf_counter() - started
+    m.setup_s["run_training wall time (incl. one-time preparation, untimed warm-up and final checkpoint)"] = (
+        time.perf_counter() - started
+    )
     state: State = summary.pop("state")
     # Stop the persistent loader workers now, so they do not compete with what is timed next.
     state.train_loader = None
@@ -366,16 +413,27 @@ def run_ours(cfg: dict, warmup_steps: int, eval_repeats: int, eval_crop: tuple[i
     m.eval_crop_shape = list(image.shape[1:])
 
     def score_crop() -> None:
-        logits = predict_volume(state.model, image, evaluator.patch_size, evaluator.spatial_dims,
-                                evaluator.num_outputs, evaluator.overlap, evaluator.sw_batch_size, evaluator.gaussian,
-                                evaluator.amp_dtype, evaluator.mirror)
+        logits = predict_volume(
+            state.model,
+            image,
+            evaluator.patch_size,
+            evaluator.spatial_dims,
+            evaluator.num_outputs,
+            evaluator.overlap,
+            evaluator.sw_batch_size,
+            evaluator.gaussian,
+            evaluator.amp_dtype,
+            evaluator.mirror,
+        )
         case_dice(logits_to_labels(logits, evaluator.region_mode), label, evaluator.empty_policy)
 
     score_crop()  # untimed: the crop's last window batch may be a new shape
     m.eval_crop_s = time_median(score_crop, eval_repeats, sync)
     shape = tuple(case.image.shape[1:])
-    m.notes.append(f"validation case {evaluator.case_ids[0]} prepared (foreground-cropped) to "
-                   f"{'x'.join(map(str, shape))} voxels (Z, Y, X)")
+    m.notes.append(
+        f"validation case {evaluator.case_ids[0]} prepared (foreground-cropped) to "
+        f"{'x'.join(map(str, shape))} voxels (Z, Y, X)"
+    )
     del state, summary, image, label
     release_memory(device)
     return m
@@ -407,9 +465,16 @@ def monai_transforms(cfg: dict):
     ]
     normalize = T.NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)
     random: list = [
-        T.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=patch, pos=data["oversampling"],
-                                 neg=1.0 - data["oversampling"], num_samples=1, fg_indices_key="label_fg_indices",
-                                 bg_indices_key="label_bg_indices"),
+        T.RandCropByPosNegLabeld(
+            keys=keys,
+            label_key="label",
+            spatial_size=patch,
+            pos=data["oversampling"],
+            neg=1.0 - data["oversampling"],
+            num_samples=1,
+            fg_indices_key="label_fg_indices",
+            bg_indices_key="label_bg_indices",
+        ),
     ]
     if aug["enabled"]:
         flip_p = aug["flip"]["p"]
@@ -422,16 +487,22 @@ def monai_transforms(cfg: dict):
             # std ~ U(0, std) per draw (sample_std=True); ours draws U(noise.std).
             T.RandGaussianNoised(keys="image", prob=aug["noise"]["p"], mean=0.0, std=aug["noise"]["std"][1]),
             T.RandGaussianSmoothd(keys="image", prob=aug["blur"]["p"], sigma_x=blur, sigma_y=blur, sigma_z=blur),
-            T.RandScaleIntensityd(keys="image", prob=aug["brightness"]["p"],
-                                  factors=(brightness[0] - 1.0, brightness[1] - 1.0)),
-            T.RandScaleIntensityFixedMeand(keys="image", prob=aug["contrast"]["p"],
-                                           factors=(contrast[0] - 1.0, contrast[1] - 1.0), fixed_mean=False,
-                                           preserve_range=True),
+            T.RandScaleIntensityd(
+                keys="image", prob=aug["brightness"]["p"], factors=(brightness[0] - 1.0, brightness[1] - 1.0)
+            ),
+            T.RandScaleIntensityFixedMeand(
+                keys="image",
+                prob=aug["contrast"]["p"],
+                factors=(contrast[0] - 1.0, contrast[1] - 1.0),
+                fixed_mean=False,
+                preserve_range=True,
+            ),
         ]
     # Plain tensors to the network, as MONAI recommends for speed (no meta tracking in the model).
     random.append(T.EnsureTyped(keys=keys, track_meta=False))
-    train = T.Compose(load + [T.FgBgToIndicesd(keys="label", image_key="image", image_threshold=0.0), normalize]
-                      + random)
+    train = T.Compose(
+        load + [T.FgBgToIndicesd(keys="label", image_key="image", image_threshold=0.0), normalize] + random
+    )
     val = T.Compose(load + [normalize, T.EnsureTyped(keys=keys, track_meta=False)])
     return train, val
 
@@ -440,28 +511,53 @@ def build_dynunet(model_cfg: dict, notes: list[str]) -> torch.nn.Module:
     """DynUNet with the config's levels; mismatches it cannot express are added to ``notes``."""
     from monai.networks.nets import DynUNet
 
-    norms = {"instance": ("INSTANCE", {"affine": True}), "batch": ("BATCH", {"affine": True}),
-             "group": ("GROUP", {"num_groups": model_cfg["norm_groups"], "affine": True})}
+    norms = {
+        "instance": ("INSTANCE", {"affine": True}),
+        "batch": ("BATCH", {"affine": True}),
+        "group": ("GROUP", {"num_groups": model_cfg["norm_groups"], "affine": True}),
+    }
     if model_cfg["norm"] not in norms:
         notes.append(f"model.norm={model_cfg['norm']} has no DynUNet equivalent; DynUNet uses instance norm")
     if model_cfg["upsample"] != "transposed" or model_cfg["downsample"] != "strided_conv":
         notes.append("DynUNet always uses strided-conv downsampling and transposed-conv upsampling")
     if model_cfg["deep_supervision"]:
         notes.append("model.deep_supervision is on for ours; the MONAI reference trains without it")
-    act = ("leakyrelu", {"inplace": True, "negative_slope": model_cfg["negative_slope"]}) \
-        if model_cfg["activation"] == "leaky_relu" else ("relu", {"inplace": True})
+    act = (
+        ("leakyrelu", {"inplace": True, "negative_slope": model_cfg["negative_slope"]})
+        if model_cfg["activation"] == "leaky_relu"
+        else ("relu", {"inplace": True})
+    )
     strides = model_cfg["strides"]
-    return DynUNet(spatial_dims=model_cfg["spatial_dims"], in_channels=model_cfg["in_channels"],
-                   out_channels=model_cfg["num_classes"], kernel_size=model_cfg["kernel_sizes"], strides=strides,
-                   upsample_kernel_size=strides[1:], filters=model_cfg["filters"],
-                   norm_name=norms.get(model_cfg["norm"], norms["instance"]), act_name=act,
-                   dropout=model_cfg["dropout"] or None, deep_supervision=False, res_block=model_cfg["residual"],
-                   trans_bias=False)
+    return DynUNet(
+        spatial_dims=model_cfg["spatial_dims"],
+        in_channels=model_cfg["in_channels"],
+        out_channels=model_cfg["num_classes"],
+        kernel_size=model_cfg["kernel_sizes"],
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=model_cfg["filters"],
+        norm_name=norms.get(model_cfg["norm"], norms["instance"]),
+        act_name=act,
+        dropout=model_cfg["dropout"] or None,
+        deep_supervision=False,
+        res_block=model_cfg["residual"],
+        trans_bias=False,
+    )
 
 
-def run_monai(cfg: dict, phantom: Path, train_ids: list[str], val_id: str, dataset_kind: str, cache_workers: int,
-              microbatch: int | None, warmup_steps: int, timed_steps: int, eval_repeats: int,
-              eval_crop: tuple[int, int, int] | None) -> Measurement:
+def run_monai(
+    cfg: dict,
+    phantom: Path,
+    train_ids: list[str],
+    val_id: str,
+    dataset_kind: str,
+    cache_workers: int,
+    microbatch: int | None,
+    warmup_steps: int,
+    timed_steps: int,
+    eval_repeats: int,
+    eval_crop: tuple[int, int, int] | None,
+) -> Measurement:
     """Train the MONAI reference for ``warmup_steps + timed_steps`` steps, timing the latter, then
     time one sliding-window evaluation of the validation case."""
     from monai.data import CacheDataset, DataLoader, Dataset
@@ -486,8 +582,13 @@ def run_monai(cfg: dict, phantom: Path, train_ids: list[str], val_id: str, datas
         pool = list(dict.fromkeys(train_ids))  # the distinct cases, cached once each
         # copy_cache=False: no transform after the cache modifies its input in place (the crop
         # returns a region that the flips, noise, blur and scaling replace rather than overwrite).
-        cache = CacheDataset([monai_item(phantom, c) for c in pool], train_tf, num_workers=cache_workers,
-                             progress=False, copy_cache=False)
+        cache = CacheDataset(
+            [monai_item(phantom, c) for c in pool],
+            train_tf,
+            num_workers=cache_workers,
+            progress=False,
+            copy_cache=False,
+        )
         position = {c: i for i, c in enumerate(pool)}
         dataset = cache[[position[c] for c in train_ids]]  # a Subset: one entry per training entry
         m.setup_s[f"CacheDataset fill ({len(pool)} cases)"] = time.perf_counter() - started
@@ -498,9 +599,16 @@ def run_monai(cfg: dict, phantom: Path, train_ids: list[str], val_id: str, datas
     # pinned memory on CUDA), so the loaders differ only in what the workers do.
     patch_voxels = math.prod(cfg["data"]["patch_size"])
     batch_bytes = batch_size * patch_voxels * (4 * cfg["model"]["in_channels"] + 1)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=cfg["drop_last"],
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=prefetch_batches(workers, batch_bytes) if workers > 0 else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=cfg["drop_last"],
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=prefetch_batches(workers, batch_bytes) if workers > 0 else None,
+    )
 
     model = build_dynunet(cfg["model"], m.notes).to(device)
     optimizer = build_optimizer(cfg, model.parameters())
@@ -586,8 +694,15 @@ def run_monai(cfg: dict, phantom: Path, train_ids: list[str], val_id: str, datas
 
     def evaluate() -> None:
         with torch.no_grad(), autocast():
-            logits = sliding_window_inference(val_image, roi, cfg["eval"]["sw_batch_size"], model,
-                                              overlap=cfg["eval"]["overlap"], mode=mode, sigma_scale=0.125)
+            logits = sliding_window_inference(
+                val_image,
+                roi,
+                cfg["eval"]["sw_batch_size"],
+                model,
+                overlap=cfg["eval"]["overlap"],
+                mode=mode,
+                sigma_scale=0.125,
+            )
         pred = one_hot(logits.float().argmax(1, keepdim=True), classes, dim=1)
         DiceMetric(include_background=False, reduction="mean_batch")(pred, one_hot(val_label, classes, dim=1))
 
@@ -661,7 +776,6 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
-
 def fmt_seconds(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds:.2f}"
 
@@ -673,8 +787,14 @@ def verdict(value: float, target: float, higher_is_better: bool, measurable: str
     return "PASS" if ok else "FAIL"
 
 
-def print_targets(ours: Measurement | None, monai: Measurement | None, ratio: float | None, plan: RecipePlan,
-                  val_cases: int, setting_ok: str | None) -> None:
+def print_targets(
+    ours: Measurement | None,
+    monai: Measurement | None,
+    ratio: float | None,
+    plan: RecipePlan,
+    val_cases: int,
+    setting_ok: str | None,
+) -> None:
     """Issue 8's four targets for ``ours``, each PASS/FAIL, or why it is not measured here."""
     print("targets (issues 8 and 12, on one H200 at the full setting):")
     if ours is None:
@@ -685,8 +805,13 @@ def print_targets(ours: Measurement | None, monai: Measurement | None, ratio: fl
         (f"ours/MONAI end to end >= {TARGET_RATIO:g}x", ratio, TARGET_RATIO, True, "x"),
         (f"ours >= {TARGET_SAMPLES_PER_S:g} samples/s", ours.median_rate, TARGET_SAMPLES_PER_S, True, " samples/s"),
         (f"ours data wait < {100 * TARGET_DATA_WAIT:g}%", 100 * ours.wait_fraction, 100 * TARGET_DATA_WAIT, False, "%"),
-        (f"ours full recipe <= {TARGET_RECIPE_S / 60:g} min", (train_s + eval_s) / 60, TARGET_RECIPE_S / 60, False,
-         " min"),
+        (
+            f"ours full recipe <= {TARGET_RECIPE_S / 60:g} min",
+            (train_s + eval_s) / 60,
+            TARGET_RECIPE_S / 60,
+            False,
+            " min",
+        ),
     ]
     for label, value, target, higher, unit in checks:
         if value is None:
@@ -695,8 +820,16 @@ def print_targets(ours: Measurement | None, monai: Measurement | None, ratio: fl
         print(f"  {label:<34} {value:9.2f}{unit:<10} {verdict(value, target, higher, setting_ok)}")
 
 
-def print_report(args, cfg: dict, overrides: list[str], plan: RecipePlan, ours: Measurement | None,
-                 monai: Measurement | None, device: str, setting_ok: str | None) -> None:
+def print_report(
+    args,
+    cfg: dict,
+    overrides: list[str],
+    plan: RecipePlan,
+    ours: Measurement | None,
+    monai: Measurement | None,
+    device: str,
+    setting_ok: str | None,
+) -> None:
     import monai as monai_pkg
 
     print()
@@ -707,19 +840,25 @@ def print_report(args, cfg: dict, overrides: list[str], plan: RecipePlan, ours: 
     print(f"versions: torch {torch.__version__}, MONAI {monai_pkg.__version__}, Python {platform.python_version()}")
     model = cfg["model"]
     micro = (ours or monai).microbatch if (ours or monai) else None
-    print(f"setting:  phantom {args.cases} cases of {'x'.join(map(str, args.shape))} (Z,Y,X), "
-          f"{args.epoch_cases} training entries/epoch, patch {args.patch}^3, batch {cfg['train_batch_size']} "
-          f"(microbatch {cfg['device_train_microbatch_size']}, used {micro}), {cfg['precision']}, "
-          f"{cfg['data']['num_workers']} loader workers, filters {model['filters']}, strides {model['strides']}, "
-          f"cudnn.benchmark {'on' if args.cudnn_benchmark else 'off (as unet-train)'}")
+    print(
+        f"setting:  phantom {args.cases} cases of {'x'.join(map(str, args.shape))} (Z,Y,X), "
+        f"{args.epoch_cases} training entries/epoch, patch {args.patch}^3, batch {cfg['train_batch_size']} "
+        f"(microbatch {cfg['device_train_microbatch_size']}, used {micro}), {cfg['precision']}, "
+        f"{cfg['data']['num_workers']} loader workers, filters {model['filters']}, strides {model['strides']}, "
+        f"cudnn.benchmark {'on' if args.cudnn_benchmark else 'off (as unet-train)'}"
+    )
     steps_per_epoch = epoch_steps(args.epoch_cases, cfg["train_batch_size"], cfg["drop_last"])
-    print(f"timing:   {args.warmup_epochs} warm-up epoch(s) then {args.timed_epochs} timed epoch(s) of "
-          f"{steps_per_epoch} steps; step time between consecutive step ends"
-          f"{' (CUDA-synchronized)' if device == 'cuda' else ''}")
+    print(
+        f"timing:   {args.warmup_epochs} warm-up epoch(s) then {args.timed_epochs} timed epoch(s) of "
+        f"{steps_per_epoch} steps; step time between consecutive step ends"
+        f"{' (CUDA-synchronized)' if device == 'cuda' else ''}"
+    )
     print(f"ours:     resolve_config({args.config}, [{', '.join(overrides)}])")
-    print(f"monai:    {'CacheDataset (deterministic prefix cached, copy_cache=False)' if args.monai_dataset == 'cache' else 'Dataset (no cache: every sample loads and normalizes its NIfTI files)'}"
-          f" + RandCropByPosNegLabeld/RandFlipd x3/RandGaussianNoised/RandGaussianSmoothd/RandScaleIntensityd/"
-          f"RandScaleIntensityFixedMeand(contrast) in DataLoader workers, DynUNet, DiceCELoss(batch=True)")
+    print(
+        f"monai:    {'CacheDataset (deterministic prefix cached, copy_cache=False)' if args.monai_dataset == 'cache' else 'Dataset (no cache: every sample loads and normalizes its NIfTI files)'}"
+        f" + RandCropByPosNegLabeld/RandFlipd x3/RandGaussianNoised/RandGaussianSmoothd/RandScaleIntensityd/"
+        f"RandScaleIntensityFixedMeand(contrast) in DataLoader workers, DynUNet, DiceCELoss(batch=True)"
+    )
     for m in (ours, monai):
         if m is None:
             continue
@@ -728,8 +867,10 @@ def print_report(args, cfg: dict, overrides: list[str], plan: RecipePlan, ours: 
         for note in m.notes:
             print(f"  note {m.name}: {note}")
     print()
-    header = (f"{'pipeline':<10}{'steps':>6}{'samples/step':>14}{'samples/s':>11}{'samples/s':>11}{'data wait':>11}"
-              f"{'peak mem':>10}{'eval/case':>11}{'projected full recipe':>34}")
+    header = (
+        f"{'pipeline':<10}{'steps':>6}{'samples/step':>14}{'samples/s':>11}{'samples/s':>11}{'data wait':>11}"
+        f"{'peak mem':>10}{'eval/case':>11}{'projected full recipe':>34}"
+    )
     sub = f"{'':<10}{'':>6}{'':>14}{'(median)':>11}{'(epochs)':>11}{'':>11}{'(GiB)':>10}{'(s, box)':>11}{'(train + eval = total)':>34}"
     print(header)
     print(sub)
@@ -740,21 +881,27 @@ def print_report(args, cfg: dict, overrides: list[str], plan: RecipePlan, ours: 
         peak = f"{m.peak_bytes / 2**30:.2f}" if m.peak_bytes is not None else "n/a"
         per_step = f"{min(m.samples)}-{max(m.samples)}" if min(m.samples) != max(m.samples) else str(m.samples[0])
         projection = f"{fmt_duration(train_s)} + {fmt_duration(eval_s)} = {fmt_duration(train_s + eval_s)}"
-        print(f"{m.name:<10}{len(m.step_s):>6}{per_step:>14}{m.median_rate:>11.2f}{m.epoch_rate:>11.2f}"
-              f"{100 * m.wait_fraction:>10.1f}%{peak:>10}{fmt_seconds(m.eval_crop_s):>11}{projection:>34}")
+        print(
+            f"{m.name:<10}{len(m.step_s):>6}{per_step:>14}{m.median_rate:>11.2f}{m.epoch_rate:>11.2f}"
+            f"{100 * m.wait_fraction:>10.1f}%{peak:>10}{fmt_seconds(m.eval_crop_s):>11}{projection:>34}"
+        )
     ratio = None
     if ours is not None and monai is not None:
         ratio = ours.median_rate / monai.median_rate
         print(f"ratio ours/MONAI samples/s: {ratio:.2f}x (median), {ours.epoch_rate / monai.epoch_rate:.2f}x (epochs)")
     for m in (ours, monai):
         if m is not None and m.eval_crop_s is not None:
-            print(f"eval/case {m.name}: {m.eval_crop_s:.2f} s on the validation case's centre "
-                  f"{'x'.join(map(str, m.eval_crop_shape))} (Z,Y,X; a BraTS brain box, used below), "
-                  f"{m.eval_case_s:.2f} s on the whole phantom case")
-    print(f"projection: {plan.max_duration} = {plan.epochs:g} epochs x {args.recipe_train_cases} cases = {plan.samples} "
-          f"samples ({plan.steps} steps) at the whole-epoch samples/s, plus {plan.evaluations} evaluations "
-          f"(eval_interval {plan.eval_interval}) x {args.recipe_val_cases} cases x eval/case on the BraTS-sized box. "
-          f"Assumes the phantom's speed holds for real BraTS cases.")
+            print(
+                f"eval/case {m.name}: {m.eval_crop_s:.2f} s on the validation case's centre "
+                f"{'x'.join(map(str, m.eval_crop_shape))} (Z,Y,X; a BraTS brain box, used below), "
+                f"{m.eval_case_s:.2f} s on the whole phantom case"
+            )
+    print(
+        f"projection: {plan.max_duration} = {plan.epochs:g} epochs x {args.recipe_train_cases} cases = {plan.samples} "
+        f"samples ({plan.steps} steps) at the whole-epoch samples/s, plus {plan.evaluations} evaluations "
+        f"(eval_interval {plan.eval_interval}) x {args.recipe_val_cases} cases x eval/case on the BraTS-sized box. "
+        f"Assumes the phantom's speed holds for real BraTS cases."
+    )
     print()
     print_targets(ours, monai, ratio, plan, args.recipe_val_cases, setting_ok)
     if device != "cuda":
@@ -848,20 +995,64 @@ def pair_noise(a: Repeats, b: Repeats) -> float | None:
     return None if None in spreads else max(spreads)
 
 
-def child_command(args: argparse.Namespace, extra_overrides: tuple[str, ...], only: str, json_path: Path,
-                  microbatch: int | str | None = None, skip_eval: bool = False) -> list[str]:
+def child_command(
+    args: argparse.Namespace,
+    extra_overrides: tuple[str, ...],
+    only: str,
+    json_path: Path,
+    microbatch: int | str | None = None,
+    skip_eval: bool = False,
+) -> list[str]:
     """The command line of one ablation run: this script, the parent's settings as resolved, one
     pipeline, the extra overrides last."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--config", args.config,
-               "--work", str(args.work), "--cases", str(args.cases), "--shape", *map(str, args.shape),
-               "--seed", str(args.seed), "--epoch-cases", str(args.epoch_cases), "--patch", str(args.patch),
-               "--depth", str(args.depth), "--width-divisor", str(args.width_divisor), "--batch", str(args.batch),
-               "--precision", args.precision, "--prepare-workers", str(args.prepare_workers),
-               "--warmup-epochs", str(args.warmup_epochs), "--timed-epochs", str(args.timed_epochs),
-               "--eval-repeats", str(args.eval_repeats), "--eval-crop", *map(str, args.eval_crop),
-               "--monai-dataset", args.monai_dataset,
-               "--recipe-train-cases", str(args.recipe_train_cases), "--recipe-val-cases", str(args.recipe_val_cases),
-               "--only", only, "--json", str(json_path)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--device",
+        args.device,
+        "--config",
+        args.config,
+        "--work",
+        str(args.work),
+        "--cases",
+        str(args.cases),
+        "--shape",
+        *map(str, args.shape),
+        "--seed",
+        str(args.seed),
+        "--epoch-cases",
+        str(args.epoch_cases),
+        "--patch",
+        str(args.patch),
+        "--depth",
+        str(args.depth),
+        "--width-divisor",
+        str(args.width_divisor),
+        "--batch",
+        str(args.batch),
+        "--precision",
+        args.precision,
+        "--prepare-workers",
+        str(args.prepare_workers),
+        "--warmup-epochs",
+        str(args.warmup_epochs),
+        "--timed-epochs",
+        str(args.timed_epochs),
+        "--eval-repeats",
+        str(args.eval_repeats),
+        "--eval-crop",
+        *map(str, args.eval_crop),
+        "--monai-dataset",
+        args.monai_dataset,
+        "--recipe-train-cases",
+        str(args.recipe_train_cases),
+        "--recipe-val-cases",
+        str(args.recipe_val_cases),
+        "--only",
+        only,
+        "--json",
+        str(json_path),
+    ]
     microbatch = microbatch if microbatch is not None else args.microbatch
     if microbatch != "null":  # "null" (the whole batch) is what the child resolves to when none is given
         command += ["--microbatch", str(microbatch)]
@@ -898,8 +1089,9 @@ def run_child(command: list[str], log: Path) -> tuple[dict | None, float]:
     return json.loads(json_path.read_text()), wall
 
 
-def run_ablation(args: argparse.Namespace, cfg: dict, overrides: list[str], plan: RecipePlan,
-                 measurable: str | None) -> int:
+def run_ablation(
+    args: argparse.Namespace, cfg: dict, overrides: list[str], plan: RecipePlan, measurable: str | None
+) -> int:
     """Run every variant of ours ``--repeats`` times, interleaved so that a drift of the machine
     touches all of them alike, each run in its own process; then the MONAI reference once. Prints
     the usual report for the median all-switches run, then what each switch gains."""
@@ -914,33 +1106,50 @@ def run_ablation(args: argparse.Namespace, cfg: dict, overrides: list[str], plan
         runs, earlier_walls, monai = earlier_runs(args.json, args, cfg, variants)
         for label, measured in runs.items():
             # Failed runs are tried again; measured ones are kept.
-            kept = [(m, w) for m, w in zip(measured, earlier_walls[label]) if m is not None][:args.repeats]
+            kept = [(m, w) for m, w in zip(measured, earlier_walls[label]) if m is not None][: args.repeats]
             results[label].runs = [m for m, _ in kept]
             walls[label] = [w for _, w in kept]
         done = sum(len(r.runs) for r in results.values())
-        print(f"[ablation] --resume: {done} run(s) taken from {args.json}"
-              f"{' and the MONAI reference' if monai is not None else ''}", file=sys.stderr)
+        print(
+            f"[ablation] --resume: {done} run(s) taken from {args.json}"
+            f"{' and the MONAI reference' if monai is not None else ''}",
+            file=sys.stderr,
+        )
 
     def save() -> None:
         # After every run, so a command stopped at a time limit still leaves what it measured.
         if args.json:
-            write_json(args.json, args, cfg, {f"{v.label} #{r}": m for v in variants
-                                              for r, m in enumerate(results[v.label].runs)}, monai,
-                       {"variants": [{"label": v.label, "overrides": list(v.overrides), "switch": v.switch,
-                                      "wall_s": walls[v.label]} for v in variants]})
+            write_json(
+                args.json,
+                args,
+                cfg,
+                {f"{v.label} #{r}": m for v in variants for r, m in enumerate(results[v.label].runs)},
+                monai,
+                {
+                    "variants": [
+                        {"label": v.label, "overrides": list(v.overrides), "switch": v.switch, "wall_s": walls[v.label]}
+                        for v in variants
+                    ]
+                },
+            )
 
     for repeat in range(args.repeats):
         for index, variant in enumerate(variants):
             if len(results[variant.label].runs) > repeat:
                 continue  # measured by an earlier, resumed command
             number = repeat * len(variants) + index + 1
-            print(f"[ablation {number}/{total}] ours, {variant.label}"
-                  f"{' (' + ', '.join(variant.overrides) + ')' if variant.overrides else ''}", file=sys.stderr)
+            print(
+                f"[ablation {number}/{total}] ours, {variant.label}"
+                f"{' (' + ', '.join(variant.overrides) + ')' if variant.overrides else ''}",
+                file=sys.stderr,
+            )
             stem = f"{index}-r{repeat}"
             # Evaluation is timed for the reference only: the projection needs it once, and a
             # compiled variant would compile its eval graph for nothing.
-            data, wall = run_child(child_command(args, variant.overrides, "ours", folder / f"{stem}.json",
-                                                 skip_eval=index > 0), folder / f"{stem}.log")
+            data, wall = run_child(
+                child_command(args, variant.overrides, "ours", folder / f"{stem}.json", skip_eval=index > 0),
+                folder / f"{stem}.log",
+            )
             results[variant.label].runs.append(Measurement.from_json(data["ours"]) if data else None)
             walls[variant.label].append(wall)
             save()
@@ -950,8 +1159,9 @@ def run_ablation(args: argparse.Namespace, cfg: dict, overrides: list[str], plan
         if microbatch == "auto" and reference is not None:
             microbatch = reference.microbatch  # MONAI trains at the microbatch ours settled on, as without --ablate
         print(f"[ablation] MONAI reference (microbatch {microbatch})", file=sys.stderr)
-        data, wall = run_child(child_command(args, (), "monai", folder / "monai.json", microbatch),
-                               folder / "monai.log")
+        data, wall = run_child(
+            child_command(args, (), "monai", folder / "monai.json", microbatch), folder / "monai.log"
+        )
         monai = Measurement.from_json(data["monai"]) if data else None
         walls["MONAI reference"] = [wall]
         save()
@@ -963,14 +1173,24 @@ def run_ablation(args: argparse.Namespace, cfg: dict, overrides: list[str], plan
     return 0
 
 
-def print_ablation(variants: list[Variant], results: dict[str, Repeats], walls: dict[str, list[float]],
-                   monai: Measurement | None, args: argparse.Namespace, folder: Path) -> None:
+def print_ablation(
+    variants: list[Variant],
+    results: dict[str, Repeats],
+    walls: dict[str, list[float]],
+    monai: Measurement | None,
+    args: argparse.Namespace,
+    folder: Path,
+) -> None:
     reference = results[variants[0].label]
     print()
-    print(f"ablation: {args.repeats} run(s) per variant, interleaved, each in its own process, on the same phantom, "
-          f"setting and timing; per-run reports in {folder}")
-    print(f"{'variant':<52}{'runs':>5}{'samples/s':>11}{'spread':>8}{'data wait':>11}{'peak mem':>10}{'vs all':>9}"
-          f"{'run wall':>10}")
+    print(
+        f"ablation: {args.repeats} run(s) per variant, interleaved, each in its own process, on the same phantom, "
+        f"setting and timing; per-run reports in {folder}"
+    )
+    print(
+        f"{'variant':<52}{'runs':>5}{'samples/s':>11}{'spread':>8}{'data wait':>11}{'peak mem':>10}{'vs all':>9}"
+        f"{'run wall':>10}"
+    )
     print(f"{'':<52}{'':>5}{'(median)':>11}{'':>8}{'':>11}{'(GiB)':>10}{'':>9}{'(s)':>10}")
     rows = [(v.label, results[v.label]) for v in variants]
     if monai is not None:
@@ -982,11 +1202,15 @@ def print_ablation(variants: list[Variant], results: dict[str, Repeats], walls: 
             continue
         peak = f"{m.peak_bytes / 2**30:.2f}" if m.peak_bytes is not None else "n/a"
         spread = f"{100 * repeats.spread:.0f}%" if repeats.spread is not None else "-"
-        print(f"{label:<52}{len(repeats.measured):>5}{repeats.rate:>11.2f}{spread:>8}{100 * m.wait_fraction:>10.1f}%"
-              f"{peak:>10}{repeats.rate / reference.rate:>8.2f}x{statistics.median(walls[label]):>10.0f}")
+        print(
+            f"{label:<52}{len(repeats.measured):>5}{repeats.rate:>11.2f}{spread:>8}{100 * m.wait_fraction:>10.1f}%"
+            f"{peak:>10}{repeats.rate / reference.rate:>8.2f}x{statistics.median(walls[label]):>10.0f}"
+        )
     print()
-    print(f"switches (gain = all switches / without it, median samples/s; kept at >= {1 + args.min_gain:.2f}x and "
-          "above the spread of the two variants):")
+    print(
+        f"switches (gain = all switches / without it, median samples/s; kept at >= {1 + args.min_gain:.2f}x and "
+        "above the spread of the two variants):"
+    )
     for variant in variants:
         if variant.switch is None:
             continue
@@ -995,7 +1219,9 @@ def print_ablation(variants: list[Variant], results: dict[str, Repeats], walls: 
             print(f"  {variant.switch:<28} not measured: the runs without it failed")
             continue
         gain = reference.rate / without.rate
-        print(f"  {variant.switch:<28} {gain:6.2f}x   {switch_verdict(gain, args.min_gain, pair_noise(reference, without))}")
+        print(
+            f"  {variant.switch:<28} {gain:6.2f}x   {switch_verdict(gain, args.min_gain, pair_noise(reference, without))}"
+        )
     candidates = [v for v in variants if v.label.startswith("with ")]
     if candidates:
         print("candidates (gain = with it / all switches; adopted on the same rule):")
@@ -1018,16 +1244,30 @@ def print_ablation(variants: list[Variant], results: dict[str, Repeats], walls: 
 
 def setting_of(args: argparse.Namespace, cfg: dict) -> dict:
     """What a measurement depends on besides the device, as JSON (a resumed ablation must match it)."""
-    return {"shape": list(args.shape), "patch": args.patch, "depth": args.depth, "width_divisor": args.width_divisor,
-            "batch": cfg["train_batch_size"], "microbatch": cfg["device_train_microbatch_size"],
-            "precision": cfg["precision"], "workers": cfg["data"]["num_workers"], "epoch_cases": args.epoch_cases,
-            "warmup_epochs": args.warmup_epochs, "timed_epochs": args.timed_epochs, "eval_crop": list(args.eval_crop),
-            "algorithms": cfg["algorithms"], "prefetch_to_device": cfg["data"]["prefetch_to_device"],
-            "overrides": list(args.override), "recipe": args.recipe, "cudnn_benchmark_flag": args.cudnn_benchmark}
+    return {
+        "shape": list(args.shape),
+        "patch": args.patch,
+        "depth": args.depth,
+        "width_divisor": args.width_divisor,
+        "batch": cfg["train_batch_size"],
+        "microbatch": cfg["device_train_microbatch_size"],
+        "precision": cfg["precision"],
+        "workers": cfg["data"]["num_workers"],
+        "epoch_cases": args.epoch_cases,
+        "warmup_epochs": args.warmup_epochs,
+        "timed_epochs": args.timed_epochs,
+        "eval_crop": list(args.eval_crop),
+        "algorithms": cfg["algorithms"],
+        "prefetch_to_device": cfg["data"]["prefetch_to_device"],
+        "overrides": list(args.override),
+        "recipe": args.recipe,
+        "cudnn_benchmark_flag": args.cudnn_benchmark,
+    }
 
 
-def earlier_runs(path: Path, args: argparse.Namespace, cfg: dict,
-                 variants: list[Variant]) -> tuple[dict[str, list], dict[str, list[float]], Measurement | None]:
+def earlier_runs(
+    path: Path, args: argparse.Namespace, cfg: dict, variants: list[Variant]
+) -> tuple[dict[str, list], dict[str, list[float]], Measurement | None]:
     """The runs an earlier ``--ablate --json PATH`` of the same setting on this device measured:
     (label -> runs by repeat, label -> wall seconds, the MONAI reference or None).
 
@@ -1038,8 +1278,10 @@ def earlier_runs(path: Path, args: argparse.Namespace, cfg: dict,
     mine = {"device": device_description(args.device), "setting": setting_of(args, cfg)}
     differing = [key for key in mine if document.get(key) != mine[key]]
     if differing:
-        raise SystemExit(f"error: --resume: {path} was measured with another {' and '.join(differing)}; "
-                         "remove it or name another --json")
+        raise SystemExit(
+            f"error: --resume: {path} was measured with another {' and '.join(differing)}; "
+            "remove it or name another --json"
+        )
     known = {v["label"]: v for v in document.get("variants", [])}
     runs: dict[str, list] = {}
     walls: dict[str, list[float]] = {}
@@ -1047,15 +1289,24 @@ def earlier_runs(path: Path, args: argparse.Namespace, cfg: dict,
         entry = known.get(variant.label)
         if entry is None or entry["overrides"] != list(variant.overrides):
             continue
-        runs[variant.label] = [Measurement.from_json(data) if data else None
-                               for key, data in document["ours"].items() if key.rsplit(" #", 1)[0] == variant.label]
+        runs[variant.label] = [
+            Measurement.from_json(data) if data else None
+            for key, data in document["ours"].items()
+            if key.rsplit(" #", 1)[0] == variant.label
+        ]
         walls[variant.label] = list(entry["wall_s"])
     monai = Measurement.from_json(document["monai"]) if document.get("monai") else None
     return runs, walls, monai
 
 
-def write_json(path: Path, args: argparse.Namespace, cfg: dict, ours: Measurement | dict[str, Measurement | None] | None,
-               monai: Measurement | None, extra: dict | None = None) -> None:
+def write_json(
+    path: Path,
+    args: argparse.Namespace,
+    cfg: dict,
+    ours: Measurement | dict[str, Measurement | None] | None,
+    monai: Measurement | None,
+    extra: dict | None = None,
+) -> None:
     """Every measurement of this invocation, with the device and the resolved setting, as JSON:
     ``ours`` is one measurement, or one per ablation variant label."""
     if isinstance(ours, dict):
@@ -1090,86 +1341,186 @@ def parse_microbatch(raw: str) -> int | str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
-                   help="auto = cuda when available; the size defaults below depend on it")
-    p.add_argument("--config", default=str(REPO / "configs" / "brats.yaml"), help="run config (default configs/brats.yaml)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cuda", "cpu"),
+        help="auto = cuda when available; the size defaults below depend on it",
+    )
+    p.add_argument(
+        "--config", default=str(REPO / "configs" / "brats.yaml"), help="run config (default configs/brats.yaml)"
+    )
     p.add_argument("--recipe", default=None, help="recipe name or path, passed as recipe=NAME (e.g. fast)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for ours (repeatable), e.g. algorithms.channels_last={}; "
-                        "the MONAI reference follows the resolved batch, patch, model, optimizer, augmentation")
-    p.add_argument("--work", type=Path, default=Path("/tmp/unet-bench-train"),
-                   help="phantom, prepared data, split file and run folder (default /tmp/unet-bench-train)")
-    p.add_argument("--cases", type=int, default=16, help="distinct phantom volumes, one kept for validation (default 16)")
-    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
-                   help="phantom volume in voxels (default 155 240 240 on CUDA, 64 64 64 on CPU)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for ours (repeatable), e.g. algorithms.channels_last={}; "
+        "the MONAI reference follows the resolved batch, patch, model, optimizer, augmentation",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/unet-bench-train"),
+        help="phantom, prepared data, split file and run folder (default /tmp/unet-bench-train)",
+    )
+    p.add_argument(
+        "--cases", type=int, default=16, help="distinct phantom volumes, one kept for validation (default 16)"
+    )
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("Z", "Y", "X"),
+        help="phantom volume in voxels (default 155 240 240 on CUDA, 64 64 64 on CPU)",
+    )
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
-    p.add_argument("--epoch-cases", type=int, default=None,
-                   help="training entries per epoch (default 387 on CUDA, fold 0's count; 8 on CPU)")
+    p.add_argument(
+        "--epoch-cases",
+        type=int,
+        default=None,
+        help="training entries per epoch (default 387 on CUDA, fold 0's count; 8 on CPU)",
+    )
     p.add_argument("--patch", type=int, default=None, help="cubic patch edge in voxels (default 128 CUDA, 32 CPU)")
-    p.add_argument("--depth", type=int, default=None,
-                   help="U-Net levels taken from the config's lists (default 6 CUDA, 4 CPU); the patch must "
-                        "leave at least 2 voxels per axis at the bottleneck")
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="U-Net levels taken from the config's lists (default 6 CUDA, 4 CPU); the patch must "
+        "leave at least 2 voxels per axis at the bottleneck",
+    )
     p.add_argument("--width-divisor", type=int, default=None, help="divide every filter count (default 1 CUDA, 4 CPU)")
-    p.add_argument("--batch", type=int, default=None,
-                   help="global batch in samples (default on CUDA: the config's and recipe's, 64; 4 on CPU)")
-    p.add_argument("--microbatch", type=parse_microbatch, default=None,
-                   help="device_train_microbatch_size, samples or 'auto' (default on CUDA: the config's, auto; "
-                        "2 on CPU); with auto, MONAI uses the size ours settled on")
-    p.add_argument("--precision", default=None, choices=tuple(AMP_DTYPES),
-                   help="default on CUDA: the config's, amp_bf16; fp32 on CPU (bf16 3D convolutions are emulated there)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader workers for both pipelines (default: the config's, 8; 1 on CPU)")
-    p.add_argument("--prepare-workers", type=int, default=min(os.cpu_count() or 1, 8),
-                   help="processes for the one-time phantom generation and preparation and the MONAI cache fill")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="global batch in samples (default on CUDA: the config's and recipe's, 64; 4 on CPU)",
+    )
+    p.add_argument(
+        "--microbatch",
+        type=parse_microbatch,
+        default=None,
+        help="device_train_microbatch_size, samples or 'auto' (default on CUDA: the config's, auto; "
+        "2 on CPU); with auto, MONAI uses the size ours settled on",
+    )
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=tuple(AMP_DTYPES),
+        help="default on CUDA: the config's, amp_bf16; fp32 on CPU (bf16 3D convolutions are emulated there)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers for both pipelines (default: the config's, 8; 1 on CPU)",
+    )
+    p.add_argument(
+        "--prepare-workers",
+        type=int,
+        default=min(os.cpu_count() or 1, 8),
+        help="processes for the one-time phantom generation and preparation and the MONAI cache fill",
+    )
     p.add_argument("--warmup-epochs", type=int, default=1, help="untimed whole epochs first (default 1)")
     p.add_argument("--timed-epochs", type=int, default=2, help="timed whole epochs (default 2)")
     p.add_argument("--eval-repeats", type=int, default=1, help="timed evaluations of the validation case (median)")
-    p.add_argument("--eval-crop", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
-                   help="the BraTS-sized centre box of the validation case whose evaluation time the projection "
-                        "uses (default 140 170 140, scaled by --shape / 155 240 240)")
-    p.add_argument("--monai-dataset", default="cache", choices=("cache", "dataset"),
-                   help="monai.data.CacheDataset (deterministic prefix cached in RAM) or monai.data.Dataset")
+    p.add_argument(
+        "--eval-crop",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("Z", "Y", "X"),
+        help="the BraTS-sized centre box of the validation case whose evaluation time the projection "
+        "uses (default 140 170 140, scaled by --shape / 155 240 240)",
+    )
+    p.add_argument(
+        "--monai-dataset",
+        default="cache",
+        choices=("cache", "dataset"),
+        help="monai.data.CacheDataset (deterministic prefix cached in RAM) or monai.data.Dataset",
+    )
     p.add_argument("--only", default=None, choices=("ours", "monai"), help="run one pipeline only")
-    p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="set torch.backends.cudnn.benchmark for both pipelines (unet-train does not)")
-    p.add_argument("--ablate", action="store_true",
-                   help="measure what each speed switch of the resolved config gains: ours with all of them, "
-                        "without each in turn and without any, each in its own process, then MONAI once")
-    p.add_argument("--candidate", action="append", default=[], metavar="KEY=VALUE",
-                   help="with --ablate, also measure the all-switches run plus this override (repeatable), "
-                        "e.g. algorithms.compile.mode=reduce-overhead (CUDA graphs)")
-    p.add_argument("--min-gain", type=float, default=0.03,
-                   help="with --ablate, the fraction a switch must gain to be kept (default 0.03)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="with --ablate, runs per variant, interleaved; 2 or more measure the run-to-run noise, "
-                        "which a switch must beat to be kept (default 1)")
-    p.add_argument("--resume", action="store_true",
-                   help="with --ablate and --json: keep the runs that file already holds (an earlier command of "
-                        "the same setting on this device, stopped at a time limit say) and run only the rest")
-    p.add_argument("--skip-eval", action="store_true",
-                   help="do not time the evaluation (the projection is then training only)")
+    p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="set torch.backends.cudnn.benchmark for both pipelines (unet-train does not)",
+    )
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="measure what each speed switch of the resolved config gains: ours with all of them, "
+        "without each in turn and without any, each in its own process, then MONAI once",
+    )
+    p.add_argument(
+        "--candidate",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --ablate, also measure the all-switches run plus this override (repeatable), "
+        "e.g. algorithms.compile.mode=reduce-overhead (CUDA graphs)",
+    )
+    p.add_argument(
+        "--min-gain",
+        type=float,
+        default=0.03,
+        help="with --ablate, the fraction a switch must gain to be kept (default 0.03)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="with --ablate, runs per variant, interleaved; 2 or more measure the run-to-run noise, "
+        "which a switch must beat to be kept (default 1)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --ablate and --json: keep the runs that file already holds (an earlier command of "
+        "the same setting on this device, stopped at a time limit say) and run only the rest",
+    )
+    p.add_argument(
+        "--skip-eval", action="store_true", help="do not time the evaluation (the projection is then training only)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file")
-    p.add_argument("--recipe-train-cases", type=int, default=RECIPE_TRAIN_CASES,
-                   help="training cases per epoch of the projected full recipe (default 387)")
-    p.add_argument("--recipe-val-cases", type=int, default=RECIPE_VAL_CASES,
-                   help="validation cases per evaluation of the projected full recipe (default 97)")
+    p.add_argument(
+        "--recipe-train-cases",
+        type=int,
+        default=RECIPE_TRAIN_CASES,
+        help="training cases per epoch of the projected full recipe (default 387)",
+    )
+    p.add_argument(
+        "--recipe-val-cases",
+        type=int,
+        default=RECIPE_VAL_CASES,
+        help="validation cases per evaluation of the projected full recipe (default 97)",
+    )
     args = p.parse_args(argv)
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = args.device == "cuda"
-    defaults = {"shape": [155, 240, 240] if cuda else [64, 64, 64], "epoch_cases": 387 if cuda else 8,
-                "patch": 128 if cuda else 32, "depth": 6 if cuda else 4, "width_divisor": 1 if cuda else 4}
+    defaults = {
+        "shape": [155, 240, 240] if cuda else [64, 64, 64],
+        "epoch_cases": 387 if cuda else 8,
+        "patch": 128 if cuda else 32,
+        "depth": 6 if cuda else 4,
+        "width_divisor": 1 if cuda else 4,
+    }
     if not cuda:  # on CUDA these stay None and main() takes them from the resolved config and recipe
         defaults.update({"batch": 4, "microbatch": 2, "precision": "fp32"})
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.eval_crop is None:
-        args.eval_crop = [max(1, round(box * size / full)) for box, size, full
-                          in zip(BRATS_BRAIN_BOX, args.shape, FULL_SETTING["shape"])]
+        args.eval_crop = [
+            max(1, round(box * size / full))
+            for box, size, full in zip(BRATS_BRAIN_BOX, args.shape, FULL_SETTING["shape"])
+        ]
     if args.workers is None and not cuda:
         args.workers = 1
     if args.cases < 2:
@@ -1220,17 +1571,22 @@ def main(argv: list[str] | None = None) -> int:
     strides = base["model"]["strides"][:depth]
     reduction = math.prod(strides)
     if args.patch % reduction or args.patch // reduction < 2:
-        print(f"error: --patch {args.patch} with {depth} levels (total stride {reduction}) leaves "
-              f"{args.patch / reduction:g} voxels at the bottleneck; instance norm needs at least 2 per axis",
-              file=sys.stderr)
+        print(
+            f"error: --patch {args.patch} with {depth} levels (total stride {reduction}) leaves "
+            f"{args.patch / reduction:g} voxels at the bottleneck; instance norm needs at least 2 per axis",
+            file=sys.stderr,
+        )
         return 2
     filters = [max(1, f // args.width_divisor) for f in base["model"]["filters"][:depth]]
 
     phantom, phantom_s = ensure_phantom(work, args.cases, tuple(args.shape), args.seed, args.prepare_workers)
     split_file, train_ids, val_id = write_split(work, phantom, args.cases, args.epoch_cases)
     if base["drop_last"] and args.epoch_cases < args.batch:
-        print(f"error: drop_last with --epoch-cases {args.epoch_cases} below the batch of {args.batch}: "
-              "every batch would be dropped", file=sys.stderr)
+        print(
+            f"error: drop_last with --epoch-cases {args.epoch_cases} below the batch of {args.batch}: "
+            "every batch would be dropped",
+            file=sys.stderr,
+        )
         return 2
     steps_per_epoch = epoch_steps(args.epoch_cases, args.batch, base["drop_last"])
     warmup_steps = args.warmup_epochs * steps_per_epoch
@@ -1268,8 +1624,14 @@ def main(argv: list[str] | None = None) -> int:
     elif "H200" not in torch.cuda.get_device_name(0):
         measurable = f"targets are for an H200, this is {torch.cuda.get_device_name(0)}"
     else:
-        current = {"shape": tuple(args.shape), "patch": args.patch, "batch": cfg["train_batch_size"],
-                   "precision": cfg["precision"], "width_divisor": args.width_divisor, "depth": depth}
+        current = {
+            "shape": tuple(args.shape),
+            "patch": args.patch,
+            "batch": cfg["train_batch_size"],
+            "precision": cfg["precision"],
+            "width_divisor": args.width_divisor,
+            "depth": depth,
+        }
         changed = [k for k, v in FULL_SETTING.items() if current[k] != v]
         if changed:
             measurable = f"setting differs from the issue's in: {', '.join(changed)}"
@@ -1290,9 +1652,19 @@ def main(argv: list[str] | None = None) -> int:
         if microbatch == "auto":
             microbatch = ours.microbatch if ours is not None else None
         print(f"[monai] training {warmup_steps} warm-up + {timed_steps} timed steps", file=sys.stderr)
-        monai = run_monai(cfg, phantom, train_ids, val_id, args.monai_dataset, args.prepare_workers, microbatch,
-                          warmup_steps, timed_steps, args.eval_repeats,
-                          None if args.skip_eval else tuple(args.eval_crop))
+        monai = run_monai(
+            cfg,
+            phantom,
+            train_ids,
+            val_id,
+            args.monai_dataset,
+            args.prepare_workers,
+            microbatch,
+            warmup_steps,
+            timed_steps,
+            args.eval_repeats,
+            None if args.skip_eval else tuple(args.eval_crop),
+        )
 
     print_report(args, cfg, overrides, plan, ours, monai, args.device, measurable)
     if args.json:

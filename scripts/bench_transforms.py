@@ -23,15 +23,15 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from benchutil import cpu_model_name
+
 from unet_trainer.transforms import AugmentationSettings, BatchAugmenter
 
 CHANNELS = 4
@@ -185,6 +185,7 @@ def training_step_seconds(patch: int, device: torch.device, warmup: int, iters: 
     CUDA, fp32 on the CPU (where bf16 3D convolutions are emulated). ``width_divisor`` narrows the
     model for quick CPU runs."""
     from benchutil import brats_3d_model  # imported here: only the share needs the model
+
     from unet_trainer.model import UNet
 
     model = UNet(**brats_3d_model(width_divisor)).to(device)
@@ -229,12 +230,23 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 8], help="batch sizes (default 2 8)")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per measurement; the median is reported")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each measurement")
-    parser.add_argument("--share", action="store_true",
-                        help="also time the training step on the CPU (always done on CUDA) and report the share")
-    parser.add_argument("--width-divisor", type=int, default=1,
-                        help="divide the U-Net's filter counts for the step (quick CPU runs; 1 = the real preset)")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="also write every figure to this JSON file, rewritten after each measurement")
+    parser.add_argument(
+        "--share",
+        action="store_true",
+        help="also time the training step on the CPU (always done on CUDA) and report the share",
+    )
+    parser.add_argument(
+        "--width-divisor",
+        type=int,
+        default=1,
+        help="divide the U-Net's filter counts for the step (quick CPU runs; 1 = the real preset)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write every figure to this JSON file, rewritten after each measurement",
+    )
     arguments = parser.parse_args(argv)
     if arguments.patch < 2 or arguments.iters < 1 or arguments.warmup < 0 or min(arguments.batches) < 1:
         parser.error("--patch >= 2, --iters >= 1, --warmup >= 0 and every batch >= 1 are required")
@@ -264,8 +276,14 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     ours_seconds: dict[tuple[str, str, int], float] = {}
-    document: dict = {"torch": torch.__version__, "monai": monai.__version__, "cpu": cpu_model_name(),
-                      "patch": arguments.patch, "rows": [], "step_share_percent": {}}
+    document: dict = {
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "cpu": cpu_model_name(),
+        "patch": arguments.patch,
+        "rows": [],
+        "step_share_percent": {},
+    }
 
     def save() -> None:
         # After each measurement, so a run stopped at a time limit keeps what it measured.
@@ -286,9 +304,16 @@ def main() -> None:
                     f"{setting.name:<9} {device.type:<6} {batch:>5} {seconds * 1e3:>13.2f} {batch / seconds:>12.1f} "
                     f"{batch / monai_seconds:>13.1f} {monai_seconds / seconds:>9.1f}x"
                 )
-                document["rows"].append({"setting": setting.name, "device": device.type, "batch": batch,
-                                         "ours_ms_per_batch": seconds * 1e3, "ours_patches_per_s": batch / seconds,
-                                         "monai_patches_per_s": batch / monai_seconds})
+                document["rows"].append(
+                    {
+                        "setting": setting.name,
+                        "device": device.type,
+                        "batch": batch,
+                        "ours_ms_per_batch": seconds * 1e3,
+                        "ours_patches_per_s": batch / seconds,
+                        "monai_patches_per_s": batch / monai_seconds,
+                    }
+                )
                 save()
 
     # The share is measured where the augmentation runs in training: the GPU (or the CPU when asked).
@@ -298,14 +323,17 @@ def main() -> None:
     if share_device is None:
         return
     try:
-        step_seconds = training_step_seconds(arguments.patch, share_device, arguments.warmup, arguments.iters,
-                                             arguments.width_divisor)
+        step_seconds = training_step_seconds(
+            arguments.patch, share_device, arguments.warmup, arguments.iters, arguments.width_divisor
+        )
     except ImportError as error:
         print(f"\nno training-step comparison: cannot import the U-Net ({error})")
         return
     precision = "bf16 autocast" if share_device.type == "cuda" else "fp32"
-    print(f"\nU-Net forward+backward on {share_device.type}, batch 2, {precision}"
-          f"{f', filters / {arguments.width_divisor}' if arguments.width_divisor > 1 else ''}: {step_seconds * 1e3:.1f} ms")
+    print(
+        f"\nU-Net forward+backward on {share_device.type}, batch 2, {precision}"
+        f"{f', filters / {arguments.width_divisor}' if arguments.width_divisor > 1 else ''}: {step_seconds * 1e3:.1f} ms"
+    )
     document["step_ms"] = step_seconds * 1e3
     document["step_device"] = share_device.type
     for setting in SETTINGS:

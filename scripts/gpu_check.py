@@ -60,9 +60,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -89,35 +89,83 @@ class Sizes:
     device: str
     phantom_cases: int
     phantom_shape: tuple[int, int, int]
-    epoch_cases: int          # training entries per epoch (the 3 training volumes repeated)
+    epoch_cases: int  # training entries per epoch (the 3 training volumes repeated)
     train_steps: int
-    stop_at: int              # the step after which train_resume sends SIGTERM
+    stop_at: int  # the step after which train_resume sends SIGTERM
     train_overrides: tuple[str, ...]
     model_args: tuple[str, ...]
     infer_args: tuple[str, ...]
     transforms_args: tuple[str, ...]
     bench_train_args: tuple[str, ...]
     ablation_args: tuple[str, ...]
-    budgets: dict[str, tuple[float, float]]   # step -> (budget, minimum to start), seconds
+    budgets: dict[str, tuple[float, float]]  # step -> (budget, minimum to start), seconds
 
 
 def gpu_sizes(workers: int) -> Sizes:
     """The issue's setting on one GPU. The budgets add up to more than 6 minutes on purpose: a step
     that finishes early leaves its time to the next, and the ablation takes what is left."""
     return Sizes(
-        device="cuda", phantom_cases=4, phantom_shape=(155, 240, 240), epoch_cases=387, train_steps=20, stop_at=10,
+        device="cuda",
+        phantom_cases=4,
+        phantom_shape=(155, 240, 240),
+        epoch_cases=387,
+        train_steps=20,
+        stop_at=10,
         train_overrides=("device=cuda",),  # configs/brats.yaml as shipped: bf16, batch 64, auto microbatch
-        model_args=("--device", "cuda", "--batches", "2", "8", "--modes", "eager", "compiled",
-                    "--models", "ours", "DynUNet", "--iters", "10", "--warmup", "3"),
+        model_args=(
+            "--device",
+            "cuda",
+            "--batches",
+            "2",
+            "8",
+            "--modes",
+            "eager",
+            "compiled",
+            "--models",
+            "ours",
+            "DynUNet",
+            "--iters",
+            "10",
+            "--warmup",
+            "3",
+        ),
         infer_args=("--device", "cuda", "--iters", "5", "--warmup", "2"),
         transforms_args=("--device", "cuda", "--batches", "2", "--iters", "10", "--warmup", "2"),
-        bench_train_args=("--device", "cuda", "--warmup-epochs", "1", "--timed-epochs", "1", "--eval-repeats", "2",
-                          "--prepare-workers", str(workers)),
-        ablation_args=("--device", "cuda", "--warmup-epochs", "1", "--timed-epochs", "1", "--eval-repeats", "1",
-                       "--prepare-workers", str(workers),
-                       "--candidate", "algorithms.compile.mode=reduce-overhead"),
-        budgets={"cuda_tests": (60, 20), "train_resume": (110, 60), "model": (80, 30), "infer": (40, 15),
-                 "transforms": (40, 15), "train_bench": (120, 60), "ablation": (600, 60)},
+        bench_train_args=(
+            "--device",
+            "cuda",
+            "--warmup-epochs",
+            "1",
+            "--timed-epochs",
+            "1",
+            "--eval-repeats",
+            "2",
+            "--prepare-workers",
+            str(workers),
+        ),
+        ablation_args=(
+            "--device",
+            "cuda",
+            "--warmup-epochs",
+            "1",
+            "--timed-epochs",
+            "1",
+            "--eval-repeats",
+            "1",
+            "--prepare-workers",
+            str(workers),
+            "--candidate",
+            "algorithms.compile.mode=reduce-overhead",
+        ),
+        budgets={
+            "cuda_tests": (60, 20),
+            "train_resume": (110, 60),
+            "model": (80, 30),
+            "infer": (40, 15),
+            "transforms": (40, 15),
+            "train_bench": (120, 60),
+            "ablation": (600, 60),
+        },
     )
 
 
@@ -125,30 +173,141 @@ def dry_sizes(workers: int) -> Sizes:
     """Tiny CPU sizes that run the same commands in about 120 CPU-seconds."""
     tiny_model = ("model.filters=[4,8,16]", "model.kernel_sizes=[3,3,3]", "model.strides=[1,2,2]")
     return Sizes(
-        device="cpu", phantom_cases=4, phantom_shape=(24, 32, 32), epoch_cases=8, train_steps=10, stop_at=4,
-        train_overrides=("device=cpu", "precision=fp32", "train_batch_size=4", "data.patch_size=[16,16,16]",
-                         "data.num_workers=1", *tiny_model),
-        model_args=("--device", "cpu", "--patch", "64", "--width-divisor", "32", "--batches", "1",
-                    "--modes", "eager", "--models", "ours", "DynUNet", "--iters", "1", "--warmup", "0"),
-        infer_args=("--device", "cpu", "--size", "48", "64", "64", "--window", "64", "--width-divisor", "32",
-                    "--iters", "1", "--warmup", "0"),
-        transforms_args=("--device", "cpu", "--patch", "64", "--batches", "2", "--iters", "1", "--warmup", "0",
-                         "--share", "--width-divisor", "32"),
-        bench_train_args=("--device", "cpu", "--epoch-cases", "8", "--patch", "16", "--depth", "3",
-                          "--width-divisor", "8", "--batch", "4", "--microbatch", "auto", "--workers", "1",
-                          "--warmup-epochs", "0", "--timed-epochs", "1", "--eval-repeats", "1",
-                          "--prepare-workers", str(workers)),
+        device="cpu",
+        phantom_cases=4,
+        phantom_shape=(24, 32, 32),
+        epoch_cases=8,
+        train_steps=10,
+        stop_at=4,
+        train_overrides=(
+            "device=cpu",
+            "precision=fp32",
+            "train_batch_size=4",
+            "data.patch_size=[16,16,16]",
+            "data.num_workers=1",
+            *tiny_model,
+        ),
+        model_args=(
+            "--device",
+            "cpu",
+            "--patch",
+            "64",
+            "--width-divisor",
+            "32",
+            "--batches",
+            "1",
+            "--modes",
+            "eager",
+            "--models",
+            "ours",
+            "DynUNet",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+        ),
+        infer_args=(
+            "--device",
+            "cpu",
+            "--size",
+            "48",
+            "64",
+            "64",
+            "--window",
+            "64",
+            "--width-divisor",
+            "32",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+        ),
+        transforms_args=(
+            "--device",
+            "cpu",
+            "--patch",
+            "64",
+            "--batches",
+            "2",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--share",
+            "--width-divisor",
+            "32",
+        ),
+        bench_train_args=(
+            "--device",
+            "cpu",
+            "--epoch-cases",
+            "8",
+            "--patch",
+            "16",
+            "--depth",
+            "3",
+            "--width-divisor",
+            "8",
+            "--batch",
+            "4",
+            "--microbatch",
+            "auto",
+            "--workers",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--timed-epochs",
+            "1",
+            "--eval-repeats",
+            "1",
+            "--prepare-workers",
+            str(workers),
+        ),
         # Every switch is turned off, so the ablation machinery runs its one quick reference run
         # (compiling on a CPU takes half a minute a run), without the evaluation step 6 timed.
-        ablation_args=("--device", "cpu", "--epoch-cases", "8", "--patch", "16", "--depth", "3",
-                       "--width-divisor", "8", "--batch", "4", "--workers", "1", "--skip-eval",
-                       "--warmup-epochs", "0", "--timed-epochs", "1", "--eval-repeats", "1",
-                       "--prepare-workers", str(workers), "--override", "algorithms.compile=null",
-                       "--override", "algorithms.channels_last=null", "--override", "algorithms.cudnn_benchmark=null",
-                       "--override", "data.prefetch_to_device=false"),
+        ablation_args=(
+            "--device",
+            "cpu",
+            "--epoch-cases",
+            "8",
+            "--patch",
+            "16",
+            "--depth",
+            "3",
+            "--width-divisor",
+            "8",
+            "--batch",
+            "4",
+            "--workers",
+            "1",
+            "--skip-eval",
+            "--warmup-epochs",
+            "0",
+            "--timed-epochs",
+            "1",
+            "--eval-repeats",
+            "1",
+            "--prepare-workers",
+            str(workers),
+            "--override",
+            "algorithms.compile=null",
+            "--override",
+            "algorithms.channels_last=null",
+            "--override",
+            "algorithms.cudnn_benchmark=null",
+            "--override",
+            "data.prefetch_to_device=false",
+        ),
         # Generous limits: on a loaded 2-core machine each step takes several times its quiet time.
-        budgets={"cuda_tests": (120, 5), "train_resume": (180, 5), "model": (120, 5), "infer": (120, 5),
-                 "transforms": (120, 5), "train_bench": (180, 5), "ablation": (240, 5)},
+        budgets={
+            "cuda_tests": (120, 5),
+            "train_resume": (180, 5),
+            "model": (120, 5),
+            "infer": (120, 5),
+            "transforms": (120, 5),
+            "train_bench": (180, 5),
+            "ablation": (240, 5),
+        },
     )
 
 
@@ -170,8 +329,15 @@ def target_met(key: str, value: float | None) -> bool | None:
     return {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
 
 
-def figure(what: str, ours: float | None = None, peer: float | None = None, unit: str = "",
-           ratio: float | None = None, target: str | None = None, value: float | None = None) -> dict:
+def figure(
+    what: str,
+    ours: float | None = None,
+    peer: float | None = None,
+    unit: str = "",
+    ratio: float | None = None,
+    target: str | None = None,
+    value: float | None = None,
+) -> dict:
     """One row of the table. ``target`` names a TARGETS entry checked against ``value`` (the ratio
     when not given)."""
     if ratio is None and ours is not None and peer:
@@ -228,14 +394,26 @@ def markdown(report: dict) -> str:
         rows = step.get("figures") or [{"what": ""}]
         for index, row in enumerate(rows):
             met = row.get("met")
-            lines.append("| " + " | ".join([
-                meta["date"] if first else "", meta["device_short"] if first else "",
-                name if index == 0 else "", status if index == 0 else "",
-                _fmt(step.get("wall_s"), 0) if index == 0 else "", row.get("what", ""),
-                _fmt(row.get("ours")), _fmt(row.get("peer")), row.get("unit", ""),
-                _fmt(row.get("ratio"), 3), row.get("target", ""),
-                "" if met is None else ("yes" if met else "**no**"),
-            ]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        meta["date"] if first else "",
+                        meta["device_short"] if first else "",
+                        name if index == 0 else "",
+                        status if index == 0 else "",
+                        _fmt(step.get("wall_s"), 0) if index == 0 else "",
+                        row.get("what", ""),
+                        _fmt(row.get("ours")),
+                        _fmt(row.get("peer")),
+                        row.get("unit", ""),
+                        _fmt(row.get("ratio"), 3),
+                        row.get("target", ""),
+                        "" if met is None else ("yes" if met else "**no**"),
+                    ]
+                )
+                + " |"
+            )
             first = False
     lines.append("")
     for name, step in report["steps"].items():
@@ -264,7 +442,9 @@ def child_environment() -> dict:
     """The repository first on PYTHONPATH (the package and scripts import without an install),
     unbuffered output, and no progress bars' carriage returns bloating the log."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(SCRIPTS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), str(SCRIPTS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TQDM_MININTERVAL", "5")
     return env
@@ -290,12 +470,15 @@ class Runner:
             handle.write(f"\n$ {shown}\n")
             offset = handle.tell()
         handle = open(path, "a")
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
-                                   env=child_environment(), **OWN_PROCESS_GROUP)
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=child_environment(), **OWN_PROCESS_GROUP
+        )
         handle.close()  # the child holds its own copy
         return process, offset
 
-    def run(self, command: list[str], shown: str, timeout: float, log: Path | None = None) -> tuple[int | None, str, float]:
+    def run(
+        self, command: list[str], shown: str, timeout: float, log: Path | None = None
+    ) -> tuple[int | None, str, float]:
         """Returns (exit code, None when killed at the limit; the command's output; seconds)."""
         started = time.monotonic()
         process, offset = self.start(command, shown, log)
@@ -336,7 +519,9 @@ def trim_log(path: Path, limit: int = 12 * 2**20, head: int = 2 * 2**20, tail: i
         return
     data = path.read_bytes()
     cut = len(data) - head - tail
-    atomic_write(path, (data[:head] + f"\n[... {cut} bytes cut ...]\n".encode() + data[-tail:]).decode(errors="replace"))
+    atomic_write(
+        path, (data[:head] + f"\n[... {cut} bytes cut ...]\n".encode() + data[-tail:]).decode(errors="replace")
+    )
 
 
 def read_json(path: Path) -> dict | None:
@@ -384,13 +569,34 @@ class PhantomJob:
 
     def _make(self) -> None:
         sizes, log = self.paths.sizes, self.paths.out / "phantom.log"
-        synth, synth_shown = cli_command("data_main", "synth", "--out", str(self.paths.phantom), "--cases",
-                                         str(sizes.phantom_cases), "--shape", *map(str, sizes.phantom_shape),
-                                         "--workers", str(self.workers))
-        prepare, prepare_shown = cli_command("data_main", "prepare", str(self.paths.phantom), "--out",
-                                             str(self.paths.prepared), "--workers", str(self.workers))
-        self.result = {"status": "running", "cases": sizes.phantom_cases, "shape": list(sizes.phantom_shape),
-                       "workers": self.workers, "command": f"{synth_shown} && {prepare_shown}"}
+        synth, synth_shown = cli_command(
+            "data_main",
+            "synth",
+            "--out",
+            str(self.paths.phantom),
+            "--cases",
+            str(sizes.phantom_cases),
+            "--shape",
+            *map(str, sizes.phantom_shape),
+            "--workers",
+            str(self.workers),
+        )
+        prepare, prepare_shown = cli_command(
+            "data_main",
+            "prepare",
+            str(self.paths.phantom),
+            "--out",
+            str(self.paths.prepared),
+            "--workers",
+            str(self.workers),
+        )
+        self.result = {
+            "status": "running",
+            "cases": sizes.phantom_cases,
+            "shape": list(sizes.phantom_shape),
+            "workers": self.workers,
+            "command": f"{synth_shown} && {prepare_shown}",
+        }
         reused = (self.paths.phantom / "phantom.json").is_file()
         code, _, synth_s = self.runner.run(synth, synth_shown, 300, log)
         self.result.update(synth_s=round(synth_s, 2), synth_reused=reused)
@@ -403,8 +609,9 @@ class PhantomJob:
         if code != 0:
             self.result["reason"] = f"unet-data prepare exit {code}"
         else:
-            self.result["figures"] = [figure("phantom generation + preparation", synth_s + prepare_s, unit="s",
-                                             ratio=None)]
+            self.result["figures"] = [
+                figure("phantom generation + preparation", synth_s + prepare_s, unit="s", ratio=None)
+            ]
 
     def wait(self, timeout: float) -> bool:
         self.thread.join(timeout)
@@ -424,7 +631,7 @@ class Context:
     runner: Runner
     phantom: PhantomJob
     deadline: float
-    settled_microbatch: int | None = None   # where "auto" settled in train_resume or train_bench
+    settled_microbatch: int | None = None  # where "auto" settled in train_resume or train_bench
 
 
 def junit_counts(path: Path) -> dict[str, int]:
@@ -444,8 +651,18 @@ def junit_counts(path: Path) -> dict[str, int]:
 def step_cuda_tests(ctx: Context, timeout: float) -> dict:
     junit = ctx.paths.work / "cuda_tests.xml"
     junit.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pytest", "-q", "-k", "cuda", "-p", "no:cacheprovider", f"--junitxml={junit}",
-               "tests"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-k",
+        "cuda",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        "tests",
+    ]
     shown = "python -m pytest -q -k cuda tests"
     code, output, wall = ctx.runner.run(command, shown, timeout)
     counts = junit_counts(junit)
@@ -485,14 +702,20 @@ def checkpoint_summary(run_dir: Path) -> dict:
     import torch
 
     pattern = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt$")
-    found = sorted(((int(m.group(2)), p) for p in (run_dir / "checkpoints").glob("*.pt")
-                    if (m := pattern.search(p.name))), key=lambda item: item[0])
+    found = sorted(
+        ((int(m.group(2)), p) for p in (run_dir / "checkpoints").glob("*.pt") if (m := pattern.search(p.name))),
+        key=lambda item: item[0],
+    )
     if not found:
         return {}
     batch, path = found[-1]
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return {"checkpoint": path.name, "batch": state["timestamp"]["batch"], "file_batch": batch,
-            "auto_microbatch": state.get("extra_state", {}).get("auto_microbatch")}
+    return {
+        "checkpoint": path.name,
+        "batch": state["timestamp"]["batch"],
+        "file_batch": batch,
+        "auto_microbatch": state.get("extra_state", {}).get("auto_microbatch"),
+    }
 
 
 def step_train_resume(ctx: Context, timeout: float) -> dict:
@@ -519,14 +742,21 @@ def step_train_resume(ctx: Context, timeout: float) -> dict:
     code = wait_or_kill(process, ends - time.monotonic())
     ctx.runner.current = None
     first = checkpoint_summary(run_dir)
-    result.update(first_exit=code, signalled_after_step=signalled_after, stopped_checkpoint=first,
-                  first_wall_s=round(time.monotonic() - started, 1))
+    result.update(
+        first_exit=code,
+        signalled_after_step=signalled_after,
+        stopped_checkpoint=first,
+        first_wall_s=round(time.monotonic() - started, 1),
+    )
     if code is None:
         result.update(status="timeout", reason="the first run did not finish in time")
         return result
     if code != 0 or signalled_after is None:
-        result["reason"] = (f"first run exit {code}" if code != 0 else
-                            f"the run finished before step {sizes.stop_at} was seen; nothing to resume")
+        result["reason"] = (
+            f"first run exit {code}"
+            if code != 0
+            else f"the run finished before step {sizes.stop_at} was seen; nothing to resume"
+        )
         return result
 
     # Run 2: the same command resumes from the saved step and trains to the end.
@@ -540,16 +770,26 @@ def step_train_resume(ctx: Context, timeout: float) -> dict:
     peaks = [r.get("memory/peak_allocated_gib") for r in records if r.get("memory/peak_allocated_gib")]
     evals = [r for r in train_records(run_dir) if r.get("kind") == "eval"]
     resumed_at = int(resumed.group(3)) if resumed else None
-    continues = resumed_at is not None and resumed_at == first.get("batch") and bool(later) \
-        and later[0]["batch"] == resumed_at + 1 and last.get("batch") == sizes.train_steps
-    result.update(second_exit=code, second_wall_s=round(second_wall, 1), resumed_from_step=resumed_at,
-                  final_checkpoint=last, steps_logged=[r["batch"] for r in records],
-                  auto_microbatch=last.get("auto_microbatch", first.get("auto_microbatch")),
-                  samples_per_s_median=statistics.median(rates) if rates else None,
-                  data_wait_fraction_median=statistics.median(waits) if waits else None,
-                  peak_allocated_gib=max(peaks) if peaks else None,
-                  final_eval={k: v for k, v in evals[-1].items() if k.startswith("dice/")} if evals else None,
-                  resume_continues=continues)
+    continues = (
+        resumed_at is not None
+        and resumed_at == first.get("batch")
+        and bool(later)
+        and later[0]["batch"] == resumed_at + 1
+        and last.get("batch") == sizes.train_steps
+    )
+    result.update(
+        second_exit=code,
+        second_wall_s=round(second_wall, 1),
+        resumed_from_step=resumed_at,
+        final_checkpoint=last,
+        steps_logged=[r["batch"] for r in records],
+        auto_microbatch=last.get("auto_microbatch", first.get("auto_microbatch")),
+        samples_per_s_median=statistics.median(rates) if rates else None,
+        data_wait_fraction_median=statistics.median(waits) if waits else None,
+        peak_allocated_gib=max(peaks) if peaks else None,
+        final_eval={k: v for k, v in evals[-1].items() if k.startswith("dice/")} if evals else None,
+        resume_continues=continues,
+    )
     if isinstance(result["auto_microbatch"], int):
         ctx.settled_microbatch = result["auto_microbatch"]
     result["figures"] = [
@@ -558,8 +798,11 @@ def step_train_resume(ctx: Context, timeout: float) -> dict:
         figure("final step", last.get("batch"), unit="step"),
         figure("auto microbatch settled at", result["auto_microbatch"], unit="samples"),
         figure("samples/s after the resume (median of steps)", result["samples_per_s_median"], unit="samples/s"),
-        figure("data wait after the resume (median)", 100 * result["data_wait_fraction_median"]
-               if result["data_wait_fraction_median"] is not None else None, unit="%"),
+        figure(
+            "data wait after the resume (median)",
+            100 * result["data_wait_fraction_median"] if result["data_wait_fraction_median"] is not None else None,
+            unit="%",
+        ),
         figure("peak allocated memory", result["peak_allocated_gib"], unit="GiB"),
     ]
     if code is None:
@@ -573,7 +816,9 @@ def step_train_resume(ctx: Context, timeout: float) -> dict:
     return result
 
 
-def run_bench(ctx: Context, timeout: float, script: str, args: tuple[str, ...], json_name: str) -> tuple[dict, dict | None]:
+def run_bench(
+    ctx: Context, timeout: float, script: str, args: tuple[str, ...], json_name: str
+) -> tuple[dict, dict | None]:
     json_path = ctx.paths.work / json_name
     json_path.unlink(missing_ok=True)
     command, shown = script_command(script, *args, "--json", str(json_path))
@@ -595,12 +840,25 @@ def step_model(ctx: Context, timeout: float) -> dict:
             continue
         peer = rows.get(("DynUNet", mode, batch), {})
         reference = mode == "eager" and batch == 2
-        figures.append(figure(f"fwd+bwd {mode}, batch {batch}", r.get("samples_per_s"), peer.get("samples_per_s"),
-                              "samples/s", target="model_speed" if reference else None))
+        figures.append(
+            figure(
+                f"fwd+bwd {mode}, batch {batch}",
+                r.get("samples_per_s"),
+                peer.get("samples_per_s"),
+                "samples/s",
+                target="model_speed" if reference else None,
+            )
+        )
         mine, theirs = r.get("peak_bytes"), peer.get("peak_bytes")
-        figures.append(figure(f"peak memory {mode}, batch {batch}", mine / 2**20 if mine is not None else None,
-                              theirs / 2**20 if theirs else None, "MiB",
-                              target="model_memory" if reference else None))
+        figures.append(
+            figure(
+                f"peak memory {mode}, batch {batch}",
+                mine / 2**20 if mine is not None else None,
+                theirs / 2**20 if theirs else None,
+                "MiB",
+                target="model_memory" if reference else None,
+            )
+        )
     result["figures"] = figures
     return result
 
@@ -608,29 +866,48 @@ def step_model(ctx: Context, timeout: float) -> dict:
 def step_infer(ctx: Context, timeout: float) -> dict:
     result, data = run_bench(ctx, timeout, "bench_infer.py", ctx.sizes.infer_args, "infer.json")
     data = data or {}
-    result["figures"] = [figure("sliding window per volume", data.get("ours_ms"), data.get("monai_ms"), "ms",
-                                target="infer_ratio")]
+    result["figures"] = [
+        figure("sliding window per volume", data.get("ours_ms"), data.get("monai_ms"), "ms", target="infer_ratio")
+    ]
     if data.get("ours_peak_gib") is not None:
-        result["figures"].append(figure("sliding window peak memory", data.get("ours_peak_gib"),
-                                        data.get("monai_peak_gib"), "GiB"))
+        result["figures"].append(
+            figure("sliding window peak memory", data.get("ours_peak_gib"), data.get("monai_peak_gib"), "GiB")
+        )
     return result
 
 
 def step_transforms(ctx: Context, timeout: float) -> dict:
     result, data = run_bench(ctx, timeout, "bench_transforms.py", ctx.sizes.transforms_args, "transforms.json")
     data = data or {}
-    figures = [figure(f"augment {r['setting']} on {r['device']}, batch {r['batch']}", r["ours_patches_per_s"],
-                      r["monai_patches_per_s"], "patches/s") for r in data.get("rows", [])]
+    figures = [
+        figure(
+            f"augment {r['setting']} on {r['device']}, batch {r['batch']}",
+            r["ours_patches_per_s"],
+            r["monai_patches_per_s"],
+            "patches/s",
+        )
+        for r in data.get("rows", [])
+    ]
     for setting, share in data.get("step_share_percent", {}).items():
-        figures.append(figure(f"augmentation share of a step ({setting}, batch 2)", share, unit="%", ratio=None,
-                              target="augment_share", value=share))
+        figures.append(
+            figure(
+                f"augmentation share of a step ({setting}, batch 2)",
+                share,
+                unit="%",
+                ratio=None,
+                target="augment_share",
+                value=share,
+            )
+        )
     result["figures"] = figures
     return result
 
 
 def bench_train_arguments(sizes: Sizes, work: Path, ablation: bool) -> tuple[str, ...]:
     """bench_train.py's options for step 6 (``ablation=False``) or 7, on the phantom made here."""
-    args = sizes.ablation_args + ("--recipe", "fast", "--ablate", "--only", "ours") if ablation else sizes.bench_train_args
+    args = (
+        sizes.ablation_args + ("--recipe", "fast", "--ablate", "--only", "ours") if ablation else sizes.bench_train_args
+    )
     args += ("--work", str(work), "--cases", str(sizes.phantom_cases), "--shape", *map(str, sizes.phantom_shape))
     if "--epoch-cases" not in args:
         args += ("--epoch-cases", str(sizes.epoch_cases))
@@ -639,9 +916,16 @@ def bench_train_arguments(sizes: Sizes, work: Path, ablation: bool) -> tuple[str
 
 def train_arguments(sizes: Sizes, paths: Paths, split: Path, run_dir: Path, workers: int) -> tuple[str, ...]:
     """unet-train's config and overrides for step 2."""
-    return ("configs/brats.yaml", f"data.path={paths.phantom}", f"data.prepared_path={paths.prepared}",
-            f"data.split_file={split}", f"save_folder={run_dir}", f"max_duration={sizes.train_steps}ba",
-            f"data.prepare_workers={workers}", *sizes.train_overrides)
+    return (
+        "configs/brats.yaml",
+        f"data.path={paths.phantom}",
+        f"data.prepared_path={paths.prepared}",
+        f"data.split_file={split}",
+        f"save_folder={run_dir}",
+        f"max_duration={sizes.train_steps}ba",
+        f"data.prepare_workers={workers}",
+        *sizes.train_overrides,
+    )
 
 
 def step_train_bench(ctx: Context, timeout: float) -> dict:
@@ -656,12 +940,22 @@ def step_train_bench(ctx: Context, timeout: float) -> dict:
         figure("end to end, median step", rate, peer, "samples/s", target="train_ratio"),
         figure("end to end (first milestone)", rate, unit="samples/s", ratio=None, target="train_rate", value=rate),
         figure("end to end, whole epochs", ours.get("epoch_rate"), monai.get("epoch_rate"), "samples/s"),
-        figure("data wait", 100 * wait if wait is not None else None,
-               100 * monai["wait_fraction"] if monai.get("wait_fraction") is not None else None, "%",
-               ratio=None, target="train_wait", value=100 * wait if wait is not None else None),
+        figure(
+            "data wait",
+            100 * wait if wait is not None else None,
+            100 * monai["wait_fraction"] if monai.get("wait_fraction") is not None else None,
+            "%",
+            ratio=None,
+            target="train_wait",
+            value=100 * wait if wait is not None else None,
+        ),
         figure("evaluation of a brain-box case", ours.get("eval_crop_s"), monai.get("eval_crop_s"), "s"),
-        figure("peak memory", ours["peak_bytes"] / 2**30 if ours.get("peak_bytes") else None,
-               monai["peak_bytes"] / 2**30 if monai.get("peak_bytes") else None, "GiB"),
+        figure(
+            "peak memory",
+            ours["peak_bytes"] / 2**30 if ours.get("peak_bytes") else None,
+            monai["peak_bytes"] / 2**30 if monai.get("peak_bytes") else None,
+            "GiB",
+        ),
         figure("auto microbatch", ours.get("microbatch"), unit="samples", ratio=None),
     ]
     if isinstance(ours.get("microbatch"), int):
@@ -703,17 +997,30 @@ def step_ablation(ctx: Context, timeout: float) -> dict:
     code, _, wall = ctx.runner.run(command, shown, timeout)
     data = read_json(target)
     status = "timeout" if code is None else ("ok" if code == 0 else "failed")
-    result = {"status": status, "exit": code, "wall_s": wall, "command": shown, "data": data,
-              "figures": ablation_figures(data)}
+    result = {
+        "status": status,
+        "exit": code,
+        "wall_s": wall,
+        "command": shown,
+        "data": data,
+        "figures": ablation_figures(data),
+    }
     if status == "timeout":
-        result["reason"] = ("killed at its limit; rerun with --steps ablation --resume-ablation "
-                            "<the returned ablate.json> to measure the rest")
+        result["reason"] = (
+            "killed at its limit; rerun with --steps ablation --resume-ablation "
+            "<the returned ablate.json> to measure the rest"
+        )
     return result
 
 
 STEPS: dict[str, Callable[[Context, float], dict]] = {
-    "cuda_tests": step_cuda_tests, "train_resume": step_train_resume, "model": step_model, "infer": step_infer,
-    "transforms": step_transforms, "train_bench": step_train_bench, "ablation": step_ablation,
+    "cuda_tests": step_cuda_tests,
+    "train_resume": step_train_resume,
+    "model": step_model,
+    "infer": step_infer,
+    "transforms": step_transforms,
+    "train_bench": step_train_bench,
+    "ablation": step_ablation,
 }
 NEEDS_PHANTOM = {"train_resume", "train_bench", "ablation"}
 
@@ -731,8 +1038,13 @@ def children_cpu_s() -> float:
 def versions(device: str) -> dict:
     import torch
 
-    meta = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-            "python": platform.python_version(), "cpus": os.cpu_count()}
+    meta = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
     try:  # read from its metadata: importing MONAI would cost seconds for one string
         meta["monai"] = importlib.metadata.version("monai")
     except importlib.metadata.PackageNotFoundError:
@@ -740,9 +1052,16 @@ def versions(device: str) -> dict:
     if device == "cuda":
         # From nvidia-smi, not torch: a CUDA context here would hold GPU memory through every step.
         try:
-            line = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                                   "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                                  timeout=20).stdout.strip().splitlines()[0]
+            line = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                )
+                .stdout.strip()
+                .splitlines()[0]
+            )
             name, memory_mib, driver = (part.strip() for part in line.split(","))
             meta["device_short"] = name
             meta["device"] = f"{name} ({float(memory_mib) / 1024:.0f} GiB), driver {driver}"
@@ -755,30 +1074,65 @@ def versions(device: str) -> dict:
         meta["device_short"] = f"{cpu_model_name()}, {os.cpu_count()} vCPU"
         meta["device"] = f"CPU {cpu_model_name()}, {os.cpu_count()} logical cores"
     try:
-        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                        text=True, timeout=10).stdout.strip() or None
+        meta["commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         meta["commit"] = None
     return meta
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for the JSON, the Markdown table and the logs (default $OUT, else ./gpu-check-out)")
-    p.add_argument("--work", type=Path, default=None,
-                   help="phantom, prepared data and runs (default /tmp/unet-gpu-check, /tmp/unet-gpu-check-dry)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="the whole command's deadline in seconds (default 360; 240 for --dry-run)")
-    p.add_argument("--steps", nargs="+", choices=STEP_NAMES, default=list(STEP_NAMES),
-                   help="run only these steps (in the fixed order); e.g. a rerun of what was skipped")
-    p.add_argument("--resume-ablation", type=Path, default=None,
-                   help="an ablate.json an earlier command returned: the ablation keeps its runs and does the rest")
-    p.add_argument("--ablation-microbatch", type=int, default=None,
-                   help="the ablation's fixed microbatch (default: where auto settled earlier in this command, "
-                        "else auto); a resumed ablation needs the value its first command used")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes for the phantom, its preparation and the MONAI cache (default: every core)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the JSON, the Markdown table and the logs (default $OUT, else ./gpu-check-out)",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="phantom, prepared data and runs (default /tmp/unet-gpu-check, /tmp/unet-gpu-check-dry)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="the whole command's deadline in seconds (default 360; 240 for --dry-run)",
+    )
+    p.add_argument(
+        "--steps",
+        nargs="+",
+        choices=STEP_NAMES,
+        default=list(STEP_NAMES),
+        help="run only these steps (in the fixed order); e.g. a rerun of what was skipped",
+    )
+    p.add_argument(
+        "--resume-ablation",
+        type=Path,
+        default=None,
+        help="an ablate.json an earlier command returned: the ablation keeps its runs and does the rest",
+    )
+    p.add_argument(
+        "--ablation-microbatch",
+        type=int,
+        default=None,
+        help="the ablation's fixed microbatch (default: where auto settled earlier in this command, "
+        "else auto); a resumed ablation needs the value its first command used",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes for the phantom, its preparation and the MONAI cache (default: every core)",
+    )
     p.add_argument("--dry-run", action="store_true", help="every step at a tiny size on the CPU")
     args = p.parse_args(argv)
     if args.out is None:
@@ -807,14 +1161,21 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("error: no CUDA GPU is visible; use --dry-run on a CPU machine", file=sys.stderr)
             return 2
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-            "command": shlex.join(["python", "scripts/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
-            "budget_s": args.budget_s, "dry_run": args.dry_run, "steps_asked": args.steps,
-            "_started": started, **versions(sizes.device)}
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "command": shlex.join(["python", "scripts/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
+        "budget_s": args.budget_s,
+        "dry_run": args.dry_run,
+        "steps_asked": args.steps,
+        "_started": started,
+        **versions(sizes.device),
+    }
     report = Report(args.out, meta)
     log = args.out / "gpu_check.log"
-    log.write_text(f"gpu_check {meta['command']}\n{meta['device']}; torch {meta['torch']}, CUDA {meta['cuda']}, "
-                   f"cuDNN {meta['cudnn']}, MONAI {meta['monai']}\n")
+    log.write_text(
+        f"gpu_check {meta['command']}\n{meta['device']}; torch {meta['torch']}, CUDA {meta['cuda']}, "
+        f"cuDNN {meta['cudnn']}, MONAI {meta['monai']}\n"
+    )
     runner = Runner(log)
     paths = Paths(args.work.resolve(), args.out.resolve(), sizes)
     phantom = PhantomJob(paths, args.workers, runner)
@@ -829,8 +1190,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"gpu_check: {meta['device']}; torch {meta['torch']} CUDA {meta['cuda']} cuDNN {meta['cudnn']}; "
-          f"budget {args.budget_s:.0f} s; writing {args.out}", flush=True)
+    print(
+        f"gpu_check: {meta['device']}; torch {meta['torch']} CUDA {meta['cuda']} cuDNN {meta['cudnn']}; "
+        f"budget {args.budget_s:.0f} s; writing {args.out}",
+        flush=True,
+    )
     if NEEDS_PHANTOM & set(args.steps):
         phantom.start()
     for name in STEP_NAMES:
@@ -863,11 +1227,15 @@ def main(argv: list[str] | None = None) -> int:
         # machine this, not the wall time, says what a quiet one would take.
         result["cpu_s"] = round(children_cpu_s() - cpu_before, 1)
         report.record(name, result)
-        shown = "; ".join(f"{f['what']} {_fmt(f.get('ours'))}" + (f" vs {_fmt(f.get('peer'))}" if f.get("peer") else "")
-                          for f in result.get("figures", [])[:4])
-        print(f"[{name}] {result['status']} in {result['wall_s']:.0f} s"
-              f"{' (' + result['reason'] + ')' if result.get('reason') else ''}{': ' + shown if shown else ''}",
-              flush=True)
+        shown = "; ".join(
+            f"{f['what']} {_fmt(f.get('ours'))}" + (f" vs {_fmt(f.get('peer'))}" if f.get("peer") else "")
+            for f in result.get("figures", [])[:4]
+        )
+        print(
+            f"[{name}] {result['status']} in {result['wall_s']:.0f} s"
+            f"{' (' + result['reason'] + ')' if result.get('reason') else ''}{': ' + shown if shown else ''}",
+            flush=True,
+        )
     if phantom.thread is not None and phantom.result.get("status") == "running":
         phantom.wait(5)
     if phantom.thread is not None:

@@ -21,11 +21,22 @@ def cache_root(tmp_path_factory) -> Path:
 def tiny_overrides(cache: Path, run_dir: Path, *extra: str) -> list[str]:
     """Overrides that shrink configs/demo.yaml to a few seconds of CPU work."""
     return [
-        f"data.cache_dir={cache}", f"save_folder={run_dir}",
-        "data.phantom.cases=6", "data.phantom.shape=[24, 24, 24]", "data.num_folds=3",
-        "data.patch_size=[16, 16, 16]", "data.num_workers=0", "data.prepare_workers=1",
-        "model.filters=[4, 8]", "model.kernel_sizes=[3, 3]", "model.strides=[1, 2]",
-        "train_batch_size=2", "eval_interval=1ep", "save_interval=1ba", "device=cpu", "precision=fp32",
+        f"data.cache_dir={cache}",
+        f"save_folder={run_dir}",
+        "data.phantom.cases=6",
+        "data.phantom.shape=[24, 24, 24]",
+        "data.num_folds=3",
+        "data.patch_size=[16, 16, 16]",
+        "data.num_workers=0",
+        "data.prepare_workers=1",
+        "model.filters=[4, 8]",
+        "model.kernel_sizes=[3, 3]",
+        "model.strides=[1, 2]",
+        "train_batch_size=2",
+        "eval_interval=1ep",
+        "save_interval=1ba",
+        "device=cpu",
+        "precision=fp32",
         *extra,
     ]
 
@@ -35,7 +46,9 @@ def tiny_config(cache_root, tmp_path):
     """A function building the resolved tiny config; extra overrides are appended."""
 
     def build(*extra: str, run_dir: Path | None = None) -> dict:
-        return resolve_config(ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, run_dir or tmp_path / "run", *extra))
+        return resolve_config(
+            ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, run_dir or tmp_path / "run", *extra)
+        )
 
     return build
 

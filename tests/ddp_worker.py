@@ -52,7 +52,13 @@ if __name__ == "__main__":
     summary = run_training(resolve_config(ROOT / "configs" / "demo.yaml", sys.argv[2:]), progress=False)
     state = summary["state"]
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state.unwrapped_model.state_dict(), "eval_history": state.eval_history,
-                "batch": state.timestamp.batch, "sample": state.timestamp.sample,
-                "auto_microbatch": state.extra_state.get("auto_microbatch")},
-               out / f"rank{state.rank}.pt")
+    torch.save(
+        {
+            "model": state.unwrapped_model.state_dict(),
+            "eval_history": state.eval_history,
+            "batch": state.timestamp.batch,
+            "sample": state.timestamp.sample,
+            "auto_microbatch": state.extra_state.get("auto_microbatch"),
+        },
+        out / f"rank{state.rank}.pt",
+    )

@@ -14,9 +14,22 @@ def bench():
 
 
 def test_both_pipelines_get_the_same_setting_and_only_ours_the_ablation(bench, tmp_path):
-    args = bench.parse_args(["--device", "cpu", "--steps", "40", "--points", "4", "--work", str(tmp_path),
-                             "--override", "optimizer.radam.lr=0.002",
-                             "--ours-override", "augmentation.noise.std=[0.0, 0.1]"])
+    args = bench.parse_args(
+        [
+            "--device",
+            "cpu",
+            "--steps",
+            "40",
+            "--points",
+            "4",
+            "--work",
+            str(tmp_path),
+            "--override",
+            "optimizer.radam.lr=0.002",
+            "--ours-override",
+            "augmentation.noise.std=[0.0, 0.1]",
+        ]
+    )
     ours = bench.build_config(args, tmp_path / "phantom", tmp_path / "split.json", 1, "ours")
     monai = bench.build_config(args, tmp_path / "phantom", tmp_path / "split.json", 1, "monai")
     for cfg in (ours, monai):
@@ -48,8 +61,10 @@ def history(values: list[float], steps=(10, 20)) -> list[dict]:
 
 
 def test_verdicts_read_the_difference_against_the_seed_spread(bench):
-    runs = {"ours": {0: history([0.50, 0.80]), 1: history([0.54, 0.82])},
-            "monai": {0: history([0.30, 0.79]), 1: history([0.40, 0.81])}}
+    runs = {
+        "ours": {0: history([0.50, 0.80]), 1: history([0.54, 0.82])},
+        "monai": {0: history([0.30, 0.79]), 1: history([0.40, 0.81])},
+    }
     result = bench.compare(runs, min_noise=0.02)
     first = next(r for r in result["table"] if r["step"] == 10 and r["key"] == "TC")
     assert first["diff"] == pytest.approx(0.17) and first["noise"] == pytest.approx(0.10)  # monai's spread

@@ -48,13 +48,16 @@ def test_each_ablation_variant_resolves_to_its_switches(bench):
     candidate = "algorithms.compile.mode=reduce-overhead"
     variants = bench.ablation_variants(cfg, [candidate])
     switches = [name for name, _ in bench.speed_switches(cfg)]
-    assert [v.label for v in variants] == (["all switches"] + [f"without {s}" for s in switches]
-                                           + ["no switches", f"with {candidate}"])
+    assert [v.label for v in variants] == (
+        ["all switches"] + [f"without {s}" for s in switches] + ["no switches", f"with {candidate}"]
+    )
     assert [v.switch for v in variants[1:-2]] == switches
 
     def on(variant) -> set[str]:
         resolved = resolve_config(ROOT / "configs" / "brats.yaml", base + list(variant.overrides))
-        return set(resolved["algorithms"]) | ({"data.prefetch_to_device"} if resolved["data"]["prefetch_to_device"] else set())
+        return set(resolved["algorithms"]) | (
+            {"data.prefetch_to_device"} if resolved["data"]["prefetch_to_device"] else set()
+        )
 
     assert on(variants[0]) == set(switches)
     for variant in variants[1:-2]:
@@ -65,9 +68,34 @@ def test_each_ablation_variant_resolves_to_its_switches(bench):
 
 
 def test_a_child_run_gets_the_parents_settings(bench, tmp_path):
-    parent = bench.parse_args(["--device", "cpu", "--recipe", "fast", "--ablate", "--cases", "5", "--shape", "40", "48",
-                               "56", "--patch", "16", "--depth", "3", "--workers", "2", "--timed-epochs", "3",
-                               "--override", "seed=7", "--cudnn-benchmark", "--work", str(tmp_path)])
+    parent = bench.parse_args(
+        [
+            "--device",
+            "cpu",
+            "--recipe",
+            "fast",
+            "--ablate",
+            "--cases",
+            "5",
+            "--shape",
+            "40",
+            "48",
+            "56",
+            "--patch",
+            "16",
+            "--depth",
+            "3",
+            "--workers",
+            "2",
+            "--timed-epochs",
+            "3",
+            "--override",
+            "seed=7",
+            "--cudnn-benchmark",
+            "--work",
+            str(tmp_path),
+        ]
+    )
     json_path = tmp_path / "0.json"
     command = bench.child_command(parent, ("algorithms.compile=null",), "ours", json_path)
     assert command[:2] == [sys.executable, str(ROOT / "scripts" / "bench_train.py")]
@@ -75,8 +103,9 @@ def test_a_child_run_gets_the_parents_settings(bench, tmp_path):
     assert (child.only, child.json, child.ablate) == ("ours", json_path, False)
     assert child.override == ["seed=7", "algorithms.compile=null"]  # the variant's override after the user's
     skip = {"only", "json", "ablate", "override"}
-    assert {k: v for k, v in vars(child).items() if k not in skip} == \
-           {k: v for k, v in vars(parent).items() if k not in skip}
+    assert {k: v for k, v in vars(child).items() if k not in skip} == {
+        k: v for k, v in vars(parent).items() if k not in skip
+    }
 
 
 def test_switch_verdicts(bench):
@@ -136,15 +165,26 @@ def test_a_resumed_ablation_keeps_what_the_earlier_command_measured(bench, tmp_p
     # A command stopped after the reference ran twice (once failing) and the first switch once.
     runs = {f"{variants[0].label} #0": run(30), f"{variants[0].label} #1": None, f"{variants[1].label} #0": run(20)}
     walls = {variants[0].label: [50.0, 3.0], variants[1].label: [40.0]}
-    bench.write_json(path, args, cfg, runs, None,
-                     {"variants": [{"label": v.label, "overrides": list(v.overrides), "switch": v.switch,
-                                    "wall_s": walls.get(v.label, [])} for v in variants]})
+    bench.write_json(
+        path,
+        args,
+        cfg,
+        runs,
+        None,
+        {
+            "variants": [
+                {"label": v.label, "overrides": list(v.overrides), "switch": v.switch, "wall_s": walls.get(v.label, [])}
+                for v in variants
+            ]
+        },
+    )
     earlier, earlier_walls, monai = bench.earlier_runs(path, args, cfg, variants)
     assert [m and m.median_rate for m in earlier[variants[0].label]] == [30, None]
     assert [m.median_rate for m in earlier[variants[1].label]] == [20]
     assert earlier_walls[variants[0].label] == [50.0, 3.0] and monai is None
     # Another setting must not be mixed in.
-    other = bench.parse_args(["--device", "cpu", "--recipe", "fast", "--ablate", "--resume", "--json", str(path),
-                              "--patch", "16"])
+    other = bench.parse_args(
+        ["--device", "cpu", "--recipe", "fast", "--ablate", "--resume", "--json", str(path), "--patch", "16"]
+    )
     with pytest.raises(SystemExit, match="setting"):
         bench.earlier_runs(path, other, cfg, variants)

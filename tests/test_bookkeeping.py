@@ -20,7 +20,9 @@ def read_rows(path) -> list[dict]:
 
 def as_text(rows: list[dict]) -> list[dict]:
     """Evaluator rows as csv writes them (floats by str, NaN as "nan")."""
-    return [{k: (v if isinstance(v, str) else ("nan" if math.isnan(v) else str(v))) for k, v in r.items()} for r in rows]
+    return [
+        {k: (v if isinstance(v, str) else ("nan" if math.isnan(v) else str(v))) for k, v in r.items()} for r in rows
+    ]
 
 
 class RecordEvaluations(Callback):
@@ -30,14 +32,18 @@ class RecordEvaluations(Callback):
         self.seen = []
 
     def eval_end(self, state):
-        self.seen.append((state.eval_history[-1]["dice/mean"], state.timestamp.batch,
-                          copy.deepcopy(state.evaluator.last_per_case)))
+        self.seen.append(
+            (state.eval_history[-1]["dice/mean"], state.timestamp.batch, copy.deepcopy(state.evaluator.last_per_case))
+        )
 
 
 def test_best_evaluations_per_case_file_sits_next_to_the_latest(tiny_config, tmp_path):
     recorder = RecordEvaluations()
-    summary = run_training(tiny_config("max_duration=6ba", "eval_interval=1ba", "optimizer.radam.lr=0.03"),
-                           progress=False, extra_callbacks=[recorder])
+    summary = run_training(
+        tiny_config("max_duration=6ba", "eval_interval=1ba", "optimizer.radam.lr=0.03"),
+        progress=False,
+        extra_callbacks=[recorder],
+    )
     run = tmp_path / "run"
     assert len(recorder.seen) == 6
     best_dice, best_step, best_rows = max(recorder.seen, key=lambda s: s[0])  # the first of equal maxima
@@ -61,8 +67,14 @@ class FakeClock:
 def test_samples_per_second_right_after_an_evaluation_leaves_the_evaluation_out(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(callbacks.time, "perf_counter", clock)
-    state = SimpleNamespace(total_batches=10, timestamp=Timestamp(), train_batch_size=4, batches_per_epoch=2,
-                            step_metrics={"loss/train": 0.5}, eval_history=[])
+    state = SimpleNamespace(
+        total_batches=10,
+        timestamp=Timestamp(),
+        train_batch_size=4,
+        batches_per_epoch=2,
+        step_metrics={"loss/train": 0.5},
+        eval_history=[],
+    )
     bar = callbacks.ProgressBar()
     bar.fit_start(state)
 
@@ -95,8 +107,10 @@ def test_epoch_means_finished_epochs_in_logs_checkpoints_and_console(tiny_config
     runs = {}
     for units, interval in (("ba", "2ba"), ("ep", "1ep")):
         run = tmp_path / units
-        summary = run_training(tiny_config("max_duration=4ba", f"eval_interval={interval}", f"save_interval={interval}",
-                                           run_dir=run), progress=False)
+        summary = run_training(
+            tiny_config("max_duration=4ba", f"eval_interval={interval}", f"save_interval={interval}", run_dir=run),
+            progress=False,
+        )
         runs[units] = run
         assert summary["state"].batches_per_epoch == 2
         evals = read_rows(run / "eval_metrics.csv")
@@ -105,8 +119,14 @@ def test_epoch_means_finished_epochs_in_logs_checkpoints_and_console(tiny_config
         train = read_rows(run / "train_metrics.csv")
         assert [(r["epoch"], r["batch"]) for r in train] == [("0", "1"), ("1", "2"), ("1", "3"), ("2", "4")]
     # The console's "ep" is the same count, as a fraction of epochs done.
-    state = SimpleNamespace(total_batches=4, timestamp=Timestamp(batch=3, epoch=1, batch_in_epoch=1),
-                            train_batch_size=2, batches_per_epoch=2, step_metrics={}, eval_history=[])
+    state = SimpleNamespace(
+        total_batches=4,
+        timestamp=Timestamp(batch=3, epoch=1, batch_in_epoch=1),
+        train_batch_size=2,
+        batches_per_epoch=2,
+        step_metrics={},
+        eval_history=[],
+    )
     bar = callbacks.ProgressBar()
     bar.fit_start(state)
     bar.batch_end(state)

@@ -6,8 +6,7 @@ import pytest
 import yaml
 
 from unet_trainer.cli import train_main
-from unet_trainer.config import (ConfigError, Duration, config_differences, defaults, parse_overrides,
-                                 resolve_config)
+from unet_trainer.config import ConfigError, Duration, config_differences, defaults, parse_overrides, resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,15 +20,25 @@ def write(path: Path, text: str) -> Path:
 @pytest.fixture
 def layered(tmp_path):
     """A recipe and a config naming it, in a configs/ + recipes/ layout."""
-    write(tmp_path / "recipes" / "r.yaml", "optimizer: {radam: {lr: 0.005, weight_decay: 0.01}}\n"
-                                           "train_batch_size: 16\nmax_duration: 7ep\n")
+    write(
+        tmp_path / "recipes" / "r.yaml",
+        "optimizer: {radam: {lr: 0.005, weight_decay: 0.01}}\ntrain_batch_size: 16\nmax_duration: 7ep\n",
+    )
     return write(tmp_path / "configs" / "c.yaml", "recipe: r\ntrain_batch_size: 8\nseed: 3\n")
 
 
-@pytest.mark.parametrize("raw,expected", [
-    ("200ep", Duration(200, "ep")), ("1000ba", Duration(1000, "ba")), ("64sp", Duration(64, "sp")),
-    (12, Duration(12, "ep")), ("12", Duration(12, "ep")), (" 3 ba ", Duration(3, "ba")), (0, Duration(0, "ep")),
-])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("200ep", Duration(200, "ep")),
+        ("1000ba", Duration(1000, "ba")),
+        ("64sp", Duration(64, "sp")),
+        (12, Duration(12, "ep")),
+        ("12", Duration(12, "ep")),
+        (" 3 ba ", Duration(3, "ba")),
+        (0, Duration(0, "ep")),
+    ],
+)
 def test_duration_parsing(raw, expected):
     assert Duration.parse(raw) == expected
     assert Duration.parse(str(expected)) == expected
@@ -43,17 +52,22 @@ def test_duration_rejects(raw):
 
 def test_precedence_defaults_recipe_config_cli(layered):
     cfg = resolve_config(layered, ["seed=9"])
-    assert cfg["optimizer"]["radam"]["lr"] == 0.005            # recipe
-    assert cfg["optimizer"]["radam"]["eps"] == 1e-8             # default inside the recipe's choice
-    assert cfg["train_batch_size"] == 8                          # config beats recipe
-    assert cfg["max_duration"] == "7ep"                          # recipe beats default
-    assert cfg["seed"] == 9                                      # command line beats config
+    assert cfg["optimizer"]["radam"]["lr"] == 0.005  # recipe
+    assert cfg["optimizer"]["radam"]["eps"] == 1e-8  # default inside the recipe's choice
+    assert cfg["train_batch_size"] == 8  # config beats recipe
+    assert cfg["max_duration"] == "7ep"  # recipe beats default
+    assert cfg["seed"] == 9  # command line beats config
     assert cfg["run_name"] == "c" and cfg["save_folder"] == "runs/c"
 
 
-@pytest.mark.parametrize("args", [
-    ["--optimizer.radam.lr", "2e-3"], ["--optimizer.radam.lr=2e-3"], ["optimizer.radam.lr=2e-3"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--optimizer.radam.lr", "2e-3"],
+        ["--optimizer.radam.lr=2e-3"],
+        ["optimizer.radam.lr=2e-3"],
+    ],
+)
 def test_override_forms(layered, args):
     cfg = resolve_config(layered, args)
     assert cfg["optimizer"]["radam"]["lr"] == pytest.approx(2e-3)
@@ -61,8 +75,16 @@ def test_override_forms(layered, args):
 
 
 def test_override_values_are_yaml_scalars_and_lists(layered):
-    cfg = resolve_config(layered, ["data.patch_size=[32, 64, 96]", "autoresume=false", "max_duration=10ba",
-                                   "schedulers=[{cosine: {min_factor: 0.1}}]", "run_name=x"])
+    cfg = resolve_config(
+        layered,
+        [
+            "data.patch_size=[32, 64, 96]",
+            "autoresume=false",
+            "max_duration=10ba",
+            "schedulers=[{cosine: {min_factor: 0.1}}]",
+            "run_name=x",
+        ],
+    )
     assert cfg["data"]["patch_size"] == [32, 64, 96]
     assert cfg["autoresume"] is False
     assert cfg["max_duration"] == "10ba"
@@ -86,13 +108,16 @@ def test_set_of_components_switch_on_and_off(layered):
     assert cfg["algorithms"] == {"ema": {"decay": 0.9}}
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["optimizer.radam.lrr=1"], "did you mean 'optimizer.radam.lr'"),
-    (["optimiser.radam.lr=1"], "did you mean 'optimizer'"),
-    (["data.patchsize=[1,2,3]"], "did you mean 'data.patch_size'"),
-    (["optimizer.radamm.lr=1"], "did you mean 'optimizer.radam'"),
-    (["callbacks.lr_monitr={}"], "did you mean 'callbacks.lr_monitor'"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["optimizer.radam.lrr=1"], "did you mean 'optimizer.radam.lr'"),
+        (["optimiser.radam.lr=1"], "did you mean 'optimizer'"),
+        (["data.patchsize=[1,2,3]"], "did you mean 'data.patch_size'"),
+        (["optimizer.radamm.lr=1"], "did you mean 'optimizer.radam'"),
+        (["callbacks.lr_monitr={}"], "did you mean 'callbacks.lr_monitor'"),
+    ],
+)
 def test_unknown_key_names_closest(layered, args, fragment):
     with pytest.raises(ConfigError) as info:
         resolve_config(layered, args)
@@ -101,16 +126,19 @@ def test_unknown_key_names_closest(layered, args, fragment):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["optimizer.radam.lr=fast"], "'optimizer.radam.lr' = 'fast' is not a number"),
-    (["seed=1.5"], "'seed' = 1.5 is not an integer"),
-    (["max_duration=10epochs"], "is not a duration"),
-    (["precision=fp64"], "is not one of fp32, amp_fp16, amp_bf16"),
-    (["data.patch_size=[1,2]"], "of length 3"),
-    (["autoresume=maybe"], "is not true or false"),
-    (["data.oversampling=1.5"], "in [0.0, 1.0]"),
-    (["device_train_microbatch_size=big"], "an integer or 'auto'"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["optimizer.radam.lr=fast"], "'optimizer.radam.lr' = 'fast' is not a number"),
+        (["seed=1.5"], "'seed' = 1.5 is not an integer"),
+        (["max_duration=10epochs"], "is not a duration"),
+        (["precision=fp64"], "is not one of fp32, amp_fp16, amp_bf16"),
+        (["data.patch_size=[1,2]"], "of length 3"),
+        (["autoresume=maybe"], "is not true or false"),
+        (["data.oversampling=1.5"], "in [0.0, 1.0]"),
+        (["device_train_microbatch_size=big"], "an integer or 'auto'"),
+    ],
+)
 def test_wrong_type_names_key_value_and_expected(layered, args, fragment):
     with pytest.raises(ConfigError) as info:
         resolve_config(layered, args)
@@ -179,7 +207,12 @@ def test_brats_config_has_composer_hyperparameters(capsys):
     model = cfg["model"]
     assert model["filters"] == [32, 64, 128, 256, 320, 320] and model["strides"] == [1, 2, 2, 2, 2, 2]
     assert (model["norm"], model["activation"], model["negative_slope"], model["upsample"], model["in_channels"]) == (
-        "instance", "leaky_relu", 0.01, "transposed", 4)
+        "instance",
+        "leaky_relu",
+        0.01,
+        "transposed",
+        4,
+    )
 
 
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "recipes").glob("*.yaml"))

@@ -9,11 +9,23 @@ import torch
 
 from unet_trainer.cli import data_main
 from unet_trainer.data.formats import DataFormatError, detect_format, list_cases, read_case, write_case
-from unet_trainer.data.loader import (ContinuousBatchSampler, DevicePrefetcher, EpochSampler, PatchDataset, PreparedCase, choose_patch_start,
-                                      crop_with_padding)
+from unet_trainer.data.loader import (
+    ContinuousBatchSampler,
+    DevicePrefetcher,
+    EpochSampler,
+    PatchDataset,
+    PreparedCase,
+    choose_patch_start,
+    crop_with_padding,
+)
 from unet_trainer.data.phantom import make_phantom_case, write_phantom_dataset
-from unet_trainer.data.prepare import (PrepareSettings, nonzero_bounding_box, prepare_dataset,
-                                       prepared_is_current, zscore_nonzero)
+from unet_trainer.data.prepare import (
+    PrepareSettings,
+    nonzero_bounding_box,
+    prepare_dataset,
+    prepared_is_current,
+    zscore_nonzero,
+)
 from unet_trainer.data.split import kfold_split, load_split_file
 
 
@@ -46,11 +58,12 @@ def test_phantom_dataset_layout_and_determinism(phantom, tmp_path):
     cases = list_cases(phantom)
     assert [c.case_id for c in cases] == [f"BraTS2021_{i:05d}" for i in range(4)]
     seg = nib.load(str(phantom / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz"))
-    assert set(np.unique(np.asarray(seg.dataobj))) == {0, 1, 2, 4}       # BraTS 2021 labels on disk
+    assert set(np.unique(np.asarray(seg.dataobj))) == {0, 1, 2, 4}  # BraTS 2021 labels on disk
     assert seg.shape == (30, 28, 32) and np.allclose(seg.affine, np.eye(4))  # (x, y, z), 1 mm
     again = tmp_path / "again"  # written by 2 processes: the same files as the serial fixture's
-    assert write_phantom_dataset(again, cases=4, shape=(32, 28, 30), seed=7, progress=False,
-                                 workers=2, style="simple") == [c.case_id for c in cases]
+    assert write_phantom_dataset(
+        again, cases=4, shape=(32, 28, 30), seed=7, progress=False, workers=2, style="simple"
+    ) == [c.case_id for c in cases]
     for a, b in zip(cases, list_cases(again), strict=True):
         ra, rb = read_case(a), read_case(b)
         assert np.array_equal(ra.image, rb.image) and np.array_equal(ra.label, rb.label)
@@ -69,8 +82,9 @@ def test_phantom_refuses_to_overwrite_other_data(phantom, tmp_path):
 
 def test_brats_phantom_is_deterministic_whatever_the_worker_count(tmp_path):
     serial = write_phantom_dataset(tmp_path / "serial", 3, (24, 24, 24), 5, progress=False, style="brats")
-    parallel = write_phantom_dataset(tmp_path / "parallel", 3, (24, 24, 24), 5, progress=False, workers=2,
-                                     style="brats")
+    parallel = write_phantom_dataset(
+        tmp_path / "parallel", 3, (24, 24, 24), 5, progress=False, workers=2, style="brats"
+    )
     assert serial == parallel
     for a, b in zip(list_cases(tmp_path / "serial"), list_cases(tmp_path / "parallel"), strict=True):
         ra, rb = read_case(a), read_case(b)
@@ -106,8 +120,10 @@ def test_brats_phantom_tumours_are_varied_like_brats():
 
 
 def test_unet_data_synth_cli(tmp_path, capsys):
-    assert data_main(["synth", "--out", str(tmp_path / "p"), "--cases", "2", "--shape", "24", "24", "24",
-                      "--seed", "1"]) == 0
+    assert (
+        data_main(["synth", "--out", str(tmp_path / "p"), "--cases", "2", "--shape", "24", "24", "24", "--seed", "1"])
+        == 0
+    )
     assert len(list_cases(tmp_path / "p")) == 2 and "Wrote 2 phantom cases" in capsys.readouterr().out
 
 
@@ -155,7 +171,7 @@ def test_prepare_outputs_metadata_and_is_resumable(phantom, tmp_path):
 def test_prepare_resumes_after_an_interrupted_case(phantom, tmp_path):
     out = tmp_path / "prep"
     prepare_dataset(phantom, out, progress=False)
-    (out / "BraTS2021_00002_meta.json").unlink()           # as if killed before the marker
+    (out / "BraTS2021_00002_meta.json").unlink()  # as if killed before the marker
     (out / ".BraTS2021_00002_x.npy.123.tmp").write_bytes(b"partial")
     stamp = (out / "BraTS2021_00000_x.npy").stat().st_mtime_ns
     prepare_dataset(phantom, out, progress=False)
@@ -186,7 +202,7 @@ def test_prepare_bad_case_stops_or_is_skipped(phantom, tmp_path):
 def test_kfold_split_is_deterministic_and_complete():
     ids = [f"case{i:03d}" for i in range(484)]
     split = kfold_split(list(reversed(ids)), 5, 0, 0)
-    assert (len(split["train"]), len(split["val"])) == (387, 97)      # Composer's fold-0 sizes
+    assert (len(split["train"]), len(split["val"])) == (387, 97)  # Composer's fold-0 sizes
     assert split == kfold_split(ids, 5, 0, 0)
     assert split != kfold_split(ids, 5, 0, 12345)
     vals = [set(kfold_split(ids, 5, f, 0)["val"]) for f in range(5)]
@@ -222,14 +238,14 @@ def test_crop_with_padding_places_small_volumes_in_the_middle():
     out_img, out_lab = crop_with_padding(image, label, start, (5, 4, 3))
     assert out_img.shape == (2, 5, 4, 3) and out_lab.shape == (1, 5, 4, 3)
     assert (out_lab[0, 0] == 0).all() and (out_lab[0, 4] == 0).all() and (out_lab[0, 1:4] == 1).all()
-    assert np.array_equal(out_img[:, 1:4], image[:, :, :, start[2]:start[2] + 3])
+    assert np.array_equal(out_img[:, 1:4], image[:, :, :, start[2] : start[2] + 3])
 
 
 def test_oversampling_frequency_and_class_balance():
     shape, patch = (64, 64, 64), (8, 8, 8)
     label = np.zeros(shape, np.uint8)
-    label[2:4, 2:4, 2:4] = 3            # tiny enhancing blob in a corner
-    label[40:60, 40:60, 40:60] = 2      # large oedema
+    label[2:4, 2:4, 2:4] = 3  # tiny enhancing blob in a corner
+    label[40:60, 40:60, 40:60] = 2  # large oedema
     fg = np.argwhere(label > 0)
     fg = np.concatenate([label[tuple(fg.T)][:, None], fg], 1).astype(np.int32)
     rng = np.random.default_rng(0)
@@ -241,7 +257,7 @@ def test_oversampling_frequency_and_class_balance():
         hits["tiny"] += bool((crop == 3).any())
         hits["large"] += bool((crop == 2).any())
     # Oversampled patches (40%) pick each present label equally often: ~20% each, plus chance hits.
-    chance_tiny = 0.6 * (9 ** 3 / 57 ** 3)
+    chance_tiny = 0.6 * (9**3 / 57**3)
     assert abs(hits["tiny"] / n - (0.2 + chance_tiny)) < 0.03
     assert hits["large"] / n > 0.2
 
@@ -250,7 +266,7 @@ def test_sampler_epochs_positions_and_start(phantom, tmp_path):
     sampler = EpochSampler(10, seed=3)
     sampler.set_epoch(0)
     epoch0 = list(sampler)
-    assert sorted(i for i, _ in epoch0) == list(range(10))           # each case once per epoch
+    assert sorted(i for i, _ in epoch0) == list(range(10))  # each case once per epoch
     sampler.set_epoch(1)
     assert [i for i, _ in sampler] != [i for i, _ in epoch0]
     sampler.set_epoch(0)
@@ -271,9 +287,9 @@ def test_patch_dataset_items(phantom, tmp_path):
     image, label = ds[(0, 123)]
     assert image.shape == (4, 16, 16, 16) and image.dtype == torch.float32
     assert label.shape == (1, 16, 16, 16) and label.dtype == torch.uint8
-    assert (label > 0).any()                                       # oversampled onto the tumour
+    assert (label > 0).any()  # oversampled onto the tumour
     again_image, _ = ds[(0, 123)]
-    assert torch.equal(image, again_image)                         # keyed by the seed, not by call order
+    assert torch.equal(image, again_image)  # keyed by the seed, not by call order
     slices = PatchDataset(out, record["cases"], (1, 20, 20), oversampling=0.0, squeeze_slice_axis=True)
     image2d, label2d = slices[(1, 5)]
     assert image2d.shape == (4, 20, 20) and label2d.shape == (1, 20, 20)
@@ -298,7 +314,7 @@ def test_crop_keeps_labels_outside_the_nonzero_image():
     image = np.zeros((1, 8, 8, 8), np.float32)
     image[0, 2:4, 2:4, 2:4] = 1.0
     label = np.zeros((8, 8, 8), np.uint8)
-    label[6, 6, 6] = 2   # a label where every channel is zero
+    label[6, 6, 6] = 2  # a label where every channel is zero
     assert nonzero_bounding_box(image) == ((2, 4), (2, 4), (2, 4))
     assert nonzero_bounding_box(image, label) == ((2, 7), (2, 7), (2, 7))
 
@@ -309,13 +325,13 @@ def test_continuous_batches_cut_each_epoch_and_resume_anywhere():
     assert batches.batches_per_epoch == 3
     stream = iter(batches)
     first_two_epochs = [next(stream) for _ in range(6)]
-    assert [len(b) for b in first_two_epochs] == [4, 4, 2, 4, 4, 2]       # partial last batch per epoch
+    assert [len(b) for b in first_two_epochs] == [4, 4, 2, 4, 4, 2]  # partial last batch per epoch
     for epoch in (0, 1):
         reference = EpochSampler(10, seed=5)
         reference.set_epoch(epoch)
-        flat = [item for b in first_two_epochs[3 * epoch:3 * epoch + 3] for item in b]
-        assert flat == list(reference)                                   # each case once, same order
-    batches.set_position(1, 1)                                           # resume at epoch 1, batch 1
+        flat = [item for b in first_two_epochs[3 * epoch : 3 * epoch + 3] for item in b]
+        assert flat == list(reference)  # each case once, same order
+    batches.set_position(1, 1)  # resume at epoch 1, batch 1
     assert [next(iter(batches)) for _ in range(1)][0] == first_two_epochs[4]
     resumed = iter(batches)
     assert [next(resumed) for _ in range(2)] == first_two_epochs[4:6]
@@ -335,8 +351,10 @@ def test_device_prefetcher_yields_every_batch_in_order(enabled):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_prefetcher_on_cuda_matches_the_cpu_batches():
-    batches = [(torch.randn(2, 4, 8, 8, 8).pin_memory(), torch.randint(0, 4, (2, 1, 8, 8, 8), dtype=torch.uint8))
-               for _ in range(5)]
+    batches = [
+        (torch.randn(2, 4, 8, 8, 8).pin_memory(), torch.randint(0, 4, (2, 1, 8, 8, 8), dtype=torch.uint8))
+        for _ in range(5)
+    ]
     got = list(DevicePrefetcher(iter(batches), torch.device("cuda"), enabled=True))
     torch.cuda.synchronize()
     assert len(got) == len(batches)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, hide_package, tiny_overrides
+
 from unet_trainer.builders import run_training
 from unet_trainer.checkpoint import list_checkpoints, load_checkpoint
 from unet_trainer.schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
@@ -41,9 +41,14 @@ def test_events_fire_in_order(tiny_config):
     run_training(tiny_config("max_duration=1ep", "eval_interval=1ep"), progress=False, extra_callbacks=[recorder])
     ev = recorder.events
     assert ev[0] == Event.INIT and ev[1] == Event.FIT_START and ev[-1] == Event.FIT_END
-    first_batch = ev[ev.index(Event.BATCH_START):ev.index(Event.BATCH_END) + 1]
-    assert first_batch == [Event.BATCH_START, Event.AFTER_FORWARD, Event.AFTER_LOSS, Event.AFTER_BACKWARD,
-                           Event.BATCH_END]
+    first_batch = ev[ev.index(Event.BATCH_START) : ev.index(Event.BATCH_END) + 1]
+    assert first_batch == [
+        Event.BATCH_START,
+        Event.AFTER_FORWARD,
+        Event.AFTER_LOSS,
+        Event.AFTER_BACKWARD,
+        Event.BATCH_END,
+    ]
     assert ev.count(Event.BATCH_END) == 2 and ev.count(Event.EPOCH_START) == ev.count(Event.EPOCH_END) == 1
     # Evaluation at the epoch boundary comes before EPOCH_END, so the checkpoint sees its result.
     assert ev.index(Event.EVAL_END) < ev.index(Event.EPOCH_END)
@@ -51,7 +56,7 @@ def test_events_fire_in_order(tiny_config):
 
 def test_schedules_compose_and_resume_without_jump():
     assert Cosine()(0, 100) == 1.0 and abs(Cosine()(100, 100)) < 1e-12 and Cosine()(50, 100) == pytest.approx(0.5)
-    assert Poly(0.9)(50, 100) == pytest.approx(0.5 ** 0.9) and Poly()(100, 100) == 0.0
+    assert Poly(0.9)(50, 100) == pytest.approx(0.5**0.9) and Poly()(100, 100) == 0.0
     assert LinearWarmup(10)(0, 100) == 0.0 and LinearWarmup(10)(5, 100) == 0.5 and LinearWarmup(10)(10, 100) == 1
     schedule = ComposedSchedule([LinearWarmup(4), Cosine(), Constant(0.5)], total_batches=20)
     param = torch.nn.Parameter(torch.zeros(1))
@@ -65,12 +70,14 @@ def test_schedules_compose_and_resume_without_jump():
     fresh_opt = torch.optim.SGD([param], lr=2.0)
     resumed = BatchScheduler(fresh_opt, schedule)
     resumed.load_state_dict(sched.state_dict())
-    assert fresh_opt.param_groups[0]["lr"] == lrs[-1]   # no learning-rate jump after resume
+    assert fresh_opt.param_groups[0]["lr"] == lrs[-1]  # no learning-rate jump after resume
 
 
 def test_lr_is_logged_per_step(tiny_config, tmp_path):
-    run_training(tiny_config("max_duration=4ba", "schedulers=[{linear_warmup: {duration: 4ba}}]", "eval_interval=0ep"),
-                 progress=False)
+    run_training(
+        tiny_config("max_duration=4ba", "schedulers=[{linear_warmup: {duration: 4ba}}]", "eval_interval=0ep"),
+        progress=False,
+    )
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     base = 3e-3  # configs/demo.yaml
@@ -91,11 +98,13 @@ def test_auto_microbatch_halves_on_out_of_memory(tiny_config, tmp_path, monkeypa
         return real_forward(self, x)
 
     monkeypatch.setattr(UNet, "forward", forward)
-    auto = run_training(tiny_config("max_duration=2ba", "device_train_microbatch_size=auto",
-                                    run_dir=tmp_path / "auto"), progress=False)
+    auto = run_training(
+        tiny_config("max_duration=2ba", "device_train_microbatch_size=auto", run_dir=tmp_path / "auto"), progress=False
+    )
     assert auto["state"].extra_state["auto_microbatch"] == 1 and auto["batch"] == 2
-    one = run_training(tiny_config("max_duration=2ba", "device_train_microbatch_size=1", run_dir=tmp_path / "one"),
-                       progress=False)
+    one = run_training(
+        tiny_config("max_duration=2ba", "device_train_microbatch_size=1", run_dir=tmp_path / "one"), progress=False
+    )
     assert same_weights(weights(auto), weights(one))
     with pytest.raises(torch.cuda.OutOfMemoryError):  # without auto, the error is the user's to see
         run_training(tiny_config("max_duration=1ba", run_dir=tmp_path / "plain"), progress=False)
@@ -107,11 +116,12 @@ def test_auto_microbatch_frees_the_failed_attempt_before_retrying(tiny_config, t
     import weakref
 
     from ddp_worker import OutOfMemoryInBackward
+
     from unet_trainer.losses import DeepSupervisionLoss
 
     real_loss = DeepSupervisionLoss.forward
-    failed: list = []               # weak references to the logits saved by failed attempts
-    still_alive: list[bool] = []    # at each loss call, whether a failed attempt's logits live on
+    failed: list = []  # weak references to the logits saved by failed attempts
+    still_alive: list[bool] = []  # at each loss call, whether a failed attempt's logits live on
 
     def loss(self, outputs, target):
         still_alive.extend(ref() is not None for ref in failed)
@@ -121,8 +131,9 @@ def test_auto_microbatch_frees_the_failed_attempt_before_retrying(tiny_config, t
         return OutOfMemoryInBackward.apply(real_loss(self, outputs, target), logits)
 
     monkeypatch.setattr(DeepSupervisionLoss, "forward", loss)
-    summary = run_training(tiny_config("max_duration=1ba", "device_train_microbatch_size=auto",
-                                       "eval_interval=0ep"), progress=False)
+    summary = run_training(
+        tiny_config("max_duration=1ba", "device_train_microbatch_size=auto", "eval_interval=0ep"), progress=False
+    )
     assert summary["state"].extra_state["auto_microbatch"] == 1 and summary["batch"] == 1
     assert failed and still_alive and not any(still_alive)
 
@@ -131,31 +142,43 @@ def test_microbatches_accumulate_to_the_batch_gradient(tiny_config, tmp_path):
     """With a per-sample-decomposable loss (CE only), 2 microbatches give the full batch's step."""
     common = ("max_duration=1ba", "loss.dice_ce.dice_weight=0", "optimizer.sgd.lr=0.1", "augmentation.enabled=false")
     full = run_training(tiny_config(*common, run_dir=tmp_path / "full"), progress=False)
-    micro = run_training(tiny_config(*common, "device_train_microbatch_size=1", run_dir=tmp_path / "micro"),
-                         progress=False)
+    micro = run_training(
+        tiny_config(*common, "device_train_microbatch_size=1", run_dir=tmp_path / "micro"), progress=False
+    )
     a, b = weights(full), weights(micro)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 def test_gradient_clipping_bounds_the_step(tiny_config, tmp_path):
     start = run_training(tiny_config("max_duration=0ba", run_dir=tmp_path / "start"), progress=False)
-    clipped = run_training(tiny_config("max_duration=1ba", "optimizer.sgd.lr=1.0", "optimizer.sgd.momentum=0.0",
-                                       "optimizer.sgd.weight_decay=0.0", "optimizer.sgd.nesterov=false", "grad_clip_norm=1e-6",
-                                       run_dir=tmp_path / "clipped"), progress=False)
+    clipped = run_training(
+        tiny_config(
+            "max_duration=1ba",
+            "optimizer.sgd.lr=1.0",
+            "optimizer.sgd.momentum=0.0",
+            "optimizer.sgd.weight_decay=0.0",
+            "optimizer.sgd.nesterov=false",
+            "grad_clip_norm=1e-6",
+            run_dir=tmp_path / "clipped",
+        ),
+        progress=False,
+    )
     a, b = weights(start), weights(clipped)
     change = torch.sqrt(sum(((a[k] - b[k]).float() ** 2).sum() for k in a if a[k].is_floating_point()))
     assert 0 < change <= 1.01e-6
 
 
 def test_ema_evaluates_averaged_weights_and_resumes_exactly(tiny_config, tmp_path):
-    straight = run_training(tiny_config("max_duration=4ba", "algorithms.ema.decay=0.5", run_dir=tmp_path / "a"),
-                            progress=False)
+    straight = run_training(
+        tiny_config("max_duration=4ba", "algorithms.ema.decay=0.5", run_dir=tmp_path / "a"), progress=False
+    )
     ema = straight["state"].extra_state["ema"]
     model = weights(straight)
     assert not same_weights(ema, model)  # an average, not the weights
     run_training(tiny_config("max_duration=2ba", "algorithms.ema.decay=0.5", run_dir=tmp_path / "b"), progress=False)
-    resumed = run_training(tiny_config("max_duration=4ba", "algorithms.ema.decay=0.5", run_dir=tmp_path / "b"),
-                           progress=False)
+    resumed = run_training(
+        tiny_config("max_duration=4ba", "algorithms.ema.decay=0.5", run_dir=tmp_path / "b"), progress=False
+    )
     assert same_weights(resumed["state"].extra_state["ema"], ema) and same_weights(weights(resumed), model)
 
 
@@ -193,8 +216,14 @@ def test_mixed_precision_trains_on_cpu(tiny_config, tmp_path, precision):
 
 
 def train_command(cache: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "unet_trainer.cli", "train", str(ROOT / "configs" / "demo.yaml"),
-            *tiny_overrides(cache, run_dir, *extra)]
+    return [
+        sys.executable,
+        "-m",
+        "unet_trainer.cli",
+        "train",
+        str(ROOT / "configs" / "demo.yaml"),
+        *tiny_overrides(cache, run_dir, *extra),
+    ]
 
 
 def child_env(threads: int | None = None) -> dict:
@@ -215,9 +244,13 @@ def wait_for(predicate, timeout: float = 120.0, process=None) -> None:
 
 def test_sigterm_saves_at_a_batch_boundary_and_exits_cleanly(cache_root, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_command(cache_root, run, "max_duration=500ba", "save_interval=1000ba",
-                                          "eval_interval=0ep"),
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_command(cache_root, run, "max_duration=500ba", "save_interval=1000ba", "eval_interval=0ep"),
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = run / "metrics.jsonl"
     wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 3, process=proc)
     proc.send_signal(signal.SIGTERM)
@@ -237,8 +270,9 @@ def test_sigkill_after_a_checkpoint_then_resume_is_exact(cache_root, tmp_path, t
     extra = ("max_duration=8ba", "save_interval=1ba", "eval_interval=0ep", "save_num_checkpoints_to_keep=-1")
     straight = run_training(tiny_config(*extra, run_dir=tmp_path / "straight"), progress=False)
     run = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(cache_root, run, *extra), env=child_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_command(cache_root, run, *extra), env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for(lambda: len(list_checkpoints(run / "checkpoints")) >= 3, process=proc)
     proc.kill()
     proc.wait()
@@ -254,11 +288,23 @@ def torchrun(cache_root: Path, run: Path, out: Path, *extra: str, env: dict | No
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), str(ROOT / "tests" / "ddp_worker.py"), str(out),
-               *tiny_overrides(cache_root, run, *extra)]
-    result = subprocess.run(command, env={**child_env(threads=1), **(env or {})}, capture_output=True, text=True,
-                            timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(out),
+        *tiny_overrides(cache_root, run, *extra),
+    ]
+    result = subprocess.run(
+        command, env={**child_env(threads=1), **(env or {})}, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr
 
@@ -267,8 +313,12 @@ def test_torchrun_two_processes_agree_write_once_and_resume_consistently(cache_r
     from unet_trainer.config import resolve_config
 
     # Prepare the data once in this process so the ranks only read it.
-    run_training(resolve_config(ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, tmp_path / "warm",
-                                                                                 "max_duration=0ba")), progress=False)
+    run_training(
+        resolve_config(
+            ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, tmp_path / "warm", "max_duration=0ba")
+        ),
+        progress=False,
+    )
     run, out = tmp_path / "ddp", tmp_path / "ranks"
     torchrun(cache_root, run, out, "max_duration=4ba", "save_interval=2ba", "eval_interval=2ba")
     rank0 = torch.load(out / "rank0.pt", weights_only=True)
@@ -283,8 +333,9 @@ def test_torchrun_two_processes_agree_write_once_and_resume_consistently(cache_r
     assert sorted(p.name for p in (run / "overlays").iterdir()) == sorted([f"{c}.png" for c in val] + ["summary.png"])
     saved = load_checkpoint(run / "checkpoints" / "ep2-ba4-rank0.pt")
     assert len(saved["rng_per_rank"]) == 2 and len(saved["augmenter_per_rank"]) == 2
-    assert not torch.equal(saved["augmenter_per_rank"][0]["noise_generator"],
-                           saved["augmenter_per_rank"][1]["noise_generator"])
+    assert not torch.equal(
+        saved["augmenter_per_rank"][0]["noise_generator"], saved["augmenter_per_rank"][1]["noise_generator"]
+    )
     # Stopped after 2 steps and resumed to 4 by both ranks: the same weights as the straight run.
     split_run, split_out = tmp_path / "ddp_split", tmp_path / "ranks_split"
     torchrun(cache_root, split_run, split_out, "max_duration=2ba", "save_interval=2ba", "eval_interval=2ba")
@@ -301,11 +352,21 @@ def test_torchrun_auto_microbatch_agrees_when_one_rank_runs_out_of_memory_in_bac
     ranks must settle on microbatch 1 together and match a run told to use 1."""
     from unet_trainer.config import resolve_config
 
-    run_training(resolve_config(ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, tmp_path / "warm",
-                                                                                 "max_duration=0ba")), progress=False)
+    run_training(
+        resolve_config(
+            ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, tmp_path / "warm", "max_duration=0ba")
+        ),
+        progress=False,
+    )
     settings = ("max_duration=2ba", "train_batch_size=4", "save_interval=0ep", "eval_interval=0ep")
-    torchrun(cache_root, tmp_path / "auto", tmp_path / "auto-ranks", *settings, "device_train_microbatch_size=auto",
-             env={"UNET_TEST_OOM_IN_BACKWARD_RANK": "1"})
+    torchrun(
+        cache_root,
+        tmp_path / "auto",
+        tmp_path / "auto-ranks",
+        *settings,
+        "device_train_microbatch_size=auto",
+        env={"UNET_TEST_OOM_IN_BACKWARD_RANK": "1"},
+    )
     torchrun(cache_root, tmp_path / "one", tmp_path / "one-ranks", *settings, "device_train_microbatch_size=1")
     auto = [torch.load(tmp_path / "auto-ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     one = torch.load(tmp_path / "one-ranks" / "rank0.pt", weights_only=True)
@@ -319,19 +380,34 @@ def test_torchrun_channels_last_gradients_fit_the_ddp_buckets(cache_root, tmp_pa
     every step copies each gradient in and out of them (the reducer warns then)."""
     from unet_trainer.config import resolve_config
 
-    run_training(resolve_config(ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, tmp_path / "warm",
-                                                                                 "max_duration=0ba")), progress=False)
-    stderr = torchrun(cache_root, tmp_path / "run", tmp_path / "ranks", "max_duration=1ba", "save_interval=0ep",
-                      "eval_interval=0ep", "algorithms.channels_last={}")
+    run_training(
+        resolve_config(
+            ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, tmp_path / "warm", "max_duration=0ba")
+        ),
+        progress=False,
+    )
+    stderr = torchrun(
+        cache_root,
+        tmp_path / "run",
+        tmp_path / "ranks",
+        "max_duration=1ba",
+        "save_interval=0ep",
+        "eval_interval=0ep",
+        "algorithms.channels_last={}",
+    )
     assert "Grad strides do not match bucket view strides" not in stderr
     model = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)["model"]
-    assert any(t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
-               for t in model.values())  # the conversion did happen
+    assert any(
+        t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+        for t in model.values()
+    )  # the conversion did happen
 
 
 def test_keep_n_checkpoints_latest_and_best(tiny_config, tmp_path):
-    run_training(tiny_config("max_duration=5ba", "save_interval=1ba", "save_num_checkpoints_to_keep=2",
-                             "eval_interval=1ba"), progress=False)
+    run_training(
+        tiny_config("max_duration=5ba", "save_interval=1ba", "save_num_checkpoints_to_keep=2", "eval_interval=1ba"),
+        progress=False,
+    )
     folder = tmp_path / "run" / "checkpoints"
     assert [p.name for p in list_checkpoints(folder)] == ["ep2-ba4-rank0.pt", "ep2-ba5-rank0.pt"]
     assert (folder / "latest-rank0.pt").resolve().name == "ep2-ba5-rank0.pt"
@@ -356,10 +432,12 @@ def test_partial_files_are_never_taken_for_checkpoints(tiny_config, tmp_path):
 def test_load_weights_only_fine_tunes_from_fresh_counters(tiny_config, tmp_path):
     source = run_training(tiny_config("max_duration=2ba", run_dir=tmp_path / "source"), progress=False)
     ckpt = tmp_path / "source" / "checkpoints" / "ep1-ba2-rank0.pt"
-    tuned = run_training(tiny_config("max_duration=0ba", f"load_path={ckpt}", "load_weights_only=true",
-                                     run_dir=tmp_path / "tuned"), progress=False)
+    tuned = run_training(
+        tiny_config("max_duration=0ba", f"load_path={ckpt}", "load_weights_only=true", run_dir=tmp_path / "tuned"),
+        progress=False,
+    )
     assert tuned["batch"] == 0 and same_weights(weights(tuned), weights(source))
-    assert tuned["state"].optimizer.state_dict()["state"] == {}       # fresh optimizer, fresh schedule
+    assert tuned["state"].optimizer.state_dict()["state"] == {}  # fresh optimizer, fresh schedule
 
 
 def test_speed_algorithms_are_applied_at_init(tiny_config, monkeypatch):
@@ -367,6 +445,7 @@ def test_speed_algorithms_are_applied_at_init(tiny_config, monkeypatch):
 
     compiled = {}
     monkeypatch.setattr(UNet, "compile", lambda self, **kwargs: compiled.update(kwargs), raising=False)
+
     class BenchmarkFlag(Callback):
         seen: list[bool] = []
 
@@ -374,9 +453,16 @@ def test_speed_algorithms_are_applied_at_init(tiny_config, monkeypatch):
             self.seen.append(torch.backends.cudnn.benchmark)
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    summary = run_training(tiny_config("max_duration=1ba", "algorithms.compile.mode=max-autotune",
-                                       "algorithms.cudnn_benchmark={}", "algorithms.channels_last={}"),
-                           progress=False, extra_callbacks=[BenchmarkFlag()])
+    summary = run_training(
+        tiny_config(
+            "max_duration=1ba",
+            "algorithms.compile.mode=max-autotune",
+            "algorithms.cudnn_benchmark={}",
+            "algorithms.channels_last={}",
+        ),
+        progress=False,
+        extra_callbacks=[BenchmarkFlag()],
+    )
     assert compiled == {"mode": "max-autotune"}
     # On while training; the process-wide flag is given back at fit end.
     assert BenchmarkFlag.seen == [True] and torch.backends.cudnn.benchmark is False
@@ -394,13 +480,20 @@ def test_cuda_training_with_every_gpu_path_resumes(tiny_config, tmp_path, monkey
     if precision == "amp_bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bfloat16")
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    common = ("device=cuda", f"precision={precision}", "algorithms.channels_last={}",
-              "device_train_microbatch_size=auto", "eval_interval=0ep")
+    common = (
+        "device=cuda",
+        f"precision={precision}",
+        "algorithms.channels_last={}",
+        "device_train_microbatch_size=auto",
+        "eval_interval=0ep",
+    )
     straight = run_training(tiny_config("max_duration=3ba", *common, run_dir=tmp_path / "straight"), progress=False)
     run_training(tiny_config("max_duration=2ba", *common, run_dir=tmp_path / "split"), progress=False)
     resumed = run_training(tiny_config("max_duration=3ba", *common, run_dir=tmp_path / "split"), progress=False)
     assert resumed["resumed_from"] is not None and resumed["batch"] == straight["batch"] == 3
-    assert straight["state"].device.type == "cuda" and (straight["state"].scaler is not None) == (precision == "amp_fp16")
+    assert straight["state"].device.type == "cuda" and (straight["state"].scaler is not None) == (
+        precision == "amp_fp16"
+    )
     for key, value in straight["state"].augmenter.state_dict().items():
         assert torch.equal(resumed["state"].augmenter.state_dict()[key], value), key
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
@@ -408,11 +501,14 @@ def test_cuda_training_with_every_gpu_path_resumes(tiny_config, tmp_path, monkey
     assert len(train) == 3 and all(math.isfinite(r["loss/train"]) and r["memory/peak_allocated_gib"] > 0 for r in train)
 
 
-@pytest.mark.skipif(os.environ.get("UNET_TEST_COMPILE") != "1", reason="compiling takes ~30 s on CPU; UNET_TEST_COMPILE=1")
+@pytest.mark.skipif(
+    os.environ.get("UNET_TEST_COMPILE") != "1", reason="compiling takes ~30 s on CPU; UNET_TEST_COMPILE=1"
+)
 def test_compiled_training_matches_eager(tiny_config, tmp_path):
     eager = run_training(tiny_config("max_duration=2ba", run_dir=tmp_path / "eager"), progress=False)
-    compiled = run_training(tiny_config("max_duration=2ba", "algorithms.compile={}", run_dir=tmp_path / "c"),
-                            progress=False)
+    compiled = run_training(
+        tiny_config("max_duration=2ba", "algorithms.compile={}", run_dir=tmp_path / "c"), progress=False
+    )
     a, b = weights(eager), weights(compiled)
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
@@ -421,7 +517,15 @@ def test_sample_intervals_count_partial_batches(tiny_config, tmp_path):
     """Epochs of 4 cases at batch 3 are batches of 3 and 1 samples (3, 4, 7, 8 seen). Saving
     every 3 samples falls due when 3 and then 6 are reached (batches 1 and 3), not after the
     1-sample batch 2; the end of the run (batch 4) saves once more."""
-    run_training(tiny_config("max_duration=4ba", "train_batch_size=3", "save_interval=3sp",
-                             "save_num_checkpoints_to_keep=-1", "eval_interval=0ep"), progress=False)
+    run_training(
+        tiny_config(
+            "max_duration=4ba",
+            "train_batch_size=3",
+            "save_interval=3sp",
+            "save_num_checkpoints_to_keep=-1",
+            "eval_interval=0ep",
+        ),
+        progress=False,
+    )
     names = [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
     assert names == ["ep0-ba1-rank0.pt", "ep1-ba3-rank0.pt", "ep2-ba4-rank0.pt"]

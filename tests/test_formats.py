@@ -60,9 +60,7 @@ def oblique_affine() -> np.ndarray:
     NIfTI stores the sform in float32, so the expected affine is rounded to float32 first.
     """
     angle = np.deg2rad(20.0)
-    rotation = np.array(
-        [[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]]
-    )
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
     affine = np.eye(4)
     affine[:3, :3] = rotation @ np.diag([0.9, 1.1, 2.5])
     affine[:3, 3] = [-90.5, 12.25, -70.0]

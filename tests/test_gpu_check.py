@@ -19,9 +19,25 @@ STEPS = ("cuda_tests", "train_resume", "model", "infer", "transforms", "train_be
 def run_check(tmp_path: Path, *args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--work", str(tmp_path / "work"),
-                           "--workers", "2", *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "--workers",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=tmp_path,
+    )
     return done, out
 
 
@@ -99,11 +115,27 @@ def test_the_gpu_runs_options_parse_in_every_script(tmp_path, monkeypatch):
     bench_train = load_script("bench_train")
     train = bench_train.parse_args([*check.bench_train_arguments(gpu, tmp_path, ablation=False), "--json", "b.json"])
     assert (train.shape, train.patch, train.epoch_cases, train.cases) == ([155, 240, 240], 128, 387, 4)
-    ablation = bench_train.parse_args([*check.bench_train_arguments(gpu, tmp_path, ablation=True), "--microbatch", "16",
-                                       "--resume", "--json", "a.json"])
-    assert ablation.ablate and ablation.recipe == "fast" and ablation.candidate == ["algorithms.compile.mode=reduce-overhead"]
+    ablation = bench_train.parse_args(
+        [
+            *check.bench_train_arguments(gpu, tmp_path, ablation=True),
+            "--microbatch",
+            "16",
+            "--resume",
+            "--json",
+            "a.json",
+        ]
+    )
+    assert (
+        ablation.ablate
+        and ablation.recipe == "fast"
+        and ablation.candidate == ["algorithms.compile.mode=reduce-overhead"]
+    )
     config, *overrides = check.train_arguments(gpu, paths, tmp_path / "split.json", tmp_path / "run", 16)
     cfg = resolve_config(ROOT / config, overrides)
-    assert (cfg["device"], cfg["precision"], cfg["train_batch_size"], cfg["device_train_microbatch_size"]) == \
-        ("cuda", "amp_bf16", 64, "auto")
+    assert (cfg["device"], cfg["precision"], cfg["train_batch_size"], cfg["device_train_microbatch_size"]) == (
+        "cuda",
+        "amp_bf16",
+        64,
+        "auto",
+    )
     assert cfg["data"]["patch_size"] == [128, 128, 128] and cfg["max_duration"] == "20ba"

@@ -11,14 +11,14 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import ROOT, tiny_overrides
+
 from unet_trainer.cli import data_main, train_main
 from unet_trainer.data.formats import FORMATS, LABEL_CONVENTIONS, write_case
 from unet_trainer.data.phantom import make_phantom_case
@@ -116,7 +116,10 @@ def test_every_layout_trains_through_unet_train(layout, datasets, phantom_cases,
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert "Traceback" not in captured.err
-    assert sorted(p.name for p in (run / "checkpoints").glob("ep*-rank0.pt")) == ["ep0-ba1-rank0.pt", "ep1-ba2-rank0.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("ep*-rank0.pt")) == [
+        "ep0-ba1-rank0.pt",
+        "ep1-ba2-rank0.pt",
+    ]
     split = json.loads((run / "split.json").read_text())
     assert sorted(split["train"] + split["val"]) == [case_id(layout, i) for i in range(NUM_CASES)]
 
@@ -143,8 +146,12 @@ def test_every_layout_trains_through_unet_train(layout, datasets, phantom_cases,
 @pytest.mark.parametrize("layout", FORMATS)
 def test_forced_format_trains(layout, datasets, tmp_path, capsys):
     cache, run = tmp_path / "cache", tmp_path / "run"
-    status = train_main([DEMO, *tiny_overrides(cache, run, f"data.path={datasets[layout]}",
-                                               f"data.format={layout}", "max_duration=1ba")])
+    status = train_main(
+        [
+            DEMO,
+            *tiny_overrides(cache, run, f"data.path={datasets[layout]}", f"data.format={layout}", "max_duration=1ba"),
+        ]
+    )
     assert status == 0, capsys.readouterr().err
     assert json.loads((prepared_folder(cache) / "prepare.json").read_text())["format"] == layout
     assert (run / "checkpoints" / "ep0-ba1-rank0.pt").is_file()
@@ -157,12 +164,20 @@ def test_wrong_forced_format_fails_with_one_line(layout, datasets, tmp_path, cap
         if forced == layout:
             continue
         run = tmp_path / f"run-{forced}"
-        status = train_main([DEMO, *tiny_overrides(tmp_path / f"cache-{forced}", run, f"data.path={datasets[layout]}",
-                                                   f"data.format={forced}")])
+        status = train_main(
+            [
+                DEMO,
+                *tiny_overrides(
+                    tmp_path / f"cache-{forced}", run, f"data.path={datasets[layout]}", f"data.format={forced}"
+                ),
+            ]
+        )
         assert status != 0
         assert_train_fails_with_one_line(capsys.readouterr().err, str(datasets[layout]))
         assert not (run / "checkpoints").exists()
-        status = data_main(["prepare", str(datasets[layout]), "--out", str(tmp_path / f"p-{forced}"), "--format", forced])
+        status = data_main(
+            ["prepare", str(datasets[layout]), "--out", str(tmp_path / f"p-{forced}"), "--format", forced]
+        )
         assert status != 0
         assert_one_error_line(capsys.readouterr().err, str(datasets[layout]), forced)
 
@@ -380,8 +395,11 @@ def write_bad_brats2023(root: Path, phantom_cases) -> tuple[str, str]:
     return cid, path.name
 
 
-@pytest.mark.parametrize("writer", [write_bad_msd, write_bad_dle, write_truncated_dle, write_bad_brats2023],
-                         ids=["msd three channels", "dle NaN", "dle truncated label", "brats2023 label 4"])
+@pytest.mark.parametrize(
+    "writer",
+    [write_bad_msd, write_bad_dle, write_truncated_dle, write_bad_brats2023],
+    ids=["msd three channels", "dle NaN", "dle truncated label", "brats2023 label 4"],
+)
 def test_bad_input_in_other_layouts(writer, phantom_cases, tmp_path, capsys):
     bad_case, file_name = writer(tmp_path / "raw", phantom_cases)
     assert data_main(["prepare", str(tmp_path / "raw"), "--out", str(tmp_path / "p")]) != 0
@@ -448,6 +466,6 @@ def test_dle_label_numbering_is_chosen_explicitly(tmp_path):
     as_2023 = PreparedCase(tmp_path / "as_2023", "a")
     crop = as_msd.meta["crop_box"]
     at = lambda case, z: int(case.label[z - crop[0][0], z - crop[1][0], z - crop[2][0]])  # noqa: E731
-    assert [at(as_msd, z) for z in (1, 2, 3)] == [2, 1, 3]        # MSD: 1 edema, 2 core
-    assert [at(as_2023, z) for z in (1, 2, 3)] == [1, 2, 3]       # 2023: 1 core, 2 edema
+    assert [at(as_msd, z) for z in (1, 2, 3)] == [2, 1, 3]  # MSD: 1 edema, 2 core
+    assert [at(as_2023, z) for z in (1, 2, 3)] == [1, 2, 3]  # 2023: 1 core, 2 edema
     assert as_2023.meta["label_convention"] == "brats2023"

@@ -124,7 +124,7 @@ def test_cropping_leaves_the_hd95_of_a_single_match_unchanged(corner):
     z, y, x = corner
     truth = box((48, 48, 48), ((z, z + 10), (y, y + 10), (x, x + 10)))
     pred = box((48, 48, 48), ((z, z + 9), (y + 1, y + 10), (x, x + 10)))
-    pred[z:z + 3, y:y + 2, x:x + 2] = True  # a bump, so the distances are not all equal
+    pred[z : z + 3, y : y + 2, x : x + 2] = True  # a bump, so the distances are not all equal
     score = region_lesion_scores(pred, truth, spacing=(1.0, 2.0, 0.5))
     assert score.hd95 == pytest.approx(hd95(pred, truth, (1.0, 2.0, 0.5)), abs=1e-9) and score.hd95 > 0
     far = pred.copy()
@@ -149,7 +149,7 @@ def test_case_scores_use_the_brats_regions_and_accept_tensors():
 
 def ball(shape, center, radius):
     grid = np.indices(shape)
-    return sum((g - c) ** 2 for g, c in zip(grid, center)) <= radius ** 2
+    return sum((g - c) ** 2 for g, c in zip(grid, center)) <= radius**2
 
 
 def _oracle_cases():

@@ -28,8 +28,9 @@ def test_dice_ce_equals_monai(seed):
     ref = MonaiDiceCE(include_background=False, to_onehot_y=True, softmax=True, batch=True)(logits, target)
     assert torch.allclose(ours, ref, atol=1e-6)
     weighted = DiceCELoss(dice_weight=0.3, ce_weight=2.0)(logits, target)
-    ref_w = MonaiDiceCE(include_background=False, to_onehot_y=True, softmax=True, batch=True, lambda_dice=0.3,
-                        lambda_ce=2.0)(logits, target)
+    ref_w = MonaiDiceCE(
+        include_background=False, to_onehot_y=True, softmax=True, batch=True, lambda_dice=0.3, lambda_ce=2.0
+    )(logits, target)
     assert torch.allclose(weighted, ref_w, atol=1e-6)
 
 
@@ -38,7 +39,8 @@ def test_region_loss_equals_monai_dice_plus_bce():
     target = torch.randint(0, 4, target.shape, generator=torch.Generator().manual_seed(1))
     regions = labels_to_regions(target)
     ref = MonaiDice(sigmoid=True, batch=True)(logits, regions) + torch.nn.functional.binary_cross_entropy_with_logits(
-        logits, regions)
+        logits, regions
+    )
     assert torch.allclose(RegionDiceBCELoss()(logits, target), ref, atol=1e-6)
     with pytest.raises(ValueError, match="needs 3 outputs"):
         RegionDiceBCELoss()(torch.zeros(1, 4, 4, 4, 4), target[:1, :, :4, :4, :4])
@@ -47,7 +49,7 @@ def test_region_loss_equals_monai_dice_plus_bce():
 def test_labels_regions_round_trip():
     labels = torch.randint(0, 4, (2, 1, 6, 6, 6))
     regions = labels_to_regions(labels)
-    assert torch.equal(regions[:, 0].bool(), labels[:, 0] > 0)                   # WT
+    assert torch.equal(regions[:, 0].bool(), labels[:, 0] > 0)  # WT
     assert torch.equal(regions[:, 1].bool(), (labels[:, 0] == 1) | (labels[:, 0] == 3))  # TC
     assert torch.equal(regions_to_labels(regions), labels[:, 0].to(torch.uint8))
 
@@ -111,7 +113,7 @@ def test_window_starts_cover_and_overlap():
 def test_sliding_window_of_a_pointwise_model_is_exact(gaussian):
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(4, 3, 1)
-    image = torch.randn(4, 20, 23, 13)          # 13 < window on the last axis: padded
+    image = torch.randn(4, 20, 23, 13)  # 13 < window on the last axis: padded
     out = sliding_window_logits(conv, image, (16, 16, 16), 3, overlap=0.5, sw_batch_size=3, gaussian=gaussian)
     with torch.no_grad():
         direct = conv(image[None])[0]
@@ -150,8 +152,13 @@ def test_2d_model_runs_slice_by_slice():
 def test_case_dice_from_one_histogram_equals_monai_per_structure(policy, ignore_empty):
     g = torch.Generator().manual_seed(4)
     structures = {"NCR": (1,), "ED": (2,), "EN": (3,), "WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
-    pairs = [(torch.randint(0, 4, (9, 10, 11), generator=g, dtype=torch.uint8),
-              torch.randint(0, 4, (9, 10, 11), generator=g, dtype=torch.uint8)) for _ in range(3)]
+    pairs = [
+        (
+            torch.randint(0, 4, (9, 10, 11), generator=g, dtype=torch.uint8),
+            torch.randint(0, 4, (9, 10, 11), generator=g, dtype=torch.uint8),
+        )
+        for _ in range(3)
+    ]
     no_tumour = torch.zeros(6, 6, 6, dtype=torch.uint8)
     enhancing_only = no_tumour.clone()
     enhancing_only[2:4, 2:4, 2:4] = 3

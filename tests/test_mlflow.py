@@ -29,9 +29,14 @@ def metric_steps(client, run_id, key) -> list[int]:
 
 
 def test_mlflow_round_trip_and_resume_continue_the_same_run(tiny_config, tmp_path, file_store):
-    settings = (f"callbacks.mlflow.tracking_uri={file_store}", "callbacks.mlflow.experiment=tests",
-                "callbacks.mlflow.log_checkpoints=true", "save_interval=2ba", "eval_interval=2ba",
-                "save_num_checkpoints_to_keep=-1")
+    settings = (
+        f"callbacks.mlflow.tracking_uri={file_store}",
+        "callbacks.mlflow.experiment=tests",
+        "callbacks.mlflow.log_checkpoints=true",
+        "save_interval=2ba",
+        "eval_interval=2ba",
+        "save_num_checkpoints_to_keep=-1",
+    )
     run_dir = tmp_path / "run"
     first = run_training(tiny_config("max_duration=4ba", *settings), progress=False)
     client = MlflowClient(tracking_uri=file_store)
@@ -72,22 +77,29 @@ def test_mlflow_round_trip_and_resume_continue_the_same_run(tiny_config, tmp_pat
     assert metric_steps(client, run_id, "loss/train") == [1, 2, 3, 4, 5, 6]
     assert metric_steps(client, run_id, "eval/dice/mean") == [2, 4, 6]
     # The values are those of the run folder's own log (a resumed run replays steps 3 and 4 exactly).
-    logged = {r["batch"]: r["loss/train"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-              if r["kind"] == "train"}
+    logged = {
+        r["batch"]: r["loss/train"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "train"
+    }
     assert {m.step: m.value for m in client.get_metric_history(run_id, "loss/train")} == logged
     assert load_checkpoint(run_dir / "checkpoints" / "latest-rank0.pt")["extra_state"]["mlflow_run_id"] == run_id
 
     # A checkpoint whose MLflow run is not in the store starts a new one.
     other = f"file:{tmp_path / 'other-mlruns'}"
-    moved = run_training(tiny_config("max_duration=7ba", *settings, f"callbacks.mlflow.tracking_uri={other}"),
-                         progress=False)
+    moved = run_training(
+        tiny_config("max_duration=7ba", *settings, f"callbacks.mlflow.tracking_uri={other}"), progress=False
+    )
     assert moved["state"].extra_state["mlflow_run_id"] != run_id
     (new_run,) = MlflowClient(tracking_uri=other).search_runs(
-        [MlflowClient(tracking_uri=other).get_experiment_by_name("tests").experiment_id])
+        [MlflowClient(tracking_uri=other).get_experiment_by_name("tests").experiment_id]
+    )
     assert metric_steps(MlflowClient(tracking_uri=other), new_run.info.run_id, "loss/train") == [7]
 
 
 def test_mlflow_missing_is_a_one_line_error(tiny_config, monkeypatch):
     hide_package(monkeypatch, "mlflow")
-    with pytest.raises(ConfigError, match=r"^callbacks.mlflow needs the mlflow package: pip install 'unet-trainer\[mlflow\]'$"):
+    with pytest.raises(
+        ConfigError, match=r"^callbacks.mlflow needs the mlflow package: pip install 'unet-trainer\[mlflow\]'$"
+    ):
         run_training(tiny_config("max_duration=1ba", "callbacks.mlflow={}"), progress=False)

@@ -19,6 +19,7 @@ from torch import nn
 from unet_trainer.config import resolve_config
 from unet_trainer.model import GroupNorm, InstanceNorm, LinearUpsample, UNet, optimize_model
 
+
 @pytest.fixture(autouse=True, scope="module")
 def single_cpu_thread():
     """Run this module's tiny CPU workloads on one thread: on a shared 2-core machine OpenMP
@@ -299,7 +300,9 @@ def test_bad_input_size_gives_one_clear_line():
         model.check_input_size((128, 128, 100))
     message = str(error.value)
     assert "\n" not in message
-    assert message == "input size 100 on axis 4 does not fit strides (1,2,2,2,2,2): use a multiple of 32, e.g. 96 or 128"
+    assert (
+        message == "input size 100 on axis 4 does not fit strides (1,2,2,2,2,2): use a multiple of 32, e.g. 96 or 128"
+    )
     # forward fails with the same message instead of a cryptic concatenation error.
     with pytest.raises(ValueError, match="input size 40 on axis 2 .* e.g. 32 or 64"):
         model(torch.randn(1, 4, 40, 32, 32))
@@ -420,7 +423,9 @@ def test_in_place_activations_keep_less_for_backward_than_dynunet():
     from monai.networks.nets import DynUNet
 
     filters = [8, 16, 32, 32]
-    ours = UNet(spatial_dims=3, in_channels=4, num_classes=4, filters=filters, kernel_sizes=[3] * 4, strides=[1, 2, 2, 2])
+    ours = UNet(
+        spatial_dims=3, in_channels=4, num_classes=4, filters=filters, kernel_sizes=[3] * 4, strides=[1, 2, 2, 2]
+    )
     reference = DynUNet(
         3,
         4,
@@ -489,7 +494,10 @@ def test_norms_and_upsample_keep_bf16_under_autocast():
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         bf16 = x.to(torch.bfloat16)
         assert layers["instance"](bf16).dtype == torch.bfloat16
-        assert layers["instance-channels-last"](bf16.contiguous(memory_format=torch.channels_last_3d)).dtype == torch.bfloat16
+        assert (
+            layers["instance-channels-last"](bf16.contiguous(memory_format=torch.channels_last_3d)).dtype
+            == torch.bfloat16
+        )
         assert layers["group"](bf16).dtype == torch.bfloat16
         model = tiny(3, upsample="linear")
         assert model(torch.randn(1, 2, 8, 8, 8)).dtype == torch.bfloat16
@@ -543,7 +551,13 @@ def test_linear_upsample_equals_interpolate_then_conv():
     from unet_trainer.model import _LayerFactory
 
     layers = _LayerFactory(
-        spatial_dims=3, norm="instance", norm_groups=1, activation="relu", negative_slope=0.0, dropout=0.0, padding="same"
+        spatial_dims=3,
+        norm="instance",
+        norm_groups=1,
+        activation="relu",
+        negative_slope=0.0,
+        dropout=0.0,
+        padding="same",
     )
     upsample = LinearUpsample(layers, 8, 4, (1, 2, 2))
     x = torch.randn(2, 8, 3, 4, 5)

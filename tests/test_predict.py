@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, tiny_overrides
 
 import unet_trainer.predict as predict_module
 from unet_trainer.builders import raw_data_dir, run_training
@@ -24,10 +25,8 @@ from unet_trainer.metrics import case_hd95
 from unet_trainer.model import UNet
 from unet_trainer.predict import labels_to_original, load_model, predict_case, prediction_to_original
 
-from conftest import ROOT, tiny_overrides
-
-SHAPE = (12, 14, 10)                                   # (Z, Y, X)
-HEAD = (slice(2, 10), slice(3, 12), slice(1, 8))        # nonzero box: a real sub-box of the volume
+SHAPE = (12, 14, 10)  # (Z, Y, X)
+HEAD = (slice(2, 10), slice(3, 12), slice(1, 8))  # nonzero box: a real sub-box of the volume
 
 
 def oblique_affine() -> np.ndarray:
@@ -73,7 +72,7 @@ def test_prepared_label_put_back_and_written_reproduces_the_original(tmp_path, t
     _, prepared_label, meta = prepare_case(raw, PrepareSettings(target_spacing=target_spacing))
     assert [tuple(b) for b in meta["crop_box"]] == [(2, 10), (3, 12), (1, 8)]
     if target_spacing is not None:
-        assert prepared_label.shape == (16, 18, 14)      # really resampled
+        assert prepared_label.shape == (16, 18, 14)  # really resampled
     restored = labels_to_original(prepared_label, meta)
     path = tmp_path / "case0.nii.gz"
     write_label_nifti(path, restored, raw.affine, raw.label_convention)
@@ -112,8 +111,13 @@ def trained(cache_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("predict-run") / "run"
     cfg = resolve_config(ROOT / "configs" / "demo.yaml", tiny_overrides(cache_root, run_dir, "max_duration=2ba"))
     summary = run_training(cfg, progress=False)
-    return {"cfg": cfg, "summary": summary, "checkpoint": run_dir / "checkpoints" / "latest-rank0.pt",
-            "run_dir": run_dir, "phantom": raw_data_dir(cfg, progress=False)}
+    return {
+        "cfg": cfg,
+        "summary": summary,
+        "checkpoint": run_dir / "checkpoints" / "latest-rank0.pt",
+        "run_dir": run_dir,
+        "phantom": raw_data_dir(cfg, progress=False),
+    }
 
 
 def write_dataset(root, fmt: str, ids: list[str]) -> None:
@@ -145,8 +149,16 @@ def native_label_of(case) -> np.ndarray:
 
 def test_unet_predict_on_the_phantom_keeps_shape_affine_and_convention(trained, tmp_path, capsys):
     out = tmp_path / "pred"
-    status = predict_main([str(trained["checkpoint"]), str(trained["phantom"]), str(out), "--probabilities",
-                           "--no-progress", "eval.mirror_tta=true"])
+    status = predict_main(
+        [
+            str(trained["checkpoint"]),
+            str(trained["phantom"]),
+            str(out),
+            "--probabilities",
+            "--no-progress",
+            "eval.mirror_tta=true",
+        ]
+    )
     assert status == 0, capsys.readouterr().err
     assert "Wrote 6 segmentation(s) (12 files)" in capsys.readouterr().out
     for case in list_cases(trained["phantom"], "brats2021"):
@@ -238,8 +250,11 @@ def test_predict_command_line_errors_are_one_line(trained, tmp_path, capsys):
     cases = [
         ([str(tmp_path / "missing.pt"), str(tmp_path), str(tmp_path / "o")], 1, "no such checkpoint"),
         ([str(trained["checkpoint"]), str(tmp_path / "nothing"), str(tmp_path / "o")], 1, "does not exist"),
-        ([str(trained["checkpoint"]), str(trained["phantom"]), str(tmp_path / "o"), "eval.overlapp=0.5"], 2,
-         "did you mean 'eval.overlap'"),
+        (
+            [str(trained["checkpoint"]), str(trained["phantom"]), str(tmp_path / "o"), "eval.overlapp=0.5"],
+            2,
+            "did you mean 'eval.overlap'",
+        ),
         ([str(trained["checkpoint"]), str(trained["phantom"]), str(trained["phantom"])], 1, "must not be the input"),
         ([str(trained["checkpoint"])], 2, "expected 3 path argument"),
     ]
@@ -276,8 +291,17 @@ def test_unet_eval_on_a_dataset_with_ignore_policy_and_hd95(trained, tmp_path, c
     source = tmp_path / "msd"
     write_dataset(source, "msd", LAYOUT_IDS["msd"])
     csv_path = tmp_path / "scores.csv"
-    argv = [str(trained["checkpoint"]), "--dataset", str(source), "--out", str(csv_path), "--no-progress",
-            "eval.empty_policy=ignore", "--eval.hd95", "true"]
+    argv = [
+        str(trained["checkpoint"]),
+        "--dataset",
+        str(source),
+        "--out",
+        str(csv_path),
+        "--no-progress",
+        "eval.empty_policy=ignore",
+        "--eval.hd95",
+        "true",
+    ]
     assert eval_main(argv) == 0
     out = capsys.readouterr().out
     assert f"all 2 labelled cases of {source}" in out and "ignore" in out and "HD95 mm" in out
@@ -290,8 +314,15 @@ def test_unet_eval_on_a_dataset_with_ignore_policy_and_hd95(trained, tmp_path, c
 
 def test_unet_eval_lesion_wise_flag_adds_the_lesion_scores(trained, tmp_path, capsys):
     csv_path = tmp_path / "scores.csv"
-    argv = [str(trained["checkpoint"]), "--out", str(csv_path), "--no-progress", "--no-overlays", "--lesion-wise",
-            "eval.lesion_min_voxels=10"]
+    argv = [
+        str(trained["checkpoint"]),
+        "--out",
+        str(csv_path),
+        "--no-progress",
+        "--no-overlays",
+        "--lesion-wise",
+        "eval.lesion_min_voxels=10",
+    ]
     assert eval_main(argv) == 0
     out = capsys.readouterr().out
     assert "Lesion-wise (BraTS 2023)" in out and "LW Dice" in out
@@ -310,8 +341,11 @@ def test_unet_eval_bad_checkpoints_give_one_line_errors(tmp_path, capsys):
     garbage.write_bytes(b"not a checkpoint at all")
     no_config = tmp_path / "no_config.pt"
     torch.save({"model": {}}, no_config)
-    for path, fragment in ((tmp_path / "missing.pt", "no such checkpoint"), (garbage, "not a readable checkpoint"),
-                           (no_config, "holds no training config")):
+    for path, fragment in (
+        (tmp_path / "missing.pt", "no such checkpoint"),
+        (garbage, "not a readable checkpoint"),
+        (no_config, "holds no training config"),
+    ):
         assert eval_main([str(path)]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and fragment in err and "\n" not in err, err
@@ -326,7 +360,7 @@ def test_hd95_is_finite_for_a_tumour_scales_with_spacing_and_nan_when_empty():
     truth = torch.zeros(20, 20, 20, dtype=torch.uint8)
     truth[5:15, 5:15, 5:15] = 2
     truth[8:12, 8:12, 8:12] = 3
-    pred = torch.roll(truth, shifts=2, dims=0)       # everything 2 voxels off along z
+    pred = torch.roll(truth, shifts=2, dims=0)  # everything 2 voxels off along z
     scores = case_hd95(pred, truth)
     assert set(scores) == {"hd95/WT", "hd95/TC", "hd95/ET"}
     for value in scores.values():
@@ -396,8 +430,9 @@ def test_mirror_tta_equals_the_average_over_flipped_volumes():
     image = torch.randn(2, 32, 24, 16)
     mirrored = sliding_window_logits(net, image, (16, 16, 16), 3, sw_batch_size=3, mirror=True)
     flips = [f for r in range(4) for f in itertools.combinations((1, 2, 3), r)]
-    reference = sum(sliding_window_logits(net, image.flip(f), (16, 16, 16), 3, sw_batch_size=3).flip(f)
-                    for f in flips) / len(flips)
+    reference = sum(
+        sliding_window_logits(net, image.flip(f), (16, 16, 16), 3, sw_batch_size=3).flip(f) for f in flips
+    ) / len(flips)
     assert len(flips) == 8 and torch.allclose(mirrored, reference, atol=1e-5)
     plain = sliding_window_logits(net, image, (16, 16, 16), 3, sw_batch_size=3)
     assert not torch.allclose(mirrored, plain, atol=1e-3)  # the net is not flip-invariant
@@ -426,22 +461,23 @@ def test_mirror_tta_copes_with_a_model_that_reuses_its_output_buffer(dims):
 @pytest.mark.parametrize("sw_batch_size", [1, 3, 8])
 def test_2d_window_batches_across_slices_match_slice_by_slice(mirror, sw_batch_size):
     net = small_net(2, channels=4)
-    image = torch.randn(4, 5, 20, 18)                # several in-plane windows per slice
+    image = torch.randn(4, 5, 20, 18)  # several in-plane windows per slice
     batched = sliding_window_slices(net, image, (16, 16), 3, sw_batch_size=sw_batch_size, mirror=mirror)
-    reference = torch.stack([sliding_window_logits(net, image[:, z], (16, 16), 3, sw_batch_size=1, mirror=mirror)
-                             for z in range(5)], dim=1)
+    reference = torch.stack(
+        [sliding_window_logits(net, image[:, z], (16, 16), 3, sw_batch_size=1, mirror=mirror) for z in range(5)], dim=1
+    )
     assert batched.shape == (3, 5, 20, 18) and torch.allclose(batched, reference, atol=1e-5)
     calls = []
     counting = lambda x: (calls.append(x.shape[0]), net(x))[1]  # noqa: E731
     predict_volume(counting, image, (1, 16, 16), spatial_dims=2, num_outputs=3, sw_batch_size=sw_batch_size)
-    windows = 5 * 4                                   # 5 slices x (2 x 2) in-plane windows
+    windows = 5 * 4  # 5 slices x (2 x 2) in-plane windows
     assert sum(calls) == windows and max(calls) == min(sw_batch_size, windows)
 
 
 def test_valid_convolutions_are_covered_by_output_windows():
     torch.manual_seed(0)
-    conv = torch.nn.Conv3d(2, 3, 3)                  # unpadded: a 16^3 window gives 14^3
-    image = torch.randn(2, 20, 23, 13)               # 13 < 14 on the last axis: padded
+    conv = torch.nn.Conv3d(2, 3, 3)  # unpadded: a 16^3 window gives 14^3
+    image = torch.randn(2, 20, 23, 13)  # 13 < 14 on the last axis: padded
     out = sliding_window_logits(conv, image, (16, 16, 16), 3, output_window=(14, 14, 14))
     with torch.no_grad():
         direct = conv(F.pad(image, (1, 1, 1, 1, 1, 1))[None])[0]
@@ -451,8 +487,16 @@ def test_valid_convolutions_are_covered_by_output_windows():
 
 
 def test_predict_volume_with_a_valid_padding_unet():
-    model = UNet(spatial_dims=3, in_channels=2, num_classes=3, filters=[4, 8], kernel_sizes=[3, 3], strides=[1, 2],
-                 padding="valid", norm="none").eval()
+    model = UNet(
+        spatial_dims=3,
+        in_channels=2,
+        num_classes=3,
+        filters=[4, 8],
+        kernel_sizes=[3, 3],
+        strides=[1, 2],
+        padding="valid",
+        norm="none",
+    ).eval()
     window = next(n for n in range(16, 40) if model._trace_axis(n, 0) is not None)
     out = predict_volume(model, torch.randn(2, 30, 25, 21), (window,) * 3, 3, 3)
     assert out.shape == (3, 30, 25, 21) and torch.isfinite(out).all()
@@ -474,8 +518,9 @@ def test_load_model_prefers_the_moving_average_weights_a_checkpoint_holds(traine
 
     state = load_checkpoint(trained["checkpoint"])
     assert load_model(trained["checkpoint"]).weights == "model"
-    state.setdefault("extra_state", {})["ema"] = {k: v + 1 if v.is_floating_point() else v
-                                                  for k, v in state["model"].items()}
+    state.setdefault("extra_state", {})["ema"] = {
+        k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()
+    }
     path = tmp_path / "ema.pt"
     torch.save(state, path)
     loaded = load_model(path)
@@ -497,8 +542,12 @@ def test_target_spacing_trains_resampled_and_predicts_on_the_original_grid(tiny_
     assert all(abs(p - c / 2) <= 1 for p, c in zip(meta["prepared_shape"], crop))
     raw_dir = Path(json.loads((prepared / "prepare.json").read_text())["source"])
     out = tmp_path / "pred"
-    assert predict_main([str(tmp_path / "run" / "checkpoints" / "latest-rank0.pt"), str(raw_dir), str(out),
-                     "--no-progress"]) == 0
+    assert (
+        predict_main(
+            [str(tmp_path / "run" / "checkpoints" / "latest-rank0.pt"), str(raw_dir), str(out), "--no-progress"]
+        )
+        == 0
+    )
     case = record["cases"][0]
     written = nib.load(str(out / f"{case}.nii.gz"))
     seg = nib.load(str(raw_dir / case / f"{case}_seg.nii.gz"))

@@ -17,9 +17,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, tiny_overrides
 
 import unet_trainer.checkpoint as checkpoint_module
-from conftest import ROOT, tiny_overrides
 from unet_trainer.builders import run_training
 from unet_trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from unet_trainer.cli import data_main, train_main
@@ -103,28 +103,31 @@ class DropForeignCheckpoint(Callback):
 
 
 def test_rotation_and_latest_never_touch_another_runs_or_a_stray_file(tiny_config, tmp_path):
-    other = run_training(tiny_config("max_duration=1ba", "eval_interval=0ep", run_dir=tmp_path / "other"),
-                         progress=False)
+    other = run_training(
+        tiny_config("max_duration=1ba", "eval_interval=0ep", run_dir=tmp_path / "other"), progress=False
+    )
     assert other["batch"] == 1
     folder = tmp_path / "run" / "checkpoints"
     stray = folder / "ep9-ba99-rank0.pt"
     summary = run_training(
-        tiny_config("max_duration=5ba", "save_num_checkpoints_to_keep=2", "eval_interval=0ep"), progress=False,
-        extra_callbacks=[DropForeignCheckpoint(tmp_path / "other" / "checkpoints" / "ep0-ba1-rank0.pt", stray)])
+        tiny_config("max_duration=5ba", "save_num_checkpoints_to_keep=2", "eval_interval=0ep"),
+        progress=False,
+        extra_callbacks=[DropForeignCheckpoint(tmp_path / "other" / "checkpoints" / "ep0-ba1-rank0.pt", stray)],
+    )
     names = [p.name for p in list_checkpoints(folder)]
     assert names == ["ep2-ba4-rank0.pt", "ep2-ba5-rank0.pt", "ep9-ba99-rank0.pt"]
     assert stray.read_bytes() == (tmp_path / "other" / "checkpoints" / "ep0-ba1-rank0.pt").read_bytes()
     assert (folder / "latest-rank0.pt").resolve().name == "ep2-ba5-rank0.pt"
     assert Path(summary["checkpoint"]).name == "ep2-ba5-rank0.pt"
     # The stray file is not this run's: a plain resume goes on from the run's own newest.
-    resumed = run_training(tiny_config("max_duration=6ba", "save_num_checkpoints_to_keep=2", "eval_interval=0ep"),
-                           progress=False)
+    resumed = run_training(
+        tiny_config("max_duration=6ba", "save_num_checkpoints_to_keep=2", "eval_interval=0ep"), progress=False
+    )
     assert Path(resumed["resumed_from"]).name == "ep2-ba5-rank0.pt" and resumed["batch"] == 6
     assert stray.is_file()
 
 
-def test_the_readme_fine_tune_in_an_occupied_folder_then_the_plain_resume_loses_nothing(cache_root, tmp_path,
-                                                                                         capsys):
+def test_the_readme_fine_tune_in_an_occupied_folder_then_the_plain_resume_loses_nothing(cache_root, tmp_path, capsys):
     """README: unet-train configs/demo.yaml load_path=other/best-rank0.pt load_weights_only=true
     autoresume=false, run where an earlier run's checkpoints are; then the plain command again."""
     source, run = tmp_path / "other", tmp_path / "run"
@@ -133,8 +136,13 @@ def test_the_readme_fine_tune_in_an_occupied_folder_then_the_plain_resume_loses_
     assert train_main([DEMO, *tiny_overrides(cache_root, run, "max_duration=3ba", *base)]) == 0
     earlier = tree_digest(run / "checkpoints")
     earlier_id = run_id_of(run / "checkpoints" / "ep1-ba3-rank0.pt")
-    fine_tune = ("max_duration=2ba", f"load_path={source / 'checkpoints' / 'best-rank0.pt'}",
-                 "load_weights_only=true", "autoresume=false", *base)
+    fine_tune = (
+        "max_duration=2ba",
+        f"load_path={source / 'checkpoints' / 'best-rank0.pt'}",
+        "load_weights_only=true",
+        "autoresume=false",
+        *base,
+    )
     capsys.readouterr()
     assert train_main([DEMO, *tiny_overrides(cache_root, run, *fine_tune)]) != 0
     one_error_line(capsys.readouterr().err)
@@ -153,8 +161,9 @@ def test_the_readme_fine_tune_in_an_occupied_folder_then_the_plain_resume_loses_
     assert train_main([DEMO, *tiny_overrides(cache_root, run, "max_duration=4ba", *base)]) == 0
     assert "Resuming from" in capsys.readouterr().err
     after = tree_digest(run / "checkpoints")
-    assert {k: v for k, v in after.items() if k in tuned_files and k.startswith("ep")} == \
-        {k: v for k, v in tuned_files.items() if k.startswith("ep")}
+    assert {k: v for k, v in after.items() if k in tuned_files and k.startswith("ep")} == {
+        k: v for k, v in tuned_files.items() if k.startswith("ep")
+    }
     assert [p.name for p in list_checkpoints(run / "checkpoints")][-1] == "ep2-ba4-rank0.pt"
     assert run_id_of(run / "checkpoints" / "ep2-ba4-rank0.pt") == tuned_id
     assert tree_digest(moved / "checkpoints") == earlier
@@ -175,8 +184,12 @@ time.sleep(120)
 
 
 def hold_lock(folder: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -218,8 +231,12 @@ time.sleep(120)
 
 
 def test_a_killed_runs_forked_workers_do_not_keep_its_folder_locked(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_WITH_A_FORKED_WORKER, str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK_WITH_A_FORKED_WORKER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     worker = int(proc.stdout.readline())
     try:
         with pytest.raises(RunFolderError, match=f"in use by process {proc.pid} "):
@@ -234,8 +251,14 @@ def test_a_killed_runs_forked_workers_do_not_keep_its_folder_locked(tmp_path):
 
 def test_two_identical_train_commands_cannot_share_a_folder(cache_root, tmp_path):
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "unet_trainer.cli", "train", DEMO,
-               *tiny_overrides(cache_root, run, "max_duration=500ba", "save_interval=1000ba", "eval_interval=0ep")]
+    command = [
+        sys.executable,
+        "-m",
+        "unet_trainer.cli",
+        "train",
+        DEMO,
+        *tiny_overrides(cache_root, run, "max_duration=500ba", "save_interval=1000ba", "eval_interval=0ep"),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -272,8 +295,9 @@ class FullDiskFile(io.FileIO):
         return super().write(data)
 
 
-def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(cache_root, tmp_path, capsys,
-                                                                            monkeypatch):
+def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
+    cache_root, tmp_path, capsys, monkeypatch
+):
     run = tmp_path / "run"
     opened = []
     real_open = open
@@ -335,8 +359,10 @@ def _can_mount_tmpfs(where: Path) -> bool:
     where.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True).returncode
+        == 0
+    )
 
 
 class FillTheDisk(Callback):
@@ -372,8 +398,11 @@ def test_a_really_full_disk_while_saving(tiny_config, tmp_path):
     try:
         run = mount_point / "run"
         with pytest.raises(OSError) as info:
-            run_training(tiny_config("max_duration=3ba", "eval_interval=0ep", run_dir=run), progress=False,
-                         extra_callbacks=[FillTheDisk(mount_point)])
+            run_training(
+                tiny_config("max_duration=3ba", "eval_interval=0ep", run_dir=run),
+                progress=False,
+                extra_callbacks=[FillTheDisk(mount_point)],
+            )
         message = str(info.value)
         assert "\n" not in message and str(run / "checkpoints" / "ep1-ba2-rank0.pt") in message and "free" in message
         assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["ep0-ba1-rank0.pt"]
@@ -399,14 +428,16 @@ class Planted:
 
 
 def test_a_truncated_newest_checkpoint_falls_back_to_the_newest_that_loads(tiny_config, tmp_path, capsys):
-    run_training(tiny_config("max_duration=3ba", "eval_interval=0ep", "save_num_checkpoints_to_keep=-1"),
-                 progress=False)
+    run_training(
+        tiny_config("max_duration=3ba", "eval_interval=0ep", "save_num_checkpoints_to_keep=-1"), progress=False
+    )
     folder = tmp_path / "run" / "checkpoints"
     newest = folder / "ep1-ba3-rank0.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # what a disk fault or a bad copy leaves
     capsys.readouterr()
-    resumed = run_training(tiny_config("max_duration=4ba", "eval_interval=0ep", "save_num_checkpoints_to_keep=-1"),
-                           progress=False)
+    resumed = run_training(
+        tiny_config("max_duration=4ba", "eval_interval=0ep", "save_num_checkpoints_to_keep=-1"), progress=False
+    )
     err = capsys.readouterr().err
     assert Path(resumed["resumed_from"]).name == "ep1-ba2-rank0.pt" and resumed["batch"] == 4
     warnings = [l for l in err.splitlines() if l.startswith("warning:") and str(newest) in l]
@@ -489,16 +520,26 @@ def test_orphan_temporaries_are_removed_by_the_next_run_and_preparation(tiny_con
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,fragments", [
-    (["data.patch_size=[0, 16, 16]"], ["'data.patch_size' = [0, 16, 16]", "at least 1"]),
-    (["data.patch_size=[15, 16, 16]"], ["'data.patch_size' = [15, 16, 16]", "multiple of 2", "14 or 16"]),
-    (["model.strides=[1, 2, 2]", "model.filters=[4, 8, 16]", "model.kernel_sizes=[3, 3, 3]",
-      "data.patch_size=[16, 18, 16]"], ["'data.patch_size' = [16, 18, 16]", "multiple of 4", "16 or 20"]),
-    (["optimizer.radam.lr=.nan"], ["'optimizer.radam.lr' = nan", "finite"]),
-    (["optimizer.radam.lr=nan"], ["'optimizer.radam.lr' = nan", "finite"]),
-    (["optimizer.radam.lr=.inf"], ["'optimizer.radam.lr' = inf", "finite"]),
-    (["optimizer.radam.lr=1e999"], ["'optimizer.radam.lr' = inf", "finite"]),
-])
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["data.patch_size=[0, 16, 16]"], ["'data.patch_size' = [0, 16, 16]", "at least 1"]),
+        (["data.patch_size=[15, 16, 16]"], ["'data.patch_size' = [15, 16, 16]", "multiple of 2", "14 or 16"]),
+        (
+            [
+                "model.strides=[1, 2, 2]",
+                "model.filters=[4, 8, 16]",
+                "model.kernel_sizes=[3, 3, 3]",
+                "data.patch_size=[16, 18, 16]",
+            ],
+            ["'data.patch_size' = [16, 18, 16]", "multiple of 4", "16 or 20"],
+        ),
+        (["optimizer.radam.lr=.nan"], ["'optimizer.radam.lr' = nan", "finite"]),
+        (["optimizer.radam.lr=nan"], ["'optimizer.radam.lr' = nan", "finite"]),
+        (["optimizer.radam.lr=.inf"], ["'optimizer.radam.lr' = inf", "finite"]),
+        (["optimizer.radam.lr=1e999"], ["'optimizer.radam.lr' = inf", "finite"]),
+    ],
+)
 def test_bad_values_are_caught_when_the_config_is_resolved(cache_root, tmp_path, args, fragments):
     with pytest.raises(ConfigError) as info:
         resolve_config(DEMO, tiny_overrides(cache_root, tmp_path / "run", *args))
@@ -539,8 +580,7 @@ def test_all_zero_modality_or_case_is_warned_with_case_and_channel(tmp_path, cap
 
 
 def test_a_patch_larger_than_the_volumes_is_warned_once(tiny_config, capsys):
-    run_training(tiny_config("data.patch_size=[32, 32, 32]", "max_duration=2ba", "eval_interval=0ep"),
-                 progress=False)
+    run_training(tiny_config("data.patch_size=[32, 32, 32]", "max_duration=2ba", "eval_interval=0ep"), progress=False)
     warnings = [l for l in capsys.readouterr().err.splitlines() if "padding" in l]
     assert len(warnings) == 1 and warnings[0].startswith("warning:")
     assert "'data.patch_size' = [32, 32, 32]" in warnings[0] and "%" in warnings[0]

@@ -49,8 +49,9 @@ def test_training_with_drop_last_takes_full_steps_and_resumes_exactly(tiny_confi
     """The tiny config's fold has 4 training cases: at batch 3 every epoch is one full step."""
     common = ("train_batch_size=3", "drop_last=true", "eval_interval=0ep")
     sizes = BatchSizes()
-    straight = run_training(tiny_config("max_duration=4ba", *common, run_dir=tmp_path / "straight"), progress=False,
-                            extra_callbacks=[sizes])
+    straight = run_training(
+        tiny_config("max_duration=4ba", *common, run_dir=tmp_path / "straight"), progress=False, extra_callbacks=[sizes]
+    )
     assert sizes.sizes == [3, 3, 3, 3] and straight["epoch"] == 4  # one step per epoch
     run_training(tiny_config("max_duration=2ba", *common, run_dir=tmp_path / "split"), progress=False)
     torch.manual_seed(999)  # disturb the global streams: resume must restore them

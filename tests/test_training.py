@@ -40,8 +40,7 @@ def test_two_step_training_smoke(tiny_config, tmp_path):
 def test_checkpoint_holds_the_full_state(tiny_config, tmp_path):
     run_training(tiny_config("max_duration=1ba"), progress=False)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "ep0-ba1-rank0.pt")
-    assert set(state) >= {"model", "optimizer", "scheduler", "augmenter", "timestamp", "rng", "config",
-                          "eval_history"}
+    assert set(state) >= {"model", "optimizer", "scheduler", "augmenter", "timestamp", "rng", "config", "eval_history"}
     assert state["timestamp"]["batch"] == 1 and state["timestamp"]["sample"] == 2
     assert set(state["rng"]) >= {"python", "numpy", "torch"}
     assert state["optimizer"]["state"], "optimizer moments must be saved"
@@ -66,8 +65,9 @@ def test_resume_across_an_epoch_boundary_and_load_path(tiny_config, tmp_path):
     straight = run_training(tiny_config("max_duration=3ep", run_dir=tmp_path / "a"), progress=False)
     run_training(tiny_config("max_duration=3ba", run_dir=tmp_path / "b"), progress=False)
     ckpt = tmp_path / "b" / "checkpoints" / "ep1-ba3-rank0.pt"
-    resumed = run_training(tiny_config("max_duration=3ep", f"load_path={ckpt}", "autoresume=false",
-                                       run_dir=tmp_path / "c"), progress=False)
+    resumed = run_training(
+        tiny_config("max_duration=3ep", f"load_path={ckpt}", "autoresume=false", run_dir=tmp_path / "c"), progress=False
+    )
     assert straight["batch"] == resumed["batch"] == 6
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -92,8 +92,10 @@ def test_corrupt_checkpoint_is_one_clear_error(tiny_config, tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     cfg_args = ["max_duration=1ba", f"load_path={bad}"]
     from conftest import ROOT, tiny_overrides  # the CLI path, for the exit status
-    status = train_main([str(ROOT / "configs" / "demo.yaml"),
-                         *tiny_overrides(tmp_path / "cache", tmp_path / "run", *cfg_args)])
+
+    status = train_main(
+        [str(ROOT / "configs" / "demo.yaml"), *tiny_overrides(tmp_path / "cache", tmp_path / "run", *cfg_args)]
+    )
     err = capsys.readouterr().err
     assert status == 1 and "bad.pt: not a readable checkpoint" in err and "Traceback" not in err
 
@@ -117,22 +119,38 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, mo
     assert all(torch.isfinite(v).all() for v in latest["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("config,extra", [
-    ("brats.yaml", ["data.patch_size=[16, 16, 16]"]),
-    ("brats-2d.yaml", ["data.patch_size=[1, 16, 16]"]),
-    ("unet2015-2d.yaml", ["data.patch_size=[1, 52, 52]", "model.filters=[4, 8, 16]"]),  # 52 -> 12 valid
-])
+@pytest.mark.parametrize(
+    "config,extra",
+    [
+        ("brats.yaml", ["data.patch_size=[16, 16, 16]"]),
+        ("brats-2d.yaml", ["data.patch_size=[1, 16, 16]"]),
+        ("unet2015-2d.yaml", ["data.patch_size=[1, 52, 52]", "model.filters=[4, 8, 16]"]),  # 52 -> 12 valid
+    ],
+)
 def test_shipped_brats_configs_train(cache_root, tmp_path, config, extra):
     """The shipped BraTS presets (3D DLE net, Composer's 2D residual net) train end to end, shrunk
     only in width and size, on the phantom."""
     from conftest import ROOT
+
     from unet_trainer.config import resolve_config
 
-    overrides = [f"data.cache_dir={cache_root}", f"save_folder={tmp_path / 'run'}", "data.path=null",
-                 "data.phantom.cases=6", "data.phantom.shape=[24, 24, 24]", "data.num_folds=3",
-                 "data.num_workers=0", "model.filters=[4, 8, 8]", "model.kernel_sizes=[3, 3, 3]",
-                 "model.strides=[1, 2, 2]", "train_batch_size=2", "device_train_microbatch_size=null",
-                 "max_duration=2ba", "device=cpu", *extra]
+    overrides = [
+        f"data.cache_dir={cache_root}",
+        f"save_folder={tmp_path / 'run'}",
+        "data.path=null",
+        "data.phantom.cases=6",
+        "data.phantom.shape=[24, 24, 24]",
+        "data.num_folds=3",
+        "data.num_workers=0",
+        "model.filters=[4, 8, 8]",
+        "model.kernel_sizes=[3, 3, 3]",
+        "model.strides=[1, 2, 2]",
+        "train_batch_size=2",
+        "device_train_microbatch_size=null",
+        "max_duration=2ba",
+        "device=cpu",
+        *extra,
+    ]
     cfg = resolve_config(ROOT / "configs" / config, overrides)
     summary = run_training(cfg, progress=False)
     model = summary["state"].unwrapped_model

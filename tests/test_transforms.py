@@ -46,7 +46,9 @@ def coordinate_image(batch: int, channels: int, spatial: tuple[int, ...]) -> tor
     return (value + channel_offset).expand(batch, channels, *spatial).clone()
 
 
-def random_batch(batch: int, channels: int, spatial: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(
+    batch: int, channels: int, spatial: tuple[int, ...], seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     image = torch.randn((batch, channels, *spatial), generator=generator)
     label = torch.randint(0, 4, (batch, 1, *spatial), generator=generator)

@@ -6,18 +6,26 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from matplotlib.image import imread
 
 from unet_trainer.builders import run_training
 from unet_trainer.cli import eval_main, predict_main
 from unet_trainer.config import ConfigError, resolve_config
 from unet_trainer.trainer import Callback
-from unet_trainer.visualize import (LABEL_COLOURS, CaseView, draw_case_overlay, draw_progress, draw_summary,
-                                    eval_metric_groups, extract_case_view, pick_worst_and_best, tumour_centre)
+from unet_trainer.visualize import (
+    LABEL_COLOURS,
+    CaseView,
+    draw_case_overlay,
+    draw_progress,
+    draw_summary,
+    eval_metric_groups,
+    extract_case_view,
+    pick_worst_and_best,
+    tumour_centre,
+)
 
-from conftest import ROOT
-
-OVERLAY_SIZE = (400, 960)    # (height, width) of one case's PNG: 12 x 5 inches at 80 dpi
+OVERLAY_SIZE = (400, 960)  # (height, width) of one case's PNG: 12 x 5 inches at 80 dpi
 
 
 def read_png(path) -> np.ndarray:
@@ -36,7 +44,7 @@ def assert_not_blank(pixels: np.ndarray, min_colours: int = 50) -> None:
 
 def colour_share(pixels: np.ndarray, hex_colour: str, tolerance: float = 0.08) -> float:
     """The share of pixels within ``tolerance`` of a colour (anti-aliased edges aside)."""
-    rgb = np.array([int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    rgb = np.array([int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
     return float((np.abs(pixels - rgb).max(-1) < tolerance).mean())
 
 
@@ -71,8 +79,13 @@ def test_slices_go_through_the_tumours_centre_and_always_hold_some_of_it():
     two[25:28, 4:6, 4:6] = True
     z, y, x = tumour_centre(torch.from_numpy(two))
     assert two[z].any() and z in (4, 25) and (y, x) in ((4, 4), (4, 5), (5, 4), (5, 5))
-    view = extract_case_view("c", torch.from_numpy(image), torch.from_numpy(label), torch.zeros_like(torch.from_numpy(label)),
-                             (2.0, 1.0, 1.0))
+    view = extract_case_view(
+        "c",
+        torch.from_numpy(image),
+        torch.from_numpy(label),
+        torch.zeros_like(torch.from_numpy(label)),
+        (2.0, 1.0, 1.0),
+    )
     assert view.centre == (8, 12, 13)
     assert [s.shape for s in view.image] == [(24, 22), (20, 22), (20, 24)]
     assert all(s.dtype == np.float16 and 0 <= s.min() and s.max() <= 1 for s in view.image)
@@ -102,8 +115,10 @@ def test_case_overlay_has_its_size_and_every_label_in_its_own_colour(tmp_path):
 def test_summary_shows_the_worst_and_best_four_by_mean_dice(tmp_path):
     image, label = sphere_case()
     view = extract_case_view("x", image, label, label, None)
-    cases = [(CaseView(f"case{i:02d}", view.centre, view.image, view.truth, view.prediction), {"mean": m})
-             for i, m in enumerate([0.5, 0.9, 0.1, 0.7, math.nan, 0.95, 0.3, 0.8, 0.6, 0.2])]
+    cases = [
+        (CaseView(f"case{i:02d}", view.centre, view.image, view.truth, view.prediction), {"mean": m})
+        for i, m in enumerate([0.5, 0.9, 0.1, 0.7, math.nan, 0.95, 0.3, 0.8, 0.6, 0.2])
+    ]
     rows = pick_worst_and_best(cases, 4)
     assert [g for g, _ in rows] == ["worst", "best"]
     assert [c[0].case_id for c in rows[0][1]] == ["case04", "case02", "case09", "case06"]  # NaN counts as worst
@@ -121,23 +136,39 @@ def test_summary_shows_the_worst_and_best_four_by_mean_dice(tmp_path):
 
 
 def test_progress_draws_every_metric_group_and_marks_the_best(tmp_path):
-    evals = [{"epoch": e, "batch": 10 * e, "dice/WT": 0.2 * e, "dice/mean": 0.15 * e, "hd95/WT": 20.0 / e,
-              "lesion_dice/WT": 0.1 * e, "time/overlays_s": 0.3, "dice/ET": math.nan} for e in (1, 2, 3)]
+    evals = [
+        {
+            "epoch": e,
+            "batch": 10 * e,
+            "dice/WT": 0.2 * e,
+            "dice/mean": 0.15 * e,
+            "hd95/WT": 20.0 / e,
+            "lesion_dice/WT": 0.1 * e,
+            "time/overlays_s": 0.3,
+            "dice/ET": math.nan,
+        }
+        for e in (1, 2, 3)
+    ]
     groups = eval_metric_groups(evals)
     assert set(groups) == {"dice", "hd95", "lesion_dice"}  # time/ is bookkeeping, not a curve
     assert groups["dice"]["WT"].steps == [10, 20, 30] and "ET" not in groups["dice"]  # NaN skipped
     from unet_trainer.visualize import Series
 
-    train = {"loss/train": Series(list(range(1, 31)), [1.0 / s for s in range(1, 31)]),
-             "lr/group0": Series(list(range(1, 31)), [1e-3] * 30),
-             "throughput/samples_per_sec": Series(list(range(2, 31)), [5.0] * 29)}
+    train = {
+        "loss/train": Series(list(range(1, 31)), [1.0 / s for s in range(1, 31)]),
+        "lr/group0": Series(list(range(1, 31)), [1e-3] * 30),
+        "throughput/samples_per_sec": Series(list(range(2, 31)), [5.0] * 29),
+    }
     draw_progress(tmp_path / "progress.png", train, evals, batches_per_epoch=10)
     pixels = read_png(tmp_path / "progress.png")
     assert pixels.shape[:2] == (int(3.9 * 2 * 80), int(6.2 * 3 * 80))  # 6 panels: 2 rows of 3
     assert_not_blank(pixels, min_colours=20)
     assert colour_share(pixels, "#c03030", tolerance=0.1) > 1e-4  # the best-epoch marker
-    draw_progress(tmp_path / "four.png", train, [{k: v for k, v in r.items() if k.startswith(("dice", "epoch", "batch"))}
-                                                 for r in evals])
+    draw_progress(
+        tmp_path / "four.png",
+        train,
+        [{k: v for k, v in r.items() if k.startswith(("dice", "epoch", "batch"))} for r in evals],
+    )
     assert read_png(tmp_path / "four.png").shape[:2] == (int(3.9 * 2 * 80), int(6.2 * 2 * 80))  # 2 x 2
 
 
@@ -185,18 +216,23 @@ class ViewsSeen(Callback):
 
 def test_overlay_settings_cases_and_every(tiny_config, tmp_path):
     views = ViewsSeen()
-    summary = run_training(tiny_config("max_duration=3ep", "callbacks.overlays.cases=1", "callbacks.overlays.every=2"),
-                           progress=False, extra_callbacks=[views])
+    summary = run_training(
+        tiny_config("max_duration=3ep", "callbacks.overlays.cases=1", "callbacks.overlays.every=2"),
+        progress=False,
+        extra_callbacks=[views],
+    )
     run = tmp_path / "run"
     val = sorted(summary["state"].evaluator.case_ids)
     assert sorted(p.name for p in (run / "overlays").iterdir()) == [f"{val[0]}.png", "summary.png"]
     # Slices of every case at the 1st and the last evaluation (for the summary); none at the 2nd.
     assert views.seen == [val, [], val]
-    off = run_training(tiny_config("max_duration=1ep", "callbacks.overlays=null", run_dir=tmp_path / "off"),
-                       progress=False)
+    off = run_training(
+        tiny_config("max_duration=1ep", "callbacks.overlays=null", run_dir=tmp_path / "off"), progress=False
+    )
     assert off["batch"] > 0 and not (tmp_path / "off" / "overlays").exists()
-    assert resolve_config(ROOT / "configs" / "demo.yaml", ["callbacks.overlays.cases=all"])["callbacks"]["overlays"] == \
-        {"cases": "all", "every": 1}
+    assert resolve_config(ROOT / "configs" / "demo.yaml", ["callbacks.overlays.cases=all"])["callbacks"][
+        "overlays"
+    ] == {"cases": "all", "every": 1}
     for bad in ("callbacks.overlays.cases=some", "callbacks.overlays.cases=0", "callbacks.overlays.every=0"):
         with pytest.raises(ConfigError, match="callbacks.overlays"):
             resolve_config(ROOT / "configs" / "demo.yaml", [bad])

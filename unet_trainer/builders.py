@@ -11,8 +11,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -20,8 +20,16 @@ import torch
 from . import callbacks as cb
 from . import reporting
 from .algorithms import EMA, ChannelsLast, Compile, CudnnBenchmark
-from .checkpoint import (LEGACY_RUN_ID, CheckpointError, latest_checkpoint, load_checkpoint, new_run_id,
-                         newest_loadable_checkpoint, one_line, restore_rng_state)
+from .checkpoint import (
+    LEGACY_RUN_ID,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    new_run_id,
+    newest_loadable_checkpoint,
+    one_line,
+    restore_rng_state,
+)
 from .config import ConfigError, Duration, config_differences, dump_config
 from .data.formats import DataFormatError
 from .data.loader import PatchDataset, build_train_loader
@@ -33,7 +41,14 @@ from .evaluation import DiceEvaluator
 from .fileio import atomic_write_text, remove_orphan_temporaries
 from .losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 from .model import UNet
-from .runfolder import FolderLock, RunFolderError, describe_others, move_run_aside, other_runs_checkpoints, run_file_name
+from .runfolder import (
+    FolderLock,
+    RunFolderError,
+    describe_others,
+    move_run_aside,
+    other_runs_checkpoints,
+    run_file_name,
+)
 from .schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
 from .trainer import Algorithm, Engine, Event, State, duration_in_batches, fit, rank_entry
 from .transforms import AugmentationSettings, BatchAugmenter
@@ -91,8 +106,15 @@ def raw_data_dir(cfg: dict, progress: bool = True) -> Path:
         folder = cache_dir(cfg) / f"phantom-{phantom['style']}-{phantom['cases']}cases-{shape}-seed{phantom['seed']}"
         if not (folder / "phantom.json").is_file():
             print(f"Generating the synthetic BraTS phantom into {folder}", file=sys.stderr)
-            write_phantom_dataset(folder, phantom["cases"], tuple(phantom["shape"]), phantom["seed"], progress,
-                                  workers=data["prepare_workers"], style=phantom["style"])
+            write_phantom_dataset(
+                folder,
+                phantom["cases"],
+                tuple(phantom["shape"]),
+                phantom["seed"],
+                progress,
+                workers=data["prepare_workers"],
+                style=phantom["style"],
+            )
         return folder
     path = Path(data["path"]).expanduser()
     if not path.is_dir():
@@ -118,8 +140,9 @@ def ensure_prepared(cfg: dict, dist_info: DistInfo, progress: bool = True) -> tu
     settings = PrepareSettings.from_config(cfg["data"])
     if dist_info.is_main and not prepared_is_current(out, source, settings, cfg["data"]["format"]):
         print(f"Preparing {source} -> {out}", file=sys.stderr)
-        prepare_dataset(source, out, cfg["data"]["format"], settings, workers=cfg["data"]["prepare_workers"],
-                        progress=progress)
+        prepare_dataset(
+            source, out, cfg["data"]["format"], settings, workers=cfg["data"]["prepare_workers"], progress=progress
+        )
     barrier()
     return out, load_prepared_index(out)
 
@@ -145,19 +168,39 @@ def build_model(model_cfg: dict) -> UNet:
 
 
 def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
-    (name, settings), = cfg["optimizer"].items()
+    ((name, settings),) = cfg["optimizer"].items()
     if name == "radam":
-        return torch.optim.RAdam(params, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"],
-                                 weight_decay=settings["weight_decay"])
+        return torch.optim.RAdam(
+            params,
+            lr=settings["lr"],
+            betas=tuple(settings["betas"]),
+            eps=settings["eps"],
+            weight_decay=settings["weight_decay"],
+        )
     if name == "adam":
-        return torch.optim.Adam(params, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"],
-                                weight_decay=settings["weight_decay"])
+        return torch.optim.Adam(
+            params,
+            lr=settings["lr"],
+            betas=tuple(settings["betas"]),
+            eps=settings["eps"],
+            weight_decay=settings["weight_decay"],
+        )
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"],
-                                 weight_decay=settings["weight_decay"])
+        return torch.optim.AdamW(
+            params,
+            lr=settings["lr"],
+            betas=tuple(settings["betas"]),
+            eps=settings["eps"],
+            weight_decay=settings["weight_decay"],
+        )
     if name == "sgd":
-        return torch.optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"],
-                               nesterov=settings["nesterov"], weight_decay=settings["weight_decay"])
+        return torch.optim.SGD(
+            params,
+            lr=settings["lr"],
+            momentum=settings["momentum"],
+            nesterov=settings["nesterov"],
+            weight_decay=settings["weight_decay"],
+        )
     raise ConfigError(f"unknown optimizer {name!r}")
 
 
@@ -169,7 +212,7 @@ def build_scheduler(cfg: dict, optimizer, batches_per_epoch: int, total_batches:
 
     parts = []
     for entry in cfg["schedulers"]:
-        (name, s), = entry.items()
+        ((name, s),) = entry.items()
         if name == "constant":
             parts.append(Constant(s["factor"]))
         elif name == "cosine":
@@ -182,9 +225,12 @@ def build_scheduler(cfg: dict, optimizer, batches_per_epoch: int, total_batches:
 
 
 def build_loss(cfg: dict, model: UNet) -> DeepSupervisionLoss:
-    (name, s), = cfg["loss"].items()
-    base = DiceCELoss(s["dice_weight"], s["ce_weight"]) if name == "dice_ce" else RegionDiceBCELoss(
-        s["dice_weight"], s["bce_weight"])
+    ((name, s),) = cfg["loss"].items()
+    base = (
+        DiceCELoss(s["dice_weight"], s["ce_weight"])
+        if name == "dice_ce"
+        else RegionDiceBCELoss(s["dice_weight"], s["bce_weight"])
+    )
     if name == "region_dice_bce" and cfg["model"]["num_classes"] != 3:
         raise ConfigError("loss region_dice_bce predicts WT, TC and ET: set model.num_classes=3")
     weights = model.deep_supervision_weights() if cfg["model"]["deep_supervision"] else None
@@ -197,10 +243,14 @@ def build_augmenter(cfg: dict, device: torch.device, seed: int) -> BatchAugmente
         return None
     settings = AugmentationSettings(
         flip_p=aug["flip"]["p"],
-        noise_p=aug["noise"]["p"], noise_std=tuple(aug["noise"]["std"]),
-        blur_p=aug["blur"]["p"], blur_sigma=tuple(aug["blur"]["sigma"]),
-        brightness_p=aug["brightness"]["p"], brightness_scale=tuple(aug["brightness"]["scale"]),
-        contrast_p=aug["contrast"]["p"], contrast_scale=tuple(aug["contrast"]["scale"]),
+        noise_p=aug["noise"]["p"],
+        noise_std=tuple(aug["noise"]["std"]),
+        blur_p=aug["blur"]["p"],
+        blur_sigma=tuple(aug["blur"]["sigma"]),
+        brightness_p=aug["brightness"]["p"],
+        brightness_scale=tuple(aug["brightness"]["scale"]),
+        contrast_p=aug["contrast"]["p"],
+        contrast_scale=tuple(aug["contrast"]["scale"]),
     )
     return BatchAugmenter(settings, cfg["model"]["spatial_dims"], device, seed)
 
@@ -219,8 +269,9 @@ def build_algorithms(cfg: dict) -> list[Algorithm]:
     return algorithms
 
 
-def build_callbacks(cfg: dict, run_dir: Path, is_main: bool, progress: bool,
-                    evaluator: DiceEvaluator | None = None) -> list[cb.Callback]:
+def build_callbacks(
+    cfg: dict, run_dir: Path, is_main: bool, progress: bool, evaluator: DiceEvaluator | None = None
+) -> list[cb.Callback]:
     """The configured callbacks, then the always-on ones. The overlay writer (with an evaluator)
     comes first, so that the loggers find its pictures at the same evaluation; the MLflow logger
     last, so that it finds the finished plots and checkpoints.
@@ -232,8 +283,9 @@ def build_callbacks(cfg: dict, run_dir: Path, is_main: bool, progress: bool,
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
-            raise ConfigError("callbacks.tensorboard needs the tensorboard package: "
-                              "pip install 'unet-trainer[tensorboard]'") from None
+            raise ConfigError(
+                "callbacks.tensorboard needs the tensorboard package: pip install 'unet-trainer[tensorboard]'"
+            ) from None
     if "mlflow" in cfg["callbacks"]:
         try:
             import mlflow  # noqa: F401
@@ -243,8 +295,9 @@ def build_callbacks(cfg: dict, run_dir: Path, is_main: bool, progress: bool,
     overlays = None
     if "overlays" in cfg["callbacks"] and evaluator is not None:
         s = cfg["callbacks"]["overlays"]
-        overlays = reporting.OverlayWriter(run_dir / "overlays", evaluator, None if s["cases"] == "all" else s["cases"],
-                                           s["every"], is_writer=is_main)
+        overlays = reporting.OverlayWriter(
+            run_dir / "overlays", evaluator, None if s["cases"] == "all" else s["cases"], s["every"], is_writer=is_main
+        )
         callbacks.append(overlays)
     for name, s in cfg["callbacks"].items():  # monitors first, so the logger sees their values
         if name == "lr_monitor":
@@ -263,13 +316,20 @@ def build_callbacks(cfg: dict, run_dir: Path, is_main: bool, progress: bool,
         cb.SignalHandler(),
         cb.ProgressBar(enabled=is_main and progress),
         cb.MetricsLogger(run_dir, enabled=is_main),
-        cb.CheckpointSaver(run_dir / "checkpoints", Duration.parse(cfg["save_interval"]),
-                           cfg["save_num_checkpoints_to_keep"], is_writer=is_main),
+        cb.CheckpointSaver(
+            run_dir / "checkpoints",
+            Duration.parse(cfg["save_interval"]),
+            cfg["save_num_checkpoints_to_keep"],
+            is_writer=is_main,
+        ),
     ]
     if "mlflow" in cfg["callbacks"] and is_main:
         s = cfg["callbacks"]["mlflow"]
-        callbacks.append(reporting.MLflowLogger(s["tracking_uri"], s["experiment"], s["run_name"] or cfg["run_name"],
-                                                s["log_checkpoints"], run_dir, cfg))
+        callbacks.append(
+            reporting.MLflowLogger(
+                s["tracking_uri"], s["experiment"], s["run_name"] or cfg["run_name"], s["log_checkpoints"], run_dir, cfg
+            )
+        )
     return callbacks
 
 
@@ -307,13 +367,15 @@ def _lock_run_folder(run_dir: Path) -> FolderLock:
     # Under the lock no other run can be writing here, so every temporary is an orphan.
     removed = remove_orphan_temporaries(run_dir / "checkpoints") + remove_orphan_temporaries(run_dir, run_file_name)
     if removed:
-        print(f"note: removed {len(removed)} temporary file(s) left in {run_dir} by an interrupted run",
-              file=sys.stderr)
+        print(
+            f"note: removed {len(removed)} temporary file(s) left in {run_dir} by an interrupted run", file=sys.stderr
+        )
     return lock
 
 
-def _claim_run_folder(cfg: dict, run_dir: Path, run_id: str, resumed_batch: int | None,
-                      resumed_from: Path | None) -> None:
+def _claim_run_folder(
+    cfg: dict, run_dir: Path, run_id: str, resumed_batch: int | None, resumed_from: Path | None
+) -> None:
     """Make sure ``checkpoints/`` holds nothing but this run's history before anything is written.
 
     With ``save_overwrite`` the other files are moved into ``previous/`` (the whole old run for a
@@ -330,22 +392,32 @@ def _claim_run_folder(cfg: dict, run_dir: Path, run_id: str, resumed_batch: int 
     fresh = resumed_batch is None
     if cfg["save_overwrite"]:
         moved = move_run_aside(run_dir, others, whole_run=fresh)
-        print(f"save_overwrite: moved {describe_others(others)}{' and its logs' if fresh else ''} to {moved}",
-              file=sys.stderr)
+        print(
+            f"save_overwrite: moved {describe_others(others)}{' and its logs' if fresh else ''} to {moved}",
+            file=sys.stderr,
+        )
         return
     if fresh:
-        why = ("load_weights_only=true starts a new run" if cfg["load_weights_only"]
-               else "autoresume=false" if not cfg["autoresume"] else "nothing there to resume")
+        why = (
+            "load_weights_only=true starts a new run"
+            if cfg["load_weights_only"]
+            else "autoresume=false"
+            if not cfg["autoresume"]
+            else "nothing there to resume"
+        )
         situation = f"this run starts fresh ({why}) and would mix with them"
         carry_on = "to continue that run instead, run without autoresume=false and load_path; "
     else:
-        situation = (f"this run resumes from {resumed_from} (batch {resumed_batch}), so they are not its history "
-                     "and would mix with it")
+        situation = (
+            f"this run resumes from {resumed_from} (batch {resumed_batch}), so they are not its history "
+            "and would mix with it"
+        )
         carry_on = ""
     raise RunFolderError(
         f"{folder}: holds {describe_others(others)}; {situation}. To keep both, give this run its own folder "
         f"(run_name=NEW or save_folder=PATH); {carry_on}or add save_overwrite=true to move them aside into "
-        f"{run_dir / 'previous'} (nothing is deleted)")
+        f"{run_dir / 'previous'} (nothing is deleted)"
+    )
 
 
 def _warn_patch_padding(patch: Sequence[int], prepared: Path, case_ids: Sequence[str]) -> None:
@@ -361,10 +433,12 @@ def _warn_patch_padding(patch: Sequence[int], prepared: Path, case_ids: Sequence
     if not smaller:
         return
     smallest = min(shapes, key=math.prod)
-    _warn(f"'data.patch_size' = {list(patch)} is larger than {len(smaller)} of {len(shapes)} training volumes "
-          f"(smallest {'x'.join(map(str, smallest))} after cropping to the head): on average "
-          f"{100 * sum(shares) / len(shares):.0f}% of each patch is padding (up to {100 * max(shares):.0f}%); "
-          "a patch no larger than the volumes trains on the same voxels for less compute")
+    _warn(
+        f"'data.patch_size' = {list(patch)} is larger than {len(smaller)} of {len(shapes)} training volumes "
+        f"(smallest {'x'.join(map(str, smallest))} after cropping to the head): on average "
+        f"{100 * sum(shares) / len(shares):.0f}% of each patch is padding (up to {100 * max(shares):.0f}%); "
+        "a patch no larger than the volumes trains on the same voxels for less compute"
+    )
 
 
 def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.Callback] = ()) -> dict:
@@ -393,11 +467,14 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
     """:func:`run_training`; locks it takes go into ``held``, for the caller to release."""
     started = time.perf_counter()
     device_name = cfg["device"]
-    dist_info = init_distributed("cuda" if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available()) else "cpu")
+    dist_info = init_distributed(
+        "cuda" if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     device = build_device(device_name, dist_info.local_rank)
     if cfg["train_batch_size"] % dist_info.world_size:
-        raise ConfigError(f"'train_batch_size' = {cfg['train_batch_size']} is not divisible by the "
-                          f"{dist_info.world_size} processes")
+        raise ConfigError(
+            f"'train_batch_size' = {cfg['train_batch_size']} is not divisible by the {dist_info.world_size} processes"
+        )
     run_dir = Path(cfg["save_folder"])
     seed = cfg["seed"]
     if dist_info.is_main:  # under torchrun only rank 0 locks: the others are part of the same run
@@ -409,8 +486,13 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
     run_id = str(resume[1].get("run_id", LEGACY_RUN_ID)) if resuming else new_run_id()
     barrier()  # every rank has read its checkpoint before rank 0 may move files aside
     if dist_info.is_main:
-        _claim_run_folder(cfg, run_dir, run_id, int((resume[1].get("timestamp") or {}).get("batch", 0)) if resuming else None,
-                          resume[0] if resume else None)
+        _claim_run_folder(
+            cfg,
+            run_dir,
+            run_id,
+            int((resume[1].get("timestamp") or {}).get("batch", 0)) if resuming else None,
+            resume[0] if resume else None,
+        )
 
     prepared, index = ensure_prepared(cfg, dist_info, progress=progress and dist_info.is_main)
     split = build_split(cfg, index["cases"])
@@ -422,13 +504,25 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
     spatial_dims = model_cfg["spatial_dims"]
     if dist_info.is_main:
         _warn_patch_padding(cfg["data"]["patch_size"], prepared, split["train"])
-    dataset = PatchDataset(prepared, split["train"], cfg["data"]["patch_size"], cfg["data"]["oversampling"],
-                           squeeze_slice_axis=spatial_dims == 2)
+    dataset = PatchDataset(
+        prepared,
+        split["train"],
+        cfg["data"]["patch_size"],
+        cfg["data"]["oversampling"],
+        squeeze_slice_axis=spatial_dims == 2,
+    )
     per_rank_batch = cfg["train_batch_size"] // dist_info.world_size
     try:
-        loader = build_train_loader(dataset, per_rank_batch, seed, cfg["data"]["num_workers"],
-                                    pin_memory=device.type == "cuda", num_replicas=dist_info.world_size,
-                                    rank=dist_info.rank, drop_last=cfg["drop_last"])
+        loader = build_train_loader(
+            dataset,
+            per_rank_batch,
+            seed,
+            cfg["data"]["num_workers"],
+            pin_memory=device.type == "cuda",
+            num_replicas=dist_info.world_size,
+            rank=dist_info.rank,
+            drop_last=cfg["drop_last"],
+        )
     except ValueError as exc:
         raise ConfigError(f"'drop_last' = true: {str(exc).removeprefix('drop_last: ')}") from None
     batches_per_epoch = loader.batch_sampler.batches_per_epoch
@@ -436,7 +530,7 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
     seed_everything(seed)
     model = build_model(model_cfg).to(device)
     try:
-        model.check_input_size(cfg["data"]["patch_size"][3 - spatial_dims:])
+        model.check_input_size(cfg["data"]["patch_size"][3 - spatial_dims :])
     except ValueError as exc:
         raise ConfigError(f"'data.patch_size' = {cfg['data']['patch_size']} does not fit the model: {exc}") from None
     loss_fn = build_loss(cfg, model)
@@ -446,32 +540,67 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
     scheduler = build_scheduler(cfg, optimizer, batches_per_epoch, total_batches)
     amp_dtype = AMP_DTYPES[cfg["precision"]]
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "amp_fp16" else None
-    evaluator = DiceEvaluator(
-        prepared, split["val"], cfg["data"]["patch_size"], spatial_dims, model_cfg["num_classes"],
-        region_mode="region_dice_bce" in cfg["loss"], overlap=cfg["eval"]["overlap"],
-        sw_batch_size=cfg["eval"]["sw_batch_size"], gaussian=cfg["eval"]["gaussian"],
-        mirror=cfg["eval"]["mirror_tta"], empty_policy=cfg["eval"]["empty_policy"], amp_dtype=amp_dtype,
-        device=device, rank=dist_info.rank, world_size=dist_info.world_size,
-        cases_csv=run_dir / "eval_cases.csv", hd95=cfg["eval"]["hd95"], lesion_wise=cfg["eval"]["lesion_wise"],
-        lesion_dilation=cfg["eval"]["lesion_dilation"], lesion_min_voxels=cfg["eval"]["lesion_min_voxels"],
-        lesion_hd95_penalty=cfg["eval"]["lesion_hd95_penalty"]) if split["val"] else None
+    evaluator = (
+        DiceEvaluator(
+            prepared,
+            split["val"],
+            cfg["data"]["patch_size"],
+            spatial_dims,
+            model_cfg["num_classes"],
+            region_mode="region_dice_bce" in cfg["loss"],
+            overlap=cfg["eval"]["overlap"],
+            sw_batch_size=cfg["eval"]["sw_batch_size"],
+            gaussian=cfg["eval"]["gaussian"],
+            mirror=cfg["eval"]["mirror_tta"],
+            empty_policy=cfg["eval"]["empty_policy"],
+            amp_dtype=amp_dtype,
+            device=device,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            cases_csv=run_dir / "eval_cases.csv",
+            hd95=cfg["eval"]["hd95"],
+            lesion_wise=cfg["eval"]["lesion_wise"],
+            lesion_dilation=cfg["eval"]["lesion_dilation"],
+            lesion_min_voxels=cfg["eval"]["lesion_min_voxels"],
+            lesion_hd95_penalty=cfg["eval"]["lesion_hd95_penalty"],
+        )
+        if split["val"]
+        else None
+    )
 
     state = State(
-        model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, train_loader=loader,
-        device=device, max_duration=max_duration, train_batch_size=cfg["train_batch_size"],
-        batches_per_epoch=batches_per_epoch, samples_per_epoch=len(dataset), amp_dtype=amp_dtype, scaler=scaler,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=loss_fn,
+        train_loader=loader,
+        device=device,
+        max_duration=max_duration,
+        train_batch_size=cfg["train_batch_size"],
+        batches_per_epoch=batches_per_epoch,
+        samples_per_epoch=len(dataset),
+        amp_dtype=amp_dtype,
+        scaler=scaler,
         augmenter=build_augmenter(cfg, device, seed + dist_info.rank),
-        microbatch_size=cfg["device_train_microbatch_size"], grad_clip_norm=cfg["grad_clip_norm"],
+        microbatch_size=cfg["device_train_microbatch_size"],
+        grad_clip_norm=cfg["grad_clip_norm"],
         prefetch_to_device=cfg["data"]["prefetch_to_device"],
-        evaluator=evaluator, eval_interval=Duration.parse(cfg["eval_interval"]), run_dir=run_dir, config=cfg,
-        seed=seed, rank=dist_info.rank, world_size=dist_info.world_size, run_id=run_id,
+        evaluator=evaluator,
+        eval_interval=Duration.parse(cfg["eval_interval"]),
+        run_dir=run_dir,
+        config=cfg,
+        seed=seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        run_id=run_id,
     )
 
     resumed_from = None
     if resume is not None:
         checkpoint_path, checkpoint = resume
-        differing = [k for k in config_differences(checkpoint.get("config", {}), cfg)
-                     if k.split(".")[0] not in RESUME_FREE_KEYS]
+        differing = [
+            k for k in config_differences(checkpoint.get("config", {}), cfg) if k.split(".")[0] not in RESUME_FREE_KEYS
+        ]
         if differing and dist_info.is_main:
             shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
             print(f"warning: the config differs from the checkpoint's in: {shown}", file=sys.stderr)
@@ -490,15 +619,19 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 
     # Extra callbacks (benchmarks, tests) run before the built-in ones, so the logger sees their values.
-    engine = Engine(state, build_algorithms(cfg),
-                    list(extra_callbacks) + build_callbacks(cfg, run_dir, dist_info.is_main, progress, evaluator))
+    engine = Engine(
+        state,
+        build_algorithms(cfg),
+        list(extra_callbacks) + build_callbacks(cfg, run_dir, dist_info.is_main, progress, evaluator),
+    )
     engine.run(Event.INIT)
     if dist_info.enabled:
         # Only now: DDP lays its gradient buckets out after the parameters' strides, so the
         # algorithms that change the layout at INIT (channels-last) must have run, or every step
         # copies each gradient in and out of its bucket.
         state.model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     fit(state, engine)
 
     final = state.eval_history[-1] if state.eval_history else {}
@@ -506,7 +639,9 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
         "run_dir": str(run_dir),
         "prepared": str(prepared),
         "checkpoint": str(latest_checkpoint(run_dir / "checkpoints")) if dist_info.is_main else None,
-        "best_checkpoint": str(run_dir / "checkpoints" / "best-rank0.pt") if state.extra_state.get("best_dice") is not None else None,
+        "best_checkpoint": str(run_dir / "checkpoints" / "best-rank0.pt")
+        if state.extra_state.get("best_dice") is not None
+        else None,
         "resumed_from": str(resumed_from) if resumed_from else None,
         "epoch": state.timestamp.epoch,
         "batch": state.timestamp.batch,

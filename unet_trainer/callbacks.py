@@ -20,8 +20,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (CHECKPOINT_RE, CheckpointError, atomic_torch_save, capture_rng_state, checkpoint_identity, checkpoint_name,
-                         list_checkpoints)
+from .checkpoint import (
+    CHECKPOINT_RE,
+    CheckpointError,
+    atomic_torch_save,
+    capture_rng_state,
+    checkpoint_identity,
+    checkpoint_name,
+    list_checkpoints,
+)
 from .config import Duration
 from .distributed import all_gather_objects, all_ranks_agree, barrier
 from .evaluation import write_cases_csv
@@ -46,8 +53,14 @@ class ProgressBar(Callback):
     def fit_start(self, state: State) -> None:
         if not self.enabled:
             return
-        self.bar = tqdm(total=state.total_batches, initial=state.timestamp.batch, desc="train", unit="ba",
-                        dynamic_ncols=True, leave=True)
+        self.bar = tqdm(
+            total=state.total_batches,
+            initial=state.timestamp.batch,
+            desc="train",
+            unit="ba",
+            dynamic_ncols=True,
+            leave=True,
+        )
         self._last_time = time.perf_counter()
 
     def batch_end(self, state: State) -> None:
@@ -56,8 +69,11 @@ class ProgressBar(Callback):
         now = time.perf_counter()
         elapsed, self._last_time = now - self._last_time, now
         rate = state.train_batch_size / elapsed if elapsed > 0 else float("nan")
-        postfix = {"ep": f"{state.timestamp.batch / state.batches_per_epoch:.2f}", "loss": f"{state.step_metrics.get('loss/train', float('nan')):.4f}",
-                   "sp/s": f"{rate:.1f}"}
+        postfix = {
+            "ep": f"{state.timestamp.batch / state.batches_per_epoch:.2f}",
+            "loss": f"{state.step_metrics.get('loss/train', float('nan')):.4f}",
+            "sp/s": f"{rate:.1f}",
+        }
         if state.eval_history:
             postfix["dice"] = f"{state.eval_history[-1].get('dice/mean', float('nan')):.3f}"
         self.bar.set_postfix(postfix, refresh=False)
@@ -152,8 +168,15 @@ class MetricsLogger(Callback):
     def batch_end(self, state: State) -> None:
         if self.enabled:
             ts = state.timestamp
-            self._append({"kind": "train", "epoch": state.finished_epochs, "batch": ts.batch, "sample": ts.sample,
-                          **state.step_metrics})
+            self._append(
+                {
+                    "kind": "train",
+                    "epoch": state.finished_epochs,
+                    "batch": ts.batch,
+                    "sample": ts.sample,
+                    **state.step_metrics,
+                }
+            )
 
     def eval_end(self, state: State) -> None:
         if self.enabled:
@@ -200,8 +223,11 @@ class CheckpointSaver(Callback):
 
     def _rotate(self, state: State) -> None:
         # Own: this run's identity, and the batch its name says (a renamed copy is left alone).
-        own = [p for p in list_checkpoints(self.folder)
-               if self._identity_of(p) == (state.run_id, int(CHECKPOINT_RE.match(p.name).group(2)))]
+        own = [
+            p
+            for p in list_checkpoints(self.folder)
+            if self._identity_of(p) == (state.run_id, int(CHECKPOINT_RE.match(p.name).group(2)))
+        ]
         for old in own[: max(len(own) - max(self.keep, 1), 0)]:
             old.unlink(missing_ok=True)
             self._identities.pop(old, None)
@@ -259,7 +285,10 @@ class CheckpointSaver(Callback):
             # eval_cases.csv is the latest evaluation's; this one stays with best-rank0.pt.
             rows = getattr(state.evaluator, "last_per_case", None)
             if rows:
-                atomic_write((state.run_dir or self.folder.parent) / BEST_CASES_CSV, lambda temporary: write_cases_csv(temporary, rows))
+                atomic_write(
+                    (state.run_dir or self.folder.parent) / BEST_CASES_CSV,
+                    lambda temporary: write_cases_csv(temporary, rows),
+                )
         barrier()
 
     def fit_end(self, state: State) -> None:
@@ -344,9 +373,11 @@ class EarlyStopper(Callback):
         if len(scores) <= self.patience:
             return
         best_before = max(scores[: -self.patience])
-        if max(scores[-self.patience:]) < best_before + self.min_delta:
-            state.stop_reason = (f"early stop: validation Dice has not improved by {self.min_delta} "
-                                 f"in {self.patience} evaluations (best {max(scores):.4f})")
+        if max(scores[-self.patience :]) < best_before + self.min_delta:
+            state.stop_reason = (
+                f"early stop: validation Dice has not improved by {self.min_delta} "
+                f"in {self.patience} evaluations (best {max(scores):.4f})"
+            )
 
 
 class MemoryMonitor(Callback):
@@ -443,8 +474,9 @@ class TensorBoardLogger(Callback):
             if key not in ("epoch", "batch") and isinstance(value, float) and not math.isnan(value):
                 self.writer.add_scalar(f"eval/{key}", value, state.timestamp.batch)
         if self.overlays is not None and self.overlays.summary_batch == state.timestamp.batch:
-            self.writer.add_image("eval/overlay_summary", self.overlays.summary, state.timestamp.batch,
-                                  dataformats="HWC")
+            self.writer.add_image(
+                "eval/overlay_summary", self.overlays.summary, state.timestamp.batch, dataformats="HWC"
+            )
         self.writer.flush()
 
     def fit_end(self, state: State) -> None:

@@ -21,8 +21,9 @@ import random
 import re
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,8 +132,10 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     except pickle.UnpicklingError as exc:
         if not _asks_for_code(exc):  # a broken pickle stream, not a refused one
             raise CheckpointError(f"{path}: not a readable checkpoint ({_refusal_reason(exc)})") from None
-        raise UnsafeCheckpointError(f"{path}: refused, it holds code or objects that a weights-only load never "
-                                    f"runs ({_refusal_reason(exc)}); it was not loaded") from None
+        raise UnsafeCheckpointError(
+            f"{path}: refused, it holds code or objects that a weights-only load never "
+            f"runs ({_refusal_reason(exc)}); it was not loaded"
+        ) from None
     except Exception as exc:  # torch raises many types for a damaged file; all mean the same here
         reason = one_line(str(exc)) if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
@@ -183,8 +186,9 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def newest_loadable_checkpoint(folder: Path, rank: int = 0,
-                               warn: Callable[[str], None] = _warn) -> tuple[Path, dict] | None:
+def newest_loadable_checkpoint(
+    folder: Path, rank: int = 0, warn: Callable[[str], None] = _warn
+) -> tuple[Path, dict] | None:
     """The newest checkpoint in ``folder`` that loads, with its contents, for autoresume.
 
     Tries the ``latest`` link's target, then the others from the highest batch down. A file that
@@ -207,8 +211,9 @@ def newest_loadable_checkpoint(folder: Path, rank: int = 0,
         except UnsafeCheckpointError as exc:
             warn(f"{exc}; skipped, never resumed from; remove it if you did not put it there")
         except CheckpointError as exc:
-            warn(f"skipped {path} for resuming: {str(exc).removeprefix(f'{path}: ')}; "
-                 "trying the next newest checkpoint")
+            warn(
+                f"skipped {path} for resuming: {str(exc).removeprefix(f'{path}: ')}; trying the next newest checkpoint"
+            )
     return None
 
 

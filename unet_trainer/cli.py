@@ -47,8 +47,10 @@ def _os_error_line(exc: OSError, folder: Path) -> str:
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or "free" in str(exc):
         return str(exc)
     where = Path(exc.filename) if exc.filename else Path(folder)
-    return (f"{where}: no space left on the device while writing there ({free_space_text(where.parent)}); "
-            "free some space and run again")
+    return (
+        f"{where}: no space left on the device while writing there ({free_space_text(where.parent)}); "
+        "free some space and run again"
+    )
 
 
 def _format_summary(summary: dict) -> str:
@@ -56,7 +58,9 @@ def _format_summary(summary: dict) -> str:
     lines = [""]
     if final:
         regions = "  ".join(f"{k} {final.get('dice/' + k, math.nan):.3f}" for k in ("WT", "TC", "ET"))
-        lines.append(f"Validation Dice ({final.get('batch')} steps): {regions}  mean {final.get('dice/mean', math.nan):.3f}")
+        lines.append(
+            f"Validation Dice ({final.get('batch')} steps): {regions}  mean {final.get('dice/mean', math.nan):.3f}"
+        )
     if summary["stop_reason"]:
         lines.append(f"Stopped early: {summary['stop_reason']}")
     run_dir = Path(summary["run_dir"])
@@ -69,18 +73,30 @@ def _format_summary(summary: dict) -> str:
         f"  split            {run_dir / 'split.json'}",
         f"  checkpoints      {run_dir / 'checkpoints'} (latest: {summary['checkpoint']})",
         f"  metrics          {', '.join([str(run_dir / 'metrics.jsonl'), *metrics])}",
-        *[f"  {title:<16} {path}" for title, path in (("curves", run_dir / "progress.png"),
-                                                        ("overlays", run_dir / "overlays" / "summary.png"))
-          if path.is_file()],
+        *[
+            f"  {title:<16} {path}"
+            for title, path in (
+                ("curves", run_dir / "progress.png"),
+                ("overlays", run_dir / "overlays" / "summary.png"),
+            )
+            if path.is_file()
+        ],
         f"Prepared data:     {summary['prepared']}",
         "Run the same command again to resume from the latest checkpoint.",
     ]
     if final:
-        lines.insert(-2, f"  per-case Dice    {run_dir / 'eval_cases.csv'} (the latest evaluation, step {final.get('batch')})")
+        lines.insert(
+            -2, f"  per-case Dice    {run_dir / 'eval_cases.csv'} (the latest evaluation, step {final.get('batch')})"
+        )
     if summary["best_checkpoint"]:
-        lines.insert(-2, f"  best checkpoint  {summary['best_checkpoint']} (mean Dice {summary['best_dice']:.3f}, "
-                         f"step {summary['best_batch']})")
-        lines.insert(-2, f"  its per-case     {run_dir / 'eval_cases_best.csv'} (the evaluation best-rank0.pt was saved at)")
+        lines.insert(
+            -2,
+            f"  best checkpoint  {summary['best_checkpoint']} (mean Dice {summary['best_dice']:.3f}, "
+            f"step {summary['best_batch']})",
+        )
+        lines.insert(
+            -2, f"  its per-case     {run_dir / 'eval_cases_best.csv'} (the evaluation best-rank0.pt was saved at)"
+        )
     return "\n".join(lines)
 
 
@@ -125,12 +141,22 @@ def data_main(argv: list[str] | None = None) -> int:
     synth = sub.add_parser("synth", help="write a synthetic BraTS phantom in the BraTS 2021 layout")
     synth.add_argument("--out", required=True, type=Path, help="dataset folder to create")
     synth.add_argument("--cases", type=int, default=20, help="number of cases (default 20)")
-    synth.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64], metavar=("D", "H", "W"),
-                       help="array shape per case, (Z, Y, X) voxels of 1 mm (default 64 64 64; BraTS is 155 240 240)")
+    synth.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[64, 64, 64],
+        metavar=("D", "H", "W"),
+        help="array shape per case, (Z, Y, X) voxels of 1 mm (default 64 64 64; BraTS is 155 240 240)",
+    )
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=2, help="processes writing cases in parallel (default 2)")
-    synth.add_argument("--style", default=DEFAULT_STYLE, choices=PHANTOM_STYLES,
-                       help=f"tumour style (default {DEFAULT_STYLE}; see unet_trainer/data/phantom.py)")
+    synth.add_argument(
+        "--style",
+        default=DEFAULT_STYLE,
+        choices=PHANTOM_STYLES,
+        help=f"tumour style (default {DEFAULT_STYLE}; see unet_trainer/data/phantom.py)",
+    )
 
     prep = sub.add_parser("prepare", help="crop, normalise and store a raw dataset as memory-mappable arrays")
     prep.add_argument("source", type=Path, help="raw dataset folder (MSD Task01, BraTS 2021/2023, DLE npy)")
@@ -138,11 +164,21 @@ def data_main(argv: list[str] | None = None) -> int:
     prep.add_argument("--format", default="auto", choices=("auto", "msd", "brats2021", "brats2023", "dle"))
     prep.add_argument("--workers", type=int, default=2)
     prep.add_argument("--skip-bad", action="store_true", help="skip invalid cases and list them instead of stopping")
-    prep.add_argument("--dle-labels", default="msd", choices=("msd", "brats2023"),
-                      help="label numbering of DLE .npy arrays: msd (from MSD Task01, default) or brats2023 "
-                           "(from BraTS 2021, enhancing 4 -> 3)")
-    prep.add_argument("--target-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
-                      help="resample cases whose spacing differs to this one, in mm (default: keep each case's)")
+    prep.add_argument(
+        "--dle-labels",
+        default="msd",
+        choices=("msd", "brats2023"),
+        help="label numbering of DLE .npy arrays: msd (from MSD Task01, default) or brats2023 "
+        "(from BraTS 2021, enhancing 4 -> 3)",
+    )
+    prep.add_argument(
+        "--target-spacing",
+        type=float,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        default=None,
+        help="resample cases whose spacing differs to this one, in mm (default: keep each case's)",
+    )
 
     args = parser.parse_args(argv)
     from .data.prepare import PrepareSettings, prepare_dataset
@@ -155,15 +191,17 @@ def data_main(argv: list[str] | None = None) -> int:
 
             if args.workers < 1:
                 return _fail("--workers must be at least 1", 2)
-            ids = write_phantom_dataset(args.out, args.cases, tuple(args.shape), args.seed, workers=args.workers,
-                                        style=args.style)
+            ids = write_phantom_dataset(
+                args.out, args.cases, tuple(args.shape), args.seed, workers=args.workers, style=args.style
+            )
             print(f"Wrote {len(ids)} phantom cases to {args.out}")
         else:
             if args.target_spacing is not None and min(args.target_spacing) <= 0:
                 return _fail("--target-spacing takes three positive spacings in mm", 2)
             settings = PrepareSettings(tuple(args.target_spacing) if args.target_spacing else None, args.dle_labels)
-            record = prepare_dataset(args.source, args.out, args.format, settings, workers=args.workers,
-                                     skip_bad=args.skip_bad)
+            record = prepare_dataset(
+                args.source, args.out, args.format, settings, workers=args.workers, skip_bad=args.skip_bad
+            )
             print(f"Prepared {len(record['cases'])} {record['format']} cases into {args.out}")
             for case_id, error in record["skipped"].items():
                 print(f"skipped {case_id}: {error}", file=sys.stderr)
@@ -218,14 +256,15 @@ one line and skipped; the exit status is then 1.
 _FORMAT_CHOICES = ("auto", "msd", "brats2021", "brats2023", "dle")
 _EMPTY_POLICY_TEXT = {
     "one_if_both_empty": "a structure absent from the ground truth scores 1 if the prediction is empty too, "
-                         "else 0 (Composer/DLE); every case counts",
+    "else 0 (Composer/DLE); every case counts",
     "ignore": "a structure absent from the ground truth scores NaN and is left out of its mean "
-              "(MONAI ignore_empty=True)",
+    "(MONAI ignore_empty=True)",
 }
 
 
-def _split_command_line(args: list[str], positional: int, value_flags: tuple[str, ...],
-                        switch_flags: tuple[str, ...]) -> tuple[list[str], dict, list[str]]:
+def _split_command_line(
+    args: list[str], positional: int, value_flags: tuple[str, ...], switch_flags: tuple[str, ...]
+) -> tuple[list[str], dict, list[str]]:
     """Split arguments into positionals (the first ``positional`` plain words), our flags and
     config overrides (``key=value``, ``--key value``, ``--key=value``).
 
@@ -290,13 +329,20 @@ def _format_eval(report) -> str:
         f"Empty ground truth ({report.empty_policy}): {_EMPTY_POLICY_TEXT[report.empty_policy]}",
     ]
     if hd95:
-        lines.append("HD95: 95th-percentile Hausdorff distance in mm (prepared spacing); NaN and left out of the "
-                     "mean where a region is empty in the prediction or the ground truth")
+        lines.append(
+            "HD95: 95th-percentile Hausdorff distance in mm (prepared spacing); NaN and left out of the "
+            "mean where a region is empty in the prediction or the ground truth"
+        )
     if lesion_wise:
-        lines.append("Lesion-wise (BraTS 2023): per region, mean over truth lesions and false positives of each "
-                     "lesion's Dice and HD95 mm, averaged over cases")
-    header = (f"{'':<10}{'Dice':>8}{'cases':>7}" + (f"{'HD95 mm':>10}{'cases':>7}" if hd95 else "")
-              + (f"{'LW Dice':>9}{'LW HD95':>9}" if lesion_wise else ""))
+        lines.append(
+            "Lesion-wise (BraTS 2023): per region, mean over truth lesions and false positives of each "
+            "lesion's Dice and HD95 mm, averaged over cases"
+        )
+    header = (
+        f"{'':<10}{'Dice':>8}{'cases':>7}"
+        + (f"{'HD95 mm':>10}{'cases':>7}" if hd95 else "")
+        + (f"{'LW Dice':>9}{'LW HD95':>9}" if lesion_wise else "")
+    )
     lines += ["", header]
     titles = [("WT", "WT"), ("TC", "TC"), ("ET", "ET"), ("mean", "mean")]
     titles += [(name, f"{name} ({value})") for name, value in _native_label_values(report.label_convention).items()]
@@ -333,8 +379,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         print(EVAL_USAGE)
         return 0 if args else 2
     try:
-        (checkpoint,), flags, overrides = _split_command_line(args, 1, ("--dataset", "--format", "--out"),
-                                                               ("--no-progress", "--no-overlays", "--lesion-wise"))
+        (checkpoint,), flags, overrides = _split_command_line(
+            args, 1, ("--dataset", "--format", "--out"), ("--no-progress", "--no-overlays", "--lesion-wise")
+        )
         if flags["--lesion-wise"]:
             overrides.append("eval.lesion_wise=true")
         fmt = _format_flag(flags)
@@ -342,9 +389,15 @@ def eval_main(argv: list[str] | None = None) -> int:
 
         dataset = flags.get("--dataset")
         out = flags.get("--out")
-        report = evaluate_checkpoint(Path(checkpoint), overrides, Path(dataset) if dataset else None, fmt,
-                                     Path(out) if out else None, progress=not flags["--no-progress"],
-                                     overlays=not flags["--no-overlays"])
+        report = evaluate_checkpoint(
+            Path(checkpoint),
+            overrides,
+            Path(dataset) if dataset else None,
+            fmt,
+            Path(out) if out else None,
+            progress=not flags["--no-progress"],
+            overlays=not flags["--no-overlays"],
+        )
     except ConfigError as exc:
         return _fail(str(exc), 2)
     except (DataFormatError, CheckpointError, ValueError, OSError) as exc:
@@ -363,13 +416,21 @@ def predict_main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     try:
         (checkpoint, source, output), flags, overrides = _split_command_line(
-            args, 3, ("--format",), ("--probabilities", "--overlays", "--no-progress"))
+            args, 3, ("--format",), ("--probabilities", "--overlays", "--no-progress")
+        )
         fmt = _format_flag(flags)
         from .predict import predict_dataset
 
-        summary = predict_dataset(Path(checkpoint), Path(source), Path(output), fmt, overrides,
-                                  probabilities=flags["--probabilities"], progress=not flags["--no-progress"],
-                                  overlays=flags["--overlays"])
+        summary = predict_dataset(
+            Path(checkpoint),
+            Path(source),
+            Path(output),
+            fmt,
+            overrides,
+            probabilities=flags["--probabilities"],
+            progress=not flags["--no-progress"],
+            overlays=flags["--overlays"],
+        )
     except ConfigError as exc:
         return _fail(str(exc), 2)
     except (DataFormatError, CheckpointError, ValueError, OSError) as exc:

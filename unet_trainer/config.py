@@ -25,9 +25,10 @@ import difflib
 import math
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -55,7 +56,7 @@ class Duration:
     unit: str
 
     @classmethod
-    def parse(cls, raw: Any) -> "Duration":
+    def parse(cls, raw: Any) -> Duration:
         """Parse ``"200ep"``, ``"1000ba"``, ``"64sp"`` or a plain non-negative integer (epochs).
 
         Raises:
@@ -288,8 +289,9 @@ SCHEMA: dict[str, Any] = {
     "optimizer": OneOf(OPTIMIZERS, {"radam": {}}),
     "schedulers": ListOf(SCHEDULERS, [{"constant": {}}]),
     "loss": OneOf(LOSSES, {"dice_ce": {}}),
-    "callbacks": SetOf(CALLBACKS, {"lr_monitor": {}, "speed_monitor": {}, "memory_monitor": {}, "progress_plot": {},
-                                   "overlays": {}}),
+    "callbacks": SetOf(
+        CALLBACKS, {"lr_monitor": {}, "speed_monitor": {}, "memory_monitor": {}, "progress_plot": {}, "overlays": {}}
+    ),
     "algorithms": SetOf(ALGORITHMS, {}),
     "model": MODEL_FIELDS,
     "data": {
@@ -349,9 +351,21 @@ SCHEMA: dict[str, Any] = {
 
 # Keys a recipe may set: the training hyperparameters, never the data or the model.
 RECIPE_KEYS = (
-    "optimizer", "schedulers", "max_duration", "train_batch_size", "eval_batch_size", "precision",
-    "device_train_microbatch_size", "drop_last", "algorithms", "callbacks", "loss", "grad_clip_norm",
-    "eval_interval", "save_interval", "seed",
+    "optimizer",
+    "schedulers",
+    "max_duration",
+    "train_batch_size",
+    "eval_batch_size",
+    "precision",
+    "device_train_microbatch_size",
+    "drop_last",
+    "algorithms",
+    "callbacks",
+    "loss",
+    "grad_clip_norm",
+    "eval_interval",
+    "save_interval",
+    "seed",
 )
 
 
@@ -514,8 +528,10 @@ def _check_component_entry(source: str, path: str, entry: Any, spec: OneOf | Lis
     if isinstance(entry, str):
         entry = {entry: {}}
     if not isinstance(entry, dict) or len(entry) != 1:
-        raise ConfigError(f"{source}: '{path}' must name exactly one of {names}, like {{{next(iter(spec.components))}: {{}}}}; got {entry!r}")
-    (name, settings), = entry.items()
+        raise ConfigError(
+            f"{source}: '{path}' must name exactly one of {names}, like {{{next(iter(spec.components))}: {{}}}}; got {entry!r}"
+        )
+    ((name, settings),) = entry.items()
     if name not in spec.components:
         raise _unknown_key_error(source, path, name, spec.components.keys())
     return name, _check_component_settings(source, f"{path}.{name}", settings, spec.components[name])
@@ -554,7 +570,9 @@ def check_layer(layer: Any, source: str, schema: Mapping[str, Any] = SCHEMA, pre
             checked[key] = {name: settings}
         elif isinstance(spec, ListOf):
             if not isinstance(value, list):
-                raise ConfigError(f"{source}: '{path}' must be a list like [{{{next(iter(spec.components))}: {{}}}}], got {value!r}")
+                raise ConfigError(
+                    f"{source}: '{path}' must be a list like [{{{next(iter(spec.components))}: {{}}}}], got {value!r}"
+                )
             checked[key] = [
                 dict([_check_component_entry(source, f"{path}[{i}]", item, spec)]) for i, item in enumerate(value)
             ]
@@ -571,8 +589,11 @@ def check_layer(layer: Any, source: str, schema: Mapping[str, Any] = SCHEMA, pre
                 if name not in spec.components:
                     raise _unknown_key_error(source, path, name, spec.components.keys())
                 # null switches a component off in a later layer.
-                entries[name] = None if settings is None else _check_component_settings(
-                    source, f"{path}.{name}", settings, spec.components[name])
+                entries[name] = (
+                    None
+                    if settings is None
+                    else _check_component_settings(source, f"{path}.{name}", settings, spec.components[name])
+                )
             checked[key] = entries
     return checked
 
@@ -590,7 +611,7 @@ def merge_layers(base: dict, over: dict, schema: Mapping[str, Any] = SCHEMA) -> 
         if isinstance(spec, dict) and isinstance(merged.get(key), dict):
             merged[key] = merge_layers(merged[key], value, spec)
         elif isinstance(spec, OneOf) and isinstance(merged.get(key), dict):
-            (name, settings), = value.items()
+            ((name, settings),) = value.items()
             if name in merged[key]:
                 merged[key] = {name: {**merged[key][name], **settings}}
             else:
@@ -618,20 +639,22 @@ def _fill_defaults(layer: dict, schema: Mapping[str, Any]) -> dict:
             full[key] = _fill_defaults(value or {}, spec)
         elif isinstance(spec, OneOf):
             chosen = value if key in layer else spec.default
-            (name, settings), = chosen.items()
+            ((name, settings),) = chosen.items()
             full[key] = {name: _fill_defaults(settings, spec.components[name])}
         elif isinstance(spec, ListOf):
             chosen = value if key in layer else spec.default
             full[key] = [
                 {name: _fill_defaults(settings, spec.components[name])}
-                for item in chosen for name, settings in item.items()
+                for item in chosen
+                for name, settings in item.items()
             ]
         elif isinstance(spec, SetOf):
             # Defaults are the base of a set: layers add components to them or switch them off (null).
             chosen = {**spec.default, **(value or {})}
             full[key] = {
                 name: _fill_defaults(settings or {}, spec.components[name])
-                for name, settings in chosen.items() if settings is not None
+                for name, settings in chosen.items()
+                if settings is not None
             }
     return full
 
@@ -789,7 +812,8 @@ def resolve_config(config_path: str | os.PathLike | None, override_args: list[st
             if key not in RECIPE_KEYS and key in SCHEMA:
                 raise ConfigError(
                     f"{recipe_path}: '{key}' does not belong in a recipe (recipes hold {', '.join(RECIPE_KEYS)}); "
-                    "put it in the config")
+                    "put it in the config"
+                )
         recipe_layer = check_layer(raw_recipe, str(recipe_path))
 
     merged = merge_layers(merge_layers(recipe_layer, config_layer), cli_layer)
@@ -810,7 +834,8 @@ def _check_consistency(cfg: dict) -> None:
     for key in ("kernel_sizes", "strides"):
         if len(model[key]) != n_levels:
             raise ConfigError(
-                f"'model.{key}' has {len(model[key])} entries but 'model.filters' has {n_levels}; give one per level")
+                f"'model.{key}' has {len(model[key])} entries but 'model.filters' has {n_levels}; give one per level"
+            )
     spacing = data["target_spacing"]
     if spacing is not None and min(spacing) <= 0:
         raise ConfigError(f"'data.target_spacing' = {spacing} must be three positive spacings (z, y, x) in mm")
@@ -820,16 +845,20 @@ def _check_consistency(cfg: dict) -> None:
                 raise ConfigError(f"'augmentation.{name}.{key}' = {section[key]} must be [low, high] with low <= high")
     if model["spatial_dims"] == 2 and data["patch_size"][0] != 1:
         raise ConfigError(
-            f"'data.patch_size' = {data['patch_size']} must start with 1 for a 2D model (slices), e.g. [1, 192, 160]")
+            f"'data.patch_size' = {data['patch_size']} must start with 1 for a 2D model (slices), e.g. [1, 192, 160]"
+        )
     _check_patch_size(data["patch_size"], model)
     sgd = cfg["optimizer"].get("sgd")
     if sgd is not None and sgd["nesterov"] and sgd["momentum"] <= 0:
-        raise ConfigError("'optimizer.sgd.nesterov' = true needs 'optimizer.sgd.momentum' > 0; "
-                          "set optimizer.sgd.nesterov=false for plain SGD")
+        raise ConfigError(
+            "'optimizer.sgd.nesterov' = true needs 'optimizer.sgd.momentum' > 0; "
+            "set optimizer.sgd.nesterov=false for plain SGD"
+        )
     micro = cfg["device_train_microbatch_size"]
     if isinstance(micro, int) and micro > cfg["train_batch_size"]:
         raise ConfigError(
-            f"'device_train_microbatch_size' = {micro} exceeds 'train_batch_size' = {cfg['train_batch_size']}")
+            f"'device_train_microbatch_size' = {micro} exceeds 'train_batch_size' = {cfg['train_batch_size']}"
+        )
 
 
 def _check_patch_size(patch: list[int], model: dict) -> None:
@@ -847,11 +876,12 @@ def _check_patch_size(patch: list[int], model: dict) -> None:
     above = [-(-patch[a] // total) * total if a in axes else patch[a] for a in range(3)]
     nearest = str(below) if below == above else f"{below} or {above}"
     per_axis = ", ".join(
-        f"{patch[a]} -> {' or '.join(map(str, dict.fromkeys((below[a], above[a]))))}"
-        for a in axes if patch[a] % total)
+        f"{patch[a]} -> {' or '.join(map(str, dict.fromkeys((below[a], above[a]))))}" for a in axes if patch[a] % total
+    )
     raise ConfigError(
         f"'data.patch_size' = {patch}: each entry must be a multiple of {total}, the model's total stride "
-        f"(product of model.strides {model['strides']}); nearest valid: {per_axis}, e.g. {nearest}")
+        f"(product of model.strides {model['strides']}); nearest valid: {per_axis}, e.g. {nearest}"
+    )
 
 
 def resolve_from_base(base: dict, override_args: list[str] | None = None, source: str = "checkpoint") -> dict:

@@ -6,8 +6,8 @@ region (optionally HD95 per region), gathered across ranks, and a per-case CSV.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,8 +16,12 @@ from tqdm import tqdm
 from .data.loader import PreparedCase
 from .distributed import all_gather_objects
 from .inference import predict_volume
-from .lesion_metrics import (DEFAULT_DILATION_ITERATIONS, DEFAULT_HD95_PENALTY, DEFAULT_MIN_LESION_VOXELS,
-                             case_lesion_scores)
+from .lesion_metrics import (
+    DEFAULT_DILATION_ITERATIONS,
+    DEFAULT_HD95_PENALTY,
+    DEFAULT_MIN_LESION_VOXELS,
+    case_lesion_scores,
+)
 from .metrics import case_dice, case_hd95, mean_scores, regions_to_labels
 
 
@@ -85,14 +89,31 @@ class DiceEvaluator:
     every rank must set it alike, since the gather is collective.
     """
 
-    def __init__(self, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int], spatial_dims: int,
-                 num_outputs: int, region_mode: bool, overlap: float, sw_batch_size: int, gaussian: bool,
-                 mirror: bool, empty_policy: str, amp_dtype: torch.dtype | None, device: torch.device,
-                 rank: int = 0, world_size: int = 1, cases_csv: Path | None = None, hd95: bool = False,
-                 progress: bool = False, lesion_wise: bool = False,
-                 lesion_dilation: int = DEFAULT_DILATION_ITERATIONS,
-                 lesion_min_voxels: int = DEFAULT_MIN_LESION_VOXELS,
-                 lesion_hd95_penalty: float = DEFAULT_HD95_PENALTY):
+    def __init__(
+        self,
+        folder: Path,
+        case_ids: Sequence[str],
+        patch_size: Sequence[int],
+        spatial_dims: int,
+        num_outputs: int,
+        region_mode: bool,
+        overlap: float,
+        sw_batch_size: int,
+        gaussian: bool,
+        mirror: bool,
+        empty_policy: str,
+        amp_dtype: torch.dtype | None,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        cases_csv: Path | None = None,
+        hd95: bool = False,
+        progress: bool = False,
+        lesion_wise: bool = False,
+        lesion_dilation: int = DEFAULT_DILATION_ITERATIONS,
+        lesion_min_voxels: int = DEFAULT_MIN_LESION_VOXELS,
+        lesion_hd95_penalty: float = DEFAULT_HD95_PENALTY,
+    ):
         self.folder = Path(folder)
         self.case_ids = list(case_ids)
         self.patch_size, self.spatial_dims = tuple(patch_size), spatial_dims
@@ -103,8 +124,9 @@ class DiceEvaluator:
         self.cases_csv = cases_csv
         self.hd95, self.progress = hd95, progress
         self.lesion_wise = lesion_wise
-        self.lesion_settings = dict(dilation_iterations=lesion_dilation, min_lesion_voxels=lesion_min_voxels,
-                                    hd95_penalty=lesion_hd95_penalty)
+        self.lesion_settings = dict(
+            dilation_iterations=lesion_dilation, min_lesion_voxels=lesion_min_voxels, hd95_penalty=lesion_hd95_penalty
+        )
         self.last_per_case: list[dict] = []
         self.case_view = None
         self.last_views: dict = {}
@@ -115,8 +137,18 @@ class DiceEvaluator:
         case = PreparedCase(self.folder, case_id)
         image = torch.from_numpy(np.array(case.image)).to(self.device)  # copy: the memmap is read-only
         label = torch.from_numpy(np.array(case.label)).to(self.device)
-        logits = predict_volume(model, image, self.patch_size, self.spatial_dims, self.num_outputs,
-                                self.overlap, self.sw_batch_size, self.gaussian, self.amp_dtype, self.mirror)
+        logits = predict_volume(
+            model,
+            image,
+            self.patch_size,
+            self.spatial_dims,
+            self.num_outputs,
+            self.overlap,
+            self.sw_batch_size,
+            self.gaussian,
+            self.amp_dtype,
+            self.mirror,
+        )
         pred = logits_to_labels(logits, self.region_mode)
         del logits  # K float32 volumes; free them before the (CPU-heavy) HD95
         if self.case_view is not None:
@@ -130,11 +162,12 @@ class DiceEvaluator:
 
     def score_model(self, model: torch.nn.Module) -> tuple[dict[str, float], list[dict]]:
         """Mean scores over all validation cases and the per-case rows (all ranks gathered)."""
-        mine_ids = self.case_ids[self.rank::self.world_size]
+        mine_ids = self.case_ids[self.rank :: self.world_size]
         self._views = []
-        mine = [self.score_case(model, case_id)
-                for case_id in tqdm(mine_ids, desc="evaluate", unit="case",
-                                     disable=None if self.progress else True)]
+        mine = [
+            self.score_case(model, case_id)
+            for case_id in tqdm(mine_ids, desc="evaluate", unit="case", disable=None if self.progress else True)
+        ]
         per_case = sorted((row for rows in all_gather_objects(mine) for row in rows), key=lambda r: r["case_id"])
         self.last_views = {}
         if self.case_view is not None:

@@ -18,8 +18,8 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -76,7 +76,7 @@ def remove_orphan_temporaries(folder: Path, targets=None) -> list[Path]:
 
 
 def free_space_text(folder: Path) -> str:
-    """"1.2 GiB free" on the file system holding ``folder`` (or its nearest existing parent)."""
+    """ "1.2 GiB free" on the file system holding ``folder`` (or its nearest existing parent)."""
     folder = Path(folder).absolute()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -104,9 +104,11 @@ def is_disk_full(exc: BaseException) -> bool:
 def disk_full_error(path: Path) -> DiskFullError:
     """The one-line error for a full disk while writing ``path`` (call after removing partial files)."""
     path = Path(path)
-    error = DiskFullError(f"{path}: no space left on the device while writing it "
-                          f"({free_space_text(path.parent)} in {path.parent}); "
-                          "nothing was replaced: free some space and run again")
+    error = DiskFullError(
+        f"{path}: no space left on the device while writing it "
+        f"({free_space_text(path.parent)} in {path.parent}); "
+        "nothing was replaced: free some space and run again"
+    )
     error.errno = errno.ENOSPC  # str() stays the plain line, without an "[Errno 28]" prefix
     return error
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -90,9 +91,14 @@ def _flip_sets(first_dim: int, count: int, mirror: bool) -> list[tuple[int, ...]
     return [c for r in range(count + 1) for c in itertools.combinations(dims, r)]
 
 
-def _run_windows(predict: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
-                 flips: list[tuple[int, ...]], amp_dtype: torch.dtype | None, num_outputs: int,
-                 output_window: tuple[int, ...]) -> torch.Tensor:
+def _run_windows(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    batch: torch.Tensor,
+    flips: list[tuple[int, ...]],
+    amp_dtype: torch.dtype | None,
+    num_outputs: int,
+    output_window: tuple[int, ...],
+) -> torch.Tensor:
     """Logits (N, K, *output_window) of a window batch (N, C, *window), averaged over ``flips``.
 
     The result keeps the model's dtype (bf16 under AMP) without flips; the flip average is float32.
@@ -107,8 +113,10 @@ def _run_windows(predict: Callable[[torch.Tensor], torch.Tensor], batch: torch.T
             y = predict(batch.flip(flip) if flip else batch)
             expected = (batch.shape[0], num_outputs) + output_window
             if tuple(y.shape) != expected:
-                raise ValueError(f"the model returned {tuple(y.shape)} for windows {tuple(batch.shape)}; expected "
-                                 f"{expected} (num_outputs / output_window do not match the model)")
+                raise ValueError(
+                    f"the model returned {tuple(y.shape)} for windows {tuple(batch.shape)}; expected "
+                    f"{expected} (num_outputs / output_window do not match the model)"
+                )
             if len(flips) == 1:
                 return y
             y = y.flip(flip) if flip else y
@@ -139,20 +147,22 @@ def _pad_last_axes(x: torch.Tensor, before_after: Sequence[tuple[int, int]]) -> 
 
 def _check_windows(window: tuple[int, ...], output_window: tuple[int, ...]) -> None:
     if len(output_window) != len(window) or any(o < 1 or o > w for o, w in zip(output_window, window)):
-        raise ValueError(f"output_window {list(output_window)} must have one size per axis of window "
-                         f"{list(window)}, each between 1 and the window size")
+        raise ValueError(
+            f"output_window {list(output_window)} must have one size per axis of window "
+            f"{list(window)}, each between 1 and the window size"
+        )
 
 
 class _Tiling(NamedTuple):
     """How an image is tiled by windows: shared by the 3D and the slice-by-slice paths."""
 
-    image: torch.Tensor                 # padded by the fit and the context margins
-    window: tuple[int, ...]             # input window
-    output_window: tuple[int, ...]      # the model's output for one window
-    fit: list[tuple[int, int]]          # padding that grows the image to one output window
-    acc_shape: tuple[int, ...]          # accumulator extent over the tiled axes
-    weight: torch.Tensor                # importance map over the output window
-    starts: list[tuple[int, ...]]       # output-window origins in accumulator coordinates
+    image: torch.Tensor  # padded by the fit and the context margins
+    window: tuple[int, ...]  # input window
+    output_window: tuple[int, ...]  # the model's output for one window
+    fit: list[tuple[int, int]]  # padding that grows the image to one output window
+    acc_shape: tuple[int, ...]  # accumulator extent over the tiled axes
+    weight: torch.Tensor  # importance map over the output window
+    starts: list[tuple[int, ...]]  # output-window origins in accumulator coordinates
 
     def crop(self, logits: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
         """Drop the fit padding from accumulated logits (tiled axes last)."""
@@ -162,8 +172,9 @@ class _Tiling(NamedTuple):
         return logits[lead + tuple(slice(a, a + n) for (a, _), n in zip(self.fit, spatial))]
 
 
-def _tile(image: torch.Tensor, window: Sequence[int], output_window: Sequence[int] | None, overlap: float,
-          gaussian: bool) -> _Tiling:
+def _tile(
+    image: torch.Tensor, window: Sequence[int], output_window: Sequence[int] | None, overlap: float, gaussian: bool
+) -> _Tiling:
     """Check the windows, pad the last ``len(window)`` axes of ``image`` and place the windows.
 
     In accumulator coordinates the image is grown to at least one output window; the input is
@@ -172,21 +183,29 @@ def _tile(image: torch.Tensor, window: Sequence[int], output_window: Sequence[in
     window = tuple(int(w) for w in window)
     output_window = window if output_window is None else tuple(int(o) for o in output_window)
     _check_windows(window, output_window)
-    spatial = tuple(image.shape[-len(window):])
+    spatial = tuple(image.shape[-len(window) :])
     fit, margins = _padding(spatial, window, output_window)
     acc_shape = tuple(n + a + b for n, (a, b) in zip(spatial, fit))
     padded = _pad_last_axes(image, [(fa + ma, fb + mb) for (fa, fb), (ma, mb) in zip(fit, margins)])
     starts = list(itertools.product(*[window_starts(n, o, overlap) for n, o in zip(acc_shape, output_window)]))
-    return _Tiling(padded, window, output_window, fit, acc_shape,
-                   _cached_importance(output_window, gaussian, image.device), starts)
+    return _Tiling(
+        padded, window, output_window, fit, acc_shape, _cached_importance(output_window, gaussian, image.device), starts
+    )
 
 
 @torch.no_grad()
-def sliding_window_logits(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
-                          window: Sequence[int], num_outputs: int, overlap: float = 0.5,
-                          sw_batch_size: int = 4, gaussian: bool = True,
-                          amp_dtype: torch.dtype | None = None, mirror: bool = False,
-                          output_window: Sequence[int] | None = None) -> torch.Tensor:
+def sliding_window_logits(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    window: Sequence[int],
+    num_outputs: int,
+    overlap: float = 0.5,
+    sw_batch_size: int = 4,
+    gaussian: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    mirror: bool = False,
+    output_window: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Blend window predictions over a whole image.
 
     Args:
@@ -211,15 +230,21 @@ def sliding_window_logits(predict: Callable[[torch.Tensor], torch.Tensor], image
     """
     spatial = tuple(image.shape[1:])
     tiling = _tile(image, window, output_window, overlap, gaussian)
-    image, window, output_window, weight, starts = (tiling.image, tiling.window, tiling.output_window,
-                                                     tiling.weight, tiling.starts)
+    image, window, output_window, weight, starts = (
+        tiling.image,
+        tiling.window,
+        tiling.output_window,
+        tiling.weight,
+        tiling.starts,
+    )
     logits = torch.zeros((num_outputs,) + tiling.acc_shape, dtype=torch.float32, device=image.device)
     norm = torch.zeros(tiling.acc_shape, dtype=torch.float32, device=image.device)
     flips = _flip_sets(2, len(window), mirror)
     for first in range(0, len(starts), sw_batch_size):
-        chunk = starts[first:first + sw_batch_size]
-        batch = torch.stack([image[(slice(None),) + tuple(slice(s, s + w) for s, w in zip(start, window))]
-                             for start in chunk])
+        chunk = starts[first : first + sw_batch_size]
+        batch = torch.stack(
+            [image[(slice(None),) + tuple(slice(s, s + w) for s, w in zip(start, window))] for start in chunk]
+        )
         out = _run_windows(predict, batch, flips, amp_dtype, num_outputs, output_window)
         for start, pred in zip(chunk, out):
             region = tuple(slice(s, s + o) for s, o in zip(start, output_window))
@@ -230,11 +255,18 @@ def sliding_window_logits(predict: Callable[[torch.Tensor], torch.Tensor], image
 
 
 @torch.no_grad()
-def sliding_window_slices(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
-                          window: Sequence[int], num_outputs: int, overlap: float = 0.5,
-                          sw_batch_size: int = 4, gaussian: bool = True,
-                          amp_dtype: torch.dtype | None = None, mirror: bool = False,
-                          output_window: Sequence[int] | None = None) -> torch.Tensor:
+def sliding_window_slices(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    window: Sequence[int],
+    num_outputs: int,
+    overlap: float = 0.5,
+    sw_batch_size: int = 4,
+    gaussian: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    mirror: bool = False,
+    output_window: Sequence[int] | None = None,
+) -> torch.Tensor:
     """A 2D model over a volume, slice by slice along the first spatial axis, windows batched
     across slices.
 
@@ -260,8 +292,13 @@ def sliding_window_slices(predict: Callable[[torch.Tensor], torch.Tensor], image
     depth = image.shape[1]
     plane = tuple(image.shape[2:])
     tiling = _tile(image, window, output_window, overlap, gaussian)
-    image, window, output_window, weight, in_plane = (tiling.image, tiling.window, tiling.output_window,
-                                                       tiling.weight, tiling.starts)
+    image, window, output_window, weight, in_plane = (
+        tiling.image,
+        tiling.window,
+        tiling.output_window,
+        tiling.weight,
+        tiling.starts,
+    )
     logits = torch.zeros((num_outputs, depth) + tiling.acc_shape, dtype=torch.float32, device=image.device)
     # Every slice is tiled identically, so the weight sum is one in-plane map for all slices.
     norm = torch.zeros(tiling.acc_shape, dtype=torch.float32, device=image.device)
@@ -270,7 +307,7 @@ def sliding_window_slices(predict: Callable[[torch.Tensor], torch.Tensor], image
     windows = [(start, z) for start in in_plane for z in range(depth)]
     flips = _flip_sets(2, 2, mirror)
     for first in range(0, len(windows), sw_batch_size):
-        chunk = windows[first:first + sw_batch_size]
+        chunk = windows[first : first + sw_batch_size]
         # Runs of one in-plane position on consecutive slices: (start, z0, z1).
         runs: list[list] = []
         for start, z in chunk:
@@ -278,14 +315,16 @@ def sliding_window_slices(predict: Callable[[torch.Tensor], torch.Tensor], image
                 runs[-1][2] = z + 1
             else:
                 runs.append([start, z, z + 1])
-        parts = [image[(slice(None), slice(z0, z1)) + tuple(slice(s, s + w) for s, w in zip(start, window))]
-                 .transpose(0, 1) for start, z0, z1 in runs]
+        parts = [
+            image[(slice(None), slice(z0, z1)) + tuple(slice(s, s + w) for s, w in zip(start, window))].transpose(0, 1)
+            for start, z0, z1 in runs
+        ]
         batch = parts[0] if len(parts) == 1 else torch.cat(parts)
         out = _run_windows(predict, batch, flips, amp_dtype, num_outputs, output_window)
         row = 0
         for start, z0, z1 in runs:
             region = (slice(None), slice(z0, z1)) + tuple(slice(s, s + o) for s, o in zip(start, output_window))
-            logits[region].addcmul_(out[row:row + z1 - z0].transpose(0, 1), weight)
+            logits[region].addcmul_(out[row : row + z1 - z0].transpose(0, 1), weight)
             row += z1 - z0
     logits /= norm
     return tiling.crop(logits, plane)
@@ -307,15 +346,26 @@ def model_output_window(model: Callable, window: Sequence[int]) -> tuple[int, ..
     if out == tuple(window):
         return None
     if getattr(model, "padding", None) != "valid":
-        raise ValueError(f"the model maps a {list(window)} window to {list(out)}: sliding-window inference needs "
-                         "logits at the input's resolution (strides[0] = 1)")
+        raise ValueError(
+            f"the model maps a {list(window)} window to {list(out)}: sliding-window inference needs "
+            "logits at the input's resolution (strides[0] = 1)"
+        )
     return out
 
 
 @torch.no_grad()
-def predict_volume(model: torch.nn.Module, image: torch.Tensor, patch_size: Sequence[int], spatial_dims: int,
-                   num_outputs: int, overlap: float = 0.5, sw_batch_size: int = 4, gaussian: bool = True,
-                   amp_dtype: torch.dtype | None = None, mirror: bool = False) -> torch.Tensor:
+def predict_volume(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    spatial_dims: int,
+    num_outputs: int,
+    overlap: float = 0.5,
+    sw_batch_size: int = 4,
+    gaussian: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    mirror: bool = False,
+) -> torch.Tensor:
     """Logits for a whole prepared volume, with a 3D model or slice by slice with a 2D one.
 
     Args:
@@ -335,8 +385,28 @@ def predict_volume(model: torch.nn.Module, image: torch.Tensor, patch_size: Sequ
     """
     if spatial_dims == 3:
         window = tuple(patch_size)
-        return sliding_window_logits(model, image, window, num_outputs, overlap, sw_batch_size, gaussian,
-                                     amp_dtype, mirror, model_output_window(model, window))
+        return sliding_window_logits(
+            model,
+            image,
+            window,
+            num_outputs,
+            overlap,
+            sw_batch_size,
+            gaussian,
+            amp_dtype,
+            mirror,
+            model_output_window(model, window),
+        )
     window = tuple(patch_size[1:])
-    return sliding_window_slices(model, image, window, num_outputs, overlap, sw_batch_size, gaussian, amp_dtype,
-                                 mirror, model_output_window(model, window))
+    return sliding_window_slices(
+        model,
+        image,
+        window,
+        num_outputs,
+        overlap,
+        sw_batch_size,
+        gaussian,
+        amp_dtype,
+        mirror,
+        model_output_window(model, window),
+    )

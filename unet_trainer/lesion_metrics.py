@@ -34,13 +34,13 @@ dilation and by the claimed components), instead of the whole volume as the offi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from .data.formats import REGIONS, REGION_NAMES
+from .data.formats import REGION_NAMES, REGIONS
 
 DEFAULT_DILATION_ITERATIONS = 3  # BraTS gliomas (meningioma and metastases use 1)
 DEFAULT_MIN_LESION_VOXELS = 50  # lesions of this many voxels or fewer are dropped
@@ -106,10 +106,14 @@ def _union(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
     return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
 
 
-def region_lesion_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None,
-                         dilation_iterations: int = DEFAULT_DILATION_ITERATIONS,
-                         min_lesion_voxels: int = DEFAULT_MIN_LESION_VOXELS,
-                         hd95_penalty: float = DEFAULT_HD95_PENALTY) -> LesionScore:
+def region_lesion_scores(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing: Sequence[float] | None = None,
+    dilation_iterations: int = DEFAULT_DILATION_ITERATIONS,
+    min_lesion_voxels: int = DEFAULT_MIN_LESION_VOXELS,
+    hd95_penalty: float = DEFAULT_HD95_PENALTY,
+) -> LesionScore:
     """Lesion-wise Dice and HD95 of one region (see the module docstring).
 
     Args:
@@ -141,8 +145,11 @@ def region_lesion_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[
         # The merging dilation on the truth's own box (false positives far away widen the crop).
         near_truth = _grow(truth_box, dilation_iterations + 1, truth.shape)
         truth_near = truth[near_truth]
-        dilated = (ndimage.binary_dilation(truth_near, structure=_DILATION_18, iterations=dilation_iterations)
-                   if dilation_iterations > 0 else truth_near)
+        dilated = (
+            ndimage.binary_dilation(truth_near, structure=_DILATION_18, iterations=dilation_iterations)
+            if dilation_iterations > 0
+            else truth_near
+        )
         merged_cc, _ = ndimage.label(dilated, structure=_COMPONENTS_26)
         lesion_cc[near_truth] = np.where(truth_near, merged_cc, 0)
     lesion_boxes = ndimage.find_objects(lesion_cc)
@@ -156,8 +163,11 @@ def region_lesion_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[
         # The dilated lesion reaches `dilation_iterations` voxels beyond the lesion's box.
         near = _grow(box, dilation_iterations, truth.shape)
         lesion_near = lesion_cc[near] == lesion_id
-        reach = (ndimage.binary_dilation(lesion_near, structure=_DILATION_18, iterations=dilation_iterations)
-                 if dilation_iterations > 0 else lesion_near)
+        reach = (
+            ndimage.binary_dilation(lesion_near, structure=_DILATION_18, iterations=dilation_iterations)
+            if dilation_iterations > 0
+            else lesion_near
+        )
         ids = np.unique(pred_cc[near][reach])
         ids = ids[ids != 0]
         claimed[ids] = True
@@ -188,10 +198,14 @@ def region_lesion_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[
     return LesionScore(dice_sum / count, hd_sum / count, lesions, detected, false_positives)
 
 
-def case_lesion_scores(pred_labels, true_labels, spacing: Sequence[float] | None = None,
-                       dilation_iterations: int = DEFAULT_DILATION_ITERATIONS,
-                       min_lesion_voxels: int = DEFAULT_MIN_LESION_VOXELS,
-                       hd95_penalty: float = DEFAULT_HD95_PENALTY) -> dict[str, float]:
+def case_lesion_scores(
+    pred_labels,
+    true_labels,
+    spacing: Sequence[float] | None = None,
+    dilation_iterations: int = DEFAULT_DILATION_ITERATIONS,
+    min_lesion_voxels: int = DEFAULT_MIN_LESION_VOXELS,
+    hd95_penalty: float = DEFAULT_HD95_PENALTY,
+) -> dict[str, float]:
     """Lesion-wise Dice and HD95 of WT, TC and ET for one case.
 
     Args:
@@ -216,8 +230,14 @@ def case_lesion_scores(pred_labels, true_labels, spacing: Sequence[float] | None
     dice_row, hd_row = {}, {}
     for name in REGION_NAMES:
         members = list(REGIONS[name])
-        score = region_lesion_scores(np.isin(pred, members), np.isin(truth, members), spacing,
-                                     dilation_iterations, min_lesion_voxels, hd95_penalty)
+        score = region_lesion_scores(
+            np.isin(pred, members),
+            np.isin(truth, members),
+            spacing,
+            dilation_iterations,
+            min_lesion_voxels,
+            hd95_penalty,
+        )
         dice_row[f"lesion_dice/{name}"] = score.dice
         hd_row[f"lesion_hd95/{name}"] = score.hd95
     return {**dice_row, **hd_row}

@@ -8,13 +8,13 @@ sums the losses with the model's normalised weights.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.formats import REGIONS, REGION_NAMES
+from .data.formats import REGION_NAMES, REGIONS
 
 # Dice smoothing as in MONAI's defaults (smooth_nr = smooth_dr = 1e-5), so the values agree.
 SMOOTH = 1e-5
@@ -22,8 +22,9 @@ SMOOTH = 1e-5
 
 def labels_to_regions(labels: torch.Tensor) -> torch.Tensor:
     """Canonical labels (B, 1, *S) -> float region masks (B, 3, *S) in REGION_NAMES order (WT, TC, ET)."""
-    return torch.cat([torch.isin(labels, torch.tensor(REGIONS[name], device=labels.device)) for name in REGION_NAMES],
-                     dim=1).float()
+    return torch.cat(
+        [torch.isin(labels, torch.tensor(REGIONS[name], device=labels.device)) for name in REGION_NAMES], dim=1
+    ).float()
 
 
 def _batch_dice_loss(probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -73,8 +74,10 @@ class RegionDiceBCELoss(nn.Module):
             ValueError: the model does not have 3 outputs.
         """
         if logits.shape[1] != len(REGION_NAMES):
-            raise ValueError(f"region loss needs {len(REGION_NAMES)} outputs (WT, TC, ET), got {logits.shape[1]}; "
-                             "set model.num_classes=3")
+            raise ValueError(
+                f"region loss needs {len(REGION_NAMES)} outputs (WT, TC, ET), got {logits.shape[1]}; "
+                "set model.num_classes=3"
+            )
         logits = logits.float()
         regions = labels_to_regions(target)
         bce = F.binary_cross_entropy_with_logits(logits, regions)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import warnings
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from .data.formats import REGIONS, REGION_NAMES
+from .data.formats import REGION_NAMES, REGIONS
 
 LABEL_NAMES = {1: "NCR", 2: "ED", 3: "EN"}  # necrotic core, oedema, enhancing
 EMPTY_POLICIES = ("one_if_both_empty", "ignore")
@@ -77,8 +77,9 @@ def _dice_from_counts(pred_sum: int, truth_sum: int, intersection: int, empty_po
     return 2.0 * intersection / (pred_sum + truth_sum)
 
 
-def case_dice(pred_labels: torch.Tensor, true_labels: torch.Tensor,
-              empty_policy: str = "one_if_both_empty") -> dict[str, float]:
+def case_dice(
+    pred_labels: torch.Tensor, true_labels: torch.Tensor, empty_policy: str = "one_if_both_empty"
+) -> dict[str, float]:
     """Dice per tumour label and per region for one case, computed on the labels' device.
 
     One histogram kernel over the volume and one transfer of 25 counts to the host (instead of a
@@ -120,8 +121,9 @@ def _gpu_distance_transform_available() -> bool:
     return importlib.util.find_spec("cucim") is not None and importlib.util.find_spec("cupy") is not None
 
 
-def case_hd95(pred_labels: torch.Tensor, true_labels: torch.Tensor,
-              spacing: Sequence[float] | None = None) -> dict[str, float]:
+def case_hd95(
+    pred_labels: torch.Tensor, true_labels: torch.Tensor, spacing: Sequence[float] | None = None
+) -> dict[str, float]:
     """95th-percentile symmetric Hausdorff distance per BraTS region, through MONAI.
 
     ``monai.metrics.compute_hausdorff_distance(percentile=95)`` on the one-hot (WT, TC, ET) masks,
@@ -157,8 +159,9 @@ def case_hd95(pred_labels: torch.Tensor, true_labels: torch.Tensor,
     with warnings.catch_warnings():
         # MONAI warns for every empty mask; for us that is the documented NaN case.
         warnings.simplefilter("ignore")
-        hd = compute_hausdorff_distance(pred, truth, include_background=True, percentile=95,
-                                        spacing=list(spacing) if spacing is not None else None)
+        hd = compute_hausdorff_distance(
+            pred, truth, include_background=True, percentile=95, spacing=list(spacing) if spacing is not None else None
+        )
     values = hd[0].tolist()
     return {f"hd95/{name}": float(v) if ok else math.nan for name, v, ok in zip(REGION_NAMES, values, present)}
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -37,8 +38,17 @@ from tqdm import tqdm
 from .builders import AMP_DTYPES, build_device, build_model, build_split, ensure_prepared
 from .checkpoint import CheckpointError, load_checkpoint, one_line
 from .config import ConfigError, resolve_from_base
-from .data.formats import CANONICAL_CHANNELS, REGION_NAMES, REGIONS, DataFormatError, RawCase, list_cases, \
-    read_case, write_label_nifti, write_probabilities_nifti
+from .data.formats import (
+    CANONICAL_CHANNELS,
+    REGION_NAMES,
+    REGIONS,
+    DataFormatError,
+    RawCase,
+    list_cases,
+    read_case,
+    write_label_nifti,
+    write_probabilities_nifti,
+)
 from .data.loader import PreparedCase
 from .data.prepare import PrepareSettings, prepare_case
 from .distributed import DistInfo
@@ -46,7 +56,6 @@ from .evaluation import DiceEvaluator, logits_to_probabilities, probabilities_to
 from .inference import predict_volume
 from .model import optimize_model
 from .visualize import draw_case_overlay, evaluator_case_view, extract_case_view, write_overlays
-
 
 # --------------------------------------------------------------------------------------------
 # The model of a checkpoint
@@ -104,8 +113,18 @@ class LoadedModel:
             float32 (K, Z, Y, X) on ``device``.
         """
         ev = self.cfg["eval"]
-        return predict_volume(self.model, image, self.patch_size, self.spatial_dims, self.num_outputs,
-                              ev["overlap"], ev["sw_batch_size"], ev["gaussian"], self.amp_dtype, ev["mirror_tta"])
+        return predict_volume(
+            self.model,
+            image,
+            self.patch_size,
+            self.spatial_dims,
+            self.num_outputs,
+            ev["overlap"],
+            ev["sw_batch_size"],
+            ev["gaussian"],
+            self.amp_dtype,
+            ev["mirror_tta"],
+        )
 
 
 def load_model(checkpoint: Path, overrides: Sequence[str] = (), channels_last: bool | None = None) -> LoadedModel:
@@ -146,9 +165,16 @@ def load_model(checkpoint: Path, overrides: Sequence[str] = (), channels_last: b
     model.to(device).eval()
     if channels_last if channels_last is not None else device.type == "cuda":
         optimize_model(model, channels_last=True)
-    return LoadedModel(model=model, cfg=cfg, device=device, amp_dtype=AMP_DTYPES[cfg["precision"]],
-                       region_mode="region_dice_bce" in cfg["loss"], checkpoint=path.resolve(), weights=name,
-                       timestamp=dict(state.get("timestamp") or {}))
+    return LoadedModel(
+        model=model,
+        cfg=cfg,
+        device=device,
+        amp_dtype=AMP_DTYPES[cfg["precision"]],
+        region_mode="region_dice_bce" in cfg["loss"],
+        checkpoint=path.resolve(),
+        weights=name,
+        timestamp=dict(state.get("timestamp") or {}),
+    )
 
 
 def _speed_up_cuda(device: torch.device) -> None:
@@ -211,8 +237,9 @@ def labels_to_original(labels: torch.Tensor | np.ndarray, meta: dict) -> np.ndar
     return uncrop(labels.to(torch.uint8)[None], meta, [0])[0].cpu().numpy()
 
 
-def prediction_to_original(logits: torch.Tensor, meta: dict, region_mode: bool,
-                           probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def prediction_to_original(
+    logits: torch.Tensor, meta: dict, region_mode: bool, probabilities: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits of a prepared volume -> labels (and probabilities) on the raw grid.
 
     Probabilities are resampled back to the crop's size (trilinear) when the case was resampled,
@@ -245,8 +272,9 @@ def prediction_to_original(logits: torch.Tensor, meta: dict, region_mode: bool,
 # --------------------------------------------------------------------------------------------
 
 
-def predict_case(loaded: LoadedModel, raw: RawCase, settings: PrepareSettings = PrepareSettings(),
-                 probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def predict_case(
+    loaded: LoadedModel, raw: RawCase, settings: PrepareSettings | None = None, probabilities: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment one raw case: prepare it in memory as training did, predict, put back.
 
     Returns:
@@ -257,9 +285,11 @@ def predict_case(loaded: LoadedModel, raw: RawCase, settings: PrepareSettings = 
     """
     channels = raw.image.shape[0]
     if channels != loaded.in_channels:
-        raise DataFormatError(f"case {raw.case_id}: has {channels} channels ({', '.join(CANONICAL_CHANNELS)}) but "
-                              f"the model of {loaded.checkpoint.name} takes {loaded.in_channels}")
-    image, _, meta = prepare_case(raw, settings)
+        raise DataFormatError(
+            f"case {raw.case_id}: has {channels} channels ({', '.join(CANONICAL_CHANNELS)}) but "
+            f"the model of {loaded.checkpoint.name} takes {loaded.in_channels}"
+        )
+    image, _, meta = prepare_case(raw, settings if settings is not None else PrepareSettings())
     with torch.no_grad():
         logits = loaded.logits(torch.from_numpy(np.ascontiguousarray(image)).to(loaded.device))
         return prediction_to_original(logits, meta, loaded.region_mode, probabilities)
@@ -282,9 +312,17 @@ def prediction_title(case_id: str, labels: np.ndarray, spacing: Sequence[float],
     return f"{case_id} | prediction{f', epoch {epoch}' if epoch is not None else ''} | {volumes}"
 
 
-def predict_dataset(checkpoint: Path, input_dir: Path, output_dir: Path, fmt: str = "auto",
-                    overrides: Sequence[str] = (), probabilities: bool = False, progress: bool = True,
-                    log: TextIO | None = None, overlays: bool = False) -> PredictSummary:
+def predict_dataset(
+    checkpoint: Path,
+    input_dir: Path,
+    output_dir: Path,
+    fmt: str = "auto",
+    overrides: Sequence[str] = (),
+    probabilities: bool = False,
+    progress: bool = True,
+    log: TextIO | None = None,
+    overlays: bool = False,
+) -> PredictSummary:
     """Segment every case of a raw dataset and write the results as NIfTI files.
 
     Writes ``output_dir/{case_id}.nii.gz`` (uint8 labels in the case's native convention, raw shape
@@ -320,7 +358,9 @@ def predict_dataset(checkpoint: Path, input_dir: Path, output_dir: Path, fmt: st
     if not cases:
         raise DataFormatError(f"{input_dir}: no cases found")
     if output_dir.resolve() == input_dir.resolve():
-        raise DataFormatError(f"{output_dir}: the output folder must not be the input folder (raw data is never written)")
+        raise DataFormatError(
+            f"{output_dir}: the output folder must not be the input folder (raw data is never written)"
+        )
     _speed_up_cuda(loaded.device)
     summary = PredictSummary()
     settings = PrepareSettings.from_config(loaded.cfg["data"])  # as the training data was prepared
@@ -392,9 +432,15 @@ def default_eval_csv(checkpoint: Path, tag: str) -> Path:
     return folder / f"eval_{checkpoint.stem}_{safe_tag}.csv"
 
 
-def evaluate_checkpoint(checkpoint: Path, overrides: Sequence[str] = (), dataset: Path | None = None,
-                        fmt: str = "auto", out_csv: Path | None = None, progress: bool = True,
-                        overlays: bool = True) -> EvalReport:
+def evaluate_checkpoint(
+    checkpoint: Path,
+    overrides: Sequence[str] = (),
+    dataset: Path | None = None,
+    fmt: str = "auto",
+    out_csv: Path | None = None,
+    progress: bool = True,
+    overlays: bool = True,
+) -> EvalReport:
     """Score a checkpoint: Dice per label and region (and HD95 with ``eval.hd95=true``).
 
     Without ``dataset``: the validation fold of the checkpoint's own config (its data, split and
@@ -441,13 +487,27 @@ def evaluate_checkpoint(checkpoint: Path, overrides: Sequence[str] = (), dataset
     if not case_ids:
         raise DataFormatError(f"no cases to evaluate: {source} is empty")
     ev = cfg["eval"]
-    evaluator = DiceEvaluator(prepared, case_ids, loaded.patch_size, loaded.spatial_dims, loaded.num_outputs,
-                              loaded.region_mode, overlap=ev["overlap"], sw_batch_size=ev["sw_batch_size"],
-                              gaussian=ev["gaussian"], mirror=ev["mirror_tta"], empty_policy=ev["empty_policy"],
-                              amp_dtype=loaded.amp_dtype, device=loaded.device, hd95=ev["hd95"], progress=progress,
-                              lesion_wise=ev["lesion_wise"], lesion_dilation=ev["lesion_dilation"],
-                              lesion_min_voxels=ev["lesion_min_voxels"],
-                              lesion_hd95_penalty=ev["lesion_hd95_penalty"])
+    evaluator = DiceEvaluator(
+        prepared,
+        case_ids,
+        loaded.patch_size,
+        loaded.spatial_dims,
+        loaded.num_outputs,
+        loaded.region_mode,
+        overlap=ev["overlap"],
+        sw_batch_size=ev["sw_batch_size"],
+        gaussian=ev["gaussian"],
+        mirror=ev["mirror_tta"],
+        empty_policy=ev["empty_policy"],
+        amp_dtype=loaded.amp_dtype,
+        device=loaded.device,
+        hd95=ev["hd95"],
+        progress=progress,
+        lesion_wise=ev["lesion_wise"],
+        lesion_dilation=ev["lesion_dilation"],
+        lesion_min_voxels=ev["lesion_min_voxels"],
+        lesion_hd95_penalty=ev["lesion_hd95_penalty"],
+    )
     evaluator.case_view = evaluator_case_view if overlays else None
     means, per_case = evaluator.score_model(loaded.model)
     keys = [k for k in per_case[0] if k != "case_id"]
@@ -457,9 +517,23 @@ def evaluate_checkpoint(checkpoint: Path, overrides: Sequence[str] = (), dataset
     overlay_dir = None
     if overlays:
         overlay_dir = csv_path.parent / f"{csv_path.stem}_overlays"
-        write_overlays(overlay_dir, evaluator.last_views, {row["case_id"]: row for row in per_case}, None,
-                       loaded.timestamp.get("epoch"), loaded.timestamp.get("batch"))
+        write_overlays(
+            overlay_dir,
+            evaluator.last_views,
+            {row["case_id"]: row for row in per_case},
+            None,
+            loaded.timestamp.get("epoch"),
+            loaded.timestamp.get("batch"),
+        )
     conventions = {PreparedCase(prepared, case_id).meta.get("label_convention") for case_id in case_ids}
-    return EvalReport(means=means, counts=counts, per_case=per_case, csv_path=csv_path, source=source,
-                      empty_policy=ev["empty_policy"], loaded=loaded, overlays=overlay_dir,
-                      label_convention=conventions.pop() if len(conventions) == 1 else "mixed")
+    return EvalReport(
+        means=means,
+        counts=counts,
+        per_case=per_case,
+        csv_path=csv_path,
+        source=source,
+        empty_policy=ev["empty_policy"],
+        loaded=loaded,
+        overlays=overlay_dir,
+        label_convention=conventions.pop() if len(conventions) == 1 else "mixed",
+    )

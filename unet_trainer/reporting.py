@@ -9,8 +9,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -102,8 +103,15 @@ class MLflowLogger(Callback):
         config: the resolved config (logged as params).
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None, log_checkpoints: bool,
-                 run_dir: Path, config: Mapping[str, Any]):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str | None,
+        log_checkpoints: bool,
+        run_dir: Path,
+        config: Mapping[str, Any],
+    ):
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
         self.log_checkpoints = log_checkpoints
         self.run_dir = Path(run_dir)
@@ -126,33 +134,44 @@ class MLflowLogger(Callback):
             try:
                 run = self.client.get_run(previous)
             except MlflowException:
-                print(f"note: MLflow run {previous} of the checkpoint is not in {self.tracking_uri}; "
-                      "starting a new MLflow run", file=sys.stderr)
+                print(
+                    f"note: MLflow run {previous} of the checkpoint is not in {self.tracking_uri}; "
+                    "starting a new MLflow run",
+                    file=sys.stderr,
+                )
         if run is not None:
             self.client.update_run(previous, status="RUNNING")
-            self.logged_up_to = {key: max(m.step for m in self.client.get_metric_history(previous, key))
-                                 for key in run.data.metrics}
+            self.logged_up_to = {
+                key: max(m.step for m in self.client.get_metric_history(previous, key)) for key in run.data.metrics
+            }
         else:
             found = self.client.get_experiment_by_name(self.experiment)
             experiment_id = found.experiment_id if found is not None else self.client.create_experiment(self.experiment)
-            run = self.client.create_run(experiment_id, run_name=self.run_name,
-                                         tags={"unet_trainer.run_dir": str(self.run_dir.resolve())})
+            run = self.client.create_run(
+                experiment_id, run_name=self.run_name, tags={"unet_trainer.run_dir": str(self.run_dir.resolve())}
+            )
             self.logged_up_to = {}
         self.run_id = run.info.run_id
         state.extra_state["mlflow_run_id"] = self.run_id
-        params = [Param(key, value[:6000]) for key, value in flatten_config(self.config).items()
-                  if key not in run.data.params]
+        params = [
+            Param(key, value[:6000]) for key, value in flatten_config(self.config).items() if key not in run.data.params
+        ]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
-            self.client.log_batch(self.run_id, params=params[start:start + 100])
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
         self._log_artifacts("config.yaml")
 
     def _log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()
-                 if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-                 and step > self.logged_up_to.get(key, -1)]
+        batch = [
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and not math.isnan(value)
+            and step > self.logged_up_to.get(key, -1)
+        ]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
@@ -168,8 +187,9 @@ class MLflowLogger(Callback):
 
     def eval_end(self, state: State) -> None:
         record = state.eval_history[-1]
-        self._log_metrics({f"eval/{k}": v for k, v in record.items() if k not in ("epoch", "batch")},
-                          state.timestamp.batch)
+        self._log_metrics(
+            {f"eval/{k}": v for k, v in record.items() if k not in ("epoch", "batch")}, state.timestamp.batch
+        )
         self._log_artifacts("progress.png", "overlays/summary.png")
 
     def fit_end(self, state: State) -> None:

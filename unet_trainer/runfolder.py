@@ -20,8 +20,8 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .checkpoint import BEST_RE, CHECKPOINT_RE, CheckpointError, checkpoint_identity
 
@@ -62,7 +62,7 @@ class FolderLock:
             time.sleep(0.01)
         return "another process"
 
-    def acquire(self, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> "FolderLock":
+    def acquire(self, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> FolderLock:
         """Take the lock.
 
         Args:
@@ -75,8 +75,10 @@ class FolderLock:
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         key = str(self.path.resolve())
-        busy = (f"{self.folder}: in use by {{}}; one run per folder: wait for it to finish (or stop it), or give "
-                "this run its own folder with run_name=NEW or save_folder=PATH")
+        busy = (
+            f"{self.folder}: in use by {{}}; one run per folder: wait for it to finish (or stop it), or give "
+            "this run its own folder with run_name=NEW or save_folder=PATH"
+        )
         if key in self._held_here:
             raise RunFolderError(busy.format(f"this process ({os.getpid()})"))
         descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -110,7 +112,7 @@ class FolderLock:
             self._descriptor = None
             self._held_here.discard(self._key)
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -121,8 +123,11 @@ def _checkpoint_files(folder: Path) -> list[Path]:
     """Periodic and best checkpoints in ``folder`` (regular files, every rank), by name."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if (CHECKPOINT_RE.match(p.name) or BEST_RE.match(p.name)) and p.is_file() and not p.is_symlink())
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if (CHECKPOINT_RE.match(p.name) or BEST_RE.match(p.name)) and p.is_file() and not p.is_symlink()
+    )
 
 
 def checkpoint_identities(folder: Path) -> list[tuple[Path, str, int]]:
@@ -163,16 +168,22 @@ def other_runs_checkpoints(folder: Path, run_id: str, resumed_batch: int | None)
 
 
 def describe_others(others: list[tuple[Path, str, int]]) -> str:
-    """"3 checkpoints of run 1a2b3c4d, newest ep0-ba3-rank0.pt (batch 3)"."""
+    """ "3 checkpoints of run 1a2b3c4d, newest ep0-ba3-rank0.pt (batch 3)"."""
     newest = max(others, key=lambda entry: entry[2])
     runs = sorted({(run_id[:8] or "from before run ids") for _, run_id, _ in others})
-    return (f"{len(others)} checkpoint(s) of run {', '.join(runs)}, newest {newest[0].name} "
-            f"(batch {newest[2]})")
+    return f"{len(others)} checkpoint(s) of run {', '.join(runs)}, newest {newest[0].name} (batch {newest[2]})"
 
 
 # What a run writes in its folder besides checkpoints/, moved or copied aside with them.
-RUN_FILES = ("config.yaml", "split.json", "metrics.jsonl", "train_metrics.csv", "eval_metrics.csv",
-             "eval_cases.csv", "progress.png")
+RUN_FILES = (
+    "config.yaml",
+    "split.json",
+    "metrics.jsonl",
+    "train_metrics.csv",
+    "eval_metrics.csv",
+    "eval_cases.csv",
+    "progress.png",
+)
 RUN_FOLDERS = ("tensorboard", "overlays")
 
 

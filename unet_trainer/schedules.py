@@ -8,8 +8,8 @@ the batch counter, they restore exactly on resume: no learning-rate jump.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,11 +55,11 @@ class TrainingDiverged(RuntimeError):
 class Timestamp:
     """Progress counters; all saved in checkpoints."""
 
-    epoch: int = 0             # finished epochs
-    batch: int = 0             # optimizer steps taken
-    sample: int = 0            # training samples consumed, all ranks
-    batch_in_epoch: int = 0    # steps taken in the current epoch
-    sample_in_epoch: int = 0   # samples consumed in the current epoch, all ranks
+    epoch: int = 0  # finished epochs
+    batch: int = 0  # optimizer steps taken
+    sample: int = 0  # training samples consumed, all ranks
+    batch_in_epoch: int = 0  # steps taken in the current epoch
+    sample_in_epoch: int = 0  # samples consumed in the current epoch, all ranks
 
     def reached(self, duration: Duration, batches_per_epoch: int, samples_per_epoch: int) -> bool:
         """Whether this point is at or past ``duration``."""
@@ -82,40 +83,40 @@ def duration_in_batches(duration: Duration, batches_per_epoch: int, batch_size: 
 class State:
     """Everything the loop and its hooks share. Built by :mod:`unet_trainer.builders`."""
 
-    model: nn.Module                      # the module stepped (DDP-wrapped when distributed)
+    model: nn.Module  # the module stepped (DDP-wrapped when distributed)
     optimizer: torch.optim.Optimizer
-    scheduler: Any                        # schedules.BatchScheduler
+    scheduler: Any  # schedules.BatchScheduler
     loss_fn: nn.Module
-    train_loader: Any                     # DataLoader with an EpochSampler
+    train_loader: Any  # DataLoader with an EpochSampler
     device: torch.device
     max_duration: Duration
-    train_batch_size: int                 # global batch
+    train_batch_size: int  # global batch
     batches_per_epoch: int
     samples_per_epoch: int
     amp_dtype: torch.dtype | None = None
-    scaler: Any = None                    # torch.amp.GradScaler for fp16
-    augmenter: Callable | None = None     # transforms.BatchAugmenter
-    microbatch_size: int | str | None = None   # int, "auto" or None (whole rank batch)
+    scaler: Any = None  # torch.amp.GradScaler for fp16
+    augmenter: Callable | None = None  # transforms.BatchAugmenter
+    microbatch_size: int | str | None = None  # int, "auto" or None (whole rank batch)
     grad_clip_norm: float | None = None
-    prefetch_to_device: bool = True       # copy the next batch on a side CUDA stream
-    evaluator: Callable[["State"], dict] | None = None
+    prefetch_to_device: bool = True  # copy the next batch on a side CUDA stream
+    evaluator: Callable[[State], dict] | None = None
     eval_interval: Duration | None = None
     run_dir: Path | None = None
     config: dict = field(default_factory=dict)
     seed: int = 0
     rank: int = 0
     world_size: int = 1
-    run_id: str = ""                      # the run's identity, saved in its checkpoints
+    run_id: str = ""  # the run's identity, saved in its checkpoints
     timestamp: Timestamp = field(default_factory=Timestamp)
-    eval_history: list = field(default_factory=list)   # one record per evaluation
+    eval_history: list = field(default_factory=list)  # one record per evaluation
     # Per batch, for hooks to read or change.
     batch: tuple | None = None
     outputs: Any = None
     loss: torch.Tensor | None = None
     step_metrics: dict = field(default_factory=dict)
-    last_batch_samples: int = 0           # global samples in the step just taken
+    last_batch_samples: int = 0  # global samples in the step just taken
     stop_reason: str | None = None
-    extra_state: dict = field(default_factory=dict)     # hooks' own resumable state, by name
+    extra_state: dict = field(default_factory=dict)  # hooks' own resumable state, by name
     # Under DDP, whether the ranks have agreed on the "auto" microbatch in this process (not saved:
     # a resumed run, maybe on other GPUs, checks its saved size again).
     auto_microbatch_agreed: bool = False
@@ -300,7 +301,8 @@ def train_batch(state: State, engine: Engine) -> float:
                 raise torch.cuda.OutOfMemoryError(
                     f"out of memory at device_train_microbatch_size {micro}, which the ranks had agreed on; "
                     "under DDP one rank cannot retry alone: set device_train_microbatch_size to a smaller "
-                    "number") from exc
+                    "number"
+                ) from exc
             # Drop every reference to the failed attempt's autograd graph: after an OOM in backward,
             # the loss still reaches the nodes that did not run, with their saved activations, and
             # the retry would otherwise run out of memory again with them allocated.
@@ -329,7 +331,8 @@ def train_batch(state: State, engine: Engine) -> float:
         state.optimizer.zero_grad(set_to_none=True)
         raise TrainingDiverged(
             f"loss became {loss_value} at batch {state.timestamp.batch + 1} (epoch {state.timestamp.epoch + 1}); "
-            "stopped before the optimizer step, the last checkpoint is the last good state")
+            "stopped before the optimizer step, the last checkpoint is the last good state"
+        )
     if state.grad_clip_norm is not None:
         if state.scaler is not None:
             state.scaler.unscale_(state.optimizer)

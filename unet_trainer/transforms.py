@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 
@@ -377,9 +377,7 @@ class BatchAugmenter:
             # Drawn in float32 whatever the image dtype, so that the noise
             # stream of a seed does not depend on the dtype; the in-place add
             # computes in float32 and rounds once to the image dtype.
-            noise = torch.randn(
-                samples.shape, generator=self._noise_generator, device=self.device, dtype=torch.float32
-            )
+            noise = torch.randn(samples.shape, generator=self._noise_generator, device=self.device, dtype=torch.float32)
             noise.mul_(noise_std[rows].view(broadcast_shape))
             return samples.add_(noise)
 
@@ -491,7 +489,9 @@ class BatchAugmenter:
     def _check_batch(self, image: torch.Tensor, label: torch.Tensor) -> None:
         rank = 2 + self.spatial_dims
         if image.dim() != rank:
-            raise ValueError(f"image must be (B, C, *S) with {self.spatial_dims} spatial dims, got {tuple(image.shape)}")
+            raise ValueError(
+                f"image must be (B, C, *S) with {self.spatial_dims} spatial dims, got {tuple(image.shape)}"
+            )
         if not image.is_floating_point():
             raise TypeError(f"image must be floating point, got {image.dtype}")
         if label.is_floating_point() or label.is_complex():

@@ -13,9 +13,10 @@ solid, prediction as dashed contours.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,9 +130,14 @@ def extract_case_view(case_id: str, image, truth, prediction, spacing: Sequence[
         centre = tuple(n // 2 for n in prediction.shape)
     grey = _window([s.float().cpu().numpy() for s in _slices(image[0], centre)])
     labels = lambda volume: tuple(s.to(torch.uint8).cpu().numpy() for s in _slices(volume, centre))  # noqa: E731
-    return CaseView(case_id=case_id, centre=tuple(int(c) for c in centre), image=grey,
-                    truth=labels(truth) if truth is not None else None, prediction=labels(prediction),
-                    spacing=tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0))))
+    return CaseView(
+        case_id=case_id,
+        centre=tuple(int(c) for c in centre),
+        image=grey,
+        truth=labels(truth) if truth is not None else None,
+        prediction=labels(prediction),
+        spacing=tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0))),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,13 +161,21 @@ def _contours(ax, labels: np.ndarray, linewidth: float, style: Mapping[str, Any]
         mask = labels == label
         # contour needs at least a 2x2 grid and a level that is crossed
         if mask.any() and not mask.all() and min(mask.shape) >= 2:
-            ax.contour(mask.astype(np.float32), levels=[0.5], colors=[LABEL_COLOURS[label]], linewidths=linewidth,
-                       **style)
+            ax.contour(
+                mask.astype(np.float32), levels=[0.5], colors=[LABEL_COLOURS[label]], linewidths=linewidth, **style
+            )
 
 
 def _draw_slice(ax, view: CaseView, index: int, truth_width: float = 2.6, prediction_width: float = 1.6) -> None:
-    ax.imshow(view.image[index].astype(np.float32), cmap="gray", vmin=0.0, vmax=1.0, origin="lower",
-              aspect=_aspect(view, index), interpolation="nearest")
+    ax.imshow(
+        view.image[index].astype(np.float32),
+        cmap="gray",
+        vmin=0.0,
+        vmax=1.0,
+        origin="lower",
+        aspect=_aspect(view, index),
+        interpolation="nearest",
+    )
     if view.truth is not None:
         _contours(ax, view.truth[index], truth_width, TRUTH_STYLE)
         _contours(ax, view.prediction[index], prediction_width, PREDICTION_STYLE)
@@ -174,8 +188,10 @@ def _draw_slice(ax, view: CaseView, index: int, truth_width: float = 2.6, predic
 def _legend_handles(with_truth: bool) -> list[Line2D]:
     handles = [Line2D([], [], color=LABEL_COLOURS[k], lw=3, label=LABEL_LEGEND[k]) for k in sorted(LABEL_COLOURS)]
     if with_truth:
-        handles += [Line2D([], [], color="black", lw=2.6, ls="solid", alpha=0.8, label="ground truth"),
-                    Line2D([], [], color="black", lw=1.6, ls=(0, (2.5, 1.5)), label="prediction")]
+        handles += [
+            Line2D([], [], color="black", lw=2.6, ls="solid", alpha=0.8, label="ground truth"),
+            Line2D([], [], color="black", lw=1.6, ls=(0, (2.5, 1.5)), label="prediction"),
+        ]
     return handles
 
 
@@ -213,8 +229,7 @@ def draw_case_overlay(path: Path, view: CaseView, title: str) -> None:
         _draw_slice(ax, view, index)
         ax.set_title(f"{name} ({where})", fontsize=10)
     fig.suptitle(title, fontsize=12)
-    fig.legend(handles=_legend_handles(view.truth is not None), loc="lower center", ncol=5, fontsize=10,
-               frameon=False)
+    fig.legend(handles=_legend_handles(view.truth is not None), loc="lower center", ncol=5, fontsize=10, frameon=False)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.1, wspace=0.03)
     _save(fig, path)
 
@@ -225,11 +240,13 @@ def mean_dice(row: Mapping[str, float]) -> float:
     return math.nan if value is None else float(value)
 
 
-def pick_worst_and_best(cases: Sequence[tuple[CaseView, Mapping[str, float]]],
-                        per_group: int = 4) -> list[tuple[str, list]]:
+def pick_worst_and_best(
+    cases: Sequence[tuple[CaseView, Mapping[str, float]]], per_group: int = 4
+) -> list[tuple[str, list]]:
     """The rows of the summary grid: ``[("worst", the lowest per_group by mean Dice), ("best", the
     highest per_group)]``; with ``2 * per_group`` cases or fewer each case once, split in two halves
     (or one row "all" when they fit in one). NaN means count as worst."""
+
     def rank(case):
         value = mean_dice(case[1])
         return (1, value, case[0].case_id) if not math.isnan(value) else (0, 0.0, case[0].case_id)
@@ -243,8 +260,9 @@ def pick_worst_and_best(cases: Sequence[tuple[CaseView, Mapping[str, float]]],
     return [("worst", ranked[:half]), ("best", ranked[half:])]
 
 
-def draw_summary(path: Path, cases: Sequence[tuple[CaseView, Mapping[str, float]]], title: str,
-                 per_group: int = 4) -> np.ndarray:
+def draw_summary(
+    path: Path, cases: Sequence[tuple[CaseView, Mapping[str, float]]], title: str, per_group: int = 4
+) -> np.ndarray:
     """The worst and the best ``per_group`` cases by mean Dice in one grid of axial slices (see
     :func:`pick_worst_and_best`), each titled with its case id and scores.
 
@@ -277,11 +295,22 @@ def draw_summary(path: Path, cases: Sequence[tuple[CaseView, Mapping[str, float]
             if c == 0:
                 ax.set_ylabel(group, fontsize=11)
     fig.suptitle(title, fontsize=11)
-    fig.legend(handles=_legend_handles(any(v.truth is not None for v, _ in cases)), loc="lower center",
-               ncol=5 if columns > 2 else 3, fontsize=9, frameon=False)
+    fig.legend(
+        handles=_legend_handles(any(v.truth is not None for v, _ in cases)),
+        loc="lower center",
+        ncol=5 if columns > 2 else 3,
+        fontsize=9,
+        frameon=False,
+    )
     legend_height = 0.45 if columns > 2 else 0.7  # inches: one row of legend, or two
-    fig.subplots_adjust(left=0.04, right=0.99, top=1 - 0.75 / fig.get_figheight(),
-                        bottom=legend_height / fig.get_figheight(), wspace=0.05, hspace=0.25)
+    fig.subplots_adjust(
+        left=0.04,
+        right=0.99,
+        top=1 - 0.75 / fig.get_figheight(),
+        bottom=legend_height / fig.get_figheight(),
+        wspace=0.05,
+        hspace=0.25,
+    )
     return _save(fig, path)
 
 
@@ -293,8 +322,11 @@ def overlay_title(case_id: str, scores: Mapping[str, float], epoch: int | None, 
 
 def summary_title(cases: int, epoch: int | None, batch: int | None, per_group: int = 4) -> str:
     when = f" at epoch {epoch} (step {batch})" if epoch is not None else ""
-    which = (f"worst and best {per_group} of {cases} cases by mean Dice" if cases > 2 * per_group
-             else f"all {cases} cases, worst first, by mean Dice")
+    which = (
+        f"worst and best {per_group} of {cases} cases by mean Dice"
+        if cases > 2 * per_group
+        else f"all {cases} cases, worst first, by mean Dice"
+    )
     return f"Validation{when}: {which} (axial slices)"
 
 
@@ -304,8 +336,14 @@ def evaluator_case_view(case_id: str, image, label, prediction, meta: Mapping):
     return extract_case_view(case_id, image, label, prediction, meta.get("spacing"))
 
 
-def write_overlays(folder: Path, views: Mapping[str, Any], rows: Mapping[str, Mapping[str, float]],
-                   cases: int | None, epoch: int | None, batch: int | None) -> np.ndarray | None:
+def write_overlays(
+    folder: Path,
+    views: Mapping[str, Any],
+    rows: Mapping[str, Mapping[str, float]],
+    cases: int | None,
+    epoch: int | None,
+    batch: int | None,
+) -> np.ndarray | None:
     """One PNG per case (the first ``cases`` by id; None = all) and ``summary.png`` over every case.
 
     Args:
@@ -323,8 +361,12 @@ def write_overlays(folder: Path, views: Mapping[str, Any], rows: Mapping[str, Ma
     folder = Path(folder)
     ids = sorted(views)
     for case_id in ids[:cases] if cases is not None else ids:
-        draw_case_overlay(folder / f"{case_id}.png", views[case_id], overlay_title(case_id, rows[case_id], epoch, batch))
-    return draw_summary(folder / "summary.png", [(views[c], rows[c]) for c in ids], summary_title(len(ids), epoch, batch))
+        draw_case_overlay(
+            folder / f"{case_id}.png", views[case_id], overlay_title(case_id, rows[case_id], epoch, batch)
+        )
+    return draw_summary(
+        folder / "summary.png", [(views[c], rows[c]) for c in ids], summary_title(len(ids), epoch, batch)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,8 +428,9 @@ def _region_order(name: str) -> tuple[int, str]:
     return (order.index(name), name) if name in order else (len(order), name)
 
 
-def draw_progress(path: Path, train: Mapping[str, Series], evals: Sequence[Mapping],
-                  batches_per_epoch: int | None = None) -> None:
+def draw_progress(
+    path: Path, train: Mapping[str, Series], evals: Sequence[Mapping], batches_per_epoch: int | None = None
+) -> None:
     """``progress.png``: training loss, validation Dice per region, learning rate, samples/s, and one
     panel per other group of evaluation metrics (HD95, lesion-wise Dice...), against steps, with the
     best evaluation (highest mean Dice) marked in every panel.
@@ -415,8 +458,13 @@ def draw_progress(path: Path, train: Mapping[str, Series], evals: Sequence[Mappi
         window = max(1, len(loss.values) // 50)
         if window > 1:
             ax.plot(loss.steps, loss.values, lw=0.6, color="#9ab6d6", label="per step")
-        ax.plot(loss.steps, _moving_average(loss.values, window), lw=1.8, color="#1f5fa8",
-                label=f"mean of {window} steps" if window > 1 else "per step")
+        ax.plot(
+            loss.steps,
+            _moving_average(loss.values, window),
+            lw=1.8,
+            color="#1f5fa8",
+            label=f"mean of {window} steps" if window > 1 else "per step",
+        )
         if min(loss.values) > 0 and max(loss.values) > 10 * min(loss.values):  # log only where it spreads
             ax.set_yscale("log")
         ax.legend(loc="upper right", fontsize=8)
@@ -424,14 +472,26 @@ def draw_progress(path: Path, train: Mapping[str, Series], evals: Sequence[Mappi
 
     ax = axes[1]
     # Regions solid, the mean black; the labels dotted in their overlay colours.
-    colours = {"WT": "#1f63b4", "TC": "#c8322d", "ET": "#2a9a48", "mean": "black",
-               **{LABEL_NAMES[k]: colour for k, colour in LABEL_COLOURS.items()}}
+    colours = {
+        "WT": "#1f63b4",
+        "TC": "#c8322d",
+        "ET": "#2a9a48",
+        "mean": "black",
+        **{LABEL_NAMES[k]: colour for k, colour in LABEL_COLOURS.items()},
+    }
     for name in sorted(dice, key=_region_order):
         series = dice[name]
         region = name in REGION_NAMES or name == "mean"
-        ax.plot(series.steps, series.values, marker="o" if region else None, ms=3,
-                lw=2.4 if name == "mean" else (1.3 if region else 0.9), ls="solid" if region else "dotted",
-                color=colours.get(name), label=name)
+        ax.plot(
+            series.steps,
+            series.values,
+            marker="o" if region else None,
+            ms=3,
+            lw=2.4 if name == "mean" else (1.3 if region else 0.9),
+            ls="solid" if region else "dotted",
+            color=colours.get(name),
+            label=name,
+        )
     ax.set(title="validation Dice", ylim=(0, 1.02))
 
     ax = axes[2]
@@ -452,8 +512,14 @@ def draw_progress(path: Path, train: Mapping[str, Series], evals: Sequence[Mappi
     for ax, (group, members) in zip(axes[4:], extra):
         values = [v for s in members.values() for v in s.values]
         for name in sorted(members, key=_region_order):
-            ax.plot(members[name].steps, members[name].values, marker="o", ms=3,
-                    lw=2.4 if name == "mean" else 1.3, label=name)
+            ax.plot(
+                members[name].steps,
+                members[name].values,
+                marker="o",
+                ms=3,
+                lw=2.4 if name == "mean" else 1.3,
+                label=name,
+            )
         ax.set(title=f"validation {group}")
         if values and 0.0 <= min(values) and max(values) <= 1.0 and "dice" in group.lower():
             ax.set_ylim(0, 1.02)
@@ -461,21 +527,30 @@ def draw_progress(path: Path, train: Mapping[str, Series], evals: Sequence[Mappi
     for ax in axes[panels:]:
         ax.axis("off")
 
-    last_step = max([s for series in train.values() for s in series.steps[-1:]] +
-                    [int(r["batch"]) for r in evals] + [1])
+    last_step = max(
+        [s for series in train.values() for s in series.steps[-1:]] + [int(r["batch"]) for r in evals] + [1]
+    )
     for ax in axes[:panels]:
         ax.set_xlim(0, last_step)  # every panel on the same steps
         ax.grid(alpha=0.3)
         ax.set_xlabel("step (top: epoch)" if batches_per_epoch else "step", fontsize=9)
         if batches_per_epoch:
-            top = ax.secondary_xaxis("top", functions=(lambda s: s / batches_per_epoch,
-                                                       lambda e: e * batches_per_epoch))
+            top = ax.secondary_xaxis(
+                "top", functions=(lambda s: s / batches_per_epoch, lambda e: e * batches_per_epoch)
+            )
             top.tick_params(labelsize=7)
         if best is not None:
             ax.axvline(best["batch"], color="#c03030", ls="--", lw=1)
     if best is not None:
-        axes[1].plot([best["batch"]], [best["dice/mean"]], marker="*", ms=14, color="#c03030", ls="none",
-                     label=f"best: epoch {best['epoch']}, step {best['batch']}, mean {best['dice/mean']:.3f}")
+        axes[1].plot(
+            [best["batch"]],
+            [best["dice/mean"]],
+            marker="*",
+            ms=14,
+            color="#c03030",
+            ls="none",
+            label=f"best: epoch {best['epoch']}, step {best['batch']}, mean {best['dice/mean']:.3f}",
+        )
     if dice:
         axes[1].legend(loc="best", fontsize=8, ncol=2)
     fig.tight_layout()

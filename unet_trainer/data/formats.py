@@ -259,9 +259,7 @@ def _remap_labels(labels: np.ndarray, mapping: dict[int, int], description: str)
         raise DataFormatError(f"{description}: label dtype {values.dtype} is not numeric")
     if np.issubdtype(values.dtype, np.floating):
         if not np.isfinite(values).all():
-            raise DataFormatError(
-                f"{description}: NaN/Inf label values; expected integers in {sorted(mapping)}"
-            )
+            raise DataFormatError(f"{description}: NaN/Inf label values; expected integers in {sorted(mapping)}")
         # Integer-valued floats are common in NIfTI segmentations.
         if not np.array_equal(values, np.round(values)):
             bad = values[values != np.round(values)]
@@ -282,9 +280,7 @@ def _remap_labels(labels: np.ndarray, mapping: dict[int, int], description: str)
         if not (out == 255).any():
             return out
     unknown = sorted(set(np.unique(values).astype(np.int64).tolist()) - set(mapping))
-    raise DataFormatError(
-        f"{description}: unknown label values {unknown}; expected only {sorted(mapping)}"
-    )
+    raise DataFormatError(f"{description}: unknown label values {unknown}; expected only {sorted(mapping)}")
 
 
 def to_canonical(labels: np.ndarray, convention: str) -> np.ndarray:
@@ -354,7 +350,7 @@ def _is_per_modality_case_folder(folder: Path, fmt: str) -> bool:
     stem_prefix = folder.name + separator
     for entry in folder.iterdir():
         stem = _strip_nifti_extension(entry.name)
-        if stem is not None and stem.startswith(stem_prefix) and stem[len(stem_prefix):] in suffixes:
+        if stem is not None and stem.startswith(stem_prefix) and stem[len(stem_prefix) :] in suffixes:
             return True
     return False
 
@@ -413,21 +409,15 @@ def detect_format(root: Path) -> str:
         return matches[0]
     if not matches:
         state = "is empty" if not any(root.iterdir()) else "matches no known layout"
-        raise DataFormatError(
-            f"{root}: folder {state}; looked for {'; '.join(_LAYOUT_DESCRIPTIONS)}"
-        )
-    raise DataFormatError(
-        f"{root}: folder mixes layouts {matches}; keep one release per folder or pass fmt explicitly"
-    )
+        raise DataFormatError(f"{root}: folder {state}; looked for {'; '.join(_LAYOUT_DESCRIPTIONS)}")
+    raise DataFormatError(f"{root}: folder mixes layouts {matches}; keep one release per folder or pass fmt explicitly")
 
 
 def _find_nifti(folder: Path, stem: str, case_id: str) -> Path | None:
     """Return ``folder/stem.nii.gz`` or ``folder/stem.nii``; both present is ambiguous."""
     found = [folder / (stem + ext) for ext in _NIFTI_EXTENSIONS if (folder / (stem + ext)).is_file()]
     if len(found) > 1:
-        raise DataFormatError(
-            f"case {case_id}: both {found[0]} and {found[1]} exist; expected exactly one of them"
-        )
+        raise DataFormatError(f"case {case_id}: both {found[0]} and {found[1]} exist; expected exactly one of them")
     return found[0] if found else None
 
 
@@ -462,9 +452,7 @@ def _per_modality_case_files(folder: Path, fmt: str, require_labels: bool) -> Ca
     return CaseFiles(case_id, fmt, tuple(images), label)
 
 
-def _list_per_modality_cases(
-    root: Path, fmt: str, require_labels: bool, bad: dict[str, str] | None
-) -> list[CaseFiles]:
+def _list_per_modality_cases(root: Path, fmt: str, require_labels: bool, bad: dict[str, str] | None) -> list[CaseFiles]:
     cases: list[CaseFiles] = []
     for folder in _visible_subdirectories(root):
         if not _is_per_modality_case_folder(folder, fmt):
@@ -498,9 +486,7 @@ def _check_msd_dataset_json(path: Path) -> dict:
     if not isinstance(found, dict) or {k: v.lower() for k, v in found.items()} != {
         k: v.lower() for k, v in expected.items()
     }:
-        raise DataFormatError(
-            f"{path}: modality is {found}; expected {expected} (MSD Task01 channel order)"
-        )
+        raise DataFormatError(f"{path}: modality is {found}; expected {expected} (MSD Task01 channel order)")
     return content
 
 
@@ -511,24 +497,28 @@ def _list_msd_cases(root: Path, require_labels: bool, bad: dict[str, str] | None
     images_dir = root / _MSD_IMAGES_DIR
     labels_dir = root / _MSD_LABELS_DIR
     if not images_dir.is_dir():
-        raise DataFormatError(
-            f"{root}: no msd cases: missing {images_dir}; expected {LAYOUT_DESCRIPTIONS['msd']}"
-        )
+        raise DataFormatError(f"{root}: no msd cases: missing {images_dir}; expected {LAYOUT_DESCRIPTIONS['msd']}")
     image_by_case: dict[str, Path] = {}
     for path in _msd_image_files(images_dir):
         case_id = _strip_nifti_extension(path.name)
         if case_id in image_by_case:
-            _record_bad(bad, case_id, DataFormatError(
-                f"case {case_id}: both {image_by_case[case_id]} and {path} exist; expected exactly one"
-            ))
+            _record_bad(
+                bad,
+                case_id,
+                DataFormatError(
+                    f"case {case_id}: both {image_by_case[case_id]} and {path} exist; expected exactly one"
+                ),
+            )
         image_by_case[case_id] = path
     if labels_dir.is_dir():
         for path in _msd_image_files(labels_dir):
             case_id = _strip_nifti_extension(path.name)
             if case_id not in image_by_case:
-                _record_bad(bad, case_id, DataFormatError(
-                    f"case {case_id}: label {path} has no image; expected {images_dir / path.name}"
-                ))
+                _record_bad(
+                    bad,
+                    case_id,
+                    DataFormatError(f"case {case_id}: label {path} has no image; expected {images_dir / path.name}"),
+                )
     cases: list[CaseFiles] = []
     for case_id, image_path in image_by_case.items():
         if bad is not None and case_id in bad:
@@ -552,17 +542,25 @@ def _list_dle_cases(root: Path, require_labels: bool, bad: dict[str, str] | None
     labels = {p.name[: -len(_DLE_LABEL_SUFFIX)]: p for p in _dle_files(root, _DLE_LABEL_SUFFIX)}
     for case_id, label_path in labels.items():
         if case_id not in images:
-            _record_bad(bad, case_id, DataFormatError(
-                f"case {case_id}: label {label_path} has no image; expected {root / (case_id + _DLE_IMAGE_SUFFIX)}"
-            ))
+            _record_bad(
+                bad,
+                case_id,
+                DataFormatError(
+                    f"case {case_id}: label {label_path} has no image; expected {root / (case_id + _DLE_IMAGE_SUFFIX)}"
+                ),
+            )
     cases: list[CaseFiles] = []
     for case_id, image_path in images.items():
         label = labels.get(case_id)
         if label is None and require_labels:
-            _record_bad(bad, case_id, DataFormatError(
-                f"case {case_id}: missing label file {root / (case_id + _DLE_LABEL_SUFFIX)}; "
-                "training and scoring need a segmentation for every case (unet-predict does not)"
-            ))
+            _record_bad(
+                bad,
+                case_id,
+                DataFormatError(
+                    f"case {case_id}: missing label file {root / (case_id + _DLE_LABEL_SUFFIX)}; "
+                    "training and scoring need a segmentation for every case (unet-predict does not)"
+                ),
+            )
             continue
         cases.append(CaseFiles(case_id, "dle", (image_path,), label))
     return cases
@@ -663,9 +661,7 @@ def _squeeze_to_3d(data: np.ndarray, path: Path, case_id: str, what: str) -> np.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise DataFormatError(
-            f"case {case_id}: {path} has shape {tuple(data.shape)}; expected a 3D (x, y, z) {what}"
-        )
+        raise DataFormatError(f"case {case_id}: {path} has shape {tuple(data.shape)}; expected a 3D (x, y, z) {what}")
     return data
 
 
@@ -746,9 +742,7 @@ def _read_per_modality_case(case: CaseFiles) -> RawCase:
     if case.label is not None:
         native, affine, _ = _load_nifti(case.label, case.case_id, label=True)
         native = _squeeze_to_3d(native, case.label, case.case_id, "segmentation")
-        _check_grid(
-            case.case_id, case.label, native.shape, affine, reference_path, reference_shape, reference_affine
-        )
+        _check_grid(case.case_id, case.label, native.shape, affine, reference_path, reference_shape, reference_affine)
         label = np.ascontiguousarray(
             _labels_to_canonical(native, convention, case.label, case.case_id).transpose(2, 1, 0)
         )
@@ -772,9 +766,7 @@ def _read_msd_case(case: CaseFiles) -> RawCase:
         native, label_affine, _ = _load_nifti(case.label, case.case_id, label=True)
         native = _squeeze_to_3d(native, case.label, case.case_id, "segmentation")
         _check_grid(case.case_id, case.label, native.shape, label_affine, path, data.shape[:3], affine)
-        label = np.ascontiguousarray(
-            _labels_to_canonical(native, "msd", case.label, case.case_id).transpose(2, 1, 0)
-        )
+        label = np.ascontiguousarray(_labels_to_canonical(native, "msd", case.label, case.case_id).transpose(2, 1, 0))
     return RawCase(case.case_id, image, label, affine, spacing, "msd", preprocessed=False)
 
 
@@ -823,8 +815,7 @@ def _read_dle_case(case: CaseFiles, dle_labels: str = "msd") -> RawCase:
             native = np.array(stored_label)
         except _CORRUPT_FILE_ERRORS as error:
             raise DataFormatError(
-                f"case {case.case_id}: cannot read {case.label} ({_one_line(error)}); "
-                "expected a complete .npy array"
+                f"case {case.case_id}: cannot read {case.label} ({_one_line(error)}); expected a complete .npy array"
             ) from error
         label = _labels_to_canonical(native, dle_labels, case.label, case.case_id)
     return RawCase(case.case_id, image, label, np.eye(4), (1.0, 1.0, 1.0), dle_labels, preprocessed=True)
@@ -944,16 +935,9 @@ def write_probabilities_nifti(path: Path, probs: np.ndarray, affine: np.ndarray)
 
 
 def _check_case_id(case_id: str) -> None:
-    if (
-        not case_id
-        or _is_hidden(case_id)
-        or "/" in case_id
-        or "\\" in case_id
-        or case_id != case_id.strip()
-    ):
+    if not case_id or _is_hidden(case_id) or "/" in case_id or "\\" in case_id or case_id != case_id.strip():
         raise ValueError(
-            f"case id {case_id!r} must be a non-empty file name without slashes, "
-            "surrounding spaces or a leading '.'"
+            f"case id {case_id!r} must be a non-empty file name without slashes, surrounding spaces or a leading '.'"
         )
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
-
 
 # The most bytes of finished batches the loader's workers may hold ahead of the trainer. Each
 # worker builds whole batches, and DataLoader keeps prefetch_factor x num_workers of them in shared
@@ -69,8 +68,9 @@ class PreparedCase:
         return self._foreground
 
 
-def crop_with_padding(image: np.ndarray, label: np.ndarray, start: Sequence[int],
-                      patch: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def crop_with_padding(
+    image: np.ndarray, label: np.ndarray, start: Sequence[int], patch: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Cut ``patch`` voxels starting at ``start`` (may be negative or overhang); pad with zeros.
 
     Args:
@@ -95,8 +95,13 @@ def crop_with_padding(image: np.ndarray, label: np.ndarray, start: Sequence[int]
     return out_image, out_label
 
 
-def choose_patch_start(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator,
-                       foreground: np.ndarray | None, oversampling: float) -> list[int]:
+def choose_patch_start(
+    shape: Sequence[int],
+    patch: Sequence[int],
+    rng: np.random.Generator,
+    foreground: np.ndarray | None,
+    oversampling: float,
+) -> list[int]:
     """Pick the patch origin: with probability ``oversampling`` centred on a tumour voxel.
 
     An oversampled patch picks a tumour label uniformly among those present (so a small
@@ -135,8 +140,14 @@ class PatchDataset(Dataset):
     the patch without its slice axis when squeezed.
     """
 
-    def __init__(self, folder: Path, case_ids: Sequence[str], patch_size: Sequence[int],
-                 oversampling: float, squeeze_slice_axis: bool = False):
+    def __init__(
+        self,
+        folder: Path,
+        case_ids: Sequence[str],
+        patch_size: Sequence[int],
+        oversampling: float,
+        squeeze_slice_axis: bool = False,
+    ):
         self.folder = Path(folder)
         self.case_ids = list(case_ids)
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -181,8 +192,9 @@ class EpochSampler(DistributedSampler):
     """
 
     def __init__(self, num_cases: int, seed: int, num_replicas: int = 1, rank: int = 0):
-        super().__init__(range(num_cases), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=False)
+        super().__init__(
+            range(num_cases), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
         self.start = 0
 
     def set_start(self, start: int) -> None:
@@ -249,8 +261,16 @@ class ContinuousBatchSampler:
             epoch, skip = epoch + 1, 0
 
 
-def build_train_loader(dataset: PatchDataset, batch_size: int, seed: int, num_workers: int,
-                       pin_memory: bool, num_replicas: int = 1, rank: int = 0, drop_last: bool = False) -> DataLoader:
+def build_train_loader(
+    dataset: PatchDataset,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool,
+    num_replicas: int = 1,
+    rank: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
     """An endless DataLoader of training patches for one rank, running across epochs.
 
     Args:
@@ -268,13 +288,19 @@ def build_train_loader(dataset: PatchDataset, batch_size: int, seed: int, num_wo
     """
     sampler = EpochSampler(len(dataset), seed, num_replicas=num_replicas, rank=rank)
     if drop_last and sampler.num_samples < batch_size:
-        raise ValueError(f"drop_last: an epoch has {sampler.num_samples} samples per rank, fewer than the batch of "
-                         f"{batch_size} per rank, so every batch would be dropped; set drop_last=false or a smaller "
-                         "train_batch_size")
+        raise ValueError(
+            f"drop_last: an epoch has {sampler.num_samples} samples per rank, fewer than the batch of "
+            f"{batch_size} per rank, so every batch would be dropped; set drop_last=false or a smaller "
+            "train_batch_size"
+        )
     prefetch = prefetch_batches(num_workers, batch_size * dataset.sample_bytes()) if num_workers > 0 else None
     return DataLoader(
-        dataset, batch_sampler=ContinuousBatchSampler(sampler, batch_size, drop_last), num_workers=num_workers,
-        pin_memory=pin_memory, persistent_workers=num_workers > 0, prefetch_factor=prefetch,
+        dataset,
+        batch_sampler=ContinuousBatchSampler(sampler, batch_size, drop_last),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch,
     )
 
 
@@ -312,7 +338,7 @@ class DevicePrefetcher:
         with torch.cuda.stream(self.stream):
             self.ready = (image.to(self.device, non_blocking=True), label.to(self.device, non_blocking=True))
 
-    def __iter__(self) -> "DevicePrefetcher":
+    def __iter__(self) -> DevicePrefetcher:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,8 +75,9 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], coarse:
     return field / max(float(np.abs(field).max()), 1e-6)
 
 
-def make_phantom_case(shape: tuple[int, int, int], rng: np.random.Generator,
-                      style: str = DEFAULT_STYLE) -> tuple[np.ndarray, np.ndarray]:
+def make_phantom_case(
+    shape: tuple[int, int, int], rng: np.random.Generator, style: str = DEFAULT_STYLE
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw one phantom case.
 
     Args:
@@ -117,7 +118,7 @@ def make_phantom_case(shape: tuple[int, int, int], rng: np.random.Generator,
     vent_offset = rng.uniform(0.08, 0.14)
     ventricles = np.zeros(shape, bool)
     for side in (-1.0, 1.0):
-        d = ((rel[0] / 0.22) ** 2 + ((rel[1] + 0.05) / 0.30) ** 2 + ((rel[2] - side * vent_offset) / 0.09) ** 2)
+        d = (rel[0] / 0.22) ** 2 + ((rel[1] + 0.05) / 0.30) ** 2 + ((rel[2] - side * vent_offset) / 0.09) ** 2
         ventricles |= d < 1.0
     ventricles &= brain
     sulci = brain & ~white & (np.abs(_smooth_field(rng, shape, 10)) < 0.06)
@@ -141,8 +142,14 @@ def make_phantom_case(shape: tuple[int, int, int], rng: np.random.Generator,
     label[necrotic] = LABEL_NECROTIC
 
     regions = [
-        ("scalp", head & ~skull), ("skull", skull & ~brain), ("grey", brain & ~white), ("white", white),
-        ("csf", ventricles | sulci), ("edema", edema), ("enhancing", enhancing), (core_name, necrotic),
+        ("scalp", head & ~skull),
+        ("skull", skull & ~brain),
+        ("grey", brain & ~white),
+        ("white", white),
+        ("csf", ventricles | sulci),
+        ("edema", edema),
+        ("enhancing", enhancing),
+        (core_name, necrotic),
     ]
     image = np.zeros((4,) + shape, np.float32)
     for name, mask in regions:
@@ -157,8 +164,14 @@ def make_phantom_case(shape: tuple[int, int, int], rng: np.random.Generator,
     return image, label
 
 
-def _simple_tumour(shape: tuple[int, int, int], grid: np.ndarray, brain: np.ndarray, ventricles: np.ndarray,
-                   head_r: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _simple_tumour(
+    shape: tuple[int, int, int],
+    grid: np.ndarray,
+    brain: np.ndarray,
+    ventricles: np.ndarray,
+    head_r: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``simple`` style's tumour masks (necrotic, enhancing, oedema): one lobulated concentric
     ball near the centre, always with an enhancing rim at least ~2 voxels thick."""
     size = float(min(shape))
@@ -189,9 +202,14 @@ def _random_voxel(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     return np.array(np.unravel_index(candidates[rng.integers(len(candidates))], mask.shape), np.float32)
 
 
-def _brats_tumour(shape: tuple[int, int, int], grid: np.ndarray, brain: np.ndarray, white: np.ndarray,
-                  ventricles: np.ndarray, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def _brats_tumour(
+    shape: tuple[int, int, int],
+    grid: np.ndarray,
+    brain: np.ndarray,
+    white: np.ndarray,
+    ventricles: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """The ``brats`` style's tumour masks (core label 1, enhancing, oedema) and the tissue name
     the label-1 voxels are drawn with ("necrotic" inside a rim, "nonenhancing" without one).
 
@@ -275,8 +293,15 @@ def _single_thread_worker() -> None:
     torch.set_num_threads(1)
 
 
-def write_phantom_dataset(out: Path, cases: int, shape: tuple[int, int, int], seed: int,
-                          progress: bool = True, workers: int = 1, style: str = DEFAULT_STYLE) -> list[str]:
+def write_phantom_dataset(
+    out: Path,
+    cases: int,
+    shape: tuple[int, int, int],
+    seed: int,
+    progress: bool = True,
+    workers: int = 1,
+    style: str = DEFAULT_STYLE,
+) -> list[str]:
     """Write ``cases`` phantom cases in the BraTS 2021 layout under ``out``.
 
     The dataset is built in a temporary sibling folder and renamed into place when complete,
@@ -316,11 +341,11 @@ def write_phantom_dataset(out: Path, cases: int, shape: tuple[int, int, int], se
         lock.release()
 
 
-def _write_phantom_locked(out: Path, cases: int, shape: tuple[int, int, int], seed: int, progress: bool,
-                          workers: int, style: str) -> list[str]:
+def _write_phantom_locked(
+    out: Path, cases: int, shape: tuple[int, int, int], seed: int, progress: bool, workers: int, style: str
+) -> list[str]:
     """:func:`write_phantom_dataset` once ``out`` is locked."""
-    settings = {"cases": int(cases), "shape": [int(s) for s in shape], "seed": int(seed), "style": style,
-                "version": 2}
+    settings = {"cases": int(cases), "shape": [int(s) for s in shape], "seed": int(seed), "style": style, "version": 2}
     marker = out / "phantom.json"
     if out.exists():
         if marker.is_file() and json.loads(marker.read_text()) == settings:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,8 +32,16 @@ from tqdm import tqdm
 
 from ..fileio import atomic_save_npy, atomic_write_text, remove_orphan_temporaries
 from ..runfolder import PREPARE_LOCK_NAME, FolderLock
-from .formats import (CANONICAL_CHANNELS, LAYOUT_DESCRIPTIONS, CaseFiles, DataFormatError, RawCase, detect_format,
-                      list_cases, read_case)
+from .formats import (
+    CANONICAL_CHANNELS,
+    LAYOUT_DESCRIPTIONS,
+    CaseFiles,
+    DataFormatError,
+    RawCase,
+    detect_format,
+    list_cases,
+    read_case,
+)
 
 PREPARE_VERSION = 1
 # Foreground voxels kept per label for oversampling: enough to cover a tumour, small on disk.
@@ -48,16 +56,20 @@ class PrepareSettings:
     dle_labels: str = "msd"  # numbering of DLE arrays (formats.DLE_LABEL_CONVENTIONS)
 
     def as_dict(self) -> dict:
-        return {"version": PREPARE_VERSION,
-                "target_spacing": list(self.target_spacing) if self.target_spacing else None,
-                "dle_labels": self.dle_labels}
+        return {
+            "version": PREPARE_VERSION,
+            "target_spacing": list(self.target_spacing) if self.target_spacing else None,
+            "dle_labels": self.dle_labels,
+        }
 
     @classmethod
-    def from_config(cls, data_cfg: dict) -> "PrepareSettings":
+    def from_config(cls, data_cfg: dict) -> PrepareSettings:
         """The settings from a resolved config's ``data`` section."""
         spacing = data_cfg.get("target_spacing")
-        return cls(target_spacing=tuple(float(v) for v in spacing) if spacing else None,
-                   dle_labels=data_cfg.get("dle_labels", "msd"))
+        return cls(
+            target_spacing=tuple(float(v) for v in spacing) if spacing else None,
+            dle_labels=data_cfg.get("dle_labels", "msd"),
+        )
 
     def digest(self) -> str:
         return hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
@@ -106,8 +118,9 @@ def zscore_nonzero(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def resample(image: np.ndarray, label: np.ndarray | None, spacing: Sequence[float],
-             target: Sequence[float]) -> tuple[np.ndarray, np.ndarray | None]:
+def resample(
+    image: np.ndarray, label: np.ndarray | None, spacing: Sequence[float], target: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Resample to the target spacing: trilinear for the image, nearest for labels.
 
     Args:
@@ -121,17 +134,22 @@ def resample(image: np.ndarray, label: np.ndarray | None, spacing: Sequence[floa
     if np.allclose(spacing, target, rtol=0.01):
         return image, label
     size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.shape[1:], spacing, target)]
-    img = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None], size=size, mode="trilinear",
-                        align_corners=False)[0].numpy()
+    img = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(image))[None], size=size, mode="trilinear", align_corners=False
+    )[0].numpy()
     lab = None
     if label is not None:
-        lab = F.interpolate(torch.from_numpy(label.astype(np.float32))[None, None], size=size,
-                            mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
+        lab = (
+            F.interpolate(torch.from_numpy(label.astype(np.float32))[None, None], size=size, mode="nearest-exact")[0, 0]
+            .numpy()
+            .astype(np.uint8)
+        )
     return img, lab
 
 
-def foreground_samples(label: np.ndarray, rng: np.random.Generator,
-                       max_per_label: int = MAX_FOREGROUND_SAMPLES) -> np.ndarray:
+def foreground_samples(
+    label: np.ndarray, rng: np.random.Generator, max_per_label: int = MAX_FOREGROUND_SAMPLES
+) -> np.ndarray:
     """Up to ``max_per_label`` random voxel coordinates of each tumour label.
 
     Returns:
@@ -170,11 +188,11 @@ def prepare_case(raw: RawCase, settings: PrepareSettings) -> tuple[np.ndarray, n
         image = zscore_nonzero(image)
     meta = {
         "case_id": raw.case_id,
-        "original_shape": original_shape,            # (Z, Y, X) of the raw array
-        "original_spacing": list(raw.spacing),       # (z, y, x) mm
-        "spacing": spacing,                          # after resampling
-        "crop_box": [list(b) for b in box],          # half-open (Z, Y, X) ranges in the raw array
-        "affine": np.asarray(raw.affine).tolist(),   # NIfTI affine of the raw (x, y, z) grid
+        "original_shape": original_shape,  # (Z, Y, X) of the raw array
+        "original_spacing": list(raw.spacing),  # (z, y, x) mm
+        "spacing": spacing,  # after resampling
+        "crop_box": [list(b) for b in box],  # half-open (Z, Y, X) ranges in the raw array
+        "affine": np.asarray(raw.affine).tolist(),  # NIfTI affine of the raw (x, y, z) grid
         "label_convention": raw.label_convention,
         "prepared_shape": list(image.shape[1:]),
         "has_label": label is not None,
@@ -246,9 +264,16 @@ def _no_cases_message(source: Path, fmt: str) -> str:
     return f"{source}: no {fmt} cases found; expected {LAYOUT_DESCRIPTIONS[fmt]}{hint}"
 
 
-def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: PrepareSettings = PrepareSettings(),
-                    workers: int = 1, skip_bad: bool = False, progress: bool = True,
-                    require_labels: bool = True) -> dict:
+def prepare_dataset(
+    source: Path,
+    out: Path,
+    fmt: str = "auto",
+    settings: PrepareSettings = PrepareSettings(),
+    workers: int = 1,
+    skip_bad: bool = False,
+    progress: bool = True,
+    require_labels: bool = True,
+) -> dict:
     """Prepare every case of a raw dataset into ``out`` (resumable, atomic per case).
 
     Args:
@@ -282,7 +307,8 @@ def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: Prepar
         raise DataFormatError(f"{out}: the prepared folder must not be the raw folder or contain it")
     out.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(out, PREPARE_LOCK_NAME).acquire(
-        wait=True, on_wait=lambda holder: print(f"waiting for {holder}, which is preparing {out}", file=sys.stderr))
+        wait=True, on_wait=lambda holder: print(f"waiting for {holder}, which is preparing {out}", file=sys.stderr)
+    )
     try:
         # Under the lock no other preparation writes here: every temporary is a killed one's orphan.
         remove_orphan_temporaries(out)
@@ -291,15 +317,28 @@ def prepare_dataset(source: Path, out: Path, fmt: str = "auto", settings: Prepar
         lock.release()
 
 
-def _prepare_cases(source: Path, out: Path, cases: list[CaseFiles], errors: dict[str, str],
-                   settings: PrepareSettings, workers: int, skip_bad: bool, progress: bool) -> dict:
+def _prepare_cases(
+    source: Path,
+    out: Path,
+    cases: list[CaseFiles],
+    errors: dict[str, str],
+    settings: PrepareSettings,
+    workers: int,
+    skip_bad: bool,
+    progress: bool,
+) -> dict:
     """:func:`prepare_dataset` once the folder is locked."""
     digest = settings.digest()
     todo = [c for c in cases if not _case_is_done(out, c.case_id, digest)]
     jobs = [(c, str(out), settings) for c in todo]
     # disable=None: tqdm draws only on a terminal.
-    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="prepare", unit="case",
-               disable=None if progress else True)
+    bar = tqdm(
+        total=len(cases),
+        initial=len(cases) - len(todo),
+        desc="prepare",
+        unit="case",
+        disable=None if progress else True,
+    )
     try:
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:

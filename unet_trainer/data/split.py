@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from sklearn.model_selection import KFold
 
@@ -49,7 +49,11 @@ def load_split_file(path: Path, available: Sequence[str]) -> dict[str, list[str]
         split = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataFormatError(f"{path}: cannot read split file ({exc})") from None
-    if not isinstance(split, dict) or not isinstance(split.get("train"), list) or not isinstance(split.get("val"), list):
+    if (
+        not isinstance(split, dict)
+        or not isinstance(split.get("train"), list)
+        or not isinstance(split.get("val"), list)
+    ):
         raise DataFormatError(f'{path}: a split file must be {{"train": [ids...], "val": [ids...]}}')
     known = set(available)
     missing = [i for i in split["train"] + split["val"] if i not in known]
