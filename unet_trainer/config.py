@@ -34,6 +34,7 @@ import yaml
 
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
 from .lesion_metrics import DEFAULT_DILATION_ITERATIONS, DEFAULT_HD95_PENALTY, DEFAULT_MIN_LESION_VOXELS
+from .schema import F, Field, ListOf, OneOf, SetOf
 
 
 class ConfigError(ValueError):
@@ -85,82 +86,6 @@ class Duration:
 # --------------------------------------------------------------------------------------------
 # Schema
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Field:
-    """One leaf of the schema.
-
-    ``kind`` is one of: int, float, bool, str, duration, int_list, float_list, int_or_auto, int_or_all.
-    ``length`` fixes a list's length; ``choices`` restricts a str; ``nullable`` admits null.
-    """
-
-    kind: str
-    default: Any
-    nullable: bool = False
-    choices: tuple[str, ...] | None = None
-    length: int | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-
-    def expected(self) -> str:
-        """Human phrase for the expected type, used in error messages."""
-        phrase = {
-            "int": "an integer",
-            "float": "a number",
-            "bool": "true or false",
-            "str": "a string",
-            "duration": "a duration like 200ep, 1000ba or 64sp",
-            "int_list": "a list of integers",
-            "float_list": "a list of numbers",
-            "int_or_auto": "an integer or 'auto'",
-            "int_or_all": "a positive integer or 'all'",
-        }[self.kind]
-        if self.choices:
-            phrase = "one of " + ", ".join(self.choices)
-        if self.length is not None:
-            phrase += f" of length {self.length}"
-        if self.minimum is not None and self.maximum is not None:
-            phrase += f" in [{self.minimum}, {self.maximum}]"
-        elif self.minimum is not None:
-            phrase += f" >= {self.minimum}"
-        if self.nullable:
-            phrase += " (or null)"
-        return phrase
-
-
-@dataclass(frozen=True)
-class OneOf:
-    """Exactly one named component with its settings, e.g. ``optimizer: {radam: {lr: 1e-3}}``.
-
-    A later layer naming a different component replaces the choice; naming the same one merges.
-    """
-
-    components: Mapping[str, Mapping[str, Field]]
-    default: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class ListOf:
-    """An ordered list of named components, e.g. ``schedulers: [{constant: {}}]``; replaced whole."""
-
-    components: Mapping[str, Mapping[str, Field]]
-    default: list
-
-
-@dataclass(frozen=True)
-class SetOf:
-    """Any subset of named components, switched on by name: ``callbacks: {lr_monitor: {}}``.
-
-    Layers merge per component; giving a component the value null switches it off.
-    """
-
-    components: Mapping[str, Mapping[str, Field]]
-    default: Mapping[str, Any]
-
-
-def F(kind: str, default: Any, **kwargs: Any) -> Field:
-    return Field(kind, default, **kwargs)
 
 
 PROB = dict(minimum=0.0, maximum=1.0)
@@ -503,6 +428,10 @@ def _check_field(source: str, path: str, value: Any, spec: Field) -> Any:
                 if number is None or not math.isfinite(number):
                     raise _type_error(source, path, value, spec, f"item {item!r}, each must be a finite number")
                 out.append(number)
+            if (spec.minimum is not None and out[-1] < spec.minimum) or (
+                spec.maximum is not None and out[-1] > spec.maximum
+            ):
+                raise _type_error(source, path, value, spec, f"item {item!r}")
         if spec.length is not None and len(out) != spec.length:
             raise _type_error(source, path, value, spec)
         return out
