@@ -57,7 +57,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchutil import brats_3d_model, device_description
+from benchutil import brats_3d_model, device_description, release_memory
 
 from unet_trainer.model import UNet, optimize_model  # noqa: E402
 
@@ -247,9 +247,7 @@ def measure(
         result.note = f"{type(error).__name__}: {str(error).splitlines()[0][:80] if str(error) else ''}"
     finally:
         del model, x, target
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)
     return result
 
 

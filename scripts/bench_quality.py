@@ -11,7 +11,7 @@ of the budget.
     ours    ``unet_trainer.builders.run_training`` on ``resolve_config(configs/demo.yaml, ...)``
             (the demo's recipe: RAdam, constant lr, Dice + CE, batched augmentation, oversampling),
             evaluating every ``steps / points`` batches.
-    monai   the parts scripts/bench_train.py builds (imported, not copied): its MONAI transforms
+    monai   the parts scripts/monai_pipeline.py builds (imported, not copied): its MONAI transforms
             (LoadImaged, MapLabelValued, CropForegroundd, NormalizeIntensityd(nonzero,
             channel_wise), RandCropByPosNegLabeld with the config's oversampling, flips, noise,
             blur, brightness and contrast with the config's probabilities and ranges) over a
@@ -64,8 +64,8 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS.parent))
 sys.path.insert(0, str(SCRIPTS))
 
-import bench_train  # noqa: E402  (the MONAI-built pipeline's parts)
-from benchutil import device_description  # noqa: E402
+import monai_pipeline  # noqa: E402  (the MONAI-built pipeline's parts)
+from benchutil import case_ids, device_description  # noqa: E402
 
 from unet_trainer.builders import (  # noqa: E402
     AMP_DTYPES,
@@ -145,7 +145,7 @@ def build_config(args: argparse.Namespace, phantom: Path, split_file: Path, seed
 def write_split(args: argparse.Namespace, phantom: Path) -> tuple[Path, dict]:
     """The demo's k-fold split (fold 0) of the phantom's ids, written as an explicit split file so
     both pipelines use exactly the same training and validation cases."""
-    ids = bench_train.case_ids(args.cases)
+    ids = case_ids(args.cases)
     cfg = resolve_config(DEMO_CONFIG, [f"data.path={phantom}"])
     split = build_split(cfg, ids)
     path = args.work / f"split-{phantom.name}.json"
@@ -218,11 +218,11 @@ def run_monai(cfg: dict, phantom: Path, split: dict, evaluator: DiceEvaluator, s
     device = torch.device("cuda" if cfg["device"] == "cuda" else "cpu")
     torch.manual_seed(seed)
     np.random.seed(seed)
-    train_tf, _ = bench_train.monai_transforms(cfg)
+    train_tf, _ = monai_pipeline.monai_transforms(cfg)
     train_tf.set_random_state(seed=seed)
     pool = list(dict.fromkeys(split["train"]))
     cache = CacheDataset(
-        [bench_train.monai_item(phantom, c) for c in pool], train_tf, num_workers=1, progress=False, copy_cache=False
+        [monai_pipeline.monai_item(phantom, c) for c in pool], train_tf, num_workers=1, progress=False, copy_cache=False
     )
     position = {c: i for i, c in enumerate(pool)}
     dataset = cache[[position[c] for c in split["train"]]]
@@ -239,7 +239,7 @@ def run_monai(cfg: dict, phantom: Path, split: dict, evaluator: DiceEvaluator, s
         generator=generator,
     )
     notes: list[str] = []
-    model = bench_train.build_dynunet(cfg["model"], notes).to(device)
+    model = monai_pipeline.build_dynunet(cfg["model"], notes).to(device)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_scheduler(cfg, optimizer, len(loader), steps)
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)

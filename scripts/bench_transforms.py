@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from benchutil import cpu_model_name
+from benchutil import cpu_model_name, median_seconds
 
 from unet_trainer.transforms import AugmentationSettings, BatchAugmenter
 
@@ -56,25 +54,6 @@ class Setting:
 
 
 SETTINGS = (Setting("default", flip_p=0.5, transform_p=0.15), Setting("all-fire", flip_p=1.0, transform_p=1.0))
-
-
-def median_seconds(run: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median wall time of ``run`` in seconds, synchronising the device around each call."""
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        run()
-    durations = []
-    for _ in range(iters):
-        synchronize()
-        start = time.perf_counter()
-        run()
-        synchronize()
-        durations.append(time.perf_counter() - start)
-    return statistics.median(durations)
 
 
 def make_batch(batch: int, patch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

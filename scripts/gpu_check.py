@@ -14,7 +14,7 @@ existing command with its own time limit:
     4 infer         scripts/bench_infer.py: ours against monai.inferers.sliding_window_inference
     5 transforms    scripts/bench_transforms.py: the augmentation's share of a training step
     6 train_bench   scripts/bench_train.py: ours against the MONAI-built pipeline end to end
-    7 ablation      scripts/bench_train.py --recipe fast --ablate with whatever time is left
+    7 ablation      scripts/bench_ablation.py --recipe fast with whatever time is left
 
 The phantom (generation and preparation, timed) is made in the background while step 1 runs.
 A step starts only when the time left under ``--budget-s`` is at least its minimum; it is given
@@ -28,7 +28,7 @@ command stopped at its limit returns everything measured so far:
     gpu_check.md     one Markdown table ready to paste into BENCHMARKS.md
     gpu_check.log    the output of every command run
     phantom.log      the phantom generation and preparation
-    ablate.json      bench_train's ablation file (``--resume-ablation`` continues it in a later command)
+    ablate.json      bench_ablation's file (``--resume-ablation`` continues it in a later command)
 
 ``--dry-run`` runs every step at a tiny size on the CPU (the same commands with smaller options,
 the same writers) in about 120 CPU-seconds (11 Python processes, each paying its imports);
@@ -67,6 +67,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 STEP_NAMES = ("cuda_tests", "train_resume", "model", "infer", "transforms", "train_bench", "ablation")
+# Step 7's script: bench_train.py's options plus its own (--candidate, --repeats, --resume).
+ABLATION_SCRIPT = "bench_ablation.py"
 # The issue's targets on one H200 (issue 12), checked in the table; each benchmark prints its own too.
 TARGETS = {
     "model_speed": (">=", 1.5, "ours / DynUNet eager samples/s at batch 2"),
@@ -904,10 +906,9 @@ def step_transforms(ctx: Context, timeout: float) -> dict:
 
 
 def bench_train_arguments(sizes: Sizes, work: Path, ablation: bool) -> tuple[str, ...]:
-    """bench_train.py's options for step 6 (``ablation=False``) or 7, on the phantom made here."""
-    args = (
-        sizes.ablation_args + ("--recipe", "fast", "--ablate", "--only", "ours") if ablation else sizes.bench_train_args
-    )
+    """bench_train.py's options for step 6 (``ablation=False``), or ABLATION_SCRIPT's for step 7, on the
+    phantom made here."""
+    args = sizes.ablation_args + ("--recipe", "fast", "--only", "ours") if ablation else sizes.bench_train_args
     args += ("--work", str(work), "--cases", str(sizes.phantom_cases), "--shape", *map(str, sizes.phantom_shape))
     if "--epoch-cases" not in args:
         args += ("--epoch-cases", str(sizes.epoch_cases))
@@ -964,7 +965,7 @@ def step_train_bench(ctx: Context, timeout: float) -> dict:
 
 
 def ablation_figures(data: dict | None) -> list[dict]:
-    """Each variant's median samples/s against the all-switches reference, from bench_train's ablation JSON."""
+    """Each variant's median samples/s against the all-switches reference, from bench_ablation's JSON."""
     if not data or not isinstance(data.get("ours"), dict):
         return []
     rates: dict[str, list[float]] = {}
@@ -993,7 +994,7 @@ def step_ablation(ctx: Context, timeout: float) -> dict:
         if Path(ctx.args.resume_ablation).resolve() != target.resolve():
             shutil.copyfile(ctx.args.resume_ablation, target)
         args += ("--resume",)
-    command, shown = script_command("bench_train.py", *args, "--json", str(target))
+    command, shown = script_command(ABLATION_SCRIPT, *args, "--json", str(target))
     code, _, wall = ctx.runner.run(command, shown, timeout)
     data = read_json(target)
     status = "timeout" if code is None else ("ok" if code == 0 else "failed")

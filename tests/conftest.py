@@ -57,7 +57,7 @@ def tiny_config(cache_root, tmp_path):
 def script_module(name: str):
     """Import ``scripts/<name>.py`` as module ``name`` for the duration of the block.
 
-    The scripts import their neighbours (benchutil, bench_train), so ``scripts/`` is put on
+    The scripts import their neighbours (benchutil, monai_pipeline, bench_train), so ``scripts/`` is put on
     ``sys.path`` meanwhile; the module is registered in ``sys.modules`` because dataclasses resolve
     their annotations through it. Every module the block imported from ``scripts/`` is dropped
     afterwards, so each test module gets fresh copies.

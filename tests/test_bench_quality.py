@@ -9,7 +9,7 @@ from conftest import script_module
 
 @pytest.fixture(scope="module")
 def bench():
-    with script_module("bench_quality") as module:  # it imports bench_train and benchutil
+    with script_module("bench_quality") as module:  # it imports monai_pipeline and benchutil
         yield module
 
 

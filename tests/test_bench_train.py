@@ -1,5 +1,6 @@
-"""The plumbing of scripts/bench_train.py that decides what is measured: the recipe projection and the
-ablation of speed switches. The timings themselves live in the benchmark, never in tests."""
+"""The plumbing of scripts/bench_train.py and scripts/bench_ablation.py that decides what is measured:
+the recipe projection and the ablation of speed switches. The timings themselves live in the
+benchmark, never in tests."""
 
 import sys
 
@@ -12,6 +13,12 @@ from unet_trainer.config import resolve_config
 @pytest.fixture(scope="module")
 def bench():
     with script_module("bench_train") as module:
+        yield module
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    with script_module("bench_ablation") as module:
         yield module
 
 
@@ -33,21 +40,21 @@ def test_recipe_plan_adds_the_final_evaluation_off_the_interval(bench):
     assert (plan.steps, plan.samples, plan.evaluations) == (100, 14 * 387 + 2 * 64, 1)
 
 
-def test_speed_switches_of_the_fast_recipe(bench):
+def test_speed_switches_of_the_fast_recipe(ablation):
     cfg = resolve_config(ROOT / "configs" / "brats.yaml", ["recipe=fast", "algorithms.ema={}"])
-    names = [name for name, _ in bench.speed_switches(cfg)]
+    names = [name for name, _ in ablation.speed_switches(cfg)]
     assert set(names) == set(cfg["algorithms"]) - {"ema"} | {"data.prefetch_to_device"}
     assert "ema" not in names  # it changes the weights: not a speed switch
     off = resolve_config(ROOT / "configs" / "brats.yaml", ["recipe=fast", "data.prefetch_to_device=false"])
-    assert "data.prefetch_to_device" not in [name for name, _ in bench.speed_switches(off)]
+    assert "data.prefetch_to_device" not in [name for name, _ in ablation.speed_switches(off)]
 
 
-def test_each_ablation_variant_resolves_to_its_switches(bench):
+def test_each_ablation_variant_resolves_to_its_switches(ablation):
     base = ["recipe=fast"]
     cfg = resolve_config(ROOT / "configs" / "brats.yaml", base)
     candidate = "algorithms.compile.mode=reduce-overhead"
-    variants = bench.ablation_variants(cfg, [candidate])
-    switches = [name for name, _ in bench.speed_switches(cfg)]
+    variants = ablation.ablation_variants(cfg, [candidate])
+    switches = [name for name, _ in ablation.speed_switches(cfg)]
     assert [v.label for v in variants] == (
         ["all switches"] + [f"without {s}" for s in switches] + ["no switches", f"with {candidate}"]
     )
@@ -67,14 +74,13 @@ def test_each_ablation_variant_resolves_to_its_switches(bench):
     assert with_candidate["algorithms"]["compile"]["mode"] == "reduce-overhead"
 
 
-def test_a_child_run_gets_the_parents_settings(bench, tmp_path):
-    parent = bench.parse_args(
+def test_a_child_run_gets_the_parents_settings(bench, ablation, tmp_path):
+    parent = ablation.parse_args(
         [
             "--device",
             "cpu",
             "--recipe",
             "fast",
-            "--ablate",
             "--cases",
             "5",
             "--shape",
@@ -97,51 +103,52 @@ def test_a_child_run_gets_the_parents_settings(bench, tmp_path):
         ]
     )
     json_path = tmp_path / "0.json"
-    command = bench.child_command(parent, ("algorithms.compile=null",), "ours", json_path)
+    command = ablation.child_command(parent, ("algorithms.compile=null",), "ours", json_path)
     assert command[:2] == [sys.executable, str(ROOT / "scripts" / "bench_train.py")]
     child = bench.parse_args(command[2:])
     assert (child.only, child.json, child.ablate) == ("ours", json_path, False)
     assert child.override == ["seed=7", "algorithms.compile=null"]  # the variant's override after the user's
-    skip = {"only", "json", "ablate", "override"}
+    # The ablation's own options (bench_ablation.py's, not bench_train.py's) are not the child's settings.
+    skip = {"only", "json", "ablate", "override", "candidate", "min_gain", "repeats", "resume"}
     assert {k: v for k, v in vars(child).items() if k not in skip} == {
         k: v for k, v in vars(parent).items() if k not in skip
     }
 
 
-def test_switch_verdicts(bench):
-    assert bench.switch_verdict(1.10, 0.03, None) == "keep"
-    assert bench.switch_verdict(1.03, 0.03, None) == "keep"
-    assert bench.switch_verdict(1.01, 0.03, None).startswith("drop: no measurable gain")
-    assert bench.switch_verdict(0.90, 0.03, None) == "drop: it costs 10%"
+def test_switch_verdicts(ablation):
+    assert ablation.switch_verdict(1.10, 0.03, None) == "keep"
+    assert ablation.switch_verdict(1.03, 0.03, None) == "keep"
+    assert ablation.switch_verdict(1.01, 0.03, None).startswith("drop: no measurable gain")
+    assert ablation.switch_verdict(0.90, 0.03, None) == "drop: it costs 10%"
     # A gain inside the run-to-run noise is no gain.
-    assert bench.switch_verdict(1.10, 0.03, 0.15) == "drop: no measurable gain (within 15%)"
-    assert bench.switch_verdict(1.20, 0.03, 0.15) == "keep"
+    assert ablation.switch_verdict(1.10, 0.03, 0.15) == "drop: no measurable gain (within 15%)"
+    assert ablation.switch_verdict(1.20, 0.03, 0.15) == "keep"
 
 
-def test_repeats_summarise_runs_and_their_noise(bench):
+def test_repeats_summarise_runs_and_their_noise(ablation):
     def run(rate: float):
-        return bench.Measurement("ours", step_s=[1.0, 1.0, 1.0], wait_s=[0.0] * 3, samples=[int(rate)] * 3)
+        return ablation.Measurement("ours", step_s=[1.0, 1.0, 1.0], wait_s=[0.0] * 3, samples=[int(rate)] * 3)
 
-    repeats = bench.Repeats([run(10), None, run(12), run(11)])  # a failed run counts for nothing
+    repeats = ablation.Repeats([run(10), None, run(12), run(11)])  # a failed run counts for nothing
     assert repeats.rate == 11
     assert repeats.spread == pytest.approx(2 / 11)
     assert repeats.representative.median_rate == 11
-    single = bench.Repeats([run(20)])
-    assert single.spread is None and bench.pair_noise(repeats, single) is None
-    assert bench.pair_noise(repeats, bench.Repeats([run(20), run(21)])) == pytest.approx(2 / 11)
-    round_trip = bench.Measurement.from_json(run(7).to_json())
+    single = ablation.Repeats([run(20)])
+    assert single.spread is None and ablation.pair_noise(repeats, single) is None
+    assert ablation.pair_noise(repeats, ablation.Repeats([run(20), run(21)])) == pytest.approx(2 / 11)
+    round_trip = ablation.Measurement.from_json(run(7).to_json())
     assert (round_trip.median_rate, round_trip.samples) == (7, [7, 7, 7])
 
 
-def test_ablation_options_are_checked(bench, capsys):
+def test_ablation_options_are_checked(bench, ablation, capsys):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--device", "cpu", "--ablate", "--only", "monai"])
+        ablation.parse_args(["--device", "cpu", "--only", "monai"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--candidate", "algorithms.compile={}"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--repeats", "3"])
     with pytest.raises(SystemExit):
-        bench.parse_args(["--device", "cpu", "--ablate", "--candidate", "max_duration=1ep"])
+        ablation.parse_args(["--device", "cpu", "--candidate", "max_duration=1ep"])
     assert "set by the benchmark" in capsys.readouterr().err
 
 
@@ -153,19 +160,19 @@ def test_the_evaluation_box_is_a_centred_brats_brain_box(bench):
     assert small.eval_crop == [56, 68, 28]  # the brain box scaled with the volume
 
 
-def test_a_resumed_ablation_keeps_what_the_earlier_command_measured(bench, tmp_path):
+def test_a_resumed_ablation_keeps_what_the_earlier_command_measured(ablation, tmp_path):
     path = tmp_path / "ablate.json"
-    args = bench.parse_args(["--device", "cpu", "--recipe", "fast", "--ablate", "--resume", "--json", str(path)])
+    args = ablation.parse_args(["--device", "cpu", "--recipe", "fast", "--resume", "--json", str(path)])
     cfg = resolve_config(ROOT / "configs" / "brats.yaml", ["recipe=fast"])
-    variants = bench.ablation_variants(cfg, [])
+    variants = ablation.ablation_variants(cfg, [])
 
     def run(rate: float):
-        return bench.Measurement("ours", step_s=[1.0], wait_s=[0.0], samples=[int(rate)])
+        return ablation.Measurement("ours", step_s=[1.0], wait_s=[0.0], samples=[int(rate)])
 
     # A command stopped after the reference ran twice (once failing) and the first switch once.
     runs = {f"{variants[0].label} #0": run(30), f"{variants[0].label} #1": None, f"{variants[1].label} #0": run(20)}
     walls = {variants[0].label: [50.0, 3.0], variants[1].label: [40.0]}
-    bench.write_json(
+    ablation.write_json(
         path,
         args,
         cfg,
@@ -178,13 +185,13 @@ def test_a_resumed_ablation_keeps_what_the_earlier_command_measured(bench, tmp_p
             ]
         },
     )
-    earlier, earlier_walls, monai = bench.earlier_runs(path, args, cfg, variants)
+    earlier, earlier_walls, monai = ablation.earlier_runs(path, args, cfg, variants)
     assert [m and m.median_rate for m in earlier[variants[0].label]] == [30, None]
     assert [m.median_rate for m in earlier[variants[1].label]] == [20]
     assert earlier_walls[variants[0].label] == [50.0, 3.0] and monai is None
     # Another setting must not be mixed in.
-    other = bench.parse_args(
-        ["--device", "cpu", "--recipe", "fast", "--ablate", "--resume", "--json", str(path), "--patch", "16"]
+    other = ablation.parse_args(
+        ["--device", "cpu", "--recipe", "fast", "--resume", "--json", str(path), "--patch", "16"]
     )
     with pytest.raises(SystemExit, match="setting"):
-        bench.earlier_runs(path, other, cfg, variants)
+        ablation.earlier_runs(path, other, cfg, variants)

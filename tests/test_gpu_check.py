@@ -115,7 +115,8 @@ def test_the_gpu_runs_options_parse_in_every_script(tmp_path, monkeypatch):
     bench_train = load_script("bench_train")
     train = bench_train.parse_args([*check.bench_train_arguments(gpu, tmp_path, ablation=False), "--json", "b.json"])
     assert (train.shape, train.patch, train.epoch_cases, train.cases) == ([155, 240, 240], 128, 387, 4)
-    ablation = bench_train.parse_args(
+    # Step 7 runs the ablation script, whose parser takes bench_train's options and its own.
+    ablation = load_script(check.ABLATION_SCRIPT.removesuffix(".py")).parse_args(
         [
             *check.bench_train_arguments(gpu, tmp_path, ablation=True),
             "--microbatch",
@@ -126,7 +127,7 @@ def test_the_gpu_runs_options_parse_in_every_script(tmp_path, monkeypatch):
         ]
     )
     assert (
-        ablation.ablate
+        ablation.resume
         and ablation.recipe == "fast"
         and ablation.candidate == ["algorithms.compile.mode=reduce-overhead"]
     )

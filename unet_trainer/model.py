@@ -90,7 +90,7 @@ class InstanceNorm(nn.Module):
     :func:`_group_norm_in_activation_dtype`). On CUDA, ATen's ``group_norm`` (torch 2.11-2.13) also
     makes its input contiguous and returns a contiguous tensor, so eager channels-last pays the
     conversions there either way; under ``torch.compile`` the generated norm kernels take any
-    layout. Whether channels-last pays on a GPU is for ``scripts/bench_train.py --ablate`` to say.
+    layout. Whether channels-last pays on a GPU is for ``scripts/bench_ablation.py`` to say.
     """
 
     def __init__(self, num_channels: int, eps: float = _NORM_EPS) -> None:
