@@ -1,4 +1,4 @@
-"""Tests for unet_trainer.data.formats: layouts, canonical conventions, validation, writing.
+"""Tests for unet_trainer.data.layouts: layouts, canonical conventions, validation, writing.
 
 Native files are built by hand with nibabel/numpy wherever a test checks a convention,
 so the reader is checked against an oracle that does not share the writer's code.
@@ -13,8 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from unet_trainer.data import formats
-from unet_trainer.data.formats import (
+from unet_trainer.data.layouts import (
     CANONICAL_CHANNELS,
     FORMATS,
     LABEL_CONVENTIONS,
@@ -32,6 +31,7 @@ from unet_trainer.data.formats import (
     write_label_nifti,
     write_probabilities_nifti,
 )
+from unet_trainer.data.layouts import files as layout_files
 
 # Distinct sizes per axis so any axis mix-up changes the shape.
 SHAPE_ZYX = (5, 6, 7)
@@ -615,7 +615,7 @@ def test_failed_write_leaves_previous_file_intact_and_no_temporary(tmp_path, mon
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(formats.nib, "save", crash_half_way)
+    monkeypatch.setattr(layout_files.nib, "save", crash_half_way)
     with pytest.raises(OSError, match="disk full"):
         write_label_nifti(path, np.zeros(SHAPE_ZYX, np.uint8), np.eye(4), "brats2023")
     assert path.read_bytes() == original

@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, tiny_overrides
 
 from unet_trainer.cli import data_main, train_main
-from unet_trainer.data.formats import FORMATS, LABEL_CONVENTIONS, write_case
+from unet_trainer.data.layouts import FORMATS, LABEL_CONVENTIONS, write_case
 from unet_trainer.data.phantom import make_phantom_case
 from unet_trainer.data.prepare import PrepareSettings, prepared_is_current, zscore_nonzero
 

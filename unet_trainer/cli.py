@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, dump_config, resolve_config
-from .data.formats import DataFormatError
+from .data.layouts import DataFormatError
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
 from .fileio import free_space_text
 from .runfolder import RunFolderError
@@ -303,7 +303,7 @@ def _split_command_line(
 def _native_label_values(convention: str) -> dict[str, str]:
     """{label name: its value in the input's own convention}, e.g. EN: "4" for BraTS 2021 and "3"
     for BraTS 2023 and MSD; for cases of mixed conventions, every value ("4 / 3")."""
-    from .data.formats import LABEL_CONVENTIONS
+    from .data.layouts import LABEL_CONVENTIONS
     from .metrics import LABEL_NAMES
 
     conventions = [convention] if convention in LABEL_CONVENTIONS else list(LABEL_CONVENTIONS)
