@@ -12,7 +12,7 @@ from unet_trainer.data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES, FOR
 
 
 def test_format_choices_are_auto_then_every_registered_layout():
-    assert FORMATS == tuple(LAYOUTS)
+    assert FORMATS == tuple(LAYOUTS) and "nnunetv2" in FORMATS
     assert FORMAT_CHOICES == ("auto", *LAYOUTS)
 
 
@@ -39,9 +39,9 @@ def test_cli_choices_and_help_texts_are_the_registry(capsys):
     assert "{" + ",".join(FORMAT_CHOICES) + "}" in help_text
     assert "{" + ",".join(DLE_LABEL_CONVENTIONS) + "}" in help_text
     assert all(name in help_text.split("source raw dataset folder", 1)[1] for name in FORMATS)
-    with pytest.raises(cli.ConfigError, match=FORMATS[-1]):
+    with pytest.raises(cli.ConfigError, match="nnunetv2"):
         cli._format_flag({"--format": "brats2019"})
-    assert cli._format_flag({"--format": FORMATS[-1]}) == FORMATS[-1]
+    assert cli._format_flag({"--format": "nnunetv2"}) == "nnunetv2"
 
 
 def test_predict_usage_names_every_layouts_label_numbering():
@@ -49,7 +49,7 @@ def test_predict_usage_names_every_layouts_label_numbering():
     numbering = {layout: tuple(map(int, values)) for names, *values in lines for layout in names.split(", ")}
     assert sorted(numbering) == sorted(FORMATS)
     assert numbering["brats2021"] == (1, 2, 4) and numbering["brats2023"] == (1, 2, 3)
-    assert numbering["msd"] == numbering["dle"] == (2, 1, 3)
+    assert numbering["msd"] == numbering["nnunetv2"] == (2, 1, 3)
 
 
 @pytest.mark.parametrize("name", FORMATS)

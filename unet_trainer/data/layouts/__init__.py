@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import brats, dle, msd
+from . import brats, dle, msd, nnunetv2
 from .canonical import (
     AFFINE_TOLERANCE_MM,
     CANONICAL_CHANNELS,
@@ -81,6 +81,7 @@ LAYOUTS: dict[str, Layout] = {
         brats.BRATS2021,
         brats.BRATS2023,
         dle.DLE,
+        nnunetv2.NNUNET_V2,
     )
 }
 
