@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchutil import cpu_model_name
 
-from unet_trainer.data.formats import CaseFiles, list_cases, write_case  # noqa: E402
+from unet_trainer.data.layouts import CaseFiles, list_cases, write_case  # noqa: E402
 from unet_trainer.data.loader import PatchDataset, build_train_loader  # noqa: E402
 from unet_trainer.data.phantom import make_phantom_case  # noqa: E402
 from unet_trainer.data.prepare import prepare_dataset  # noqa: E402

@@ -1,4 +1,4 @@
-"""Tests for unet_trainer.data.formats: layouts, canonical conventions, validation, writing.
+"""Tests for unet_trainer.data.layouts: layouts, canonical conventions, validation, writing.
 
 Native files are built by hand with nibabel/numpy wherever a test checks a convention,
 so the reader is checked against an oracle that does not share the writer's code.
@@ -13,8 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from unet_trainer.data import formats
-from unet_trainer.data.formats import (
+from unet_trainer.data.layouts import (
     CANONICAL_CHANNELS,
     FORMATS,
     LABEL_CONVENTIONS,
@@ -32,6 +31,7 @@ from unet_trainer.data.formats import (
     write_label_nifti,
     write_probabilities_nifti,
 )
+from unet_trainer.data.layouts import files as layout_files
 
 # Distinct sizes per axis so any axis mix-up changes the shape.
 SHAPE_ZYX = (5, 6, 7)
@@ -39,18 +39,30 @@ SHAPE_ZYX = (5, 6, 7)
 # Oracle file naming, written independently of the module under test.
 BRATS2021_FILE_SUFFIX = {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"}
 BRATS2023_FILE_SUFFIX = {"flair": "-t2f", "t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "seg": "-seg"}
+# nnU-Net's Dataset137_BraTS2021 conversion: channel file numbers, channel_names and region labels.
+NNUNET_CHANNEL_NUMBER = {"t1": 0, "t1ce": 1, "t2": 2, "flair": 3}
+NNUNET_DATASET_JSON = {
+    "channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "Flair"},
+    "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]},
+    "regions_class_order": [1, 2, 3],
+    "numTraining": 1,
+    "file_ending": ".nii.gz",
+}
 # Native values of: background, necrotic core, edema, enhancing, per convention.
 NATIVE_OF_CANONICAL = {
     "brats2021": (0, 1, 2, 4),
     "brats2023": (0, 1, 2, 3),
     "msd": (0, 2, 1, 3),
     "dle": (0, 2, 1, 3),
+    "nnunetv2": (0, 2, 1, 3),  # nnU-Net's BraTS conversion: 1 edema, 2 necrotic core, 3 enhancing
 }
 CASE_IDS = {
     "msd": ["BRATS_003", "BRATS_001", "BRATS_002"],
     "brats2021": ["BraTS2021_00010", "BraTS2021_00002", "BraTS2021_00005"],
     "brats2023": ["BraTS-MEN-00004-000", "BraTS-GLI-00002-001", "BraTS-GLI-00002-000"],
     "dle": ["BraTS2021_00003", "BraTS2021_00001", "BraTS2021_00002"],
+    # A case id ending in four digits, like nnU-Net's channel numbers, must survive listing.
+    "nnunetv2": ["BraTS2021_00010", "BraTS2021_00002", "case_0005"],
 }
 
 
@@ -103,6 +115,13 @@ def write_native_case(
         np.save(root / f"{case_id}_x.npy", image.astype(np.float32))
         if native_label is not None:
             np.save(root / f"{case_id}_y.npy", native_label[np.newaxis].astype(np.uint8))
+    elif fmt == "nnunetv2":
+        for index, channel in enumerate(CANONICAL_CHANNELS):
+            number = NNUNET_CHANNEL_NUMBER[channel]
+            save_nifti(root / "imagesTr" / f"{case_id}_{number:04d}.nii.gz", image[index].T.copy(), affine)
+        if native_label is not None:
+            save_nifti(root / "labelsTr" / f"{case_id}.nii.gz", native_label.T.astype(np.uint8), affine)
+        (root / "dataset.json").write_text(json.dumps(NNUNET_DATASET_JSON))
     else:
         raise AssertionError(fmt)
 
@@ -193,7 +212,7 @@ def test_detect_format_and_list_cases_sorted(tmp_path, fmt):
     cases = list_cases(root)
     assert [case.case_id for case in cases] == sorted(CASE_IDS[fmt])
     assert all(case.format == fmt and case.label is not None and case.label.is_file() for case in cases)
-    expected_image_count = 4 if fmt in ("brats2021", "brats2023") else 1
+    expected_image_count = 1 if fmt in ("msd", "dle") else 4
     assert all(len(case.images) == expected_image_count for case in cases)
     assert list_cases(root, fmt=fmt) == cases
 
@@ -260,7 +279,8 @@ def test_read_case_gives_canonical_channels_labels_and_layout(tmp_path, fmt):
     np.testing.assert_array_equal(raw.image, image)
     assert raw.label.dtype == np.uint8
     np.testing.assert_array_equal(raw.label, expected_labels)
-    assert raw.label_convention == ("msd" if fmt == "dle" else fmt)  # DLE: the numbering read (MSD by default)
+    # DLE: the numbering read (MSD by default); nnU-Net v2: its BraTS numbering, which is MSD's.
+    assert raw.label_convention == ("msd" if fmt in ("dle", "nnunetv2") else fmt)
     if fmt == "dle":
         assert raw.preprocessed is True
         np.testing.assert_array_equal(raw.affine, np.eye(4))
@@ -357,7 +377,8 @@ def test_write_case_uses_native_file_naming_and_label_convention(tmp_path, fmt):
         assert content["training"] == [{"image": "./imagesTr/case9.nii.gz", "label": "./labelsTr/case9.nii.gz"}]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+# nnunetv2 keeps unlabelled cases apart, in imagesTs/: test_nnunetv2.py checks them.
+@pytest.mark.parametrize("fmt", [fmt for fmt in FORMATS if fmt != "nnunetv2"])
 def test_unlabelled_cases_and_rewrite_without_label(tmp_path, fmt):
     root = tmp_path / fmt
     write_case(root, fmt, "case1", coded_image(), canonical_labels(), np.eye(4))
@@ -615,7 +636,7 @@ def test_failed_write_leaves_previous_file_intact_and_no_temporary(tmp_path, mon
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(formats.nib, "save", crash_half_way)
+    monkeypatch.setattr(layout_files.nib, "save", crash_half_way)
     with pytest.raises(OSError, match="disk full"):
         write_label_nifti(path, np.zeros(SHAPE_ZYX, np.uint8), np.eye(4), "brats2023")
     assert path.read_bytes() == original

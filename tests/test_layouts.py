@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, tiny_overrides
 
 from unet_trainer.cli import data_main, train_main
-from unet_trainer.data.formats import FORMATS, LABEL_CONVENTIONS, write_case
+from unet_trainer.data.layouts import FORMATS, LABEL_CONVENTIONS, write_case
 from unet_trainer.data.phantom import make_phantom_case
 from unet_trainer.data.prepare import PrepareSettings, prepared_is_current, zscore_nonzero
 
@@ -31,7 +31,10 @@ CASE_ID_PATTERNS = {
     "brats2021": "BraTS2021_{:05d}",
     "brats2023": "BraTS-GLI-{:05d}-000",
     "dle": "BRATS_{:03d}",  # DLE arrays are preprocessed MSD cases and keep MSD's ids
+    "nnunetv2": "BraTS2021_{:05d}",  # nnU-Net's BraTS 2021 conversion keeps the BraTS ids
 }
+# The label convention of each layout's files where it is not the layout's own name.
+NATIVE_CONVENTION = {"nnunetv2": "msd"}  # nnU-Net's BraTS numbering is MSD's
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
 
@@ -57,7 +60,7 @@ def write_dataset(root: Path, layout: str, cases: list[tuple[np.ndarray, np.ndar
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory, phantom_cases) -> dict[str, Path]:
-    """The same six cases written once in each of the four layouts."""
+    """The same six cases written once in each layout."""
     base = tmp_path_factory.mktemp("layouts")
     return {layout: write_dataset(base / layout, layout, phantom_cases) for layout in FORMATS}
 
@@ -71,6 +74,7 @@ def native_labels_on_disk(root: Path, layout: str, index: int) -> np.ndarray:
         "msd": root / "labelsTr" / f"{cid}.nii.gz",
         "brats2021": root / cid / f"{cid}_seg.nii.gz",
         "brats2023": root / cid / f"{cid}-seg.nii.gz",
+        "nnunetv2": root / "labelsTr" / f"{cid}.nii.gz",
     }[layout]
     return np.asarray(nib.load(str(path)).dataobj).transpose(2, 1, 0)
 
@@ -104,7 +108,7 @@ def assert_train_fails_with_one_line(err: str, *needles: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# All four layouts train
+# Every layout trains
 # ---------------------------------------------------------------------------
 
 
@@ -130,7 +134,7 @@ def test_every_layout_trains_through_unet_train(layout, datasets, phantom_cases,
         cid = case_id(layout, index)
         meta = json.loads((prepared / f"{cid}_meta.json").read_text())
         # DLE arrays record the numbering they were read with (MSD's by default).
-        assert meta["label_convention"] == ("msd" if layout == "dle" else layout)
+        assert meta["label_convention"] == ("msd" if layout == "dle" else NATIVE_CONVENTION.get(layout, layout))
         label = np.load(prepared / f"{cid}_y.npy", allow_pickle=False)
         assert label.dtype == np.uint8 and set(np.unique(label).tolist()) <= {0, 1, 2, 3}
         # Canonical labels put back into the raw grid are exactly the labels that were written.
@@ -139,7 +143,8 @@ def test_every_layout_trains_through_unet_train(layout, datasets, phantom_cases,
         assert np.array_equal(restored, written), cid
         # The file held the layout's own numbering, so the canonical mapping really was applied.
         native = native_labels_on_disk(source, layout, index)
-        expected_native = {canonical: native_value for native_value, canonical in LABEL_CONVENTIONS[layout].items()}
+        convention = LABEL_CONVENTIONS[NATIVE_CONVENTION.get(layout, layout)]
+        expected_native = {canonical: native_value for native_value, canonical in convention.items()}
         assert np.array_equal(native, np.vectorize(expected_native.get)(written)), cid
 
 

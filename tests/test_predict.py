@@ -18,7 +18,7 @@ import unet_trainer.predict as predict_module
 from unet_trainer.builders import raw_data_dir, run_training
 from unet_trainer.cli import data_main, eval_main, predict_main
 from unet_trainer.config import resolve_config
-from unet_trainer.data.formats import RawCase, from_canonical, list_cases, write_case, write_label_nifti
+from unet_trainer.data.layouts import RawCase, from_canonical, list_cases, write_case, write_label_nifti
 from unet_trainer.data.prepare import PrepareSettings, prepare_case
 from unet_trainer.inference import predict_volume, sliding_window_logits, sliding_window_slices
 from unet_trainer.metrics import case_hd95

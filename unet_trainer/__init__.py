@@ -2,7 +2,8 @@
 
 Modules, one per concern:
     config        YAML configs, recipes, command-line overrides, durations
-    data/         BraTS formats, the synthetic phantom, preparation, splits, patch loader
+    data/         dataset layouts (data/layouts/, one module per layout), the synthetic phantom,
+                  preparation, splits, patch loader
     transforms    batched augmentation run on the training device
     model         the nnU-Net-style U-Net family
     losses        Dice+CE and region losses

@@ -31,7 +31,7 @@ from .checkpoint import (
     restore_rng_state,
 )
 from .config import ConfigError, Duration, config_differences, dump_config
-from .data.formats import DataFormatError
+from .data.layouts import DataFormatError
 from .data.loader import PatchDataset, build_train_loader
 from .data.phantom import write_phantom_dataset
 from .data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current

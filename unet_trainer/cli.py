@@ -14,11 +14,37 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, dump_config, resolve_config
-from .data.formats import DataFormatError
+from .data.layouts import (
+    DLE_LABEL_CONVENTIONS,
+    FORMAT_CHOICES,
+    FORMAT_LABEL_CONVENTION,
+    FORMATS,
+    LABEL_CONVENTIONS,
+    DataFormatError,
+)
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
 from .fileio import free_space_text
+from .metrics import LABEL_NAMES
 from .runfolder import RunFolderError
 from .trainer import TrainingDiverged
+
+# The layouts the --format flags accept, for the usage texts: "auto (default), msd, ...".
+_FORMAT_LIST = ", ".join(f"{name} (default)" if name == "auto" else name for name in FORMAT_CHOICES)
+
+
+def _label_numbering_text(indent: str = "    ") -> str:
+    """Each layout's native label values, one line per numbering, from the layout registry:
+    "    brats2021: NCR 1, ED 2, EN 4" ... "    msd, dle, nnunetv2: NCR 2, ED 1, EN 3"."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for layout, convention in FORMAT_LABEL_CONVENTION.items():
+        native_of = {canonical: native for native, canonical in LABEL_CONVENTIONS[convention].items()}
+        groups.setdefault(tuple(native_of[canonical] for canonical in LABEL_NAMES), []).append(layout)
+    return "\n".join(
+        f"{indent}{', '.join(layouts)}: "
+        + ", ".join(f"{name} {value}" for name, value in zip(LABEL_NAMES.values(), values))
+        for values, layouts in groups.items()
+    )
+
 
 TRAIN_USAGE = """usage: unet-train CONFIG [OVERRIDES...] [--print-config]
 
@@ -159,15 +185,17 @@ def data_main(argv: list[str] | None = None) -> int:
     )
 
     prep = sub.add_parser("prepare", help="crop, normalise and store a raw dataset as memory-mappable arrays")
-    prep.add_argument("source", type=Path, help="raw dataset folder (MSD Task01, BraTS 2021/2023, DLE npy)")
+    prep.add_argument("source", type=Path, help=f"raw dataset folder in a supported layout ({', '.join(FORMATS)})")
     prep.add_argument("--out", required=True, type=Path, help="prepared folder")
-    prep.add_argument("--format", default="auto", choices=("auto", "msd", "brats2021", "brats2023", "dle"))
+    prep.add_argument(
+        "--format", default=FORMAT_CHOICES[0], choices=FORMAT_CHOICES, help="layout of SOURCE (default: auto, detected)"
+    )
     prep.add_argument("--workers", type=int, default=2)
     prep.add_argument("--skip-bad", action="store_true", help="skip invalid cases and list them instead of stopping")
     prep.add_argument(
         "--dle-labels",
-        default="msd",
-        choices=("msd", "brats2023"),
+        default=DLE_LABEL_CONVENTIONS[0],
+        choices=DLE_LABEL_CONVENTIONS,
         help="label numbering of DLE .npy arrays: msd (from MSD Task01, default) or brats2023 "
         "(from BraTS 2021, enhancing 4 -> 3)",
     )
@@ -212,7 +240,7 @@ def data_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-EVAL_USAGE = """usage: unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV] [--no-overlays]
+EVAL_USAGE = f"""usage: unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV] [--no-overlays]
                  [--lesion-wise] [--no-progress]
 
 Score a checkpoint of unet-train: Dice per BraTS region (WT, TC, ET) and their mean, Dice per label
@@ -226,7 +254,7 @@ to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv), and one overlay 
                      eval.hd95=true eval.mirror_tta=true data.fold=1 device=cpu precision=fp32
   --dataset PATH     every labelled case of this raw dataset (any layout) instead of the
                      validation fold of the checkpoint's config
-  --format FMT       layout of --dataset: auto (default), msd, brats2021, brats2023, dle
+  --format FMT       layout of --dataset: {_FORMAT_LIST}
   --out CSV          where to write the per-case scores
   --no-overlays      draw no overlays
   --lesion-wise      also the lesion-wise Dice and HD95 (settings eval.lesion_dilation,
@@ -235,17 +263,18 @@ to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv), and one overlay 
   -h, --help         show this help
 """
 
-PREDICT_USAGE = """usage: unet-predict CHECKPOINT INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities] [--overlays]
+PREDICT_USAGE = f"""usage: unet-predict CHECKPOINT INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities] [--overlays]
                     [--no-progress]
 
 Segment every case of INPUT (raw cases in any supported layout, labels not needed) with a
 checkpoint of unet-train and write OUTPUT/<case>.nii.gz: uint8 labels with the case's original
-shape and affine, in the input's label convention (BraTS 2021: 0/1/2/4; BraTS 2023: 0/1/2/3;
-MSD and DLE: MSD's 0/1/2/3). A case that cannot be read or does not fit the model is reported in
-one line and skipped; the exit status is then 1.
+shape and affine, in the input's own label numbering (DLE arrays: the one data.dle_labels names):
+{_label_numbering_text()}
+A case that cannot be read or does not fit the model is reported in one line and skipped; the
+exit status is then 1.
 
   OVERRIDES          config overrides, e.g. eval.mirror_tta=true eval.overlap=0.5 device=cpu precision=fp32
-  --format FMT       layout of INPUT: auto (default), msd, brats2021, brats2023, dle
+  --format FMT       layout of INPUT: {_FORMAT_LIST}
   --probabilities    also write OUTPUT/<case>_probabilities.nii.gz (float32, x, y, z, class)
   --overlays         also write OUTPUT/<case>_overlay.png: the prediction's contours on three
                      FLAIR slices through the tumour, region volumes in the title
@@ -253,7 +282,7 @@ one line and skipped; the exit status is then 1.
   -h, --help         show this help
 """
 
-_FORMAT_CHOICES = ("auto", "msd", "brats2021", "brats2023", "dle")
+_FORMAT_CHOICES = FORMAT_CHOICES
 _EMPTY_POLICY_TEXT = {
     "one_if_both_empty": "a structure absent from the ground truth scores 1 if the prediction is empty too, "
     "else 0 (Composer/DLE); every case counts",
@@ -303,9 +332,6 @@ def _split_command_line(
 def _native_label_values(convention: str) -> dict[str, str]:
     """{label name: its value in the input's own convention}, e.g. EN: "4" for BraTS 2021 and "3"
     for BraTS 2023 and MSD; for cases of mixed conventions, every value ("4 / 3")."""
-    from .data.formats import LABEL_CONVENTIONS
-    from .metrics import LABEL_NAMES
-
     conventions = [convention] if convention in LABEL_CONVENTIONS else list(LABEL_CONVENTIONS)
     values = {}
     for canonical, name in LABEL_NAMES.items():

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from .data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
 from .lesion_metrics import DEFAULT_DILATION_ITERATIONS, DEFAULT_HD95_PENALTY, DEFAULT_MIN_LESION_VOXELS
 from .schema import F, Field, ListOf, OneOf, SetOf
@@ -221,10 +222,10 @@ SCHEMA: dict[str, Any] = {
     "model": MODEL_FIELDS,
     "data": {
         "path": F("str", None, nullable=True),
-        "format": F("str", "auto", choices=("auto", "msd", "brats2021", "brats2023", "dle")),
+        "format": F("str", FORMAT_CHOICES[0], choices=FORMAT_CHOICES),  # "auto", then every registered layout
         # Label numbering of DLE .npy arrays: msd (DLE on MSD Task01, as Composer read) or
         # brats2023 (DLE on BraTS 2021, which renumbers enhancing 4 -> 3).
-        "dle_labels": F("str", "msd", choices=("msd", "brats2023")),
+        "dle_labels": F("str", DLE_LABEL_CONVENTIONS[0], choices=DLE_LABEL_CONVENTIONS),
         "cache_dir": F("str", None, nullable=True),
         "prepared_path": F("str", None, nullable=True),
         "phantom": {

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .data.formats import REGION_NAMES, REGIONS
+from .data.layouts import REGION_NAMES, REGIONS
 
 DEFAULT_DILATION_ITERATIONS = 3  # BraTS gliomas (meningioma and metastases use 1)
 DEFAULT_MIN_LESION_VOXELS = 50  # lesions of this many voxels or fewer are dropped

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.formats import REGION_NAMES, REGIONS
+from .data.layouts import REGION_NAMES, REGIONS
 
 # Dice smoothing as in MONAI's defaults (smooth_nr = smooth_dr = 1e-5), so the values agree.
 SMOOTH = 1e-5

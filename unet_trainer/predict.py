@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .builders import AMP_DTYPES, build_device, build_model, build_split, ensure_prepared
 from .checkpoint import CheckpointError, load_checkpoint, one_line
 from .config import ConfigError, resolve_from_base
-from .data.formats import (
+from .data.layouts import (
     CANONICAL_CHANNELS,
     REGION_NAMES,
     REGIONS,

@@ -26,7 +26,7 @@ from matplotlib.image import imsave
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
 
-from .data.formats import REGION_NAMES
+from .data.layouts import REGION_NAMES
 from .fileio import atomic_write
 from .metrics import LABEL_NAMES
 

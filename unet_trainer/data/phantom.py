@@ -37,7 +37,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from ..runfolder import FolderLock
-from .formats import write_case
+from .layouts import write_case
 
 # Mean intensity of each tissue in (flair, t1, t1ce, t2), loosely after real 3T contrasts:
 # CSF is dark in FLAIR and T1, bright in T2; oedema is bright in FLAIR and T2; the enhancing rim

@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from ..fileio import atomic_save_npy, atomic_write_text, remove_orphan_temporaries
 from ..runfolder import PREPARE_LOCK_NAME, FolderLock
-from .formats import (
+from .layouts import (
     CANONICAL_CHANNELS,
+    DLE_LABEL_CONVENTIONS,
     LAYOUT_DESCRIPTIONS,
     CaseFiles,
     DataFormatError,
@@ -53,7 +54,7 @@ class PrepareSettings:
     """What determines the prepared arrays; a change makes every case be prepared again."""
 
     target_spacing: tuple[float, float, float] | None = None  # (z, y, x) mm; None keeps each case's own
-    dle_labels: str = "msd"  # numbering of DLE arrays (formats.DLE_LABEL_CONVENTIONS)
+    dle_labels: str = DLE_LABEL_CONVENTIONS[0]  # label numbering of DLE arrays
 
     def as_dict(self) -> dict:
         return {
@@ -68,7 +69,7 @@ class PrepareSettings:
         spacing = data_cfg.get("target_spacing")
         return cls(
             target_spacing=tuple(float(v) for v in spacing) if spacing else None,
-            dle_labels=data_cfg.get("dle_labels", "msd"),
+            dle_labels=data_cfg.get("dle_labels", DLE_LABEL_CONVENTIONS[0]),
         )
 
     def digest(self) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sklearn.model_selection import KFold
 
-from .formats import DataFormatError
+from .layouts import DataFormatError
 
 
 def kfold_split(case_ids: Sequence[str], num_folds: int, fold: int, split_seed: int) -> dict[str, list[str]]:

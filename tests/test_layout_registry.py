@@ -1,0 +1,66 @@
+"""Every list of layouts (config choices, CLI choices, help texts) is the layout registry's."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from unet_trainer import cli, config
+from unet_trainer.data import formats, layouts
+from unet_trainer.data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES, FORMATS, LABEL_CONVENTIONS, LAYOUTS
+
+
+def test_format_choices_are_auto_then_every_registered_layout():
+    assert FORMATS == tuple(LAYOUTS) and "nnunetv2" in FORMATS
+    assert FORMAT_CHOICES == ("auto", *LAYOUTS)
+
+
+def test_config_choices_are_the_registry():
+    data = config.SCHEMA["data"]
+    assert data["format"].choices == FORMAT_CHOICES and data["format"].default == "auto"
+    assert data["dle_labels"].choices == DLE_LABEL_CONVENTIONS == LAYOUTS["dle"].label_choices
+    assert data["dle_labels"].default == DLE_LABEL_CONVENTIONS[0]
+    assert config.defaults()["data"]["format"] == "auto"
+    with pytest.raises(config.ConfigError) as excinfo:
+        config.check_layer({"data": {"format": "brats2019"}}, "command line")
+    assert all(name in str(excinfo.value) for name in FORMAT_CHOICES)
+
+
+def test_cli_choices_and_help_texts_are_the_registry(capsys):
+    assert cli._FORMAT_CHOICES == FORMAT_CHOICES
+    for usage in (cli.EVAL_USAGE, cli.PREDICT_USAGE):
+        (line,) = [line for line in usage.splitlines() if line.lstrip().startswith("--format FMT")]
+        listed = [name.removesuffix(" (default)") for name in line.split(": ", 1)[1].split(", ")]
+        assert listed == list(FORMAT_CHOICES), line
+    with pytest.raises(SystemExit):
+        cli.data_main(["prepare", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "{" + ",".join(FORMAT_CHOICES) + "}" in help_text
+    assert "{" + ",".join(DLE_LABEL_CONVENTIONS) + "}" in help_text
+    assert all(name in help_text.split("source raw dataset folder", 1)[1] for name in FORMATS)
+    with pytest.raises(cli.ConfigError, match="nnunetv2"):
+        cli._format_flag({"--format": "brats2019"})
+    assert cli._format_flag({"--format": "nnunetv2"}) == "nnunetv2"
+
+
+def test_predict_usage_names_every_layouts_label_numbering():
+    lines = re.findall(r"^    (.+): NCR (\d), ED (\d), EN (\d)$", cli.PREDICT_USAGE, flags=re.MULTILINE)
+    numbering = {layout: tuple(map(int, values)) for names, *values in lines for layout in names.split(", ")}
+    assert sorted(numbering) == sorted(FORMATS)
+    assert numbering["brats2021"] == (1, 2, 4) and numbering["brats2023"] == (1, 2, 3)
+    assert numbering["msd"] == numbering["nnunetv2"] == (2, 1, 3)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_each_layout_describes_itself(name):
+    layout = LAYOUTS[name]
+    assert layout.name == name and layout.description.startswith(f"{name} (")
+    assert layout.label_convention in LABEL_CONVENTIONS
+    assert all(convention in LABEL_CONVENTIONS for convention in layout.label_choices)
+    assert all(other in LAYOUTS and other != name for other in layout.refines)
+
+
+def test_old_import_path_re_exports_the_package():
+    assert formats.LAYOUTS is layouts.LAYOUTS and formats.read_case is layouts.read_case
+    assert sorted(formats.__all__) == sorted(layouts.__all__)

@@ -1,0 +1,272 @@
+"""Read and write every raw dataset layout through one canonical in-memory form.
+
+Users arrive with whichever release they have. This package detects the layout, lists the cases,
+reads each case into a :class:`RawCase` with canonical channel order, canonical labels and a fixed
+array layout, validates it with one-line errors, and writes cases back in any layout (synthetic
+phantoms, tests, and ``unet-predict`` writing predictions in the input's own label convention).
+Preparation (cropping, normalisation, resampling, caching) lives elsewhere.
+
+Modules:
+    canonical   the canonical channels, labels, regions and label conventions; ``CaseFiles``,
+                ``RawCase``, ``Layout``, ``DataFormatError``, ``to_canonical``/``from_canonical``
+    files       helpers the layouts share: NIfTI reading and atomic writing, grid/value checks
+    the others  one layout family each (its files, conventions and checks in its docstring),
+                exposing a :class:`Layout` registered in :data:`LAYOUTS` below
+
+A :class:`Layout` is a name, a description, a label convention and four functions: ``detect``,
+``list_cases``, ``read``, ``write``. The functions here do what every layout shares (folder and
+argument checks, sorting, label conversion, choosing among layouts that detect the same folder)
+and dispatch through the registry; the layout names that ``data.format``, ``--format`` and their
+help texts accept are :data:`FORMAT_CHOICES`, derived from it. A new layout is one new module and
+one entry in :data:`LAYOUTS`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import brats, dle, msd, nnunetv2
+from .canonical import (
+    AFFINE_TOLERANCE_MM,
+    CANONICAL_CHANNELS,
+    CANONICAL_LABELS,
+    LABEL_CONVENTIONS,
+    NATIVE_REGIONS,
+    REGION_NAMES,
+    REGIONS,
+    CaseFiles,
+    DataFormatError,
+    Layout,
+    RawCase,
+    from_canonical,
+    to_canonical,
+)
+from .files import check_affine, is_hidden, write_label_nifti, write_probabilities_nifti
+
+__all__ = [
+    "AFFINE_TOLERANCE_MM",
+    "CANONICAL_CHANNELS",
+    "CANONICAL_LABELS",
+    "DLE_LABEL_CONVENTIONS",
+    "FORMATS",
+    "FORMAT_CHOICES",
+    "FORMAT_LABEL_CONVENTION",
+    "LABEL_CONVENTIONS",
+    "LAYOUTS",
+    "LAYOUT_DESCRIPTIONS",
+    "NATIVE_REGIONS",
+    "REGIONS",
+    "REGION_NAMES",
+    "CaseFiles",
+    "DataFormatError",
+    "Layout",
+    "RawCase",
+    "detect_format",
+    "from_canonical",
+    "list_cases",
+    "read_case",
+    "to_canonical",
+    "write_case",
+    "write_label_nifti",
+    "write_probabilities_nifti",
+]
+
+#: Every layout by name, in the order detection reports them.
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (
+        msd.MSD,
+        brats.BRATS2021,
+        brats.BRATS2023,
+        dle.DLE,
+        nnunetv2.NNUNET_V2,
+    )
+}
+
+#: Layout names accepted by ``fmt`` arguments.
+FORMATS: tuple[str, ...] = tuple(LAYOUTS)
+#: What ``data.format`` and ``--format`` accept: "auto" (detect; the default) or a layout name.
+FORMAT_CHOICES: tuple[str, ...] = ("auto", *FORMATS)
+#: Label convention of each layout's segmentation files.
+FORMAT_LABEL_CONVENTION: dict[str, str] = {name: layout.label_convention for name, layout in LAYOUTS.items()}
+#: Each layout's files in a few words, for error messages.
+LAYOUT_DESCRIPTIONS: dict[str, str] = {name: layout.description for name, layout in LAYOUTS.items()}
+#: The label numberings DLE arrays may hold (``data.dle_labels``); the first is the default.
+DLE_LABEL_CONVENTIONS: tuple[str, ...] = dle.DLE_LABEL_CONVENTIONS
+
+
+def _require_folder(root: Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataFormatError(
+            f"{root}: folder does not exist or is not a directory; "
+            f"expected one of the layouts {'; '.join(LAYOUT_DESCRIPTIONS.values())}"
+        )
+    return root
+
+
+def detect_format(root: Path) -> str:
+    """Decide which layout the folder ``root`` holds.
+
+    Args:
+        root: dataset folder.
+
+    Returns:
+        One of :data:`FORMATS`.
+
+    Raises:
+        DataFormatError: the folder is missing, empty, matches no layout, or matches
+            more than one layout (mixed releases in one folder).
+    """
+    root = _require_folder(root)
+    matches = [name for name, layout in LAYOUTS.items() if layout.detect(root)]
+    # A layout that refines another (nnU-Net v2 is MSD's folders with more rules) wins over it.
+    refined = {other for name in matches for other in LAYOUTS[name].refines}
+    matches = [name for name in matches if name not in refined]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        state = "is empty" if not any(root.iterdir()) else "matches no known layout"
+        raise DataFormatError(f"{root}: folder {state}; looked for {'; '.join(LAYOUT_DESCRIPTIONS.values())}")
+    raise DataFormatError(f"{root}: folder mixes layouts {matches}; keep one release per folder or pass fmt explicitly")
+
+
+def _looks_like_hint(root: Path, fmt: str) -> str:
+    """ "; the folder looks like X ..." when ``root`` is detected as another layout than ``fmt``."""
+    try:
+        detected = detect_format(root)
+    except DataFormatError:
+        return ""
+    return f"; read as {fmt}, but the folder looks like {detected} (format auto detects it)" if detected != fmt else ""
+
+
+def list_cases(
+    root: Path, fmt: str = "auto", require_labels: bool = True, bad: dict[str, str] | None = None
+) -> list[CaseFiles]:
+    """List the cases of a dataset folder, sorted by case id.
+
+    Args:
+        root: dataset folder.
+        fmt: one of :data:`FORMATS`, or "auto" to call :func:`detect_format`.
+        require_labels: when True every case must have a segmentation file.
+        bad: when given, a case with a problem of its own (missing modality or
+            segmentation, orphan label, both ``.nii`` and ``.nii.gz``) is left out and
+            its one-line message stored as ``bad[case_id]`` instead of raised (for
+            ``--skip-bad``); folder-level problems still raise.
+
+    Returns:
+        One :class:`CaseFiles` per case, sorted by ``case_id``.
+
+    Raises:
+        DataFormatError: missing folder, unknown ``fmt``, a case missing a modality file
+            (message names the case and the missing file pattern), a case missing its
+            segmentation while ``require_labels``, an orphan label file, a file present
+            as both ``.nii`` and ``.nii.gz`` (these four unless ``bad`` collects them), a
+            missing MSD imagesTr/ folder, or a dataset.json with other channels. With a
+            forced ``fmt`` the folder does not look like, the message says what it looks like.
+    """
+    root = _require_folder(root)
+    forced = fmt != "auto"
+    if not forced:
+        fmt = detect_format(root)
+    layout = LAYOUTS.get(fmt)
+    if layout is None:
+        raise DataFormatError(f"unknown layout {fmt!r}; expected 'auto' or one of {list(FORMATS)}")
+    try:
+        cases = layout.list_cases(root, require_labels, bad)
+    except DataFormatError as error:
+        if not forced:
+            raise
+        raise DataFormatError(f"{error}{_looks_like_hint(root, fmt)}") from error
+    return sorted(cases, key=lambda case: case.case_id)
+
+
+def read_case(case: CaseFiles, dle_labels: str = DLE_LABEL_CONVENTIONS[0]) -> RawCase:
+    """Read one case into canonical form, validating it.
+
+    Args:
+        case: files of one case, usually from :func:`list_cases`.
+        dle_labels: the label numbering of files that do not record theirs (DLE arrays), one of
+            :data:`DLE_LABEL_CONVENTIONS`; ignored for other layouts.
+
+    Returns:
+        A :class:`RawCase`: image float32 ``(4, Z, Y, X)`` canonical channels, label uint8
+        ``(Z, Y, X)`` canonical labels (or None), affine of the ``(x, y, z)`` grid,
+        spacing ``(z, y, x)`` mm.
+
+    Raises:
+        DataFormatError: (one line naming the case and file) a missing file; modalities
+            and segmentation with different shapes or affines (beyond
+            :data:`AFFINE_TOLERANCE_MM`); an MSD image that is not 4D with 4 channels; a
+            modality that is not 3D; unknown or non-integer label values; NaN/Inf voxels;
+            a truncated or corrupt file; non-positive voxel sizes; an unknown format.
+        ValueError: ``dle_labels`` is not one of the layout's label choices.
+    """
+    layout = LAYOUTS.get(case.format)
+    if layout is None:
+        raise DataFormatError(f"case {case.case_id}: unknown layout {case.format!r}; expected one of {list(FORMATS)}")
+    convention = layout.label_convention
+    if layout.label_choices:
+        if dle_labels not in layout.label_choices:
+            raise ValueError(f"dle_labels must be one of {layout.label_choices}, got {dle_labels!r}")
+        convention = dle_labels
+    return layout.read(case, convention)
+
+
+def _check_case_id(case_id: str) -> None:
+    if not case_id or is_hidden(case_id) or "/" in case_id or "\\" in case_id or case_id != case_id.strip():
+        raise ValueError(
+            f"case id {case_id!r} must be a non-empty file name without slashes, surrounding spaces or a leading '.'"
+        )
+
+
+def write_case(
+    root: Path,
+    fmt: str,
+    case_id: str,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    affine: np.ndarray,
+) -> CaseFiles:
+    """Write one case in the layout ``fmt`` under ``root``; every file atomically.
+
+    Args:
+        root: dataset folder (created if missing).
+        fmt: one of :data:`FORMATS`.
+        case_id: case identifier; becomes the folder/file name.
+        image: ``(4, Z, Y, X)`` canonical-channel images, written as float32.
+        label: ``(Z, Y, X)`` canonical labels written in the layout's native convention
+            as uint8, or None for an unlabelled case (a previous label file of this case
+            is removed; where a layout keeps unlabelled cases, its module says).
+        affine: ``(4, 4)`` NIfTI affine of the ``(x, y, z)`` grid (float32 precision in
+            the file). Not stored by "dle", whose arrays have no geometry.
+
+    Returns:
+        The :class:`CaseFiles` of the written case, as :func:`list_cases` would list it.
+
+    Raises:
+        ValueError: unknown ``fmt``, bad case id, wrong image/label shapes, non-finite
+            image values, bad affine.
+        DataFormatError: label values that are not canonical; an existing dataset file the
+            layout cannot write into (e.g. a dataset.json with other channel names).
+    """
+    layout = LAYOUTS.get(fmt)
+    if layout is None:
+        raise ValueError(f"unknown layout {fmt!r}; expected one of {list(FORMATS)}")
+    _check_case_id(case_id)
+    image = np.asarray(image)
+    if image.ndim != 4 or image.shape[0] != len(CANONICAL_CHANNELS):
+        raise ValueError(f"image must be ({len(CANONICAL_CHANNELS)}, Z, Y, X), got shape {image.shape}")
+    image = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(image).all():
+        raise ValueError(f"case {case_id}: image has NaN/Inf values; the reader would reject them")
+    native_label = None
+    if label is not None:
+        label = np.asarray(label)
+        if label.shape != image.shape[1:]:
+            raise ValueError(f"label must have shape {image.shape[1:]} (Z, Y, X), got {label.shape}")
+        native_label = from_canonical(label, layout.label_convention)
+    affine = check_affine(affine)
+    return layout.write(Path(root), case_id, image, native_label, affine)

@@ -1,0 +1,240 @@
+"""The canonical in-memory form every layout reads into and writes from, and the types they share.
+
+Every mapping between a release and the canonical form is written down exactly once, here:
+
+* images ``(4, Z, Y, X)`` float32 in :data:`CANONICAL_CHANNELS` order;
+* labels ``(Z, Y, X)`` uint8 in :data:`CANONICAL_LABELS` numbering;
+* ``affine`` is the NIfTI affine of the ``(x, y, z)`` voxel grid, unchanged;
+* ``spacing`` is ``(z, y, x)`` in mm, taken from the header zooms.
+
+A layout (one module of this package) says which :data:`LABEL_CONVENTIONS` entry its files use
+and describes itself with a :class:`Layout`; nothing here knows any layout's file names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "AFFINE_TOLERANCE_MM",
+    "CANONICAL_CHANNELS",
+    "CANONICAL_LABELS",
+    "LABEL_CONVENTIONS",
+    "NATIVE_REGIONS",
+    "REGIONS",
+    "REGION_NAMES",
+    "CaseFiles",
+    "DataFormatError",
+    "Layout",
+    "RawCase",
+    "from_canonical",
+    "to_canonical",
+]
+
+#: Canonical channel order; it is MSD's order (FLAIR, T1w, t1gd, T2w) so MSD images and
+#: DLE arrays (preprocessed from MSD) need no reordering.
+CANONICAL_CHANNELS: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+
+#: Canonical label numbering: the BraTS 2023 numbering.
+CANONICAL_LABELS: dict[int, str] = {
+    0: "background",
+    1: "necrotic / non-enhancing tumour core",
+    2: "peritumoral edema",
+    3: "enhancing tumour",
+}
+
+#: Evaluation regions in canonical labels: whole tumour, tumour core, enhancing tumour.
+REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+#: Order in which region channels/metrics are reported everywhere.
+REGION_NAMES: tuple[str, ...] = ("WT", "TC", "ET")
+
+#: Native label value -> canonical label value, per label convention.
+LABEL_CONVENTIONS: dict[str, dict[int, int]] = {
+    # BraTS 2018-2021: 1 necrotic core, 2 edema, 4 enhancing (3 is unused).
+    "brats2021": {0: 0, 1: 1, 2: 2, 4: 3},
+    # BraTS 2023 renumbered enhancing tumour 4 -> 3; it is the canonical numbering.
+    "brats2023": {0: 0, 1: 1, 2: 2, 3: 3},
+    # MSD Task01: 1 edema, 2 non-enhancing tumour, 3 enhancing; edema and core swap.
+    "msd": {0: 0, 1: 2, 2: 1, 3: 3},
+    # DLE preprocessed MSD Task01 without relabelling, so its labels are MSD's.
+    "dle": {0: 0, 1: 2, 2: 1, 3: 3},
+}
+
+#: The evaluation regions expressed in each convention's native label values.
+NATIVE_REGIONS: dict[str, dict[str, tuple[int, ...]]] = {
+    "brats2021": {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)},
+    "brats2023": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
+    "msd": {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
+    "dle": {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
+}
+
+#: Two grids whose affines differ by more than this (in mm, any entry) are different grids.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+class DataFormatError(ValueError):
+    """One-line message naming the case, the file and what was expected."""
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """Where one case's files live.
+
+    Attributes:
+        case_id: case identifier (folder name, or file name without extension/suffix).
+        format: layout name, a key of :data:`unet_trainer.data.layouts.LAYOUTS`.
+        images: image files in canonical channel order; msd: the single 4D file;
+            dle: the ``_x.npy`` file.
+        label: segmentation file, or None when the case has none.
+    """
+
+    case_id: str
+    format: str
+    images: tuple[Path, ...]
+    label: Path | None
+
+
+@dataclass
+class RawCase:
+    """One case in canonical in-memory form.
+
+    Attributes:
+        case_id: case identifier.
+        image: float32 ``(4, Z, Y, X)`` in :data:`CANONICAL_CHANNELS` order.
+        label: uint8 ``(Z, Y, X)`` in canonical labels, or None.
+        affine: float64 ``(4, 4)`` NIfTI affine mapping ``(x, y, z)`` voxel indices to mm;
+            identity for DLE arrays.
+        spacing: voxel size ``(z, y, x)`` in mm; ``(1, 1, 1)`` for DLE arrays.
+        label_convention: native label convention of the source (key of
+            :data:`LABEL_CONVENTIONS`), used to write predictions back natively.
+        preprocessed: True when the source was already cropped and normalised (DLE).
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    label_convention: str
+    preprocessed: bool
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One raw dataset layout: how to recognise, list, read and write it.
+
+    The package's dispatchers (``detect_format``, ``list_cases``, ``read_case``, ``write_case``)
+    do the checks every layout shares and call these functions.
+
+    Attributes:
+        name: the ``fmt`` / ``data.format`` / ``--format`` name.
+        description: the layout's files in a few words, starting with ``name``, for messages.
+        label_convention: key of :data:`LABEL_CONVENTIONS` its segmentation files are written in
+            and, unless ``label_choices`` is set, read in.
+        detect: ``detect(root) -> bool``, whether the existing folder ``root`` holds this layout.
+            Cheap: looks at names (and at most a small JSON file), reads no image.
+        list_cases: ``list_cases(root, require_labels, bad) -> [CaseFiles]`` in any order; a
+            problem of one case is raised, or stored as ``bad[case_id]`` when ``bad`` is a dict.
+        read: ``read(case, convention) -> RawCase``, labels read in the native ``convention``.
+        write: ``write(root, case_id, image, native_label, affine) -> CaseFiles``: ``image``
+            float32 ``(4, Z, Y, X)`` canonical channels, finite; ``native_label`` uint8
+            ``(Z, Y, X)`` in ``label_convention`` or None; ``affine`` a finite ``(4, 4)``.
+            Every file atomically; returns what ``list_cases`` would list.
+        label_choices: for files that do not record their numbering (DLE arrays): the
+            conventions a user may say they hold, the first being the default.
+        refines: names of layouts this one is a stricter form of (nnU-Net v2's raw folders are
+            MSD's folders with more rules); when both detect a folder, this one wins.
+    """
+
+    name: str
+    description: str
+    label_convention: str
+    detect: Callable[[Path], bool]
+    list_cases: Callable[[Path, bool, dict[str, str] | None], list[CaseFiles]]
+    read: Callable[[CaseFiles, str], RawCase]
+    write: Callable[[Path, str, np.ndarray, np.ndarray | None, np.ndarray], CaseFiles]
+    label_choices: tuple[str, ...] = ()
+    refines: tuple[str, ...] = ()
+
+
+def _check_convention(convention: str) -> dict[int, int]:
+    try:
+        return LABEL_CONVENTIONS[convention]
+    except KeyError:
+        raise ValueError(
+            f"unknown label convention {convention!r}; expected one of {sorted(LABEL_CONVENTIONS)}"
+        ) from None
+
+
+def _remap_labels(labels: np.ndarray, mapping: dict[int, int], description: str) -> np.ndarray:
+    """Apply an integer value mapping through a lookup table; unknown values raise."""
+    values = np.asarray(labels)
+    if values.dtype == bool or not (
+        np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+    ):
+        raise DataFormatError(f"{description}: label dtype {values.dtype} is not numeric")
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.isfinite(values).all():
+            raise DataFormatError(f"{description}: NaN/Inf label values; expected integers in {sorted(mapping)}")
+        # Integer-valued floats are common in NIfTI segmentations.
+        if not np.array_equal(values, np.round(values)):
+            bad = values[values != np.round(values)]
+            raise DataFormatError(
+                f"{description}: non-integer label values (e.g. {float(bad.flat[0])!r}); "
+                f"expected integers in {sorted(mapping)}"
+            )
+    if values.size == 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    low, high = int(values.min()), int(values.max())
+    table_size = max(mapping) + 1
+    if low >= 0 and high < table_size:
+        # 255 marks values absent from the mapping; no convention uses 255.
+        lookup = np.full(table_size, 255, dtype=np.uint8)
+        for native, canonical in mapping.items():
+            lookup[native] = canonical
+        out = lookup[values.astype(np.intp, copy=False)]
+        if not (out == 255).any():
+            return out
+    unknown = sorted(set(np.unique(values).astype(np.int64).tolist()) - set(mapping))
+    raise DataFormatError(f"{description}: unknown label values {unknown}; expected only {sorted(mapping)}")
+
+
+def to_canonical(labels: np.ndarray, convention: str) -> np.ndarray:
+    """Map native labels of ``convention`` to canonical labels.
+
+    Args:
+        labels: integer (or integer-valued float) array of any shape, native values.
+        convention: a key of :data:`LABEL_CONVENTIONS`.
+
+    Returns:
+        uint8 array of the same shape with canonical values 0..3.
+
+    Raises:
+        DataFormatError: a value is not part of the convention, or is not an integer.
+        ValueError: unknown convention name.
+    """
+    mapping = _check_convention(convention)
+    return _remap_labels(labels, mapping, f"{convention} labels")
+
+
+def from_canonical(labels: np.ndarray, convention: str) -> np.ndarray:
+    """Map canonical labels (0..3) to the native values of ``convention``.
+
+    Args:
+        labels: integer (or integer-valued float) array of any shape, canonical values.
+        convention: a key of :data:`LABEL_CONVENTIONS`.
+
+    Returns:
+        uint8 array of the same shape with native values.
+
+    Raises:
+        DataFormatError: a value is not a canonical label, or is not an integer.
+        ValueError: unknown convention name.
+    """
+    mapping = _check_convention(convention)
+    inverse = {canonical: native for native, canonical in mapping.items()}
+    return _remap_labels(labels, inverse, f"canonical labels (for {convention})")
