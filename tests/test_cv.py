@@ -1,5 +1,6 @@
 """unet-cv: folds trained one after another, resumed after an interruption, scored together into
-cv_summary.csv whose fold and overall rows are exactly the means of its case rows."""
+cv_summary.csv whose fold and overall rows are exactly the means of its case rows; and a unet-cv
+folder as an ensemble for unet-predict."""
 
 import contextlib
 import csv
@@ -14,13 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.builders import ensure_prepared
+from unet_trainer.builders import ensure_prepared, raw_data_dir
 from unet_trainer.callbacks import EarlyStopper
 from unet_trainer.checkpoint import atomic_torch_save, load_checkpoint
-from unet_trainer.cli import cv_main
+from unet_trainer.cli import cv_main, predict_main
 from unet_trainer.config import ConfigError, Duration, resolve_config
 from unet_trainer.cv import (
     CrossValidationError,
@@ -31,6 +34,8 @@ from unet_trainer.cv import (
     run_cross_validation,
 )
 from unet_trainer.distributed import DistInfo
+from unet_trainer.ensemble import EnsembleError, expand_checkpoints
+from unet_trainer.predict import predict_dataset
 from unet_trainer.trainer import Callback
 
 CONFIG = ROOT / "configs" / "demo.yaml"
@@ -78,6 +83,9 @@ def cv_run(cache_root, tmp_path_factory):
         "fold1_checkpoint": load_checkpoint(cv_dir / "fold_1" / "checkpoints" / "latest-rank0.pt"),
         "aggregate": run_cli(cv_main, [*argv, "--aggregate-only", "--no-progress"]),
     }
+    with pytest.raises(EnsembleError) as refused:
+        expand_checkpoints([cv_dir])
+    interrupted["predict_refusal"] = str(refused.value)
     second_log = io.StringIO()
     with contextlib.redirect_stderr(second_log):
         second = run_cross_validation(cfg, progress=False, log=second_log)
@@ -120,10 +128,11 @@ def test_an_interrupted_cross_validation_resumes_the_interrupted_fold_only(cv_ru
     assert (cv_dir / "cv_config.yaml").is_file()
 
 
-def test_while_a_fold_is_unfinished_aggregation_is_refused(cv_run):
+def test_while_a_fold_is_unfinished_aggregation_and_prediction_are_refused(cv_run):
     status, _, err = cv_run["interrupted"]["aggregate"]
     assert status == 1 and err.count("\n") == 1 and err.startswith("error: ")
     assert "fold 1 is stopped at batch 2 of 2ep" in err and "--folds 1" in err
+    assert "fold 1 is stopped at batch 2 of 2ep" in cv_run["interrupted"]["predict_refusal"]
 
 
 def read_summary(path: Path) -> list[dict]:
@@ -215,6 +224,31 @@ def test_a_unet_train_run_folder_is_not_taken_for_a_cv_folder(tiny_config, tmp_p
         run_cross_validation(tiny_config(run_dir=tmp_path / "run"), progress=False)
     with pytest.raises(ConfigError, match="split file is one fold"):
         run_cross_validation(tiny_config(f"data.split_file={tmp_path / 's.json'}"), progress=False)
+
+
+def test_a_cv_folder_expands_to_its_folds_for_unet_predict(cv_run, tmp_path):
+    cv_dir = cv_run["cv_dir"]
+    expanded = expand_checkpoints([cv_dir])
+    assert expanded == [
+        (cv_dir / "fold_0" / "checkpoints" / "best-rank0.pt", "fold 0, best"),
+        (cv_dir / "fold_1" / "checkpoints" / "best-rank0.pt", "fold 1, best"),
+    ]
+    phantom = raw_data_dir(cv_run["cfg"], progress=False)
+    out = tmp_path / "from-folder"
+    status, stdout, err = run_cli(
+        predict_main, [str(cv_dir), str(phantom), str(out), "--probabilities", "--no-progress"]
+    )
+    assert status == 0, err
+    assert "Ensemble of 2 models" in err and "fold 1, best" in err and "Wrote 6 segmentation(s)" in stdout
+    # The same as naming the two checkpoints.
+    named = tmp_path / "named"
+    predict_dataset(
+        [path for path, _ in expanded], phantom, named, probabilities=True, progress=False, log=io.StringIO()
+    )
+    for path in sorted(out.iterdir()):
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(str(path)).dataobj), np.asarray(nib.load(str(named / path.name)).dataobj)
+        )
 
 
 def fake_checkpoint(folder: Path, name: str, timestamp: dict, history: list[float]) -> None:

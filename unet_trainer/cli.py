@@ -235,8 +235,8 @@ to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv), and one overlay 
   -h, --help         show this help
 """
 
-PREDICT_USAGE = """usage: unet-predict CHECKPOINT INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities] [--overlays]
-                    [--no-progress]
+PREDICT_USAGE = """usage: unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] [--format FMT]
+                    [--probabilities] [--overlays] [--no-progress]
 
 Segment every case of INPUT (raw cases in any supported layout, labels not needed) with a
 checkpoint of unet-train and write OUTPUT/<case>.nii.gz: uint8 labels with the case's original
@@ -244,7 +244,13 @@ shape and affine, in the input's label convention (BraTS 2021: 0/1/2/4; BraTS 20
 MSD and DLE: MSD's 0/1/2/3). A case that cannot be read or does not fit the model is reported in
 one line and skipped; the exit status is then 1.
 
-  OVERRIDES          config overrides, e.g. eval.mirror_tta=true eval.overlap=0.5 device=cpu precision=fp32
+  CHECKPOINT         a checkpoint file, or a unet-cv folder (each fold's best-rank0.pt, else its
+                     newest checkpoint) or a run folder; several (every argument without '=' but
+                     the last two) make an ensemble: their softmax (sigmoid in region mode)
+                     probabilities are averaged, one pass per model over each volume. Their
+                     outputs and inputs must agree (loss region mode, model.num_classes,
+                     data.dle_labels, model.in_channels, data.target_spacing); architectures may differ
+  OVERRIDES          config overrides (every model's), e.g. eval.mirror_tta=true eval.overlap=0.5 device=cpu precision=fp32
   --format FMT       layout of INPUT: auto (default), msd, brats2021, brats2023, dle
   --probabilities    also write OUTPUT/<case>_probabilities.nii.gz (float32, x, y, z, class)
   --overlays         also write OUTPUT/<case>_overlay.png: the prediction's contours on three
@@ -263,9 +269,14 @@ _EMPTY_POLICY_TEXT = {
 
 
 def _split_command_line(
-    args: list[str], positional: int, value_flags: tuple[str, ...], switch_flags: tuple[str, ...]
+    args: list[str],
+    positional: int,
+    value_flags: tuple[str, ...],
+    switch_flags: tuple[str, ...],
+    more_positionals: bool = False,
 ) -> tuple[list[str], dict, list[str]]:
-    """Split arguments into positionals (the first ``positional`` plain words), our flags and
+    """Split arguments into positionals (the first ``positional`` plain words; with
+    ``more_positionals`` every plain word without '=', at least ``positional``), our flags and
     config overrides (``key=value``, ``--key value``, ``--key=value``).
 
     Raises:
@@ -287,7 +298,7 @@ def _split_command_line(
             flags[name] = value
         elif arg in switch_flags:
             flags[arg] = True
-        elif len(positionals) < positional and not arg.startswith("-"):
+        elif (len(positionals) < positional or (more_positionals and not eq)) and not arg.startswith("-"):
             positionals.append(arg)
         elif arg.startswith("--") and not eq and i + 1 < len(args):
             overrides += [arg, args[i + 1]]  # --key value
@@ -296,7 +307,8 @@ def _split_command_line(
             overrides.append(arg)
         i += 1
     if len(positionals) < positional:
-        raise ConfigError(f"command line: expected {positional} path argument(s) first, got {len(positionals)}")
+        expected = f"{positional} path argument(s){' or more' if more_positionals else ''}"
+        raise ConfigError(f"command line: expected {expected} first, got {len(positionals)}")
     return positionals, flags, overrides
 
 
@@ -409,20 +421,22 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    """``unet-predict CHECKPOINT INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities]``; returns the exit status."""
+    """``unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities]``;
+    returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help") or "-h" in args or "--help" in args:
         print(PREDICT_USAGE)
         return 0 if args else 2
     try:
-        (checkpoint, source, output), flags, overrides = _split_command_line(
-            args, 3, ("--format",), ("--probabilities", "--overlays", "--no-progress")
+        positionals, flags, overrides = _split_command_line(
+            args, 3, ("--format",), ("--probabilities", "--overlays", "--no-progress"), more_positionals=True
         )
+        *checkpoints, source, output = positionals
         fmt = _format_flag(flags)
         from .predict import predict_dataset
 
         summary = predict_dataset(
-            Path(checkpoint),
+            [Path(c) for c in checkpoints],
             Path(source),
             Path(output),
             fmt,
