@@ -216,6 +216,12 @@ def test_parse_folds_and_fold_configs(tiny_config):
     assert fold["data"]["fold"] == 2 and fold["save_folder"] == "/x/cv/fold_2"
     assert fold["run_name"] == f"{cfg['run_name']}-fold2" and fold["callbacks"]["mlflow"]["run_name"] == "exp-fold2"
     assert cfg["data"]["fold"] == 0 and cfg["save_folder"] == "/x/cv"  # the config itself is left alone
+    # A starting point for every fold (pretrained weights) is for a fold's start only: a started
+    # fold resumes its own checkpoints.
+    pretrained = tiny_config("load_path=/x/pre.pt", "load_weights_only=true", run_dir=Path("/x/cv"))
+    assert fold_config(pretrained, 1)["load_path"] == "/x/pre.pt"
+    resumed = fold_config(pretrained, 1, started=True)
+    assert resumed["load_path"] is None and resumed["load_weights_only"] is False
 
 
 def test_a_unet_train_run_folder_is_not_taken_for_a_cv_folder(tiny_config, tmp_path):

@@ -88,9 +88,16 @@ def fold_folders(cv_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def fold_config(cfg: dict, fold: int) -> dict:
-    """The resolved config of one fold's run: ``data.fold``, ``save_folder`` and ``run_name`` set."""
+def fold_config(cfg: dict, fold: int, started: bool = False) -> dict:
+    """The resolved config of one fold's run: ``data.fold``, ``save_folder`` and ``run_name`` set.
+
+    Args:
+        started: the fold's folder holds its checkpoints already; then ``load_path`` (a starting
+            point for every fold, e.g. pretrained weights) is dropped, so the fold resumes its own.
+    """
     fold_cfg = copy.deepcopy(cfg)
+    if started:
+        fold_cfg["load_path"], fold_cfg["load_weights_only"] = None, False
     fold_cfg["data"]["fold"] = fold
     fold_cfg["save_folder"] = str(fold_folder(Path(cfg["save_folder"]), fold))
     fold_cfg["run_name"] = f"{cfg['run_name']}-fold{fold}"
@@ -564,7 +571,11 @@ def run_cross_validation(
                 continue
             action = "resuming" if state.checkpoint is not None else "training"
             print(f"Fold {fold} of {num_folds}: {action} in {state.run_dir}", file=log)
-            summary = run_training(fold_config(cfg, fold), progress=progress, extra_callbacks=extra_callbacks)
+            summary = run_training(
+                fold_config(cfg, fold, started=state.checkpoint is not None),
+                progress=progress,
+                extra_callbacks=extra_callbacks,
+            )
             states = states_on_rank0([fold])
             if isinstance(states, str):
                 raise CrossValidationError(states)
