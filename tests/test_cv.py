@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 from conftest import ROOT, tiny_overrides
 
 from unet_trainer.builders import ensure_prepared, raw_data_dir
@@ -200,6 +201,12 @@ def test_a_different_config_for_the_same_cv_folder_is_refused(cv_run, tmp_path):
     claim_cv_folder(resolve_config(CONFIG, [*base, "max_duration=3ep"]))
     assert "max_duration: 3ep" in (copy / "cv_config.yaml").read_text()
     claim_cv_folder(resolve_config(CONFIG, [*base, "eval.hd95=true"]), aggregate_only=True)
+    # A record from before a key existed: the key takes its default, no difference.
+    record = yaml.safe_load((copy / "cv_config.yaml").read_text())
+    del record["data"]["prefetch_to_device"]
+    (copy / "cv_config.yaml").write_text(yaml.safe_dump(record))
+    claim_cv_folder(resolve_config(CONFIG, base))
+    assert "prefetch_to_device: true" in (copy / "cv_config.yaml").read_text()
     with pytest.raises(CrossValidationError, match=r"differs in eval\.hd95\)"):
         claim_cv_folder(resolve_config(CONFIG, [*base, "eval.hd95=true"]))
     status, _, err = run_cli(cv_main, [*cv_run["argv"], "--folds", "0,5"])

@@ -263,6 +263,25 @@ def _shown(keys: list[str]) -> str:
     return ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
 
 
+def _stored_config(source: Path, read) -> dict:
+    """A stored resolved config (``read()``), resolved again so that keys added to the schema
+    since it was written take their defaults instead of counting as differences.
+
+    Raises:
+        CrossValidationError: unreadable, or not a config this version reads (one line).
+    """
+    try:
+        stored = read()
+    except (OSError, yaml.YAMLError) as exc:
+        raise CrossValidationError(f"{source}: not readable ({exc}); move it away to start afresh") from None
+    if not isinstance(stored, dict):
+        raise CrossValidationError(f"{source}: holds no config; move it away to start afresh")
+    try:
+        return resolve_from_base(stored, [], source=f"{source} (stored config)")
+    except ConfigError as exc:
+        raise CrossValidationError(str(exc)) from None
+
+
 def claim_cv_folder(cfg: dict, aggregate_only: bool = False) -> Path:
     """Check the cross-validation folder against the config and record the config in it.
 
@@ -286,14 +305,9 @@ def claim_cv_folder(cfg: dict, aggregate_only: bool = False) -> Path:
     lock = FolderLock(cv_dir, CV_LOCK).acquire(wait=True)
     try:
         if record.is_file():
-            try:
-                old = yaml.safe_load(record.read_text())
-            except (OSError, yaml.YAMLError) as exc:
-                raise CrossValidationError(f"{record}: not readable ({exc}); move it away to start afresh") from None
+            old = _stored_config(record, lambda: yaml.safe_load(record.read_text()))
             extra = PER_FOLD_KEYS + (EVALUATION_KEYS if aggregate_only else ())
-            differing = [
-                k for k in config_differences(old if isinstance(old, dict) else {}, cfg) if not _free(k, extra)
-            ]
+            differing = [k for k in config_differences(old, cfg) if not _free(k, extra)]
             if differing:
                 raise CrossValidationError(
                     f"{record}: this cross-validation was started with another config (it differs in "
@@ -321,8 +335,8 @@ def check_fold_config(state: FoldState, cfg: dict) -> None:
         raise CrossValidationError(
             f"{state.checkpoint}: was trained on fold {trained_fold}, but lies in the folder of fold {state.fold}"
         )
-    extra = PER_FOLD_KEYS + EVALUATION_KEYS
-    differing = [k for k in config_differences(state.config, cfg) if not _free(k, extra)]
+    stored = _stored_config(state.checkpoint, lambda: state.config)
+    differing = [k for k in config_differences(stored, cfg) if not _free(k, PER_FOLD_KEYS + EVALUATION_KEYS)]
     if differing:
         raise CrossValidationError(
             f"{state.checkpoint}: was trained with another config than this cross-validation's (it differs in "
