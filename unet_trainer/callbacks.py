@@ -367,17 +367,25 @@ class EarlyStopper(Callback):
     def __init__(self, patience: int = 10, min_delta: float = 0.0):
         self.patience, self.min_delta = patience, min_delta
 
-    def eval_end(self, state: State) -> None:
-        scores = [r.get("dice/mean", float("nan")) for r in state.eval_history]
+    def stop_reason(self, eval_history: list[dict]) -> str | None:
+        """Why a run with this evaluation history stops, or None while it goes on; a function of
+        the history alone, so a finished run's checkpoint tells whether it stopped early."""
+        scores = [r.get("dice/mean", float("nan")) for r in eval_history]
         scores = [s for s in scores if not math.isnan(s)]
         if len(scores) <= self.patience:
-            return
+            return None
         best_before = max(scores[: -self.patience])
         if max(scores[-self.patience :]) < best_before + self.min_delta:
-            state.stop_reason = (
+            return (
                 f"early stop: validation Dice has not improved by {self.min_delta} "
                 f"in {self.patience} evaluations (best {max(scores):.4f})"
             )
+        return None
+
+    def eval_end(self, state: State) -> None:
+        reason = self.stop_reason(state.eval_history)
+        if reason is not None:
+            state.stop_reason = reason
 
 
 class MemoryMonitor(Callback):

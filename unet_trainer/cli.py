@@ -1,4 +1,4 @@
-"""Command-line entry points: ``unet-train``, ``unet-data``, ``unet-eval`` and ``unet-predict``.
+"""Command-line entry points: ``unet-train``, ``unet-data``, ``unet-eval``, ``unet-predict`` and ``unet-cv``.
 
 Every expected failure (a bad config, bad data, an unreadable checkpoint, a diverged loss) ends
 with one line on stderr and a non-zero exit status, never a traceback.
@@ -263,8 +263,8 @@ to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv), and one overlay 
   -h, --help         show this help
 """
 
-PREDICT_USAGE = f"""usage: unet-predict CHECKPOINT INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities] [--overlays]
-                    [--no-progress]
+PREDICT_USAGE = f"""usage: unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] [--format FMT]
+                    [--probabilities] [--overlays] [--no-progress]
 
 Segment every case of INPUT (raw cases in any supported layout, labels not needed) with a
 checkpoint of unet-train and write OUTPUT/<case>.nii.gz: uint8 labels with the case's original
@@ -273,7 +273,13 @@ shape and affine, in the input's own label numbering (DLE arrays: the one data.d
 A case that cannot be read or does not fit the model is reported in one line and skipped; the
 exit status is then 1.
 
-  OVERRIDES          config overrides, e.g. eval.mirror_tta=true eval.overlap=0.5 device=cpu precision=fp32
+  CHECKPOINT         a checkpoint file, or a unet-cv folder (each fold's best-rank0.pt, else its
+                     newest checkpoint) or a run folder; several (every argument without '=' but
+                     the last two) make an ensemble: their softmax (sigmoid in region mode)
+                     probabilities are averaged, one pass per model over each volume. Their
+                     outputs and inputs must agree (loss region mode, model.num_classes,
+                     data.dle_labels, model.in_channels, data.target_spacing); architectures may differ
+  OVERRIDES          config overrides (every model's), e.g. eval.mirror_tta=true eval.overlap=0.5 device=cpu precision=fp32
   --format FMT       layout of INPUT: {_FORMAT_LIST}
   --probabilities    also write OUTPUT/<case>_probabilities.nii.gz (float32, x, y, z, class)
   --overlays         also write OUTPUT/<case>_overlay.png: the prediction's contours on three
@@ -292,9 +298,14 @@ _EMPTY_POLICY_TEXT = {
 
 
 def _split_command_line(
-    args: list[str], positional: int, value_flags: tuple[str, ...], switch_flags: tuple[str, ...]
+    args: list[str],
+    positional: int,
+    value_flags: tuple[str, ...],
+    switch_flags: tuple[str, ...],
+    more_positionals: bool = False,
 ) -> tuple[list[str], dict, list[str]]:
-    """Split arguments into positionals (the first ``positional`` plain words), our flags and
+    """Split arguments into positionals (the first ``positional`` plain words; with
+    ``more_positionals`` every plain word without '=', at least ``positional``), our flags and
     config overrides (``key=value``, ``--key value``, ``--key=value``).
 
     Raises:
@@ -316,7 +327,7 @@ def _split_command_line(
             flags[name] = value
         elif arg in switch_flags:
             flags[arg] = True
-        elif len(positionals) < positional and not arg.startswith("-"):
+        elif (len(positionals) < positional or (more_positionals and not eq)) and not arg.startswith("-"):
             positionals.append(arg)
         elif arg.startswith("--") and not eq and i + 1 < len(args):
             overrides += [arg, args[i + 1]]  # --key value
@@ -325,7 +336,8 @@ def _split_command_line(
             overrides.append(arg)
         i += 1
     if len(positionals) < positional:
-        raise ConfigError(f"command line: expected {positional} path argument(s) first, got {len(positionals)}")
+        expected = f"{positional} path argument(s){' or more' if more_positionals else ''}"
+        raise ConfigError(f"command line: expected {expected} first, got {len(positionals)}")
     return positionals, flags, overrides
 
 
@@ -435,20 +447,22 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    """``unet-predict CHECKPOINT INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities]``; returns the exit status."""
+    """``unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities]``;
+    returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help") or "-h" in args or "--help" in args:
         print(PREDICT_USAGE)
         return 0 if args else 2
     try:
-        (checkpoint, source, output), flags, overrides = _split_command_line(
-            args, 3, ("--format",), ("--probabilities", "--overlays", "--no-progress")
+        positionals, flags, overrides = _split_command_line(
+            args, 3, ("--format",), ("--probabilities", "--overlays", "--no-progress"), more_positionals=True
         )
+        *checkpoints, source, output = positionals
         fmt = _format_flag(flags)
         from .predict import predict_dataset
 
         summary = predict_dataset(
-            Path(checkpoint),
+            [Path(c) for c in checkpoints],
             Path(source),
             Path(output),
             fmt,
@@ -472,11 +486,99 @@ def predict_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+CV_USAGE = """usage: unet-cv CONFIG [OVERRIDES...] [--folds 0,2] [--aggregate-only] [--lesion-wise]
+               [--checkpoint best|latest] [--no-progress] [--print-config]
+
+Cross-validation in one command: train folds 0..data.num_folds-1 of CONFIG one after another, each
+in its own run folder <save_folder>/fold_<k>/ (data.fold=k), then score every fold's chosen
+checkpoint on its own validation cases and write <save_folder>/cv_summary.csv: one row per case,
+one per fold (mean) and the overall mean and standard deviation over all cases. Run the same
+command again to go on where it stopped: finished folds are skipped, an interrupted one resumes.
+A different config for the same folder is refused (keys a resume may change, like max_duration,
+excepted). Overrides as for unet-train.
+
+  --folds 0,2        train only these folds (one per GPU or node in parallel); the summary is
+                     written once every fold is finished
+  --aggregate-only   train nothing: score the folds and write the summary (every fold must be
+                     finished)
+  --lesion-wise      also the BraTS 2023 lesion-wise Dice and HD95 (as eval.lesion_wise=true)
+  --checkpoint WHICH best (default: best-rank0.pt, the best validation mean Dice, when the fold
+                     saved one, else its newest checkpoint) or latest (the newest)
+  --no-progress      no progress bars
+  --print-config     print the fully resolved config and exit
+  -h, --help         show this help
+"""
+
+
+def cv_main(argv: list[str] | None = None) -> int:
+    """``unet-cv CONFIG [OVERRIDES...] [--folds ...] [--aggregate-only]``; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or "-h" in args or "--help" in args:
+        print(CV_USAGE)
+        return 0 if args else 2
+    try:
+        (config_path,), flags, overrides = _split_command_line(
+            args,
+            1,
+            ("--folds", "--checkpoint"),
+            ("--aggregate-only", "--lesion-wise", "--no-progress", "--print-config"),
+        )
+        if "=" in config_path:
+            raise ConfigError(f"the first argument must be a config file, got '{config_path}'")
+        cfg = resolve_config(config_path, overrides)
+        if flags["--print-config"]:
+            print(dump_config(cfg), end="")
+            return 0
+        from .cv import CHECKPOINT_CHOICES, CrossValidationError, format_summary, parse_folds, run_cross_validation
+
+        choice = flags.get("--checkpoint") or CHECKPOINT_CHOICES[0]
+        if choice not in CHECKPOINT_CHOICES:
+            raise ConfigError(f"command line: --checkpoint {choice!r} is not one of {', '.join(CHECKPOINT_CHOICES)}")
+        folds = parse_folds(flags["--folds"], cfg["data"]["num_folds"]) if flags.get("--folds") else None
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    try:
+        outcome = run_cross_validation(
+            cfg,
+            folds,
+            aggregate_only=flags["--aggregate-only"],
+            choice=choice,
+            lesion_wise=flags["--lesion-wise"],
+            progress=not flags["--no-progress"],
+        )
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    except (
+        CrossValidationError,
+        DataFormatError,
+        CheckpointError,
+        RunFolderError,
+        TrainingDiverged,
+        ValueError,
+    ) as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(_os_error_line(exc, Path(cfg["save_folder"])))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    if outcome.stopped:
+        return _fail(outcome.stopped, 130)
+    if outcome.summary is not None:
+        print(format_summary(outcome.summary))
+    elif outcome.pending:
+        pending = ",".join(map(str, outcome.pending))
+        print(
+            f"Fold(s) {pending} of {outcome.cv_dir} not finished yet: train them (unet-cv CONFIG --folds "
+            f"{pending}), then write the summary with unet-cv CONFIG --aggregate-only"
+        )
+    return 0
+
+
 def main() -> int:
-    """``python -m unet_trainer.cli train|data|eval|predict ...`` (handy under torchrun)."""
-    commands = {"train": train_main, "data": data_main, "eval": eval_main, "predict": predict_main}
+    """``python -m unet_trainer.cli train|data|eval|predict|cv ...`` (handy under torchrun)."""
+    commands = {"train": train_main, "data": data_main, "eval": eval_main, "predict": predict_main, "cv": cv_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        print("usage: python -m unet_trainer.cli {train,data,eval,predict} ...", file=sys.stderr)
+        print("usage: python -m unet_trainer.cli {train,data,eval,predict,cv} ...", file=sys.stderr)
         return 2
     return commands[sys.argv[1]](sys.argv[2:])
 

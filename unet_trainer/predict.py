@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ from .evaluation import DiceEvaluator, logits_to_probabilities, probabilities_to
 from .inference import predict_volume
 from .model import optimize_model
 from .visualize import draw_case_overlay, evaluator_case_view, extract_case_view, write_overlays
+
+if TYPE_CHECKING:
+    from .ensemble import EnsembleModel
 
 # --------------------------------------------------------------------------------------------
 # The model of a checkpoint
@@ -125,6 +128,12 @@ class LoadedModel:
             self.amp_dtype,
             ev["mirror_tta"],
         )
+
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` as probabilities: float32 (K, Z, Y, X) softmax classes, or sigmoid
+        regions in region mode, on ``device`` (what :class:`~unet_trainer.ensemble.EnsembleModel`
+        averages)."""
+        return logits_to_probabilities(self.logits(image), self.region_mode)
 
 
 def load_model(checkpoint: Path, overrides: Sequence[str] = (), channels_last: bool | None = None) -> LoadedModel:
@@ -254,7 +263,14 @@ def prediction_to_original(
     Returns:
         (canonical labels uint8 (Z, Y, X), float32 (K, Z, Y, X) probabilities or None).
     """
-    probs = logits_to_probabilities(logits, region_mode)
+    return probabilities_to_original(logits_to_probabilities(logits, region_mode), meta, region_mode, probabilities)
+
+
+def probabilities_to_original(
+    probs: torch.Tensor, meta: dict, region_mode: bool, probabilities: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities of a prepared volume -> labels (and probabilities) on the raw grid; as
+    :func:`prediction_to_original`, from float32 (K, Z', Y', X') probabilities."""
     crop = _crop_shape(meta)
     if tuple(probs.shape[1:]) != crop:
         probs = F.interpolate(probs[None], size=crop, mode="trilinear", align_corners=False)[0]
@@ -273,9 +289,13 @@ def prediction_to_original(
 
 
 def predict_case(
-    loaded: LoadedModel, raw: RawCase, settings: PrepareSettings | None = None, probabilities: bool = False
+    loaded: LoadedModel | EnsembleModel,
+    raw: RawCase,
+    settings: PrepareSettings | None = None,
+    probabilities: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Segment one raw case: prepare it in memory as training did, predict, put back.
+    """Segment one raw case: prepare it in memory as training did, predict (one model, or an
+    ensemble's averaged probabilities), put back.
 
     Returns:
         (canonical labels uint8 (Z, Y, X) on the raw grid, float32 (K, Z, Y, X) probabilities or None).
@@ -291,8 +311,8 @@ def predict_case(
         )
     image, _, meta = prepare_case(raw, settings if settings is not None else PrepareSettings())
     with torch.no_grad():
-        logits = loaded.logits(torch.from_numpy(np.ascontiguousarray(image)).to(loaded.device))
-        return prediction_to_original(logits, meta, loaded.region_mode, probabilities)
+        probs = loaded.probabilities(torch.from_numpy(np.ascontiguousarray(image)).to(loaded.device))
+        return probabilities_to_original(probs, meta, loaded.region_mode, probabilities)
 
 
 @dataclass
@@ -303,7 +323,9 @@ class PredictSummary:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def prediction_title(case_id: str, labels: np.ndarray, spacing: Sequence[float], loaded: LoadedModel) -> str:
+def prediction_title(
+    case_id: str, labels: np.ndarray, spacing: Sequence[float], loaded: LoadedModel | EnsembleModel
+) -> str:
     """``case | prediction, epoch 50 | WT 41.2 mL  TC 12.0 mL  ET 6.3 mL`` (region volumes of a
     canonical label map with voxels of ``spacing`` mm)."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -313,7 +335,7 @@ def prediction_title(case_id: str, labels: np.ndarray, spacing: Sequence[float],
 
 
 def predict_dataset(
-    checkpoint: Path,
+    checkpoint: Path | Sequence[Path],
     input_dir: Path,
     output_dir: Path,
     fmt: str = "auto",
@@ -333,7 +355,9 @@ def predict_dataset(
     skipped; the others are still written.
 
     Args:
-        checkpoint: the ``unet-train`` checkpoint.
+        checkpoint: the ``unet-train`` checkpoint; or several, and ``unet-cv`` folders (each
+            fold's chosen checkpoint), whose probabilities are averaged
+            (:mod:`unet_trainer.ensemble`).
         input_dir: raw cases in any supported layout; labels are not needed (and not used).
         output_dir: created if missing; must not be ``input_dir``.
         fmt: layout name or "auto".
@@ -347,13 +371,16 @@ def predict_dataset(
         The :class:`PredictSummary`.
 
     Raises:
-        CheckpointError, ConfigError: as :func:`load_model`.
+        CheckpointError, ConfigError: as :func:`load_model`; EnsembleError (a CheckpointError):
+            checkpoints that cannot be averaged (see :func:`ensemble.load_models`).
         DataFormatError: the input folder is missing, holds no recognised layout or no case,
             a listing problem (e.g. a case missing a modality file), or output_dir is input_dir.
     """
     log = sys.stderr if log is None else log
     input_dir, output_dir = Path(input_dir).expanduser(), Path(output_dir).expanduser()
-    loaded = load_model(checkpoint, overrides)
+    from .ensemble import load_models  # ensemble builds on this module
+
+    loaded = load_models(checkpoint, overrides, log)
     cases = list_cases(input_dir, fmt, require_labels=False)
     if not cases:
         raise DataFormatError(f"{input_dir}: no cases found")
