@@ -62,11 +62,11 @@ def drawn_parameters(augmenter) -> dict:
     """The latest batch's parameters as plain lists: flip axes per sample, then (fires, value) per transform."""
     p = augmenter.last_params
     return {
-        "flip": p.flip_mask.tolist(),
-        "noise": [p.noise_mask.tolist(), p.noise_std.tolist()],
-        "blur": [p.blur_mask.tolist(), p.blur_sigma.tolist()],
-        "brightness": [p.brightness_mask.tolist(), p.brightness_factor.tolist()],
-        "contrast": [p.contrast_mask.tolist(), p.contrast_factor.tolist()],
+        "flip": p["flip"].axes.tolist(),
+        **{
+            name: [p[name].fires.tolist(), p[name].value.tolist()]
+            for name in ("noise", "blur", "brightness", "contrast")
+        },
     }
 
 
