@@ -9,12 +9,17 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from unet_trainer.builders import build_augmenter
+from unet_trainer.config import ConfigError, augmentation_schema, check_layer, defaults
+from unet_trainer.schema import Field, Probability
 from unet_trainer.transforms import (
+    AUGMENTATIONS,
     AugmentationParameters,
     BatchAugmenter,
     BatchTransform,
@@ -24,6 +29,8 @@ from unet_trainer.transforms import (
     FlipDraw,
     GaussianBlur,
     GaussianNoise,
+    PerSampleTransform,
+    Range,
     SampleDraw,
     SettingError,
     recipe,
@@ -513,3 +520,137 @@ def test_cuda_draws_the_same_parameters_as_cpu():
             assert torch.equal(tensor, cuda_parameters[name]), name
         torch.testing.assert_close(cuda_image.cpu(), cpu_image, atol=1e-5, rtol=1e-5)
         assert torch.equal(cuda_label.cpu(), cpu_label)
+
+
+# ---------------------------------------------------------------------- the list: appending a transform
+
+
+@dataclass(frozen=True)
+class Offset(PerSampleTransform):
+    """A throwaway transform for these tests: adds ``U(shift)`` to the firing samples.
+
+    All it takes is this class; the registry line is ``AUGMENTATIONS["offset"] = Offset``.
+    """
+
+    p: Probability = 0.5
+    shift: Range = (0.0, 1.0)
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        return self.shift
+
+    def transform_samples(self, samples, scalar, noise_generator):
+        return samples.add_(scalar.view(-1, *([1] * (samples.dim() - 1))))
+
+
+def with_offset(transforms: dict[str, BatchTransform], offset: BatchTransform) -> dict[str, BatchTransform]:
+    return {**transforms, "offset": offset}
+
+
+@pytest.mark.parametrize("spatial", [(6, 6, 6), (8, 8)])
+def test_an_appended_transform_leaves_the_recipe_s_draws_and_outputs_for_a_seed_unchanged(spatial):
+    image, label = random_batch(6, 2, spatial)
+    settings = recipe(noise={"p": 0.5}, blur={"p": 0.5}, brightness={"p": 0.5}, contrast={"p": 0.5})
+    alone = BatchAugmenter(settings, len(spatial), "cpu", seed=31)
+    never = BatchAugmenter(with_offset(settings, Offset(p=0.0)), len(spatial), "cpu", seed=31)
+    always = BatchAugmenter(with_offset(settings, Offset(p=1.0)), len(spatial), "cpu", seed=31)
+    for _ in range(3):  # batches after the first too: the parameter stream must not shift
+        expected_image, expected_label = alone(image, label)
+        for augmenter in (never, always):
+            out_image, out_label = augmenter(image, label)
+            recipe_parameters = parameter_tensors(augmenter.last_params)
+            offset_fires = recipe_parameters.pop("offset.fires")
+            offset_value = recipe_parameters.pop("offset.value")
+            assert recipe_parameters.keys() == parameter_tensors(alone.last_params).keys()
+            for name, tensor in parameter_tensors(alone.last_params).items():
+                assert torch.equal(recipe_parameters[name], tensor), name
+            assert torch.equal(out_label, expected_label)
+            if augmenter is never:
+                assert not offset_fires.any()
+                assert torch.equal(out_image, expected_image)
+            else:
+                assert offset_fires.all()
+                # It runs last, on the recipe's output.
+                shift = offset_value.view(-1, *([1] * (image.dim() - 1)))
+                assert torch.equal(out_image, expected_image + shift)
+
+
+def test_a_transform_joining_the_recipe_s_draw_would_change_the_seed_s_values():
+    # Why an appended transform draws from its own generator: one row-major draw per batch cannot
+    # grow without moving the values of every sample after the first, and of every later batch.
+    @dataclass(frozen=True)
+    class SharedOffset(Offset):
+        shares_recipe_draw = True
+
+    alone = BatchAugmenter(recipe(), 3, "cpu", seed=31)
+    joined = BatchAugmenter(with_offset(recipe(), SharedOffset()), 3, "cpu", seed=31)
+    first_alone, first_joined = alone.sample_parameters(4), joined.sample_parameters(4)
+    # The first sample's columns come first in both draws; the second sample's do not.
+    assert torch.equal(first_alone["flip"].axes[0], first_joined["flip"].axes[0])
+    assert not torch.equal(first_alone["contrast"].value[1:], first_joined["contrast"].value[1:])
+
+
+def test_an_appended_transform_fires_at_its_probability_independently_of_the_recipe():
+    augmenter = BatchAugmenter(with_offset(recipe(), Offset(p=0.3, shift=(0.2, 0.6))), 3, "cpu", seed=13)
+    draws = [augmenter.sample_parameters(500) for _ in range(8)]
+    fires = torch.cat([d["offset"].fires for d in draws])
+    values = torch.cat([d["offset"].value for d in draws])
+    assert abs(fires.double().mean().item() - 0.3) < binomial_tolerance(0.3, 4000)
+    assert values.min().item() >= 0.2 and values.max().item() <= 0.6
+    assert abs(values.double().mean().item() - 0.4) < 4 * 0.4 / math.sqrt(12 * 4000)
+    # Fresh values every batch, uncorrelated with the recipe's columns and with each other.
+    assert not torch.equal(draws[0]["offset"].value, draws[1]["offset"].value)
+    columns = torch.cat(
+        [
+            torch.cat([d["flip"].axes for d in draws]).double().T,
+            *[
+                torch.cat([getattr(d[name], field) for d in draws]).double().unsqueeze(0)
+                for name in (*TRANSFORM_NAMES, "offset")
+                for field in ("fires", "value")
+            ],
+        ]
+    )
+    correlation = torch.corrcoef(columns)
+    off_diagonal = correlation - torch.eye(correlation.shape[0], dtype=correlation.dtype)
+    assert off_diagonal.abs().max().item() < 4 / math.sqrt(4000)
+
+
+def test_an_appended_transform_keeps_the_state_format_and_resumes_exactly():
+    image, label = random_batch(6, 2, (6, 6, 6))
+    transforms = with_offset(recipe(noise={"p": 1.0}), Offset(p=0.5))
+    augmenter = BatchAugmenter(transforms, 3, "cpu", seed=21)
+    augmenter(image, label)
+    state = augmenter.state_dict()
+    assert set(state) == {"parameter_generator", "noise_generator"}
+    recorded = [augmenter(image, label) for _ in range(3)]
+    restored = BatchAugmenter(transforms, 3, "cpu", seed=999)
+    restored.load_state_dict(state)
+    for expected, (out_image, out_label) in zip(recorded, (restored(image, label) for _ in range(3))):
+        assert torch.equal(out_image, expected[0]) and torch.equal(out_label, expected[1])
+
+
+def test_an_appended_transform_gets_a_config_section_and_a_builder_from_its_registry_line(monkeypatch):
+    monkeypatch.setitem(AUGMENTATIONS, "offset", Offset)  # the one registry line
+    schema = augmentation_schema()
+    assert list(schema) == ["enabled", "flip", "noise", "blur", "brightness", "contrast", "offset"]
+    assert schema["offset"] == {
+        "p": Field("float", 0.5, minimum=0.0, maximum=1.0),
+        "shift": Field("float_list", [0.0, 1.0], length=2, minimum=0.0),
+    }
+    layer = check_layer({"augmentation": {"offset": {"p": 0.25}}}, "x.yaml", {"augmentation": schema})
+    assert layer == {"augmentation": {"offset": {"p": 0.25}}}
+    with pytest.raises(ConfigError, match=r"^x.yaml: 'augmentation.offset.shift' = \[-1, 1\] is not a list"):
+        check_layer({"augmentation": {"offset": {"shift": [-1, 1]}}}, "x.yaml", {"augmentation": schema})
+    with pytest.raises(SettingError, match=r"Offset.shift must be \[low, high\] with low <= high"):
+        Offset(shift=(1.0, 0.5))
+
+    sections = {name: dict(section) for name, section in defaults()["augmentation"].items() if name != "enabled"}
+    sections["offset"] = {"p": 1.0, "shift": [0.5, 0.5]}
+    cfg = {"augmentation": {"enabled": True, **sections}, "model": {"spatial_dims": 3}}
+    augmenter = build_augmenter(cfg, torch.device("cpu"), seed=0)
+    assert list(augmenter.transforms) == list(schema)[1:]
+    assert augmenter.transforms["offset"] == Offset(p=1.0, shift=(0.5, 0.5))
+    image, label = random_batch(2, 1, (4, 4, 4))
+    recipe_only = {name: transform for name, transform in augmenter.transforms.items() if name != "offset"}
+    without = BatchAugmenter(recipe_only, 3, "cpu", seed=0)(image, label)[0]
+    assert torch.equal(augmenter(image, label)[0], without + 0.5)
