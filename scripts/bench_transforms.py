@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from benchutil import cpu_model_name, median_seconds
 
-from unet_trainer.transforms import AugmentationSettings, BatchAugmenter
+from unet_trainer.transforms import BatchAugmenter, BatchTransform, recipe
 
 CHANNELS = 4
 NUM_CLASSES = 4
@@ -43,14 +43,10 @@ class Setting:
     flip_p: float
     transform_p: float  # noise, blur, brightness and contrast alike
 
-    def augmentation_settings(self) -> AugmentationSettings:
-        return AugmentationSettings(
-            flip_p=self.flip_p,
-            noise_p=self.transform_p,
-            blur_p=self.transform_p,
-            brightness_p=self.transform_p,
-            contrast_p=self.transform_p,
-        )
+    def augmentation_transforms(self) -> dict[str, BatchTransform]:
+        """The recipe with these probabilities and its default ranges."""
+        others = ("noise", "blur", "brightness", "contrast")
+        return recipe(flip={"p": self.flip_p}, **{name: {"p": self.transform_p} for name in others})
 
 
 SETTINGS = (Setting("default", flip_p=0.5, transform_p=0.15), Setting("all-fire", flip_p=1.0, transform_p=1.0))
@@ -101,7 +97,7 @@ def make_contrast_transform(keys: str, scale_range: tuple[float, float], prob: f
     return RandScaleThenClampToInputRanged()
 
 
-def build_monai_pipeline(setting: Setting, augmentation: AugmentationSettings) -> Callable[[dict], dict]:
+def build_monai_pipeline(setting: Setting, augmentation: dict[str, BatchTransform]) -> Callable[[dict], dict]:
     """The closest MONAI equivalent of the recipe, for one (C, D, H, W) sample dict.
 
     Differences that remain, all in MONAI's disfavour except the last:
@@ -119,19 +115,19 @@ def build_monai_pipeline(setting: Setting, augmentation: AugmentationSettings) -
         RandScaleIntensityd,
     )
 
-    sigma = augmentation.blur_sigma
-    low, high = augmentation.brightness_scale
+    sigma = augmentation["blur"].sigma
+    low, high = augmentation["brightness"].scale
     if not np.isclose(1.0 - low, high - 1.0):
         raise ValueError("RandScaleIntensityd needs a brightness range symmetric about 1")
     pipeline = Compose(
         [
             *[RandFlipd(keys=["image", "label"], prob=setting.flip_p, spatial_axis=axis) for axis in range(3)],
             # MONAI draws std ~ U(0, std) per call (sample_std=True): the same as noise_std=(0, 0.33).
-            RandGaussianNoised(keys="image", prob=setting.transform_p, mean=0.0, std=augmentation.noise_std[1]),
+            RandGaussianNoised(keys="image", prob=setting.transform_p, mean=0.0, std=augmentation["noise"].std[1]),
             RandGaussianSmoothd(keys="image", sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=setting.transform_p),
             # factors=0.3 multiplies by 1 + U(-0.3, 0.3), i.e. U(0.7, 1.3).
             RandScaleIntensityd(keys="image", factors=1.0 - low, prob=setting.transform_p),
-            make_contrast_transform("image", augmentation.contrast_scale, prob=setting.transform_p),
+            make_contrast_transform("image", augmentation["contrast"].scale, prob=setting.transform_p),
         ]
     )
     pipeline.set_random_state(seed=SEED)
@@ -144,13 +140,13 @@ def build_monai_pipeline(setting: Setting, augmentation: AugmentationSettings) -
 def ours_seconds_per_batch(
     setting: Setting, batch: int, patch: int, device: torch.device, warmup: int, iters: int
 ) -> float:
-    augmenter = BatchAugmenter(setting.augmentation_settings(), spatial_dims=3, device=device, seed=SEED)
+    augmenter = BatchAugmenter(setting.augmentation_transforms(), spatial_dims=3, device=device, seed=SEED)
     image, label = make_batch(batch, patch, device)
     return median_seconds(lambda: augmenter(image, label), device, warmup, iters)
 
 
 def monai_seconds_per_batch(setting: Setting, batch: int, patch: int, warmup: int, iters: int) -> float:
-    pipeline = build_monai_pipeline(setting, setting.augmentation_settings())
+    pipeline = build_monai_pipeline(setting, setting.augmentation_transforms())
     image, label = make_batch(batch, patch, torch.device("cpu"))
 
     def augment_each_sample() -> list[dict]:

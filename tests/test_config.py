@@ -6,7 +6,17 @@ import pytest
 import yaml
 
 from unet_trainer.cli import train_main
-from unet_trainer.config import ConfigError, Duration, config_differences, defaults, parse_overrides, resolve_config
+from unet_trainer.config import (
+    SCHEMA,
+    ConfigError,
+    Duration,
+    config_differences,
+    defaults,
+    parse_overrides,
+    resolve_config,
+)
+from unet_trainer.schema import Field
+from unet_trainer.transforms import AUGMENTATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,6 +185,51 @@ def test_cross_key_rules(layered):
         resolve_config(layered, ["optimizer.sgd.momentum=0"])
     with pytest.raises(ConfigError, match="low <= high"):
         resolve_config(layered, ["augmentation.noise.std=[0.5, 0.1]"])
+
+
+def test_augmentation_schema_is_derived_from_the_transforms_with_the_same_shape_and_defaults():
+    probability = dict(minimum=0.0, maximum=1.0)
+
+    def low_high(low: float, high: float) -> Field:
+        return Field("float_list", [low, high], length=2, minimum=0.0)
+
+    expected = {
+        "enabled": Field("bool", True),
+        "flip": {"p": Field("float", 0.5, **probability)},
+        "noise": {"p": Field("float", 0.15, **probability), "std": low_high(0.0, 0.33)},
+        "blur": {"p": Field("float", 0.15, **probability), "sigma": low_high(0.5, 1.5)},
+        "brightness": {"p": Field("float", 0.15, **probability), "scale": low_high(0.7, 1.3)},
+        "contrast": {"p": Field("float", 0.15, **probability), "scale": low_high(0.65, 1.5)},
+    }
+    assert SCHEMA["augmentation"] == expected
+    assert list(SCHEMA["augmentation"]) == list(expected)  # the YAML's order too
+    assert list(SCHEMA["augmentation"]) == ["enabled", *AUGMENTATIONS]
+    assert defaults()["augmentation"] == {
+        "enabled": True,
+        "flip": {"p": 0.5},
+        "noise": {"p": 0.15, "std": [0.0, 0.33]},
+        "blur": {"p": 0.15, "sigma": [0.5, 1.5]},
+        "brightness": {"p": 0.15, "scale": [0.7, 1.3]},
+        "contrast": {"p": 0.15, "scale": [0.65, 1.5]},
+    }
+
+
+def test_augmentation_errors_are_one_line_naming_the_key(layered):
+    with pytest.raises(ConfigError) as err:
+        resolve_config(layered, ["augmentation.noise.std=[0.5, 0.1]"])
+    assert str(err.value) == "'augmentation.noise.std' = [0.5, 0.1] must be [low, high] with low <= high"
+    with pytest.raises(ConfigError) as err:
+        resolve_config(layered, ["augmentation.blur.sigma=[-0.5, 1.5]"])
+    assert str(err.value) == (
+        "command line: 'augmentation.blur.sigma' = [-0.5, 1.5] is not a list of numbers of length 2 "
+        "with every item >= 0.0 (item -0.5)"
+    )
+    with pytest.raises(ConfigError, match=r"'augmentation.flip.p' = 1.5 is not a number in \[0.0, 1.0\]"):
+        resolve_config(layered, ["augmentation.flip.p=1.5"])
+    with pytest.raises(ConfigError, match=r"unknown key 'augmentation.contrast.scal'; did you mean"):
+        resolve_config(layered, ["augmentation.contrast.scal=[0.5, 1.5]"])
+    cfg = resolve_config(layered, ["augmentation.brightness.scale=[0.9, 0.9]", "augmentation.enabled=false"])
+    assert cfg["augmentation"]["brightness"] == {"p": 0.15, "scale": [0.9, 0.9]}
 
 
 def test_override_token_errors():

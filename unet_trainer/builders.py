@@ -51,7 +51,7 @@ from .runfolder import (
 )
 from .schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
 from .trainer import Algorithm, Engine, Event, State, duration_in_batches, fit, rank_entry
-from .transforms import AugmentationSettings, BatchAugmenter
+from .transforms import AUGMENTATIONS, BatchAugmenter
 
 AMP_DTYPES = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
 # Config keys that may change between a checkpoint and its resume without a warning.
@@ -241,18 +241,8 @@ def build_augmenter(cfg: dict, device: torch.device, seed: int) -> BatchAugmente
     aug = cfg["augmentation"]
     if not aug["enabled"]:
         return None
-    settings = AugmentationSettings(
-        flip_p=aug["flip"]["p"],
-        noise_p=aug["noise"]["p"],
-        noise_std=tuple(aug["noise"]["std"]),
-        blur_p=aug["blur"]["p"],
-        blur_sigma=tuple(aug["blur"]["sigma"]),
-        brightness_p=aug["brightness"]["p"],
-        brightness_scale=tuple(aug["brightness"]["scale"]),
-        contrast_p=aug["contrast"]["p"],
-        contrast_scale=tuple(aug["contrast"]["scale"]),
-    )
-    return BatchAugmenter(settings, cfg["model"]["spatial_dims"], device, seed)
+    transforms = {name: transform(**aug[name]) for name, transform in AUGMENTATIONS.items()}
+    return BatchAugmenter(transforms, cfg["model"]["spatial_dims"], device, seed)
 
 
 def build_algorithms(cfg: dict) -> list[Algorithm]:

@@ -35,7 +35,8 @@ import yaml
 from .data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
 from .lesion_metrics import DEFAULT_DILATION_ITERATIONS, DEFAULT_HD95_PENALTY, DEFAULT_MIN_LESION_VOXELS
-from .schema import F, Field, ListOf, OneOf, SetOf
+from .schema import F, Field, ListOf, OneOf, SetOf, fields_of
+from .transforms import AUGMENTATIONS, SettingError
 
 
 class ConfigError(ValueError):
@@ -188,6 +189,12 @@ MODEL_FIELDS: dict[str, Field] = {
     "gradient_checkpointing": F("bool", False),
 }
 
+
+def augmentation_schema(transforms: Mapping[str, type] = AUGMENTATIONS) -> dict[str, Any]:
+    """The ``augmentation`` section: ``enabled``, then one section per transform, derived from its settings."""
+    return {"enabled": F("bool", True), **{name: fields_of(transform) for name, transform in transforms.items()}}
+
+
 SCHEMA: dict[str, Any] = {
     "recipe": F("str", None, nullable=True),
     "run_name": F("str", None, nullable=True),
@@ -248,14 +255,7 @@ SCHEMA: dict[str, Any] = {
         "prefetch_to_device": F("bool", True),
         "prepare_workers": F("int", 2, minimum=1),
     },
-    "augmentation": {
-        "enabled": F("bool", True),
-        "flip": {"p": F("float", 0.5, **PROB)},
-        "noise": {"p": F("float", 0.15, **PROB), "std": F("float_list", [0.0, 0.33], length=2)},
-        "blur": {"p": F("float", 0.15, **PROB), "sigma": F("float_list", [0.5, 1.5], length=2)},
-        "brightness": {"p": F("float", 0.15, **PROB), "scale": F("float_list", [0.7, 1.3], length=2)},
-        "contrast": {"p": F("float", 0.15, **PROB), "scale": F("float_list", [0.65, 1.5], length=2)},
-    },
+    "augmentation": augmentation_schema(),
     "eval": {
         "overlap": F("float", 0.5, minimum=0.0, maximum=0.95),
         "sw_batch_size": F("int", 4, minimum=1),
@@ -769,10 +769,16 @@ def _check_consistency(cfg: dict) -> None:
     spacing = data["target_spacing"]
     if spacing is not None and min(spacing) <= 0:
         raise ConfigError(f"'data.target_spacing' = {spacing} must be three positive spacings (z, y, x) in mm")
-    for key in ("std", "sigma", "scale"):
-        for name, section in cfg["augmentation"].items():
-            if isinstance(section, dict) and key in section and section[key][0] > section[key][1]:
-                raise ConfigError(f"'augmentation.{name}.{key}' = {section[key]} must be [low, high] with low <= high")
+    # The transforms check what a single field cannot (a range's low <= high) on construction.
+    for name, section in cfg["augmentation"].items():
+        if name not in AUGMENTATIONS:  # "enabled"
+            continue
+        try:
+            AUGMENTATIONS[name](**section)
+        except SettingError as error:
+            raise ConfigError(
+                f"'augmentation.{name}.{error.setting}' = {error.value} must be {error.expected}"
+            ) from None
     if model["spatial_dims"] == 2 and data["patch_size"][0] != 1:
         raise ConfigError(
             f"'data.patch_size' = {data['patch_size']} must start with 1 for a 2D model (slices), e.g. [1, 192, 160]"
