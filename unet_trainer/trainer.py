@@ -182,12 +182,54 @@ def rank_entry(checkpoint: dict, key: str, rank: int, world_size: int):
 
 
 class Callback:
-    """A side effect on events. Override methods named after events (``epoch_end(self, state)``)."""
+    """A side effect on events: override the methods named after the events you need (each gets
+    the :class:`State`); the others stay no-ops. The Engine calls :meth:`run_event`, which routes
+    each event to its method, so a callback may also override :meth:`run_event` to see them all.
+
+    ``after_forward``, ``after_loss`` and ``after_backward`` fire once per microbatch: more than
+    once a step with ``device_train_microbatch_size``, and again when the "auto" search retries a
+    batch after running out of memory. Algorithms run before callbacks at every event.
+    """
 
     def run_event(self, event: Event, state: State) -> None:
-        handler = getattr(self, event.value, None)
-        if handler is not None:
-            handler(state)
+        """Call the method named after ``event`` (``Event.EPOCH_END`` -> :meth:`epoch_end`)."""
+        getattr(self, event.value)(state)
+
+    def init(self, state: State) -> None:
+        """Once, after the State is built (a resume's checkpoint loaded) and before DDP wraps the model."""
+
+    def fit_start(self, state: State) -> None:
+        """Once, when fit begins: ``timestamp`` is where the run starts (a resume's step), nothing logged yet."""
+
+    def epoch_start(self, state: State) -> None:
+        """At each epoch's start (a resumed one too): ``timestamp.epoch`` counts the finished epochs."""
+
+    def batch_start(self, state: State) -> None:
+        """Before each step: ``state.batch`` is the (image, label) batch, on the device and augmented."""
+
+    def after_forward(self, state: State) -> None:
+        """After each microbatch's forward, inside autocast: ``state.outputs`` holds its outputs."""
+
+    def after_loss(self, state: State) -> None:
+        """After each microbatch's loss: ``state.loss`` is its mean loss, before the backward."""
+
+    def after_backward(self, state: State) -> None:
+        """After each microbatch's backward: its gradients are added into the parameters' ``.grad``."""
+
+    def batch_end(self, state: State) -> None:
+        """After the optimizer step, the counters moved on and any evaluation due: ``step_metrics`` is the step's."""
+
+    def epoch_end(self, state: State) -> None:
+        """After an epoch's last batch (and its evaluation, if due): ``timestamp.epoch`` counts it."""
+
+    def eval_start(self, state: State) -> None:
+        """Before each evaluation (EMA's weights already swapped in); the model is still in training mode."""
+
+    def eval_end(self, state: State) -> None:
+        """After each evaluation: ``state.eval_history[-1]`` is its record, the model back in training mode."""
+
+    def fit_end(self, state: State) -> None:
+        """Once, after the last step and the final evaluation (not when training raised)."""
 
 
 class Algorithm:
