@@ -11,7 +11,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from .data.split import kfold_split, load_split_file
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluation import DiceEvaluator
 from .fileio import atomic_write_text, remove_orphan_temporaries
+from .loggers import FileLogger, Logger, LoggerDestination, TensorBoardLogger
 from .losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 from .model import UNet
 from .runfolder import (
@@ -269,28 +270,53 @@ def build_algorithms(cfg: dict) -> list[Algorithm]:
     return algorithms
 
 
+# Logger destinations switched on by name under ``callbacks:`` (their settings in config.CALLBACKS):
+# each builds one from its settings, the run folder and the resolved config.
+LOGGER_DESTINATIONS: dict[str, Callable[[dict, Path, dict], LoggerDestination]] = {
+    "tensorboard": lambda s, run_dir, cfg: TensorBoardLogger(run_dir / "tensorboard"),
+    "mlflow": lambda s, run_dir, cfg: reporting.MLflowLogger(
+        s["tracking_uri"], s["experiment"], s["run_name"] or cfg["run_name"], s["log_checkpoints"], run_dir, cfg
+    ),
+}
+
+
+def build_logger_destinations(cfg: dict, run_dir: Path) -> list[LoggerDestination]:
+    """The always-on log files (:class:`FileLogger`), then the destinations switched on under
+    ``callbacks:``, in their order.
+
+    Raises:
+        ConfigError: a destination whose optional package is missing (names the install command).
+    """
+    destinations: list[LoggerDestination] = [FileLogger(run_dir)]
+    for name, settings in cfg["callbacks"].items():
+        if name not in LOGGER_DESTINATIONS:
+            continue
+        destination = LOGGER_DESTINATIONS[name](settings, run_dir, cfg)
+        if destination.requires is not None:
+            module, extra = destination.requires
+            try:
+                __import__(module)
+            except ImportError:
+                raise ConfigError(
+                    f"callbacks.{name} needs the {extra} package: pip install 'unet-trainer[{extra}]'"
+                ) from None
+        destinations.append(destination)
+    return destinations
+
+
 def build_callbacks(
     cfg: dict, run_dir: Path, is_main: bool, progress: bool, evaluator: DiceEvaluator | None = None
 ) -> list[cb.Callback]:
     """The configured callbacks, then the always-on ones. The overlay writer (with an evaluator)
-    comes first, so that the loggers find its pictures at the same evaluation; the MLflow logger
-    last, so that it finds the finished plots and checkpoints.
+    comes first and the plots before the logger, so that the logger's destinations find the
+    pictures of the same evaluation; the logger comes before the checkpoint saver, so that the
+    logs hold every step a checkpoint holds.
 
     Raises:
-        ConfigError: a callback whose optional package is missing (names the install command).
+        ConfigError: a logger destination whose optional package is missing (names the install
+            command); checked on every rank, so that all of them stop.
     """
-    if "tensorboard" in cfg["callbacks"]:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "callbacks.tensorboard needs the tensorboard package: pip install 'unet-trainer[tensorboard]'"
-            ) from None
-    if "mlflow" in cfg["callbacks"]:
-        try:
-            import mlflow  # noqa: F401
-        except ImportError:
-            raise ConfigError("callbacks.mlflow needs the mlflow package: pip install 'unet-trainer[mlflow]'") from None
+    destinations = build_logger_destinations(cfg, run_dir)
     callbacks: list[cb.Callback] = []
     overlays = None
     if "overlays" in cfg["callbacks"] and evaluator is not None:
@@ -310,12 +336,10 @@ def build_callbacks(
             callbacks.append(cb.EarlyStopper(s["patience"], s["min_delta"]))
         elif name == "progress_plot" and is_main:
             callbacks.append(cb.ProgressPlot(run_dir / "progress.png"))
-        elif name == "tensorboard" and is_main:
-            callbacks.append(cb.TensorBoardLogger(run_dir / "tensorboard", overlays))
     callbacks += [
         cb.SignalHandler(),
         cb.ProgressBar(enabled=is_main and progress),
-        cb.MetricsLogger(run_dir, enabled=is_main),
+        Logger(destinations if is_main else [], overlays),
         cb.CheckpointSaver(
             run_dir / "checkpoints",
             Duration.parse(cfg["save_interval"]),
@@ -323,13 +347,6 @@ def build_callbacks(
             is_writer=is_main,
         ),
     ]
-    if "mlflow" in cfg["callbacks"] and is_main:
-        s = cfg["callbacks"]["mlflow"]
-        callbacks.append(
-            reporting.MLflowLogger(
-                s["tracking_uri"], s["experiment"], s["run_name"] or cfg["run_name"], s["log_checkpoints"], run_dir, cfg
-            )
-        )
     return callbacks
 
 
