@@ -689,7 +689,8 @@ def setup_model_and_optimizer(cfg: dict, device: torch.device, batches_per_epoch
     gradient scaler and algorithms.
 
     Raises:
-        ConfigError: the patch does not fit the model, or a loss that does not fit it.
+        ConfigError: the patch does not fit the model, or the loss does not fit its outputs
+            (region_dice_bce needs model.num_classes=3).
     """
     seed_everything(cfg["seed"])
     model = build_model(cfg["model"]).to(device)
