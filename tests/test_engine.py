@@ -17,7 +17,7 @@ from conftest import ROOT, hide_package, tiny_overrides
 from unet_trainer.builders import run_training
 from unet_trainer.checkpoint import list_checkpoints, load_checkpoint
 from unet_trainer.schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
-from unet_trainer.trainer import Callback, Event
+from unet_trainer.trainer import Callback, Engine, Event
 
 
 def weights(summary) -> dict:
@@ -52,6 +52,25 @@ def test_events_fire_in_order(tiny_config):
     assert ev.count(Event.BATCH_END) == 2 and ev.count(Event.EPOCH_START) == ev.count(Event.EPOCH_END) == 1
     # Evaluation at the epoch boundary comes before EPOCH_END, so the checkpoint sees its result.
     assert ev.index(Event.EVAL_END) < ev.index(Event.EPOCH_END)
+
+
+def test_every_event_has_a_documented_no_op_method_on_the_callback_base():
+    for event in Event:
+        method = getattr(Callback, event.value, None)
+        assert callable(method), f"Callback has no method for {event}"
+        assert method.__doc__ and method.__doc__.strip(), f"Callback.{event.value} has no docstring"
+        assert Callback().run_event(event, object()) is None
+
+
+@pytest.mark.parametrize("event", list(Event))
+def test_a_callback_overriding_one_method_gets_exactly_that_event(event):
+    seen = []
+    only = type("Only", (Callback,), {event.value: lambda self, state: seen.append((event, state))})()
+    state = object()  # the Engine hands the state through untouched
+    engine = Engine(state, callbacks=[only])
+    for each in Event:
+        engine.run(each)
+    assert seen == [(event, state)]
 
 
 def test_schedules_compose_and_resume_without_jump():

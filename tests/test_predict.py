@@ -312,6 +312,27 @@ def test_unet_eval_on_a_dataset_with_ignore_policy_and_hd95(trained, tmp_path, c
     assert header.endswith("hd95/WT,hd95/TC,hd95/ET") and len(rows) == 2
 
 
+def test_unet_eval_on_another_dataset_scores_with_trainings_evaluator_and_leaves_the_config(trained, tmp_path):
+    source = tmp_path / "msd"
+    write_dataset(source, "msd", LAYOUT_IDS["msd"])
+    built = []
+    real_build = predict_module.build_evaluator
+
+    def build_evaluator(cfg, *args, **kwargs):
+        built.append(cfg["data"]["path"])
+        return real_build(cfg, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(predict_module, "build_evaluator", build_evaluator)
+        report = predict_module.evaluate_checkpoint(
+            trained["checkpoint"], dataset=source, out_csv=tmp_path / "scores.csv", progress=False, overlays=False
+        )
+    assert built == [str(source)] and len(report.per_case) == 2
+    # The loaded model's config is still the checkpoint's: the phantom, its own prepared cache.
+    stored = load_model(trained["checkpoint"]).cfg
+    assert report.loaded.cfg == stored and report.loaded.cfg["data"]["path"] is None
+
+
 def test_unet_eval_lesion_wise_flag_adds_the_lesion_scores(trained, tmp_path, capsys):
     csv_path = tmp_path / "scores.csv"
     argv = [

@@ -1,5 +1,6 @@
 """Builders: the only code that reads the resolved config. Each turns one section into objects
-built from plain typed arguments; :func:`run_training` wires them into a run.
+built from plain typed arguments; :func:`run_training` wires them into a run in setup steps
+(torchtune-style: device, resume, data, model and optimizer, evaluator, state), then fits.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ from .data.split import kfold_split, load_split_file
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluation import DiceEvaluator
 from .fileio import atomic_write_text, remove_orphan_temporaries
+from .loggers import FileLogger, Logger, LoggerDestination, TensorBoardLogger
 from .losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 from .model import UNet
 from .runfolder import (
@@ -259,28 +262,53 @@ def build_algorithms(cfg: dict) -> list[Algorithm]:
     return algorithms
 
 
+# Logger destinations switched on by name under ``callbacks:`` (their settings in config.CALLBACKS):
+# each builds one from its settings, the run folder and the resolved config.
+LOGGER_DESTINATIONS: dict[str, Callable[[dict, Path, dict], LoggerDestination]] = {
+    "tensorboard": lambda s, run_dir, cfg: TensorBoardLogger(run_dir / "tensorboard"),
+    "mlflow": lambda s, run_dir, cfg: reporting.MLflowLogger(
+        s["tracking_uri"], s["experiment"], s["run_name"] or cfg["run_name"], s["log_checkpoints"], run_dir, cfg
+    ),
+}
+
+
+def build_logger_destinations(cfg: dict, run_dir: Path) -> list[LoggerDestination]:
+    """The always-on log files (:class:`FileLogger`), then the destinations switched on under
+    ``callbacks:``, in their order.
+
+    Raises:
+        ConfigError: a destination whose optional package is missing (names the install command).
+    """
+    destinations: list[LoggerDestination] = [FileLogger(run_dir)]
+    for name, settings in cfg["callbacks"].items():
+        if name not in LOGGER_DESTINATIONS:
+            continue
+        destination = LOGGER_DESTINATIONS[name](settings, run_dir, cfg)
+        if destination.requires is not None:
+            module, extra = destination.requires
+            try:
+                __import__(module)
+            except ImportError:
+                raise ConfigError(
+                    f"callbacks.{name} needs the {extra} package: pip install 'unet-trainer[{extra}]'"
+                ) from None
+        destinations.append(destination)
+    return destinations
+
+
 def build_callbacks(
     cfg: dict, run_dir: Path, is_main: bool, progress: bool, evaluator: DiceEvaluator | None = None
 ) -> list[cb.Callback]:
     """The configured callbacks, then the always-on ones. The overlay writer (with an evaluator)
-    comes first, so that the loggers find its pictures at the same evaluation; the MLflow logger
-    last, so that it finds the finished plots and checkpoints.
+    comes first and the plots before the logger, so that the logger's destinations find the
+    pictures of the same evaluation; the logger comes before the checkpoint saver, so that the
+    logs hold every step a checkpoint holds.
 
     Raises:
-        ConfigError: a callback whose optional package is missing (names the install command).
+        ConfigError: a logger destination whose optional package is missing (names the install
+            command); checked on every rank, so that all of them stop.
     """
-    if "tensorboard" in cfg["callbacks"]:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "callbacks.tensorboard needs the tensorboard package: pip install 'unet-trainer[tensorboard]'"
-            ) from None
-    if "mlflow" in cfg["callbacks"]:
-        try:
-            import mlflow  # noqa: F401
-        except ImportError:
-            raise ConfigError("callbacks.mlflow needs the mlflow package: pip install 'unet-trainer[mlflow]'") from None
+    destinations = build_logger_destinations(cfg, run_dir)
     callbacks: list[cb.Callback] = []
     overlays = None
     if "overlays" in cfg["callbacks"] and evaluator is not None:
@@ -300,12 +328,10 @@ def build_callbacks(
             callbacks.append(cb.EarlyStopper(s["patience"], s["min_delta"]))
         elif name == "progress_plot" and is_main:
             callbacks.append(cb.ProgressPlot(run_dir / "progress.png"))
-        elif name == "tensorboard" and is_main:
-            callbacks.append(cb.TensorBoardLogger(run_dir / "tensorboard", overlays))
     callbacks += [
         cb.SignalHandler(),
         cb.ProgressBar(enabled=is_main and progress),
-        cb.MetricsLogger(run_dir, enabled=is_main),
+        Logger(destinations if is_main else [], overlays),
         cb.CheckpointSaver(
             run_dir / "checkpoints",
             Duration.parse(cfg["save_interval"]),
@@ -313,14 +339,53 @@ def build_callbacks(
             is_writer=is_main,
         ),
     ]
-    if "mlflow" in cfg["callbacks"] and is_main:
-        s = cfg["callbacks"]["mlflow"]
-        callbacks.append(
-            reporting.MLflowLogger(
-                s["tracking_uri"], s["experiment"], s["run_name"] or cfg["run_name"], s["log_checkpoints"], run_dir, cfg
-            )
-        )
     return callbacks
+
+
+def build_evaluator(
+    cfg: dict,
+    prepared: Path,
+    case_ids: Sequence[str],
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    cases_csv: Path | None = None,
+    progress: bool = False,
+) -> DiceEvaluator:
+    """The Dice evaluator of a run's config (``eval`` section, patch, model outputs, loss's region
+    mode, precision) on prepared cases: the one training evaluates with and ``unet-eval`` scores with.
+
+    Args:
+        prepared: the prepared dataset folder.
+        case_ids: the cases to score (each rank scores its share).
+        cases_csv: where rank 0 writes each evaluation's per-case scores (None: nowhere).
+        progress: a progress bar over the cases.
+    """
+    ev = cfg["eval"]
+    return DiceEvaluator(
+        prepared,
+        case_ids,
+        cfg["data"]["patch_size"],
+        cfg["model"]["spatial_dims"],
+        cfg["model"]["num_classes"],
+        region_mode="region_dice_bce" in cfg["loss"],
+        overlap=ev["overlap"],
+        sw_batch_size=ev["sw_batch_size"],
+        gaussian=ev["gaussian"],
+        mirror=ev["mirror_tta"],
+        empty_policy=ev["empty_policy"],
+        amp_dtype=AMP_DTYPES[cfg["precision"]],
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        cases_csv=cases_csv,
+        hd95=ev["hd95"],
+        progress=progress,
+        lesion_wise=ev["lesion_wise"],
+        lesion_dilation=ev["lesion_dilation"],
+        lesion_min_voxels=ev["lesion_min_voxels"],
+        lesion_hd95_penalty=ev["lesion_hd95_penalty"],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,8 +519,81 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
 
 
 def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callback], held: list) -> dict:
-    """:func:`run_training`; locks it takes go into ``held``, for the caller to release."""
+    """:func:`run_training` as setup steps; locks it takes go into ``held``, for the caller to release."""
     started = time.perf_counter()
+    dist_info, device = setup_device(cfg)
+    run_dir = Path(cfg["save_folder"])
+    resume = setup_resume(cfg, run_dir, dist_info, held)  # before anything is written into the folder
+    data = setup_data(cfg, run_dir, dist_info, device, progress)
+    training = setup_model_and_optimizer(cfg, device, data.batches_per_epoch)
+    evaluator = setup_evaluator(cfg, data, device, dist_info, run_dir)
+    state = build_state(cfg, data, training, evaluator, device, dist_info, run_dir, resume.run_id)
+    resumed_from = restore_checkpoint(state, cfg, resume, dist_info)
+    if dist_info.is_main:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    # Extra callbacks (benchmarks, tests) run before the built-in ones, so the logger sees their values.
+    callbacks = list(extra_callbacks) + build_callbacks(cfg, run_dir, dist_info.is_main, progress, evaluator)
+    engine = Engine(state, training.algorithms, callbacks)
+    engine.run(Event.INIT)
+    if dist_info.enabled:
+        wrap_distributed(state)
+    fit(state, engine)
+    return training_summary(state, data, resumed_from, dist_info, started)
+
+
+@dataclass
+class ResumePoint:
+    """Which run this is, decided before anything is written into the run folder.
+
+    Attributes:
+        run_id: the run's identity (the checkpoint's when continuing it, else a new one).
+        checkpoint_path: the checkpoint to start from (``load_path``, or the newest with
+            ``autoresume``), None for a fresh start.
+        checkpoint: its contents.
+        resuming: whether the run continues that checkpoint's run (not with ``load_weights_only``).
+    """
+
+    run_id: str
+    checkpoint_path: Path | None = None
+    checkpoint: dict | None = None
+    resuming: bool = False
+
+
+@dataclass
+class DataSetup:
+    """The prepared data, the split and the training loader."""
+
+    prepared: Path  # the prepared dataset folder
+    split: dict[str, list[str]]  # {"train": case ids, "val": case ids}
+    dataset: PatchDataset
+    loader: torch.utils.data.DataLoader  # with an EpochSampler
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.loader.batch_sampler.batches_per_epoch
+
+
+@dataclass
+class TrainingSetup:
+    """What optimises: the model, its loss, the optimizer and schedule, precision, algorithms."""
+
+    model: torch.nn.Module  # on the device, not DDP-wrapped
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: BatchScheduler
+    max_duration: Duration
+    amp_dtype: torch.dtype | None  # autocast dtype, None for fp32
+    scaler: torch.amp.GradScaler | None  # for fp16 only
+    algorithms: list[Algorithm]
+
+
+def setup_device(cfg: dict) -> tuple[DistInfo, torch.device]:
+    """Join the process group under torchrun (a no-op otherwise) and pick this rank's device.
+
+    Raises:
+        ConfigError: ``train_batch_size`` does not divide by the number of processes, or
+            ``device`` = cuda without a GPU.
+    """
     device_name = cfg["device"]
     dist_info = init_distributed(
         "cuda" if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available()) else "cpu"
@@ -465,48 +603,66 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
         raise ConfigError(
             f"'train_batch_size' = {cfg['train_batch_size']} is not divisible by the {dist_info.world_size} processes"
         )
-    run_dir = Path(cfg["save_folder"])
-    seed = cfg["seed"]
-    if dist_info.is_main:  # under torchrun only rank 0 locks: the others are part of the same run
-        held.append(_lock_run_folder(run_dir))
+    return dist_info, device
 
-    # Which run this is, decided before anything is written into the folder.
-    resume = _resume_checkpoint(cfg, run_dir, dist_info.is_main)
-    resuming = resume is not None and not cfg["load_weights_only"]
-    run_id = str(resume[1].get("run_id", LEGACY_RUN_ID)) if resuming else new_run_id()
+
+def setup_resume(cfg: dict, run_dir: Path, dist_info: DistInfo, held: list[FolderLock]) -> ResumePoint:
+    """Lock the run folder (rank 0 only: under torchrun the other ranks are part of the same run;
+    the lock goes into ``held``), pick the checkpoint to start from, and make sure the folder
+    holds nothing but this run's history (:func:`_claim_run_folder`).
+
+    Raises:
+        RunFolderError: the folder is locked by another live process, or holds another run's
+            checkpoints without ``save_overwrite``.
+        CheckpointError: ``load_path`` cannot be read.
+    """
+    if dist_info.is_main:
+        held.append(_lock_run_folder(run_dir))
+    found = _resume_checkpoint(cfg, run_dir, dist_info.is_main)
+    if found is None:
+        resume = ResumePoint(new_run_id())
+    elif cfg["load_weights_only"]:
+        resume = ResumePoint(new_run_id(), *found)
+    else:
+        resume = ResumePoint(str(found[1].get("run_id", LEGACY_RUN_ID)), *found, resuming=True)
     barrier()  # every rank has read its checkpoint before rank 0 may move files aside
     if dist_info.is_main:
         _claim_run_folder(
             cfg,
             run_dir,
-            run_id,
-            int((resume[1].get("timestamp") or {}).get("batch", 0)) if resuming else None,
-            resume[0] if resume else None,
+            resume.run_id,
+            int((resume.checkpoint.get("timestamp") or {}).get("batch", 0)) if resume.resuming else None,
+            resume.checkpoint_path,
         )
+    return resume
 
+
+def setup_data(cfg: dict, run_dir: Path, dist_info: DistInfo, device: torch.device, progress: bool) -> DataSetup:
+    """Prepare the dataset if needed, split it (rank 0 writes ``split.json``) and build this
+    rank's training loader.
+
+    Raises:
+        DataFormatError: missing or bad data, or a bad split.
+        ConfigError: ``drop_last`` leaves no batch.
+    """
     prepared, index = ensure_prepared(cfg, dist_info, progress=progress and dist_info.is_main)
     split = build_split(cfg, index["cases"])
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "split.json", json.dumps(split, indent=1))
-
-    model_cfg = cfg["model"]
-    spatial_dims = model_cfg["spatial_dims"]
-    if dist_info.is_main:
         _warn_patch_padding(cfg["data"]["patch_size"], prepared, split["train"])
     dataset = PatchDataset(
         prepared,
         split["train"],
         cfg["data"]["patch_size"],
         cfg["data"]["oversampling"],
-        squeeze_slice_axis=spatial_dims == 2,
+        squeeze_slice_axis=cfg["model"]["spatial_dims"] == 2,
     )
-    per_rank_batch = cfg["train_batch_size"] // dist_info.world_size
     try:
         loader = build_train_loader(
             dataset,
-            per_rank_batch,
-            seed,
+            cfg["train_batch_size"] // dist_info.world_size,
+            cfg["seed"],
             cfg["data"]["num_workers"],
             pin_memory=device.type == "cuda",
             num_replicas=dist_info.world_size,
@@ -515,62 +671,77 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
         )
     except ValueError as exc:
         raise ConfigError(f"'drop_last' = true: {str(exc).removeprefix('drop_last: ')}") from None
-    batches_per_epoch = loader.batch_sampler.batches_per_epoch
+    return DataSetup(prepared, split, dataset, loader)
 
-    seed_everything(seed)
-    model = build_model(model_cfg).to(device)
+
+def setup_model_and_optimizer(cfg: dict, device: torch.device, batches_per_epoch: int) -> TrainingSetup:
+    """Seed, then build the model (on ``device``), loss, optimizer, learning-rate schedule,
+    gradient scaler and algorithms.
+
+    Raises:
+        ConfigError: the patch does not fit the model, or the loss does not fit its outputs
+            (region_dice_bce needs model.num_classes=3).
+    """
+    seed_everything(cfg["seed"])
+    model = build_model(cfg["model"]).to(device)
+    patch = cfg["data"]["patch_size"]
     try:
-        model.check_input_size(cfg["data"]["patch_size"][3 - spatial_dims :])
+        model.check_input_size(patch[3 - cfg["model"]["spatial_dims"] :])
     except ValueError as exc:
-        raise ConfigError(f"'data.patch_size' = {cfg['data']['patch_size']} does not fit the model: {exc}") from None
+        raise ConfigError(f"'data.patch_size' = {patch} does not fit the model: {exc}") from None
     loss_fn = build_loss(cfg, model)
     optimizer = build_optimizer(cfg, model.parameters())
     max_duration = Duration.parse(cfg["max_duration"])
     total_batches = duration_in_batches(max_duration, batches_per_epoch, cfg["train_batch_size"])
-    scheduler = build_scheduler(cfg, optimizer, batches_per_epoch, total_batches)
-    amp_dtype = AMP_DTYPES[cfg["precision"]]
-    scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "amp_fp16" else None
-    evaluator = (
-        DiceEvaluator(
-            prepared,
-            split["val"],
-            cfg["data"]["patch_size"],
-            spatial_dims,
-            model_cfg["num_classes"],
-            region_mode="region_dice_bce" in cfg["loss"],
-            overlap=cfg["eval"]["overlap"],
-            sw_batch_size=cfg["eval"]["sw_batch_size"],
-            gaussian=cfg["eval"]["gaussian"],
-            mirror=cfg["eval"]["mirror_tta"],
-            empty_policy=cfg["eval"]["empty_policy"],
-            amp_dtype=amp_dtype,
-            device=device,
-            rank=dist_info.rank,
-            world_size=dist_info.world_size,
-            cases_csv=run_dir / "eval_cases.csv",
-            hd95=cfg["eval"]["hd95"],
-            lesion_wise=cfg["eval"]["lesion_wise"],
-            lesion_dilation=cfg["eval"]["lesion_dilation"],
-            lesion_min_voxels=cfg["eval"]["lesion_min_voxels"],
-            lesion_hd95_penalty=cfg["eval"]["lesion_hd95_penalty"],
-        )
-        if split["val"]
-        else None
+    return TrainingSetup(
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=build_scheduler(cfg, optimizer, batches_per_epoch, total_batches),
+        max_duration=max_duration,
+        amp_dtype=AMP_DTYPES[cfg["precision"]],
+        scaler=torch.amp.GradScaler(device.type) if cfg["precision"] == "amp_fp16" else None,
+        algorithms=build_algorithms(cfg),
     )
 
-    state = State(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loss_fn=loss_fn,
-        train_loader=loader,
+
+def setup_evaluator(
+    cfg: dict, data: DataSetup, device: torch.device, dist_info: DistInfo, run_dir: Path
+) -> DiceEvaluator | None:
+    """The evaluator over the validation cases (None when the split has none); rank 0 writes
+    each evaluation's per-case scores to ``eval_cases.csv``."""
+    if not data.split["val"]:
+        return None
+    return build_evaluator(
+        cfg, data.prepared, data.split["val"], device, dist_info.rank, dist_info.world_size, run_dir / "eval_cases.csv"
+    )
+
+
+def build_state(
+    cfg: dict,
+    data: DataSetup,
+    training: TrainingSetup,
+    evaluator: DiceEvaluator | None,
+    device: torch.device,
+    dist_info: DistInfo,
+    run_dir: Path,
+    run_id: str,
+) -> State:
+    """The loop's :class:`State` at step 0, with this rank's augmenter (seeded ``seed + rank``)."""
+    seed = cfg["seed"]
+    return State(
+        model=training.model,
+        optimizer=training.optimizer,
+        scheduler=training.scheduler,
+        loss_fn=training.loss_fn,
+        train_loader=data.loader,
         device=device,
-        max_duration=max_duration,
+        max_duration=training.max_duration,
         train_batch_size=cfg["train_batch_size"],
-        batches_per_epoch=batches_per_epoch,
-        samples_per_epoch=len(dataset),
-        amp_dtype=amp_dtype,
-        scaler=scaler,
+        batches_per_epoch=data.batches_per_epoch,
+        samples_per_epoch=len(data.dataset),
+        amp_dtype=training.amp_dtype,
+        scaler=training.scaler,
         augmenter=build_augmenter(cfg, device, seed + dist_info.rank),
         microbatch_size=cfg["device_train_microbatch_size"],
         grad_clip_norm=cfg["grad_clip_norm"],
@@ -585,49 +756,61 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
         run_id=run_id,
     )
 
-    resumed_from = None
-    if resume is not None:
-        checkpoint_path, checkpoint = resume
-        differing = [
-            k for k in config_differences(checkpoint.get("config", {}), cfg) if k.split(".")[0] not in RESUME_FREE_KEYS
-        ]
-        if differing and dist_info.is_main:
-            shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
-            print(f"warning: the config differs from the checkpoint's in: {shown}", file=sys.stderr)
-        try:
-            state.load_state_dict(checkpoint, weights_only=cfg["load_weights_only"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{checkpoint_path}: does not fit this model/config ({one_line(str(exc))})") from None
-        if not cfg["load_weights_only"]:
-            restore_rng_state(rank_entry(checkpoint, "rng", dist_info.rank, dist_info.world_size))
-        resumed_from = checkpoint_path
-        if dist_info.is_main:
-            ts = state.timestamp
-            print(f"Resuming from {checkpoint_path} (epoch {state.finished_epochs}, batch {ts.batch})", file=sys.stderr)
 
+def restore_checkpoint(state: State, cfg: dict, resume: ResumePoint, dist_info: DistInfo) -> Path | None:
+    """Load the resume point's checkpoint into ``state``: all of it (and this rank's random
+    streams) when resuming, the weights only with ``load_weights_only``. Warns (rank 0) about
+    config keys that differ from the checkpoint's, except those free to change on resume.
+
+    Returns:
+        The checkpoint loaded, or None for a fresh start.
+
+    Raises:
+        CheckpointError: it does not fit this model/config.
+    """
+    if resume.checkpoint is None:
+        return None
+    path, checkpoint = resume.checkpoint_path, resume.checkpoint
+    differing = [
+        k for k in config_differences(checkpoint.get("config", {}), cfg) if k.split(".")[0] not in RESUME_FREE_KEYS
+    ]
+    if differing and dist_info.is_main:
+        shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
+        print(f"warning: the config differs from the checkpoint's in: {shown}", file=sys.stderr)
+    try:
+        state.load_state_dict(checkpoint, weights_only=cfg["load_weights_only"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: does not fit this model/config ({one_line(str(exc))})") from None
+    if not cfg["load_weights_only"]:
+        restore_rng_state(rank_entry(checkpoint, "rng", dist_info.rank, dist_info.world_size))
     if dist_info.is_main:
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        ts = state.timestamp
+        print(f"Resuming from {path} (epoch {state.finished_epochs}, batch {ts.batch})", file=sys.stderr)
+    return path
 
-    # Extra callbacks (benchmarks, tests) run before the built-in ones, so the logger sees their values.
-    engine = Engine(
-        state,
-        build_algorithms(cfg),
-        list(extra_callbacks) + build_callbacks(cfg, run_dir, dist_info.is_main, progress, evaluator),
+
+def wrap_distributed(state: State) -> None:
+    """Wrap ``state.model`` in DistributedDataParallel.
+
+    Only after INIT: DDP lays its gradient buckets out after the parameters' strides, so the
+    algorithms that change the layout at INIT (channels-last) must have run, or every step copies
+    each gradient in and out of its bucket.
+    """
+    device = state.device
+    state.model = torch.nn.parallel.DistributedDataParallel(
+        state.model, device_ids=[device.index] if device.type == "cuda" else None
     )
-    engine.run(Event.INIT)
-    if dist_info.enabled:
-        # Only now: DDP lays its gradient buckets out after the parameters' strides, so the
-        # algorithms that change the layout at INIT (channels-last) must have run, or every step
-        # copies each gradient in and out of its bucket.
-        state.model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    fit(state, engine)
 
+
+def training_summary(
+    state: State, data: DataSetup, resumed_from: Path | None, dist_info: DistInfo, started: float
+) -> dict:
+    """What :func:`run_training` returns: where things are, how far it got, the scores, the state."""
+    run_dir = state.run_dir
     final = state.eval_history[-1] if state.eval_history else {}
     return {
         "run_dir": str(run_dir),
-        "prepared": str(prepared),
+        "prepared": str(data.prepared),
         "checkpoint": str(latest_checkpoint(run_dir / "checkpoints")) if dist_info.is_main else None,
         "best_checkpoint": str(run_dir / "checkpoints" / "best-rank0.pt")
         if state.extra_state.get("best_dice") is not None

@@ -1,14 +1,14 @@
 """Callbacks: the run's side effects, each hung on events. Only rank 0 writes files.
 
-Always on: the progress bar, the metrics logger, the checkpoint saver and the signal handler.
-Switched on by name under ``callbacks:`` in YAML (``null`` switches one off): lr_monitor,
-speed_monitor, memory_monitor and progress_plot (on by default), early_stopper, tensorboard.
-The overlays and the MLflow logger live in :mod:`unet_trainer.reporting`.
+Always on: the progress bar, the checkpoint saver and the signal handler (and the logger, in
+:mod:`unet_trainer.loggers`). Switched on by name under ``callbacks:`` in YAML (``null``
+switches one off): lr_monitor, speed_monitor, memory_monitor and progress_plot (on by default),
+early_stopper. The overlays live in :mod:`unet_trainer.reporting`; tensorboard and mlflow are
+logger destinations (:mod:`unet_trainer.loggers`, :mod:`unet_trainer.reporting`).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import resource
@@ -96,91 +96,6 @@ class ProgressBar(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-class MetricsLogger(Callback):
-    """Per-step and per-eval metrics as JSON lines and CSV in the run folder.
-
-    Files: ``metrics.jsonl`` (every record, ``"kind": "train" | "eval"``), ``train_metrics.csv``
-    and ``eval_metrics.csv``. On resume, records past the resumed batch (written after the
-    checkpoint by the interrupted run) are dropped so the logs match the state.
-    """
-
-    def __init__(self, run_dir: Path, enabled: bool = True):
-        self.run_dir = Path(run_dir)
-        self.enabled = enabled
-
-    @property
-    def jsonl(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
-
-    def _records(self) -> list[dict]:
-        if not self.jsonl.is_file():
-            return []
-        records = []
-        for line in self.jsonl.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-        return records
-
-    def _rewrite_csv(self, kind: str, records: list[dict]) -> None:
-        rows = [r for r in records if r.get("kind") == kind]
-        path = self.run_dir / f"{kind}_metrics.csv"
-        if not rows:
-            path.unlink(missing_ok=True)
-            return
-        columns = list(dict.fromkeys(k for r in rows for k in r if k != "kind"))
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: r.get(k, "") for k in columns})
-
-    def fit_start(self, state: State) -> None:
-        if not self.enabled:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        records = [r for r in self._records() if r.get("batch", 0) <= state.timestamp.batch]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
-        for kind in ("train", "eval"):
-            self._rewrite_csv(kind, records)
-
-    def _append(self, record: dict) -> None:
-        with open(self.jsonl, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        path = self.run_dir / f"{record['kind']}_metrics.csv"
-        columns = [k for k in record if k != "kind"]
-        new_file = not path.exists()
-        if not new_file:
-            with open(path) as handle:
-                header = handle.readline().strip().split(",")
-            if header != columns:  # a new metric appeared: rewrite with the wider header
-                self._rewrite_csv(record["kind"], self._records())
-                return
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            if new_file:
-                writer.writeheader()
-            writer.writerow({k: record[k] for k in columns})
-
-    def batch_end(self, state: State) -> None:
-        if self.enabled:
-            ts = state.timestamp
-            self._append(
-                {
-                    "kind": "train",
-                    "epoch": state.finished_epochs,
-                    "batch": ts.batch,
-                    "sample": ts.sample,
-                    **state.step_metrics,
-                }
-            )
-
-    def eval_end(self, state: State) -> None:
-        if self.enabled:
-            self._append({"kind": "eval", **state.eval_history[-1]})
 
 
 class CheckpointSaver(Callback):
@@ -448,46 +363,3 @@ class ProgressPlot(Callback):
 
     def fit_end(self, state: State) -> None:
         self.draw(state)
-
-
-class TensorBoardLogger(Callback):
-    """Step and evaluation metrics as TensorBoard scalars under ``<save_folder>/tensorboard``, and
-    the overlay summary grid as an image (``eval/overlay_summary``) at each evaluation that drew one.
-
-    Needs the tensorboard package (the builder checks it is there before the run starts).
-
-    Args:
-        folder: the event files' folder.
-        overlays: the run's overlay writer (anything with ``summary`` (H, W, 3) uint8 and
-            ``summary_batch``), or None for no images; it must run before this logger.
-    """
-
-    def __init__(self, folder: Path, overlays=None):
-        self.folder = Path(folder)
-        self.overlays = overlays
-        self.writer = None
-
-    def fit_start(self, state: State) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step drops events past the resumed step, written by an interrupted run.
-        self.writer = SummaryWriter(str(self.folder), purge_step=state.timestamp.batch + 1)
-
-    def batch_end(self, state: State) -> None:
-        for key, value in state.step_metrics.items():
-            self.writer.add_scalar(key, value, state.timestamp.batch)
-
-    def eval_end(self, state: State) -> None:
-        for key, value in state.eval_history[-1].items():
-            if key not in ("epoch", "batch") and isinstance(value, float) and not math.isnan(value):
-                self.writer.add_scalar(f"eval/{key}", value, state.timestamp.batch)
-        if self.overlays is not None and self.overlays.summary_batch == state.timestamp.batch:
-            self.writer.add_image(
-                "eval/overlay_summary", self.overlays.summary, state.timestamp.batch, dataformats="HWC"
-            )
-        self.writer.flush()
-
-    def fit_end(self, state: State) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None

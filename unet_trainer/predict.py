@@ -22,7 +22,6 @@ no geometry; their predictions get the identity affine.
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .builders import AMP_DTYPES, build_device, build_model, build_split, ensure_prepared
+from .builders import AMP_DTYPES, build_device, build_evaluator, build_model, build_split, ensure_prepared
 from .checkpoint import CheckpointError, load_checkpoint, one_line
 from .config import ConfigError, resolve_from_base
 from .data.layouts import (
@@ -52,7 +51,7 @@ from .data.layouts import (
 from .data.loader import PreparedCase
 from .data.prepare import PrepareSettings, prepare_case
 from .distributed import DistInfo
-from .evaluation import DiceEvaluator, logits_to_probabilities, probabilities_to_labels, write_cases_csv
+from .evaluation import logits_to_probabilities, probabilities_to_labels, write_cases_csv
 from .inference import predict_volume
 from .model import optimize_model
 from .visualize import draw_case_overlay, evaluator_case_view, extract_case_view, write_overlays
@@ -496,9 +495,10 @@ def evaluate_checkpoint(
     loaded = load_model(checkpoint, overrides)
     cfg = loaded.cfg
     if dataset is not None:
-        cfg = copy.deepcopy(cfg)
-        # Another dataset: its own prepared cache folder (keyed by its path), all of its cases.
-        cfg["data"].update(path=str(Path(dataset).expanduser()), format=fmt, prepared_path=None, split_file=None)
+        # Another dataset: its own prepared cache folder (keyed by its path), all of its cases. A new
+        # config: the loaded model's stays as it was.
+        other = dict(path=str(Path(dataset).expanduser()), format=fmt, prepared_path=None, split_file=None)
+        cfg = {**cfg, "data": {**cfg["data"], **other}}
     _speed_up_cuda(loaded.device)
     prepared, index = ensure_prepared(cfg, DistInfo(), progress=progress)
     if dataset is not None:
@@ -513,28 +513,7 @@ def evaluate_checkpoint(
         tag = f"val-fold{data['fold']}" if not data["split_file"] else "val"
     if not case_ids:
         raise DataFormatError(f"no cases to evaluate: {source} is empty")
-    ev = cfg["eval"]
-    evaluator = DiceEvaluator(
-        prepared,
-        case_ids,
-        loaded.patch_size,
-        loaded.spatial_dims,
-        loaded.num_outputs,
-        loaded.region_mode,
-        overlap=ev["overlap"],
-        sw_batch_size=ev["sw_batch_size"],
-        gaussian=ev["gaussian"],
-        mirror=ev["mirror_tta"],
-        empty_policy=ev["empty_policy"],
-        amp_dtype=loaded.amp_dtype,
-        device=loaded.device,
-        hd95=ev["hd95"],
-        progress=progress,
-        lesion_wise=ev["lesion_wise"],
-        lesion_dilation=ev["lesion_dilation"],
-        lesion_min_voxels=ev["lesion_min_voxels"],
-        lesion_hd95_penalty=ev["lesion_hd95_penalty"],
-    )
+    evaluator = build_evaluator(cfg, prepared, case_ids, loaded.device, progress=progress)
     evaluator.case_view = evaluator_case_view if overlays else None
     means, per_case = evaluator.score_model(loaded.model)
     keys = [k for k in per_case[0] if k != "case_id"]
@@ -559,7 +538,7 @@ def evaluate_checkpoint(
         per_case=per_case,
         csv_path=csv_path,
         source=source,
-        empty_policy=ev["empty_policy"],
+        empty_policy=cfg["eval"]["empty_policy"],
         loaded=loaded,
         overlays=overlay_dir,
         label_convention=conventions.pop() if len(conventions) == 1 else "mixed",

@@ -1,11 +1,11 @@
-"""Callbacks that show a run to people and tools: segmentation overlays after evaluations, and an
-MLflow logger. (The always-on logs, the progress plot and TensorBoard are in
-:mod:`unet_trainer.callbacks`.)
+"""What shows a run to people and tools: the segmentation overlays after evaluations (a callback),
+and the MLflow logger destination (fed by :class:`unet_trainer.loggers.Logger`, like the
+always-on log files and TensorBoard in :mod:`unet_trainer.loggers`; the progress plot is in
+:mod:`unet_trainer.callbacks`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from .loggers import LoggerDestination, numeric_metrics
 from .trainer import Callback, State
 from .visualize import evaluator_case_view, write_overlays
 
@@ -80,11 +81,11 @@ def _is_file_store(uri: str) -> bool:
     return urlparse(uri).scheme in ("", "file")
 
 
-class MLflowLogger(Callback):
-    """Logs the run to MLflow: the flattened resolved config as params, step metrics and evaluation
-    metrics (``eval/<key>``) at their step numbers, and as artifacts ``config.yaml``, ``progress.png``,
-    ``overlays/summary.png`` (after every evaluation and at the end) and, with ``log_checkpoints``,
-    ``checkpoints/best-rank0.pt`` at the end. Rank 0 only.
+class MLflowLogger(LoggerDestination):
+    """Logs the run to MLflow: the flattened resolved config as params, the metrics at their step
+    numbers, and as artifacts ``config.yaml``, ``progress.png``, ``overlays/summary.png`` (after
+    every evaluation and at the end) and, with ``log_checkpoints``, ``checkpoints/best-rank0.pt`` at
+    the end. Rank 0 only.
 
     The run's id goes into the checkpoint (``extra_state["mlflow_run_id"]``), so a resumed run
     continues the same MLflow run. MLflow cannot delete logged values, so the interrupted run's
@@ -103,6 +104,8 @@ class MLflowLogger(Callback):
         config: the resolved config (logged as params).
     """
 
+    requires = ("mlflow", "mlflow")
+
     def __init__(
         self,
         tracking_uri: str,
@@ -118,9 +121,18 @@ class MLflowLogger(Callback):
         self.config = config
         self.client = None
         self.run_id: str | None = None
+        self.previous_run_id: str | None = None  # the resumed checkpoint's MLflow run
         self.logged_up_to: dict[str, int] = {}  # metric key -> last step the run already holds
 
-    def fit_start(self, state: State) -> None:
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        self.previous_run_id = saved.get("mlflow_run_id")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mlflow_run_id": self.run_id}
+
+    def truncate_after(self, step: int) -> None:
+        """Open the MLflow run: the checkpoint's when the store has it, else a new one. Nothing is
+        deleted (MLflow cannot): the steps it holds are skipped when they are logged again."""
         if _is_file_store(self.tracking_uri):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.entities import Param
@@ -129,7 +141,7 @@ class MLflowLogger(Callback):
 
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         run = None
-        previous = state.extra_state.get("mlflow_run_id")
+        previous = self.previous_run_id
         if previous:
             try:
                 run = self.client.get_run(previous)
@@ -152,7 +164,6 @@ class MLflowLogger(Callback):
             )
             self.logged_up_to = {}
         self.run_id = run.info.run_id
-        state.extra_state["mlflow_run_id"] = self.run_id
         params = [
             Param(key, value[:6000]) for key, value in flatten_config(self.config).items() if key not in run.data.params
         ]
@@ -160,17 +171,14 @@ class MLflowLogger(Callback):
             self.client.log_batch(self.run_id, params=params[start : start + 100])
         self._log_artifacts("config.yaml")
 
-    def _log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int, counters: Mapping[str, int]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [
             Metric(key, float(value), now, step)
-            for key, value in metrics.items()
-            if isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and not math.isnan(value)
-            and step > self.logged_up_to.get(key, -1)
+            for key, value in numeric_metrics(metrics).items()
+            if step > self.logged_up_to.get(key, -1)
         ]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
@@ -182,23 +190,17 @@ class MLflowLogger(Callback):
                 folder = str(Path(name).parent) if Path(name).parent != Path(".") else None
                 self.client.log_artifact(self.run_id, str(path), folder)
 
-    def batch_end(self, state: State) -> None:
-        self._log_metrics(state.step_metrics, state.timestamp.batch)
-
-    def eval_end(self, state: State) -> None:
-        record = state.eval_history[-1]
-        self._log_metrics(
-            {f"eval/{k}": v for k, v in record.items() if k not in ("epoch", "batch")}, state.timestamp.batch
-        )
+    def flush(self) -> None:
+        """After an evaluation: upload the pictures drawn for it."""
         self._log_artifacts("progress.png", "overlays/summary.png")
 
-    def fit_end(self, state: State) -> None:
+    def close(self, stop_reason: str | None) -> None:
         if self.client is None:
             return
         self._log_artifacts("config.yaml", "progress.png", "overlays/summary.png")
         if self.log_checkpoints:
             self._log_artifacts("checkpoints/best-rank0.pt")
-        if state.stop_reason:
-            self.client.set_tag(self.run_id, "unet_trainer.stop_reason", state.stop_reason)
+        if stop_reason:
+            self.client.set_tag(self.run_id, "unet_trainer.stop_reason", stop_reason)
         self.client.set_terminated(self.run_id, "FINISHED")
         self.client = None

@@ -182,12 +182,54 @@ def rank_entry(checkpoint: dict, key: str, rank: int, world_size: int):
 
 
 class Callback:
-    """A side effect on events. Override methods named after events (``epoch_end(self, state)``)."""
+    """A side effect on events: override the methods named after the events you need (each gets
+    the :class:`State`); the others stay no-ops. The Engine calls :meth:`run_event`, which routes
+    each event to its method, so a callback may also override :meth:`run_event` to see them all.
+
+    ``after_forward``, ``after_loss`` and ``after_backward`` fire once per microbatch: more than
+    once a step with ``device_train_microbatch_size``, and again when the "auto" search retries a
+    batch after running out of memory. Algorithms run before callbacks at every event.
+    """
 
     def run_event(self, event: Event, state: State) -> None:
-        handler = getattr(self, event.value, None)
-        if handler is not None:
-            handler(state)
+        """Call the method named after ``event`` (``Event.EPOCH_END`` -> :meth:`epoch_end`)."""
+        getattr(self, event.value)(state)
+
+    def init(self, state: State) -> None:
+        """Once, after the State is built (a resume's checkpoint loaded) and before DDP wraps the model."""
+
+    def fit_start(self, state: State) -> None:
+        """Once, when fit begins: ``timestamp`` is where the run starts (a resume's step), nothing logged yet."""
+
+    def epoch_start(self, state: State) -> None:
+        """At each epoch's start (a resumed one too): ``timestamp.epoch`` counts the finished epochs."""
+
+    def batch_start(self, state: State) -> None:
+        """Before each step: ``state.batch`` is the (image, label) batch, on the device and augmented."""
+
+    def after_forward(self, state: State) -> None:
+        """After each microbatch's forward, inside autocast: ``state.outputs`` holds its outputs."""
+
+    def after_loss(self, state: State) -> None:
+        """After each microbatch's loss: ``state.loss`` is its mean loss, before the backward."""
+
+    def after_backward(self, state: State) -> None:
+        """After each microbatch's backward: its gradients are added into the parameters' ``.grad``."""
+
+    def batch_end(self, state: State) -> None:
+        """After the optimizer step, the counters moved on and any evaluation due: ``step_metrics`` is the step's."""
+
+    def epoch_end(self, state: State) -> None:
+        """After an epoch's last batch (and its evaluation, if due): ``timestamp.epoch`` counts it."""
+
+    def eval_start(self, state: State) -> None:
+        """Before each evaluation (EMA's weights already swapped in); the model is still in training mode."""
+
+    def eval_end(self, state: State) -> None:
+        """After each evaluation: ``state.eval_history[-1]`` is its record, the model back in training mode."""
+
+    def fit_end(self, state: State) -> None:
+        """Once, after the last step and the final evaluation (not when training raised)."""
 
 
 class Algorithm:
@@ -266,13 +308,8 @@ def train_batch(state: State, engine: Engine) -> float:
 
     The rank's batch is split into microbatches whose gradients accumulate, each loss scaled by
     its share of the batch, so the step matches the whole batch. With ``microbatch_size="auto"``
-    an out-of-memory error halves the microbatch and the same batch is retried.
-
-    Under DDP the ranks must take the same steps: until they have agreed on the "auto"
-    microbatch, a step runs through the plain module (no DDP hooks, so an out-of-memory error
-    leaves no all-reduce half done), the ranks then agree whether every one of them succeeded,
-    halving together from the smallest size tried if not, and the gradients are averaged by hand
-    as DDP would. From then on steps run through DDP as usual.
+    an out-of-memory error halves the microbatch and the same batch is retried
+    (:func:`accumulate_with_auto_microbatch`).
 
     Returns:
         The batch's mean loss as a float.
@@ -282,20 +319,46 @@ def train_batch(state: State, engine: Engine) -> float:
         torch.cuda.OutOfMemoryError: out of memory with a fixed microbatch, at microbatch 1, or
             under DDP after the ranks agreed on the microbatch (no rank can retry alone then).
     """
-    size = state.batch[0].shape[0]
-    auto = state.microbatch_size == "auto"
-    if auto:
-        state.extra_state.setdefault("auto_microbatch", size)
-    searching = auto and state.world_size > 1 and not state.auto_microbatch_agreed
+    if state.microbatch_size == "auto":
+        total = accumulate_with_auto_microbatch(state, engine)
+    else:
+        state.optimizer.zero_grad(set_to_none=True)
+        total = _accumulate_gradients(state, engine, state.model, state.microbatch_size)
+    loss_value = finite_loss(state, total)
+    optimizer_step(state)
+    state.outputs = None
+    return loss_value
+
+
+def accumulate_with_auto_microbatch(state: State, engine: Engine) -> torch.Tensor:
+    """Accumulate ``state.batch``'s gradients at the largest microbatch that fits: start from the
+    saved size (``extra_state["auto_microbatch"]``, first the whole rank batch) and halve it and
+    retry the same batch on every out-of-memory error, keeping the size that worked for later steps.
+
+    Under DDP the ranks must take the same steps: until they have agreed on the microbatch, a step
+    runs through the plain module (no DDP hooks, so an out-of-memory error leaves no all-reduce
+    half done), the ranks then agree whether every one of them succeeded, halving together from
+    the smallest size tried if not, and the gradients are averaged by hand as DDP would. From then
+    on steps run through DDP as usual.
+
+    Returns:
+        The batch's mean loss as a 0-d tensor on the device (see :func:`_accumulate_gradients`).
+
+    Raises:
+        torch.cuda.OutOfMemoryError: out of memory at microbatch 1, or under DDP after the ranks
+            agreed on the microbatch.
+    """
+    state.extra_state.setdefault("auto_microbatch", state.batch[0].shape[0])
+    searching = state.world_size > 1 and not state.auto_microbatch_agreed
     model = state.unwrapped_model if searching else state.model
     while True:
-        micro = state.extra_state["auto_microbatch"] if auto else state.microbatch_size
+        micro = state.extra_state["auto_microbatch"]
         state.optimizer.zero_grad(set_to_none=True)
         failed = False
         try:
             total = _accumulate_gradients(state, engine, model, micro)
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-            if not auto or not _is_out_of_memory(exc) or micro <= 1:
+            if not _is_out_of_memory(exc) or micro <= 1:
                 raise
             if state.world_size > 1 and not searching:
                 raise torch.cuda.OutOfMemoryError(
@@ -312,10 +375,10 @@ def train_batch(state: State, engine: Engine) -> float:
             if all_ranks_agree(not failed, state.device):
                 average_gradients(state.unwrapped_model, state.world_size)
                 state.auto_microbatch_agreed = True
-                break
+                return total
             micro = smallest_on_any_rank(micro, state.device)
         elif not failed:
-            break
+            return total
         state.optimizer.zero_grad(set_to_none=True)
         state.extra_state["auto_microbatch"] = max(1, micro // 2)
         # Outside the except block the traceback, and with it the frames of the failed
@@ -323,9 +386,18 @@ def train_batch(state: State, engine: Engine) -> float:
         # empty_cache can release them.
         if state.device.type == "cuda":
             torch.cuda.empty_cache()
-    loss_value = total.item()  # the step's one host sync
+
+
+def finite_loss(state: State, total: torch.Tensor) -> float:
+    """The batch's loss on the host (the step's one host sync).
+
+    Raises:
+        TrainingDiverged: it is NaN or Inf, on this rank or any other (every rank stops at the same
+            step); the gradients are cleared first, so the optimizer never steps on them.
+    """
+    loss_value = total.item()
     finite = math.isfinite(loss_value)
-    if state.world_size > 1:  # a NaN on one rank stops every rank at the same step
+    if state.world_size > 1:
         finite = all_ranks_agree(finite, state.device)
     if not finite:
         state.optimizer.zero_grad(set_to_none=True)
@@ -333,6 +405,13 @@ def train_batch(state: State, engine: Engine) -> float:
             f"loss became {loss_value} at batch {state.timestamp.batch + 1} (epoch {state.timestamp.epoch + 1}); "
             "stopped before the optimizer step, the last checkpoint is the last good state"
         )
+    return loss_value
+
+
+def optimizer_step(state: State) -> None:
+    """Step on the accumulated gradients: clip them to ``grad_clip_norm`` (unscaled first under
+    fp16), step the optimizer (through the gradient scaler under fp16, which skips a step with
+    Inf/NaN gradients and updates its scale), then the learning-rate schedule."""
     if state.grad_clip_norm is not None:
         if state.scaler is not None:
             state.scaler.unscale_(state.optimizer)
@@ -343,8 +422,6 @@ def train_batch(state: State, engine: Engine) -> float:
     else:
         state.optimizer.step()
     state.scheduler.step()
-    state.outputs = None
-    return loss_value
 
 
 def interval_due(interval: Duration | None, state: State, at_epoch_end: bool) -> bool:
