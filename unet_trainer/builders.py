@@ -563,6 +563,7 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
             lesion_dilation=cfg["eval"]["lesion_dilation"],
             lesion_min_voxels=cfg["eval"]["lesion_min_voxels"],
             lesion_hd95_penalty=cfg["eval"]["lesion_hd95_penalty"],
+            lesion_backend=cfg["eval"]["lesion_backend"],
         )
         if split["val"]
         else None

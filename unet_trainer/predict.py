@@ -507,6 +507,7 @@ def evaluate_checkpoint(
         lesion_dilation=ev["lesion_dilation"],
         lesion_min_voxels=ev["lesion_min_voxels"],
         lesion_hd95_penalty=ev["lesion_hd95_penalty"],
+        lesion_backend=ev["lesion_backend"],
     )
     evaluator.case_view = evaluator_case_view if overlays else None
     means, per_case = evaluator.score_model(loaded.model)
