@@ -17,6 +17,7 @@ from .config import ConfigError, dump_config, resolve_config
 from .data.formats import DataFormatError
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
 from .fileio import free_space_text
+from .postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
 from .runfolder import RunFolderError
 from .trainer import TrainingDiverged
 
@@ -212,8 +213,8 @@ def data_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-EVAL_USAGE = """usage: unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV] [--no-overlays]
-                 [--lesion-wise] [--no-progress]
+EVAL_USAGE = f"""usage: unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV] [--no-overlays]
+                 [--lesion-wise] [--choose-postprocessing [--postprocessing-metric M]] [--no-progress]
 
 Score a checkpoint of unet-train: Dice per BraTS region (WT, TC, ET) and their mean, Dice per label
 (NCR, ED, EN), HD95 per region with eval.hd95=true, and the BraTS 2023 lesion-wise Dice and HD95
@@ -231,12 +232,20 @@ to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv), and one overlay 
   --no-overlays      draw no overlays
   --lesion-wise      also the lesion-wise Dice and HD95 (settings eval.lesion_dilation,
                      eval.lesion_min_voxels, eval.lesion_hd95_penalty)
+  --choose-postprocessing
+                     then choose postprocessing rules on the validation predictions (largest WT
+                     component, small components per region, ET -> NCR below a volume; each kept
+                     only if it raises the metric) and write <run folder>/postprocessing.json,
+                     which unet-predict applies
+  --postprocessing-metric M
+                     the metric the rules must raise, mean over WT, TC, ET: {" or ".join(METRICS)}
+                     ({", ".join(METRICS.values())}); default {DEFAULT_METRIC}
   --no-progress      no progress bars
   -h, --help         show this help
 """
 
 PREDICT_USAGE = """usage: unet-predict CHECKPOINT INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities] [--overlays]
-                    [--no-progress]
+                    [--postprocessing FILE | --no-postprocessing] [--no-progress]
 
 Segment every case of INPUT (raw cases in any supported layout, labels not needed) with a
 checkpoint of unet-train and write OUTPUT/<case>.nii.gz: uint8 labels with the case's original
@@ -249,6 +258,12 @@ one line and skipped; the exit status is then 1.
   --probabilities    also write OUTPUT/<case>_probabilities.nii.gz (float32, x, y, z, class)
   --overlays         also write OUTPUT/<case>_overlay.png: the prediction's contours on three
                      FLAIR slices through the tumour, region volumes in the title
+  --postprocessing FILE
+                     postprocess the labels with this postprocessing.json (default: the one
+                     unet-eval --choose-postprocessing wrote into the checkpoint's run folder,
+                     when there is one)
+  --no-postprocessing
+                     write the model's labels as they are
   --no-progress      no progress bar
   -h, --help         show this help
 """
@@ -380,7 +395,10 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     try:
         (checkpoint,), flags, overrides = _split_command_line(
-            args, 1, ("--dataset", "--format", "--out"), ("--no-progress", "--no-overlays", "--lesion-wise")
+            args,
+            1,
+            ("--dataset", "--format", "--out", "--postprocessing-metric"),
+            ("--no-progress", "--no-overlays", "--lesion-wise", "--choose-postprocessing"),
         )
         if flags["--lesion-wise"]:
             overrides.append("eval.lesion_wise=true")
@@ -389,6 +407,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 
         dataset = flags.get("--dataset")
         out = flags.get("--out")
+        if flags["--choose-postprocessing"] or flags.get("--postprocessing-metric"):
+            return _choose_postprocessing_main(Path(checkpoint), flags, overrides)
         report = evaluate_checkpoint(
             Path(checkpoint),
             overrides,
@@ -408,6 +428,38 @@ def eval_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _choose_postprocessing_main(checkpoint: Path, flags: dict, overrides: list[str]) -> int:
+    """``unet-eval CHECKPOINT --choose-postprocessing [--postprocessing-metric M]``: the evaluation
+    table, then the postprocessing table; returns the exit status."""
+    from .postprocessing import choose_for_checkpoint, format_choice
+
+    try:
+        if not flags["--choose-postprocessing"]:
+            raise ConfigError("command line: --postprocessing-metric goes with --choose-postprocessing")
+        if flags.get("--dataset"):
+            raise ConfigError(
+                "command line: --choose-postprocessing chooses on the checkpoint's own validation fold; drop --dataset"
+            )
+        out = flags.get("--out")
+        report, choice, written = choose_for_checkpoint(
+            checkpoint,
+            overrides,
+            flags.get("--postprocessing-metric") or DEFAULT_METRIC,
+            Path(out) if out else None,
+            progress=not flags["--no-progress"],
+            overlays=not flags["--no-overlays"],
+        )
+    except (ConfigError, PostprocessingError) as exc:
+        return _fail(str(exc), 2)
+    except (DataFormatError, CheckpointError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    print(_format_eval(report))
+    print("\n" + format_choice(choice, written))
+    return 0
+
+
 def predict_main(argv: list[str] | None = None) -> int:
     """``unet-predict CHECKPOINT INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities]``; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -416,11 +468,25 @@ def predict_main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     try:
         (checkpoint, source, output), flags, overrides = _split_command_line(
-            args, 3, ("--format",), ("--probabilities", "--overlays", "--no-progress")
+            args,
+            3,
+            ("--format", "--postprocessing"),
+            ("--probabilities", "--overlays", "--no-progress", "--no-postprocessing"),
         )
         fmt = _format_flag(flags)
+        if flags.get("--postprocessing") and flags["--no-postprocessing"]:
+            raise ConfigError("command line: --postprocessing FILE and --no-postprocessing exclude each other")
+        from .postprocessing import postprocessing_for
         from .predict import predict_dataset
 
+        explicit = flags.get("--postprocessing")
+        postprocess = postprocessing_for(
+            Path(checkpoint), Path(explicit) if explicit else None, enabled=not flags["--no-postprocessing"]
+        )
+        if postprocess is not None:
+            other = postprocess.checkpoint and Path(postprocess.checkpoint) != Path(checkpoint).expanduser().resolve()
+            note = f" (chosen on another checkpoint, {Path(postprocess.checkpoint).name})" if other else ""
+            print(f"Postprocessing from {postprocess.path}{note}: {postprocess.describe()}")
         summary = predict_dataset(
             Path(checkpoint),
             Path(source),
@@ -430,6 +496,7 @@ def predict_main(argv: list[str] | None = None) -> int:
             probabilities=flags["--probabilities"],
             progress=not flags["--no-progress"],
             overlays=flags["--overlays"],
+            postprocess=postprocess,
         )
     except ConfigError as exc:
         return _fail(str(exc), 2)

@@ -90,6 +90,10 @@ class DiceEvaluator:
     as ``case_view(case_id, image (C, *S), label (*S), prediction (*S), meta)`` on the device, and
     what it returns (small, picklable) lands in ``last_views`` by case id, gathered from all ranks;
     every rank must set it alike, since the gather is collective.
+
+    ``case_sink`` (None by default), when set, is called per scored case as
+    ``case_sink(case_id, label (*S), prediction (*S))`` on the device, on this rank only (unet-eval
+    keeps the predictions this way to choose postprocessing on them).
     """
 
     def __init__(
@@ -136,6 +140,7 @@ class DiceEvaluator:
         )
         self.last_per_case: list[dict] = []
         self.case_view = None
+        self.case_sink = None
         self.last_views: dict = {}
         self._views: list = []
 
@@ -160,6 +165,8 @@ class DiceEvaluator:
         del logits  # K float32 volumes; free them before the (CPU-heavy) HD95
         if self.case_view is not None:
             self._views.append((case_id, self.case_view(case_id, image, label, pred, case.meta)))
+        if self.case_sink is not None:
+            self.case_sink(case_id, label, pred)
         row = {"case_id": case_id, **case_dice(pred, label, self.empty_policy)}
         if self.hd95:
             row.update(case_hd95(pred, label, case.meta.get("spacing")))
