@@ -14,7 +14,8 @@ existing command with its own time limit:
     4 infer         scripts/bench_infer.py: ours against monai.inferers.sliding_window_inference
     5 transforms    scripts/bench_transforms.py: the augmentation's share of a training step
     6 train_bench   scripts/bench_train.py: ours against the MONAI-built pipeline end to end
-    7 ablation      scripts/bench_train.py --recipe fast --ablate with whatever time is left
+    7 metrics       scripts/bench_metrics.py: lesion-wise metrics, torch on the GPU against SciPy
+    8 ablation      scripts/bench_train.py --recipe fast --ablate with whatever time is left
 
 The phantom (generation and preparation, timed) is made in the background while step 1 runs.
 A step starts only when the time left under ``--budget-s`` is at least its minimum; it is given
@@ -66,7 +67,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-STEP_NAMES = ("cuda_tests", "train_resume", "model", "infer", "transforms", "train_bench", "ablation")
+STEP_NAMES = ("cuda_tests", "train_resume", "model", "infer", "transforms", "train_bench", "metrics", "ablation")
 # The issue's targets on one H200 (issue 12), checked in the table; each benchmark prints its own too.
 TARGETS = {
     "model_speed": (">=", 1.5, "ours / DynUNet eager samples/s at batch 2"),
@@ -97,6 +98,7 @@ class Sizes:
     infer_args: tuple[str, ...]
     transforms_args: tuple[str, ...]
     bench_train_args: tuple[str, ...]
+    metrics_args: tuple[str, ...]
     ablation_args: tuple[str, ...]
     budgets: dict[str, tuple[float, float]]  # step -> (budget, minimum to start), seconds
 
@@ -143,6 +145,8 @@ def gpu_sizes(workers: int) -> Sizes:
             "--prepare-workers",
             str(workers),
         ),
+        # The official package is not on the GPU machine: its CPU figure is in BENCHMARKS.md.
+        metrics_args=("--device", "cuda", "--cases", "2", "--skip-official"),
         ablation_args=(
             "--device",
             "cuda",
@@ -164,6 +168,7 @@ def gpu_sizes(workers: int) -> Sizes:
             "infer": (40, 15),
             "transforms": (40, 15),
             "train_bench": (120, 60),
+            "metrics": (60, 30),
             "ablation": (600, 60),
         },
     )
@@ -263,6 +268,7 @@ def dry_sizes(workers: int) -> Sizes:
             "--prepare-workers",
             str(workers),
         ),
+        metrics_args=("--device", "cpu", "--cases", "1", "--shape", "24", "32", "32", "--skip-official"),
         # Every switch is turned off, so the ablation machinery runs its one quick reference run
         # (compiling on a CPU takes half a minute a run), without the evaluation step 6 timed.
         ablation_args=(
@@ -306,6 +312,7 @@ def dry_sizes(workers: int) -> Sizes:
             "infer": (120, 5),
             "transforms": (120, 5),
             "train_bench": (180, 5),
+            "metrics": (60, 5),
             "ablation": (240, 5),
         },
     )
@@ -980,6 +987,19 @@ def ablation_figures(data: dict | None) -> list[dict]:
     return figures
 
 
+def step_metrics(ctx: Context, timeout: float) -> dict:
+    result, data = run_bench(ctx, timeout, "bench_metrics.py", ctx.sizes.metrics_args, "metrics.json")
+    seconds = (data or {}).get("seconds_per_case", {})
+    result["figures"] = [
+        figure("lesion-wise metrics per BraTS case, torch vs SciPy", seconds.get("torch"), seconds.get("scipy"), "s")
+    ]
+    if data and data.get("largest_difference") is not None:
+        result["figures"].append(
+            figure("largest torch - SciPy score difference (<= 1e-6)", data["largest_difference"], ratio=None)
+        )
+    return result
+
+
 def step_ablation(ctx: Context, timeout: float) -> dict:
     target = ctx.paths.out / "ablate.json"
     args = bench_train_arguments(ctx.sizes, ctx.paths.work, ablation=True)
@@ -1020,6 +1040,7 @@ STEPS: dict[str, Callable[[Context, float], dict]] = {
     "infer": step_infer,
     "transforms": step_transforms,
     "train_bench": step_train_bench,
+    "metrics": step_metrics,
     "ablation": step_ablation,
 }
 NEEDS_PHANTOM = {"train_resume", "train_bench", "ablation"}
