@@ -15,8 +15,9 @@ positives. Times, per case:
                measured when the package is installed (``pip install -e ".[oracle]"``) and not
                --skip-official
 
-and prints the mean seconds per case of each, the ratios official / ours and scipy / torch, the
-largest difference between the backends' scores (they must agree to 1e-6) and the device.
+and prints the mean wall seconds per case of each (and the process's CPU seconds, which a machine
+shared with other work inflates less), the ratios official / ours and scipy / torch, the largest
+difference between the backends' scores (they must agree to 1e-6) and the device.
 
 Example:
     python scripts/bench_metrics.py --cases 3
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {name: 0.0 for name in args.backends}
     if official is not None:
         seconds["official"] = 0.0
+    cpu_seconds = dict.fromkeys(seconds, 0.0)
     largest_difference = 0.0
     for index in range(args.cases):
         _, truth = make_phantom_case(tuple(args.shape), rng, style="brats")
@@ -106,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                 inputs = tuple(torch.from_numpy(a).to(device) for a in inputs)
                 if index == 0:
                     case_lesion_scores(*inputs, backend="torch")  # untimed: start-up
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             scores[name] = case_lesion_scores(*inputs, backend=name)
             seconds[name] += time.perf_counter() - start
+            cpu_seconds[name] += time.process_time() - cpu_start
         if len(scores) == 2:
             largest_difference = max(
                 largest_difference, *(abs(scores["scipy"][k] - scores["torch"][k]) for k in scores["scipy"])
@@ -116,21 +119,23 @@ def main(argv: list[str] | None = None) -> int:
         ours = scores[args.backends[0]]
         line = "  ".join(f"{r}: Dice {ours[f'lesion_dice/{r}']:.3f}" for r in ("WT", "TC", "ET"))
         if official is not None:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             result = official.evaluate(pred, truth)
             seconds["official"] += time.perf_counter() - start
+            cpu_seconds["official"] += time.process_time() - cpu_start
             line = "  ".join(
                 f"{r}: Dice {ours[f'lesion_dice/{r}']:.3f} (official {result[r.lower()].sq_dsc:.3f})"
                 for r in ("WT", "TC", "ET")
             )
         print(f"case {index}: {line}")
     per_case = {name: value / args.cases for name, value in seconds.items()}
+    cpu_per_case = {name: value / args.cases for name, value in cpu_seconds.items()}
     ratios = {}
     if "official" in per_case:
         ratios.update({f"official / {name}": per_case["official"] / per_case[name] for name in args.backends})
     if "scipy" in per_case and "torch" in per_case:
         ratios["scipy / torch"] = per_case["scipy"] / per_case["torch"]
-    times = ", ".join(f"{name} {value:.3f} s/case" for name, value in per_case.items())
+    times = ", ".join(f"{name} {value:.3f} s/case (CPU {cpu_per_case[name]:.3f} s)" for name, value in per_case.items())
     print(f"shape {tuple(args.shape)}, {args.cases} cases: {times}")
     if ratios:
         print("  ".join(f"{name} = {value:.1f}x" for name, value in ratios.items()))
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "cases": args.cases,
             "device": described,
             "seconds_per_case": per_case,
+            "cpu_seconds_per_case": cpu_per_case,
             "ratios": ratios,
             "largest_difference": largest_difference if len(args.backends) == 2 else None,
         }

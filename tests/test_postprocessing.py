@@ -525,3 +525,16 @@ def test_the_evaluator_hands_its_device_tensors_to_the_lesion_metrics(trained, t
             if key.startswith("lesion_"):
                 assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6), key
     assert not math.isnan(float(rows["torch"][0]["lesion_dice/WT"]))
+
+
+def test_a_new_run_in_the_folder_moves_the_old_runs_postprocessing_aside(tiny_config, tmp_path):
+    """postprocessing.json was chosen on the old run's checkpoints: a fresh run (save_overwrite)
+    must not leave it for unet-predict to apply to the new ones."""
+    run = tmp_path / "run"
+    run_training(tiny_config("max_duration=1ba", "eval_interval=0ep"), progress=False)
+    (run / POSTPROCESSING_FILE).write_text(json.dumps(valid_document()))
+    run_training(tiny_config("max_duration=1ba", "autoresume=false", "save_overwrite=true"), progress=False)
+    assert not (run / POSTPROCESSING_FILE).exists()
+    (moved,) = (run / "previous").iterdir()
+    assert json.loads((moved / POSTPROCESSING_FILE).read_text()) == valid_document()
+    assert postprocessing_for(run / "checkpoints" / "latest-rank0.pt") is None
