@@ -337,8 +337,8 @@ class PostprocessingChoice:
         metric: the metric's name; cases: how many cases it was chosen on.
         score_before, score_after: the mean metric without postprocessing and with the kept rules.
         stages: per stage {"rule", fixed params, "before", "after", "kept", "changed_cases"} for
-            its best candidate, plus, for a grid, the best ``threshold`` name's value and "grid":
-            every candidate's {threshold: value, "score", "changed_cases"}.
+            its best candidate, plus, for a grid, the best threshold (e.g. "min_voxels") and
+            "grid": every candidate's {threshold: value, "score", "changed_cases"}.
         kept: the kept rules in order, as {"rule": name, params...}.
     """
 
@@ -354,7 +354,6 @@ def choose_postprocessing(
     store: PredictionStore,
     settings: MetricSettings | None = None,
     stages: Sequence[Sequence[Mapping[str, Any]]] | None = None,
-    progress: Callable[[str], None] | None = None,
 ) -> PostprocessingChoice:
     """Choose the rules that raise the mean metric over the store's cases (see the module docstring).
 
@@ -367,7 +366,6 @@ def choose_postprocessing(
         store: the truths and predictions (at least one case).
         settings: the metric (default: :class:`MetricSettings`'s defaults).
         stages: candidate stages (default :func:`candidate_stages`).
-        progress: called with a line per stage, or None.
 
     Raises:
         PostprocessingError: an empty store or an unknown metric.
@@ -418,8 +416,6 @@ def choose_postprocessing(
                 for i, c in enumerate(stage)
             ]
         choice.stages.append(record)
-        if progress is not None:
-            progress(f"{describe_rule(stage[best])}: {before:.4f} -> {means[best]:.4f}{' kept' if kept else ''}")
         if kept:
             choice.kept.append(stage[best])
             current = scores[best]
