@@ -14,7 +14,8 @@ existing command with its own time limit:
     4 infer         scripts/bench_infer.py: ours against monai.inferers.sliding_window_inference
     5 transforms    scripts/bench_transforms.py: the augmentation's share of a training step
     6 train_bench   scripts/bench_train.py: ours against the MONAI-built pipeline end to end
-    7 ablation      scripts/bench_ablation.py --recipe fast with whatever time is left
+    7 metrics       scripts/bench_metrics.py: lesion-wise metrics, torch on the GPU against SciPy
+    8 ablation      scripts/bench_ablation.py --recipe fast with whatever time is left
 
 The phantom (generation and preparation, timed) is made in the background while step 1 runs.
 A step starts only when the time left under ``--budget-s`` is at least its minimum; it is given
@@ -66,8 +67,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-STEP_NAMES = ("cuda_tests", "train_resume", "model", "infer", "transforms", "train_bench", "ablation")
-# Step 7's script: bench_train.py's options plus its own (--candidate, --repeats, --resume).
+STEP_NAMES = ("cuda_tests", "train_resume", "model", "infer", "transforms", "train_bench", "metrics", "ablation")
+# Step 8's script: bench_train.py's options plus its own (--candidate, --repeats, --resume).
 ABLATION_SCRIPT = "bench_ablation.py"
 # The issue's targets on one H200 (issue 12), checked in the table; each benchmark prints its own too.
 TARGETS = {
@@ -99,6 +100,7 @@ class Sizes:
     infer_args: tuple[str, ...]
     transforms_args: tuple[str, ...]
     bench_train_args: tuple[str, ...]
+    metrics_args: tuple[str, ...]
     ablation_args: tuple[str, ...]
     budgets: dict[str, tuple[float, float]]  # step -> (budget, minimum to start), seconds
 
@@ -145,6 +147,8 @@ def gpu_sizes(workers: int) -> Sizes:
             "--prepare-workers",
             str(workers),
         ),
+        # The official package is not on the GPU machine: its CPU figure is in BENCHMARKS.md.
+        metrics_args=("--device", "cuda", "--cases", "2", "--skip-official"),
         ablation_args=(
             "--device",
             "cuda",
@@ -166,6 +170,7 @@ def gpu_sizes(workers: int) -> Sizes:
             "infer": (40, 15),
             "transforms": (40, 15),
             "train_bench": (120, 60),
+            "metrics": (60, 30),
             "ablation": (600, 60),
         },
     )
@@ -265,6 +270,7 @@ def dry_sizes(workers: int) -> Sizes:
             "--prepare-workers",
             str(workers),
         ),
+        metrics_args=("--device", "cpu", "--cases", "1", "--shape", "24", "32", "32", "--skip-official"),
         # Every switch is turned off, so the ablation machinery runs its one quick reference run
         # (compiling on a CPU takes half a minute a run), without the evaluation step 6 timed.
         ablation_args=(
@@ -308,6 +314,7 @@ def dry_sizes(workers: int) -> Sizes:
             "infer": (120, 5),
             "transforms": (120, 5),
             "train_bench": (180, 5),
+            "metrics": (60, 5),
             "ablation": (240, 5),
         },
     )
@@ -906,7 +913,7 @@ def step_transforms(ctx: Context, timeout: float) -> dict:
 
 
 def bench_train_arguments(sizes: Sizes, work: Path, ablation: bool) -> tuple[str, ...]:
-    """bench_train.py's options for step 6 (``ablation=False``), or ABLATION_SCRIPT's for step 7, on the
+    """bench_train.py's options for step 6 (``ablation=False``), or ABLATION_SCRIPT's for step 8, on the
     phantom made here."""
     args = sizes.ablation_args + ("--recipe", "fast", "--only", "ours") if ablation else sizes.bench_train_args
     args += ("--work", str(work), "--cases", str(sizes.phantom_cases), "--shape", *map(str, sizes.phantom_shape))
@@ -981,6 +988,19 @@ def ablation_figures(data: dict | None) -> list[dict]:
     return figures
 
 
+def step_metrics(ctx: Context, timeout: float) -> dict:
+    result, data = run_bench(ctx, timeout, "bench_metrics.py", ctx.sizes.metrics_args, "metrics.json")
+    seconds = (data or {}).get("seconds_per_case", {})
+    result["figures"] = [
+        figure("lesion-wise metrics per BraTS case, torch vs SciPy", seconds.get("torch"), seconds.get("scipy"), "s")
+    ]
+    if data and data.get("largest_difference") is not None:
+        result["figures"].append(
+            figure("largest torch - SciPy score difference (<= 1e-6)", data["largest_difference"], ratio=None)
+        )
+    return result
+
+
 def step_ablation(ctx: Context, timeout: float) -> dict:
     target = ctx.paths.out / "ablate.json"
     args = bench_train_arguments(ctx.sizes, ctx.paths.work, ablation=True)
@@ -1021,6 +1041,7 @@ STEPS: dict[str, Callable[[Context, float], dict]] = {
     "infer": step_infer,
     "transforms": step_transforms,
     "train_bench": step_train_bench,
+    "metrics": step_metrics,
     "ablation": step_ablation,
 }
 NEEDS_PHANTOM = {"train_resume", "train_bench", "ablation"}

@@ -13,7 +13,7 @@ from unet_trainer.config import resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
-STEPS = ("cuda_tests", "train_resume", "model", "infer", "transforms", "train_bench", "ablation")
+STEPS = ("cuda_tests", "train_resume", "model", "infer", "transforms", "train_bench", "metrics", "ablation")
 
 
 def run_check(tmp_path: Path, *args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, Path]:
@@ -72,6 +72,8 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert steps["infer"]["data"]["ours_ms"] > 0 and steps["infer"]["data"]["monai_ms"] > 0
     assert set(steps["transforms"]["data"]["step_share_percent"]) == {"default", "all-fire"}
     assert steps["train_bench"]["data"]["ours"]["median_rate"] > 0 and steps["train_bench"]["data"]["monai"]
+    metrics = steps["metrics"]["data"]
+    assert metrics["seconds_per_case"]["torch"] > 0 and metrics["largest_difference"] <= 1e-6
     ablation = json.loads((out / "ablate.json").read_text())
     assert list(ablation["ours"]) == ["all switches #0"] and ablation["ours"]["all switches #0"]["median_rate"] > 0
 
@@ -112,6 +114,8 @@ def test_the_gpu_runs_options_parse_in_every_script(tmp_path, monkeypatch):
     assert infer.device == "cuda" and infer.size == [155, 240, 240]
     transforms = load_script("bench_transforms").parse_arguments([*gpu.transforms_args, "--json", "t.json"])
     assert transforms.device == "cuda" and transforms.batches == [2]
+    metrics = load_script("bench_metrics").parse_args([*gpu.metrics_args, "--json", "l.json"])
+    assert metrics.device == "cuda" and metrics.shape == (155, 240, 240) and metrics.skip_official
     bench_train = load_script("bench_train")
     train = bench_train.parse_args([*check.bench_train_arguments(gpu, tmp_path, ablation=False), "--json", "b.json"])
     assert (train.shape, train.patch, train.epoch_cases, train.cases) == ([155, 240, 240], 128, 387, 4)

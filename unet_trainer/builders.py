@@ -385,6 +385,7 @@ def build_evaluator(
         lesion_dilation=ev["lesion_dilation"],
         lesion_min_voxels=ev["lesion_min_voxels"],
         lesion_hd95_penalty=ev["lesion_hd95_penalty"],
+        lesion_backend=ev["lesion_backend"],
     )
 
 

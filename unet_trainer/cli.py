@@ -25,6 +25,7 @@ from .data.layouts import (
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
 from .fileio import free_space_text
 from .metrics import LABEL_NAMES
+from .postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
 from .runfolder import RunFolderError
 from .trainer import TrainingDiverged
 
@@ -241,7 +242,7 @@ def data_main(argv: list[str] | None = None) -> int:
 
 
 EVAL_USAGE = f"""usage: unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV] [--no-overlays]
-                 [--lesion-wise] [--no-progress]
+                 [--lesion-wise] [--choose-postprocessing [--postprocessing-metric M]] [--no-progress]
 
 Score a checkpoint of unet-train: Dice per BraTS region (WT, TC, ET) and their mean, Dice per label
 (NCR, ED, EN), HD95 per region with eval.hd95=true, and the BraTS 2023 lesion-wise Dice and HD95
@@ -259,12 +260,20 @@ to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv), and one overlay 
   --no-overlays      draw no overlays
   --lesion-wise      also the lesion-wise Dice and HD95 (settings eval.lesion_dilation,
                      eval.lesion_min_voxels, eval.lesion_hd95_penalty)
+  --choose-postprocessing
+                     then choose postprocessing rules on the validation predictions (largest WT
+                     component, small components per region, ET -> NCR below a volume; each kept
+                     only if it raises the metric) and write <run folder>/postprocessing.json,
+                     which unet-predict applies
+  --postprocessing-metric M
+                     the metric the rules must raise, mean over WT, TC, ET: {" or ".join(METRICS)}
+                     ({", ".join(METRICS.values())}); default {DEFAULT_METRIC}
   --no-progress      no progress bars
   -h, --help         show this help
 """
 
 PREDICT_USAGE = f"""usage: unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] [--format FMT]
-                    [--probabilities] [--overlays] [--no-progress]
+                    [--probabilities] [--overlays] [--postprocessing FILE | --no-postprocessing] [--no-progress]
 
 Segment every case of INPUT (raw cases in any supported layout, labels not needed) with a
 checkpoint of unet-train and write OUTPUT/<case>.nii.gz: uint8 labels with the case's original
@@ -284,6 +293,13 @@ exit status is then 1.
   --probabilities    also write OUTPUT/<case>_probabilities.nii.gz (float32, x, y, z, class)
   --overlays         also write OUTPUT/<case>_overlay.png: the prediction's contours on three
                      FLAIR slices through the tumour, region volumes in the title
+  --postprocessing FILE
+                     postprocess the labels with this postprocessing.json (default: the one
+                     unet-eval --choose-postprocessing wrote into the checkpoint's run folder,
+                     or the one in a given run or unet-cv folder, when there is one; none by
+                     default for several checkpoints)
+  --no-postprocessing
+                     write the model's labels as they are
   --no-progress      no progress bar
   -h, --help         show this help
 """
@@ -418,7 +434,10 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     try:
         (checkpoint,), flags, overrides = _split_command_line(
-            args, 1, ("--dataset", "--format", "--out"), ("--no-progress", "--no-overlays", "--lesion-wise")
+            args,
+            1,
+            ("--dataset", "--format", "--out", "--postprocessing-metric"),
+            ("--no-progress", "--no-overlays", "--lesion-wise", "--choose-postprocessing"),
         )
         if flags["--lesion-wise"]:
             overrides.append("eval.lesion_wise=true")
@@ -427,6 +446,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 
         dataset = flags.get("--dataset")
         out = flags.get("--out")
+        if flags["--choose-postprocessing"] or flags.get("--postprocessing-metric"):
+            return _choose_postprocessing_main(Path(checkpoint), flags, overrides)
         report = evaluate_checkpoint(
             Path(checkpoint),
             overrides,
@@ -446,6 +467,38 @@ def eval_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _choose_postprocessing_main(checkpoint: Path, flags: dict, overrides: list[str]) -> int:
+    """``unet-eval CHECKPOINT --choose-postprocessing [--postprocessing-metric M]``: the evaluation
+    table, then the postprocessing table; returns the exit status."""
+    from .postprocessing import choose_for_checkpoint, format_choice
+
+    try:
+        if not flags["--choose-postprocessing"]:
+            raise ConfigError("command line: --postprocessing-metric goes with --choose-postprocessing")
+        if flags.get("--dataset"):
+            raise ConfigError(
+                "command line: --choose-postprocessing chooses on the checkpoint's own validation fold; drop --dataset"
+            )
+        out = flags.get("--out")
+        report, choice, written = choose_for_checkpoint(
+            checkpoint,
+            overrides,
+            flags.get("--postprocessing-metric") or DEFAULT_METRIC,
+            Path(out) if out else None,
+            progress=not flags["--no-progress"],
+            overlays=not flags["--no-overlays"],
+        )
+    except (ConfigError, PostprocessingError) as exc:
+        return _fail(str(exc), 2)
+    except (DataFormatError, CheckpointError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    print(_format_eval(report))
+    print("\n" + format_choice(choice, written))
+    return 0
+
+
 def predict_main(argv: list[str] | None = None) -> int:
     """``unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities]``;
     returns the exit status."""
@@ -455,12 +508,35 @@ def predict_main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     try:
         positionals, flags, overrides = _split_command_line(
-            args, 3, ("--format",), ("--probabilities", "--overlays", "--no-progress"), more_positionals=True
+            args,
+            3,
+            ("--format", "--postprocessing"),
+            ("--probabilities", "--overlays", "--no-progress", "--no-postprocessing"),
+            more_positionals=True,
         )
         *checkpoints, source, output = positionals
         fmt = _format_flag(flags)
+        if flags.get("--postprocessing") and flags["--no-postprocessing"]:
+            raise ConfigError("command line: --postprocessing FILE and --no-postprocessing exclude each other")
+        from .postprocessing import postprocessing_for
         from .predict import predict_dataset
 
+        explicit = flags.get("--postprocessing")
+        # One checkpoint (or one run or unet-cv folder): its folder's postprocessing.json by default.
+        # Several: only the one named, since each model's folder may hold its own rules.
+        single = Path(checkpoints[0]) if len(checkpoints) == 1 else None
+        postprocess = postprocessing_for(
+            single, Path(explicit) if explicit else None, enabled=not flags["--no-postprocessing"]
+        )
+        if postprocess is not None:
+            other = (
+                single is not None
+                and single.is_file()
+                and postprocess.checkpoint
+                and Path(postprocess.checkpoint) != single.expanduser().resolve()
+            )
+            note = f" (chosen on another checkpoint, {Path(postprocess.checkpoint).name})" if other else ""
+            print(f"Postprocessing from {postprocess.path}{note}: {postprocess.describe()}")
         summary = predict_dataset(
             [Path(c) for c in checkpoints],
             Path(source),
@@ -470,6 +546,7 @@ def predict_main(argv: list[str] | None = None) -> int:
             probabilities=flags["--probabilities"],
             progress=not flags["--no-progress"],
             overlays=flags["--overlays"],
+            postprocess=postprocess,
         )
     except ConfigError as exc:
         return _fail(str(exc), 2)

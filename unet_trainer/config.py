@@ -34,7 +34,13 @@ import yaml
 
 from .data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
-from .lesion_metrics import DEFAULT_DILATION_ITERATIONS, DEFAULT_HD95_PENALTY, DEFAULT_MIN_LESION_VOXELS
+from .lesion_metrics import (
+    DEFAULT_DILATION_ITERATIONS,
+    DEFAULT_HD95_PENALTY,
+    DEFAULT_LESION_BACKEND,
+    DEFAULT_MIN_LESION_VOXELS,
+    LESION_BACKENDS,
+)
 from .schema import F, Field, ListOf, OneOf, SetOf, fields_of
 from .transforms import AUGMENTATIONS, SettingError
 
@@ -272,6 +278,9 @@ SCHEMA: dict[str, Any] = {
         "lesion_dilation": F("int", DEFAULT_DILATION_ITERATIONS, minimum=0),
         "lesion_min_voxels": F("int", DEFAULT_MIN_LESION_VOXELS, minimum=0),
         "lesion_hd95_penalty": F("float", DEFAULT_HD95_PENALTY, minimum=0.0),
+        # Where components and distances are computed: auto = torch on a GPU (no copy to the host),
+        # SciPy on the CPU (faster there); every backend gives the same scores.
+        "lesion_backend": F("str", DEFAULT_LESION_BACKEND, choices=LESION_BACKENDS),
     },
 }
 

@@ -19,6 +19,7 @@ from .inference import predict_volume
 from .lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,
     DEFAULT_HD95_PENALTY,
+    DEFAULT_LESION_BACKEND,
     DEFAULT_MIN_LESION_VOXELS,
     case_lesion_scores,
 )
@@ -77,7 +78,9 @@ class DiceEvaluator:
             (:mod:`unet_trainer.lesion_metrics`; ``lesion_dice/WT`` ..., ``lesion_hd95/WT`` ... in
             mm; never NaN), with the lesion settings ``lesion_dilation`` (iterations),
             ``lesion_min_voxels`` (truth lesions this small or smaller dropped) and
-            ``lesion_hd95_penalty`` (mm).
+            ``lesion_hd95_penalty`` (mm), computed by ``lesion_backend`` ("auto": torch on the
+            GPU, where the predictions stay, SciPy on the CPU; see
+            :func:`unet_trainer.lesion_metrics.resolve_backend`).
 
     Scores per case: Dice keys NCR, ED, EN, WT, TC, ET, mean (plus hd95/WT, hd95/TC, hd95/ET,
     plus lesion_dice/<region> and lesion_hd95/<region>); :meth:`__call__` reports them as
@@ -87,6 +90,10 @@ class DiceEvaluator:
     as ``case_view(case_id, image (C, *S), label (*S), prediction (*S), meta)`` on the device, and
     what it returns (small, picklable) lands in ``last_views`` by case id, gathered from all ranks;
     every rank must set it alike, since the gather is collective.
+
+    ``case_sink`` (None by default), when set, is called per scored case as
+    ``case_sink(case_id, label (*S), prediction (*S))`` on the device, on this rank only (unet-eval
+    keeps the predictions this way to choose postprocessing on them).
     """
 
     def __init__(
@@ -113,6 +120,7 @@ class DiceEvaluator:
         lesion_dilation: int = DEFAULT_DILATION_ITERATIONS,
         lesion_min_voxels: int = DEFAULT_MIN_LESION_VOXELS,
         lesion_hd95_penalty: float = DEFAULT_HD95_PENALTY,
+        lesion_backend: str = DEFAULT_LESION_BACKEND,
     ):
         self.folder = Path(folder)
         self.case_ids = list(case_ids)
@@ -125,10 +133,14 @@ class DiceEvaluator:
         self.hd95, self.progress = hd95, progress
         self.lesion_wise = lesion_wise
         self.lesion_settings = dict(
-            dilation_iterations=lesion_dilation, min_lesion_voxels=lesion_min_voxels, hd95_penalty=lesion_hd95_penalty
+            dilation_iterations=lesion_dilation,
+            min_lesion_voxels=lesion_min_voxels,
+            hd95_penalty=lesion_hd95_penalty,
+            backend=lesion_backend,
         )
         self.last_per_case: list[dict] = []
         self.case_view = None
+        self.case_sink = None
         self.last_views: dict = {}
         self._views: list = []
 
@@ -153,6 +165,8 @@ class DiceEvaluator:
         del logits  # K float32 volumes; free them before the (CPU-heavy) HD95
         if self.case_view is not None:
             self._views.append((case_id, self.case_view(case_id, image, label, pred, case.meta)))
+        if self.case_sink is not None:
+            self.case_sink(case_id, label, pred)
         row = {"case_id": case_id, **case_dice(pred, label, self.empty_policy)}
         if self.hd95:
             row.update(case_hd95(pred, label, case.meta.get("spacing")))

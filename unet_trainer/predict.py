@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -54,6 +54,7 @@ from .distributed import DistInfo
 from .evaluation import logits_to_probabilities, probabilities_to_labels, write_cases_csv
 from .inference import predict_volume
 from .model import optimize_model
+from .runfolder import checkpoint_run_folder
 from .visualize import draw_case_overlay, evaluator_case_view, extract_case_view, write_overlays
 
 if TYPE_CHECKING:
@@ -343,6 +344,7 @@ def predict_dataset(
     progress: bool = True,
     log: TextIO | None = None,
     overlays: bool = False,
+    postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> PredictSummary:
     """Segment every case of a raw dataset and write the results as NIfTI files.
 
@@ -365,6 +367,9 @@ def predict_dataset(
         progress: a progress bar on stderr (drawn only on a terminal).
         log: where skipped cases are reported (default stderr).
         overlays: also draw a PNG per case.
+        postprocess: applied to each case's canonical labels (Z, Y, X) on the raw grid before
+            they are written or drawn (e.g. a :class:`unet_trainer.postprocessing.Postprocessing`);
+            the probabilities stay the model's.
 
     Returns:
         The :class:`PredictSummary`.
@@ -395,6 +400,8 @@ def predict_dataset(
         try:
             raw = read_case(case, settings.dle_labels)
             labels, probs = predict_case(loaded, raw, settings, probabilities)
+            if postprocess is not None:
+                labels = postprocess(labels)
         except DataFormatError as exc:
             summary.failed[case.case_id] = str(exc)
             bar.write(f"skipped {case.case_id}: {exc}", file=log)
@@ -452,8 +459,7 @@ class EvalReport:
 def default_eval_csv(checkpoint: Path, tag: str) -> Path:
     """``<run folder>/eval_<checkpoint name>_<tag>.csv``: the run folder is the parent of the
     ``checkpoints/`` folder holding the checkpoint (else the checkpoint's own folder)."""
-    checkpoint = Path(checkpoint)
-    folder = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    folder = checkpoint_run_folder(checkpoint)
     safe_tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
     return folder / f"eval_{checkpoint.stem}_{safe_tag}.csv"
 
@@ -466,6 +472,7 @@ def evaluate_checkpoint(
     out_csv: Path | None = None,
     progress: bool = True,
     overlays: bool = True,
+    case_sink=None,
 ) -> EvalReport:
     """Score a checkpoint: Dice per label and region (and HD95 with ``eval.hd95=true``).
 
@@ -484,6 +491,9 @@ def evaluate_checkpoint(
         progress: progress bars on stderr (drawn only on a terminal).
         overlays: also draw every scored case and the summary grid into ``<CSV name>_overlays/``
             next to the CSV (as training draws ``overlays/``).
+        case_sink: called per scored case as ``case_sink(case_id, truth, prediction)`` (canonical
+            label maps of the prepared case, on the device), e.g. to keep them for choosing
+            postprocessing; None: nothing kept.
 
     Returns:
         The :class:`EvalReport`; the CSV (and overlays) are written.
@@ -515,6 +525,7 @@ def evaluate_checkpoint(
         raise DataFormatError(f"no cases to evaluate: {source} is empty")
     evaluator = build_evaluator(cfg, prepared, case_ids, loaded.device, progress=progress)
     evaluator.case_view = evaluator_case_view if overlays else None
+    evaluator.case_sink = case_sink
     means, per_case = evaluator.score_model(loaded.model)
     keys = [k for k in per_case[0] if k != "case_id"]
     counts = {k: sum(1 for row in per_case if not math.isnan(row[k])) for k in keys}

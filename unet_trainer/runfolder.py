@@ -183,6 +183,7 @@ RUN_FILES = (
     "eval_metrics.csv",
     "eval_cases.csv",
     "progress.png",
+    "postprocessing.json",  # chosen on this run's checkpoints (unet-eval --choose-postprocessing)
 )
 RUN_FOLDERS = ("tensorboard", "overlays")
 
@@ -230,3 +231,10 @@ def move_run_aside(run_dir: Path, others: list[tuple[Path, str, int]], whole_run
 def run_file_name(name: str) -> bool:
     """Whether ``name`` is a file the run writes in its folder (for orphan-temporary clean-up)."""
     return name in RUN_FILES or CHECKPOINT_RE.match(name) is not None or BEST_RE.match(name) is not None
+
+
+def checkpoint_run_folder(checkpoint: Path) -> Path:
+    """The run folder of a checkpoint: the parent of the ``checkpoints/`` folder holding it
+    (symlinks such as ``latest-rank0.pt`` resolved), else the checkpoint's own folder."""
+    checkpoint = Path(checkpoint).expanduser().resolve()
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
