@@ -29,8 +29,8 @@ from .checkpoint import (
     checkpoint_name,
     list_checkpoints,
 )
-from .config import Duration
 from .distributed import all_gather_objects, all_ranks_agree, barrier
+from .duration import Duration
 from .evaluation import write_cases_csv
 from .fileio import atomic_symlink, atomic_write
 from .trainer import Callback, State, interval_due

@@ -1,4 +1,4 @@
-"""Configuration: YAML run configs, reusable recipes, command-line overrides and durations.
+"""Configuration: YAML run configs, reusable recipes and command-line overrides.
 
 A run's config is resolved from four layers, later ones winning:
 
@@ -24,63 +24,20 @@ import copy
 import difflib
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
+from .duration import DURATION_UNITS, Duration  # noqa: F401  (re-exported: config.Duration is public)
 from .lesion_metrics import DEFAULT_DILATION_ITERATIONS, DEFAULT_HD95_PENALTY, DEFAULT_MIN_LESION_VOXELS
 from .schema import F, Field, ListOf, OneOf, SetOf
 
 
 class ConfigError(ValueError):
     """A config problem, phrased as one line that names the source, the key and what was expected."""
-
-
-# --------------------------------------------------------------------------------------------
-# Durations
-# --------------------------------------------------------------------------------------------
-
-DURATION_UNITS = {"ep": "epochs", "ba": "batches", "sp": "samples"}
-_DURATION_RE = re.compile(r"^\s*(\d+)\s*(ep|ba|sp)\s*$")
-
-
-@dataclass(frozen=True)
-class Duration:
-    """A span of training time: ``value`` epochs (``ep``), batches (``ba``) or samples (``sp``)."""
-
-    value: int
-    unit: str
-
-    @classmethod
-    def parse(cls, raw: Any) -> Duration:
-        """Parse ``"200ep"``, ``"1000ba"``, ``"64sp"`` or a plain non-negative integer (epochs).
-
-        Raises:
-            ValueError: for anything else (the message says which forms are accepted).
-        """
-        if isinstance(raw, Duration):
-            return raw
-        if isinstance(raw, bool):
-            raise ValueError(f"{raw!r} is not a duration")
-        if isinstance(raw, int):
-            if raw < 0:
-                raise ValueError(f"{raw!r} is negative")
-            return cls(raw, "ep")
-        if isinstance(raw, str):
-            match = _DURATION_RE.match(raw)
-            if match:
-                return cls(int(match.group(1)), match.group(2))
-            if raw.strip().isdigit():
-                return cls(int(raw), "ep")
-        raise ValueError(f"{raw!r} is not a duration (use Nep, Nba or Nsp, e.g. 200ep, 1000ba, 64sp)")
-
-    def __str__(self) -> str:
-        return f"{self.value}{self.unit}"
 
 
 # --------------------------------------------------------------------------------------------
