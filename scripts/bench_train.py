@@ -517,11 +517,11 @@ def build_dynunet(model_cfg: dict, notes: list[str]) -> torch.nn.Module:
         "group": ("GROUP", {"num_groups": model_cfg["norm_groups"], "affine": True}),
     }
     if model_cfg["norm"] not in norms:
-        notes.append(f"model.norm={model_cfg['norm']} has no DynUNet equivalent; DynUNet uses instance norm")
+        notes.append(f"model.unet.norm={model_cfg['norm']} has no DynUNet equivalent; DynUNet uses instance norm")
     if model_cfg["upsample"] != "transposed" or model_cfg["downsample"] != "strided_conv":
         notes.append("DynUNet always uses strided-conv downsampling and transposed-conv upsampling")
     if model_cfg["deep_supervision"]:
-        notes.append("model.deep_supervision is on for ours; the MONAI reference trains without it")
+        notes.append("model.unet.deep_supervision is on for ours; the MONAI reference trains without it")
     act = (
         ("leakyrelu", {"inplace": True, "negative_slope": model_cfg["negative_slope"]})
         if model_cfg["activation"] == "leaky_relu"
@@ -598,7 +598,7 @@ def run_monai(
     # The same worker settings as our loader (persistent workers, its batches prefetched per worker,
     # pinned memory on CUDA), so the loaders differ only in what the workers do.
     patch_voxels = math.prod(cfg["data"]["patch_size"])
-    batch_bytes = batch_size * patch_voxels * (4 * cfg["model"]["in_channels"] + 1)
+    batch_bytes = batch_size * patch_voxels * (4 * cfg["model"]["unet"]["in_channels"] + 1)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -610,7 +610,7 @@ def run_monai(
         prefetch_factor=prefetch_batches(workers, batch_bytes) if workers > 0 else None,
     )
 
-    model = build_dynunet(cfg["model"], m.notes).to(device)
+    model = build_dynunet(cfg["model"]["unet"], m.notes).to(device)
     optimizer = build_optimizer(cfg, model.parameters())
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "amp_fp16" else None
@@ -687,7 +687,7 @@ def run_monai(
     item = val_tf(monai_item(phantom, val_id))
     val_image = item["image"][None].to(device)
     val_label = item["label"][None].to(device)
-    classes = cfg["model"]["num_classes"]
+    classes = cfg["model"]["unet"]["num_classes"]
     roi = tuple(reversed(cfg["data"]["patch_size"]))
     mode = "gaussian" if cfg["eval"]["gaussian"] else "constant"
     model.eval()
@@ -838,7 +838,7 @@ def print_report(
     print(f"command:  {shlex.join(['python', *sys.argv])}")
     print(f"device:   {device_description(device)}")
     print(f"versions: torch {torch.__version__}, MONAI {monai_pkg.__version__}, Python {platform.python_version()}")
-    model = cfg["model"]
+    model = cfg["model"]["unet"]
     micro = (ours or monai).microbatch if (ours or monai) else None
     print(
         f"setting:  phantom {args.cases} cases of {'x'.join(map(str, args.shape))} (Z,Y,X), "
@@ -1564,11 +1564,11 @@ def main(argv: list[str] | None = None) -> int:
         args.microbatch = base["device_train_microbatch_size"]
         args.microbatch = "null" if args.microbatch is None else args.microbatch  # null = the whole batch at once
     depth = args.depth
-    levels = len(base["model"]["filters"])
+    levels = len(base["model"]["unet"]["filters"])
     if not 2 <= depth <= levels:
         print(f"error: --depth {depth}: the config has {levels} levels", file=sys.stderr)
         return 2
-    strides = base["model"]["strides"][:depth]
+    strides = base["model"]["unet"]["strides"][:depth]
     reduction = math.prod(strides)
     if args.patch % reduction or args.patch // reduction < 2:
         print(
@@ -1577,7 +1577,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    filters = [max(1, f // args.width_divisor) for f in base["model"]["filters"][:depth]]
+    filters = [max(1, f // args.width_divisor) for f in base["model"]["unet"]["filters"][:depth]]
 
     phantom, phantom_s = ensure_phantom(work, args.cases, tuple(args.shape), args.seed, args.prepare_workers)
     split_file, train_ids, val_id = write_split(work, phantom, args.cases, args.epoch_cases)
@@ -1606,9 +1606,9 @@ def main(argv: list[str] | None = None) -> int:
         f"precision={args.precision}",
         f"train_batch_size={args.batch}",
         f"device_train_microbatch_size={args.microbatch}",
-        f"model.filters=[{','.join(map(str, filters))}]",
-        f"model.kernel_sizes=[{','.join(map(str, base['model']['kernel_sizes'][:depth]))}]",
-        f"model.strides=[{','.join(map(str, strides))}]",
+        f"model.unet.filters=[{','.join(map(str, filters))}]",
+        f"model.unet.kernel_sizes=[{','.join(map(str, base['model']['unet']['kernel_sizes'][:depth]))}]",
+        f"model.unet.strides=[{','.join(map(str, strides))}]",
     ] + ([f"data.num_workers={args.workers}"] if args.workers is not None else [])
     # The user's recipe and overrides come last, as on the unet-train command line.
     overrides = ours_overrides + user

@@ -722,9 +722,14 @@ class EncoderDecoderNet(nn.Module):
 
     # -- construction helpers ------------------------------------------------------------------
     def _initialise_weights(self, slope: float) -> None:
-        """Kaiming-normal (``a=slope``) conv weights and zero biases, as nnU-Net initialises."""
+        """Kaiming-normal (``a=slope``) conv weights and zero biases, as nnU-Net initialises.
+
+        Nothing to draw on the meta device (a model built only to be asked its geometry), where
+        torch's random fill would also import its compiler stack (seconds)."""
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                if module.weight.is_meta:
+                    continue
                 nn.init.kaiming_normal_(module.weight, a=slope)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
