@@ -11,11 +11,15 @@ schedulers, losses, callbacks, algorithms) are chosen from known names, never im
 
 The schema speaks Composer's vocabulary::
 
+    model:      {unet: {filters: [32, 64, 128, 256, 320, 320]}}     # or resenc_unet
     optimizer:  {radam: {lr: 1.0e-3, betas: [0.9, 0.999], eps: 1.0e-8, weight_decay: 1.0e-4}}
     schedulers: [{constant: {}}]
     max_duration: 200ep          # or 1000ba, 64000sp; a plain integer means epochs
 
-Only values live in YAML; the objects are built by :mod:`unet_trainer.builders`.
+The components' settings (model, optimizer, loss, callbacks, algorithms) are derived from their
+own signatures (:mod:`unet_trainer.components` names them); a ``model`` section without a model
+name, the shape before there was a choice, is read as the unet's, with a one-line note. Only
+values live in YAML; the objects are built by :mod:`unet_trainer.builders`.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ ResEnc M, nnU-Net's preset for BraTS-sized 3D input and the defaults here: 6 sta
 kernels, strides (1, 2, 2, 2, 2, 2), instance norm with affine (eps 1e-5), leaky ReLU 0.01 and
 deep supervision: 102,340,116 parameters for 4 input channels and 4 classes, exactly DNA's with
 ``conv_bias=False`` (a test pins both). nnU-Net's plans set ``conv_bias=True``, which adds a bias
-to every conv in front of a norm (13,856 for ResEnc M): the norm's mean subtraction cancels it
-(for the transposed convs, which reach a norm through a padded conv, except at the border), so
-here, as in :class:`unet_trainer.model.UNet`, those convs have none.
+to every conv in front of a norm (13,856 for ResEnc M, 800 of them on the transposed convs): the
+norm's mean subtraction cancels it (for the transposed convs, which reach a norm through a padded
+conv, except at the border), so here, as in :class:`unet_trainer.model.UNet`, those convs have none.
 
 Initialisation, as nnU-Net's: kaiming-normal conv weights (``a = negative_slope``), zero biases,
 and the last norm of every residual block starts at zero (weight and bias), so each block starts
