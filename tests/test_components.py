@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unet_trainer import components
+from unet_trainer import components, config
 from unet_trainer.builders import build_algorithms, build_loss, build_optimizer
 from unet_trainer.config import (
     ALGORITHMS,
@@ -103,6 +103,12 @@ HAND_WRITTEN_UNET = {
     "padding": F("str", "same", choices=("same", "valid")),
     "gradient_checkpointing": F("bool", False),
 }
+
+
+@pytest.fixture(autouse=True)
+def fresh_notes(monkeypatch):
+    """The old-shape note is printed once per source and process: start each test with none printed."""
+    monkeypatch.setattr(config, "_NOTED_BARE", set())
 
 
 def write(path: Path, text: str) -> Path:
