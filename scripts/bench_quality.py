@@ -123,9 +123,9 @@ def build_config(args: argparse.Namespace, phantom: Path, split_file: Path, seed
         f"data.split_file={split_file}",
         f"data.cache_dir={args.work / 'cache'}",
         f"data.patch_size=[{args.patch}, {args.patch}, {args.patch}]",
-        f"model.filters={list(args.filters)}",
-        f"model.kernel_sizes={[3] * levels}",
-        f"model.strides={[1] + [2] * (levels - 1)}",
+        f"model.unet.filters={list(args.filters)}",
+        f"model.unet.kernel_sizes={[3] * levels}",
+        f"model.unet.strides={[1] + [2] * (levels - 1)}",
         f"train_batch_size={args.batch}",
         f"max_duration={args.steps}ba",
         f"eval_interval={args.steps // args.points}ba",
@@ -197,7 +197,7 @@ def build_evaluator(cfg: dict, split: dict) -> DiceEvaluator:
         split["val"],
         cfg["data"]["patch_size"],
         3,
-        cfg["model"]["num_classes"],
+        cfg["model"]["unet"]["num_classes"],
         region_mode=False,
         overlap=cfg["eval"]["overlap"],
         sw_batch_size=cfg["eval"]["sw_batch_size"],
@@ -239,7 +239,7 @@ def run_monai(cfg: dict, phantom: Path, split: dict, evaluator: DiceEvaluator, s
         generator=generator,
     )
     notes: list[str] = []
-    model = monai_pipeline.build_dynunet(cfg["model"], notes).to(device)
+    model = monai_pipeline.build_dynunet(cfg["model"]["unet"], notes).to(device)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_scheduler(cfg, optimizer, len(loader), steps)
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)

@@ -313,7 +313,7 @@ def print_report(
     print(f"command:  {shlex.join(['python', *sys.argv])}")
     print(f"device:   {device_description(device)}")
     print(f"versions: torch {torch.__version__}, MONAI {monai_pkg.__version__}, Python {platform.python_version()}")
-    model = cfg["model"]
+    model = cfg["model"]["unet"]
     micro = (ours or monai).microbatch if (ours or monai) else None
     print(
         f"setting:  phantom {args.cases} cases of {'x'.join(map(str, args.shape))} (Z,Y,X), "
@@ -680,17 +680,17 @@ def set_up(args: argparse.Namespace) -> Setup:
         args.microbatch = base["device_train_microbatch_size"]
         args.microbatch = "null" if args.microbatch is None else args.microbatch  # null = the whole batch at once
     depth = args.depth
-    levels = len(base["model"]["filters"])
+    levels = len(base["model"]["unet"]["filters"])
     if not 2 <= depth <= levels:
         raise SetupError(f"--depth {depth}: the config has {levels} levels")
-    strides = base["model"]["strides"][:depth]
+    strides = base["model"]["unet"]["strides"][:depth]
     reduction = math.prod(strides)
     if args.patch % reduction or args.patch // reduction < 2:
         raise SetupError(
             f"--patch {args.patch} with {depth} levels (total stride {reduction}) leaves "
             f"{args.patch / reduction:g} voxels at the bottleneck; instance norm needs at least 2 per axis"
         )
-    filters = [max(1, f // args.width_divisor) for f in base["model"]["filters"][:depth]]
+    filters = [max(1, f // args.width_divisor) for f in base["model"]["unet"]["filters"][:depth]]
 
     phantom, phantom_s = ensure_phantom(work, args.cases, tuple(args.shape), args.seed, args.prepare_workers)
     split_file, train_ids, val_id = write_split(work, phantom, args.cases, args.epoch_cases)
@@ -717,9 +717,9 @@ def set_up(args: argparse.Namespace) -> Setup:
         f"precision={args.precision}",
         f"train_batch_size={args.batch}",
         f"device_train_microbatch_size={args.microbatch}",
-        f"model.filters=[{','.join(map(str, filters))}]",
-        f"model.kernel_sizes=[{','.join(map(str, base['model']['kernel_sizes'][:depth]))}]",
-        f"model.strides=[{','.join(map(str, strides))}]",
+        f"model.unet.filters=[{','.join(map(str, filters))}]",
+        f"model.unet.kernel_sizes=[{','.join(map(str, base['model']['unet']['kernel_sizes'][:depth]))}]",
+        f"model.unet.strides=[{','.join(map(str, strides))}]",
     ] + ([f"data.num_workers={args.workers}"] if args.workers is not None else [])
     # The user's recipe and overrides come last, as on the unet-train command line.
     overrides = ours_overrides + user

@@ -41,7 +41,7 @@ def brats_3d_model(width_divisor: int = 1) -> dict:
     with every filter count divided by ``width_divisor`` (at least 1) for quick CPU runs."""
     from unet_trainer.config import repo_root, resolve_config
 
-    model = resolve_config(repo_root() / "configs" / "brats.yaml")["model"]
+    model = resolve_config(repo_root() / "configs" / "brats.yaml")["model"]["unet"]
     model["filters"] = [max(1, f // width_divisor) for f in model["filters"]]
     return model
 

@@ -178,7 +178,7 @@ def gpu_sizes(workers: int) -> Sizes:
 
 def dry_sizes(workers: int) -> Sizes:
     """Tiny CPU sizes that run the same commands in about 120 CPU-seconds."""
-    tiny_model = ("model.filters=[4,8,16]", "model.kernel_sizes=[3,3,3]", "model.strides=[1,2,2]")
+    tiny_model = ("model.unet.filters=[4,8,16]", "model.unet.kernel_sizes=[3,3,3]", "model.unet.strides=[1,2,2]")
     return Sizes(
         device="cpu",
         phantom_cases=4,

@@ -115,11 +115,11 @@ def build_dynunet(model_cfg: dict, notes: list[str]) -> torch.nn.Module:
         "group": ("GROUP", {"num_groups": model_cfg["norm_groups"], "affine": True}),
     }
     if model_cfg["norm"] not in norms:
-        notes.append(f"model.norm={model_cfg['norm']} has no DynUNet equivalent; DynUNet uses instance norm")
+        notes.append(f"model.unet.norm={model_cfg['norm']} has no DynUNet equivalent; DynUNet uses instance norm")
     if model_cfg["upsample"] != "transposed" or model_cfg["downsample"] != "strided_conv":
         notes.append("DynUNet always uses strided-conv downsampling and transposed-conv upsampling")
     if model_cfg["deep_supervision"]:
-        notes.append("model.deep_supervision is on for ours; the MONAI reference trains without it")
+        notes.append("model.unet.deep_supervision is on for ours; the MONAI reference trains without it")
     act = (
         ("leakyrelu", {"inplace": True, "negative_slope": model_cfg["negative_slope"]})
         if model_cfg["activation"] == "leaky_relu"
@@ -196,7 +196,7 @@ def run_monai(
     # The same worker settings as our loader (persistent workers, its batches prefetched per worker,
     # pinned memory on CUDA), so the loaders differ only in what the workers do.
     patch_voxels = math.prod(cfg["data"]["patch_size"])
-    batch_bytes = batch_size * patch_voxels * (4 * cfg["model"]["in_channels"] + 1)
+    batch_bytes = batch_size * patch_voxels * (4 * cfg["model"]["unet"]["in_channels"] + 1)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -208,7 +208,7 @@ def run_monai(
         prefetch_factor=prefetch_batches(workers, batch_bytes) if workers > 0 else None,
     )
 
-    model = build_dynunet(cfg["model"], m.notes).to(device)
+    model = build_dynunet(cfg["model"]["unet"], m.notes).to(device)
     optimizer = build_optimizer(cfg, model.parameters())
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "amp_fp16" else None
@@ -285,7 +285,7 @@ def run_monai(
     item = val_tf(monai_item(phantom, val_id))
     val_image = item["image"][None].to(device)
     val_label = item["label"][None].to(device)
-    classes = cfg["model"]["num_classes"]
+    classes = cfg["model"]["unet"]["num_classes"]
     roi = tuple(reversed(cfg["data"]["patch_size"]))
     mode = "gaussian" if cfg["eval"]["gaussian"] else "constant"
     model.eval()

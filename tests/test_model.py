@@ -31,7 +31,7 @@ def single_cpu_thread():
 
 
 # The shipped preset itself, so the DynUNet parity below holds for what users train.
-BRATS_3D = resolve_config(Path(__file__).resolve().parent.parent / "configs" / "brats.yaml")["model"]
+BRATS_3D = resolve_config(Path(__file__).resolve().parent.parent / "configs" / "brats.yaml")["model"]["unet"]
 COMPOSER_2D = dict(
     spatial_dims=2,
     in_channels=4,

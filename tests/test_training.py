@@ -73,6 +73,35 @@ def test_resume_across_an_epoch_boundary_and_load_path(tiny_config, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_with_the_old_flat_model_section_resumes_and_loads(tiny_config, tmp_path, capsys):
+    """Checkpoints of earlier versions store ``model: {filters: ...}`` without the model's name:
+    they still resume (exactly, and without a config-differs warning) and still load for inference."""
+    from unet_trainer.predict import load_model
+
+    straight = run_training(tiny_config("max_duration=3ba", run_dir=tmp_path / "straight"), progress=False)
+    run_training(tiny_config("max_duration=2ba", run_dir=tmp_path / "old"), progress=False)
+    checkpoint = (tmp_path / "old" / "checkpoints" / "latest-rank0.pt").resolve()
+    state = torch.load(checkpoint, weights_only=True)
+    ((name, settings),) = state["config"]["model"].items()
+    assert name == "unet"
+    state["config"]["model"] = settings  # the section as an earlier version saved it
+    torch.save(state, checkpoint)
+    capsys.readouterr()
+
+    resumed = run_training(tiny_config("max_duration=3ba", run_dir=tmp_path / "old"), progress=False)
+    err = capsys.readouterr().err
+    assert resumed["resumed_from"] is not None and resumed["batch"] == 3
+    assert "differs from the checkpoint" not in err
+    assert f"note: {checkpoint}: 'model' without a model name (the old shape)" in err
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    loaded = load_model(checkpoint, ["device=cpu"])
+    assert list(loaded.cfg["model"]) == ["unet"] and loaded.cfg["model"]["unet"]["filters"] == [4, 8]
+    assert (loaded.in_channels, loaded.num_outputs, loaded.spatial_dims) == (4, 4, 3)
+    assert f"note: {checkpoint} (stored config): 'model' without a model name" in capsys.readouterr().err
+
+
 def test_autoresume_off_starts_over_only_with_save_overwrite(tiny_config, tmp_path):
     run_training(tiny_config("max_duration=2ba"), progress=False)
     with pytest.raises(RunFolderError, match="save_overwrite=true"):  # it would mix with the first run
@@ -124,16 +153,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, mo
     [
         ("brats.yaml", ["data.patch_size=[16, 16, 16]"]),
         ("brats-2d.yaml", ["data.patch_size=[1, 16, 16]"]),
-        ("unet2015-2d.yaml", ["data.patch_size=[1, 52, 52]", "model.filters=[4, 8, 16]"]),  # 52 -> 12 valid
+        ("unet2015-2d.yaml", ["data.patch_size=[1, 52, 52]", "model.unet.filters=[4, 8, 16]"]),  # 52 -> 12 valid
+        ("brats-resenc.yaml", ["data.patch_size=[16, 16, 16]", "model.resenc_unet.blocks_per_stage=[1, 2, 2]"]),
     ],
 )
 def test_shipped_brats_configs_train(cache_root, tmp_path, config, extra):
-    """The shipped BraTS presets (3D DLE net, Composer's 2D residual net) train end to end, shrunk
-    only in width and size, on the phantom."""
+    """The shipped BraTS presets (3D DLE net, Composer's 2D residual net, the 2015 net, nnU-Net's
+    ResEnc) train end to end, shrunk only in width, depth and size, on the phantom."""
     from conftest import ROOT
 
     from unet_trainer.config import resolve_config
 
+    name = "resenc_unet" if config == "brats-resenc.yaml" else "unet"
     overrides = [
         f"data.cache_dir={cache_root}",
         f"save_folder={tmp_path / 'run'}",
@@ -142,9 +173,9 @@ def test_shipped_brats_configs_train(cache_root, tmp_path, config, extra):
         "data.phantom.shape=[24, 24, 24]",
         "data.num_folds=3",
         "data.num_workers=0",
-        "model.filters=[4, 8, 8]",
-        "model.kernel_sizes=[3, 3, 3]",
-        "model.strides=[1, 2, 2]",
+        f"model.{name}.filters=[4, 8, 8]",
+        f"model.{name}.kernel_sizes=[3, 3, 3]",
+        f"model.{name}.strides=[1, 2, 2]",
         "train_batch_size=2",
         "device_train_microbatch_size=null",
         "max_duration=2ba",
@@ -155,11 +186,17 @@ def test_shipped_brats_configs_train(cache_root, tmp_path, config, extra):
     summary = run_training(cfg, progress=False)
     model = summary["state"].unwrapped_model
     assert summary["batch"] == 2 and 0.0 <= summary["final_eval"]["dice/mean"] <= 1.0
-    conv = torch.nn.Conv2d if cfg["model"]["spatial_dims"] == 2 else torch.nn.Conv3d
+    settings = cfg["model"][name]
+    conv = torch.nn.Conv2d if settings["spatial_dims"] == 2 else torch.nn.Conv3d
     assert any(isinstance(m, conv) for m in model.modules())
     if config == "unet2015-2d.yaml":
         assert model.output_size((52, 52)) == (12, 12)
         assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)) for m in model.modules())
     if config == "brats-2d.yaml":
-        assert cfg["model"]["residual"] and cfg["model"]["norm"] == "batch"
+        assert settings["residual"] and settings["norm"] == "batch"
         assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    if config == "brats-resenc.yaml":
+        from unet_trainer.resenc import ResidualEncoderUNet
+
+        assert isinstance(model, ResidualEncoderUNet) and model.blocks_per_stage == (1, 2, 2)
+        assert model.deep_supervision_heads == 1

@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from .model import optimize_model
+from .schema import Probability
 from .trainer import Algorithm, Event, State
 
 
@@ -38,7 +41,7 @@ class EMA(Algorithm):
     it resumes exactly. Buffers (e.g. batch-norm statistics) are copied, not averaged.
     """
 
-    def __init__(self, decay: float = 0.999):
+    def __init__(self, decay: Probability = 0.999):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
@@ -75,7 +78,7 @@ class Compile(Algorithm):
     """``torch.compile`` the model's forward in place at init (``nn.Module.compile``), so the
     module, its state-dict keys and a DDP wrapper around it stay as they are."""
 
-    def __init__(self, mode: str = "default"):
+    def __init__(self, mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"):
         self.mode = mode
 
     def match(self, event: Event, state: State) -> bool:

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from . import callbacks as cb
-from . import reporting
-from .algorithms import EMA, ChannelsLast, Compile, CudnnBenchmark
+from . import components, reporting
 from .checkpoint import (
     LEGACY_RUN_ID,
     CheckpointError,
@@ -32,7 +31,8 @@ from .checkpoint import (
     one_line,
     restore_rng_state,
 )
-from .config import ConfigError, Duration, config_differences, dump_config
+from .components import build_model, describe_model
+from .config import ConfigError, Duration, config_differences, dump_config, upgrade_config
 from .data.layouts import DataFormatError
 from .data.loader import PatchDataset, build_train_loader
 from .data.phantom import write_phantom_dataset
@@ -42,8 +42,8 @@ from .distributed import DistInfo, barrier, init_distributed
 from .evaluation import DiceEvaluator
 from .fileio import atomic_write_text, remove_orphan_temporaries
 from .loggers import FileLogger, Logger, LoggerDestination, TensorBoardLogger
-from .losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
-from .model import UNet
+from .losses import DeepSupervisionLoss
+from .model import SegmentationModel
 from .runfolder import (
     FolderLock,
     RunFolderError,
@@ -165,46 +165,10 @@ def build_split(cfg: dict, case_ids: list[str]) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def build_model(model_cfg: dict) -> UNet:
-    """The UNet from the ``model`` section (its keys are UNet's arguments)."""
-    return UNet(**model_cfg)
-
-
 def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
+    """The optimizer the ``optimizer`` section names, over ``params``."""
     ((name, settings),) = cfg["optimizer"].items()
-    if name == "radam":
-        return torch.optim.RAdam(
-            params,
-            lr=settings["lr"],
-            betas=tuple(settings["betas"]),
-            eps=settings["eps"],
-            weight_decay=settings["weight_decay"],
-        )
-    if name == "adam":
-        return torch.optim.Adam(
-            params,
-            lr=settings["lr"],
-            betas=tuple(settings["betas"]),
-            eps=settings["eps"],
-            weight_decay=settings["weight_decay"],
-        )
-    if name == "adamw":
-        return torch.optim.AdamW(
-            params,
-            lr=settings["lr"],
-            betas=tuple(settings["betas"]),
-            eps=settings["eps"],
-            weight_decay=settings["weight_decay"],
-        )
-    if name == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=settings["lr"],
-            momentum=settings["momentum"],
-            nesterov=settings["nesterov"],
-            weight_decay=settings["weight_decay"],
-        )
-    raise ConfigError(f"unknown optimizer {name!r}")
+    return components.OPTIMIZERS[name](params, **settings)
 
 
 def build_scheduler(cfg: dict, optimizer, batches_per_epoch: int, total_batches: int) -> BatchScheduler:
@@ -227,17 +191,18 @@ def build_scheduler(cfg: dict, optimizer, batches_per_epoch: int, total_batches:
     return BatchScheduler(optimizer, ComposedSchedule(parts, total_batches))
 
 
-def build_loss(cfg: dict, model: UNet) -> DeepSupervisionLoss:
-    ((name, s),) = cfg["loss"].items()
-    base = (
-        DiceCELoss(s["dice_weight"], s["ce_weight"])
-        if name == "dice_ce"
-        else RegionDiceBCELoss(s["dice_weight"], s["bce_weight"])
-    )
-    if name == "region_dice_bce" and cfg["model"]["num_classes"] != 3:
-        raise ConfigError("loss region_dice_bce predicts WT, TC and ET: set model.num_classes=3")
-    weights = model.deep_supervision_weights() if cfg["model"]["deep_supervision"] else None
-    return DeepSupervisionLoss(base, weights)
+def build_loss(cfg: dict, model: SegmentationModel) -> DeepSupervisionLoss:
+    """The ``loss`` section's loss, over the model's deep-supervision outputs when it has them.
+
+    Raises:
+        ConfigError: ``region_dice_bce`` for a model without exactly 3 outputs.
+    """
+    ((name, settings),) = cfg["loss"].items()
+    if name == "region_dice_bce" and model.num_classes != 3:
+        ((model_name, _),) = cfg["model"].items()
+        raise ConfigError(f"loss region_dice_bce predicts WT, TC and ET: set model.{model_name}.num_classes=3")
+    weights = model.deep_supervision_weights() if model.deep_supervision_heads else None
+    return DeepSupervisionLoss(components.LOSSES[name](**settings), weights)
 
 
 def build_augmenter(cfg: dict, device: torch.device, seed: int) -> BatchAugmenter | None:
@@ -245,21 +210,11 @@ def build_augmenter(cfg: dict, device: torch.device, seed: int) -> BatchAugmente
     if not aug["enabled"]:
         return None
     transforms = {name: transform(**aug[name]) for name, transform in AUGMENTATIONS.items()}
-    return BatchAugmenter(transforms, cfg["model"]["spatial_dims"], device, seed)
+    return BatchAugmenter(transforms, describe_model(cfg["model"]).spatial_dims, device, seed)
 
 
 def build_algorithms(cfg: dict) -> list[Algorithm]:
-    algorithms: list[Algorithm] = []
-    for name, settings in cfg["algorithms"].items():
-        if name == "channels_last":
-            algorithms.append(ChannelsLast())
-        elif name == "ema":
-            algorithms.append(EMA(settings["decay"]))
-        elif name == "compile":
-            algorithms.append(Compile(settings["mode"]))
-        elif name == "cudnn_benchmark":
-            algorithms.append(CudnnBenchmark())
-    return algorithms
+    return [components.ALGORITHMS[name](**settings) for name, settings in cfg["algorithms"].items()]
 
 
 # Logger destinations switched on by name under ``callbacks:`` (their settings in config.CALLBACKS):
@@ -267,7 +222,7 @@ def build_algorithms(cfg: dict) -> list[Algorithm]:
 LOGGER_DESTINATIONS: dict[str, Callable[[dict, Path, dict], LoggerDestination]] = {
     "tensorboard": lambda s, run_dir, cfg: TensorBoardLogger(run_dir / "tensorboard"),
     "mlflow": lambda s, run_dir, cfg: reporting.MLflowLogger(
-        s["tracking_uri"], s["experiment"], s["run_name"] or cfg["run_name"], s["log_checkpoints"], run_dir, cfg
+        **{**s, "run_name": s["run_name"] or cfg["run_name"]}, run_dir=run_dir, config=cfg
     ),
 }
 
@@ -312,20 +267,19 @@ def build_callbacks(
     callbacks: list[cb.Callback] = []
     overlays = None
     if "overlays" in cfg["callbacks"] and evaluator is not None:
-        s = cfg["callbacks"]["overlays"]
         overlays = reporting.OverlayWriter(
-            run_dir / "overlays", evaluator, None if s["cases"] == "all" else s["cases"], s["every"], is_writer=is_main
+            run_dir / "overlays", evaluator, **cfg["callbacks"]["overlays"], is_writer=is_main
         )
         callbacks.append(overlays)
     for name, s in cfg["callbacks"].items():  # monitors first, so the logger sees their values
         if name == "lr_monitor":
             callbacks.append(cb.LRMonitor())
         elif name == "speed_monitor":
-            callbacks.append(cb.SpeedMonitor(s["window"]))
+            callbacks.append(cb.SpeedMonitor(**s))
         elif name == "memory_monitor":
             callbacks.append(cb.MemoryMonitor())
         elif name == "early_stopper":
-            callbacks.append(cb.EarlyStopper(s["patience"], s["min_delta"]))
+            callbacks.append(cb.EarlyStopper(**s))
         elif name == "progress_plot" and is_main:
             callbacks.append(cb.ProgressPlot(run_dir / "progress.png"))
     callbacks += [
@@ -362,12 +316,13 @@ def build_evaluator(
         progress: a progress bar over the cases.
     """
     ev = cfg["eval"]
+    model = describe_model(cfg["model"])
     return DiceEvaluator(
         prepared,
         case_ids,
         cfg["data"]["patch_size"],
-        cfg["model"]["spatial_dims"],
-        cfg["model"]["num_classes"],
+        model.spatial_dims,
+        model.num_classes,
         region_mode="region_dice_bce" in cfg["loss"],
         overlap=ev["overlap"],
         sw_batch_size=ev["sw_batch_size"],
@@ -657,7 +612,7 @@ def setup_data(cfg: dict, run_dir: Path, dist_info: DistInfo, device: torch.devi
         split["train"],
         cfg["data"]["patch_size"],
         cfg["data"]["oversampling"],
-        squeeze_slice_axis=cfg["model"]["spatial_dims"] == 2,
+        squeeze_slice_axis=describe_model(cfg["model"]).spatial_dims == 2,
     )
     try:
         loader = build_train_loader(
@@ -687,7 +642,7 @@ def setup_model_and_optimizer(cfg: dict, device: torch.device, batches_per_epoch
     model = build_model(cfg["model"]).to(device)
     patch = cfg["data"]["patch_size"]
     try:
-        model.check_input_size(patch[3 - cfg["model"]["spatial_dims"] :])
+        model.check_input_size(patch[3 - model.spatial_dims :])
     except ValueError as exc:
         raise ConfigError(f"'data.patch_size' = {patch} does not fit the model: {exc}") from None
     loss_fn = build_loss(cfg, model)
@@ -773,7 +728,9 @@ def restore_checkpoint(state: State, cfg: dict, resume: ResumePoint, dist_info: 
         return None
     path, checkpoint = resume.checkpoint_path, resume.checkpoint
     differing = [
-        k for k in config_differences(checkpoint.get("config", {}), cfg) if k.split(".")[0] not in RESUME_FREE_KEYS
+        k
+        for k in config_differences(upgrade_config(checkpoint.get("config", {}), str(path)), cfg)
+        if k.split(".")[0] not in RESUME_FREE_KEYS
     ]
     if differing and dist_info.is_main:
         shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")

@@ -29,10 +29,11 @@ from .checkpoint import (
     checkpoint_name,
     list_checkpoints,
 )
-from .config import Duration
 from .distributed import all_gather_objects, all_ranks_agree, barrier
+from .duration import Duration
 from .evaluation import write_cases_csv
 from .fileio import atomic_symlink, atomic_write
+from .schema import NonNegative, PositiveInt
 from .trainer import Callback, State, interval_due
 from .visualize import Series, draw_progress
 
@@ -256,7 +257,7 @@ class LRMonitor(Callback):
 class SpeedMonitor(Callback):
     """Logs training throughput (samples/s over the last ``window`` batches) and the data-wait share."""
 
-    def __init__(self, window: int = 10):
+    def __init__(self, window: PositiveInt = 10):
         self.times: deque = deque(maxlen=window + 1)
         self.waits: deque = deque(maxlen=window)
 
@@ -279,7 +280,7 @@ class SpeedMonitor(Callback):
 class EarlyStopper(Callback):
     """Stops when the validation mean Dice has not improved by ``min_delta`` for ``patience`` evals."""
 
-    def __init__(self, patience: int = 10, min_delta: float = 0.0):
+    def __init__(self, patience: PositiveInt = 10, min_delta: NonNegative = 0.0):
         self.patience, self.min_delta = patience, min_delta
 
     def stop_reason(self, eval_history: list[dict]) -> str | None:

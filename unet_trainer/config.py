@@ -1,4 +1,4 @@
-"""Configuration: YAML run configs, reusable recipes, command-line overrides and durations.
+"""Configuration: YAML run configs, reusable recipes and command-line overrides.
 
 A run's config is resolved from four layers, later ones winning:
 
@@ -11,11 +11,15 @@ schedulers, losses, callbacks, algorithms) are chosen from known names, never im
 
 The schema speaks Composer's vocabulary::
 
+    model:      {unet: {filters: [32, 64, 128, 256, 320, 320]}}     # or resenc_unet
     optimizer:  {radam: {lr: 1.0e-3, betas: [0.9, 0.999], eps: 1.0e-8, weight_decay: 1.0e-4}}
     schedulers: [{constant: {}}]
     max_duration: 200ep          # or 1000ba, 64000sp; a plain integer means epochs
 
-Only values live in YAML; the objects are built by :mod:`unet_trainer.builders`.
+The components' settings (model, optimizer, loss, callbacks, algorithms) are derived from their
+own signatures (:mod:`unet_trainer.components` names them); a ``model`` section without a model
+name, the shape before there was a choice, is read as the unet's, with a one-line note. Only
+values live in YAML; the objects are built by :mod:`unet_trainer.builders`.
 """
 
 from __future__ import annotations
@@ -24,16 +28,17 @@ import copy
 import difflib
 import math
 import os
-import re
+import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import components
 from .data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
+from .duration import DURATION_UNITS, Duration  # noqa: F401  (re-exported: config.Duration is public)
 from .lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,
     DEFAULT_HD95_PENALTY,
@@ -41,54 +46,13 @@ from .lesion_metrics import (
     DEFAULT_MIN_LESION_VOXELS,
     LESION_BACKENDS,
 )
+from .model import ModelArgumentError, SegmentationModel
 from .schema import F, Field, ListOf, OneOf, SetOf, fields_of
 from .transforms import AUGMENTATIONS, SettingError
 
 
 class ConfigError(ValueError):
     """A config problem, phrased as one line that names the source, the key and what was expected."""
-
-
-# --------------------------------------------------------------------------------------------
-# Durations
-# --------------------------------------------------------------------------------------------
-
-DURATION_UNITS = {"ep": "epochs", "ba": "batches", "sp": "samples"}
-_DURATION_RE = re.compile(r"^\s*(\d+)\s*(ep|ba|sp)\s*$")
-
-
-@dataclass(frozen=True)
-class Duration:
-    """A span of training time: ``value`` epochs (``ep``), batches (``ba``) or samples (``sp``)."""
-
-    value: int
-    unit: str
-
-    @classmethod
-    def parse(cls, raw: Any) -> Duration:
-        """Parse ``"200ep"``, ``"1000ba"``, ``"64sp"`` or a plain non-negative integer (epochs).
-
-        Raises:
-            ValueError: for anything else (the message says which forms are accepted).
-        """
-        if isinstance(raw, Duration):
-            return raw
-        if isinstance(raw, bool):
-            raise ValueError(f"{raw!r} is not a duration")
-        if isinstance(raw, int):
-            if raw < 0:
-                raise ValueError(f"{raw!r} is negative")
-            return cls(raw, "ep")
-        if isinstance(raw, str):
-            match = _DURATION_RE.match(raw)
-            if match:
-                return cls(int(match.group(1)), match.group(2))
-            if raw.strip().isdigit():
-                return cls(int(raw), "ep")
-        raise ValueError(f"{raw!r} is not a duration (use Nep, Nba or Nsp, e.g. 200ep, 1000ba, 64sp)")
-
-    def __str__(self) -> str:
-        return f"{self.value}{self.unit}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,31 +63,10 @@ class Duration:
 PROB = dict(minimum=0.0, maximum=1.0)
 POSITIVE = dict(minimum=0.0)
 
+# Each component's settings are derived from its own signature (unet_trainer.components names
+# them); the builder passes the parameters, folders and evaluator the exclusions name.
 OPTIMIZERS: dict[str, dict[str, Field]] = {
-    "radam": {
-        "lr": F("float", 1e-3, **POSITIVE),
-        "betas": F("float_list", [0.9, 0.999], length=2),
-        "eps": F("float", 1e-8, **POSITIVE),
-        "weight_decay": F("float", 0.0, **POSITIVE),
-    },
-    "adam": {
-        "lr": F("float", 1e-3, **POSITIVE),
-        "betas": F("float_list", [0.9, 0.999], length=2),
-        "eps": F("float", 1e-8, **POSITIVE),
-        "weight_decay": F("float", 0.0, **POSITIVE),
-    },
-    "adamw": {
-        "lr": F("float", 1e-3, **POSITIVE),
-        "betas": F("float_list", [0.9, 0.999], length=2),
-        "eps": F("float", 1e-8, **POSITIVE),
-        "weight_decay": F("float", 1e-2, **POSITIVE),
-    },
-    "sgd": {
-        "lr": F("float", 1e-2, **POSITIVE),
-        "momentum": F("float", 0.99, **POSITIVE),
-        "nesterov": F("bool", True),
-        "weight_decay": F("float", 3e-5, **POSITIVE),
-    },
+    name: fields_of(make, exclude=("params",)) for name, make in components.OPTIMIZERS.items()
 }
 
 SCHEDULERS: dict[str, dict[str, Field]] = {
@@ -135,65 +78,17 @@ SCHEDULERS: dict[str, dict[str, Field]] = {
     "linear_warmup": {"duration": F("duration", "1ep"), "start_factor": F("float", 0.0, **POSITIVE)},
 }
 
-LOSSES: dict[str, dict[str, Field]] = {
-    # Dice over the tumour labels (background left out, as Composer and DLE do) + cross-entropy.
-    "dice_ce": {"dice_weight": F("float", 1.0, **POSITIVE), "ce_weight": F("float", 1.0, **POSITIVE)},
-    # nnU-Net's BraTS mode: sigmoid outputs for WT, TC, ET with Dice + binary cross-entropy.
-    "region_dice_bce": {"dice_weight": F("float", 1.0, **POSITIVE), "bce_weight": F("float", 1.0, **POSITIVE)},
-}
+LOSSES: dict[str, dict[str, Field]] = {name: fields_of(loss) for name, loss in components.LOSSES.items()}
 
 CALLBACKS: dict[str, dict[str, Field]] = {
-    "lr_monitor": {},
-    "speed_monitor": {"window": F("int", 10, minimum=1)},
-    "memory_monitor": {},
-    "early_stopper": {"patience": F("int", 10, minimum=1), "min_delta": F("float", 0.0, **POSITIVE)},
-    # progress.png in the run folder, redrawn after each evaluation (needs matplotlib).
-    "progress_plot": {},
-    # TensorBoard event files in <save_folder>/tensorboard (needs the tensorboard package).
-    "tensorboard": {},
-    # <save_folder>/overlays/: contours of truth and prediction on three slices per validation case
-    # (the first `cases` by id, or all) and summary.png (worst and best 4 of all cases), redrawn
-    # at every `every`-th evaluation.
-    "overlays": {"cases": F("int_or_all", 16), "every": F("int", 1, minimum=1)},
-    # An MLflow run (needs mlflow: pip install 'unet-trainer[mlflow]'); run_name null = the config's.
-    "mlflow": {
-        "tracking_uri": F("str", "file:./mlruns"),
-        "experiment": F("str", "unet-trainer"),
-        "run_name": F("str", None, nullable=True),
-        "log_checkpoints": F("bool", False),
-    },
+    name: fields_of(callback, exclude=components.BUILDER_SUPPLIED) for name, callback in components.CALLBACKS.items()
 }
 
 ALGORITHMS: dict[str, dict[str, Field]] = {
-    "channels_last": {},
-    # Exponential moving average of the weights, used for evaluation and saved in checkpoints.
-    "ema": {"decay": F("float", 0.999, minimum=0.0, maximum=1.0)},
-    # torch.compile of the model's forward, in place (checkpoints keep their plain keys).
-    "compile": {"mode": F("str", "default", choices=("default", "reduce-overhead", "max-autotune"))},
-    # Let cuDNN time its convolution algorithms once per input shape and keep the fastest.
-    "cudnn_benchmark": {},
+    name: fields_of(algorithm) for name, algorithm in components.ALGORITHMS.items()
 }
 
-MODEL_FIELDS: dict[str, Field] = {
-    "spatial_dims": F("int", 3, choices=None, minimum=2, maximum=3),
-    "in_channels": F("int", 4, minimum=1),
-    "num_classes": F("int", 4, minimum=1),
-    "filters": F("int_list", [32, 64, 128, 256, 320, 320]),
-    "kernel_sizes": F("int_list", [3, 3, 3, 3, 3, 3]),
-    "strides": F("int_list", [1, 2, 2, 2, 2, 2]),
-    "norm": F("str", "instance", choices=("instance", "batch", "group", "none")),
-    "norm_groups": F("int", 8, minimum=1),
-    "activation": F("str", "leaky_relu", choices=("leaky_relu", "relu")),
-    "negative_slope": F("float", 0.01, **POSITIVE),
-    "upsample": F("str", "transposed", choices=("transposed", "linear")),
-    "downsample": F("str", "strided_conv", choices=("strided_conv", "max_pool")),
-    "residual": F("bool", False),
-    "deep_supervision": F("bool", False),
-    "deep_supervision_heads": F("int", 2, minimum=1),
-    "dropout": F("float", 0.0, **PROB),
-    "padding": F("str", "same", choices=("same", "valid")),
-    "gradient_checkpointing": F("bool", False),
-}
+MODELS: dict[str, dict[str, Field]] = {name: fields_of(model) for name, model in components.MODELS.items()}
 
 
 def augmentation_schema(transforms: Mapping[str, type] = AUGMENTATIONS) -> dict[str, Any]:
@@ -232,7 +127,8 @@ SCHEMA: dict[str, Any] = {
         CALLBACKS, {"lr_monitor": {}, "speed_monitor": {}, "memory_monitor": {}, "progress_plot": {}, "overlays": {}}
     ),
     "algorithms": SetOf(ALGORITHMS, {}),
-    "model": MODEL_FIELDS,
+    # One model by name; a section without a name (the shape before there was a choice) is a unet's.
+    "model": OneOf(MODELS, {"unet": {}}, bare="unet"),
     "data": {
         "path": F("str", None, nullable=True),
         "format": F("str", FORMAT_CHOICES[0], choices=FORMAT_CHOICES),  # "auto", then every registered layout
@@ -476,6 +372,76 @@ def _check_component_entry(source: str, path: str, entry: Any, spec: OneOf | Lis
     return name, _check_component_settings(source, f"{path}.{name}", settings, spec.components[name])
 
 
+class _BareChoice(dict):
+    """A one-of section given in the shape before it had a choice (no component named), read as
+    ``{spec.bare: settings}``. It remembers where it came from, so that a merge onto a layer that
+    chose another component can say so instead of switching the choice."""
+
+    def __init__(self, name: str, settings: dict, source: str, path: str) -> None:
+        super().__init__({name: settings})
+        self.source, self.path = source, path
+
+
+def _has_loose_keys(value: Any, spec: OneOf) -> bool:
+    """Whether a one-of section is (partly) in the shape before the choice: keys naming no component."""
+    if spec.bare is None:
+        return False
+    return value is None or (isinstance(value, dict) and (not value or any(k not in spec.components for k in value)))
+
+
+# (source, path) of the old-shape sections noted so far: one note per file (or command line).
+_NOTED_BARE: set[tuple[str, str]] = set()
+
+
+def _note_bare(source: str, path: str, name: str, key: str) -> None:
+    if (source, path) in _NOTED_BARE:
+        return
+    _NOTED_BARE.add((source, path))
+    print(
+        f"note: {source}: '{path}' without a {path} name (the old shape) is read as '{path}: {{{name}: ...}}' "
+        f"('{path}.{key}' is '{path}.{name}.{key}'); write it so to silence this note",
+        file=sys.stderr,
+    )
+
+
+def _check_bare_choice(source: str, path: str, value: dict | None, spec: OneOf) -> dict:
+    """Check a section with old-shape keys (settings of ``spec.bare`` given without its name).
+
+    The keys are checked and named as written (``model.filters``). Keys of the old shape next to
+    ``spec.bare``'s own entry (``model.filters`` and ``model.unet.norm`` on one command line) join
+    it; next to another component's they are an error, as is one setting given both ways.
+    """
+    assert spec.bare is not None
+    value = value or {}
+    loose = {k: v for k, v in value.items() if k not in spec.components}
+    named = {k: v for k, v in value.items() if k in spec.components}
+    fields = spec.components[spec.bare]
+    checked: dict[str, Any] = {}
+    for key, item in loose.items():
+        if not isinstance(key, str) or key not in fields:
+            # A component's name is a candidate too: 'model.unte' is more likely 'model.unet'.
+            raise _unknown_key_error(source, path, key, [*fields, *spec.components])
+        checked[key] = _check_field(source, f"{path}.{key}", item, fields[key])
+    other = [name for name in named if name != spec.bare]
+    if other and checked:
+        first = next(iter(checked))
+        raise ConfigError(
+            f"{source}: '{path}.{first}' is the old path of '{path}.{spec.bare}.{first}', but '{path}.{other[0]}' "
+            f"is chosen here; write '{path}.{other[0]}.{first}'"
+        )
+    if checked:
+        _note_bare(source, path, spec.bare, next(iter(checked)))
+    if spec.bare not in named:
+        return _BareChoice(spec.bare, checked, source, path)
+    name, settings = _check_component_entry(source, path, {spec.bare: named[spec.bare]}, spec)
+    twice = [key for key in checked if key in settings]
+    if twice:
+        raise ConfigError(
+            f"{source}: both '{path}.{twice[0]}' and '{path}.{name}.{twice[0]}' are given; keep '{path}.{name}.{twice[0]}'"
+        )
+    return {name: {**settings, **checked}}
+
+
 def check_layer(layer: Any, source: str, schema: Mapping[str, Any] = SCHEMA, prefix: str = "") -> dict:
     """Check one layer (a recipe, a config file or the command line) against the schema.
 
@@ -504,6 +470,8 @@ def check_layer(layer: Any, source: str, schema: Mapping[str, Any] = SCHEMA, pre
             checked[key] = _check_field(source, path, value, spec)
         elif isinstance(spec, dict):
             checked[key] = check_layer(value, source, spec, path + ".")
+        elif isinstance(spec, OneOf) and _has_loose_keys(value, spec):
+            checked[key] = _check_bare_choice(source, path, value, spec)
         elif isinstance(spec, OneOf):
             name, settings = _check_component_entry(source, path, value, spec)
             checked[key] = {name: settings}
@@ -553,6 +521,16 @@ def merge_layers(base: dict, over: dict, schema: Mapping[str, Any] = SCHEMA) -> 
             ((name, settings),) = value.items()
             if name in merged[key]:
                 merged[key] = {name: {**merged[key][name], **settings}}
+            elif isinstance(value, _BareChoice):
+                # An old-shape section means spec.bare: never let it switch a layer's other choice.
+                if settings:
+                    ((chosen, _),) = merged[key].items()
+                    first = next(iter(settings))
+                    raise ConfigError(
+                        f"{value.source}: '{value.path}.{first}' is the old path of '{value.path}.{name}.{first}', "
+                        f"but the {value.path} chosen is '{chosen}'; write '{value.path}.{chosen}.{first}' "
+                        f"(or '{value.path}.{name}.{first}' to choose {name})"
+                    )
             else:
                 merged[key] = copy.deepcopy(value)
         elif isinstance(spec, SetOf) and isinstance(merged.get(key), dict):
@@ -764,17 +742,27 @@ def resolve_config(config_path: str | os.PathLike | None, override_args: list[st
     return resolved
 
 
+def _model_to_check(section: dict) -> SegmentationModel:
+    """The model the section names, built on the meta device, so the checks can ask it.
+
+    Raises:
+        ConfigError: the model rejects its settings (the setting's path named).
+    """
+    ((name, _),) = section.items()
+    try:
+        return components.describe_model(section)
+    except ModelArgumentError as exc:
+        raise ConfigError(exc.at(f"model.{name}.{exc.argument}")) from None
+    except ValueError as exc:
+        raise ConfigError(f"'model.{name}': {exc}") from None
+
+
 def _check_consistency(cfg: dict) -> None:
     """Cross-key rules that a single field cannot express."""
-    data, model = cfg["data"], cfg["model"]
+    data = cfg["data"]
     if data["fold"] >= data["num_folds"]:
         raise ConfigError(f"'data.fold' = {data['fold']} must be below 'data.num_folds' = {data['num_folds']}")
-    n_levels = len(model["filters"])
-    for key in ("kernel_sizes", "strides"):
-        if len(model[key]) != n_levels:
-            raise ConfigError(
-                f"'model.{key}' has {len(model[key])} entries but 'model.filters' has {n_levels}; give one per level"
-            )
+    model = _model_to_check(cfg["model"])
     spacing = data["target_spacing"]
     if spacing is not None and min(spacing) <= 0:
         raise ConfigError(f"'data.target_spacing' = {spacing} must be three positive spacings (z, y, x) in mm")
@@ -788,11 +776,12 @@ def _check_consistency(cfg: dict) -> None:
             raise ConfigError(
                 f"'augmentation.{name}.{error.setting}' = {error.value} must be {error.expected}"
             ) from None
-    if model["spatial_dims"] == 2 and data["patch_size"][0] != 1:
+    if model.spatial_dims == 2 and data["patch_size"][0] != 1:
         raise ConfigError(
             f"'data.patch_size' = {data['patch_size']} must start with 1 for a 2D model (slices), e.g. [1, 192, 160]"
         )
-    _check_patch_size(data["patch_size"], model)
+    ((model_name, _),) = cfg["model"].items()
+    _check_patch_size(data["patch_size"], model, model_name)
     sgd = cfg["optimizer"].get("sgd")
     if sgd is not None and sgd["nesterov"] and sgd["momentum"] <= 0:
         raise ConfigError(
@@ -806,27 +795,59 @@ def _check_consistency(cfg: dict) -> None:
         )
 
 
-def _check_patch_size(patch: list[int], model: dict) -> None:
-    """Every patch entry >= 1, and with "same" padding a multiple of the model's total stride on
-    the axes it downsamples (the model's own check covers "valid" padding, at build time)."""
+def _fits(model: SegmentationModel, patch: list[int]) -> bool:
+    try:
+        model.check_input_size(patch[3 - model.spatial_dims :])
+    except ValueError:
+        return False
+    return True
+
+
+def _check_patch_size(patch: list[int], model: SegmentationModel, model_name: str) -> None:
+    """Every patch entry >= 1, and the patch passes through the model (its spatial axes: the last
+    ``model.spatial_dims``). When the sizes that fit are the multiples of the model's total stride
+    ("same" padding), the message names the nearest ones; otherwise it is the model's own."""
     if min(patch) < 1:
         raise ConfigError(f"'data.patch_size' = {patch}: every entry must be at least 1 voxel")
-    if model["padding"] != "same":
+    try:
+        model.check_input_size(patch[3 - model.spatial_dims :])
         return
-    total = math.prod(model["strides"])
-    axes = range(1, 3) if model["spatial_dims"] == 2 else range(3)
-    if all(patch[axis] % total == 0 for axis in axes):
-        return
-    below = [max(total, patch[a] // total * total) if a in axes else patch[a] for a in range(3)]
-    above = [-(-patch[a] // total) * total if a in axes else patch[a] for a in range(3)]
+    except ValueError as exc:
+        reason = str(exc)
+    stride = dict(zip(range(3 - model.spatial_dims, 3), model.total_stride()))
+    below = [max(stride[a], patch[a] // stride[a] * stride[a]) if a in stride else patch[a] for a in range(3)]
+    above = [-(-patch[a] // stride[a]) * stride[a] if a in stride else patch[a] for a in range(3)]
+    if not (_fits(model, below) and _fits(model, above)):
+        raise ConfigError(f"'data.patch_size' = {patch} does not fit the model: {reason}")
     nearest = str(below) if below == above else f"{below} or {above}"
     per_axis = ", ".join(
-        f"{patch[a]} -> {' or '.join(map(str, dict.fromkeys((below[a], above[a]))))}" for a in axes if patch[a] % total
+        f"{patch[a]} -> {' or '.join(map(str, dict.fromkeys((below[a], above[a]))))}"
+        for a in stride
+        if patch[a] % stride[a]
+    )
+    totals = sorted(set(stride.values()))
+    multiple = (
+        f"a multiple of {totals[0]}, the model's total stride"
+        if len(totals) == 1
+        else f"a multiple of the model's total stride on its axis, {list(stride.values())}"
     )
     raise ConfigError(
-        f"'data.patch_size' = {patch}: each entry must be a multiple of {total}, the model's total stride "
-        f"(product of model.strides {model['strides']}); nearest valid: {per_axis}, e.g. {nearest}"
+        f"'data.patch_size' = {patch}: each entry must be {multiple} (the product of model.{model_name}.strides); "
+        f"nearest valid: {per_axis}, e.g. {nearest}"
     )
+
+
+def upgrade_config(cfg: Mapping[str, Any], source: str) -> dict:
+    """A resolved config an earlier version saved (a checkpoint's), in today's shape, for comparing
+    with a new one: a ``model`` section without a model name becomes ``{unet: ...}`` (with the
+    one-line note naming ``source``). Values are not checked."""
+    upgraded = copy.deepcopy(dict(cfg))
+    spec = SCHEMA["model"]
+    section = upgraded.get("model")
+    if isinstance(section, dict) and section and not any(key in spec.components for key in section):
+        _note_bare(source, "model", spec.bare, next(iter(section)))
+        upgraded["model"] = {spec.bare: section}
+    return upgraded
 
 
 def resolve_from_base(base: dict, override_args: list[str] | None = None, source: str = "checkpoint") -> dict:

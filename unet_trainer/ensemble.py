@@ -28,6 +28,7 @@ import yaml
 
 from .builders import RESUME_FREE_KEYS
 from .checkpoint import CheckpointError
+from .components import describe_model
 from .config import ConfigError, config_differences
 from .cv import CV_CONFIG, chosen_checkpoint, fold_folders, fold_state
 from .predict import LoadedModel, load_model
@@ -40,9 +41,9 @@ def _region_mode(cfg: dict) -> str:
 # What must agree between the models of an ensemble: (name, the value in a resolved config).
 CONVENTION_KEYS = (
     ("region mode (loss)", _region_mode),
-    ("model.num_classes", lambda cfg: cfg["model"]["num_classes"]),
+    ("the model's num_classes", lambda cfg: describe_model(cfg["model"]).num_classes),
     ("data.dle_labels", lambda cfg: cfg["data"]["dle_labels"]),
-    ("model.in_channels", lambda cfg: cfg["model"]["in_channels"]),
+    ("the model's in_channels", lambda cfg: describe_model(cfg["model"]).in_channels),
     ("data.target_spacing", lambda cfg: cfg["data"]["target_spacing"]),
 )
 # Keys expected to differ between the fold models of one cross-validation (not worth a note).

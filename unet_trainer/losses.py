@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.layouts import REGION_NAMES, REGIONS
+from .schema import NonNegative
 
 # Dice smoothing as in MONAI's defaults (smooth_nr = smooth_dr = 1e-5), so the values agree.
 SMOOTH = 1e-5
@@ -43,7 +44,7 @@ class DiceCELoss(nn.Module):
     batch=True)`` with the same weights (tested).
     """
 
-    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0):
+    def __init__(self, dice_weight: NonNegative = 1.0, ce_weight: NonNegative = 1.0):
         super().__init__()
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
 
@@ -63,7 +64,7 @@ class RegionDiceBCELoss(nn.Module):
     The model must have 3 outputs, in REGION_NAMES order.
     """
 
-    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0):
+    def __init__(self, dice_weight: NonNegative = 1.0, bce_weight: NonNegative = 1.0):
         super().__init__()
         self.dice_weight, self.bce_weight = dice_weight, bce_weight
 
@@ -121,4 +122,6 @@ class DeepSupervisionLoss(nn.Module):
         weights = self.weights or [1.0 / len(outputs)] * len(outputs)
         if len(weights) != len(outputs):
             raise ValueError(f"{len(outputs)} deep-supervision outputs but {len(weights)} weights")
-        return sum(w * self.loss(out, match_target(target, out.shape[2:])) for w, out in zip(weights, outputs) if w)
+        # A zero weight (nnU-Net's lowest output) still multiplies its loss: every head stays in the
+        # graph with a zero gradient, so DDP finds no unused parameter.
+        return sum(w * self.loss(out, match_target(target, out.shape[2:])) for w, out in zip(weights, outputs))

@@ -53,7 +53,7 @@ from .data.prepare import PrepareSettings, prepare_case
 from .distributed import DistInfo
 from .evaluation import logits_to_probabilities, probabilities_to_labels, write_cases_csv
 from .inference import predict_volume
-from .model import optimize_model
+from .model import SegmentationModel, optimize_model
 from .runfolder import checkpoint_run_folder
 from .visualize import draw_case_overlay, evaluator_case_view, extract_case_view, write_overlays
 
@@ -70,7 +70,8 @@ class LoadedModel:
     """A checkpoint's model, ready for inference.
 
     Attributes:
-        model: in eval mode on ``device``.
+        model: in eval mode on ``device``; its ``spatial_dims``, ``num_classes`` and ``in_channels``
+            are what the properties below report.
         cfg: the checkpoint's resolved config with the overrides applied.
         device: where the model and every tensor of its inference live.
         amp_dtype: autocast dtype from ``cfg["precision"]`` (None for fp32).
@@ -81,7 +82,7 @@ class LoadedModel:
         timestamp: the checkpoint's progress counters (``epoch``, ``batch``...), empty if it has none.
     """
 
-    model: torch.nn.Module
+    model: SegmentationModel
     cfg: dict
     device: torch.device
     amp_dtype: torch.dtype | None
@@ -92,7 +93,7 @@ class LoadedModel:
 
     @property
     def spatial_dims(self) -> int:
-        return self.cfg["model"]["spatial_dims"]
+        return self.model.spatial_dims
 
     @property
     def patch_size(self) -> tuple[int, ...]:
@@ -100,11 +101,11 @@ class LoadedModel:
 
     @property
     def num_outputs(self) -> int:
-        return self.cfg["model"]["num_classes"]
+        return self.model.num_classes
 
     @property
     def in_channels(self) -> int:
-        return self.cfg["model"]["in_channels"]
+        return self.model.in_channels
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits of a prepared volume with the config's ``eval`` settings.

@@ -11,19 +11,20 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import numpy as np
 
 from .loggers import LoggerDestination, numeric_metrics
+from .schema import PositiveInt, Setting
 from .trainer import Callback, State
 from .visualize import evaluator_case_view, write_overlays
 
 
 class OverlayWriter(Callback):
     """``<run>/overlays/``: after every ``every``-th evaluation (and the last one), one PNG per
-    validation case (the first ``cases`` by id, None for all) and ``summary.png`` (the worst and
+    validation case (the first ``cases`` by id, or ``"all"``) and ``summary.png`` (the worst and
     best 4 of all cases). Overwritten each time, so the folder stays small.
 
     Every rank runs it: it switches the evaluator's ``case_view`` hook on for the evaluations
@@ -32,10 +33,18 @@ class OverlayWriter(Callback):
     summary picture in ``summary`` (with ``summary_batch``) for loggers that run after it.
     """
 
-    def __init__(self, folder: Path, evaluator, cases: int | None, every: int, is_writer: bool = True):
+    def __init__(
+        self,
+        folder: Path,
+        evaluator,
+        cases: Annotated[int | Literal["all"], Setting(kind="int_or_all")] = 16,
+        every: PositiveInt = 1,
+        is_writer: bool = True,
+    ):
         self.folder = Path(folder)
         self.evaluator = evaluator
-        self.cases, self.every, self.is_writer = cases, every, is_writer
+        self.cases = None if cases == "all" else cases  # None: every case
+        self.every, self.is_writer = every, is_writer
         self.summary: np.ndarray | None = None
         self.summary_batch: int | None = None
         self.seconds: float | None = None
@@ -108,10 +117,11 @@ class MLflowLogger(LoggerDestination):
 
     def __init__(
         self,
-        tracking_uri: str,
-        experiment: str,
-        run_name: str | None,
-        log_checkpoints: bool,
+        tracking_uri: str = "file:./mlruns",
+        experiment: str = "unet-trainer",
+        run_name: str | None = None,
+        log_checkpoints: bool = False,
+        *,
         run_dir: Path,
         config: Mapping[str, Any],
     ):

@@ -79,10 +79,13 @@ class OneOf:
     """Exactly one named component with its settings, e.g. ``optimizer: {radam: {lr: 1e-3}}``.
 
     A later layer naming a different component replaces the choice; naming the same one merges.
+    ``bare`` names the component that a section without a component name means (the shape the
+    section had before it had a choice, e.g. ``model: {filters: [...]}`` for ``model: {unet: ...}``).
     """
 
     components: Mapping[str, Mapping[str, Field]]
     default: Mapping[str, Any]
+    bare: str | None = None
 
 
 @dataclass(frozen=True)

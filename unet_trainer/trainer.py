@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Duration
 from .data.loader import DevicePrefetcher
 from .distributed import all_ranks_agree, average_gradients, smallest_on_any_rank
+from .duration import Duration
 
 
 class Event(str, Enum):
