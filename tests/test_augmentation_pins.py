@@ -46,7 +46,7 @@ PINNED_VOXELS = 13
 
 
 def make_augmenter(settings: str, spatial_dims: int, seed: int = SEED):
-    cfg = {"augmentation": copy.deepcopy(SETTINGS[settings]), "model": {"spatial_dims": spatial_dims}}
+    cfg = {"augmentation": copy.deepcopy(SETTINGS[settings]), "model": {"unet": {"spatial_dims": spatial_dims}}}
     return build_augmenter(cfg, torch.device("cpu"), seed)
 
 

@@ -188,10 +188,10 @@ def test_aggregate_only_with_lesion_wise_scores_and_the_latest_checkpoints(cv_ru
 
 
 def test_a_different_config_for_the_same_cv_folder_is_refused(cv_run, tmp_path):
-    status, _, err = run_cli(cv_main, [*cv_run["argv"], "model.filters=[4, 16]", "--no-progress"])
+    status, _, err = run_cli(cv_main, [*cv_run["argv"], "model.unet.filters=[4, 16]", "--no-progress"])
     assert status == 1 and err.count("\n") == 1
     assert "cv_config.yaml: this cross-validation was started with another config" in err
-    assert "model.filters" in err
+    assert "model.unet.filters" in err
     # On a copy of the record: keys a resume may change are no new experiment (the record takes
     # them), nor are evaluation settings when only scoring.
     copy = tmp_path / "copy"

@@ -43,13 +43,13 @@ def loaded_model(cfg: dict, seed: int) -> LoadedModel:
 
 @pytest.mark.parametrize("region", [False, True])
 def test_the_ensemble_averages_its_models_probabilities(tiny_config, region):
-    extra = ("loss={region_dice_bce: {}}", "model.num_classes=3") if region else ()
+    extra = ("loss={region_dice_bce: {}}", "model.unet.num_classes=3") if region else ()
     cfg = tiny_config(*extra)
     members = [loaded_model(cfg, seed) for seed in (0, 1, 2)]
     # A member with another architecture and sliding window still averages (its outputs agree).
-    other = tiny_config(*extra, "model.filters=[6, 12]", "data.patch_size=[8, 16, 8]", "eval.mirror_tta=true")
+    other = tiny_config(*extra, "model.unet.filters=[6, 12]", "data.patch_size=[8, 16, 8]", "eval.mirror_tta=true")
     members.append(loaded_model(other, 3))
-    assert check_compatible(members) == ["data.patch_size", "eval.mirror_tta", "model.filters"]
+    assert check_compatible(members) == ["data.patch_size", "eval.mirror_tta", "model.unet.filters"]
     image = torch.randn(4, 20, 18, 22)
     ensemble = EnsembleModel(members)
     with torch.no_grad():
@@ -114,7 +114,8 @@ def test_checkpoints_of_other_label_conventions_are_refused_in_one_line(checkpoi
     ):
         first = load_model(checkpoint["path"])
         other = load_model(checkpoint["path"])
-        other.cfg[key].update(value)
+        # The model's settings sit under its name (model: {unet: {...}}).
+        (other.cfg[key]["unet"] if key == "model" else other.cfg[key]).update(value)
         with pytest.raises(EnsembleError, match=f"their {key}.{next(iter(value))} differ"):
             check_compatible([first, other])
 

@@ -646,7 +646,7 @@ def test_an_appended_transform_gets_a_config_section_and_a_builder_from_its_regi
 
     sections = {name: dict(section) for name, section in defaults()["augmentation"].items() if name != "enabled"}
     sections["offset"] = {"p": 1.0, "shift": [0.5, 0.5]}
-    cfg = {"augmentation": {"enabled": True, **sections}, "model": {"spatial_dims": 3}}
+    cfg = {"augmentation": {"enabled": True, **sections}, "model": {"unet": {"spatial_dims": 3}}}
     augmenter = build_augmenter(cfg, torch.device("cpu"), seed=0)
     assert list(augmenter.transforms) == list(schema)[1:]
     assert augmenter.transforms["offset"] == Offset(p=1.0, shift=(0.5, 0.5))

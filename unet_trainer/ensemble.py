@@ -41,9 +41,9 @@ def _region_mode(cfg: dict) -> str:
 # What must agree between the models of an ensemble: (name, the value in a resolved config).
 CONVENTION_KEYS = (
     ("region mode (loss)", _region_mode),
-    ("the model's num_classes", lambda cfg: describe_model(cfg["model"]).num_classes),
+    ("model.num_classes", lambda cfg: describe_model(cfg["model"]).num_classes),
     ("data.dle_labels", lambda cfg: cfg["data"]["dle_labels"]),
-    ("the model's in_channels", lambda cfg: describe_model(cfg["model"]).in_channels),
+    ("model.in_channels", lambda cfg: describe_model(cfg["model"]).in_channels),
     ("data.target_spacing", lambda cfg: cfg["data"]["target_spacing"]),
 )
 # Keys expected to differ between the fold models of one cross-validation (not worth a note).
