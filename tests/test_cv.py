@@ -311,3 +311,36 @@ def test_unet_cv_under_torchrun_trains_every_fold_on_both_ranks_and_summarises_o
         assert saved["timestamp"]["batch"] == 2 and len(saved["rng_per_rank"]) == 2  # both ranks trained it
     rows = read_summary(cv_dir / "cv_summary.csv")
     assert [r["row"] for r in rows] == ["case"] * 6 + ["fold_mean"] * 2 + ["mean", "std"]
+
+
+def test_postprocessing_chosen_on_the_out_of_fold_predictions_applies_to_the_fold_ensemble(cv_run, tmp_path):
+    cv_dir = cv_run["cv_dir"]
+    chosen = cv_dir / "postprocessing.json"
+    argv = [*cv_run["argv"], "--aggregate-only", "--choose-postprocessing", "--postprocessing-metric", "dice"]
+    try:
+        status, out, err = run_cli(cv_main, [*argv, "--no-progress"])
+        assert status == 0, err
+        document = json.loads(chosen.read_text())
+        # Chosen on all 6 out-of-fold cases of both folds, and the score before any rule is the
+        # plain mean Dice over WT, TC, ET of the summary's overall row.
+        assert document["cases"] == 6 and document["metric"] == "dice"
+        assert document["chosen_on"] == "the out-of-fold predictions of 2 folds (6 cases)"
+        overall = next(r for r in read_summary(cv_dir / "cv_summary.csv") if r["row"] == "mean")
+        assert document["score_before"] == pytest.approx(float(overall["mean"]), abs=1e-6)
+        assert "postprocessing.json" in out
+        assert not [p for p in cv_dir.iterdir() if p.is_dir() and not p.name.startswith("fold_")]  # no spill left
+        # unet-predict on the CV folder applies it by default, and not with --no-postprocessing.
+        phantom = raw_data_dir(cv_run["cfg"], progress=False)
+        status, stdout, err = run_cli(predict_main, [str(cv_dir), str(phantom), str(tmp_path / "a"), "--no-progress"])
+        assert status == 0, err
+        assert f"Postprocessing from {chosen}" in stdout
+        status, stdout, err = run_cli(
+            predict_main, [str(cv_dir), str(phantom), str(tmp_path / "b"), "--no-postprocessing", "--no-progress"]
+        )
+        assert status == 0, err
+        assert "Postprocessing from" not in stdout
+        # The metric flag alone is refused in one line.
+        status, _, err = run_cli(cv_main, [*cv_run["argv"], "--aggregate-only", "--postprocessing-metric", "dice"])
+        assert status == 2 and err.count("\n") == 1 and "goes with --choose-postprocessing" in err
+    finally:
+        chosen.unlink(missing_ok=True)  # the other tests predict from this folder without rules

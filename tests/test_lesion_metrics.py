@@ -326,7 +326,7 @@ def test_torch_backend_scores_equal_the_scipy_backend(name, truth, pred, dilatio
     assert set(got) == set(expected)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key
-    from unet_trainer.data.formats import REGIONS
+    from unet_trainer.data.layouts import REGIONS
 
     for region, members in REGIONS.items():  # the counts behind the scores too
         a, b = np.isin(pred, members), np.isin(truth, members)

@@ -17,7 +17,7 @@ import unet_trainer.predict as predict_module
 from unet_trainer.builders import raw_data_dir, run_training
 from unet_trainer.cli import eval_main, predict_main
 from unet_trainer.config import resolve_config
-from unet_trainer.data.formats import list_cases
+from unet_trainer.data.layouts import list_cases
 from unet_trainer.metrics import case_dice
 from unet_trainer.postprocessing import (
     POSTPROCESSING_FILE,

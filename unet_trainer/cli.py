@@ -563,8 +563,9 @@ def predict_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-CV_USAGE = """usage: unet-cv CONFIG [OVERRIDES...] [--folds 0,2] [--aggregate-only] [--lesion-wise]
-               [--checkpoint best|latest] [--no-progress] [--print-config]
+CV_USAGE = f"""usage: unet-cv CONFIG [OVERRIDES...] [--folds 0,2] [--aggregate-only] [--lesion-wise]
+               [--checkpoint best|latest] [--choose-postprocessing [--postprocessing-metric M]]
+               [--no-progress] [--print-config]
 
 Cross-validation in one command: train folds 0..data.num_folds-1 of CONFIG one after another, each
 in its own run folder <save_folder>/fold_<k>/ (data.fold=k), then score every fold's chosen
@@ -581,6 +582,12 @@ excepted). Overrides as for unet-train.
   --lesion-wise      also the BraTS 2023 lesion-wise Dice and HD95 (as eval.lesion_wise=true)
   --checkpoint WHICH best (default: best-rank0.pt, the best validation mean Dice, when the fold
                      saved one, else its newest checkpoint) or latest (the newest)
+  --choose-postprocessing
+                     then choose postprocessing rules on the out-of-fold predictions of all folds
+                     (as unet-eval --choose-postprocessing does on one fold) and write
+                     <save_folder>/postprocessing.json, which unet-predict <save_folder> applies
+  --postprocessing-metric M
+                     the metric the rules must raise: {" or ".join(METRICS)}; default {DEFAULT_METRIC}
   --no-progress      no progress bars
   --print-config     print the fully resolved config and exit
   -h, --help         show this help
@@ -597,9 +604,11 @@ def cv_main(argv: list[str] | None = None) -> int:
         (config_path,), flags, overrides = _split_command_line(
             args,
             1,
-            ("--folds", "--checkpoint"),
-            ("--aggregate-only", "--lesion-wise", "--no-progress", "--print-config"),
+            ("--folds", "--checkpoint", "--postprocessing-metric"),
+            ("--aggregate-only", "--lesion-wise", "--choose-postprocessing", "--no-progress", "--print-config"),
         )
+        if flags.get("--postprocessing-metric") and not flags["--choose-postprocessing"]:
+            raise ConfigError("command line: --postprocessing-metric goes with --choose-postprocessing")
         if "=" in config_path:
             raise ConfigError(f"the first argument must be a config file, got '{config_path}'")
         cfg = resolve_config(config_path, overrides)
@@ -622,8 +631,11 @@ def cv_main(argv: list[str] | None = None) -> int:
             choice=choice,
             lesion_wise=flags["--lesion-wise"],
             progress=not flags["--no-progress"],
+            postprocessing_metric=(flags.get("--postprocessing-metric") or DEFAULT_METRIC)
+            if flags["--choose-postprocessing"]
+            else None,
         )
-    except ConfigError as exc:
+    except (ConfigError, PostprocessingError) as exc:
         return _fail(str(exc), 2)
     except (
         CrossValidationError,
@@ -642,6 +654,10 @@ def cv_main(argv: list[str] | None = None) -> int:
         return _fail(outcome.stopped, 130)
     if outcome.summary is not None:
         print(format_summary(outcome.summary))
+        if outcome.summary.postprocessing is not None:
+            from .postprocessing import format_choice
+
+            print("\n" + format_choice(outcome.summary.postprocessing, outcome.summary.postprocessing_path))
     elif outcome.pending:
         pending = ",".join(map(str, outcome.pending))
         print(

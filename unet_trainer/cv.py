@@ -24,6 +24,7 @@ evaluator as ``unet-eval`` (:func:`predict.evaluate_checkpoint`) on that fold's 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -33,7 +34,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 import yaml
@@ -376,6 +377,10 @@ class CVSummary:
     rows: list[dict]
     keys: list[str]
     csv_path: Path
+    # With a postprocessing metric: the rules chosen on all folds' out-of-fold predictions
+    # (a postprocessing.PostprocessingChoice) and the postprocessing.json written.
+    postprocessing: Any = None
+    postprocessing_path: Path | None = None
 
     def overall(self, kind: str) -> dict:
         """The overall "mean" or "std" row."""
@@ -475,28 +480,60 @@ def write_summary_csv(path: Path, rows: Sequence[dict], keys: Sequence[str]) -> 
 
 
 def score_folds(
-    cfg: dict, states: Sequence[FoldState], choice: str, lesion_wise: bool, progress: bool, log: TextIO
+    cfg: dict,
+    states: Sequence[FoldState],
+    choice: str,
+    lesion_wise: bool,
+    progress: bool,
+    log: TextIO,
+    postprocessing_metric: str | None = None,
 ) -> CVSummary:
     """Score each finished fold's chosen checkpoint on its validation cases and write the summary.
 
+    With ``postprocessing_metric`` (see :data:`postprocessing.METRICS`), also choose postprocessing
+    on the out-of-fold predictions of all folds together, as nnU-Net's determine_postprocessing
+    does on its cross-validation, and write ``<cv folder>/postprocessing.json``, which
+    ``unet-predict <cv folder>`` applies to the fold ensemble. The predictions wait in memory, or
+    beyond :data:`postprocessing.DEFAULT_MEMORY_BYTES` in a temporary folder of the CV folder.
+
     Raises:
         CheckpointError, ConfigError, DataFormatError: as :func:`predict.evaluate_checkpoint`.
+        PostprocessingError: an unknown metric (before anything is scored).
         OSError: the summary cannot be written.
     """
+    from . import postprocessing as pp
     from .predict import evaluate_checkpoint  # predict imports builders; here only when scoring
 
+    if postprocessing_metric is not None:
+        pp.check_metric(postprocessing_metric)
+    cv_dir = Path(cfg["save_folder"])
     overrides = evaluation_overrides(cfg, lesion_wise)
     scores = []
-    for state in states:
-        checkpoint, why = chosen_checkpoint(state, choice)
-        batch = state.batch if why == "latest" else checkpoint_identity(checkpoint)[1]
-        print(f"Fold {state.fold}: scoring {checkpoint} ({why}, batch {batch})", file=log)
-        report = evaluate_checkpoint(checkpoint, overrides, progress=progress, overlays=False)
-        scores.append(FoldScore(state.fold, checkpoint, why, batch, report.per_case))
-    rows, keys = summary_rows(scores)
-    csv_path = Path(cfg["save_folder"]) / CV_SUMMARY
-    write_summary_csv(csv_path, rows, keys)
-    return CVSummary(scores, rows, keys, csv_path)
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(pp.PredictionStore(cv_dir)) if postprocessing_metric else None
+        for state in states:
+            checkpoint, why = chosen_checkpoint(state, choice)
+            batch = state.batch if why == "latest" else checkpoint_identity(checkpoint)[1]
+            print(f"Fold {state.fold}: scoring {checkpoint} ({why}, batch {batch})", file=log)
+            report = evaluate_checkpoint(
+                checkpoint, overrides, progress=progress, overlays=False, case_sink=store.put if store else None
+            )
+            scores.append(FoldScore(state.fold, checkpoint, why, batch, report.per_case))
+        rows, keys = summary_rows(scores)
+        csv_path = cv_dir / CV_SUMMARY
+        write_summary_csv(csv_path, rows, keys)
+        summary = CVSummary(scores, rows, keys, csv_path)
+        if store is not None:
+            ev = cfg["eval"]
+            settings = pp.MetricSettings(
+                postprocessing_metric, ev["lesion_dilation"], ev["lesion_min_voxels"], ev["empty_policy"]
+            )
+            summary.postprocessing = pp.choose_postprocessing(store, settings)
+            chosen_on = f"the out-of-fold predictions of {len(scores)} folds ({len(store.case_ids)} cases)"
+            summary.postprocessing_path = pp.write_postprocessing(
+                cv_dir / pp.POSTPROCESSING_FILE, summary.postprocessing, cv_dir.resolve(), chosen_on, settings
+            )
+    return summary
 
 
 def run_cross_validation(
@@ -508,6 +545,7 @@ def run_cross_validation(
     progress: bool = True,
     extra_callbacks: Sequence[cb.Callback] = (),
     log: TextIO | None = None,
+    postprocessing_metric: str | None = None,
 ) -> CVOutcome:
     """Train the folds of a resolved config one after another, then score them all together.
 
@@ -523,6 +561,8 @@ def run_cross_validation(
         progress: progress bars.
         extra_callbacks: passed to every fold's :func:`builders.run_training` (tests, benchmarks).
         log: where one line per fold is written (default stderr).
+        postprocessing_metric: also choose postprocessing on the out-of-fold predictions with this
+            metric (see :func:`score_folds`).
 
     Under torchrun every rank trains the folds together (each through run_training's DDP); then
     the process group is closed and rank 0 alone scores and writes the summary.
@@ -620,7 +660,9 @@ def run_cross_validation(
             )
         return outcome
     if dist_info.is_main:
-        outcome.summary = score_folds(cfg, every, choice, lesion_wise or cfg["eval"]["lesion_wise"], progress, log)
+        outcome.summary = score_folds(
+            cfg, every, choice, lesion_wise or cfg["eval"]["lesion_wise"], progress, log, postprocessing_metric
+        )
     return outcome
 
 

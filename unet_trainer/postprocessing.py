@@ -1,7 +1,7 @@
 """Postprocessing chosen on validation, as nnU-Net's ``determine_postprocessing`` chooses it.
 
 Rules act on canonical label maps (Z, Y, X) (0 background, 1 NCR, 2 ED, 3 ET; the regions WT, TC
-and ET of :data:`unet_trainer.data.formats.REGIONS`, components 26-connected):
+and ET of :data:`unet_trainer.data.layouts.REGIONS`, components 26-connected):
 
 * ``largest_component`` (``region``): keep only the region's largest connected component;
 * ``remove_small_components`` (``region``, ``min_voxels``): remove the region's components of fewer
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .data.formats import REGION_NAMES, REGIONS
+from .data.layouts import REGION_NAMES, REGIONS
 from .fileio import atomic_write_text
 from .lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,
