@@ -217,7 +217,7 @@ def build_algorithms(cfg: dict) -> list[Algorithm]:
     return [components.ALGORITHMS[name](**settings) for name, settings in cfg["algorithms"].items()]
 
 
-# Logger destinations switched on by name under ``callbacks:`` (their settings in config.CALLBACKS):
+# Logger destinations switched on by name under ``callbacks:`` (their settings from components.CALLBACKS):
 # each builds one from its settings, the run folder and the resolved config.
 LOGGER_DESTINATIONS: dict[str, Callable[[dict, Path, dict], LoggerDestination]] = {
     "tensorboard": lambda s, run_dir, cfg: TensorBoardLogger(run_dir / "tensorboard"),

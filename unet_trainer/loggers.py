@@ -5,8 +5,8 @@ the checkpoint its resume starts from (:meth:`LoggerDestination.truncate_after`)
 
 Destinations here: :class:`FileLogger` (``metrics.jsonl`` and the CSVs, always on) and
 :class:`TensorBoardLogger`; :class:`unet_trainer.reporting.MLflowLogger` is the third. A new one
-is a subclass plus one line in ``builders.LOGGER_DESTINATIONS`` (and its settings in
-``config.CALLBACKS``).
+is a subclass plus one line in ``builders.LOGGER_DESTINATIONS`` (how to build it) and one in
+``components.CALLBACKS`` (its settings, derived from its signature).
 """
 
 from __future__ import annotations
