@@ -41,6 +41,7 @@ from .data.split import kfold_split, load_split_file
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluation import DiceEvaluator
 from .fileio import atomic_write_text, remove_orphan_temporaries
+from .guard import check_outputs
 from .loggers import FileLogger, Logger, LoggerDestination, TensorBoardLogger
 from .losses import DeepSupervisionLoss
 from .model import SegmentationModel
@@ -96,6 +97,17 @@ def cache_dir(cfg: dict) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "unet-trainer"
 
 
+def raw_data_path(cfg: dict) -> Path:
+    """The raw dataset folder ``data.path`` names (for ``data.path: null`` the phantom's folder in
+    the cache), without checking or creating it."""
+    data = cfg["data"]
+    if data["path"] is not None:
+        return Path(data["path"]).expanduser()
+    phantom = data["phantom"]
+    shape = "x".join(str(s) for s in phantom["shape"])
+    return cache_dir(cfg) / f"phantom-{phantom['style']}-{phantom['cases']}cases-{shape}-seed{phantom['seed']}"
+
+
 def raw_data_dir(cfg: dict, progress: bool = True) -> Path:
     """The raw dataset folder; for ``data.path: null`` the phantom, generated into the cache if absent.
 
@@ -103,10 +115,9 @@ def raw_data_dir(cfg: dict, progress: bool = True) -> Path:
         DataFormatError: ``data.path`` does not exist.
     """
     data = cfg["data"]
+    folder = raw_data_path(cfg)
     if data["path"] is None:
         phantom = data["phantom"]
-        shape = "x".join(str(s) for s in phantom["shape"])
-        folder = cache_dir(cfg) / f"phantom-{phantom['style']}-{phantom['cases']}cases-{shape}-seed{phantom['seed']}"
         if not (folder / "phantom.json").is_file():
             print(f"Generating the synthetic BraTS phantom into {folder}", file=sys.stderr)
             write_phantom_dataset(
@@ -119,10 +130,9 @@ def raw_data_dir(cfg: dict, progress: bool = True) -> Path:
                 style=phantom["style"],
             )
         return folder
-    path = Path(data["path"]).expanduser()
-    if not path.is_dir():
-        raise DataFormatError(f"data.path: folder {path} does not exist (set data.path=/path/to/your/BraTS)")
-    return path
+    if not folder.is_dir():
+        raise DataFormatError(f"data.path: folder {folder} does not exist (set data.path=/path/to/your/BraTS)")
+    return folder
 
 
 def prepared_data_dir(cfg: dict, source: Path) -> Path:
@@ -131,6 +141,25 @@ def prepared_data_dir(cfg: dict, source: Path) -> Path:
         return Path(cfg["data"]["prepared_path"]).expanduser()
     digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
     return cache_dir(cfg) / "prepared" / f"{source.name}-{digest}"
+
+
+def data_input_folders(cfg: dict) -> list[tuple[str, Path]]:
+    """The dataset folders a run reads, as :func:`guard.check_outputs` takes them: the raw dataset
+    and its prepared folder (neither checked nor created)."""
+    raw = raw_data_path(cfg)
+    return [("the raw dataset", raw), ("the prepared data folder", prepared_data_dir(cfg, raw))]
+
+
+def check_run_outputs(cfg: dict, run_dir: Path, what: str = "the run folder (save_folder)") -> None:
+    """Refuse a run (or cross-validation) folder that would lie in, be or hold the raw dataset or
+    its prepared folder, and a prepared folder inside the raw dataset; before anything is written.
+
+    Raises:
+        OutputPathError: one line naming both paths.
+    """
+    raw, prepared = data_input_folders(cfg)
+    check_outputs([(what, run_dir)], folders=[raw, prepared])
+    check_outputs([(prepared[0], prepared[1])], folders=[raw])
 
 
 def ensure_prepared(cfg: dict, dist_info: DistInfo, progress: bool = True) -> tuple[Path, dict]:
@@ -463,6 +492,7 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
     Raises:
         ConfigError, DataFormatError, CheckpointError: bad input, as one line.
         RunFolderError: the folder is in use, or holds another run's checkpoints.
+        OutputPathError: the folder would lie in, be or hold the raw or prepared data.
         DiskFullError (an OSError): no space left; names the file.
         TrainingDiverged: NaN/Inf loss.
     """
@@ -477,8 +507,9 @@ def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.
 def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callback], held: list) -> dict:
     """:func:`run_training` as setup steps; locks it takes go into ``held``, for the caller to release."""
     started = time.perf_counter()
-    dist_info, device = setup_device(cfg)
     run_dir = Path(cfg["save_folder"])
+    check_run_outputs(cfg, run_dir)  # before the lock file or anything else is written
+    dist_info, device = setup_device(cfg)
     resume = setup_resume(cfg, run_dir, dist_info, held)  # before anything is written into the folder
     data = setup_data(cfg, run_dir, dist_info, device, progress)
     training = setup_model_and_optimizer(cfg, device, data.batches_per_epoch)

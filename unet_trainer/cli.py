@@ -24,6 +24,7 @@ from .data.layouts import (
 )
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
 from .fileio import free_space_text
+from .guard import OutputPathError
 from .metrics import LABEL_NAMES
 from .postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
 from .runfolder import RunFolderError
@@ -149,7 +150,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_training(cfg)
-    except (ConfigError, DataFormatError, CheckpointError, RunFolderError, TrainingDiverged) as exc:
+    except (ConfigError, DataFormatError, CheckpointError, RunFolderError, OutputPathError, TrainingDiverged) as exc:
         return _fail(str(exc))
     except OSError as exc:  # e.g. an unwritable save_folder or a full disk
         return _fail(_os_error_line(exc, Path(cfg["save_folder"])))

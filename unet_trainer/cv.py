@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from . import callbacks as cb
-from .builders import RESUME_FREE_KEYS, run_training
+from .builders import RESUME_FREE_KEYS, check_run_outputs, run_training
 from .checkpoint import (
     CHECKPOINT_RE,
     LEGACY_RUN_ID,
@@ -574,6 +574,7 @@ def run_cross_validation(
         ConfigError: bad folds.
         CrossValidationError: the folder holds another experiment, or (scoring) a fold is missing,
             unfinished or from another config.
+        OutputPathError: the folder would lie in, be or hold the raw or prepared data.
         whatever :func:`builders.run_training` raises for a fold (bad data, a diverged loss...).
     """
     log = sys.stderr if log is None else log
@@ -587,8 +588,10 @@ def run_cross_validation(
         folds = list(range(num_folds))
     if not folds or any(not 0 <= f < num_folds for f in folds):
         raise ConfigError(f"folds {list(folds)}: each must be from 0 to {num_folds - 1} ('data.num_folds')")
-    dist_info = init_distributed(_device_type(cfg["device"]))
     cv_dir = Path(cfg["save_folder"])
+    # Every fold's run folder lies inside: one check, before the record or any lock is written.
+    check_run_outputs(cfg, cv_dir, "the cross-validation folder (save_folder)")
+    dist_info = init_distributed(_device_type(cfg["device"]))
     outcome = CVOutcome(cv_dir, list(folds))
     duration, stopper = finish_rule(cfg)
 

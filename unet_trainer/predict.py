@@ -34,7 +34,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .builders import AMP_DTYPES, build_device, build_evaluator, build_model, build_split, ensure_prepared
+from .builders import (
+    AMP_DTYPES,
+    build_device,
+    build_evaluator,
+    build_model,
+    build_split,
+    data_input_folders,
+    ensure_prepared,
+)
 from .checkpoint import CheckpointError, load_checkpoint, one_line
 from .config import ConfigError, resolve_from_base
 from .data.layouts import (
@@ -52,6 +60,7 @@ from .data.loader import PreparedCase
 from .data.prepare import PrepareSettings, prepare_case
 from .distributed import DistInfo
 from .evaluation import logits_to_probabilities, probabilities_to_labels, write_cases_csv
+from .guard import check_outputs
 from .inference import predict_volume
 from .model import SegmentationModel, optimize_model
 from .runfolder import checkpoint_run_folder
@@ -361,7 +370,8 @@ def predict_dataset(
             fold's chosen checkpoint), whose probabilities are averaged
             (:mod:`unet_trainer.ensemble`).
         input_dir: raw cases in any supported layout; labels are not needed (and not used).
-        output_dir: created if missing; must not be ``input_dir``.
+        output_dir: created if missing; must not be, lie inside or hold ``input_dir``, nor be or
+            hold a checkpoint (or model folder) it reads.
         fmt: layout name or "auto".
         overrides: config overrides (e.g. ``eval.mirror_tta=true``, ``device=cpu``).
         probabilities: also write the probabilities.
@@ -379,20 +389,22 @@ def predict_dataset(
         CheckpointError, ConfigError: as :func:`load_model`; EnsembleError (a CheckpointError):
             checkpoints that cannot be averaged (see :func:`ensemble.load_models`).
         DataFormatError: the input folder is missing, holds no recognised layout or no case,
-            a listing problem (e.g. a case missing a modality file), or output_dir is input_dir.
+            or a listing problem (e.g. a case missing a modality file).
+        OutputPathError: output_dir clashes with an input (see ``output_dir``); nothing is written.
     """
     log = sys.stderr if log is None else log
     input_dir, output_dir = Path(input_dir).expanduser(), Path(output_dir).expanduser()
-    from .ensemble import load_models  # ensemble builds on this module
+    from .ensemble import expand_checkpoints, load_models  # ensemble builds on this module
 
-    loaded = load_models(checkpoint, overrides, log)
+    given = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
+    loaded = load_models(given, overrides, log)
     cases = list_cases(input_dir, fmt, require_labels=False)
     if not cases:
         raise DataFormatError(f"{input_dir}: no cases found")
-    if output_dir.resolve() == input_dir.resolve():
-        raise DataFormatError(
-            f"{output_dir}: the output folder must not be the input folder (raw data is never written)"
-        )
+    # A run or unet-cv folder given as a model is kept whole, and so is each checkpoint it stands for.
+    models = [("the model folder" if path.is_dir() else "the checkpoint", path) for path in given]
+    models += [("the checkpoint", path) for path, where in expand_checkpoints(given) if where]
+    check_outputs([("the output folder", output_dir)], folders=[("the input dataset", input_dir)], files=models)
     _speed_up_cuda(loaded.device)
     summary = PredictSummary()
     settings = PrepareSettings.from_config(loaded.cfg["data"])  # as the training data was prepared
@@ -502,6 +514,8 @@ def evaluate_checkpoint(
     Raises:
         CheckpointError, ConfigError: as :func:`load_model`.
         DataFormatError: missing or bad data, or an empty validation fold.
+        OutputPathError: the CSV or its overlays folder would be, lie inside or hold the raw or
+            prepared data scored, or be or hold the checkpoint; nothing is written.
     """
     loaded = load_model(checkpoint, overrides)
     cfg = loaded.cfg
@@ -510,18 +524,27 @@ def evaluate_checkpoint(
         # config: the loaded model's stays as it was.
         other = dict(path=str(Path(dataset).expanduser()), format=fmt, prepared_path=None, split_file=None)
         cfg = {**cfg, "data": {**cfg["data"], **other}}
+        tag = Path(dataset).expanduser().resolve().name
+    else:
+        tag = f"val-fold{cfg['data']['fold']}" if not cfg["data"]["split_file"] else "val"
+    csv_path = Path(out_csv).expanduser() if out_csv is not None else default_eval_csv(loaded.checkpoint, tag)
+    overlay_dir = csv_path.parent / f"{csv_path.stem}_overlays" if overlays else None
+    # Before the cache is prepared: the CSV and overlays never land in what is scored.
+    check_outputs(
+        [("the per-case CSV", csv_path)] + ([("the overlays folder", overlay_dir)] if overlay_dir else []),
+        folders=data_input_folders(cfg),
+        files=[("the checkpoint", loaded.checkpoint)],
+    )
     _speed_up_cuda(loaded.device)
     prepared, index = ensure_prepared(cfg, DistInfo(), progress=progress)
     if dataset is not None:
         case_ids = list(index["cases"])
         source = f"all {len(case_ids)} labelled cases of {dataset}"
-        tag = Path(dataset).expanduser().resolve().name
     else:
         case_ids = build_split(cfg, list(index["cases"]))["val"]
         data = cfg["data"]
         where = data["split_file"] or f"fold {data['fold']} of {data['num_folds']}"
         source = f"validation cases ({where}) of {data['path'] or 'the phantom'}"
-        tag = f"val-fold{data['fold']}" if not data["split_file"] else "val"
     if not case_ids:
         raise DataFormatError(f"no cases to evaluate: {source} is empty")
     evaluator = build_evaluator(cfg, prepared, case_ids, loaded.device, progress=progress)
@@ -530,11 +553,8 @@ def evaluate_checkpoint(
     means, per_case = evaluator.score_model(loaded.model)
     keys = [k for k in per_case[0] if k != "case_id"]
     counts = {k: sum(1 for row in per_case if not math.isnan(row[k])) for k in keys}
-    csv_path = Path(out_csv).expanduser() if out_csv is not None else default_eval_csv(loaded.checkpoint, tag)
     write_cases_csv(csv_path, per_case)
-    overlay_dir = None
-    if overlays:
-        overlay_dir = csv_path.parent / f"{csv_path.stem}_overlays"
+    if overlay_dir is not None:
         write_overlays(
             overlay_dir,
             evaluator.last_views,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..fileio import atomic_save_npy, atomic_write_text, remove_orphan_temporaries
+from ..guard import check_outputs
 from ..runfolder import PREPARE_LOCK_NAME, FolderLock
 from .layouts import (
     CANONICAL_CHANNELS,
@@ -296,6 +297,7 @@ def prepare_dataset(
         DataFormatError: the first bad case (one line naming case and file) unless ``skip_bad``;
             also an unrecognised or empty source folder, a forced ``fmt`` the folder does not
             hold, or a folder where every case is bad.
+        OutputPathError: ``out`` is, lies inside or holds ``source`` (nothing is written).
     """
     source, out = Path(source), Path(out)
     # Cases whose files are missing or ambiguous are found while listing; with skip_bad they
@@ -304,8 +306,7 @@ def prepare_dataset(
     cases = list_cases(source, fmt, require_labels=require_labels, bad=errors if skip_bad else None)
     if not cases and not errors:
         raise DataFormatError(_no_cases_message(source, fmt))
-    if source.resolve() == out.resolve() or out.resolve() in source.resolve().parents:
-        raise DataFormatError(f"{out}: the prepared folder must not be the raw folder or contain it")
+    check_outputs([("the prepared folder", out)], folders=[("the raw dataset", source)])
     out.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(out, PREPARE_LOCK_NAME).acquire(
         wait=True, on_wait=lambda holder: print(f"waiting for {holder}, which is preparing {out}", file=sys.stderr)
