@@ -1,6 +1,6 @@
 """No command writes into what it reads: unet-predict, unet-eval --out, unet-data prepare, unet-train
 and unet-cv refuse an output inside (or equal to, or holding) their input dataset, prepared data or
-checkpoint in one line, before anything is written."""
+checkpoint in one line, before anything is written; and run_name must be a plain folder name."""
 
 import hashlib
 import os
@@ -12,7 +12,7 @@ from conftest import ROOT, tiny_overrides
 
 from unet_trainer.builders import prepared_data_dir, raw_data_dir, run_training
 from unet_trainer.cli import cv_main, data_main, eval_main, predict_main, train_main
-from unet_trainer.config import resolve_config
+from unet_trainer.config import ConfigError, resolve_config
 from unet_trainer.data.layouts import list_cases, write_case
 from unet_trainer.guard import OutputPathError, check_outputs
 
@@ -269,3 +269,27 @@ def test_unet_cv_with_its_folder_inside_the_data_is_refused(cache_root, tmp_path
         assert str(ds) in line and str(cv_dir) in line, line
         assert tree_state(tmp_path) == around
     assert tree_state(ds) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# run_name is a plain name
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "/abs", ".", "..", "a\\b", "''", "' '"])
+def test_run_name_must_be_a_plain_folder_name(name):
+    with pytest.raises(ConfigError, match=r"^'run_name' = .* must be a plain folder name"):
+        resolve_config(DEMO, [f"run_name={name}"])
+
+
+def test_run_name_climbing_out_of_runs_writes_nothing(cache_root, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    overrides = [o for o in tiny_overrides(cache_root, tmp_path / "unused") if not o.startswith("save_folder=")]
+    for main, extra in ((train_main, []), (cv_main, ["--no-progress"])):
+        status = main([DEMO, *overrides, "max_duration=1ba", "run_name=../../x", *extra])
+        line = one_error_line(capsys.readouterr().err)
+        assert status == 2 and "'run_name' = '../../x'" in line, line
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["work"]
+    assert resolve_config(DEMO, ["run_name=my.run-2"])["save_folder"] == "runs/my.run-2"

@@ -737,9 +737,24 @@ def resolve_config(config_path: str | os.PathLike | None, override_args: list[st
     resolved = _fill_defaults(merged, SCHEMA)
     if resolved["run_name"] is None:
         resolved["run_name"] = Path(config_path).stem if config_path is not None else "run"
+    _check_run_name(resolved["run_name"])
     resolved["save_folder"] = resolved["save_folder"].replace("{run_name}", resolved["run_name"])
     _check_consistency(resolved)
     return resolved
+
+
+def _check_run_name(name: str) -> None:
+    """``run_name`` names one folder (in ``save_folder``'s default ``runs/{run_name}``), so it must
+    be a plain name: a separator or ``..`` would put the run's files elsewhere.
+
+    Raises:
+        ConfigError: no name, ``.`` or ``..``, or a path separator in it.
+    """
+    if not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+        raise ConfigError(
+            f"'run_name' = {name!r} must be a plain folder name (not empty, '.' or '..', no '/' or '\\'); "
+            "to put the run elsewhere set save_folder=PATH"
+        )
 
 
 def _model_to_check(section: dict) -> SegmentationModel:
