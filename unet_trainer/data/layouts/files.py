@@ -8,6 +8,7 @@ previous file or the complete new one, never half a file.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import struct
@@ -295,11 +296,26 @@ def save_nifti_atomic(path: Path, data_xyz: np.ndarray, affine: np.ndarray) -> N
     Both sform and qform carry the affine (code 1, scanner) so tools that prefer either
     agree. NIfTI stores the sform in float32, so affine entries round to float32.
     """
+    path = check_nifti_path(path)
     image = nib.Nifti1Image(np.asarray(data_xyz), affine)
     image.header.set_data_dtype(data_xyz.dtype)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
-    atomic_write(path, lambda temporary: nib.save(image, str(temporary)))
+    atomic_write(path, lambda temporary: _write_nifti(image, temporary, compressed=path.name.endswith(".gz")))
+
+
+def _write_nifti(image: nib.Nifti1Image, destination: Path, compressed: bool) -> None:
+    """Serialise ``image`` as one ``.nii`` file, gzipped when ``compressed``, to ``destination``
+    whatever its name: nib.save takes the format from the name, and temporaries end in ".tmp"."""
+    with open(destination, "wb") as handle:
+        # The bytes nib.save writes: gzip level 1, no time stamp and no file name in the gzip header
+        # (else the temporary's name would be stored in the file).
+        with (
+            gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=1, mtime=0)
+            if compressed
+            else contextlib.nullcontext(handle)
+        ) as stream:
+            image.to_file_map({"image": nib.FileHolder(fileobj=stream)})
 
 
 def save_volume(path: Path, volume_zyx: np.ndarray, affine: np.ndarray) -> None:
