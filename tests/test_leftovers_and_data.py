@@ -3,12 +3,14 @@ is allocated, and data that is almost surely a mistake: each try as a hostile us
 with the check that nothing was written or lost."""
 
 import fnmatch
+import gzip
 import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -18,8 +20,9 @@ import pytest
 from conftest import ROOT, tiny_overrides
 
 from unet_trainer.builders import raw_data_dir, run_training
-from unet_trainer.cli import predict_main
+from unet_trainer.cli import data_main, predict_main, train_main
 from unet_trainer.config import resolve_config
+from unet_trainer.data.layouts import MAX_IMAGE_VALUES
 from unet_trainer.data.layouts.files import save_nifti_atomic
 from unet_trainer.data.phantom import write_phantom_dataset
 from unet_trainer.fileio import temporary_sibling, temporary_target
@@ -189,3 +192,156 @@ def test_a_second_predict_into_a_busy_folder_stops_and_keeps_the_live_ones_tempo
     assert predict_main(command) == 0
     assert not being_written.exists() and not (out / PREDICT_LOCK_NAME).exists()
     assert f"{case}.nii.gz" in globbed(out)["*.nii.gz"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The workers of a killed preparation end with it
+# ---------------------------------------------------------------------------------------------
+
+SLOW_PREPARE = """
+import os, sys, time
+from pathlib import Path
+import unet_trainer.data.prepare as prepare
+
+def slow_prepare_case(raw, settings):
+    Path(sys.argv[3], str(os.getpid())).touch()  # this worker is at work
+    time.sleep(60)
+    raise SystemExit("the test should have killed this worker")
+
+prepare.prepare_case = slow_prepare_case
+from unet_trainer.cli import data_main
+data_main(["prepare", sys.argv[1], "--out", sys.argv[2], "--workers", "2"])
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def test_the_workers_of_a_killed_preparation_end_with_it(phantom, tmp_path):
+    working = tmp_path / "working"
+    working.mkdir()
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SLOW_PREPARE, str(phantom), str(tmp_path / "prepared"), str(working)],
+        env=ENV,
+        start_new_session=True,  # its own process group, so the test can clean up whatever remains
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.05)
+            workers = [int(p.name) for p in working.iterdir()]
+        assert len(workers) == 2, "the preparation did not start two workers"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if _running(pid)], "workers outlived the killed preparation"
+    finally:
+        parent.kill()
+        parent.wait()
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A full disk while preparing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_preparing_is_one_line_and_loses_nothing(phantom, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "prepared"
+    assert data_main(["prepare", str(phantom), "--out", str(out), "--workers", "1"]) == 0
+    # The last case is yet to be prepared (as after adding it to the raw folder).
+    for path in out.glob("BraTS2021_00002_*"):
+        path.unlink()
+    raw_before, prepared_before = tree_digest(phantom), tree_digest(out)
+    real_save = np.save
+
+    def save(file, array, *args, **kwargs):
+        # numpy's tofile on a full disk: part of the bytes written, an OSError without errno.
+        if "BraTS2021_00002_y" in str(getattr(file, "name", file)):
+            half = b"\x93NUMPY half an array"
+            if hasattr(file, "write"):
+                file.write(half)
+            else:
+                Path(file).write_bytes(half)
+            raise OSError("87808 requested and 42976 written")
+        return real_save(file, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", save)
+    assert data_main(["prepare", str(phantom), "--out", str(out), "--workers", "1"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert str(out / "BraTS2021_00002_y.npy") in line and "no space left" in line and " free" in line
+    assert tree_digest(phantom) == raw_before
+    assert tree_digest(out) == prepared_before  # the earlier cases untouched, no file of the failed one
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Sizes checked before anything is allocated
+# ---------------------------------------------------------------------------------------------
+
+
+def write_with_claimed_shape(path: Path, shape: tuple[int, int, int]) -> None:
+    """Rewrite a NIfTI file by hand so that its header claims ``shape`` while its voxels stay few."""
+    image = nib.load(str(path))
+    header = image.header.copy()
+    header.set_data_shape(shape)
+    voxels = np.asarray(image.dataobj, dtype=np.float32).tobytes()
+    raw = header.binaryblock + b"\0" * (int(header.get_data_offset()) - len(header.binaryblock)) + voxels
+    path.write_bytes(gzip.compress(raw))
+
+
+@pytest.mark.parametrize(
+    "shape,expected",
+    [
+        ((30000, 30000, 30000), "at most 1,073,741,824 values"),  # beyond any brain MRI
+        ((900, 900, 900), "cannot read"),  # plausible, but far more bytes than the file holds
+    ],
+)
+def test_a_header_claiming_a_huge_shape_is_one_line_and_nothing_is_allocated(
+    phantom, tmp_path, capsys, shape, expected
+):
+    bad = phantom / "BraTS2021_00001" / "BraTS2021_00001_t1.nii.gz"
+    write_with_claimed_shape(bad, shape)
+    raw_before = tree_digest(phantom)
+    out = tmp_path / "prepared"
+    assert data_main(["prepare", str(phantom), "--out", str(out), "--workers", "1"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "BraTS2021_00001" in line and str(bad) in line and str(shape) in line and expected in line
+    assert tree_digest(phantom) == raw_before
+    assert not [p.name for p in out.glob("BraTS2021_00001_*")] and not (out / "prepare.json").exists()
+
+
+def test_a_target_spacing_that_makes_cases_huge_is_one_line_before_resampling(phantom, tmp_path, capsys):
+    raw_before = tree_digest(phantom)
+    out = tmp_path / "prepared"
+    command = ["prepare", str(phantom), "--out", str(out), "--workers", "2", "--target-spacing", "0.01", "0.01", "0.01"]
+    started = time.monotonic()
+    assert data_main(command) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert time.monotonic() - started < 30
+    assert "case BraTS2021_0000" in line and "(0.01, 0.01, 0.01) mm" in line and "x 4 channels" in line
+    assert f"at most {MAX_IMAGE_VALUES:,} values" in line and "target_spacing" in line
+    assert tree_digest(phantom) == raw_before and not list(out.glob("*.npy"))
+
+
+def test_train_with_a_huge_target_spacing_is_one_line(cache_root, tmp_path, capsys):
+    overrides = tiny_overrides(cache_root, tmp_path / "run", "max_duration=1ba", "data.target_spacing=[0.01,0.01,0.01]")
+    assert train_main([str(DEMO), *overrides]) != 0
+    line = one_error_line(capsys.readouterr().err)
+    assert "(0.01, 0.01, 0.01) mm" in line and "gives shape" in line

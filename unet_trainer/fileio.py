@@ -31,6 +31,9 @@ import numpy as np
 # final name's extension last (".tmp.nii.gz"); those leftovers are recognised and cleared too.
 _TEMPORARY_RE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp(\.[A-Za-z0-9.]+)?$")
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# numpy's ndarray.tofile (behind np.save on a real file) reports a short write as this OSError,
+# without an errno; on a regular file a write falls short only when the disk (or quota) is full.
+_SHORT_WRITE_RE = re.compile(r"^\d+ requested and \d+ written$")
 
 
 class DiskFullError(OSError):
@@ -96,7 +99,9 @@ def is_disk_full(exc: BaseException) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        if isinstance(exc, OSError) and (
+            exc.errno in _DISK_FULL_ERRNOS or (exc.errno is None and _SHORT_WRITE_RE.match(str(exc)))
+        ):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
