@@ -345,3 +345,36 @@ def test_train_with_a_huge_target_spacing_is_one_line(cache_root, tmp_path, caps
     assert train_main([str(DEMO), *overrides]) != 0
     line = one_error_line(capsys.readouterr().err)
     assert "(0.01, 0.01, 0.01) mm" in line and "gives shape" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A case missing a modality at prediction; labels that are all background
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_case_missing_a_modality_is_skipped_and_the_others_are_predicted(trained, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    shutil.copytree(trained["phantom"], raw)
+    cases = sorted(c.name for c in raw.iterdir() if c.is_dir())
+    missing = raw / cases[1] / f"{cases[1]}_t2.nii.gz"
+    missing.unlink()
+    raw_before = tree_digest(raw)
+    out = tmp_path / "predictions"
+    assert predict_main([str(trained["checkpoint"]), str(raw), str(out), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped {cases[1]}: ") and "t2" in skipped[0]
+    assert "Traceback" not in captured.err and f"1 case(s) failed: {cases[1]}" in captured.err
+    assert globbed(out)["*.nii.gz"] == sorted(f"{c}.nii.gz" for c in cases if c != cases[1])
+    assert tree_digest(raw) == raw_before
+
+
+def test_a_dataset_whose_labels_are_all_background_is_warned_once(phantom, tmp_path, capsys):
+    assert data_main(["prepare", str(phantom), "--out", str(tmp_path / "with-tumours"), "--workers", "1"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    for seg in sorted(phantom.glob("*/*_seg.nii.gz")):
+        image = nib.load(str(seg))
+        nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), str(seg))
+    assert data_main(["prepare", str(phantom), "--out", str(tmp_path / "prepared"), "--workers", "2"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(phantom) in warnings[0] and "all 3 labelled cases are empty" in warnings[0]

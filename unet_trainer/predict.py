@@ -385,7 +385,8 @@ def predict_dataset(
         CheckpointError, ConfigError: as :func:`load_model`; EnsembleError (a CheckpointError):
             checkpoints that cannot be averaged (see :func:`ensemble.load_models`).
         DataFormatError: the input folder is missing, holds no recognised layout or no case,
-            a listing problem (e.g. a case missing a modality file), or output_dir is input_dir.
+            a listing problem of the whole folder, or output_dir is input_dir (a case missing a
+            modality file is skipped and reported instead).
         RunFolderError: another unet-predict is writing into ``output_dir`` (names it).
     """
     log = sys.stderr if log is None else log
@@ -393,8 +394,10 @@ def predict_dataset(
     from .ensemble import load_models  # ensemble builds on this module
 
     loaded = load_models(checkpoint, overrides, log)
-    cases = list_cases(input_dir, fmt, require_labels=False)
-    if not cases:
+    # A case whose files are incomplete (a missing modality) is skipped like one that cannot be read.
+    unlisted: dict[str, str] = {}
+    cases = list_cases(input_dir, fmt, require_labels=False, bad=unlisted)
+    if not cases and not unlisted:
         raise DataFormatError(f"{input_dir}: no cases found")
     if output_dir.resolve() == input_dir.resolve():
         raise DataFormatError(
@@ -410,6 +413,9 @@ def predict_dataset(
             print(
                 f"note: removed {len(removed)} temporary file(s) left in {output_dir} by an interrupted run", file=log
             )
+        for case_id, error in sorted(unlisted.items()):
+            summary.failed[case_id] = error
+            print(f"skipped {case_id}: {error}", file=log)
         _predict_cases(loaded, cases, output_dir, probabilities, progress, log, overlays, postprocess, summary)
     finally:
         lock.release()

@@ -247,6 +247,9 @@ def prepare_case(raw: RawCase, settings: PrepareSettings) -> tuple[np.ndarray, n
         "label_convention": raw.label_convention,
         "prepared_shape": list(image.shape[1:]),
         "has_label": label is not None,
+        # Tumour voxels after cropping and resampling (None without a label): a dataset where every
+        # case has none is almost surely read from the wrong label files.
+        "foreground_voxels": int(np.count_nonzero(label)) if label is not None else None,
     }
     return image.astype(np.float32, copy=False), label, meta
 
@@ -450,12 +453,41 @@ def _prepare_cases(
         "skipped": errors,
     }
     atomic_write_text(out / "prepare.json", json.dumps(record, indent=1))
+    _print_warning(no_tumour_warning(source, out, good))
     return record
 
 
 def _print_warning(warning: str | None) -> None:
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+
+
+def no_tumour_warning(source: Path, out: Path, case_ids: Sequence[str]) -> str | None:
+    """A warning when every labelled case of a preparation has an empty segmentation (background
+    only): almost surely the wrong label files or layout, and nothing a model could learn. None
+    when some case has tumour, or no case a label (cases prepared before their metadata counted
+    tumour voxels count as unknown, so as not empty).
+
+    Args:
+        source: the raw dataset folder (named in the warning).
+        out: the prepared folder holding ``{case}_meta.json`` for every id of ``case_ids``.
+    """
+    labelled = empty = 0
+    for case_id in case_ids:
+        try:
+            voxels = json.loads((out / f"{case_id}_meta.json").read_text()).get("foreground_voxels")
+        except (OSError, ValueError):
+            continue
+        if isinstance(voxels, int):
+            labelled += 1
+            empty += voxels == 0
+    if not labelled or empty < labelled:
+        return None
+    return (
+        f"{source}: the segmentations of all {labelled} labelled cases are empty (background only), so a model "
+        "learns nothing from them; check that the label files are the right ones and the layout (data.format, "
+        "--format) is the dataset's"
+    )
 
 
 def _arm_parent_death_signal() -> bool:
