@@ -632,11 +632,11 @@ def test_failed_write_leaves_previous_file_intact_and_no_temporary(tmp_path, mon
     write_label_nifti(path, canonical_labels(), np.eye(4), "brats2023")
     original = path.read_bytes()
 
-    def crash_half_way(image, filename):
+    def crash_half_way(image, filename, compressed):
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(layout_files.nib, "save", crash_half_way)
+    monkeypatch.setattr(layout_files, "_write_nifti", crash_half_way)
     with pytest.raises(OSError, match="disk full"):
         write_label_nifti(path, np.zeros(SHAPE_ZYX, np.uint8), np.eye(4), "brats2023")
     assert path.read_bytes() == original

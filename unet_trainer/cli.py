@@ -551,7 +551,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         )
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    except (DataFormatError, CheckpointError, ValueError, OSError) as exc:
+    except (DataFormatError, CheckpointError, RunFolderError, ValueError, OSError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

@@ -3,8 +3,12 @@
 Every file is written under a hidden temporary name in the same folder, flushed to disk, then
 renamed over its final name (an atomic step on POSIX), and the folder entry is flushed too. A
 crash at any moment leaves either the previous file or the complete new one, never a half file
-under the real name; leftovers start with "." and end in ".tmp<ext>", which no reader picks up,
-and :func:`remove_orphan_temporaries` clears them once the folder's lock shows no writer is alive.
+under the real name. Temporaries are named ``.<name>.<32 hex digits>.tmp``: hidden, and ending in
+no file extension, so that no reader and no glob for data files (``*.nii.gz``, ``*.npy``, ``*.csv``
+...) picks up the half file a killed writer leaves; :func:`remove_orphan_temporaries` clears them
+once the folder's lock shows no writer is alive. Writers that choose a format from the file name
+(numpy's ``np.save`` adds ``.npy``, nibabel reads ``.nii.gz``) are therefore given an open file or
+the format explicitly.
 
 A write that fails because the disk is full raises :class:`DiskFullError`: one line naming the
 file and the space left, with the partial temporary already removed.
@@ -23,14 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-# Known multi-part extensions kept last on temporary names, so writers that choose their format
-# from the file name (nibabel's .nii.gz, matplotlib's .png) still see it.
-_EXTENSIONS = (".nii.gz", ".nii", ".npy", ".json", ".png", ".pt", ".csv", ".yaml", ".txt")
-
-
-# What temporary_sibling names look like: ".{name}.{32 hex digits}.tmp{extension}".
+# What temporary_sibling names look like: ".{name}.{32 hex digits}.tmp". Earlier versions kept the
+# final name's extension last (".tmp.nii.gz"); those leftovers are recognised and cleared too.
 _TEMPORARY_RE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp(\.[A-Za-z0-9.]+)?$")
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# numpy's ndarray.tofile (behind np.save on a real file) reports a short write as this OSError,
+# without an errno; on a regular file a write falls short only when the disk (or quota) is full.
+_SHORT_WRITE_RE = re.compile(r"^\d+ requested and \d+ written$")
 
 
 class DiskFullError(OSError):
@@ -38,9 +41,10 @@ class DiskFullError(OSError):
 
 
 def temporary_sibling(path: Path) -> Path:
-    """A unique hidden name next to ``path`` that keeps its extension last."""
-    extension = next((ext for ext in _EXTENSIONS if path.name.endswith(ext)), "")
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{extension}")
+    """A unique hidden name next to ``path``, ``.<name>.<32 hex digits>.tmp``, that no glob for
+    ``path``'s extension matches."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
 def temporary_target(path: Path) -> str | None:
@@ -95,7 +99,9 @@ def is_disk_full(exc: BaseException) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        if isinstance(exc, OSError) and (
+            exc.errno in _DISK_FULL_ERRNOS or (exc.errno is None and _SHORT_WRITE_RE.match(str(exc)))
+        ):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -163,8 +169,18 @@ def atomic_write_json(path: Path, data) -> None:
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` atomically, never pickling."""
-    atomic_write(path, lambda temporary: np.save(temporary, array, allow_pickle=False))
+    """``np.save`` atomically, never pickling.
+
+    Raises:
+        DiskFullError: no space left (the temporary is removed, ``path`` is untouched).
+    """
+
+    def write(temporary: Path) -> None:
+        # An open file: given a name without ".npy", np.save would append one.
+        with open(temporary, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 def atomic_symlink(target_name: str, link: Path) -> None:

@@ -49,6 +49,7 @@ from .data.layouts import (
     CANONICAL_CHANNELS,
     REGION_NAMES,
     REGIONS,
+    CaseFiles,
     DataFormatError,
     RawCase,
     list_cases,
@@ -60,14 +61,17 @@ from .data.loader import PreparedCase
 from .data.prepare import PrepareSettings, prepare_case
 from .distributed import DistInfo
 from .evaluation import logits_to_probabilities, probabilities_to_labels, write_cases_csv
+from .fileio import remove_orphan_temporaries
 from .guard import check_outputs
 from .inference import predict_volume
 from .model import SegmentationModel, optimize_model
-from .runfolder import checkpoint_run_folder
+from .runfolder import PREDICT_LOCK_NAME, FolderLock, checkpoint_run_folder
 from .visualize import draw_case_overlay, evaluator_case_view, extract_case_view, write_overlays
 
 if TYPE_CHECKING:
     from .ensemble import EnsembleModel
+
+PREDICT_FOLDER_ADVICE = "one unet-predict per output folder: wait for it to finish, or write to another OUTPUT folder"
 
 # --------------------------------------------------------------------------------------------
 # The model of a checkpoint
@@ -363,7 +367,9 @@ def predict_dataset(
     (float32 (x, y, z, K)), and with ``overlays`` ``output_dir/{case_id}_overlay.png`` (the
     prediction's contours on three FLAIR slices through it, with region volumes in the title). A
     case that cannot be read or does not fit the model is reported on ``log`` in one line and
-    skipped; the others are still written.
+    skipped; the others are still written. The output folder is locked meanwhile (a second
+    unet-predict into it stops at once), and the temporaries of outputs a killed unet-predict left
+    in it are removed.
 
     Args:
         checkpoint: the ``unet-train`` checkpoint; or several, and ``unet-cv`` folders (each
@@ -389,8 +395,10 @@ def predict_dataset(
         CheckpointError, ConfigError: as :func:`load_model`; EnsembleError (a CheckpointError):
             checkpoints that cannot be averaged (see :func:`ensemble.load_models`).
         DataFormatError: the input folder is missing, holds no recognised layout or no case,
-            or a listing problem (e.g. a case missing a modality file).
+            or a listing problem of the whole folder (a case missing a modality file is skipped and
+            reported instead).
         OutputPathError: output_dir clashes with an input (see ``output_dir``); nothing is written.
+        RunFolderError: another unet-predict is writing into ``output_dir`` (names it).
     """
     log = sys.stderr if log is None else log
     input_dir, output_dir = Path(input_dir).expanduser(), Path(output_dir).expanduser()
@@ -398,8 +406,10 @@ def predict_dataset(
 
     given = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
     loaded = load_models(given, overrides, log)
-    cases = list_cases(input_dir, fmt, require_labels=False)
-    if not cases:
+    # A case whose files are incomplete (a missing modality) is skipped like one that cannot be read.
+    unlisted: dict[str, str] = {}
+    cases = list_cases(input_dir, fmt, require_labels=False, bad=unlisted)
+    if not cases and not unlisted:
         raise DataFormatError(f"{input_dir}: no cases found")
     # A run or unet-cv folder given as a model is kept whole, and so is each checkpoint it stands for.
     models = [("the model folder" if path.is_dir() else "the checkpoint", path) for path in given]
@@ -407,6 +417,41 @@ def predict_dataset(
     check_outputs([("the output folder", output_dir)], folders=[("the input dataset", input_dir)], files=models)
     _speed_up_cuda(loaded.device)
     summary = PredictSummary()
+    lock = FolderLock(output_dir, PREDICT_LOCK_NAME, PREDICT_FOLDER_ADVICE, remove_on_release=True).acquire()
+    try:
+        # Under the lock no other unet-predict writes here: a temporary of an output is an orphan.
+        removed = remove_orphan_temporaries(output_dir, is_prediction_file)
+        if removed:
+            print(
+                f"note: removed {len(removed)} temporary file(s) left in {output_dir} by an interrupted run", file=log
+            )
+        for case_id, error in sorted(unlisted.items()):
+            summary.failed[case_id] = error
+            print(f"skipped {case_id}: {error}", file=log)
+        _predict_cases(loaded, cases, output_dir, probabilities, progress, log, overlays, postprocess, summary)
+    finally:
+        lock.release()
+    return summary
+
+
+def is_prediction_file(name: str) -> bool:
+    """Whether ``name`` is one unet-predict writes (``<case>.nii.gz``, ``<case>_probabilities.nii.gz``,
+    ``<case>_overlay.png``; ``.nii`` too), so its temporaries are unet-predict's to clear."""
+    return name.endswith((".nii.gz", ".nii", "_overlay.png"))
+
+
+def _predict_cases(
+    loaded: LoadedModel | EnsembleModel,
+    cases: Sequence[CaseFiles],
+    output_dir: Path,
+    probabilities: bool,
+    progress: bool,
+    log: TextIO,
+    overlays: bool,
+    postprocess: Callable[[np.ndarray], np.ndarray] | None,
+    summary: PredictSummary,
+) -> None:
+    """:func:`predict_dataset` once the output folder is locked: fills ``summary``."""
     settings = PrepareSettings.from_config(loaded.cfg["data"])  # as the training data was prepared
     bar = tqdm(cases, desc="predict", unit="case", disable=None if progress else True)
     for case in bar:
@@ -431,7 +476,6 @@ def predict_dataset(
             view = extract_case_view(case.case_id, raw.image, None, labels, raw.spacing)
             draw_case_overlay(png_path, view, prediction_title(case.case_id, labels, raw.spacing, loaded))
             summary.written[case.case_id].append(png_path)
-    return summary
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,13 @@ from .checkpoint import BEST_RE, CHECKPOINT_RE, CheckpointError, checkpoint_iden
 
 RUN_LOCK_NAME = "run.lock"
 PREPARE_LOCK_NAME = "prepare.lock"
+# In a folder of the user's own (unet-predict's OUTPUT): hidden, no data file's extension, and
+# removed when the command ends.
+PREDICT_LOCK_NAME = ".unet-predict.lock"
+RUN_FOLDER_ADVICE = (
+    "one run per folder: wait for it to finish (or stop it), or give this run its own folder with run_name=NEW or "
+    "save_folder=PATH"
+)
 PREVIOUS_RUNS = "previous"
 
 
@@ -43,9 +50,15 @@ class FolderLock:
 
     _held_here: set[str] = set()
 
-    def __init__(self, folder: Path, name: str = RUN_LOCK_NAME):
+    def __init__(
+        self, folder: Path, name: str = RUN_LOCK_NAME, advice: str = RUN_FOLDER_ADVICE, remove_on_release: bool = False
+    ):
+        """``advice``: what the one-line "in use" error tells the user to do instead;
+        ``remove_on_release``: leave no lock file behind (in a folder of the user's own)."""
         self.folder = Path(folder)
         self.path = self.folder / name
+        self.advice = advice
+        self.remove_on_release = remove_on_release
         self._descriptor: int | None = None
 
     @staticmethod
@@ -75,10 +88,7 @@ class FolderLock:
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         key = str(self.path.resolve())
-        busy = (
-            f"{self.folder}: in use by {{}}; one run per folder: wait for it to finish (or stop it), or give "
-            "this run its own folder with run_name=NEW or save_folder=PATH"
-        )
+        busy = f"{self.folder}: in use by {{}}; {self.advice}"
         if key in self._held_here:
             raise RunFolderError(busy.format(f"this process ({os.getpid()})"))
         descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -101,13 +111,29 @@ class FolderLock:
         except BaseException:
             os.close(descriptor)
             raise
+        if self.remove_on_release and not self._still_linked(descriptor):
+            # Its holder removed the file as it released it: lock the one now under that name.
+            os.close(descriptor)
+            return self.acquire(wait, on_wait)
         self._descriptor, self._key = descriptor, key
         self._held_here.add(key)
         return self
 
+    def _still_linked(self, descriptor: int) -> bool:
+        """Whether the file open as ``descriptor`` is still the one named :attr:`path`."""
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(descriptor)
+        return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
     def release(self) -> None:
-        """Drop the lock (the file stays: removing it would let two processes lock different files)."""
+        """Drop the lock. The file stays, unless ``remove_on_release``: it is then removed while
+        still locked, and a process that locked it meanwhile sees it gone and locks the new one."""
         if self._descriptor is not None:
+            if self.remove_on_release:
+                self.path.unlink(missing_ok=True)
             os.close(self._descriptor)
             self._descriptor = None
             self._held_here.discard(self._key)

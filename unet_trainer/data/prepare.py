@@ -12,14 +12,23 @@ The ``_meta.json`` file is the case's completion marker and every file is writte
 name and renamed, so an interrupted run never leaves a half-written case that could be read.
 The settings are recorded in ``prepare.json``; cases prepared with other settings are redone.
 Raw data is only ever read. One preparation at a time writes a folder (``prepare.lock``; a second
-waits), and it first removes the temporaries an interrupted (killed) preparation left.
+waits), and it first removes the temporaries an interrupted (killed) preparation left. Its worker
+processes end with it, SIGKILL included (:func:`die_with_parent`). A case that fails while being
+written (a full disk) leaves none of its files; one that the target spacing would make larger than
+``MAX_IMAGE_VALUES`` is refused before it is resampled.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import multiprocessing
+import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +46,7 @@ from .layouts import (
     CANONICAL_CHANNELS,
     DLE_LABEL_CONVENTIONS,
     LAYOUT_DESCRIPTIONS,
+    MAX_IMAGE_VALUES,
     CaseFiles,
     DataFormatError,
     RawCase,
@@ -48,6 +58,8 @@ from .layouts import (
 PREPARE_VERSION = 1
 # Foreground voxels kept per label for oversampling: enough to cover a tumour, small on disk.
 MAX_FOREGROUND_SAMPLES = 20_000
+# prctl's option number (linux/prctl.h): the signal a process gets when its parent ends.
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,18 @@ def zscore_nonzero(image: np.ndarray) -> np.ndarray:
     return out
 
 
+def resampled_shape(
+    shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]
+) -> tuple[int, int, int] | None:
+    """The (Z, Y, X) shape a volume of ``shape`` voxels of ``spacing`` mm gets at ``target`` mm,
+    or None when the spacings already agree within 1% (no resampling)."""
+    spacing = np.asarray(spacing, np.float64)
+    target = np.asarray(target, np.float64)
+    if np.allclose(spacing, target, rtol=0.01):
+        return None
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
 def resample(
     image: np.ndarray, label: np.ndarray | None, spacing: Sequence[float], target: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -131,11 +155,9 @@ def resample(
     Returns:
         The resampled (image, label); unchanged when the spacings already agree within 1%.
     """
-    spacing = np.asarray(spacing, np.float64)
-    target = np.asarray(target, np.float64)
-    if np.allclose(spacing, target, rtol=0.01):
+    size = resampled_shape(image.shape[1:], spacing, target)
+    if size is None:
         return image, label
-    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.shape[1:], spacing, target)]
     img = F.interpolate(
         torch.from_numpy(np.ascontiguousarray(image))[None], size=size, mode="trilinear", align_corners=False
     )[0].numpy()
@@ -170,11 +192,38 @@ def foreground_samples(
     return np.concatenate(rows).astype(np.int32)
 
 
+def check_resampled_size(case_id: str, shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> None:
+    """Refuse, before resampling, a case that the target spacing would make larger than
+    :data:`MAX_IMAGE_VALUES` values.
+
+    Args:
+        shape: the cropped image's (C, Z, Y, X); spacings in (z, y, x) mm.
+
+    Raises:
+        DataFormatError: one line naming the case, both spacings and the resulting shape.
+    """
+    size = resampled_shape(shape[1:], spacing, target)
+    if size is None:
+        return
+    values = int(np.prod(size, dtype=object)) * int(shape[0])
+    if values > MAX_IMAGE_VALUES:
+        mm = ", ".join(f"{v:g}" for v in target)
+        raise DataFormatError(
+            f"case {case_id}: resampling its {tuple(shape[1:])} voxels of ({', '.join(f'{v:g}' for v in spacing)}) "
+            f"mm to the target spacing ({mm}) mm gives shape {size} x {shape[0]} channels ({values:,} values); "
+            f"accepted: at most {MAX_IMAGE_VALUES:,} values per image: choose a coarser data.target_spacing "
+            "(--target-spacing), in mm"
+        )
+
+
 def prepare_case(raw: RawCase, settings: PrepareSettings) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Crop, resample and normalise one case in memory.
 
     Returns:
         (image float32 (C, Z', Y', X'), label uint8 (Z', Y', X') or None, metadata dict).
+
+    Raises:
+        DataFormatError: the target spacing would make the case too large (checked before resampling).
     """
     image, label = raw.image, raw.label
     original_shape = list(image.shape[1:])
@@ -184,6 +233,7 @@ def prepare_case(raw: RawCase, settings: PrepareSettings) -> tuple[np.ndarray, n
     label = label[crop] if label is not None else None
     spacing = list(raw.spacing)
     if settings.target_spacing is not None:
+        check_resampled_size(raw.case_id, image.shape, raw.spacing, settings.target_spacing)
         image, label = resample(image, label, raw.spacing, settings.target_spacing)
         spacing = list(settings.target_spacing)
     if not raw.preprocessed:
@@ -198,6 +248,9 @@ def prepare_case(raw: RawCase, settings: PrepareSettings) -> tuple[np.ndarray, n
         "label_convention": raw.label_convention,
         "prepared_shape": list(image.shape[1:]),
         "has_label": label is not None,
+        # Tumour voxels after cropping and resampling (None without a label): a dataset where every
+        # case has none is almost surely read from the wrong label files.
+        "foreground_voxels": int(np.count_nonzero(label)) if label is not None else None,
     }
     return image.astype(np.float32, copy=False), label, meta
 
@@ -243,14 +296,28 @@ def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings]) -> tuple[str, str
     warning = zero_channel_warning(case, raw.image)
     image, label, meta = prepare_case(raw, settings)
     meta["settings_digest"] = settings.digest()
-    atomic_save_npy(out / f"{case.case_id}_x.npy", image)
+    arrays = {"x": image}
     if label is not None:
-        atomic_save_npy(out / f"{case.case_id}_y.npy", label.astype(np.uint8))
         # str hash() is salted per process; a digest keeps the sampled voxels reproducible.
         rng = np.random.default_rng(int(hashlib.sha1(case.case_id.encode()).hexdigest()[:8], 16))
-        atomic_save_npy(out / f"{case.case_id}_fg.npy", foreground_samples(label, rng))
-    # The metadata goes last: its presence means the case is complete.
-    atomic_write_text(out / f"{case.case_id}_meta.json", json.dumps(meta, indent=1))
+        arrays.update(y=label.astype(np.uint8), fg=foreground_samples(label, rng))
+    meta_path = out / f"{case.case_id}_meta.json"
+    # A metadata file of earlier settings would vouch for the new arrays as its own once they
+    # replace the old ones: the case is marked incomplete before any of them is written.
+    meta_path.unlink(missing_ok=True)
+    written = []
+    try:
+        for suffix, array in arrays.items():
+            path = out / f"{case.case_id}_{suffix}.npy"
+            atomic_save_npy(path, array)
+            written.append(path)
+        # The metadata goes last: its presence means the case is complete.
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    except BaseException:
+        # E.g. a full disk: no file of a half-written case stays to take the space.
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return case.case_id, None, warning
 
 
@@ -343,16 +410,26 @@ def _prepare_cases(
     )
     try:
         if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for case_id, error, warning in pool.map(_prepare_one, jobs):
-                    bar.update()
-                    _print_warning(warning)
-                    if error:
-                        if not skip_bad:
-                            # Stop now rather than after every queued case has been prepared.
-                            pool.shutdown(wait=False, cancel_futures=True)
-                            raise DataFormatError(error)
-                        errors[case_id] = error
+            context = multiprocessing.get_context()
+            # Forked or spawned workers are the children of this process, so one that finds another
+            # parent when it starts knows this process already died.
+            parent = os.getpid() if context.get_start_method() in ("fork", "spawn") else None
+            with ProcessPoolExecutor(
+                max_workers=workers, mp_context=context, initializer=die_with_parent, initargs=(parent,)
+            ) as pool:
+                try:
+                    for case_id, error, warning in pool.map(_prepare_one, jobs):
+                        bar.update()
+                        _print_warning(warning)
+                        if error:
+                            if not skip_bad:
+                                raise DataFormatError(error)
+                            errors[case_id] = error
+                except BaseException:
+                    # Stop now rather than after every queued case has been prepared (a bad case,
+                    # a full disk, Ctrl-C); the cases being written are finished.
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
         else:
             for job in jobs:
                 case_id, error, warning = _prepare_one(job)
@@ -377,12 +454,81 @@ def _prepare_cases(
         "skipped": errors,
     }
     atomic_write_text(out / "prepare.json", json.dumps(record, indent=1))
+    _print_warning(no_tumour_warning(source, out, good))
     return record
 
 
 def _print_warning(warning: str | None) -> None:
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+
+
+def no_tumour_warning(source: Path, out: Path, case_ids: Sequence[str]) -> str | None:
+    """A warning when every labelled case of a preparation has an empty segmentation (background
+    only): almost surely the wrong label files or layout, and nothing a model could learn. None
+    when some case has tumour, or no case a label (cases prepared before their metadata counted
+    tumour voxels count as unknown, so as not empty).
+
+    Args:
+        source: the raw dataset folder (named in the warning).
+        out: the prepared folder holding ``{case}_meta.json`` for every id of ``case_ids``.
+    """
+    labelled = empty = 0
+    for case_id in case_ids:
+        try:
+            voxels = json.loads((out / f"{case_id}_meta.json").read_text()).get("foreground_voxels")
+        except (OSError, ValueError):
+            continue
+        if isinstance(voxels, int):
+            labelled += 1
+            empty += voxels == 0
+    if not labelled or empty < labelled:
+        return None
+    return (
+        f"{source}: the segmentations of all {labelled} labelled cases are empty (background only), so a model "
+        "learns nothing from them; check that the label files are the right ones and the layout (data.format, "
+        "--format) is the dataset's"
+    )
+
+
+def _arm_parent_death_signal() -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent ends (``prctl(PR_SET_PDEATHSIG)``).
+
+    Returns:
+        Whether it is armed (False on other systems, or where ``prctl`` cannot be called).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    # An orphan is adopted by init (or a subreaper): its parent's PID changes.
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def die_with_parent(parent: int | None) -> None:
+    """Pool initializer: end this worker when its parent process ends, however it ends.
+
+    A parent killed by SIGKILL cannot shut its pool down, and the workers would wait for jobs
+    forever, adopted by init. On Linux the kernel kills the worker with its parent (the parent
+    thread, strictly: the pool's workers are started by the thread calling it, which waits for
+    them); elsewhere a daemon thread polls the parent's PID.
+
+    Args:
+        parent: the PID the parent had (the process starting the pool), or None when the worker is
+            started by an intermediary (the forkserver, which ends with that process in turn).
+    """
+    if not _arm_parent_death_signal():
+        threading.Thread(target=_watch_parent, args=(os.getppid(),), name="watch-parent", daemon=True).start()
+    if parent is not None and os.getppid() != parent:  # it died before the signal was armed
+        os._exit(1)
 
 
 def prepared_is_current(out: Path, source: Path, settings: PrepareSettings, fmt: str = "auto") -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 
 __all__ = [
     "AFFINE_TOLERANCE_MM",
+    "MAX_IMAGE_VALUES",
     "CANONICAL_CHANNELS",
     "CANONICAL_LABELS",
     "LABEL_CONVENTIONS",
@@ -74,6 +75,12 @@ NATIVE_REGIONS: dict[str, dict[str, tuple[int, ...]]] = {
 
 #: Two grids whose affines differ by more than this (in mm, any entry) are different grids.
 AFFINE_TOLERANCE_MM = 1e-3
+
+#: The most values (voxels x channels) one image may hold: an image file, as its header claims
+#: (checked before its voxels are read), and a case after resampling to ``data.target_spacing``
+#: (checked before resampling). 2**30 is 4 GiB as float32, 30 times a four-channel BraTS case
+#: (240 x 240 x 155 x 4); preparing an image takes a few times its size in memory.
+MAX_IMAGE_VALUES = 2**30
 
 
 class DataFormatError(ValueError):

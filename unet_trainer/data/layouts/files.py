@@ -8,7 +8,9 @@ previous file or the complete new one, never half a file.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import struct
 import zlib
@@ -24,6 +26,7 @@ from ...fileio import atomic_write
 from .canonical import (
     AFFINE_TOLERANCE_MM,
     CANONICAL_CHANNELS,
+    MAX_IMAGE_VALUES,
     CaseFiles,
     DataFormatError,
     RawCase,
@@ -121,18 +124,65 @@ def read_json(path: Path) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _nifti_from_bytes(raw: bytes) -> nib.Nifti1Image:
-    """Build a NIfTI-1 or NIfTI-2 image from the uncompressed file bytes."""
+def _nifti_class(raw: bytes) -> type[nib.Nifti1Image]:
+    """NIfTI-1 or NIfTI-2, from the first bytes of the uncompressed file."""
     # sizeof_hdr (first int32, either byte order) tells the two versions apart; checking it
     # first keeps nibabel from logging header-repair chatter about files that are neither.
     if len(raw) < 4:
         raise DataFormatError(f"file has {len(raw)} bytes")
     header_sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
     if 348 in header_sizes:
-        return nib.Nifti1Image.from_bytes(raw)
+        return nib.Nifti1Image
     if 540 in header_sizes:
-        return nib.Nifti2Image.from_bytes(raw)
+        return nib.Nifti2Image
     raise DataFormatError(f"header size field is {int.from_bytes(raw[:4], 'little')}, not 348 or 540")
+
+
+def _nifti_from_bytes(raw: bytes) -> nib.Nifti1Image:
+    """Build a NIfTI-1 or NIfTI-2 image from the uncompressed file bytes."""
+    return _nifti_class(raw).from_bytes(raw)
+
+
+def _first_bytes(path: Path, raw: bytes, count: int) -> bytes:
+    """The first ``count`` bytes of the uncompressed file (of ``raw``, its bytes as stored)."""
+    if not path.name.endswith(".gz"):
+        return raw[:count]
+    with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
+        return stream.read(count)
+
+
+class ImageSizeError(DataFormatError):
+    """A file whose header claims a size that cannot be (or must not be) read; one line."""
+
+
+def check_claimed_size(path: Path, case_id: str, head: bytes, stored: int | None) -> None:
+    """Refuse a file whose header claims more values than :data:`MAX_IMAGE_VALUES`, or more voxel
+    bytes than the file holds, before anything of that size is allocated.
+
+    Args:
+        head: the first bytes of the uncompressed file (its header).
+        stored: the uncompressed file's length in bytes, None while unknown.
+
+    Raises:
+        ImageSizeError: one line naming the case, the file and the claimed shape.
+        whatever nibabel raises for a header it cannot parse.
+    """
+    header_class = _nifti_class(head).header_class
+    header = header_class(head[: header_class.sizeof_hdr], check=False)
+    shape = tuple(int(n) for n in header.get_data_shape())
+    values = int(np.prod(shape, dtype=object))
+    if values > MAX_IMAGE_VALUES:
+        raise ImageSizeError(
+            f"case {case_id}: {path} header claims shape {shape} ({values:,} values); accepted: at most "
+            f"{MAX_IMAGE_VALUES:,} values (voxels x channels) per image, so the header is damaged or the image "
+            "is far larger than a brain MRI"
+        )
+    needed = int(header.get_data_offset()) + values * header.get_data_dtype().itemsize
+    if stored is not None and stored < needed:
+        raise ImageSizeError(
+            f"case {case_id}: cannot read {path} (its header claims shape {shape}, {needed:,} bytes with the "
+            f"header, but the file holds {stored:,}); expected a complete NIfTI file"
+        )
 
 
 def load_nifti(path: Path, case_id: str, label: bool) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
@@ -144,10 +194,14 @@ def load_nifti(path: Path, case_id: str, label: bool) -> tuple[np.ndarray, np.nd
         raise DataFormatError(f"case {case_id}: missing file {path}; expected it to exist")
     try:
         raw = path.read_bytes()
+        # The size the header claims is checked before the file is decompressed or its voxels
+        # allocated: a damaged header could otherwise ask for terabytes.
+        check_claimed_size(path, case_id, _first_bytes(path, raw, 540), None)
         if path.name.endswith(".gz"):
             # Decompressing the whole stream verifies the gzip CRC and length; nibabel's
             # lazy reader stops after the voxels it needs and would accept flipped bytes.
             raw = gzip.decompress(raw)
+        check_claimed_size(path, case_id, raw, len(raw))
         image = _nifti_from_bytes(raw)
         # Convert inside the try: the data array is only decoded here.
         if label:
@@ -156,6 +210,8 @@ def load_nifti(path: Path, case_id: str, label: bool) -> tuple[np.ndarray, np.nd
             data = np.asanyarray(image.dataobj, dtype=np.float32)
         affine = np.asarray(image.affine, dtype=np.float64)
         zooms = tuple(float(z) for z in image.header.get_zooms())
+    except ImageSizeError:
+        raise
     except CORRUPT_FILE_ERRORS as error:
         raise DataFormatError(
             f"case {case_id}: cannot read {path} ({one_line(error)}); expected a readable NIfTI file"
@@ -295,11 +351,26 @@ def save_nifti_atomic(path: Path, data_xyz: np.ndarray, affine: np.ndarray) -> N
     Both sform and qform carry the affine (code 1, scanner) so tools that prefer either
     agree. NIfTI stores the sform in float32, so affine entries round to float32.
     """
+    path = check_nifti_path(path)
     image = nib.Nifti1Image(np.asarray(data_xyz), affine)
     image.header.set_data_dtype(data_xyz.dtype)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
-    atomic_write(path, lambda temporary: nib.save(image, str(temporary)))
+    atomic_write(path, lambda temporary: _write_nifti(image, temporary, compressed=path.name.endswith(".gz")))
+
+
+def _write_nifti(image: nib.Nifti1Image, destination: Path, compressed: bool) -> None:
+    """Serialise ``image`` as one ``.nii`` file, gzipped when ``compressed``, to ``destination``
+    whatever its name: nib.save takes the format from the name, and temporaries end in ".tmp"."""
+    with open(destination, "wb") as handle:
+        # The bytes nib.save writes: gzip level 1, no time stamp and no file name in the gzip header
+        # (else the temporary's name would be stored in the file).
+        with (
+            gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=1, mtime=0)
+            if compressed
+            else contextlib.nullcontext(handle)
+        ) as stream:
+            image.to_file_map({"image": nib.FileHolder(fileobj=stream)})
 
 
 def save_volume(path: Path, volume_zyx: np.ndarray, affine: np.ndarray) -> None:
