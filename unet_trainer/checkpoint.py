@@ -11,7 +11,9 @@ to the newest, and ``best-rank{rank}.pt`` for the best validation Dice.
 
 Every checkpoint carries its run's identity (``run_id``): a fresh run draws a new one, a resumed
 run keeps the one it resumed. Rotation and the ``latest`` link only touch the files of the run
-that writes them (see :mod:`unet_trainer.runfolder` for the check at start-up).
+that writes them, autoresume only continues the run folder's own run, and another run's file
+where a checkpoint is about to be written is moved aside, never overwritten (see
+:mod:`unet_trainer.runfolder`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
-import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,39 +205,6 @@ def latest_checkpoint(folder: Path, rank: int = 0) -> Path | None:
         return link.resolve()
     found = list_checkpoints(folder, rank)
     return found[-1] if found else None
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def newest_loadable_checkpoint(
-    folder: Path, rank: int = 0, warn: Callable[[str], None] = _warn
-) -> tuple[Path, dict] | None:
-    """The newest checkpoint in ``folder`` that loads, with its contents, for autoresume.
-
-    Tries the ``latest`` link's target, then the others from the highest batch down. A file that
-    does not load (truncated, damaged) is skipped with a one-line warning naming it, as a
-    checkpoint only counts once complete; one the safe loader refuses (a pickle with code) is
-    never a candidate and is reported by name. Nothing is deleted.
-
-    Returns:
-        (path, state), or None when no checkpoint loads (or there is none).
-    """
-    folder = Path(folder)
-    candidates = []
-    link = latest_checkpoint(folder, rank)
-    if link is not None:
-        candidates.append(link)
-    candidates += [p for p in reversed(list_checkpoints(folder, rank)) if p not in candidates]
-    for path in candidates:
-        try:
-            return path, load_checkpoint(path)
-        except UnsafeCheckpointError as exc:
-            warn(f"{exc}; skipped, never resumed from; remove it if you did not put it there")
-        except CheckpointError as exc:
-            warn(f"skipped {path} for resuming: {exc.reason}; trying the next newest checkpoint")
-    return None
 
 
 # --------------------------------------------------------------------------------------------
