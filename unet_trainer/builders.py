@@ -22,12 +22,12 @@ import torch
 from . import callbacks as cb
 from . import components, reporting
 from .checkpoint import (
+    BEST_RE,
     LEGACY_RUN_ID,
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     new_run_id,
-    newest_loadable_checkpoint,
     one_line,
     restore_rng_state,
 )
@@ -38,7 +38,7 @@ from .data.loader import PatchDataset, build_train_loader
 from .data.phantom import write_phantom_dataset
 from .data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current
 from .data.split import kfold_split, load_split_file
-from .distributed import DistInfo, barrier, init_distributed
+from .distributed import DistInfo, barrier, broadcast_object, init_distributed
 from .evaluation import DiceEvaluator
 from .fileio import atomic_write_text, remove_orphan_temporaries
 from .guard import check_outputs
@@ -48,10 +48,14 @@ from .model import SegmentationModel
 from .runfolder import (
     FolderLock,
     RunFolderError,
+    checkpoint_identities,
     describe_others,
+    move_checkpoints_aside,
     move_run_aside,
+    newest_own_checkpoint,
     other_runs_checkpoints,
     run_file_name,
+    short_run_id,
 )
 from .schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
 from .trainer import Algorithm, Engine, Event, State, duration_in_batches, fit, rank_entry
@@ -382,19 +386,34 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _resume_checkpoint(cfg: dict, run_dir: Path, is_main: bool) -> tuple[Path, dict] | None:
+def _resume_checkpoint(cfg: dict, run_dir: Path, dist_info: DistInfo) -> tuple[Path, dict] | None:
     """The checkpoint to start from and its contents: ``load_path``, else with ``autoresume`` the
-    newest in the run folder that loads (damaged ones skipped with a warning), else None.
+    newest of the folder's own run that loads (:func:`runfolder.newest_own_checkpoint`: another
+    run's or a damaged one is passed over with a warning), else None. Under torchrun rank 0 picks
+    it (it alone holds the folder and warns) and every rank loads the file it picked.
 
     Raises:
         CheckpointError: ``load_path`` cannot be read.
+        RunFolderError: the folder holds several runs' checkpoints and nothing says which is its own.
     """
     if cfg["load_path"]:
         path = Path(cfg["load_path"]).expanduser()
         return path, load_checkpoint(path)
-    if cfg["autoresume"]:
-        return newest_loadable_checkpoint(run_dir / "checkpoints", warn=_warn if is_main else lambda _: None)
-    return None
+    if not cfg["autoresume"]:
+        return None
+    found, picked = None, None
+    if dist_info.is_main:
+        try:
+            found = newest_own_checkpoint(run_dir, warn=_warn)
+            picked = str(found[0]) if found else None
+        except RunFolderError as exc:
+            picked = exc
+    picked = broadcast_object(picked)
+    if isinstance(picked, RunFolderError):
+        raise picked
+    if found is None and picked is not None:
+        found = Path(picked), load_checkpoint(Path(picked))
+    return found
 
 
 def _lock_run_folder(run_dir: Path) -> FolderLock:
@@ -419,7 +438,8 @@ def _claim_run_folder(
     """Make sure ``checkpoints/`` holds nothing but this run's history before anything is written.
 
     With ``save_overwrite`` the other files are moved into ``previous/`` (the whole old run for a
-    fresh start); never deleted.
+    fresh start); never deleted. Another run's ``best-rank0.pt`` next to this run's own history
+    is moved there too, whatever ``save_overwrite`` says, as this run is about to write its own.
 
     Raises:
         RunFolderError: other files are there and ``save_overwrite`` is false (one line saying
@@ -428,6 +448,7 @@ def _claim_run_folder(
     folder = run_dir / "checkpoints"
     others = other_runs_checkpoints(folder, run_id, resumed_batch)
     if not others:
+        _move_foreign_best_aside(run_dir, run_id)
         return
     fresh = resumed_batch is None
     if cfg["save_overwrite"]:
@@ -436,6 +457,7 @@ def _claim_run_folder(
             f"save_overwrite: moved {describe_others(others)}{' and its logs' if fresh else ''} to {moved}",
             file=sys.stderr,
         )
+        _move_foreign_best_aside(run_dir, run_id)
         return
     if fresh:
         why = (
@@ -458,6 +480,19 @@ def _claim_run_folder(
         f"(run_name=NEW or save_folder=PATH); {carry_on}or add save_overwrite=true to move them aside into "
         f"{run_dir / 'previous'} (nothing is deleted)"
     )
+
+
+def _move_foreign_best_aside(run_dir: Path, run_id: str) -> None:
+    """Move another run's ``best-rank*.pt`` (left next to this run's history, which it is not
+    part of) into ``previous/``, with a one-line note: this run writes its own best there."""
+    for path, owner, batch in checkpoint_identities(run_dir / "checkpoints"):
+        if BEST_RE.match(path.name) and owner != run_id:
+            moved = move_checkpoints_aside(run_dir, [(path, owner, batch)])
+            print(
+                f"note: {path} belongs to run {short_run_id(owner)}, not this run ({short_run_id(run_id)}); "
+                f"moved to {moved / 'checkpoints'} rather than overwritten by this run's best",
+                file=sys.stderr,
+            )
 
 
 def _warn_patch_padding(patch: Sequence[int], prepared: Path, case_ids: Sequence[str]) -> None:
@@ -595,17 +630,19 @@ def setup_device(cfg: dict) -> tuple[DistInfo, torch.device]:
 
 def setup_resume(cfg: dict, run_dir: Path, dist_info: DistInfo, held: list[FolderLock]) -> ResumePoint:
     """Lock the run folder (rank 0 only: under torchrun the other ranks are part of the same run;
-    the lock goes into ``held``), pick the checkpoint to start from, and make sure the folder
-    holds nothing but this run's history (:func:`_claim_run_folder`).
+    the lock goes into ``held``), pick the checkpoint to start from (never another run's), make
+    sure the folder holds nothing but this run's history (:func:`_claim_run_folder`), then record
+    in the lock file that the folder is this run's.
 
     Raises:
-        RunFolderError: the folder is locked by another live process, or holds another run's
-            checkpoints without ``save_overwrite``.
+        RunFolderError: the folder is locked by another live process, holds another run's
+            checkpoints without ``save_overwrite``, or several runs' without saying which is its own.
         CheckpointError: ``load_path`` cannot be read.
     """
-    if dist_info.is_main:
-        held.append(_lock_run_folder(run_dir))
-    found = _resume_checkpoint(cfg, run_dir, dist_info.is_main)
+    lock = _lock_run_folder(run_dir) if dist_info.is_main else None
+    if lock is not None:
+        held.append(lock)
+    found = _resume_checkpoint(cfg, run_dir, dist_info)
     if found is None:
         resume = ResumePoint(new_run_id())
     elif cfg["load_weights_only"]:
@@ -621,6 +658,7 @@ def setup_resume(cfg: dict, run_dir: Path, dist_info: DistInfo, held: list[Folde
             int((resume.checkpoint.get("timestamp") or {}).get("batch", 0)) if resume.resuming else None,
             resume.checkpoint_path,
         )
+        lock.record_run_id(resume.run_id)  # the folder is this run's now (see runfolder.folder_run_id)
     return resume
 
 

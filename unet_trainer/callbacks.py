@@ -13,6 +13,7 @@ import json
 import math
 import resource
 import signal
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -33,6 +34,7 @@ from .distributed import all_gather_objects, all_ranks_agree, barrier
 from .duration import Duration
 from .evaluation import write_cases_csv
 from .fileio import atomic_symlink, atomic_write
+from .runfolder import move_checkpoints_aside, short_run_id
 from .schema import NonNegative, PositiveInt
 from .trainer import Callback, State, interval_due
 from .visualize import Series, draw_progress
@@ -106,8 +108,10 @@ class CheckpointSaver(Callback):
     0), points ``latest-rank0.pt`` at the newest and writes ``best-rank0.pt`` whenever the
     validation mean Dice improves, with that evaluation's per-case scores in
     ``<run>/eval_cases_best.csv``. Rotation only removes files carrying this run's identity
-    (``state.run_id``): another run's, or a stray or unreadable file, is never touched. Writes are
-    atomic (see :mod:`unet_trainer.checkpoint`). ``E`` in the names is :attr:`State.finished_epochs`.
+    (``state.run_id``): another run's, or a stray or unreadable file, is never touched, and one
+    found under the name about to be written is moved into ``<run>/previous/`` (one-line note)
+    rather than overwritten. Writes are atomic (see :mod:`unet_trainer.checkpoint`). ``E`` in the
+    names is :attr:`State.finished_epochs`.
     """
 
     def __init__(self, folder: Path, interval: Duration, keep: int = 3, is_writer: bool = True):
@@ -148,6 +152,27 @@ class CheckpointSaver(Callback):
             old.unlink(missing_ok=True)
             self._identities.pop(old, None)
 
+    def _write(self, payload: dict, path: Path, state: State) -> None:
+        """Save ``payload`` as ``path``, after moving aside a file there that is not this run's."""
+        if path.is_file() and not path.is_symlink():
+            identity = self._identity_of(path)
+            if identity is None or identity[0] != state.run_id:
+                this_run = short_run_id(state.run_id)
+                whose = (
+                    f"belongs to run {short_run_id(identity[0])}, not this run ({this_run})"
+                    if identity
+                    else f"does not load, so nothing says it is this run's ({this_run})"
+                )
+                entry = (path, identity[0] if identity else "", identity[1] if identity else 0)
+                moved = move_checkpoints_aside(self.folder.parent, [entry], None if identity else "unreadable")
+                self._identities.pop(path, None)
+                print(
+                    f"note: {path} {whose}; moved to {moved / 'checkpoints'} rather than overwritten", file=sys.stderr
+                )
+        atomic_torch_save(payload, path)
+        stat = path.stat()
+        self._identities[path] = ((stat.st_size, stat.st_mtime_ns), (state.run_id, state.timestamp.batch))
+
     def _payload(self, state: State) -> dict:
         payload = state.state_dict()
         rng = capture_rng_state()
@@ -166,11 +191,9 @@ class CheckpointSaver(Callback):
         path = self.folder / name
         self.last_saved_batch = state.timestamp.batch
         if self.is_writer:
-            atomic_torch_save(payload, path)
+            self._write(payload, path, state)
             atomic_symlink(name, self.folder / "latest-rank0.pt")
             self.saved.append(path)
-            stat = path.stat()
-            self._identities[path] = ((stat.st_size, stat.st_mtime_ns), (state.run_id, state.timestamp.batch))
             if self.keep >= 0:
                 self._rotate(state)
         barrier()
@@ -197,7 +220,7 @@ class CheckpointSaver(Callback):
         state.extra_state["best_batch"] = state.timestamp.batch
         payload = self._payload(state)
         if self.is_writer:
-            atomic_torch_save(payload, self.folder / "best-rank0.pt")
+            self._write(payload, self.folder / "best-rank0.pt", state)
             # eval_cases.csv is the latest evaluation's; this one stays with best-rank0.pt.
             rows = getattr(state.evaluator, "last_per_case", None)
             if rows:

@@ -11,7 +11,9 @@ to the newest, and ``best-rank{rank}.pt`` for the best validation Dice.
 
 Every checkpoint carries its run's identity (``run_id``): a fresh run draws a new one, a resumed
 run keeps the one it resumed. Rotation and the ``latest`` link only touch the files of the run
-that writes them (see :mod:`unet_trainer.runfolder` for the check at start-up).
+that writes them, autoresume only continues the run folder's own run, and another run's file
+where a checkpoint is about to be written is moved aside, never overwritten (see
+:mod:`unet_trainer.runfolder`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
-import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,16 @@ LEGACY_RUN_ID = ""
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit; one line naming the file."""
+    """A checkpoint that cannot be read or does not fit; one line naming the file.
+
+    Attributes:
+        reason: what is wrong, without the file's name (for a line that names it otherwise,
+            e.g. "best-rank0.pt refused (<reason>)"); the whole message when not given.
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = message if reason is None else reason
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -50,9 +59,13 @@ def new_run_id() -> str:
 
 
 def one_line(text: str, limit: int = 400) -> str:
-    """``text`` on one line (lines joined with "; "), cut at ``limit`` characters."""
+    """``text`` on one line (lines joined with "; "), cut after the last whole word within
+    ``limit`` characters (then ending in "...")."""
     joined = "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
+    if len(joined) <= limit:
+        return joined
+    cut = joined[: limit - 3]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ;,.") + "..."
 
 
 class _WriteErrorKeeper:
@@ -102,15 +115,27 @@ def _asks_for_code(exc: BaseException) -> bool:
     return "GLOBAL" in text or "reduce" in text or "Unsupported class" in text
 
 
-def _refusal_reason(exc: BaseException) -> str:
-    """What torch's weights-only loader objected to, e.g. "Unsupported global: GLOBAL posix.system"."""
+# What a refused pickle asks for, in torch's messages: "GLOBAL posix.system", "Unsupported class x.Y".
+_ASKED_FOR_RE = re.compile(r"\b(GLOBAL [\w.]+|Unsupported class [\w.]+)")
+
+
+def _code_asked_for(exc: BaseException) -> str:
+    """What the refused pickle asks for ("GLOBAL posix.system"), else what kind of thing it is."""
+    found = _ASKED_FOR_RE.search(str(exc))
+    if found:
+        return found.group(1).removeprefix("Unsupported ")
+    return "a call to build an object" if "reduce" in str(exc) else "objects beyond tensors and plain values"
+
+
+def _unpickling_problem(exc: BaseException) -> str:
+    """Why torch could not unpickle a file that is no valid pickle, without torch's advice on
+    ``torch.load``'s options (which do not apply: checkpoints are only ever loaded weights-only)."""
     text = str(exc)
-    if "WeightsUnpickler error:" not in text:
-        return one_line(text)
-    text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load")[0]
-    if " was not an allowed global" in text:  # the rest is torch's advice to allow it
-        text = text.split(" was not an allowed global")[0] + " is not allowed"
-    return one_line(text)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    text = text.split("Check the documentation of torch.load")[0]
+    lines = [line for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    return one_line("\n".join(lines)) or type(exc).__name__
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict:
@@ -126,21 +151,21 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
+        raise CheckpointError(f"{path}: no such checkpoint", "no such checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if not _asks_for_code(exc):  # a broken pickle stream, not a refused one
-            raise CheckpointError(f"{path}: not a readable checkpoint ({_refusal_reason(exc)})") from None
-        raise UnsafeCheckpointError(
-            f"{path}: refused, it holds code or objects that a weights-only load never "
-            f"runs ({_refusal_reason(exc)}); it was not loaded"
-        ) from None
+            reason = f"not a readable checkpoint ({_unpickling_problem(exc)})"
+            raise CheckpointError(f"{path}: {reason}", reason) from None
+        reason = f"needs code to load (its pickle asks for {_code_asked_for(exc)}), so it is never loaded"
+        raise UnsafeCheckpointError(f"{path}: {reason}", reason) from None
     except Exception as exc:  # torch raises many types for a damaged file; all mean the same here
-        reason = one_line(str(exc)) if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+        reason = f"not a readable checkpoint ({one_line(str(exc)) if str(exc) else type(exc).__name__})"
+        raise CheckpointError(f"{path}: {reason}", reason) from None
     if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path}: not a unet-trainer checkpoint (no model weights)")
+        reason = "not a unet-trainer checkpoint (no model weights)"
+        raise CheckpointError(f"{path}: {reason}", reason)
     return state
 
 
@@ -180,41 +205,6 @@ def latest_checkpoint(folder: Path, rank: int = 0) -> Path | None:
         return link.resolve()
     found = list_checkpoints(folder, rank)
     return found[-1] if found else None
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def newest_loadable_checkpoint(
-    folder: Path, rank: int = 0, warn: Callable[[str], None] = _warn
-) -> tuple[Path, dict] | None:
-    """The newest checkpoint in ``folder`` that loads, with its contents, for autoresume.
-
-    Tries the ``latest`` link's target, then the others from the highest batch down. A file that
-    does not load (truncated, damaged) is skipped with a one-line warning naming it, as a
-    checkpoint only counts once complete; one the safe loader refuses (a pickle with code) is
-    never a candidate and is reported by name. Nothing is deleted.
-
-    Returns:
-        (path, state), or None when no checkpoint loads (or there is none).
-    """
-    folder = Path(folder)
-    candidates = []
-    link = latest_checkpoint(folder, rank)
-    if link is not None:
-        candidates.append(link)
-    candidates += [p for p in reversed(list_checkpoints(folder, rank)) if p not in candidates]
-    for path in candidates:
-        try:
-            return path, load_checkpoint(path)
-        except UnsafeCheckpointError as exc:
-            warn(f"{exc}; skipped, never resumed from; remove it if you did not put it there")
-        except CheckpointError as exc:
-            warn(
-                f"skipped {path} for resuming: {str(exc).removeprefix(f'{path}: ')}; trying the next newest checkpoint"
-            )
-    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ A fold is finished when its newest checkpoint's counters have reached ``max_dura
 its evaluation history says the early stopper stopped it (:meth:`callbacks.EarlyStopper.stop_reason`).
 Finished folds are skipped; the first unfinished one is trained (resumed), then the next.
 
-Each fold is scored with its chosen checkpoint: ``best-rank0.pt`` (the best validation mean Dice,
-the evaluator's metric) when the fold's run saved one, else its newest checkpoint; with the same
-evaluator as ``unet-eval`` (:func:`predict.evaluate_checkpoint`) on that fold's validation cases.
+Each fold is scored with its chosen checkpoint (:func:`chosen_checkpoint`): ``best-rank0.pt`` (the
+best validation mean Dice, the evaluator's metric) when the fold's run saved one, else its newest
+checkpoint (a ``best-rank0.pt`` that is another run's or does not load is named in a warning);
+with the same evaluator as ``unet-eval`` (:func:`predict.evaluate_checkpoint`) on that fold's
+validation cases.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -41,20 +43,12 @@ import yaml
 
 from . import callbacks as cb
 from .builders import RESUME_FREE_KEYS, check_run_outputs, run_training
-from .checkpoint import (
-    CHECKPOINT_RE,
-    LEGACY_RUN_ID,
-    CheckpointError,
-    checkpoint_identity,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-)
+from .checkpoint import CHECKPOINT_RE, LEGACY_RUN_ID, CheckpointError, checkpoint_identity
 from .config import ConfigError, Duration, config_differences, dump_config, resolve_from_base
 from .distributed import barrier, broadcast_object, init_distributed, shutdown
 from .fileio import atomic_write, atomic_write_text
 from .metrics import mean_scores
-from .runfolder import FolderLock
+from .runfolder import FolderLock, RunFolderError, newest_own_checkpoint, short_run_id
 from .trainer import Timestamp
 
 CV_CONFIG = "cv_config.yaml"
@@ -156,22 +150,6 @@ class FoldState:
     config: dict | None = field(default=None, repr=False)
 
 
-def _newest_checkpoint_state(folder: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint in ``folder`` that loads (tensors mapped, not read), as autoresume
-    picks it: the ``latest`` link's target, then the others from the highest batch down."""
-    candidates = []
-    link = latest_checkpoint(folder)
-    if link is not None:
-        candidates.append(link)
-    candidates += [p for p in reversed(list_checkpoints(folder)) if p not in candidates]
-    for path in candidates:
-        try:
-            return path, load_checkpoint(path, mmap=True)
-        except CheckpointError:
-            continue  # autoresume warns about it by name when the fold is trained
-    return None
-
-
 def fold_state(
     run_dir: Path, fold: int, max_duration: Duration | None = None, early_stopper: cb.EarlyStopper | None = None
 ) -> FoldState:
@@ -181,12 +159,15 @@ def fold_state(
         max_duration: None: judge the run by its own config (``max_duration`` and early stopper
             of the config stored in its newest checkpoint), ``early_stopper`` then unused.
 
-    Reads only the run's checkpoints; a folder without one is "not started".
+    Reads only the run's checkpoints, the newest of its own run as autoresume picks it
+    (:func:`runfolder.newest_own_checkpoint`, quietly: training warns about the others); a folder
+    without one is "not started".
 
     Raises:
         ConfigError: (``max_duration`` None) the checkpoint's stored config cannot be read.
+        RunFolderError: checkpoints of several runs, and nothing says which is the folder's.
     """
-    found = _newest_checkpoint_state(Path(run_dir) / "checkpoints")
+    found = newest_own_checkpoint(Path(run_dir), mmap=True, warn=lambda _: None)
     if found is None:
         return FoldState(fold, Path(run_dir))
     path, state = found
@@ -225,11 +206,18 @@ def finish_rule(cfg: dict) -> tuple[Duration, cb.EarlyStopper | None]:
     return Duration.parse(cfg["max_duration"]), stopper
 
 
-def chosen_checkpoint(state: FoldState, choice: str = "best") -> tuple[Path, str]:
-    """The checkpoint a finished fold is scored (and ensembled) with, and why.
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
-    ``choice`` "best": ``best-rank0.pt`` when the run saved one (the same run, by its identity),
-    else the newest checkpoint; "latest": the newest checkpoint.
+
+def chosen_checkpoint(state: FoldState, choice: str = "best", warn: Callable[[str], None] = _warn) -> tuple[Path, str]:
+    """The checkpoint a finished run (a fold, or any run folder) is scored and predicted with,
+    and why: the one place a folder's checkpoint is chosen for it.
+
+    ``choice`` "best": ``best-rank0.pt`` when the run saved one, else the newest checkpoint;
+    "latest": the newest checkpoint. A ``best-rank0.pt`` that is there but cannot stand for the
+    run (another run's, unreadable, or needing code to load) is never used: the newest
+    checkpoint takes its place, and ``warn`` gets one line naming both and why.
 
     Returns:
         (checkpoint, "best" or "latest").
@@ -241,12 +229,16 @@ def chosen_checkpoint(state: FoldState, choice: str = "best") -> tuple[Path, str
         raise ValueError(f"checkpoint choice {choice!r} is not one of {', '.join(CHECKPOINT_CHOICES)}")
     assert state.checkpoint is not None, "a fold without checkpoints has none to choose"
     best = state.run_dir / "checkpoints" / BEST_CHECKPOINT
-    if choice == "best" and best.is_file():
+    if choice == "best" and (best.is_file() or best.is_symlink()):
         try:
-            if checkpoint_identity(best)[0] == state.run_id:
+            run_id = checkpoint_identity(best)[0]
+        except CheckpointError as exc:
+            reason = exc.reason
+        else:
+            if run_id == state.run_id:
                 return best, "best"
-        except CheckpointError:
-            pass  # a damaged best checkpoint: the newest one is still there
+            reason = f"belongs to run {short_run_id(run_id)}, not this run ({short_run_id(state.run_id)})"
+        warn(f"{best} refused ({reason}); using {state.checkpoint.name}")
     return state.checkpoint, "latest"
 
 
@@ -603,7 +595,7 @@ def run_cross_validation(
                 found = [fold_state(fold_folder(cv_dir, k), k, duration, stopper) for k in wanted]
                 for state in found:
                     check_fold_config(state, fold_config(cfg, state.fold))
-            except CrossValidationError as exc:
+            except (CrossValidationError, RunFolderError) as exc:
                 found = str(exc)
         return broadcast_object(found)
 

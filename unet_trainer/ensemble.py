@@ -32,6 +32,7 @@ from .components import describe_model
 from .config import ConfigError, config_differences
 from .cv import CV_CONFIG, chosen_checkpoint, fold_folders, fold_state
 from .predict import LoadedModel, load_model
+from .runfolder import RunFolderError, live_holder
 
 
 def _region_mode(cfg: dict) -> str:
@@ -155,8 +156,9 @@ def folder_checkpoints(folder: Path, choice: str = "best") -> list[tuple[Path, s
         [(checkpoint, "fold <k>, best" ...)].
 
     Raises:
-        EnsembleError: no fold or run folder there, a fold without checkpoints or unfinished, or
-            (with the folder's ``cv_config.yaml``) a fold missing.
+        EnsembleError: no fold or run folder there, a fold without checkpoints, unfinished or
+            training right now (naming the process), or (with the folder's ``cv_config.yaml``) a
+            fold missing.
     """
     folder = Path(folder)
     folds = fold_folders(folder)
@@ -184,8 +186,15 @@ def folder_checkpoints(folder: Path, choice: str = "best") -> list[tuple[Path, s
         what = f"fold {fold}" if fold is not None else "run"
         try:
             state = fold_state(run_dir, -1 if fold is None else fold)
-        except ConfigError as exc:
+        except (ConfigError, RunFolderError) as exc:
             raise EnsembleError(str(exc)) from None
+        holder = live_holder(run_dir) if not state.finished else None
+        if holder is not None:
+            so_far = f"its newest checkpoint at batch {state.batch}" if state.checkpoint else "no checkpoint yet"
+            raise EnsembleError(
+                f"{run_dir}: {what} is training right now ({holder}; {so_far}); wait for it to finish, "
+                "or give the checkpoints to use"
+            )
         if state.checkpoint is None:
             raise EnsembleError(f"{run_dir}: {what} has no checkpoint that loads")
         if not state.finished:

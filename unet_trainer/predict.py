@@ -105,6 +105,11 @@ class LoadedModel:
     timestamp: dict = field(default_factory=dict)
 
     @property
+    def checkpoints(self) -> list[Path]:
+        """[the checkpoint], as an ensemble lists its members'."""
+        return [self.checkpoint]
+
+    @property
     def spatial_dims(self) -> int:
         return self.model.spatial_dims
 
@@ -402,7 +407,7 @@ def predict_dataset(
     """
     log = sys.stderr if log is None else log
     input_dir, output_dir = Path(input_dir).expanduser(), Path(output_dir).expanduser()
-    from .ensemble import expand_checkpoints, load_models  # ensemble builds on this module
+    from .ensemble import load_models  # ensemble builds on this module
 
     given = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
     loaded = load_models(given, overrides, log)
@@ -413,7 +418,7 @@ def predict_dataset(
         raise DataFormatError(f"{input_dir}: no cases found")
     # A run or unet-cv folder given as a model is kept whole, and so is each checkpoint it stands for.
     models = [("the model folder" if path.is_dir() else "the checkpoint", path) for path in given]
-    models += [("the checkpoint", path) for path, where in expand_checkpoints(given) if where]
+    models += [("the checkpoint", path) for path in loaded.checkpoints]
     check_outputs([("the output folder", output_dir)], folders=[("the input dataset", input_dir)], files=models)
     _speed_up_cuda(loaded.device)
     summary = PredictSummary()

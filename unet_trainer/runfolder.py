@@ -6,9 +6,12 @@
   a second command prints. A POSIX lock belongs to the process, not to the open file: the data
   loader's and the preparation pool's forked workers do not inherit it (with ``flock`` they
   would, and keep a killed run's folder locked until they notice and exit).
+* :func:`folder_run_id` says which run a folder belongs to, and :func:`newest_own_checkpoint`
+  picks that run's newest checkpoint to resume from: a checkpoint of another run is never one.
 * :func:`other_runs_checkpoints` lists what in ``checkpoints/`` is not the current run's history,
-  and :func:`move_run_aside` moves such files into ``previous/`` (``save_overwrite=true``):
-  nothing is ever deleted.
+  and :func:`move_run_aside` moves such files into ``previous/`` (``save_overwrite=true``), as
+  :func:`move_checkpoints_aside` does with another run's file where the run is about to write:
+  nothing is ever deleted or overwritten.
 """
 
 from __future__ import annotations
@@ -19,11 +22,22 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .checkpoint import BEST_RE, CHECKPOINT_RE, CheckpointError, checkpoint_identity
+from .checkpoint import (
+    BEST_RE,
+    CHECKPOINT_RE,
+    LEGACY_RUN_ID,
+    CheckpointError,
+    UnsafeCheckpointError,
+    checkpoint_identity,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
 
 RUN_LOCK_NAME = "run.lock"
 PREPARE_LOCK_NAME = "prepare.lock"
@@ -44,11 +58,17 @@ class RunFolderError(RuntimeError):
 class FolderLock:
     """An exclusive lock on ``folder/name``, held until :meth:`release` or the process ends.
 
-    POSIX locks do not exclude their own process, so the lock files this process holds are also
-    kept in a set: a second lock on the same folder fails within one process too.
+    The file records its holder as JSON (``pid``, ``host``, ``since``) and, in a run folder, the
+    run the folder belongs to (``run_id``, :meth:`record_run_id`), which the next holder keeps:
+    the record outlives the process.
+
+    POSIX locks do not exclude their own process, so the locks this process holds are also kept
+    by file: a second lock on the same folder fails within one process too. And closing any
+    descriptor of a locked file drops the process's lock on it, so this process reads the record
+    of a lock it holds from here, never by opening the file again.
     """
 
-    _held_here: set[str] = set()
+    _held_here: dict[str, FolderLock] = {}
 
     def __init__(
         self, folder: Path, name: str = RUN_LOCK_NAME, advice: str = RUN_FOLDER_ADVICE, remove_on_release: bool = False
@@ -60,6 +80,7 @@ class FolderLock:
         self.advice = advice
         self.remove_on_release = remove_on_release
         self._descriptor: int | None = None
+        self._record: dict = {}
 
     @staticmethod
     def _holder_from(descriptor: int) -> str:
@@ -105,9 +126,11 @@ class FolderLock:
                 if on_wait is not None:
                     on_wait(holder)
                 fcntl.lockf(descriptor, fcntl.LOCK_EX)
-            record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-            os.ftruncate(descriptor, 0)
-            os.pwrite(descriptor, record.encode(), 0)
+            self._record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+            run_id = _read_record(descriptor).get("run_id")
+            if isinstance(run_id, str):  # the folder's run, until the new holder records its own
+                self._record["run_id"] = run_id
+            _write_record(descriptor, self._record)
         except BaseException:
             os.close(descriptor)
             raise
@@ -116,7 +139,7 @@ class FolderLock:
             os.close(descriptor)
             return self.acquire(wait, on_wait)
         self._descriptor, self._key = descriptor, key
-        self._held_here.add(key)
+        self._held_here[key] = self
         return self
 
     def _still_linked(self, descriptor: int) -> bool:
@@ -128,6 +151,16 @@ class FolderLock:
         opened = os.fstat(descriptor)
         return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
+    def record_run_id(self, run_id: str) -> None:
+        """Record in the lock file that the folder belongs to run ``run_id`` (see :func:`folder_run_id`).
+
+        Raises:
+            OSError: the lock file cannot be written.
+        """
+        assert self._descriptor is not None, "record_run_id needs the lock held"
+        self._record["run_id"] = run_id
+        _write_record(self._descriptor, self._record)
+
     def release(self) -> None:
         """Drop the lock. The file stays, unless ``remove_on_release``: it is then removed while
         still locked, and a process that locked it meanwhile sees it gone and locks the new one."""
@@ -136,13 +169,83 @@ class FolderLock:
                 self.path.unlink(missing_ok=True)
             os.close(self._descriptor)
             self._descriptor = None
-            self._held_here.discard(self._key)
+            self._held_here.pop(self._key, None)
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _read_record(descriptor: int) -> dict:
+    """The JSON record of a lock file ({} when empty or not JSON)."""
+    try:
+        record = json.loads(os.pread(descriptor, 4096, 0).decode() or "null")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_record(descriptor: int, record: dict) -> None:
+    """Write a lock file's record: the new bytes first, then the file cut to them, so that a
+    reader never finds it empty."""
+    data = json.dumps(record).encode()
+    os.pwrite(descriptor, data, 0)
+    os.ftruncate(descriptor, len(data))
+
+
+def _open_record(folder: Path, name: str) -> int | None:
+    """A read-only descriptor on ``folder/name``, None when there is no such file."""
+    try:
+        return os.open(Path(folder) / name, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def recorded_run_id(run_dir: Path) -> str | None:
+    """The run id the run folder's lock file records (:meth:`FolderLock.record_run_id`), if any."""
+    held = FolderLock._held_here.get(str((Path(run_dir) / RUN_LOCK_NAME).resolve()))
+    if held is not None:  # opening the file again would drop the lock when closed
+        return held._record.get("run_id")
+    descriptor = _open_record(run_dir, RUN_LOCK_NAME)
+    if descriptor is None:
+        return None
+    try:
+        run_id = _read_record(descriptor).get("run_id")
+    finally:
+        os.close(descriptor)
+    return run_id if isinstance(run_id, str) else None
+
+
+def live_holder(folder: Path, name: str = RUN_LOCK_NAME) -> str | None:
+    """Who holds the lock on ``folder/name`` right now ("process 123 on host, since ..."), or None
+    when nobody does. Only tests the lock (``F_GETLK``): never takes it, never writes the file.
+
+    Raises:
+        OSError: the lock file exists but cannot be read.
+    """
+    folder = Path(folder)
+    if str((folder / name).resolve()) in FolderLock._held_here:
+        return f"this process ({os.getpid()})"
+    descriptor = _open_record(folder, name)
+    if descriptor is None:
+        return None
+    try:
+        try:
+            os.lockf(descriptor, os.F_TEST, 0)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            return FolderLock._holder_from(descriptor)
+        return None
+    finally:
+        os.close(descriptor)
+
+
+def short_run_id(run_id: str) -> str:
+    """A run id as messages show it: its first 8 digits."""
+    return run_id[:8] or "from before run ids"
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
@@ -196,8 +299,114 @@ def other_runs_checkpoints(folder: Path, run_id: str, resumed_batch: int | None)
 def describe_others(others: list[tuple[Path, str, int]]) -> str:
     """ "3 checkpoints of run 1a2b3c4d, newest ep0-ba3-rank0.pt (batch 3)"."""
     newest = max(others, key=lambda entry: entry[2])
-    runs = sorted({(run_id[:8] or "from before run ids") for _, run_id, _ in others})
+    runs = sorted({short_run_id(run_id) for _, run_id, _ in others})
     return f"{len(others)} checkpoint(s) of run {', '.join(runs)}, newest {newest[0].name} (batch {newest[2]})"
+
+
+def folder_run_id(run_dir: Path, rank: int = 0) -> str | None:
+    """The run a run folder belongs to, the one whose checkpoints a resume may continue.
+
+    In this order: the run of the ``latest`` link's target (only the folder's own run writes the
+    link, after each save); else the run the lock file records (:meth:`FolderLock.record_run_id`,
+    written once a run has claimed the folder, kept when it dies); else the one run every readable
+    checkpoint in ``checkpoints/`` belongs to (a copied-in checkpoint in an otherwise empty folder).
+
+    Returns:
+        The run id, or None when no readable checkpoint is there.
+
+    Raises:
+        RunFolderError: checkpoints of several runs, and neither the link nor the record says
+            which is the folder's (one line naming them).
+    """
+    folder = Path(run_dir) / "checkpoints"
+    link = folder / f"latest-rank{rank}.pt"
+    if link.is_symlink() and link.exists():
+        try:
+            return checkpoint_identity(link.resolve())[0]
+        except CheckpointError:
+            pass  # damaged since it was saved: the record still knows the run
+    recorded = recorded_run_id(run_dir)
+    if recorded is not None:
+        return recorded
+    found = checkpoint_identities(folder)
+    runs = {run_id for _, run_id, _ in found}
+    if len(runs) <= 1:
+        return runs.pop() if runs else None
+    raise RunFolderError(
+        f"{folder}: holds {describe_others(found)}, and nothing says which run is this folder's (its latest link "
+        f"is missing or does not load, and {Path(run_dir) / RUN_LOCK_NAME} records none); continue the one you "
+        "mean with load_path=PATH, or move the other run's files out"
+    )
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def newest_own_checkpoint(
+    run_dir: Path, rank: int = 0, mmap: bool = False, warn: Callable[[str], None] = _warn
+) -> tuple[Path, dict] | None:
+    """The newest checkpoint of the folder's own run (:func:`folder_run_id`) that loads, with its
+    contents: what autoresume continues and what a run folder's "latest" stands for.
+
+    Tries the ``latest`` link's target, then the others from the highest batch down. Each one
+    passed over gets a one-line warning naming it: another run's (never a candidate, left in
+    place), one that does not load (truncated, damaged: a checkpoint only counts once complete),
+    one the safe loader refuses (a pickle with code). Nothing is moved or deleted.
+
+    Args:
+        mmap: map the tensors' storage instead of reading it (when only the small values are wanted).
+        warn: where the one-line warnings go (default stderr, "warning: ...").
+
+    Returns:
+        (path, state), or None when no checkpoint of the folder's run loads (or there is none).
+
+    Raises:
+        RunFolderError: as :func:`folder_run_id`.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    own = folder_run_id(run_dir, rank)
+    candidates = []
+    link = latest_checkpoint(folder, rank)
+    if link is not None:
+        candidates.append(link)
+    candidates += [p for p in reversed(list_checkpoints(folder, rank)) if p not in candidates]
+
+    def not_resumed(path: Path, run_id: str) -> None:
+        warn(
+            f"{path} belongs to run {short_run_id(run_id)}, not this run ({short_run_id(own)}); not resumed, left in place"
+        )
+
+    for index, path in enumerate(candidates):
+        try:
+            state = load_checkpoint(path, mmap=mmap)
+        except UnsafeCheckpointError as exc:
+            warn(f"{exc}; skipped, never resumed from; remove it if you did not put it there")
+            continue
+        except CheckpointError as exc:
+            warn(f"skipped {path} for resuming: {exc.reason}; trying the next newest checkpoint")
+            continue
+        run_id = str(state.get("run_id", LEGACY_RUN_ID))
+        if own is not None and run_id != own:
+            not_resumed(path, run_id)
+            continue
+        # Another run's checkpoint named as if newer (the link pointed past it): named too.
+        for later in candidates[index + 1 :]:
+            if _name_batch(later) > _name_batch(path):
+                try:
+                    later_id = checkpoint_identity(later)[0]
+                except CheckpointError:
+                    continue  # unreadable: nothing says whose it is; rotation never touches it
+                if later_id != run_id:
+                    not_resumed(later, later_id)
+        return path, state
+    return None
+
+
+def _name_batch(path: Path) -> int:
+    """The batch a periodic checkpoint's name says (-1 for other names)."""
+    match = CHECKPOINT_RE.match(path.name)
+    return int(match.group(2)) if match else -1
 
 
 # What a run writes in its folder besides checkpoints/, moved or copied aside with them.
@@ -214,6 +423,31 @@ RUN_FILES = (
 RUN_FOLDERS = ("tensorboard", "overlays")
 
 
+def move_checkpoints_aside(run_dir: Path, entries: list[tuple[Path, str, int]], label: str | None = None) -> Path:
+    """Move checkpoint files into a new ``run_dir/previous/<time>-<run>/checkpoints/``.
+
+    Args:
+        entries: (path, run id, batch) of each file (:func:`checkpoint_identities`).
+        label: the ``<run>`` part of the folder name (default: the newest entry's short run id).
+
+    Returns:
+        The new ``previous/<time>-<run>`` folder.
+    """
+    run_dir = Path(run_dir)
+    newest = max(entries, key=lambda entry: entry[2])
+    label = label or newest[1][:8] or "run"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = run_dir / PREVIOUS_RUNS / f"{stamp}-{label}"
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = target.with_name(f"{stamp}-{label}-{suffix}")
+    (target / "checkpoints").mkdir(parents=True)
+    for path, _, _ in entries:
+        os.replace(path, target / "checkpoints" / path.name)
+    return target
+
+
 def move_run_aside(run_dir: Path, others: list[tuple[Path, str, int]], whole_run: bool) -> Path:
     """Move ``others`` (from :func:`other_runs_checkpoints`) into ``run_dir/previous/<time>-<run>/``.
 
@@ -226,16 +460,7 @@ def move_run_aside(run_dir: Path, others: list[tuple[Path, str, int]], whole_run
         The folder they were moved into.
     """
     run_dir = Path(run_dir)
-    newest = max(others, key=lambda entry: entry[2])
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    target = run_dir / PREVIOUS_RUNS / f"{stamp}-{newest[1][:8] or 'run'}"
-    suffix = 1
-    while target.exists():
-        suffix += 1
-        target = target.with_name(f"{stamp}-{newest[1][:8] or 'run'}-{suffix}")
-    (target / "checkpoints").mkdir(parents=True)
-    for path, _, _ in others:
-        os.replace(path, target / "checkpoints" / path.name)
+    target = move_checkpoints_aside(run_dir, others)
     checkpoints = run_dir / "checkpoints"
     for link in checkpoints.glob("latest-rank*.pt") if whole_run else ():
         os.replace(link, target / "checkpoints" / link.name)
