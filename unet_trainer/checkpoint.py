@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fileio import atomic_write
+from .fileio import atomic_write, os_error_line
 
 CHECKPOINT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
 BEST_RE = re.compile(r"^best-rank(\d+)\.pt$")
@@ -136,6 +136,8 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
             f"{path}: refused, it holds code or objects that a weights-only load never "
             f"runs ({_refusal_reason(exc)}); it was not loaded"
         ) from None
+    except OSError as exc:  # a folder, no permission: the file and what was wrong, in words
+        raise CheckpointError(f"{os_error_line(exc, path)} (reading a checkpoint)") from None
     except Exception as exc:  # torch raises many types for a damaged file; all mean the same here
         reason = one_line(str(exc)) if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
