@@ -126,6 +126,14 @@ def test_a_seed_beyond_what_numpy_and_scikit_learn_take_is_a_config_error(cache_
     assert not run.exists()
 
 
+@pytest.mark.parametrize("value", ["-1", "4294967296"])
+def test_a_phantom_seed_out_of_range_names_the_flag(tmp_path, capsys, value):
+    out = tmp_path / "phantom"
+    assert cli.data_main(["synth", "--out", str(out), "--cases", "2", "--seed", value]) == 2
+    assert one_error_line(capsys) == f"error: --seed {value} must be in [0, 4294967295]"
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Nesting and encoding of what people hand us
 # ---------------------------------------------------------------------------------------------

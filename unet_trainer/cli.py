@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, dump_config, resolve_config
+from .config import SEED, ConfigError, dump_config, resolve_config
 from .data.layouts import (
     DLE_LABEL_CONVENTIONS,
     FORMAT_CHOICES,
@@ -228,6 +228,8 @@ def data_main(argv: list[str] | None = None) -> int:
 
             if args.workers < 1:
                 return _fail("--workers must be at least 1", 2)
+            if not SEED["minimum"] <= args.seed <= SEED["maximum"]:
+                return _fail(f"--seed {args.seed} must be in [{SEED['minimum']}, {SEED['maximum']}]", 2)
             ids = write_phantom_dataset(
                 args.out, args.cases, tuple(args.shape), args.seed, workers=args.workers, style=args.style
             )
