@@ -34,7 +34,7 @@ from .checkpoint import (
 from .components import build_model, describe_model
 from .config import ConfigError, Duration, config_differences, dump_config, upgrade_config
 from .data.layouts import DataFormatError
-from .data.loader import PatchDataset, build_train_loader
+from .data.loader import BatchTooLarge, PatchDataset, build_train_loader
 from .data.phantom import write_phantom_dataset
 from .data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current
 from .data.split import kfold_split, load_split_file
@@ -668,14 +668,11 @@ def setup_data(cfg: dict, run_dir: Path, dist_info: DistInfo, device: torch.devi
 
     Raises:
         DataFormatError: missing or bad data, or a bad split.
-        ConfigError: ``drop_last`` leaves no batch.
+        ConfigError: ``drop_last`` leaves no batch, or a batch needs more memory or shared memory
+            than this machine has.
     """
     prepared, index = ensure_prepared(cfg, dist_info, progress=progress and dist_info.is_main)
     split = build_split(cfg, index["cases"])
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "split.json", json.dumps(split, indent=1))
-        _warn_patch_padding(cfg["data"]["patch_size"], prepared, split["train"])
     dataset = PatchDataset(
         prepared,
         split["train"],
@@ -693,9 +690,21 @@ def setup_data(cfg: dict, run_dir: Path, dist_info: DistInfo, device: torch.devi
             num_replicas=dist_info.world_size,
             rank=dist_info.rank,
             drop_last=cfg["drop_last"],
+            processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),  # torchrun's ranks on this machine
         )
+    except BatchTooLarge as exc:
+        raise ConfigError(
+            f"'data.patch_size' = {cfg['data']['patch_size']} with 'train_batch_size' = {cfg['train_batch_size']}: "
+            f"{exc}; choose a smaller data.patch_size or train_batch_size"
+            + (" (or fewer data.num_workers)" if cfg["data"]["num_workers"] > 0 else "")
+        ) from None
     except ValueError as exc:
         raise ConfigError(f"'drop_last' = true: {str(exc).removeprefix('drop_last: ')}") from None
+    # Only once the loader is known to work: a run refused here leaves no split behind.
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "split.json", json.dumps(split, indent=1))
+        _warn_patch_padding(cfg["data"]["patch_size"], prepared, split["train"])
     return DataSetup(prepared, split, dataset, loader)
 
 

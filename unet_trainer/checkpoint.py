@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fileio import atomic_write
+from .fileio import atomic_write, os_error_line
 
 CHECKPOINT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
 BEST_RE = re.compile(r"^best-rank(\d+)\.pt$")
@@ -160,6 +160,10 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
             raise CheckpointError(f"{path}: {reason}", reason) from None
         reason = f"needs code to load (its pickle asks for {_code_asked_for(exc)}), so it is never loaded"
         raise UnsafeCheckpointError(f"{path}: {reason}", reason) from None
+    except OSError as exc:  # a folder, no permission: the file and what was wrong, in words
+        line = os_error_line(exc, path)
+        reason = line.removeprefix(f"{path}: ")
+        raise CheckpointError(f"{line} (reading a checkpoint)", f"{reason} (reading a checkpoint)") from None
     except Exception as exc:  # torch raises many types for a damaged file; all mean the same here
         reason = f"not a readable checkpoint ({one_line(str(exc)) if str(exc) else type(exc).__name__})"
         raise CheckpointError(f"{path}: {reason}", reason) from None

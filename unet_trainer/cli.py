@@ -7,13 +7,12 @@ with one line on stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, dump_config, resolve_config
+from .config import SEED, ConfigError, dump_config, resolve_config
 from .data.layouts import (
     DLE_LABEL_CONVENTIONS,
     FORMAT_CHOICES,
@@ -22,8 +21,9 @@ from .data.layouts import (
     LABEL_CONVENTIONS,
     DataFormatError,
 )
+from .data.loader import SharedMemoryExhausted
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
-from .fileio import free_space_text
+from .fileio import os_error_line
 from .guard import OutputPathError
 from .metrics import LABEL_NAMES
 from .postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
@@ -70,15 +70,19 @@ def _fail(message: str, status: int = 1) -> int:
     return status
 
 
-def _os_error_line(exc: OSError, folder: Path) -> str:
-    """An OSError as one line; a full disk names the file (else ``folder``) and the free space."""
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or "free" in str(exc):
-        return str(exc)
-    where = Path(exc.filename) if exc.filename else Path(folder)
-    return (
-        f"{where}: no space left on the device while writing there ({free_space_text(where.parent)}); "
-        "free some space and run again"
-    )
+def _lost_peer_exit(exc: RuntimeError) -> int:
+    """Under torchrun, a collective that failed because a peer rank went away: one line (from
+    one rank per machine) instead of each rank's traceback, before the launcher's own report.
+
+    Raises:
+        RuntimeError: ``exc`` again, when it is no such failure (a bug shows its traceback).
+    """
+    from .distributed import lost_peer
+
+    lost = lost_peer(exc)
+    if lost is None:
+        raise exc
+    return _fail(lost.line) if lost.reporter else 1
 
 
 def _format_summary(summary: dict) -> str:
@@ -152,8 +156,12 @@ def train_main(argv: list[str] | None = None) -> int:
         summary = run_training(cfg)
     except (ConfigError, DataFormatError, CheckpointError, RunFolderError, OutputPathError, TrainingDiverged) as exc:
         return _fail(str(exc))
+    except SharedMemoryExhausted as exc:  # a loader worker's, re-raised here
+        return _fail(str(exc))
+    except RuntimeError as exc:  # under torchrun: a peer rank went away
+        return _lost_peer_exit(exc)
     except OSError as exc:  # e.g. an unwritable save_folder or a full disk
-        return _fail(_os_error_line(exc, Path(cfg["save_folder"])))
+        return _fail(os_error_line(exc, Path(cfg["save_folder"])))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     if summary["is_main"]:  # under torchrun, one summary, from rank 0
@@ -221,6 +229,8 @@ def data_main(argv: list[str] | None = None) -> int:
 
             if args.workers < 1:
                 return _fail("--workers must be at least 1", 2)
+            if not SEED["minimum"] <= args.seed <= SEED["maximum"]:
+                return _fail(f"--seed {args.seed} must be in [{SEED['minimum']}, {SEED['maximum']}]", 2)
             ids = write_phantom_dataset(
                 args.out, args.cases, tuple(args.shape), args.seed, workers=args.workers, style=args.style
             )
@@ -238,7 +248,7 @@ def data_main(argv: list[str] | None = None) -> int:
     except (DataFormatError, ValueError, RunFolderError) as exc:
         return _fail(str(exc))
     except OSError as exc:  # unwritable --out, full disk
-        return _fail(_os_error_line(exc, args.out))
+        return _fail(os_error_line(exc, args.out))
     return 0
 
 
@@ -460,8 +470,10 @@ def eval_main(argv: list[str] | None = None) -> int:
         )
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    except (DataFormatError, CheckpointError, ValueError, OSError) as exc:
+    except (DataFormatError, CheckpointError, ValueError) as exc:
         return _fail(str(exc))
+    except OSError as exc:  # e.g. --out names a folder; the file written or read, else the checkpoint
+        return _fail(os_error_line(exc, Path(out or checkpoint)))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     print(_format_eval(report))
@@ -491,8 +503,10 @@ def _choose_postprocessing_main(checkpoint: Path, flags: dict, overrides: list[s
         )
     except (ConfigError, PostprocessingError) as exc:
         return _fail(str(exc), 2)
-    except (DataFormatError, CheckpointError, ValueError, OSError) as exc:
+    except (DataFormatError, CheckpointError, ValueError) as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        return _fail(os_error_line(exc, Path(out or checkpoint)))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     print(_format_eval(report))
@@ -551,8 +565,10 @@ def predict_main(argv: list[str] | None = None) -> int:
         )
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    except (DataFormatError, CheckpointError, RunFolderError, ValueError, OSError) as exc:
+    except (DataFormatError, CheckpointError, RunFolderError, ValueError) as exc:
         return _fail(str(exc))
+    except OSError as exc:  # e.g. OUTPUT is a file; the file written or read, else OUTPUT
+        return _fail(os_error_line(exc, Path(output)))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     files = sum(len(paths) for paths in summary.written.values())
@@ -645,10 +661,13 @@ def cv_main(argv: list[str] | None = None) -> int:
         RunFolderError,
         TrainingDiverged,
         ValueError,
+        SharedMemoryExhausted,
     ) as exc:
         return _fail(str(exc))
+    except RuntimeError as exc:  # under torchrun: a peer rank went away
+        return _lost_peer_exit(exc)
     except OSError as exc:
-        return _fail(_os_error_line(exc, Path(cfg["save_folder"])))
+        return _fail(os_error_line(exc, Path(cfg["save_folder"])))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     if outcome.stopped:

@@ -28,6 +28,7 @@ import copy
 import difflib
 import math
 import os
+import reprlib
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -38,7 +39,9 @@ import yaml
 from . import components
 from .data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES
 from .data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
+from .documents import DocumentError, check_nesting, load_yaml_text, read_utf8
 from .duration import DURATION_UNITS, Duration  # noqa: F401  (re-exported: config.Duration is public)
+from .fileio import os_error_line
 from .lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,
     DEFAULT_HD95_PENALTY,
@@ -62,6 +65,9 @@ class ConfigError(ValueError):
 
 PROB = dict(minimum=0.0, maximum=1.0)
 POSITIVE = dict(minimum=0.0)
+# Every seed: NumPy's global seeding and scikit-learn's random_state take at most 2**32 - 1
+# (torch takes more), and the split, the phantom and the training streams are seeded by them.
+SEED = dict(minimum=0, maximum=2**32 - 1)
 
 # Each component's settings are derived from its own signature (unet_trainer.components names
 # them); the builder passes the parameters, folders and evaluator the exclusions name.
@@ -100,7 +106,7 @@ SCHEMA: dict[str, Any] = {
     "recipe": F("str", None, nullable=True),
     "run_name": F("str", None, nullable=True),
     "save_folder": F("str", "runs/{run_name}"),
-    "seed": F("int", 42, minimum=0),
+    "seed": F("int", 42, **SEED),
     "device": F("str", "auto", choices=("auto", "cpu", "cuda")),
     "precision": F("str", "fp32", choices=("fp32", "amp_fp16", "amp_bf16")),
     "train_batch_size": F("int", 64, minimum=1),
@@ -140,7 +146,7 @@ SCHEMA: dict[str, Any] = {
         "phantom": {
             "cases": F("int", 20, minimum=2),
             "shape": F("int_list", [64, 64, 64], length=3),
-            "seed": F("int", 0, minimum=0),
+            "seed": F("int", 0, **SEED),
             "style": F("str", DEFAULT_STYLE, choices=PHANTOM_STYLES),
         },
         # Resample every case to this spacing (z, y, x) in mm when its own differs; null keeps each
@@ -148,7 +154,7 @@ SCHEMA: dict[str, Any] = {
         "target_spacing": F("float_list", None, nullable=True, length=3),
         "num_folds": F("int", 5, minimum=2),
         "fold": F("int", 0, minimum=0),
-        "split_seed": F("int", 0, minimum=0),
+        "split_seed": F("int", 0, **SEED),
         "split_file": F("str", None, nullable=True),
         "patch_size": F("int_list", [128, 128, 128], length=3),
         "oversampling": F("float", 0.4, **PROB),
@@ -244,8 +250,14 @@ def _unknown_key_error(source: str, parent: str, key: Any, siblings: Iterable[st
     return ConfigError(f"{source}: unknown key {where}{hint}")
 
 
+# Values shown in messages: a few items and levels at most (a list of lists shared a thousand
+# times over, from YAML aliases, is short to write and long to print).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 3, 8, 8, 60, 60
+
+
 def _type_error(source: str, path: str, value: Any, spec: Field, detail: str = "") -> ConfigError:
-    shown = repr(value)
+    shown = _SHOWN.repr(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."
     extra = f" ({detail})" if detail else ""
@@ -327,17 +339,19 @@ def _check_field(source: str, path: str, value: Any, spec: Field) -> Any:
         for item in value:
             if kind == "int_list":
                 if isinstance(item, bool) or not isinstance(item, int):
-                    raise _type_error(source, path, value, spec, f"item {item!r}")
+                    raise _type_error(source, path, value, spec, f"item {_SHOWN.repr(item)}")
                 out.append(item)
             else:
                 number = _as_float(item)
                 if number is None or not math.isfinite(number):
-                    raise _type_error(source, path, value, spec, f"item {item!r}, each must be a finite number")
+                    raise _type_error(
+                        source, path, value, spec, f"item {_SHOWN.repr(item)}, each must be a finite number"
+                    )
                 out.append(number)
             if (spec.minimum is not None and out[-1] < spec.minimum) or (
                 spec.maximum is not None and out[-1] > spec.maximum
             ):
-                raise _type_error(source, path, value, spec, f"item {item!r}")
+                raise _type_error(source, path, value, spec, f"item {_SHOWN.repr(item)}")
         if spec.length is not None and len(out) != spec.length:
             raise _type_error(source, path, value, spec)
         return out
@@ -586,10 +600,16 @@ def defaults() -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_value(text: str) -> Any:
-    """Parse an override value as a YAML scalar or flow list/mapping (never as code)."""
+def _parse_value(key: str, text: str) -> Any:
+    """Parse the override value of ``key`` as a YAML scalar or flow list/mapping (never as code).
+
+    Raises:
+        ConfigError: the value nests deeper than any config does.
+    """
     try:
-        return yaml.safe_load(text) if text != "" else None
+        return load_yaml_text(text) if text != "" else None
+    except DocumentError as exc:
+        raise ConfigError(f"command line: the value of '{key}' is {exc}") from None
     except yaml.YAMLError:
         return text
 
@@ -619,7 +639,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"command line: '{token}' is not an override (use key=value, --key value or --key=value)")
         if not key or key.startswith(".") or key.endswith(".") or ".." in key:
             raise ConfigError(f"command line: '{token}' has an empty key")
-        pairs.append((key, _parse_value(text)))
+        pairs.append((key, _parse_value(key, text)))
         i += 1
     return pairs
 
@@ -650,21 +670,29 @@ def overrides_to_layer(pairs: list[tuple[str, Any]]) -> dict:
 
 
 def load_yaml(path: Path) -> dict:
-    """Read a YAML mapping with ``yaml.safe_load``.
+    """Read a YAML mapping with PyYAML's safe loader (:func:`unet_trainer.documents.load_yaml_text`).
 
     Raises:
-        ConfigError: missing file, YAML syntax error (with line) or a top level that is not a mapping.
+        ConfigError: missing or unreadable file, not UTF-8 text, YAML syntax error (with line),
+            nesting deeper than any config, or a top level that is not a mapping.
     """
+    path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory, not a config file; give a YAML file such as configs/demo.yaml")
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_text(read_utf8(path))
+    except DocumentError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(os_error_line(exc, path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        # A reader error (a control character) has no problem_mark, and its str() spans two lines.
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split()).replace(' in "<unicode string>",', " at")
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -874,6 +902,10 @@ def resolve_from_base(base: dict, override_args: list[str] | None = None, source
     Raises:
         ConfigError: any problem, as one line.
     """
+    try:
+        check_nesting(base)  # before anything walks it recursively
+    except DocumentError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     base_layer = check_layer(copy.deepcopy(base), source)
     cli_layer = check_layer(overrides_to_layer(parse_overrides(override_args or [])), "command line")
     resolved = _fill_defaults(merge_layers(base_layer, cli_layer), SCHEMA)

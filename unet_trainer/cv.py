@@ -44,7 +44,7 @@ import yaml
 from . import callbacks as cb
 from .builders import RESUME_FREE_KEYS, check_run_outputs, run_training
 from .checkpoint import CHECKPOINT_RE, LEGACY_RUN_ID, CheckpointError, checkpoint_identity
-from .config import ConfigError, Duration, config_differences, dump_config, resolve_from_base
+from .config import ConfigError, Duration, config_differences, dump_config, load_yaml, resolve_from_base
 from .distributed import barrier, broadcast_object, init_distributed, shutdown
 from .fileio import atomic_write, atomic_write_text
 from .metrics import mean_scores
@@ -265,6 +265,8 @@ def _stored_config(source: Path, read) -> dict:
     """
     try:
         stored = read()
+    except ConfigError as exc:  # load_yaml's line names the file
+        raise CrossValidationError(f"{exc}; move it away to start afresh") from None
     except (OSError, yaml.YAMLError) as exc:
         raise CrossValidationError(f"{source}: not readable ({exc}); move it away to start afresh") from None
     if not isinstance(stored, dict):
@@ -298,7 +300,7 @@ def claim_cv_folder(cfg: dict, aggregate_only: bool = False) -> Path:
     lock = FolderLock(cv_dir, CV_LOCK).acquire(wait=True)
     try:
         if record.is_file():
-            old = _stored_config(record, lambda: yaml.safe_load(record.read_text()))
+            old = _stored_config(record, lambda: load_yaml(record))
             extra = PER_FOLD_KEYS + (EVALUATION_KEYS if aggregate_only else ())
             differing = [k for k in config_differences(old, cfg) if not _free(k, extra)]
             if differing:

@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-import yaml
 
 from .builders import RESUME_FREE_KEYS
 from .checkpoint import CheckpointError
 from .components import describe_model
-from .config import ConfigError, config_differences
+from .config import ConfigError, config_differences, load_yaml
 from .cv import CV_CONFIG, chosen_checkpoint, fold_folders, fold_state
 from .predict import LoadedModel, load_model
 from .runfolder import RunFolderError, live_holder
@@ -172,8 +171,10 @@ def folder_checkpoints(folder: Path, choice: str = "best") -> list[tuple[Path, s
     record = folder / CV_CONFIG
     if record.is_file():
         try:
-            num_folds = int(yaml.safe_load(record.read_text())["data"]["num_folds"])
-        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+            num_folds = int(load_yaml(record)["data"]["num_folds"])
+        except ConfigError as exc:  # load_yaml's line names the file
+            raise EnsembleError(str(exc)) from None
+        except (KeyError, TypeError, ValueError) as exc:
             raise EnsembleError(f"{record}: not readable ({exc})") from None
         missing = sorted(set(range(num_folds)) - {k for k, _ in folds})
         if missing:

@@ -88,10 +88,15 @@ def free_space_text(folder: Path) -> str:
         free = shutil.disk_usage(folder).free
     except OSError:
         return "free space unknown"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if free >= size:
-            return f"{free / size:.1f} {unit} free"
-    return f"{free} bytes free"
+    return f"{size_text(free)} free"
+
+
+def size_text(size: int) -> str:
+    """A byte count for people: "1.2 GiB", "3.0 MiB", "12 bytes"."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -117,6 +122,62 @@ def disk_full_error(path: Path) -> DiskFullError:
     )
     error.errno = errno.ENOSPC  # str() stays the plain line, without an "[Errno 28]" prefix
     return error
+
+
+# What an OSError of these numbers means, in words that say what was expected.
+_ERRNO_WORDS = {
+    errno.EISDIR: "is a directory, expected a file",
+    errno.ENOENT: "no such file or folder",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENAMETOOLONG: "a name on this path is too long for the file system",
+    errno.EROFS: "is on a read-only file system",
+    errno.ELOOP: "too many levels of symbolic links",
+}
+
+
+def os_error_line(exc: OSError, path: Path | None = None) -> str:
+    """An OSError as one line that names the file and says in words what was wrong, e.g.
+    ``runs/a.csv: is a directory, expected a file``; never Python's ``[Errno 21] ...``.
+
+    Args:
+        exc: the error.
+        path: the file the caller was reading or writing, named when the error carries no file
+            name of its own (some libraries raise an OSError with only a number).
+    """
+    if isinstance(exc, DiskFullError):
+        return str(exc)
+    where = Path(exc.filename) if exc.filename else (Path(path) if path is not None else None)
+    code = exc.errno if exc.errno is not None else next((a for a in exc.args[:1] if isinstance(a, int)), None)
+    if code in _DISK_FULL_ERRNOS:
+        where = where or Path(".")
+        return (
+            f"{where}: no space left on the device while writing there ({free_space_text(where.parent)}); "
+            "free some space and run again"
+        )
+    if code == errno.EEXIST:
+        # mkdir where something else than a folder has the name; else the name is taken.
+        words = (
+            "already exists"
+            if where is None or not where.exists() or where.is_dir()
+            else f"exists and is {'a file, expected a folder' if where.is_file() else 'not a folder'}"
+        )
+    elif code == errno.ENOTDIR:
+        # Something else than a folder where the path needs one: name it (the path or a parent).
+        blocking = next((p for p in ([where, *where.parents] if where else []) if p.exists() and not p.is_dir()), None)
+        what = "is a file, expected a folder" if blocking is None or blocking.is_file() else "is not a folder"
+        words = what if blocking in (where, None) else f"{blocking} {what}"
+    elif code in _ERRNO_WORDS:
+        words = _ERRNO_WORDS[code]
+    elif exc.strerror:
+        words = exc.strerror
+    elif code is not None:
+        words = os.strerror(code)
+    else:
+        words = " ".join(str(exc).split()) or type(exc).__name__
+    if exc.filename2:
+        where = f"{where} -> {exc.filename2}"
+    return f"{where}: {words}" if where is not None else words
 
 
 def fsync_path(path: Path) -> None:

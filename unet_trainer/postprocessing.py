@@ -41,7 +41,8 @@ import numpy as np
 from scipy import ndimage
 
 from .data.layouts import REGION_NAMES, REGIONS
-from .fileio import atomic_write_text
+from .documents import DocumentError, load_json_text, read_utf8
+from .fileio import atomic_write_text, os_error_line
 from .lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,
     DEFAULT_HD95_PENALTY,
@@ -507,13 +508,11 @@ def load_postprocessing(path: Path) -> Postprocessing:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        document = load_json_text(read_utf8(path))
     except OSError as exc:
-        raise PostprocessingError(f"{path}: cannot read the postprocessing file ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise PostprocessingError(f"{path}: not a text file") from None
-    try:
-        document = json.loads(text)
+        raise PostprocessingError(f"{os_error_line(exc, path)}; cannot read the postprocessing file") from None
+    except DocumentError as exc:
+        raise PostprocessingError(f"{path}: {exc}; expected a postprocessing file") from None
     except json.JSONDecodeError as exc:
         raise PostprocessingError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
     if not isinstance(document, dict) or document.get("format") != FILE_FORMAT:

@@ -11,19 +11,136 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
+
+from ..fileio import size_text
 
 # The most bytes of finished batches the loader's workers may hold ahead of the trainer. Each
 # worker builds whole batches, and DataLoader keeps prefetch_factor x num_workers of them in shared
 # memory (and as many pinned copies): at BraTS size a batch of 64 patches of 4x128^3 float32 is
 # 2.1 GiB, so 8 workers x 4 would hold 69 GiB, more than the /dev/shm of a 128 GiB machine.
 PREFETCH_BYTES = 8 * 2**30
+
+
+# Where DataLoader's workers put the batches they hand over (POSIX shared memory on Linux).
+SHARED_MEMORY = Path("/dev/shm")
+
+
+class BatchTooLarge(ValueError):
+    """One training batch is more than this machine can hold; the message says how much it needs
+    and what there is (the caller names the settings)."""
+
+
+class SharedMemoryExhausted(RuntimeError):
+    """A loader worker found no room in shared memory for a batch (one line naming the file system).
+
+    DataLoader re-raises a worker's error in the main process as ``type(error)(text)``, where the
+    text is the worker's whole traceback; its last line is the worker's own message, and that is
+    what ``str()`` gives.
+    """
+
+    def __str__(self) -> str:
+        lines = super().__str__().strip().splitlines() or [""]
+        return lines[-1].removeprefix(f"{type(self).__module__}.{type(self).__qualname__}: ")
+
+
+def shared_memory_free(folder: Path = SHARED_MEMORY) -> int | None:
+    """Bytes free in the shared-memory file system, None where there is none (not Linux)."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def memory_available() -> int | None:
+    """Bytes of memory available without swapping (``MemAvailable`` of /proc/meminfo, lowered to
+    what a cgroup v2 memory limit leaves); None where unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def check_batch_fits(batch_bytes: int, num_workers: int, processes: int = 1) -> None:
+    """Refuse a batch this machine cannot hold, before any is built.
+
+    A batch is assembled from its samples (both in memory at once, so twice its size); each of
+    ``num_workers`` loader workers then holds the batch it built in shared memory until the
+    trainer takes it, and they start together. ``processes`` training processes on this machine
+    (torchrun's ranks) share both.
+
+    Raises:
+        BatchTooLarge: the batches need more shared memory than is free, or more memory than is
+            available.
+    """
+    shared = shared_memory_free() if num_workers > 0 else None
+    needed = processes * num_workers * batch_bytes
+    if shared is not None and needed > shared:
+        holders = f"{num_workers} loader worker(s)" + (f" in each of {processes} processes" if processes > 1 else "")
+        raise BatchTooLarge(
+            f"a batch is {size_text(batch_bytes)} and the {holders} hold one each in shared memory, "
+            f"{size_text(needed)}, but {SHARED_MEMORY} has {size_text(shared)} free"
+        )
+    available = memory_available()
+    needed = processes * 2 * batch_bytes
+    if available is not None and needed > available:
+        raise BatchTooLarge(
+            f"a batch is {size_text(batch_bytes)}, assembling it takes {size_text(needed)} of memory "
+            f"(samples and batch{f', in each of {processes} processes' if processes > 1 else ''}), "
+            f"but {size_text(available)} is available"
+        )
+
+
+def _remove_leaked_shared_memory() -> None:
+    """Delete the shared-memory files this process created and did not unlink. Under the
+    ``file_descriptor`` strategy torch unlinks each file as soon as it is mapped, so a file still
+    named after this process is one a failed allocation left behind (it is never freed otherwise:
+    a 64 GiB sparse file of a batch that did not fit stays in /dev/shm until reboot)."""
+    if torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+        return
+    for leaked in SHARED_MEMORY.glob(f"torch_{os.getpid()}_*"):
+        leaked.unlink(missing_ok=True)
+
+
+def collate_in_shared_memory(samples: list) -> object:
+    """DataLoader's default collation (into shared memory, in a worker), leaving no file behind
+    when the allocation fails.
+
+    Raises:
+        SharedMemoryExhausted: no room for the batch in shared memory.
+    """
+    try:
+        return default_collate(samples)
+    except RuntimeError as exc:
+        if torch.utils.data.get_worker_info() is None:  # the main process collates in plain memory
+            raise
+        _remove_leaked_shared_memory()
+        if "shared memory" not in str(exc) and "/torch_" not in str(exc):
+            raise
+        batch_bytes = sum(t.nbytes for sample in samples for t in sample if isinstance(t, torch.Tensor))
+        raise SharedMemoryExhausted(
+            f"{SHARED_MEMORY}: no room for a batch of {size_text(batch_bytes)} from a data loader worker "
+            f"({size_text(shared_memory_free() or 0)} free); lower data.num_workers, data.patch_size or "
+            "train_batch_size, or free shared memory"
+        ) from None
 
 
 def prefetch_batches(num_workers: int, batch_bytes: int, budget_bytes: int = PREFETCH_BYTES) -> int:
@@ -270,6 +387,7 @@ def build_train_loader(
     num_replicas: int = 1,
     rank: int = 0,
     drop_last: bool = False,
+    processes: int = 1,
 ) -> DataLoader:
     """An endless DataLoader of training patches for one rank, running across epochs.
 
@@ -285,6 +403,8 @@ def build_train_loader(
 
     Raises:
         ValueError: ``drop_last`` with fewer samples per rank than ``batch_size`` (no batch would be left).
+        BatchTooLarge: a batch needs more memory or shared memory than this machine has
+            (:func:`check_batch_fits`; ``processes`` training processes run on it).
     """
     sampler = EpochSampler(len(dataset), seed, num_replicas=num_replicas, rank=rank)
     if drop_last and sampler.num_samples < batch_size:
@@ -293,11 +413,15 @@ def build_train_loader(
             f"{batch_size} per rank, so every batch would be dropped; set drop_last=false or a smaller "
             "train_batch_size"
         )
-    prefetch = prefetch_batches(num_workers, batch_size * dataset.sample_bytes()) if num_workers > 0 else None
+    # The largest batch there will be: a batch is cut from one epoch's samples.
+    batch_bytes = min(batch_size, sampler.num_samples) * dataset.sample_bytes()
+    check_batch_fits(batch_bytes, num_workers, processes)
+    prefetch = prefetch_batches(num_workers, batch_bytes) if num_workers > 0 else None
     return DataLoader(
         dataset,
         batch_sampler=ContinuousBatchSampler(sampler, batch_size, drop_last),
         num_workers=num_workers,
+        collate_fn=collate_in_shared_memory,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from sklearn.model_selection import KFold
 
+from ..documents import DocumentError, load_json_text, read_utf8
+from ..fileio import os_error_line
 from .layouts import DataFormatError
 
 
@@ -46,9 +48,11 @@ def load_split_file(path: Path, available: Sequence[str]) -> dict[str, list[str]
     """
     path = Path(path)
     try:
-        split = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataFormatError(f"{path}: cannot read split file ({exc})") from None
+        split = load_json_text(read_utf8(path))
+    except OSError as exc:
+        raise DataFormatError(f"{os_error_line(exc, path)}; cannot read the split file") from None
+    except (DocumentError, json.JSONDecodeError) as exc:
+        raise DataFormatError(f"{path}: cannot read the split file ({exc})") from None
     if (
         not isinstance(split, dict)
         or not isinstance(split.get("train"), list)
