@@ -311,3 +311,20 @@ def test_predict_on_a_run_that_is_training_says_so_and_names_the_pid(cache_root,
     capsys.readouterr()
     assert predict_main([str(run), str(runs["input"]), str(tmp_path / "out"), "--no-progress"]) == 1
     assert "stopped at batch 2" in capsys.readouterr().err
+
+
+def test_a_checkpoint_cut_anywhere_is_not_readable_never_an_os_error_text(runs, tmp_path):
+    """Cut at any length (torch's reader then fails in several ways, one an OSError with no file name),
+    the line says the checkpoint is not readable, in words, and never quotes Python's "[Errno N]"."""
+    whole = (runs["mine"] / "checkpoints" / "best-rank0.pt").read_bytes()
+    for length in (0, 10, 1000, 5000, len(whole) // 2, len(whole) - 10):
+        cut = tmp_path / f"cut{length}.pt"
+        cut.write_bytes(whole[:length])
+        for mmap in (False, True):
+            with pytest.raises(CheckpointError) as caught:
+                load_checkpoint(cut, mmap=mmap)
+            message = str(caught.value)
+            assert message.startswith(f"{cut}: not a readable checkpoint ("), message
+            assert "[Errno" not in message and "\n" not in message
+    with pytest.raises(CheckpointError, match="is a directory, expected a file"):
+        load_checkpoint(tmp_path)

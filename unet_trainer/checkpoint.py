@@ -160,7 +160,11 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
             raise CheckpointError(f"{path}: {reason}", reason) from None
         reason = f"needs code to load (its pickle asks for {_code_asked_for(exc)}), so it is never loaded"
         raise UnsafeCheckpointError(f"{path}: {reason}", reason) from None
-    except OSError as exc:  # a folder, no permission: the file and what was wrong, in words
+    except OSError as exc:
+        if exc.filename is None:  # raised inside torch's reader (e.g. EINVAL on a cut file): damaged
+            reason = f"not a readable checkpoint ({exc.strerror or one_line(str(exc)) or type(exc).__name__})"
+            raise CheckpointError(f"{path}: {reason}", reason) from None
+        # Opening it failed (a folder, no permission): the file and what was wrong, in words.
         line = os_error_line(exc, path)
         reason = line.removeprefix(f"{path}: ")
         raise CheckpointError(f"{line} (reading a checkpoint)", f"{reason} (reading a checkpoint)") from None
