@@ -120,6 +120,10 @@ def _remove_leaked_shared_memory() -> None:
         leaked.unlink(missing_ok=True)
 
 
+# Set in a loader worker once its batch found no room in shared memory (see below).
+_out_of_shared_memory = False
+
+
 def collate_in_shared_memory(samples: list) -> object:
     """DataLoader's default collation (into shared memory, in a worker), leaving no file behind
     when the allocation fails.
@@ -127,6 +131,11 @@ def collate_in_shared_memory(samples: list) -> object:
     Raises:
         SharedMemoryExhausted: no room for the batch in shared memory.
     """
+    global _out_of_shared_memory
+    if _out_of_shared_memory:
+        # The worker goes on to its prefetched batches after the first failure, while the main process
+        # shuts it down: one more allocation could be killed half-way and leave its file behind.
+        raise _no_room(samples)
     try:
         return default_collate(samples)
     except RuntimeError as exc:
@@ -135,12 +144,18 @@ def collate_in_shared_memory(samples: list) -> object:
         _remove_leaked_shared_memory()
         if "shared memory" not in str(exc) and "/torch_" not in str(exc):
             raise
-        batch_bytes = sum(t.nbytes for sample in samples for t in sample if isinstance(t, torch.Tensor))
-        raise SharedMemoryExhausted(
-            f"{SHARED_MEMORY}: no room for a batch of {size_text(batch_bytes)} from a data loader worker "
-            f"({size_text(shared_memory_free() or 0)} free); lower data.num_workers, data.patch_size or "
-            "train_batch_size, or free shared memory"
-        ) from None
+        _out_of_shared_memory = True
+        raise _no_room(samples) from None
+
+
+def _no_room(samples: list) -> SharedMemoryExhausted:
+    """The one-line error for a batch of ``samples`` that found no room in shared memory."""
+    batch_bytes = sum(t.nbytes for sample in samples for t in sample if isinstance(t, torch.Tensor))
+    return SharedMemoryExhausted(
+        f"{SHARED_MEMORY}: no room for a batch of {size_text(batch_bytes)} from a data loader worker "
+        f"({size_text(shared_memory_free() or 0)} free); lower data.num_workers, data.patch_size or "
+        "train_batch_size, or free shared memory"
+    )
 
 
 def prefetch_batches(num_workers: int, batch_bytes: int, budget_bytes: int = PREFETCH_BYTES) -> int:
