@@ -418,27 +418,14 @@ def _prepare_cases(
                 max_workers=workers, mp_context=context, initializer=die_with_parent, initargs=(parent,)
             ) as pool:
                 try:
-                    for case_id, error, warning in pool.map(_prepare_one, jobs):
-                        bar.update()
-                        _print_warning(warning)
-                        if error:
-                            if not skip_bad:
-                                raise DataFormatError(error)
-                            errors[case_id] = error
+                    _collect(pool.map(_prepare_one, jobs), bar, skip_bad, errors)
                 except BaseException:
                     # Stop now rather than after every queued case has been prepared (a bad case,
                     # a full disk, Ctrl-C); the cases being written are finished.
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
         else:
-            for job in jobs:
-                case_id, error, warning = _prepare_one(job)
-                bar.update()
-                _print_warning(warning)
-                if error:
-                    if not skip_bad:
-                        raise DataFormatError(error)
-                    errors[case_id] = error
+            _collect(map(_prepare_one, jobs), bar, skip_bad, errors)
     finally:
         bar.close()
     good = [c.case_id for c in cases if c.case_id not in errors]
@@ -456,6 +443,19 @@ def _prepare_cases(
     atomic_write_text(out / "prepare.json", json.dumps(record, indent=1))
     _print_warning(no_tumour_warning(source, out, good))
     return record
+
+
+def _collect(results, bar, skip_bad: bool, errors: dict[str, str]) -> None:
+    """Take the (case id, error, warning) of each prepared case as it comes: the bar advances, a
+    warning is printed, and a bad case stops it (DataFormatError) or, with ``skip_bad``, goes into
+    ``errors``."""
+    for case_id, error, warning in results:
+        bar.update()
+        _print_warning(warning)
+        if error:
+            if not skip_bad:
+                raise DataFormatError(error)
+            errors[case_id] = error
 
 
 def _print_warning(warning: str | None) -> None:
