@@ -134,6 +134,17 @@ def test_a_phantom_seed_out_of_range_names_the_flag(tmp_path, capsys, value):
     assert not out.exists()
 
 
+def test_a_phantom_over_an_existing_dataset_is_refused_naming_it_once(tmp_path, capsys):
+    dataset = tmp_path / "DS"
+    (dataset / "case").mkdir(parents=True)
+    (dataset / "case" / "case_t1.nii.gz").write_bytes(b"raw")
+    assert cli.data_main(["synth", "--out", str(dataset), "--cases", "2"]) != 0
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {dataset}: exists and is not a phantom") and line.count(str(dataset)) == 1, line
+    assert (dataset / "case" / "case_t1.nii.gz").read_bytes() == b"raw"
+    assert sorted(p.name for p in dataset.rglob("*")) == ["case", "case_t1.nii.gz"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Nesting and encoding of what people hand us
 # ---------------------------------------------------------------------------------------------

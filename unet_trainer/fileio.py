@@ -177,7 +177,9 @@ def os_error_line(exc: OSError, path: Path | None = None) -> str:
         words = " ".join(str(exc).split()) or type(exc).__name__
     if exc.filename2:
         where = f"{where} -> {exc.filename2}"
-    return f"{where}: {words}" if where is not None else words
+    if where is None or words.startswith(f"{where}:"):  # our own message, which names the file already
+        return words
+    return f"{where}: {words}"
 
 
 def fsync_path(path: Path) -> None:
