@@ -9,7 +9,7 @@ It takes every option of bench_train.py (the setting) plus its own; the method a
 verdicts are in BENCHMARKS.md (the bench_train section).
 
 Examples:
-    python scripts/bench_ablation.py --recipe fast                       # CUDA: the setting
+    python scripts/bench_ablation.py --recipe fast                       # CUDA: the full setting
     python scripts/bench_ablation.py --recipe fast --candidate algorithms.compile.mode=reduce-overhead
     python scripts/bench_ablation.py --device cpu --recipe fast --repeats 3 --eval-repeats 3
     python scripts/bench_ablation.py --recipe fast --json a.json --resume   # goes on where a.json stopped

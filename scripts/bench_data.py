@@ -33,7 +33,7 @@ not timed; then ``--iters`` batches are (ours, the ceiling, MONAI CacheDataset),
 ``--monai-iters`` for the slow MONAI Dataset, crossing epoch boundaries as training does (8 cases
 = 4 batches of 2 per epoch). On a machine shared with other work the rates move with its load;
 the load average at the start is printed. The headline ratio is ours /
-MONAI Dataset, the issue's reference ("the loader alone delivers at least 2x MONAI's patches/s
+MONAI Dataset, the target's reference ("the loader alone delivers at least 2x MONAI's patches/s
 with the same number of workers"); the ratio to CacheDataset is printed too.
 
 Examples:
@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
         verdict = "meets" if ratio >= 2 else "MISSES"
         print(
             f"\nratio ours / MONAI Dataset = {ratio:.1f}x with {args.workers} workers "
-            f"({verdict} the issue's target of >= 2x; this is the ratio the target uses)"
+            f"({verdict} the target of >= 2x; this is the ratio the target uses)"
         )
         if "monai_cache" in results:
             print(

@@ -30,7 +30,7 @@ Gaussian kernel centred on voxel n // 2, each with its own floor), and under bf1
 logits round.
 
 Examples:
-    python scripts/bench_infer.py                                   # CUDA: the setting
+    python scripts/bench_infer.py                                   # CUDA: the full setting
     python scripts/bench_infer.py --device cpu --size 64 80 80 --window 64 --width-divisor 8 \\
         --iters 2 --warmup 1                                        # CPU smoke run (fp32), well under a minute
 

@@ -7,13 +7,13 @@ DataLoader workers, DynUNet, DiceCELoss), train on the same synthetic BraTS-layo
 same patch, batch, microbatch, optimizer, precision and loader workers, timed the same way. Printed
 per pipeline: samples/s (median step and whole epochs), the data-wait share, peak CUDA memory, one
 sliding-window evaluation of a BraTS-sized case, the projected wall time of the full recipe, the
-ratio ours/MONAI and issue 8's targets (checked only on an H200 at the full setting). Without CUDA
+ratio ours/MONAI and the end-to-end targets (checked only on an H200 at the full setting). Without CUDA
 it runs a small CPU smoke size that only proves the benchmark runs. scripts/bench_ablation.py
 runs this script once per speed switch. The method (data, timing, projection, targets) and the
 recorded figures are in BENCHMARKS.md.
 
 Examples:
-    python scripts/bench_train.py                                        # CUDA: the issue's setting
+    python scripts/bench_train.py                                        # CUDA: the full setting
     python scripts/bench_train.py --recipe fast                          # a recipe of recipes/
     python scripts/bench_train.py --override algorithms.channels_last={} --cudnn-benchmark
     python scripts/bench_train.py --device cpu                           # CPU smoke run, ~1-2 minutes
@@ -76,7 +76,7 @@ RESERVED_KEYS = (
     "data.prepared_path",
     "data.format",
 )
-# Issue 8's targets, as issue 12 restates them for one H200 at the full setting.
+# The end-to-end targets, for one H200 at the full setting.
 TARGET_RATIO = 2.0
 TARGET_SAMPLES_PER_S = 60.0
 TARGET_DATA_WAIT = 0.05
@@ -270,8 +270,8 @@ def print_targets(
     val_cases: int,
     setting_ok: str | None,
 ) -> None:
-    """Issue 8's four targets for ``ours``, each PASS/FAIL, or why it is not measured here."""
-    print("targets (issues 8 and 12, on one H200 at the full setting):")
+    """The four end-to-end targets for ``ours``, each PASS/FAIL, or why it is not measured here."""
+    print("targets (on one H200 at the full setting):")
     if ours is None:
         print("  not checked: ours was not run (--only monai)")
         return
@@ -744,7 +744,7 @@ def set_up(args: argparse.Namespace) -> Setup:
         }
         changed = [k for k, v in FULL_SETTING.items() if current[k] != v]
         if changed:
-            measurable = f"setting differs from the issue's in: {', '.join(changed)}"
+            measurable = f"setting differs from the full setting in: {', '.join(changed)}"
 
     plan = recipe_plan(base, args.recipe_train_cases)  # the recipe as it would run, without the timing overrides
     return Setup(cfg, overrides, plan, measurable, phantom, phantom_s, train_ids, val_id, warmup_steps, timed_steps)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every CUDA code path run and every GPU speed target measured, in one command of at most 6 minutes.
 
-Made for the rare, short GPU lease (one H200, 16 cores, no internet; see BENCHMARKS.md for the
+Made for a short turn on a GPU machine (one H200, 16 cores, no internet; see docs/gpu-check.md for the
 wheels to bring and the exact command). Steps, in order of value, each a subprocess of an
 existing command with its own time limit:
 
@@ -70,7 +70,7 @@ SCRIPTS = REPO / "scripts"
 STEP_NAMES = ("cuda_tests", "train_resume", "model", "infer", "transforms", "train_bench", "metrics", "ablation")
 # Step 8's script: bench_train.py's options plus its own (--candidate, --repeats, --resume).
 ABLATION_SCRIPT = "bench_ablation.py"
-# The issue's targets on one H200 (issue 12), checked in the table; each benchmark prints its own too.
+# The speed targets on one H200 (BENCHMARKS.md), checked in the table; each benchmark prints its own too.
 TARGETS = {
     "model_speed": (">=", 1.5, "ours / DynUNet eager samples/s at batch 2"),
     "model_memory": ("<=", 1.0, "ours / DynUNet eager peak memory at batch 2"),
@@ -106,7 +106,7 @@ class Sizes:
 
 
 def gpu_sizes(workers: int) -> Sizes:
-    """The issue's setting on one GPU. The budgets add up to more than 6 minutes on purpose: a step
+    """The full setting on one GPU. The budgets add up to more than 6 minutes on purpose: a step
     that finishes early leaves its time to the next, and the ablation takes what is left."""
     return Sizes(
         device="cuda",
@@ -460,8 +460,8 @@ def child_environment() -> dict:
 
 
 # Each command in its own process group, so that its limit kills its workers too; not in a new
-# session: the device machine ends a command's leftover processes when it returns, except those
-# that started a session of their own, which would run on into the next command.
+# session: a machine that ends a command's leftover processes when it returns (as a batch or
+# container runner may) spares those that started a session of their own, which would run on.
 OWN_PROCESS_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
 
 
