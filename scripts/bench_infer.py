@@ -7,7 +7,7 @@ norm, leaky ReLU, transposed-conv upsampling) in eval mode, windows of 128^3, 4 
 forward, overlap 0.5, Gaussian importance weighting with sigma = 1/8 of the window, under the
 same autocast (bf16 by default on CUDA):
 
-    ours    unet_trainer.inference.predict_volume; on CUDA the model runs in channels-last memory
+    ours    unet_trainer.evaluation.inference.predict_volume; on CUDA the model runs in channels-last memory
             format, as ``unet-eval`` / ``unet-predict`` run it (a copy of the same weights)
     monai   monai.inferers.sliding_window_inference(roi_size=(128,)*3, sw_batch_size=4,
             predictor=model, overlap=0.5, mode="gaussian", sigma_scale=0.125), the model as built
@@ -56,8 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchutil import brats_3d_model
 
-from unet_trainer.inference import predict_volume  # noqa: E402
-from unet_trainer.model import UNet, optimize_model  # noqa: E402
+from unet_trainer.evaluation.inference import predict_volume  # noqa: E402
+from unet_trainer.models.model import UNet, optimize_model  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Lesion-wise metrics: ours (unet_trainer.lesion_metrics) on each backend against the official package, same cases.
+"""Lesion-wise metrics: ours (unet_trainer.evaluation.lesion_metrics) on each backend against the official package, same cases.
 
 Each case is a BraTS-sized phantom label volume (default 155 x 240 x 240, style "brats") as truth
 and a corrupted copy as prediction (shifted by one voxel, with a few small false-positive specks
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchutil import device_description  # noqa: E402
 
 from unet_trainer.data.phantom import make_phantom_case  # noqa: E402
-from unet_trainer.lesion_metrics import case_lesion_scores  # noqa: E402
+from unet_trainer.evaluation.lesion_metrics import case_lesion_scores  # noqa: E402
 
 BACKENDS = ("scipy", "torch")
 

@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchutil import device_description  # noqa: E402
 
-from unet_trainer.builders import AMP_DTYPES, build_device, build_model, build_split, ensure_prepared  # noqa: E402
-from unet_trainer.config import CALLBACKS, repo_root, resolve_config  # noqa: E402
-from unet_trainer.distributed import DistInfo  # noqa: E402
-from unet_trainer.evaluation import DiceEvaluator  # noqa: E402
-from unet_trainer.visualize import evaluator_case_view, write_overlays  # noqa: E402
+from unet_trainer.commands.builders import AMP_DTYPES, build_device, build_model, build_split, ensure_prepared  # noqa: E402
+from unet_trainer.config.config import CALLBACKS, repo_root, resolve_config  # noqa: E402
+from unet_trainer.core.distributed import DistInfo  # noqa: E402
+from unet_trainer.evaluation.evaluation import DiceEvaluator  # noqa: E402
+from unet_trainer.evaluation.visualize import evaluator_case_view, write_overlays  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = resolve_config(args.config, args.overrides)
     if args.checkpoint is not None:
-        from unet_trainer.predict import load_model
+        from unet_trainer.commands.predict import load_model
 
         loaded = load_model(args.checkpoint, args.overrides, channels_last=False)
         model, cfg, device = loaded.model, loaded.cfg, loaded.device

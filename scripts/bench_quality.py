@@ -4,11 +4,11 @@
 Both pipelines train on the same phantom cases (``--style``, default the BraTS-like one) with the
 same split, model configuration, optimizer, learning rate and schedule, batch, patch and number
 of steps, each with ``--seeds`` seeds, and both are scored by the SAME evaluator (ours:
-``unet_trainer.evaluation.DiceEvaluator``, sliding window over the whole prepared validation
+``unet_trainer.evaluation.evaluation.DiceEvaluator``, sliding window over the whole prepared validation
 volumes, Dice per label NCR/ED/EN and per region WT/TC/ET) at ``--points`` evenly spaced points
 of the budget.
 
-    ours    ``unet_trainer.builders.run_training`` on ``resolve_config(configs/demo.yaml, ...)``
+    ours    ``unet_trainer.commands.builders.run_training`` on ``resolve_config(configs/demo.yaml, ...)``
             (the demo's recipe: RAdam, constant lr, Dice + CE, batched augmentation, oversampling),
             evaluating every ``steps / points`` batches.
     monai   the parts scripts/monai_pipeline.py builds (imported, not copied): its MONAI transforms
@@ -67,7 +67,7 @@ sys.path.insert(0, str(SCRIPTS))
 import monai_pipeline  # noqa: E402  (the MONAI-built pipeline's parts)
 from benchutil import case_ids, device_description  # noqa: E402
 
-from unet_trainer.builders import (  # noqa: E402
+from unet_trainer.commands.builders import (  # noqa: E402
     AMP_DTYPES,
     build_optimizer,
     build_scheduler,
@@ -75,10 +75,10 @@ from unet_trainer.builders import (  # noqa: E402
     ensure_prepared,
     run_training,
 )
-from unet_trainer.config import resolve_config  # noqa: E402
+from unet_trainer.config.config import resolve_config  # noqa: E402
+from unet_trainer.core.distributed import init_distributed  # noqa: E402
 from unet_trainer.data.phantom import PHANTOM_STYLES, write_phantom_dataset  # noqa: E402
-from unet_trainer.distributed import init_distributed  # noqa: E402
-from unet_trainer.evaluation import DiceEvaluator  # noqa: E402
+from unet_trainer.evaluation.evaluation import DiceEvaluator  # noqa: E402
 
 REPO = SCRIPTS.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """End-to-end training throughput: the real trainer against a pipeline built from MONAI parts.
 
-Ours (``unet_trainer.builders.run_training`` on ``configs/brats.yaml``, or ``--recipe``) and its
+Ours (``unet_trainer.commands.builders.run_training`` on ``configs/brats.yaml``, or ``--recipe``) and its
 peer, the MONAI-built pipeline of scripts/monai_pipeline.py (CacheDataset, MONAI transforms in
 DataLoader workers, DynUNet, DiceCELoss), train on the same synthetic BraTS-layout phantom with the
 same patch, batch, microbatch, optimizer, precision and loader workers, timed the same way. Printed
@@ -50,14 +50,14 @@ from benchutil import (  # noqa: E402
 )
 from monai_pipeline import run_monai  # noqa: E402
 
-from unet_trainer.builders import AMP_DTYPES, run_training  # noqa: E402
-from unet_trainer.config import ConfigError, Duration, resolve_config  # noqa: E402
+from unet_trainer.commands.builders import AMP_DTYPES, run_training  # noqa: E402
+from unet_trainer.config.config import ConfigError, Duration, resolve_config  # noqa: E402
 from unet_trainer.data.loader import PreparedCase  # noqa: E402
 from unet_trainer.data.phantom import write_phantom_dataset  # noqa: E402
-from unet_trainer.evaluation import logits_to_labels  # noqa: E402
-from unet_trainer.inference import predict_volume  # noqa: E402
-from unet_trainer.metrics import case_dice  # noqa: E402
-from unet_trainer.trainer import State, duration_in_batches  # noqa: E402
+from unet_trainer.evaluation.evaluation import logits_to_labels  # noqa: E402
+from unet_trainer.evaluation.inference import predict_volume  # noqa: E402
+from unet_trainer.evaluation.metrics import case_dice  # noqa: E402
+from unet_trainer.training.trainer import State, duration_in_batches  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Fold 0 of the 484 MSD cases with split_seed 0 (Composer's split): 387 training, 97 validation.

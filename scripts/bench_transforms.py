@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from benchutil import cpu_model_name, median_seconds
 
-from unet_trainer.transforms import BatchAugmenter, BatchTransform, recipe
+from unet_trainer.training.transforms import BatchAugmenter, BatchTransform, recipe
 
 CHANNELS = 4
 NUM_CLASSES = 4
@@ -161,7 +161,7 @@ def training_step_seconds(patch: int, device: torch.device, warmup: int, iters: 
     model for quick CPU runs."""
     from benchutil import brats_3d_model  # imported here: only the share needs the model
 
-    from unet_trainer.model import UNet
+    from unet_trainer.models.model import UNet
 
     model = UNet(**brats_3d_model(width_divisor)).to(device)
     model.train()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from unet_trainer.trainer import Callback, State
+from unet_trainer.training.trainer import Callback, State
 
 
 def cpu_model_name() -> str:
@@ -39,7 +39,7 @@ def device_description(device: torch.device | str) -> str:
 def brats_3d_model(width_divisor: int = 1) -> dict:
     """The BraTS 3D preset's UNet arguments, read from ``configs/brats.yaml`` (its one definition),
     with every filter count divided by ``width_divisor`` (at least 1) for quick CPU runs."""
-    from unet_trainer.config import repo_root, resolve_config
+    from unet_trainer.config.config import repo_root, resolve_config
 
     model = resolve_config(repo_root() / "configs" / "brats.yaml")["model"]["unet"]
     model["filters"] = [max(1, f // width_divisor) for f in model["filters"]]

@@ -439,7 +439,7 @@ def markdown(report: dict) -> str:
 def cli_command(entry: str, *args: str) -> tuple[list[str], str]:
     """A console script of ours run through this interpreter (no PATH needed) and how it reads."""
     names = {"train_main": "unet-train", "data_main": "unet-data"}
-    code = f"import sys; from unet_trainer.cli import {entry}; sys.exit({entry}(sys.argv[1:]))"
+    code = f"import sys; from unet_trainer.cli.main import {entry}; sys.exit({entry}(sys.argv[1:]))"
     return [sys.executable, "-c", code, *args], shlex.join([names[entry], *args])
 
 

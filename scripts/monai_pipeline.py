@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from benchutil import Measurement, centre_crop_box, median_seconds, release_memory, synchronizer
 
-from unet_trainer.builders import AMP_DTYPES, build_optimizer
+from unet_trainer.commands.builders import AMP_DTYPES, build_optimizer
 from unet_trainer.data.loader import prefetch_batches
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from unet_trainer.config import resolve_config
+from unet_trainer.config.config import resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

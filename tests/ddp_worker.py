@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from unet_trainer.builders import run_training
-from unet_trainer.config import resolve_config
+from unet_trainer.commands.builders import run_training
+from unet_trainer.config.config import resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ class OutOfMemoryInBackward(torch.autograd.Function):
 
 
 def simulate_out_of_memory_in_backward() -> None:
-    from unet_trainer.losses import DeepSupervisionLoss
+    from unet_trainer.training.losses import DeepSupervisionLoss
 
     real_loss = DeepSupervisionLoss.forward
 

@@ -1,6 +1,6 @@
 """Pins of the augmenter's outputs for fixed seeds, recorded from the code before the transform list.
 
-A refactor of unet_trainer/transforms.py must leave what a seed means unchanged: the same flips,
+A refactor of unet_trainer/training/transforms.py must leave what a seed means unchanged: the same flips,
 firing samples and parameter values, and the same augmented image and label, batch after batch and
 across a state_dict round trip (so old checkpoints resume exactly). The values below were recorded
 once from the code as it stood (commit f511fd8) and are compared here:
@@ -22,7 +22,7 @@ import hashlib
 import pytest
 import torch
 
-from unet_trainer.builders import build_augmenter
+from unet_trainer.commands.builders import build_augmenter
 
 SEED = 20261208  # a seed under which, with the default settings, every transform fires in the pinned batches
 BATCHES = 2

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import ROOT, script_module
 
-from unet_trainer.config import resolve_config
+from unet_trainer.config.config import resolve_config
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import csv
 import math
 from types import SimpleNamespace
 
-from unet_trainer import callbacks
-from unet_trainer.builders import run_training
-from unet_trainer.checkpoint import list_checkpoints
-from unet_trainer.cli import _format_summary
-from unet_trainer.trainer import Callback, Timestamp
+from unet_trainer.cli.main import _format_summary
+from unet_trainer.commands.builders import run_training
+from unet_trainer.core.checkpoint import list_checkpoints
+from unet_trainer.training import callbacks
+from unet_trainer.training.trainer import Callback, Timestamp
 
 
 def read_rows(path) -> list[dict]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unet_trainer import components, config
-from unet_trainer.builders import build_algorithms, build_loss, build_optimizer
-from unet_trainer.config import (
+from unet_trainer.commands.builders import build_algorithms, build_loss, build_optimizer
+from unet_trainer.config import components, config
+from unet_trainer.config.config import (
     ALGORITHMS,
     CALLBACKS,
     LOSSES,
@@ -23,7 +23,7 @@ from unet_trainer.config import (
     resolve_from_base,
     upgrade_config,
 )
-from unet_trainer.schema import F, Field
+from unet_trainer.core.schema import F, Field
 
 ROOT = Path(__file__).resolve().parent.parent
 

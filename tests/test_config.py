@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unet_trainer.cli import train_main
-from unet_trainer.config import (
+from unet_trainer.cli.main import train_main
+from unet_trainer.config.config import (
     SCHEMA,
     ConfigError,
     Duration,
@@ -15,8 +15,8 @@ from unet_trainer.config import (
     parse_overrides,
     resolve_config,
 )
-from unet_trainer.schema import Field
-from unet_trainer.transforms import AUGMENTATIONS
+from unet_trainer.core.schema import Field
+from unet_trainer.training.transforms import AUGMENTATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 

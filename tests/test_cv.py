@@ -21,23 +21,23 @@ import pytest
 import yaml
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.builders import ensure_prepared, raw_data_dir
-from unet_trainer.callbacks import EarlyStopper
-from unet_trainer.checkpoint import atomic_torch_save, load_checkpoint
-from unet_trainer.cli import cv_main, predict_main
-from unet_trainer.config import ConfigError, Duration, resolve_config
-from unet_trainer.cv import (
+from unet_trainer.cli.main import cv_main, predict_main
+from unet_trainer.commands.builders import ensure_prepared, raw_data_dir
+from unet_trainer.commands.cv import (
     CrossValidationError,
     claim_cv_folder,
     fold_config,
-    fold_state,
     parse_folds,
     run_cross_validation,
 )
-from unet_trainer.distributed import DistInfo
-from unet_trainer.ensemble import EnsembleError, expand_checkpoints
-from unet_trainer.predict import predict_dataset
-from unet_trainer.trainer import Callback
+from unet_trainer.commands.ensemble import EnsembleError, expand_checkpoints
+from unet_trainer.commands.folders import fold_state
+from unet_trainer.commands.predict import predict_dataset
+from unet_trainer.config.config import ConfigError, Duration, resolve_config
+from unet_trainer.core.checkpoint import atomic_torch_save, load_checkpoint
+from unet_trainer.core.distributed import DistInfo
+from unet_trainer.training.callbacks import EarlyStopper
+from unet_trainer.training.trainer import Callback
 
 CONFIG = ROOT / "configs" / "demo.yaml"
 # 6 phantom cases in 2 folds of 3; 3 training cases in batches of 2 are 2 steps per epoch.

@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import ROOT, hide_package, tiny_overrides
 
-from unet_trainer.builders import run_training
-from unet_trainer.checkpoint import list_checkpoints, load_checkpoint
-from unet_trainer.schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
-from unet_trainer.trainer import Callback, Engine, Event
+from unet_trainer.commands.builders import run_training
+from unet_trainer.core.checkpoint import list_checkpoints, load_checkpoint
+from unet_trainer.training.schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
+from unet_trainer.training.trainer import Callback, Engine, Event
 
 
 def weights(summary) -> dict:
@@ -107,7 +107,7 @@ def test_lr_is_logged_per_step(tiny_config, tmp_path):
 
 def test_auto_microbatch_halves_on_out_of_memory(tiny_config, tmp_path, monkeypatch):
     """A fake OOM whenever more than one sample goes through: 'auto' must settle on 1 and match it."""
-    from unet_trainer.model import UNet
+    from unet_trainer.models.model import UNet
 
     real_forward = UNet.forward
 
@@ -136,7 +136,7 @@ def test_auto_microbatch_frees_the_failed_attempt_before_retrying(tiny_config, t
 
     from ddp_worker import OutOfMemoryInBackward
 
-    from unet_trainer.losses import DeepSupervisionLoss
+    from unet_trainer.training.losses import DeepSupervisionLoss
 
     real_loss = DeepSupervisionLoss.forward
     failed: list = []  # weak references to the logits saved by failed attempts
@@ -212,7 +212,7 @@ def test_progress_plot_and_tensorboard_are_written(tiny_config, tmp_path):
 
 
 def test_optional_package_missing_is_a_clear_error(tiny_config, monkeypatch):
-    from unet_trainer.config import ConfigError
+    from unet_trainer.config.config import ConfigError
 
     hide_package(monkeypatch, "torch.utils.tensorboard")
     with pytest.raises(ConfigError, match=r"pip install 'unet-trainer\[tensorboard\]'"):
@@ -329,7 +329,7 @@ def torchrun(cache_root: Path, run: Path, out: Path, *extra: str, env: dict | No
 
 
 def test_torchrun_two_processes_agree_write_once_and_resume_consistently(cache_root, tmp_path):
-    from unet_trainer.config import resolve_config
+    from unet_trainer.config.config import resolve_config
 
     # Prepare the data once in this process so the ranks only read it.
     run_training(
@@ -369,7 +369,7 @@ def test_torchrun_auto_microbatch_agrees_when_one_rank_runs_out_of_memory_in_bac
     """Rank 1 runs out of memory in backward at microbatch 2, rank 0 never does: a rank retrying
     alone would leave DDP's all-reduce half done (the next forward raises, or the ranks hang). Both
     ranks must settle on microbatch 1 together and match a run told to use 1."""
-    from unet_trainer.config import resolve_config
+    from unet_trainer.config.config import resolve_config
 
     run_training(
         resolve_config(
@@ -397,7 +397,7 @@ def test_torchrun_auto_microbatch_agrees_when_one_rank_runs_out_of_memory_in_bac
 def test_torchrun_channels_last_gradients_fit_the_ddp_buckets(cache_root, tmp_path):
     """DDP must be built after the channels-last conversion, or its buckets keep the old strides and
     every step copies each gradient in and out of them (the reducer warns then)."""
-    from unet_trainer.config import resolve_config
+    from unet_trainer.config.config import resolve_config
 
     run_training(
         resolve_config(
@@ -460,7 +460,7 @@ def test_load_weights_only_fine_tunes_from_fresh_counters(tiny_config, tmp_path)
 
 
 def test_speed_algorithms_are_applied_at_init(tiny_config, monkeypatch):
-    from unet_trainer.model import UNet
+    from unet_trainer.models.model import UNet
 
     compiled = {}
     monkeypatch.setattr(UNet, "compile", lambda self, **kwargs: compiled.update(kwargs), raising=False)

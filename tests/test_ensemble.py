@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.builders import build_model, raw_data_dir, run_training
-from unet_trainer.checkpoint import atomic_torch_save, load_checkpoint
-from unet_trainer.cli import _split_command_line, predict_main
-from unet_trainer.config import resolve_config
-from unet_trainer.ensemble import EnsembleError, EnsembleModel, check_compatible, load_models
-from unet_trainer.evaluation import probabilities_to_labels
-from unet_trainer.predict import LoadedModel, load_model, predict_dataset
+from unet_trainer.cli.main import _split_command_line, predict_main
+from unet_trainer.commands.builders import build_model, raw_data_dir, run_training
+from unet_trainer.commands.ensemble import EnsembleError, EnsembleModel, check_compatible, load_models
+from unet_trainer.commands.predict import LoadedModel, load_model, predict_dataset
+from unet_trainer.config.config import resolve_config
+from unet_trainer.core.checkpoint import atomic_torch_save, load_checkpoint
+from unet_trainer.evaluation.evaluation import probabilities_to_labels
 
 
 @pytest.fixture(scope="module")

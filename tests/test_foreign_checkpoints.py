@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.builders import raw_data_dir, run_training
-from unet_trainer.checkpoint import CheckpointError, load_checkpoint, one_line
-from unet_trainer.cli import eval_main, predict_main, train_main
-from unet_trainer.config import Duration, resolve_config
-from unet_trainer.cv import fold_state
-from unet_trainer.trainer import Callback
+from unet_trainer.cli.main import eval_main, predict_main, train_main
+from unet_trainer.commands.builders import raw_data_dir, run_training
+from unet_trainer.commands.folders import fold_state
+from unet_trainer.config.config import Duration, resolve_config
+from unet_trainer.core.checkpoint import CheckpointError, load_checkpoint, one_line
+from unet_trainer.training.trainer import Callback
 
 DEMO = ROOT / "configs" / "demo.yaml"
 
@@ -267,7 +267,7 @@ def test_the_refusal_of_a_checkpoint_with_code_is_our_own_whole_line(tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from unet_trainer.runfolder import FolderLock
+from unet_trainer.core.runfolder import FolderLock
 FolderLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from unet_trainer.config import resolve_config
+from unet_trainer.config.config import resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.py"

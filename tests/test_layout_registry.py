@@ -6,8 +6,10 @@ import re
 
 import pytest
 
-from unet_trainer import cli, config
-from unet_trainer.data import formats, layouts
+from unet_trainer.cli import main as cli
+from unet_trainer.config import config
+from unet_trainer.data import layouts
+from unet_trainer.data import layouts as formats
 from unet_trainer.data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES, FORMATS, LABEL_CONVENTIONS, LAYOUTS
 
 

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.builders import raw_data_dir, run_training
-from unet_trainer.cli import data_main, predict_main, train_main
-from unet_trainer.config import resolve_config
+from unet_trainer.cli.main import data_main, predict_main, train_main
+from unet_trainer.commands.builders import raw_data_dir, run_training
+from unet_trainer.config.config import resolve_config
+from unet_trainer.core.fileio import temporary_sibling, temporary_target
+from unet_trainer.core.runfolder import PREDICT_LOCK_NAME
 from unet_trainer.data.layouts import MAX_IMAGE_VALUES
 from unet_trainer.data.layouts.files import save_nifti_atomic
 from unet_trainer.data.phantom import write_phantom_dataset
-from unet_trainer.fileio import temporary_sibling, temporary_target
-from unet_trainer.runfolder import PREDICT_LOCK_NAME
 
 DEMO = ROOT / "configs" / "demo.yaml"
 # What users (and their scripts) list prediction and data folders with.
@@ -120,7 +120,7 @@ def replace(source, target):
     return real_replace(source, target)
 
 os.replace = replace
-from unet_trainer.cli import predict_main
+from unet_trainer.cli.main import predict_main
 predict_main(sys.argv[1:])
 """
 
@@ -157,7 +157,7 @@ def test_a_killed_predict_leaves_nothing_a_glob_finds_and_the_rerun_clears_it(tr
 
 HOLD_PREDICT_LOCK = """
 import sys, time
-from unet_trainer.runfolder import FolderLock
+from unet_trainer.core.runfolder import FolderLock
 FolderLock(sys.argv[1], sys.argv[2]).acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -209,7 +209,7 @@ def slow_prepare_case(raw, settings):
     raise SystemExit("the test should have killed this worker")
 
 prepare.prepare_case = slow_prepare_case
-from unet_trainer.cli import data_main
+from unet_trainer.cli.main import data_main
 data_main(["prepare", sys.argv[1], "--out", sys.argv[2], "--workers", "2"])
 """
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from unet_trainer.lesion_metrics import case_lesion_scores, hd95, region_lesion_scores
+from unet_trainer.evaluation.lesion_metrics import case_lesion_scores, hd95, region_lesion_scores
 
 PENALTY = 374.0
 
@@ -214,7 +214,7 @@ ADVERSARIAL = list(adversarial_masks())
 def test_torch_components_dilation_and_surfaces_equal_scipys(name, mask):
     from scipy import ndimage
 
-    from unet_trainer import torch_morphology
+    from unet_trainer.evaluation import torch_morphology
 
     tensor = torch.from_numpy(mask)
     expected, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 3))
@@ -236,7 +236,7 @@ def test_torch_components_dilation_and_surfaces_equal_scipys(name, mask):
 def test_torch_labelling_converges_in_a_few_rounds_on_a_spiral(monkeypatch):
     """Min-label propagation alone needs a round per voxel of the spiral's path (~470 here);
     hooking roots and pointer jumping take a handful."""
-    from unet_trainer import torch_morphology
+    from unet_trainer.evaluation import torch_morphology
 
     rounds = []
     real = torch_morphology._min_filter_3x3x3
@@ -248,7 +248,7 @@ def test_torch_labelling_converges_in_a_few_rounds_on_a_spiral(monkeypatch):
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.0, 2.0, 0.5), (2.5, 1.2, 0.8)])
 def test_torch_hd95_equals_the_distance_transforms(spacing):
-    from unet_trainer import torch_morphology
+    from unet_trainer.evaluation import torch_morphology
 
     rng = np.random.default_rng(3)
     for _ in range(4):
@@ -342,7 +342,7 @@ def test_torch_backend_scores_equal_the_scipy_backend(name, truth, pred, dilatio
 
 
 def test_auto_backend_keeps_cpu_inputs_on_scipy_and_unknown_backends_fail():
-    from unet_trainer.lesion_metrics import LESION_BACKENDS, resolve_backend
+    from unet_trainer.evaluation.lesion_metrics import LESION_BACKENDS, resolve_backend
 
     assert LESION_BACKENDS == ("auto", "scipy", "torch")
     assert resolve_backend("auto", np.zeros(3), torch.zeros(3)) == "scipy"
@@ -364,7 +364,7 @@ def test_dice_only_skips_the_distances(backend):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_backend_equals_the_scipy_backend_and_auto_picks_it():
-    from unet_trainer.lesion_metrics import resolve_backend
+    from unet_trainer.evaluation.lesion_metrics import resolve_backend
 
     for name, truth, pred in PHANTOM_LIKE:
         expected = case_lesion_scores(pred, truth, spacing=(1.0, 1.2, 0.8))

@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import ROOT
 
-from unet_trainer.builders import LOGGER_DESTINATIONS, build_logger_destinations, run_training
-from unet_trainer.checkpoint import load_checkpoint
-from unet_trainer.config import resolve_config
-from unet_trainer.loggers import FileLogger, Logger, LoggerDestination, TensorBoardLogger
+from unet_trainer.commands.builders import LOGGER_DESTINATIONS, build_logger_destinations, run_training
+from unet_trainer.config.config import resolve_config
+from unet_trainer.core.checkpoint import load_checkpoint
+from unet_trainer.training.loggers import FileLogger, Logger, LoggerDestination, TensorBoardLogger
 
 
 class Recorder(LoggerDestination):
@@ -155,7 +155,7 @@ def test_tensorboard_drops_the_events_an_interrupted_run_wrote_after_the_checkpo
 def test_every_registered_destination_is_a_callback_setting_and_builds(tmp_path):
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
-    from unet_trainer.reporting import MLflowLogger
+    from unet_trainer.training.reporting import MLflowLogger
 
     cfg = resolve_config(ROOT / "configs" / "demo.yaml", [f"callbacks.{name}={{}}" for name in LOGGER_DESTINATIONS])
     destinations = build_logger_destinations(cfg, tmp_path)

@@ -9,9 +9,15 @@ from monai.losses import DiceCELoss as MonaiDiceCE
 from monai.losses import DiceLoss as MonaiDice
 from monai.metrics import DiceMetric
 
-from unet_trainer.inference import gaussian_importance, predict_volume, sliding_window_logits, window_starts
-from unet_trainer.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss, labels_to_regions, match_target
-from unet_trainer.metrics import case_dice, dice, mean_scores, regions_to_labels
+from unet_trainer.evaluation.inference import gaussian_importance, predict_volume, sliding_window_logits, window_starts
+from unet_trainer.evaluation.metrics import case_dice, dice, mean_scores, regions_to_labels
+from unet_trainer.training.losses import (
+    DeepSupervisionLoss,
+    DiceCELoss,
+    RegionDiceBCELoss,
+    labels_to_regions,
+    match_target,
+)
 
 
 def random_batch(seed=0, shape=(2, 4, 8, 9, 10)):

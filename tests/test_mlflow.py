@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import hide_package
 
-from unet_trainer.builders import run_training
-from unet_trainer.checkpoint import load_checkpoint
-from unet_trainer.config import ConfigError
-from unet_trainer.reporting import flatten_config
+from unet_trainer.commands.builders import run_training
+from unet_trainer.config.config import ConfigError
+from unet_trainer.core.checkpoint import load_checkpoint
+from unet_trainer.training.reporting import flatten_config
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402

@@ -18,11 +18,11 @@ import pytest
 import torch
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer import cli
-from unet_trainer.builders import raw_data_dir, run_training
-from unet_trainer.config import resolve_config
+from unet_trainer.cli import main as cli
+from unet_trainer.commands.builders import raw_data_dir, run_training
+from unet_trainer.config.config import resolve_config
+from unet_trainer.core.documents import MAX_NESTING
 from unet_trainer.data.loader import SHARED_MEMORY
-from unet_trainer.documents import MAX_NESTING
 
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
@@ -280,7 +280,7 @@ def test_an_os_error_with_only_a_number_names_the_run_folder_and_says_what_in_wo
 ):
     """A lock call on a file system without a lock service raising OSError(ENOLCK), a bare
     number, used to print "error: 37"."""
-    import unet_trainer.runfolder as runfolder
+    import unet_trainer.core.runfolder as runfolder
 
     def no_locks(descriptor, operation):
         raise OSError(errno.ENOLCK)

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, tiny_overrides
 
-import unet_trainer.predict as predict_module
-from unet_trainer.builders import raw_data_dir, run_training
-from unet_trainer.cli import eval_main, predict_main
-from unet_trainer.config import resolve_config
+import unet_trainer.commands.predict as predict_module
+from unet_trainer.cli.main import eval_main, predict_main
+from unet_trainer.commands.builders import raw_data_dir, run_training
+from unet_trainer.config.config import resolve_config
 from unet_trainer.data.layouts import list_cases
-from unet_trainer.metrics import case_dice
-from unet_trainer.postprocessing import (
+from unet_trainer.evaluation.metrics import case_dice
+from unet_trainer.evaluation.postprocessing import (
     POSTPROCESSING_FILE,
     MetricSettings,
     PostprocessingError,
@@ -372,7 +372,8 @@ def test_unet_eval_chooses_postprocessing_and_writes_it_into_the_run_folder(trai
 
 
 def test_unet_eval_choose_postprocessing_spills_predictions_and_cleans_up(trained, tmp_path, monkeypatch):
-    import unet_trainer.postprocessing as postprocessing_module
+    import unet_trainer.evaluation.postprocessing as postprocessing_module
+    from unet_trainer.commands.predict import choose_for_checkpoint
 
     seen = {}
     real_choose = postprocessing_module.choose_postprocessing
@@ -383,7 +384,7 @@ def test_unet_eval_choose_postprocessing_spills_predictions_and_cleans_up(traine
         return real_choose(store, *args, **kwargs)
 
     monkeypatch.setattr(postprocessing_module, "choose_postprocessing", watching)
-    report, choice, path = postprocessing_module.choose_for_checkpoint(
+    report, choice, path = choose_for_checkpoint(
         trained["checkpoint"],
         ["eval.lesion_min_voxels=10"],
         out_csv=tmp_path / "s.csv",
@@ -500,7 +501,7 @@ def test_postprocessing_for_finds_the_run_folders_file(trained, tmp_path):
 
 
 def test_the_evaluator_hands_its_device_tensors_to_the_lesion_metrics(trained, tmp_path, monkeypatch, capsys):
-    import unet_trainer.evaluation as evaluation_module
+    import unet_trainer.evaluation.evaluation as evaluation_module
 
     calls = []
     real = evaluation_module.case_lesion_scores

@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, tiny_overrides
 
-import unet_trainer.predict as predict_module
-from unet_trainer.builders import raw_data_dir, run_training
-from unet_trainer.cli import data_main, eval_main, predict_main
-from unet_trainer.config import resolve_config
+import unet_trainer.commands.predict as predict_module
+from unet_trainer.cli.main import data_main, eval_main, predict_main
+from unet_trainer.commands.builders import raw_data_dir, run_training
+from unet_trainer.commands.predict import labels_to_original, load_model, predict_case, prediction_to_original
+from unet_trainer.config.config import resolve_config
 from unet_trainer.data.layouts import RawCase, from_canonical, list_cases, write_case, write_label_nifti
 from unet_trainer.data.prepare import PrepareSettings, prepare_case
-from unet_trainer.inference import predict_volume, sliding_window_logits, sliding_window_slices
-from unet_trainer.metrics import case_hd95
-from unet_trainer.model import UNet
-from unet_trainer.predict import labels_to_original, load_model, predict_case, prediction_to_original
+from unet_trainer.evaluation.inference import predict_volume, sliding_window_logits, sliding_window_slices
+from unet_trainer.evaluation.metrics import case_hd95
+from unet_trainer.models.model import UNet
 
 SHAPE = (12, 14, 10)  # (Z, Y, X)
 HEAD = (slice(2, 10), slice(3, 12), slice(1, 8))  # nonzero box: a real sub-box of the volume
@@ -399,7 +399,7 @@ def test_hd95_keeps_gpu_masks_on_the_gpu_only_with_cucim(monkeypatch):
     would fall back to a dense SciPy transform, slower than the KD-tree it uses for host masks."""
     import importlib.util
 
-    from unet_trainer import metrics
+    from unet_trainer.evaluation import metrics
 
     def installed(*names):
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in names else None)
@@ -419,7 +419,7 @@ def test_training_reports_hd95_when_enabled(tiny_config):
 
 
 def test_training_logs_lesion_wise_scores_beside_dice(tiny_config, tmp_path):
-    from unet_trainer.visualize import eval_metric_groups
+    from unet_trainer.evaluation.visualize import eval_metric_groups
 
     result = run_training(tiny_config("max_duration=1ba", "eval.lesion_wise=true"), progress=False)
     final = result["final_eval"]
@@ -535,7 +535,7 @@ def test_amp_runs_the_model_in_bf16_and_accumulates_in_float32():
 
 
 def test_load_model_prefers_the_moving_average_weights_a_checkpoint_holds(trained, tmp_path):
-    from unet_trainer.checkpoint import load_checkpoint
+    from unet_trainer.core.checkpoint import load_checkpoint
 
     state = load_checkpoint(trained["checkpoint"])
     assert load_model(trained["checkpoint"]).weights == "model"

@@ -19,15 +19,15 @@ import pytest
 import torch
 from conftest import ROOT, tiny_overrides
 
-import unet_trainer.checkpoint as checkpoint_module
-from unet_trainer.builders import run_training
-from unet_trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from unet_trainer.cli import data_main, train_main
-from unet_trainer.config import ConfigError, resolve_config
+import unet_trainer.core.checkpoint as checkpoint_module
+from unet_trainer.cli.main import data_main, train_main
+from unet_trainer.commands.builders import run_training
+from unet_trainer.config.config import ConfigError, resolve_config
+from unet_trainer.core.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from unet_trainer.core.runfolder import FolderLock, RunFolderError
 from unet_trainer.data.phantom import write_phantom_dataset
 from unet_trainer.data.prepare import prepare_dataset
-from unet_trainer.runfolder import FolderLock, RunFolderError
-from unet_trainer.trainer import Callback
+from unet_trainer.training.trainer import Callback
 
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
@@ -175,7 +175,7 @@ def test_the_readme_fine_tune_in_an_occupied_folder_then_the_plain_resume_loses_
 
 HOLD_LOCK = """
 import sys, time
-from unet_trainer.runfolder import FolderLock
+from unet_trainer.core.runfolder import FolderLock
 lock = FolderLock(sys.argv[1])
 lock.acquire()
 print("locked", flush=True)
@@ -219,7 +219,7 @@ def test_a_locked_run_folder_stops_a_second_run_at_once_and_sigkill_frees_it(cac
 
 HOLD_LOCK_WITH_A_FORKED_WORKER = """
 import os, sys, time
-from unet_trainer.runfolder import FolderLock
+from unet_trainer.core.runfolder import FolderLock
 FolderLock(sys.argv[1]).acquire()
 worker = os.fork()  # as the data loader and the preparation pool fork their workers
 if worker == 0:

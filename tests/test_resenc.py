@@ -1,4 +1,4 @@
-"""nnU-Net's residual-encoder U-Net (unet_trainer.resenc): the ResEnc M preset's parameter count,
+"""nnU-Net's residual-encoder U-Net (unet_trainer.models.resenc): the ResEnc M preset's parameter count,
 parity with dynamic-network-architectures' ResidualEncoderUNet (when installed), nnU-Net's deep
 supervision and initialisation, argument errors, and a few training steps through run_training."""
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from unet_trainer.builders import build_loss, run_training
-from unet_trainer.components import build_model
-from unet_trainer.config import defaults, resolve_config
-from unet_trainer.model import ModelArgumentError, SegmentationModel, optimize_model
-from unet_trainer.resenc import ResidualBlockD, ResidualEncoderUNet
+from unet_trainer.commands.builders import build_loss, run_training
+from unet_trainer.config.components import build_model
+from unet_trainer.config.config import defaults, resolve_config
+from unet_trainer.models.model import ModelArgumentError, SegmentationModel, optimize_model
+from unet_trainer.models.resenc import ResidualBlockD, ResidualEncoderUNet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -269,7 +269,7 @@ def resenc_overrides(cache_root: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def test_a_few_training_steps_of_resenc_through_run_training(cache_root, tmp_path):
-    from unet_trainer.predict import load_model
+    from unet_trainer.commands.predict import load_model
 
     cfg = resolve_config(
         ROOT / "configs" / "demo.yaml", resenc_overrides(cache_root, tmp_path / "run", "max_duration=3ba")

@@ -1,4 +1,4 @@
-"""Settings derived from a component's signature or dataclass (unet_trainer.schema)."""
+"""Settings derived from a component's signature or dataclass (unet_trainer.core.schema)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 
 import pytest
 
-from unet_trainer.config import ConfigError, check_layer
-from unet_trainer.schema import (
+from unet_trainer.config.config import ConfigError, check_layer
+from unet_trainer.core.schema import (
     Field,
     NonNegative,
     PositiveInt,

@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import ROOT, script_module
 
-from unet_trainer.builders import run_training
-from unet_trainer.config import ConfigError, resolve_config
+from unet_trainer.commands.builders import run_training
+from unet_trainer.config.config import ConfigError, resolve_config
 from unet_trainer.data.loader import ContinuousBatchSampler, EpochSampler
-from unet_trainer.trainer import Callback
+from unet_trainer.training.trainer import Callback
 
 
 def epochs_of(sampler: ContinuousBatchSampler, batches: int) -> list[list[tuple[int, int]]]:

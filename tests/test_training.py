@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from unet_trainer.builders import run_training
-from unet_trainer.checkpoint import list_checkpoints, load_checkpoint
-from unet_trainer.cli import train_main
-from unet_trainer.runfolder import RunFolderError
-from unet_trainer.trainer import TrainingDiverged
+from unet_trainer.cli.main import train_main
+from unet_trainer.commands.builders import run_training
+from unet_trainer.core.checkpoint import list_checkpoints, load_checkpoint
+from unet_trainer.core.runfolder import RunFolderError
+from unet_trainer.training.trainer import TrainingDiverged
 
 
 def weights(summary) -> dict:
@@ -76,7 +76,7 @@ def test_resume_across_an_epoch_boundary_and_load_path(tiny_config, tmp_path):
 def test_a_checkpoint_with_the_old_flat_model_section_resumes_and_loads(tiny_config, tmp_path, capsys):
     """Checkpoints of earlier versions store ``model: {filters: ...}`` without the model's name:
     they still resume (exactly, and without a config-differs warning) and still load for inference."""
-    from unet_trainer.predict import load_model
+    from unet_trainer.commands.predict import load_model
 
     straight = run_training(tiny_config("max_duration=3ba", run_dir=tmp_path / "straight"), progress=False)
     run_training(tiny_config("max_duration=2ba", run_dir=tmp_path / "old"), progress=False)
@@ -130,7 +130,7 @@ def test_corrupt_checkpoint_is_one_clear_error(tiny_config, tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
-    from unet_trainer import losses
+    from unet_trainer.training import losses
 
     calls = {"n": 0}
     original = losses.DiceCELoss.forward
@@ -162,7 +162,7 @@ def test_shipped_brats_configs_train(cache_root, tmp_path, config, extra):
     ResEnc) train end to end, shrunk only in width, depth and size, on the phantom."""
     from conftest import ROOT
 
-    from unet_trainer.config import resolve_config
+    from unet_trainer.config.config import resolve_config
 
     name = "resenc_unet" if config == "brats-resenc.yaml" else "unet"
     overrides = [
@@ -196,7 +196,7 @@ def test_shipped_brats_configs_train(cache_root, tmp_path, config, extra):
         assert settings["residual"] and settings["norm"] == "batch"
         assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     if config == "brats-resenc.yaml":
-        from unet_trainer.resenc import ResidualEncoderUNet
+        from unet_trainer.models.resenc import ResidualEncoderUNet
 
         assert isinstance(model, ResidualEncoderUNet) and model.blocks_per_stage == (1, 2, 2)
         assert model.deep_supervision_heads == 1

@@ -1,4 +1,4 @@
-"""Tests for unet_trainer.transforms (batched on-device augmentation).
+"""Tests for unet_trainer.training.transforms (batched on-device augmentation).
 
 All tensors are tiny; the statistical tests use a few thousand samples of
 4^3 voxels so the whole file stays within seconds on a shared CPU.
@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unet_trainer.builders import build_augmenter
-from unet_trainer.config import ConfigError, augmentation_schema, check_layer, defaults
-from unet_trainer.schema import Field, Probability
-from unet_trainer.transforms import (
+from unet_trainer.commands.builders import build_augmenter
+from unet_trainer.config.config import ConfigError, augmentation_schema, check_layer, defaults
+from unet_trainer.core.schema import Field, Probability
+from unet_trainer.training.transforms import (
     AUGMENTATIONS,
     AugmentationParameters,
     BatchAugmenter,

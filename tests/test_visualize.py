@@ -9,11 +9,10 @@ import torch
 from conftest import ROOT
 from matplotlib.image import imread
 
-from unet_trainer.builders import run_training
-from unet_trainer.cli import eval_main, predict_main
-from unet_trainer.config import ConfigError, resolve_config
-from unet_trainer.trainer import Callback
-from unet_trainer.visualize import (
+from unet_trainer.cli.main import eval_main, predict_main
+from unet_trainer.commands.builders import run_training
+from unet_trainer.config.config import ConfigError, resolve_config
+from unet_trainer.evaluation.visualize import (
     LABEL_COLOURS,
     CaseView,
     draw_case_overlay,
@@ -24,6 +23,7 @@ from unet_trainer.visualize import (
     pick_worst_and_best,
     tumour_centre,
 )
+from unet_trainer.training.trainer import Callback
 
 OVERLAY_SIZE = (400, 960)  # (height, width) of one case's PNG: 12 x 5 inches at 80 dpi
 
@@ -152,7 +152,7 @@ def test_progress_draws_every_metric_group_and_marks_the_best(tmp_path):
     groups = eval_metric_groups(evals)
     assert set(groups) == {"dice", "hd95", "lesion_dice"}  # time/ is bookkeeping, not a curve
     assert groups["dice"]["WT"].steps == [10, 20, 30] and "ET" not in groups["dice"]  # NaN skipped
-    from unet_trainer.visualize import Series
+    from unet_trainer.evaluation.visualize import Series
 
     train = {
         "loss/train": Series(list(range(1, 31)), [1.0 / s for s in range(1, 31)]),
@@ -251,7 +251,7 @@ def test_unet_eval_and_unet_predict_draw_overlays(tiny_config, tmp_path, capsys)
     assert eval_main([str(checkpoint), "--no-progress", "--no-overlays", "--out", str(tmp_path / "s.csv")]) == 0
     assert "Overlays" not in capsys.readouterr().out and not (tmp_path / "s_overlays").exists()
 
-    from unet_trainer.builders import raw_data_dir
+    from unet_trainer.commands.builders import raw_data_dir
 
     phantom = raw_data_dir(summary["state"].config, progress=False)
     out_dir = tmp_path / "pred"

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.builders import prepared_data_dir, raw_data_dir, run_training
-from unet_trainer.cli import cv_main, data_main, eval_main, predict_main, train_main
-from unet_trainer.config import ConfigError, resolve_config
+from unet_trainer.cli.main import cv_main, data_main, eval_main, predict_main, train_main
+from unet_trainer.commands.builders import prepared_data_dir, raw_data_dir, run_training
+from unet_trainer.config.config import ConfigError, resolve_config
+from unet_trainer.core.guard import OutputPathError, check_outputs
 from unet_trainer.data.layouts import list_cases, write_case
-from unet_trainer.guard import OutputPathError, check_outputs
 
 DEMO = str(ROOT / "configs" / "demo.yaml")
 SHAPE = (12, 14, 10)  # (Z, Y, X)

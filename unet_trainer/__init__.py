@@ -1,25 +1,23 @@
 """unet-trainer: Composer-style training recipes for 3D brain-tumour segmentation.
 
-Modules, one per concern:
-    config        YAML configs, recipes, command-line overrides
-    duration      training durations (200ep, 1000ba, 64sp)
-    schema        config settings derived from a component's typed signature
-    components    the named models, optimizers, losses, callbacks and algorithms
+Five commands: unet-train (train or resume a run), unet-data (prepare a dataset, write the phantom),
+unet-eval (score a checkpoint), unet-predict (segment raw cases) and unet-cv (cross-validation).
+
+The package is built in stages, one folder each; a module imports only from its own stage and
+from the stages listed before it (tests/test_architecture.py checks it):
+    core/         atomic file I/O, distributed helpers, durations, typed settings, document reading,
+                  the output guard, run folders and their locks, checkpoint files
     data/         dataset layouts (data/layouts/, one module per layout), the synthetic phantom,
-                  preparation, splits, patch loader
-    transforms    batched augmentation run on the training device
-    model         the nnU-Net-style U-Net family, and what every model shares
-    resenc        nnU-Net's residual-encoder U-Net (ResEnc)
-    optimizers    the optimizers, with our defaults
-    losses        Dice+CE and region losses
-    metrics       Dice per label and per BraTS region
-    inference     sliding-window prediction
-    trainer       events, state and the training loop
-    callbacks     side effects hung on events (logging, checkpoints, progress)
-    checkpoint    atomic save, load and RNG capture
-    distributed   torchrun/DDP helpers
-    builders      the only place that reads the config and builds objects
-    cli           the unet-train and unet-data commands
+                  preparation, splits, the patch loader
+    models/       the nnU-Net-style U-Net family (model) and the residual-encoder U-Net (resenc)
+    evaluation/   sliding-window inference, Dice/HD95 and lesion-wise metrics, the evaluator,
+                  postprocessing, overlays and curves
+    training/     events, state and the training loop (trainer), losses, optimizers, schedules,
+                  batched augmentation (transforms), algorithms, callbacks, loggers, reporting
+    config/       YAML configs, recipes and overrides (config); the named components (components)
+    commands/     what the commands do: builders (the only place that reads a config and builds
+                  objects), folders and loading (a run's checkpoint, its model), ensemble, predict, cv
+    cli/          the command lines (main); ``python -m unet_trainer.cli COMMAND ...``
 """
 
 __version__ = "0.1.0"

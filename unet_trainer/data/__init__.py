@@ -4,9 +4,10 @@ Modules:
     layouts/    every raw dataset layout, one module each, behind one registry (``LAYOUTS``),
                 read into and written from one canonical form; a new layout is one new module
                 there and one registry entry
-    formats     the old import path of ``layouts`` (re-exports only)
     phantom     the synthetic BraTS phantom, the embedded default dataset
     prepare     one-time cropping, normalisation and resampling into memory-mappable arrays
     split       cross-validation splits
     loader      patch loading from the prepared cases
+
+May import from core.
 """

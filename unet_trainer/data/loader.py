@@ -1,7 +1,7 @@
 """Patch loading from prepared, memory-mapped cases.
 
 DataLoader workers only read and crop; augmentation runs batched on the training device
-(:mod:`unet_trainer.transforms`). One epoch visits every training case once, one random patch
+(:mod:`unet_trainer.training.transforms`). One epoch visits every training case once, one random patch
 each. Randomness is keyed by (seed, epoch, position in the epoch), never by worker, so the
 batches are identical whatever the number of workers, and a resumed run picks up mid-epoch
 with exactly the batches it would have seen.
@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
-from ..fileio import size_text
+from ..core.fileio import size_text
 
 # The most bytes of finished batches the loader's workers may hold ahead of the trainer. Each
 # worker builds whole batches, and DataLoader keeps prefetch_factor x num_workers of them in shared

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from ..runfolder import FolderLock
+from ..core.runfolder import FolderLock
 from .layouts import write_case
 
 # Mean intensity of each tissue in (flair, t1, t1ce, t2), loosely after real 3T contrasts:

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..fileio import atomic_save_npy, atomic_write_text, remove_orphan_temporaries
-from ..guard import check_outputs
-from ..runfolder import PREPARE_LOCK_NAME, FolderLock
+from ..core.fileio import atomic_save_npy, atomic_write_text, remove_orphan_temporaries
+from ..core.guard import check_outputs
+from ..core.runfolder import PREPARE_LOCK_NAME, FolderLock
 from .layouts import (
     CANONICAL_CHANNELS,
     DLE_LABEL_CONVENTIONS,

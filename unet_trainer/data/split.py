@@ -8,8 +8,8 @@ from pathlib import Path
 
 from sklearn.model_selection import KFold
 
-from ..documents import DocumentError, load_json_text, read_utf8
-from ..fileio import os_error_line
+from ..core.documents import DocumentError, load_json_text, read_utf8
+from ..core.fileio import os_error_line
 from .layouts import DataFormatError
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...fileio import atomic_save_npy
+from ...core.fileio import atomic_save_npy
 from .canonical import CANONICAL_CHANNELS, CaseFiles, DataFormatError, Layout, RawCase
 from .files import (
     CORRUPT_FILE_ERRORS,

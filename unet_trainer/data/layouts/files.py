@@ -2,7 +2,7 @@
 
 Reading loads a whole file (a ``.nii.gz`` is fully decompressed, so its CRC is checked) and turns
 every failure of nibabel, gzip, zlib or numpy into one :class:`DataFormatError` line naming the
-case and the file. Writing goes through :mod:`unet_trainer.fileio`, so a crash leaves the
+case and the file. Writing goes through :mod:`unet_trainer.core.fileio`, so a crash leaves the
 previous file or the complete new one, never half a file.
 """
 
@@ -22,7 +22,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 
-from ...fileio import atomic_write
+from ...core.fileio import atomic_write
 from .canonical import (
     AFFINE_TOLERANCE_MM,
     CANONICAL_CHANNELS,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...fileio import atomic_write_text
+from ...core.fileio import atomic_write_text
 from .canonical import CANONICAL_CHANNELS, CaseFiles, DataFormatError, Layout, RawCase
 from .files import (
     LABELS_NEEDED,

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...fileio import atomic_write_text
+from ...core.fileio import atomic_write_text
 from .canonical import CANONICAL_CHANNELS, NATIVE_REGIONS, CaseFiles, DataFormatError, Layout, RawCase
 from .files import (
     LABELS_NEEDED,

@@ -1,0 +1,159 @@
+"""Run folders of a cross-validation and the checkpoint each is judged by: where the folds of a
+``unet-cv`` folder are (:func:`fold_folders`), where one stands (:func:`fold_state`) and which of its
+checkpoints stands for it (:func:`chosen_checkpoint`). Shared by ``unet-cv`` (:mod:`cv`), which trains
+and scores the folds, and by the ensembles of ``unet-predict`` (:mod:`ensemble`), which predict with them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config.config import Duration, resolve_from_base
+from ..core.checkpoint import CHECKPOINT_RE, LEGACY_RUN_ID, CheckpointError, checkpoint_identity
+from ..core.runfolder import newest_own_checkpoint, short_run_id
+from ..training import callbacks as cb
+from ..training.trainer import Timestamp
+
+CV_CONFIG = "cv_config.yaml"
+BEST_CHECKPOINT = "best-rank0.pt"
+CHECKPOINT_CHOICES = ("best", "latest")
+
+
+def fold_folder(cv_dir: Path, fold: int) -> Path:
+    """The run folder of fold ``fold``: ``<cv_dir>/fold_<fold>``."""
+    return Path(cv_dir) / f"fold_{fold}"
+
+
+def fold_folders(cv_dir: Path) -> list[tuple[int, Path]]:
+    """(fold, run folder) of every ``fold_<k>/`` folder in ``cv_dir``, by fold."""
+    found = []
+    for path in Path(cv_dir).glob("fold_*"):
+        number = path.name.removeprefix("fold_")
+        if path.is_dir() and number.isdigit():
+            found.append((int(number), path))
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------------------------
+# Where a fold stands
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldState:
+    """Where one fold's run stands.
+
+    Attributes:
+        fold: the fold number.
+        run_dir: its run folder.
+        checkpoint: its newest checkpoint that loads (None: not started).
+        batch: the optimizer steps that checkpoint has taken (0 when not started).
+        finished: it reached ``max_duration`` or the early stopper stopped it.
+        status: in words, e.g. "finished (max_duration 2ep reached)", "at batch 3 of 4ba".
+        run_id: the run identity of the checkpoint ("" when not started).
+        config: the config stored in the checkpoint (None when not started).
+    """
+
+    fold: int
+    run_dir: Path
+    checkpoint: Path | None = None
+    batch: int = 0
+    finished: bool = False
+    status: str = "not started"
+    run_id: str = ""
+    config: dict | None = field(default=None, repr=False)
+
+
+def fold_state(
+    run_dir: Path, fold: int, max_duration: Duration | None = None, early_stopper: cb.EarlyStopper | None = None
+) -> FoldState:
+    """Where the run in ``run_dir`` stands against ``max_duration`` (and the early stopper's rule).
+
+    Args:
+        max_duration: None: judge the run by its own config (``max_duration`` and early stopper
+            of the config stored in its newest checkpoint), ``early_stopper`` then unused.
+
+    Reads only the run's checkpoints, the newest of its own run as autoresume picks it
+    (:func:`runfolder.newest_own_checkpoint`, quietly: training warns about the others); a folder
+    without one is "not started".
+
+    Raises:
+        ConfigError: (``max_duration`` None) the checkpoint's stored config cannot be read.
+        RunFolderError: checkpoints of several runs, and nothing says which is the folder's.
+    """
+    found = newest_own_checkpoint(Path(run_dir), mmap=True, warn=lambda _: None)
+    if found is None:
+        return FoldState(fold, Path(run_dir))
+    path, state = found
+    if max_duration is None:
+        stored = resolve_from_base(state.get("config") or {}, [], source=f"{path} (stored config)")
+        max_duration, early_stopper = finish_rule(stored)
+    timestamp = Timestamp(**dict(state.get("timestamp") or {}))
+    # A checkpoint saved at an epoch's last step is written before the loop counts that epoch in
+    # timestamp.epoch; its name carries the epochs finished (State.finished_epochs).
+    named = CHECKPOINT_RE.match(path.name)
+    if named:
+        timestamp.epoch = max(timestamp.epoch, int(named.group(1)))
+    # reached() reads only the counters; the per-epoch sizes are not needed.
+    reason = None
+    if timestamp.reached(max_duration, batches_per_epoch=0, samples_per_epoch=0):
+        reason = f"max_duration {max_duration} reached"
+    elif early_stopper is not None:
+        reason = early_stopper.stop_reason(list(state.get("eval_history") or []))
+    status = f"finished ({reason})" if reason else f"stopped at batch {timestamp.batch} of {max_duration}"
+    return FoldState(
+        fold,
+        Path(run_dir),
+        path,
+        timestamp.batch,
+        reason is not None,
+        status,
+        str(state.get("run_id", LEGACY_RUN_ID)),
+        state.get("config") if isinstance(state.get("config"), dict) else None,
+    )
+
+
+def finish_rule(cfg: dict) -> tuple[Duration, cb.EarlyStopper | None]:
+    """The config's ``max_duration`` and its early stopper (None when off): what makes a run finished."""
+    settings = cfg["callbacks"].get("early_stopper")
+    stopper = cb.EarlyStopper(settings["patience"], settings["min_delta"]) if settings is not None else None
+    return Duration.parse(cfg["max_duration"]), stopper
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def chosen_checkpoint(state: FoldState, choice: str = "best", warn: Callable[[str], None] = _warn) -> tuple[Path, str]:
+    """The checkpoint a finished run (a fold, or any run folder) is scored and predicted with,
+    and why: the one place a folder's checkpoint is chosen for it.
+
+    ``choice`` "best": ``best-rank0.pt`` when the run saved one, else the newest checkpoint;
+    "latest": the newest checkpoint. A ``best-rank0.pt`` that is there but cannot stand for the
+    run (another run's, unreadable, or needing code to load) is never used: the newest
+    checkpoint takes its place, and ``warn`` gets one line naming both and why.
+
+    Returns:
+        (checkpoint, "best" or "latest").
+
+    Raises:
+        ValueError: an unknown choice.
+    """
+    if choice not in CHECKPOINT_CHOICES:
+        raise ValueError(f"checkpoint choice {choice!r} is not one of {', '.join(CHECKPOINT_CHOICES)}")
+    assert state.checkpoint is not None, "a fold without checkpoints has none to choose"
+    best = state.run_dir / "checkpoints" / BEST_CHECKPOINT
+    if choice == "best" and (best.is_file() or best.is_symlink()):
+        try:
+            run_id = checkpoint_identity(best)[0]
+        except CheckpointError as exc:
+            reason = exc.reason
+        else:
+            if run_id == state.run_id:
+                return best, "best"
+            reason = f"belongs to run {short_run_id(run_id)}, not this run ({short_run_id(state.run_id)})"
+        warn(f"{best} refused ({reason}); using {state.checkpoint.name}")
+    return state.checkpoint, "latest"

@@ -1,0 +1,198 @@
+"""The Dice evaluator used during training (every ``eval_interval``) and by ``unet-eval``:
+sliding-window prediction over whole prepared validation volumes, Dice per label and per BraTS
+region (optionally HD95 per region), gathered across ranks, and a per-case CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..core.distributed import all_gather_objects
+from ..data.loader import PreparedCase
+from .inference import predict_volume
+from .lesion_metrics import (
+    DEFAULT_DILATION_ITERATIONS,
+    DEFAULT_HD95_PENALTY,
+    DEFAULT_LESION_BACKEND,
+    DEFAULT_MIN_LESION_VOXELS,
+    case_lesion_scores,
+)
+from .metrics import case_dice, case_hd95, mean_scores, regions_to_labels
+
+
+def logits_to_labels(logits: torch.Tensor, region_mode: bool) -> torch.Tensor:
+    """(K, *S) logits -> canonical labels (*S) uint8: argmax over classes, or thresholded sigmoid
+    regions (WT, TC, ET) nested as nnU-Net does."""
+    if region_mode:
+        return regions_to_labels(torch.sigmoid(logits)[None])[0]
+    return logits.argmax(0).to(torch.uint8)
+
+
+def logits_to_probabilities(logits: torch.Tensor, region_mode: bool) -> torch.Tensor:
+    """(K, *S) logits -> float32 probabilities (K, *S): softmax over classes, or per-region sigmoid."""
+    return torch.sigmoid(logits) if region_mode else torch.softmax(logits, dim=0)
+
+
+def probabilities_to_labels(probs: torch.Tensor, region_mode: bool) -> torch.Tensor:
+    """(K, *S) probabilities -> canonical labels (*S) uint8; the same labels
+    :func:`logits_to_labels` gives for the logits they came from."""
+    if region_mode:
+        return regions_to_labels(probs[None])[0]
+    return probs.argmax(0).to(torch.uint8)
+
+
+def write_cases_csv(path: Path, rows: Sequence[dict]) -> None:
+    """Per-case rows (``case_id`` then the score keys) as CSV; NaN written as ``nan``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class DiceEvaluator:
+    """Scores a model on prepared validation cases.
+
+    Args:
+        folder: the prepared dataset folder.
+        case_ids: validation cases; each rank scores its share ``case_ids[rank::world_size]``.
+        patch_size: the sliding window (the training patch).
+        spatial_dims: 2 (slice by slice) or 3.
+        num_outputs: the model's output channels.
+        region_mode: outputs are sigmoid WT/TC/ET regions rather than softmax labels.
+        overlap, sw_batch_size, gaussian, mirror: sliding-window settings.
+        empty_policy: see :mod:`unet_trainer.evaluation.metrics`.
+        amp_dtype: autocast dtype or None.
+        cases_csv: where rank 0 writes the per-case scores of the latest evaluation (or None).
+        hd95: also the 95th-percentile Hausdorff distance per region (``hd95/WT`` ...; in mm of the
+            prepared spacing; NaN for a region empty in prediction or truth, left out of means).
+        progress: a progress bar over this rank's cases (for ``unet-eval``).
+        lesion_wise: also the BraTS 2023 lesion-wise Dice and HD95 per region
+            (:mod:`unet_trainer.evaluation.lesion_metrics`; ``lesion_dice/WT`` ..., ``lesion_hd95/WT`` ... in
+            mm; never NaN), with the lesion settings ``lesion_dilation`` (iterations),
+            ``lesion_min_voxels`` (truth lesions this small or smaller dropped) and
+            ``lesion_hd95_penalty`` (mm), computed by ``lesion_backend`` ("auto": torch on the
+            GPU, where the predictions stay, SciPy on the CPU; see
+            :func:`unet_trainer.evaluation.lesion_metrics.resolve_backend`).
+
+    Scores per case: Dice keys NCR, ED, EN, WT, TC, ET, mean (plus hd95/WT, hd95/TC, hd95/ET,
+    plus lesion_dice/<region> and lesion_hd95/<region>); :meth:`__call__` reports them as
+    ``dice/<key>``, ``hd95/<region>``, ``lesion_dice/<region>`` and ``lesion_hd95/<region>``.
+
+    ``case_view`` (None by default) is a hook for pictures: when set, it is called per scored case
+    as ``case_view(case_id, image (C, *S), label (*S), prediction (*S), meta)`` on the device, and
+    what it returns (small, picklable) lands in ``last_views`` by case id, gathered from all ranks;
+    every rank must set it alike, since the gather is collective.
+
+    ``case_sink`` (None by default), when set, is called per scored case as
+    ``case_sink(case_id, label (*S), prediction (*S))`` on the device, on this rank only (unet-eval
+    keeps the predictions this way to choose postprocessing on them).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        case_ids: Sequence[str],
+        patch_size: Sequence[int],
+        spatial_dims: int,
+        num_outputs: int,
+        region_mode: bool,
+        overlap: float,
+        sw_batch_size: int,
+        gaussian: bool,
+        mirror: bool,
+        empty_policy: str,
+        amp_dtype: torch.dtype | None,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        cases_csv: Path | None = None,
+        hd95: bool = False,
+        progress: bool = False,
+        lesion_wise: bool = False,
+        lesion_dilation: int = DEFAULT_DILATION_ITERATIONS,
+        lesion_min_voxels: int = DEFAULT_MIN_LESION_VOXELS,
+        lesion_hd95_penalty: float = DEFAULT_HD95_PENALTY,
+        lesion_backend: str = DEFAULT_LESION_BACKEND,
+    ):
+        self.folder = Path(folder)
+        self.case_ids = list(case_ids)
+        self.patch_size, self.spatial_dims = tuple(patch_size), spatial_dims
+        self.num_outputs, self.region_mode = num_outputs, region_mode
+        self.overlap, self.sw_batch_size, self.gaussian, self.mirror = overlap, sw_batch_size, gaussian, mirror
+        self.empty_policy, self.amp_dtype, self.device = empty_policy, amp_dtype, device
+        self.rank, self.world_size = rank, world_size
+        self.cases_csv = cases_csv
+        self.hd95, self.progress = hd95, progress
+        self.lesion_wise = lesion_wise
+        self.lesion_settings = dict(
+            dilation_iterations=lesion_dilation,
+            min_lesion_voxels=lesion_min_voxels,
+            hd95_penalty=lesion_hd95_penalty,
+            backend=lesion_backend,
+        )
+        self.last_per_case: list[dict] = []
+        self.case_view = None
+        self.case_sink = None
+        self.last_views: dict = {}
+        self._views: list = []
+
+    def score_case(self, model: torch.nn.Module, case_id: str) -> dict:
+        """The score row of one prepared case: {"case_id", Dice keys[, hd95 keys][, lesion keys]}."""
+        case = PreparedCase(self.folder, case_id)
+        image = torch.from_numpy(np.array(case.image)).to(self.device)  # copy: the memmap is read-only
+        label = torch.from_numpy(np.array(case.label)).to(self.device)
+        logits = predict_volume(
+            model,
+            image,
+            self.patch_size,
+            self.spatial_dims,
+            self.num_outputs,
+            self.overlap,
+            self.sw_batch_size,
+            self.gaussian,
+            self.amp_dtype,
+            self.mirror,
+        )
+        pred = logits_to_labels(logits, self.region_mode)
+        del logits  # K float32 volumes; free them before the (CPU-heavy) HD95
+        if self.case_view is not None:
+            self._views.append((case_id, self.case_view(case_id, image, label, pred, case.meta)))
+        if self.case_sink is not None:
+            self.case_sink(case_id, label, pred)
+        row = {"case_id": case_id, **case_dice(pred, label, self.empty_policy)}
+        if self.hd95:
+            row.update(case_hd95(pred, label, case.meta.get("spacing")))
+        if self.lesion_wise:
+            row.update(case_lesion_scores(pred, label, case.meta.get("spacing"), **self.lesion_settings))
+        return row
+
+    def score_model(self, model: torch.nn.Module) -> tuple[dict[str, float], list[dict]]:
+        """Mean scores over all validation cases and the per-case rows (all ranks gathered)."""
+        mine_ids = self.case_ids[self.rank :: self.world_size]
+        self._views = []
+        mine = [
+            self.score_case(model, case_id)
+            for case_id in tqdm(mine_ids, desc="evaluate", unit="case", disable=None if self.progress else True)
+        ]
+        per_case = sorted((row for rows in all_gather_objects(mine) for row in rows), key=lambda r: r["case_id"])
+        self.last_views = {}
+        if self.case_view is not None:
+            self.last_views = dict(pair for pairs in all_gather_objects(self._views) for pair in pairs)
+        self._views = []
+        means = mean_scores([{k: v for k, v in r.items() if k != "case_id"} for r in per_case])
+        return means, per_case
+
+    def __call__(self, state) -> dict[str, float]:
+        means, per_case = self.score_model(state.unwrapped_model)
+        self.last_per_case = per_case
+        if self.cases_csv is not None and self.rank == 0 and per_case:
+            write_cases_csv(self.cases_csv, per_case)
+        return {(k if "/" in k else f"dice/{k}"): v for k, v in means.items()}

@@ -1,0 +1,377 @@
+"""BraTS 2023 lesion-wise Dice and HD95 per region (WT, TC, ET), with SciPy on the host or with torch
+on the tensors' device.
+
+Definition (the BraTS 2023 challenge's evaluation, ``get_LesionWiseResults``), per region:
+
+1. Connected components of the truth and of the prediction, 26-connectivity.
+2. Truth lesions closer than the dilation are one lesion: the truth mask is dilated
+   ``dilation_iterations`` times with the 18-neighbourhood structuring element
+   (``generate_binary_structure(3, 2)``, what the official code uses), the dilated mask is split
+   into 26-connected components, and each truth voxel takes the id of the dilated component it
+   lies in.
+3. Each (combined) truth lesion is dilated again the same way; every predicted component touching
+   that dilated lesion is claimed by it. The lesion's Dice and HD95 compare the lesion with the
+   union of the components it claims (Dice 0 and HD95 = penalty when it claims none).
+4. Truth lesions of ``min_lesion_voxels`` voxels or fewer are dropped from the score (what they
+   claim is still not a false positive).
+5. Predicted components claimed by no truth lesion are false positives: Dice 0, HD95 = penalty.
+6. Lesion-wise Dice = sum of the kept lesions' Dice / (kept lesions + false positives); HD95 the
+   same with each infinite HD95 replaced by the penalty. Nothing to count (no kept lesion and no
+   false positive, e.g. both empty) gives Dice 1 and HD95 0.
+
+HD95 here is the 95th percentile of the pooled distances from each surface voxel (a voxel of a
+mask with a face neighbour outside it) of either mask to the other mask's surface, in mm of
+``spacing``: the definition of the official ``brats-evaluation`` package (through panoptica). The
+2023 code used DeepMind's ``surface_distance`` (surface elements weighted by area, the maximum
+of the two directed percentiles), which differs slightly on non-trivial shapes; MONAI's
+``compute_hausdorff_distance`` (used for the plain ``hd95/*``) also takes the maximum of the two
+directed percentiles.
+
+Speed: the whole-case passes (labelling, one dilation) run on the bounding box of the foreground
+grown by the dilation, and every per-lesion operation on the lesion's own box (grown by the
+dilation and by the claimed components), instead of the whole volume as the official code does.
+
+Backends (``backend=``, chosen in :func:`resolve_backend`): the algorithm below is written once
+over a handful of operations (labelling, dilation, boxes, HD95), which ``_ScipyOps`` runs with
+SciPy on NumPy arrays and ``_TorchOps`` with :mod:`unet_trainer.evaluation.torch_morphology` on torch tensors
+on their device (CPU or CUDA), so a GPU evaluator's predictions never leave the GPU. Both give the
+same components, the same dilations and the same distances (tests/test_lesion_metrics.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ..data.layouts import REGION_NAMES, REGIONS
+from . import torch_morphology
+
+DEFAULT_DILATION_ITERATIONS = 3  # BraTS gliomas (meningioma and metastases use 1)
+DEFAULT_MIN_LESION_VOXELS = 50  # lesions of this many voxels or fewer are dropped
+DEFAULT_HD95_PENALTY = 374.0  # mm; the diagonal of the 240x240x155 SRI-24 volume, rounded up
+
+_COMPONENTS_26 = ndimage.generate_binary_structure(3, 3)
+_DILATION_18 = ndimage.generate_binary_structure(3, 2)
+_FACES_6 = ndimage.generate_binary_structure(3, 1)
+
+
+@dataclass(frozen=True)
+class LesionScore:
+    """Lesion-wise result of one region of one case.
+
+    dice: lesion-wise Dice in [0, 1]; hd95: lesion-wise HD95 in mm (<= penalty);
+    lesions: kept truth lesions; detected: kept lesions claiming a predicted component;
+    false_positives: predicted components claimed by no truth lesion.
+    """
+
+    dice: float
+    hd95: float
+    lesions: int
+    detected: int
+    false_positives: int
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of a boolean mask (*S) with a face neighbour outside it (the mask's border counts
+    as outside)."""
+    return mask & ~ndimage.binary_erosion(mask, structure=_FACES_6, border_value=0)
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float:
+    """95th percentile of the pooled surface distances of two boolean masks (*S), in mm.
+
+    Returns inf when exactly one mask is empty, 0 when both are.
+    """
+    if not pred.any() or not truth.any():
+        return 0.0 if not pred.any() and not truth.any() else math.inf
+    pred_surface, truth_surface = _surface(pred), _surface(truth)
+    to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)
+    return float(np.percentile(np.concatenate([to_truth[pred_surface], to_pred[truth_surface]]), 95))
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of a boolean mask (*S), or None when it is empty
+    (three projections: quicker than ``find_objects`` on a whole volume)."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if len(hits) == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def _grow(box: tuple[slice, ...], margin: int, shape: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
+
+
+def _union(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
+
+
+class _ScipyOps:
+    """The operations of the metric on NumPy arrays on the host, with SciPy."""
+
+    name = "scipy"
+
+    @staticmethod
+    def labels(labels) -> np.ndarray:
+        return _to_numpy(labels)
+
+    @staticmethod
+    def mask(mask) -> np.ndarray:
+        return np.asarray(_to_numpy(mask), dtype=bool)
+
+    @staticmethod
+    def isin(values: np.ndarray, members: Sequence[int]) -> np.ndarray:
+        return np.isin(values, list(members))
+
+    bounding_box = staticmethod(_bounding_box)
+    hd95 = staticmethod(hd95)
+
+    @staticmethod
+    def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+        return ndimage.label(mask, structure=_COMPONENTS_26)
+
+    @staticmethod
+    def dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
+        return ndimage.binary_dilation(mask, structure=_DILATION_18, iterations=iterations)
+
+    @staticmethod
+    def boxes(labels: np.ndarray, count: int) -> list:
+        return ndimage.find_objects(labels, max_label=count)
+
+    @staticmethod
+    def zeros_like(mask: np.ndarray) -> np.ndarray:
+        return np.zeros(mask.shape, dtype=np.int32)
+
+    @staticmethod
+    def where(condition: np.ndarray, values: np.ndarray) -> np.ndarray:
+        return np.where(condition, values, 0)
+
+    @staticmethod
+    def nonzero_ids(values: np.ndarray) -> list[int]:
+        return [int(i) for i in np.unique(values) if i != 0]
+
+
+class _TorchOps:
+    """The same operations on torch tensors, on the tensors' device
+    (:mod:`unet_trainer.evaluation.torch_morphology`)."""
+
+    name = "torch"
+
+    @staticmethod
+    def labels(labels) -> torch.Tensor:
+        return labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels))
+
+    @staticmethod
+    def mask(mask) -> torch.Tensor:
+        return _TorchOps.labels(mask).bool()
+
+    @staticmethod
+    def isin(values: torch.Tensor, members: Sequence[int]) -> torch.Tensor:
+        return torch.isin(values, torch.tensor(list(members), dtype=values.dtype, device=values.device))
+
+    bounding_box = staticmethod(torch_morphology.bounding_box)
+    hd95 = staticmethod(torch_morphology.hd95)
+    label = staticmethod(torch_morphology.label_components)
+    dilate = staticmethod(torch_morphology.dilate_18)
+    boxes = staticmethod(torch_morphology.component_boxes)
+
+    @staticmethod
+    def zeros_like(mask: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
+
+    @staticmethod
+    def where(condition: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.where(condition, values, 0)
+
+    @staticmethod
+    def nonzero_ids(values: torch.Tensor) -> list[int]:
+        return [i for i in torch.unique(values).tolist() if i != 0]
+
+
+_BACKEND_OPS = {"scipy": _ScipyOps, "torch": _TorchOps}
+#: The backend choices: "auto" picks one per call (see :func:`resolve_backend`).
+LESION_BACKENDS: tuple[str, ...] = ("auto", *_BACKEND_OPS)
+DEFAULT_LESION_BACKEND = "auto"
+
+
+def resolve_backend(backend: str, *arrays) -> str:
+    """The backend a call runs on: "scipy" or "torch".
+
+    "auto" takes torch for tensors on a GPU (so a GPU evaluator's predictions never travel to the
+    host) and SciPy for everything else: on the CPU SciPy's labelling and distance transform are
+    the faster (scripts/bench_metrics.py, BENCHMARKS.md).
+
+    Raises:
+        ValueError: an unknown backend.
+    """
+    if backend not in LESION_BACKENDS:
+        raise ValueError(f"unknown lesion-metric backend {backend!r}; expected one of {', '.join(LESION_BACKENDS)}")
+    if backend != "auto":
+        return backend
+    on_gpu = any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in arrays)
+    return "torch" if on_gpu else "scipy"
+
+
+def region_lesion_scores(
+    pred,
+    truth,
+    spacing: Sequence[float] | None = None,
+    dilation_iterations: int = DEFAULT_DILATION_ITERATIONS,
+    min_lesion_voxels: int = DEFAULT_MIN_LESION_VOXELS,
+    hd95_penalty: float = DEFAULT_HD95_PENALTY,
+    backend: str = DEFAULT_LESION_BACKEND,
+    distances: bool = True,
+) -> LesionScore:
+    """Lesion-wise Dice and HD95 of one region (see the module docstring).
+
+    Args:
+        pred, truth: boolean masks (D, H, W) of the same shape: NumPy arrays, or torch tensors on
+            one device.
+        spacing: voxel size in mm per axis (1 mm when None); used by HD95 only (the size
+            threshold counts voxels, as BraTS volumes are 1 mm isotropic).
+        dilation_iterations: dilation that merges and matches truth lesions (0: no dilation).
+        min_lesion_voxels: truth lesions of this many voxels or fewer are dropped.
+        hd95_penalty: the HD95 of a missed lesion or a false positive, in mm.
+        backend: "scipy" (on the host), "torch" (on the tensors' device) or "auto"
+            (:func:`resolve_backend`); every backend gives the same scores.
+        distances: False skips the surface distances (``hd95`` is then NaN), for callers that
+            need the Dice only.
+
+    Raises:
+        ValueError: masks of different shapes or not 3-D, or an unknown backend.
+    """
+    if tuple(pred.shape) != tuple(truth.shape) or pred.ndim != 3:
+        raise ValueError(
+            f"lesion-wise metrics need two 3-D masks of one shape, got {tuple(pred.shape)} and {tuple(truth.shape)}"
+        )
+    ops = _BACKEND_OPS[resolve_backend(backend, pred, truth)]
+    pred, truth = ops.mask(pred), ops.mask(truth)
+    spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
+    # Everything happens within the dilation (plus one voxel, so surfaces stay surfaces) of the
+    # foreground's bounding box: a tumour fills a few percent of a brain volume.
+    foreground = ops.bounding_box(pred | truth)
+    if foreground is None:
+        return LesionScore(1.0, 0.0 if distances else math.nan, 0, 0, 0)
+    shape = tuple(truth.shape)
+    crop = _grow(foreground, dilation_iterations + 1, shape)
+    pred, truth = pred[crop], truth[crop]
+    shape = tuple(truth.shape)
+    pred_cc, n_pred = ops.label(pred)
+    lesion_cc = ops.zeros_like(truth)
+    truth_box = ops.bounding_box(truth)
+    if truth_box is not None:
+        # The merging dilation on the truth's own box (false positives far away widen the crop).
+        near_truth = _grow(truth_box, dilation_iterations + 1, shape)
+        truth_near = truth[near_truth]
+        dilated = ops.dilate(truth_near, dilation_iterations) if dilation_iterations > 0 else truth_near
+        merged_cc, _ = ops.label(dilated)
+        lesion_cc[near_truth] = ops.where(truth_near, merged_cc)
+        # Every dilated component holds truth voxels, so every id of merged_cc occurs.
+        lesion_boxes = ops.boxes(lesion_cc, int(lesion_cc.max()))
+    else:
+        lesion_boxes = []
+    pred_boxes = ops.boxes(pred_cc, n_pred)
+    claimed: set[int] = set()
+    dice_sum = hd_sum = 0.0
+    lesions = detected = 0
+    for lesion_id, box in enumerate(lesion_boxes, start=1):
+        if box is None:
+            continue
+        # The dilated lesion reaches `dilation_iterations` voxels beyond the lesion's box.
+        near = _grow(box, dilation_iterations, shape)
+        lesion_near = lesion_cc[near] == lesion_id
+        reach = ops.dilate(lesion_near, dilation_iterations) if dilation_iterations > 0 else lesion_near
+        ids = ops.nonzero_ids(pred_cc[near][reach])
+        claimed.update(ids)
+        size = int(lesion_near.sum())
+        if size <= min_lesion_voxels:
+            continue
+        lesions += 1
+        if not ids:
+            hd_sum += hd95_penalty
+            continue
+        detected += 1
+        window = near
+        for i in ids:
+            window = _union(window, pred_boxes[i - 1])
+        # One voxel of margin so that surfaces on the window's edge stay surfaces.
+        window = _grow(window, 1, shape)
+        lesion_mask = lesion_cc[window] == lesion_id
+        pred_mask = ops.isin(pred_cc[window], ids)
+        intersection = int((lesion_mask & pred_mask).sum())
+        dice_sum += 2.0 * intersection / (size + int(pred_mask.sum()))
+        if distances:
+            distance = ops.hd95(pred_mask, lesion_mask, spacing)
+            hd_sum += hd95_penalty if math.isinf(distance) else distance
+    false_positives = n_pred - len(claimed)
+    count = lesions + false_positives
+    if count == 0:
+        return LesionScore(1.0, 0.0 if distances else math.nan, 0, 0, 0)
+    hd_sum += false_positives * hd95_penalty
+    hd_mean = hd_sum / count if distances else math.nan
+    return LesionScore(dice_sum / count, hd_mean, lesions, detected, false_positives)
+
+
+def case_lesion_scores(
+    pred_labels,
+    true_labels,
+    spacing: Sequence[float] | None = None,
+    dilation_iterations: int = DEFAULT_DILATION_ITERATIONS,
+    min_lesion_voxels: int = DEFAULT_MIN_LESION_VOXELS,
+    hd95_penalty: float = DEFAULT_HD95_PENALTY,
+    backend: str = DEFAULT_LESION_BACKEND,
+    distances: bool = True,
+) -> dict[str, float]:
+    """Lesion-wise Dice and HD95 of WT, TC and ET for one case.
+
+    Args:
+        pred_labels, true_labels: canonical label maps (D, H, W) (0 background, 1 NCR, 2 ED,
+            3 ET), NumPy arrays or torch tensors on one device; the "torch" backend works on that
+            device, the "scipy" one on a host copy.
+        spacing, dilation_iterations, min_lesion_voxels, hd95_penalty, backend, distances: see
+            :func:`region_lesion_scores`.
+
+    Returns:
+        {"lesion_dice/WT", "lesion_dice/TC", "lesion_dice/ET", "lesion_hd95/WT", ...}: floats
+        (Dice in [0, 1], HD95 in mm), never NaN (unless ``distances`` is False: HD95 NaN).
+    """
+    ops = _BACKEND_OPS[resolve_backend(backend, pred_labels, true_labels)]
+    pred, truth = ops.labels(pred_labels), ops.labels(true_labels)
+    if tuple(pred.shape) != tuple(truth.shape):
+        raise ValueError(f"prediction {tuple(pred.shape)} and truth {tuple(truth.shape)} differ in shape")
+    # One crop for the three regions (each region lies inside any tumour label), as in
+    # region_lesion_scores.
+    foreground = ops.bounding_box((pred > 0) | (truth > 0))
+    if foreground is not None:
+        crop = _grow(foreground, dilation_iterations + 1, tuple(truth.shape))
+        pred, truth = pred[crop], truth[crop]
+    dice_row, hd_row = {}, {}
+    for name in REGION_NAMES:
+        score = region_lesion_scores(
+            ops.isin(pred, REGIONS[name]),
+            ops.isin(truth, REGIONS[name]),
+            spacing,
+            dilation_iterations,
+            min_lesion_voxels,
+            hd95_penalty,
+            ops.name,
+            distances,
+        )
+        dice_row[f"lesion_dice/{name}"] = score.dice
+        hd_row[f"lesion_hd95/{name}"] = score.hd95
+    return {**dice_row, **hd_row}
+
+
+def _to_numpy(labels) -> np.ndarray:
+    if hasattr(labels, "detach"):  # a torch tensor
+        return labels.detach().cpu().numpy()
+    return np.asarray(labels)
