@@ -72,7 +72,11 @@ def memory_available() -> int | None:
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit != "max":
+            # memory.current counts the page cache too; its inactive part is reclaimed on demand
+            # (the working set, as container runtimes count it), so it is not in use.
             used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            stat = dict(line.split() for line in Path("/sys/fs/cgroup/memory.stat").read_text().splitlines())
+            used -= int(stat.get("inactive_file", 0))
             available = min(available, max(0, int(limit) - used))
     except (OSError, ValueError):
         pass
