@@ -4,25 +4,34 @@
 (the forward pass, deep supervision, the decoder and heads builder, the weight initialisation and
 the size arithmetic that :class:`~unet_trainer.models.unet.UNet` and
 :class:`~unet_trainer.models.resenc.ResidualEncoderUNet` share) and :func:`optimize_model` (the
-training-speed helper: channels-last, ``torch.compile``).
+training-speed helper: channels-last, ``torch.compile``). Also the annotated types of the
+geometry settings both nets take (:data:`SpatialDims`, :data:`PerStage`; the config schema reads
+their bounds).
 
-Imports :mod:`unet_trainer.models.blocks` and :mod:`unet_trainer.models.checks` only.
+Imports :mod:`unet_trainer.models.blocks`, :mod:`unet_trainer.models.checks` and
+:mod:`unet_trainer.core.schema` only, each of which imports nothing from the package, so the
+models' import chains stay three modules long.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Annotated, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core.schema import Setting
 from .blocks import DecoderStage, _LayerFactory
 from .checks import StageLayout, stage_size_error, trace_stage_sizes
 
-__all__ = ["EncoderDecoderNet", "SegmentationModel", "optimize_model"]
+__all__ = ["EncoderDecoderNet", "PerStage", "SegmentationModel", "SpatialDims", "optimize_model"]
+
+SpatialDims = Annotated[int, Setting(minimum=2, maximum=3)]
+# One entry per stage: an int (isotropic) or one int per spatial axis; a config gives ints.
+PerStage = Annotated[Sequence[int | Sequence[int]], Setting(kind="int_list")]
 
 
 @runtime_checkable

@@ -6,7 +6,7 @@ named), :class:`StageLayout` (the checked per-stage geometry), the checks
 (:func:`check_stage_layout`, :func:`check_layer_arguments`, :func:`check_unet_arguments`) and the
 size arithmetic of one spatial axis (:func:`trace_stage_sizes`, :func:`stage_size_error`).
 
-Imports only :mod:`unet_trainer.core.schema` from the package.
+Imports nothing from the package.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal, get_args
-
-from ..core.schema import Setting
+from typing import Literal, get_args
 
 __all__ = [
     "ModelArgumentError",
@@ -40,10 +38,6 @@ ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 UPSAMPLE_MODES: tuple[str, ...] = get_args(UpsampleMode)
 DOWNSAMPLE_MODES: tuple[str, ...] = get_args(DownsampleMode)
 PADDING_MODES: tuple[str, ...] = get_args(PaddingMode)
-
-SpatialDims = Annotated[int, Setting(minimum=2, maximum=3)]
-# One entry per stage: an int (isotropic) or one int per spatial axis; a config gives ints.
-PerStage = Annotated[Sequence[int | Sequence[int]], Setting(kind="int_list")]
 
 
 class ModelArgumentError(ValueError):

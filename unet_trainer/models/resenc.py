@@ -44,14 +44,12 @@ import torch
 from torch import nn
 
 from ..core.schema import NonNegative, PositiveInt, Setting
-from .base import EncoderDecoderNet
+from .base import EncoderDecoderNet, PerStage, SpatialDims
 from .blocks import ConvNormAct, _LayerFactory
 from .checks import (
     Activation,
     ModelArgumentError,
     Norm,
-    PerStage,
-    SpatialDims,
     StageLayout,
     check_layer_arguments,
     check_stage_layout,

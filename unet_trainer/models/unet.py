@@ -40,15 +40,13 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..core.schema import NonNegative, PositiveInt, Probability
-from .base import EncoderDecoderNet
+from .base import EncoderDecoderNet, PerStage, SpatialDims
 from .blocks import ConvBlock, ResidualBlock, _LayerFactory
 from .checks import (
     Activation,
     DownsampleMode,
     Norm,
     PaddingMode,
-    PerStage,
-    SpatialDims,
     UpsampleMode,
     check_unet_arguments,
 )
