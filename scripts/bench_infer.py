@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchutil import brats_3d_model
 
 from unet_trainer.evaluation.inference import predict_volume  # noqa: E402
-from unet_trainer.models.model import UNet, optimize_model  # noqa: E402
+from unet_trainer.models.base import optimize_model  # noqa: E402
+from unet_trainer.models.unet import UNet  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 

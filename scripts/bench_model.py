@@ -59,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchutil import brats_3d_model, device_description, release_memory
 
-from unet_trainer.models.model import UNet, optimize_model  # noqa: E402
+from unet_trainer.models.base import optimize_model  # noqa: E402
+from unet_trainer.models.unet import UNet  # noqa: E402
 
 PRESET = brats_3d_model()  # configs/brats.yaml's model section; the peers are built to match it
 FULL_WIDTH_FILTERS = tuple(PRESET["filters"])

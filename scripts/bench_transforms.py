@@ -161,7 +161,7 @@ def training_step_seconds(patch: int, device: torch.device, warmup: int, iters: 
     model for quick CPU runs."""
     from benchutil import brats_3d_model  # imported here: only the share needs the model
 
-    from unet_trainer.models.model import UNet
+    from unet_trainer.models.unet import UNet
 
     model = UNet(**brats_3d_model(width_divisor)).to(device)
     model.train()

@@ -107,7 +107,7 @@ def test_lr_is_logged_per_step(tiny_config, tmp_path):
 
 def test_auto_microbatch_halves_on_out_of_memory(tiny_config, tmp_path, monkeypatch):
     """A fake OOM whenever more than one sample goes through: 'auto' must settle on 1 and match it."""
-    from unet_trainer.models.model import UNet
+    from unet_trainer.models.unet import UNet
 
     real_forward = UNet.forward
 
@@ -460,7 +460,7 @@ def test_load_weights_only_fine_tunes_from_fresh_counters(tiny_config, tmp_path)
 
 
 def test_speed_algorithms_are_applied_at_init(tiny_config, monkeypatch):
-    from unet_trainer.models.model import UNet
+    from unet_trainer.models.unet import UNet
 
     compiled = {}
     monkeypatch.setattr(UNet, "compile", lambda self, **kwargs: compiled.update(kwargs), raising=False)

@@ -1,5 +1,6 @@
-"""Tests of unet_trainer.models.model: shapes for every option, parameter parity with MONAI's DynUNet,
-the 2015 valid-padding net, checkpointing, size errors and the speed helpers.
+"""Tests of the U-Net (unet_trainer.models.unet, its blocks and base): shapes for every option,
+parameter parity with MONAI's DynUNet, the 2015 valid-padding net, checkpointing, size errors and
+the speed helpers.
 
 Everything runs on CPU with tiny tensors; the torch.compile test is opt-in
 (``UNET_TEST_COMPILE=1``) because compiling even a tiny net takes ~30 s on a busy 2-core CPU.
@@ -17,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from unet_trainer.config.config import resolve_config
-from unet_trainer.models.model import GroupNorm, InstanceNorm, LinearUpsample, UNet, optimize_model
+from unet_trainer.models.base import optimize_model
+from unet_trainer.models.blocks import GroupNorm, InstanceNorm, LinearUpsample
+from unet_trainer.models.unet import UNet
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -511,7 +514,7 @@ def test_group_norm_and_interpolation_run_outside_autocast(monkeypatch):
     # CUDA's autocast policy promotes group_norm and upsample_(bi|tri)linear to fp32; the CPU
     # policy does not, so a dtype check on CPU cannot see it. Check the mechanism instead: both
     # run with autocast switched off, on activation-dtype inputs and parameters.
-    import unet_trainer.models.model as model_module
+    import unet_trainer.models.blocks as model_module
 
     calls: list[tuple[str, bool, torch.dtype, tuple[torch.dtype, ...]]] = []
     real_group_norm, real_interpolate = F.group_norm, F.interpolate
@@ -548,7 +551,7 @@ def test_norms_keep_bf16_under_cuda_autocast():
 
 def test_linear_upsample_equals_interpolate_then_conv():
     # The conv runs before the interpolation for speed; both orders must give the same map.
-    from unet_trainer.models.model import _LayerFactory
+    from unet_trainer.models.blocks import _LayerFactory
 
     layers = _LayerFactory(
         spatial_dims=3,

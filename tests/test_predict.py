@@ -23,7 +23,7 @@ from unet_trainer.data.layouts import RawCase, from_canonical, list_cases, write
 from unet_trainer.data.prepare import PrepareSettings, prepare_case
 from unet_trainer.evaluation.inference import predict_volume, sliding_window_logits, sliding_window_slices
 from unet_trainer.evaluation.metrics import case_hd95
-from unet_trainer.models.model import UNet
+from unet_trainer.models.unet import UNet
 
 SHAPE = (12, 14, 10)  # (Z, Y, X)
 HEAD = (slice(2, 10), slice(3, 12), slice(1, 8))  # nonzero box: a real sub-box of the volume

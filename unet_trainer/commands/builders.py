@@ -53,7 +53,7 @@ from ..data.phantom import write_phantom_dataset
 from ..data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current
 from ..data.split import kfold_split, load_split_file
 from ..evaluation.evaluation import DiceEvaluator
-from ..models.model import SegmentationModel
+from ..models.base import SegmentationModel
 from ..training import callbacks as cb
 from ..training import reporting
 from ..training.loggers import FileLogger, Logger, LoggerDestination, TensorBoardLogger

@@ -16,7 +16,7 @@ from ..config.config import ConfigError, resolve_from_base
 from ..core.checkpoint import CheckpointError, load_checkpoint, one_line
 from ..evaluation.evaluation import logits_to_probabilities
 from ..evaluation.inference import predict_volume
-from ..models.model import SegmentationModel, optimize_model
+from ..models.base import SegmentationModel, optimize_model
 from .builders import AMP_DTYPES, build_device, build_model
 
 

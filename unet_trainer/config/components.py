@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from ..models.model import SegmentationModel, UNet
+from ..models.base import SegmentationModel
 from ..models.resenc import ResidualEncoderUNet
+from ..models.unet import UNet
 from ..training import callbacks as cb
 from ..training import loggers, optimizers, reporting
 from ..training.algorithms import EMA, ChannelsLast, Compile, CudnnBenchmark

@@ -49,7 +49,8 @@ from ..evaluation.lesion_metrics import (
     DEFAULT_MIN_LESION_VOXELS,
     LESION_BACKENDS,
 )
-from ..models.model import ModelArgumentError, SegmentationModel
+from ..models.base import SegmentationModel
+from ..models.checks import ModelArgumentError
 from ..training.transforms import AUGMENTATIONS, SettingError
 from . import components
 

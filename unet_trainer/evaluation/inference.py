@@ -370,7 +370,7 @@ def predict_volume(
 
     Args:
         model: in eval mode, returning logits (N, K, *window) (or a centred smaller output for a
-            valid-padding :class:`~unet_trainer.models.model.UNet`, found with ``model.output_size``).
+            valid-padding :class:`~unet_trainer.models.unet.UNet`, found with ``model.output_size``).
         image: (C, Z, Y, X) on the model's device.
         patch_size: the training patch (Z, Y, X); for 2D models (1, Y, X).
         spatial_dims: 3, or 2 for slice-by-slice prediction (windows batched across slices).

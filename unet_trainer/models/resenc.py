@@ -23,7 +23,7 @@ deep supervision: 102,340,116 parameters for 4 input channels and 4 classes, exa
 ``conv_bias=False`` (a test pins both). nnU-Net's plans set ``conv_bias=True``, which adds a bias
 to every conv in front of a norm (13,856 for ResEnc M, 800 of them on the transposed convs): the
 norm's mean subtraction cancels it (for the transposed convs, which reach a norm through a padded
-conv, except at the border), so here, as in :class:`unet_trainer.models.model.UNet`, those convs have none.
+conv, except at the border), so here, as in :class:`unet_trainer.models.unet.UNet`, those convs have none.
 
 Initialisation, as nnU-Net's: kaiming-normal conv weights (``a = negative_slope``), zero biases,
 and the last norm of every residual block starts at zero (weight and bias), so each block starts
@@ -44,17 +44,13 @@ import torch
 from torch import nn
 
 from ..core.schema import NonNegative, PositiveInt, Setting
-from .model import (
+from .base import EncoderDecoderNet, PerStage, SpatialDims
+from .blocks import ConvNormAct, _LayerFactory
+from .checks import (
     Activation,
-    ConvNormAct,
-    DecoderStage,
-    EncoderDecoderNet,
     ModelArgumentError,
     Norm,
-    PerStage,
-    SpatialDims,
     StageLayout,
-    _LayerFactory,
     check_layer_arguments,
     check_stage_layout,
 )
@@ -211,7 +207,6 @@ class ResidualEncoderUNet(EncoderDecoderNet):
             negative_slope=negative_slope,
             deep_supervision=deep_supervision,
         )
-        num_stages = len(layout.filters)
         super().__init__(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -220,7 +215,7 @@ class ResidualEncoderUNet(EncoderDecoderNet):
             padding="same",
             downsample="strided_conv",
             deep_supervision=deep_supervision,
-            deep_supervision_heads=num_stages - 2,
+            deep_supervision_heads=len(layout.filters) - 2,
             gradient_checkpointing=gradient_checkpointing,
         )
         self.blocks_per_stage = tuple(int(n) for n in blocks_per_stage)
@@ -228,7 +223,6 @@ class ResidualEncoderUNet(EncoderDecoderNet):
         self.activation = activation
         self.negative_slope = negative_slope
 
-        filters, kernels, stride_list = layout.filters, layout.kernel_sizes, layout.strides
         layers = _LayerFactory(
             spatial_dims=spatial_dims,
             norm=norm,
@@ -238,38 +232,33 @@ class ResidualEncoderUNet(EncoderDecoderNet):
             dropout=0.0,
             padding="same",
         )
-        ones = (1,) * spatial_dims
+        self.encoder = self._build_encoder(layers)
+        self._build_decoder(layers, upsample="transposed", convs_per_stage=decoder_convs)
+        self._initialise_weights(layers.init_slope)
+        self._zero_last_block_norms()
+
+    def _build_encoder(self, layers: _LayerFactory) -> nn.ModuleList:
+        """One ``nn.Sequential`` per stage, shallowest first: ``blocks_per_stage[i]`` residual blocks,
+        the first carrying the stride and the change of channels; stage 0 starts with the stem (a
+        stride-1 conv-norm-act from the image's channels to ``filters[0]``)."""
+        ones = (1,) * self.spatial_dims
         stages: list[nn.Module] = []
-        in_ch = filters[0]
-        for level, (out_ch, kernel, stride, blocks) in enumerate(zip(filters, kernels, stride_list, blocks_per_stage)):
+        in_ch = self.filters[0]
+        for level, (out_ch, kernel, stride, blocks) in enumerate(
+            zip(self.filters, self.kernel_sizes, self.strides, self.blocks_per_stage)
+        ):
             modules: list[nn.Module] = []
             if level == 0:
-                modules.append(ConvNormAct(layers, in_channels, filters[0], kernel, ones))  # the stem
+                modules.append(ConvNormAct(layers, self.in_channels, self.filters[0], kernel, ones))  # the stem
             modules.append(ResidualBlockD(layers, in_ch, out_ch, kernel, stride))
             modules.extend(ResidualBlockD(layers, out_ch, out_ch, kernel, ones) for _ in range(blocks - 1))
             stages.append(nn.Sequential(*modules))
             in_ch = out_ch
-        self.encoder = nn.ModuleList(stages)
-        # Deepest first: decoder[j] produces encoder level num_stages - 2 - j.
-        self.decoder = nn.ModuleList(
-            DecoderStage(
-                layers,
-                filters[level + 1],
-                filters[level],
-                kernels[level],
-                stride_list[level + 1],
-                "transposed",
-                decoder_convs,
-            )
-            for level in reversed(range(num_stages - 1))
-        )
-        self.output_head = layers.conv_type(filters[0], num_classes, ones, bias=True)
-        # deep_supervision_outputs[k - 1] reads decoder level k (k = 1 is one level below full res).
-        self.deep_supervision_outputs = nn.ModuleList(
-            layers.conv_type(filters[level], num_classes, ones, bias=True)
-            for level in range(1, self.deep_supervision_heads + 1)
-        )
-        self._initialise_weights(negative_slope if activation == "leaky_relu" else 0.0)
+        return nn.ModuleList(stages)
+
+    def _zero_last_block_norms(self) -> None:
+        """Start every residual block as its shortcut followed by the activation, as nnU-Net does:
+        the block's last norm at weight 0 and bias 0 (nothing to set on the meta device)."""
         for module in self.modules():
             if isinstance(module, ResidualBlockD) and module.norm2 is not None and not module.norm2.weight.is_meta:
                 nn.init.zeros_(module.norm2.weight)

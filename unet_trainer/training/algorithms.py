@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from ..core.schema import Probability
-from ..models.model import optimize_model
+from ..models.base import optimize_model
 from .trainer import Algorithm, Event, State
 
 
