@@ -390,11 +390,7 @@ def score_folds(
 
 
 def _checked_folds(cfg: dict, folds: Sequence[int] | None) -> list[int]:
-    """The folds to train (default all ``data.num_folds``).
-
-    Raises:
-        ConfigError: a split file, or a fold outside ``data.num_folds``.
-    """
+    """The folds to train (default all); ConfigError: a split file, or a fold outside ``data.num_folds``."""
     if cfg["data"]["split_file"]:
         raise ConfigError(
             f"'data.split_file' = {cfg['data']['split_file']}: a split file is one fold; unet-cv splits the "
@@ -417,12 +413,8 @@ class _FoldReader:
         self.duration, self.stopper = finish_rule(cfg)
 
     def states(self, wanted: Sequence[int]) -> list[FoldState]:
-        """The states of the folds ``wanted``, in their order.
-
-        Raises:
-            CrossValidationError: (on every rank) a fold's folder that cannot be read, or holds a run of
-                another config.
-        """
+        """The states of the folds ``wanted``, in order; a CrossValidationError (on every rank) when a fold's
+        folder cannot be read or holds a run of another config."""
         found: list[FoldState] | str = []
         if self.dist_info.is_main:
             try:
@@ -438,11 +430,7 @@ class _FoldReader:
 
 
 def _claim_on_rank0(cfg: dict, aggregate_only: bool, dist_info: DistInfo) -> None:
-    """:func:`claim_cv_folder` on rank 0; its refusal raised on every rank.
-
-    Raises:
-        CrossValidationError: the folder holds another experiment.
-    """
+    """:func:`claim_cv_folder` on rank 0; its refusal (a CrossValidationError) raised on every rank."""
     problem = None
     if dist_info.is_main:
         try:
