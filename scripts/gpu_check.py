@@ -88,6 +88,15 @@ TARGETS = {
 
 
 @dataclass(frozen=True)
+class Step:
+    """One step's size: its own command-line arguments, as typed on a shell, and its time."""
+
+    args: str  # split with shlex; the step adds the paths of this run's phantom and work folder
+    budget: float  # seconds it may run at most
+    minimum: float  # seconds that must be left for it to start
+
+
+@dataclass(frozen=True)
 class Sizes:
     device: str
     phantom_cases: int
@@ -95,19 +104,17 @@ class Sizes:
     epoch_cases: int  # training entries per epoch (the 3 training volumes repeated)
     train_steps: int
     stop_at: int  # the step after which train_resume sends SIGTERM
-    train_overrides: tuple[str, ...]
-    model_args: tuple[str, ...]
-    infer_args: tuple[str, ...]
-    transforms_args: tuple[str, ...]
-    bench_train_args: tuple[str, ...]
-    metrics_args: tuple[str, ...]
-    ablation_args: tuple[str, ...]
-    budgets: dict[str, tuple[float, float]]  # step -> (budget, minimum to start), seconds
+    steps: dict[str, Step]  # one per STEP_NAMES entry, in their order
+
+    def args(self, step: str) -> tuple[str, ...]:
+        """The step's own arguments, split as a shell would."""
+        return tuple(shlex.split(self.steps[step].args))
 
 
 def gpu_sizes(workers: int) -> Sizes:
     """The full setting on one GPU. The budgets add up to more than 6 minutes on purpose: a step
     that finishes early leaves its time to the next, and the ablation takes what is left."""
+    epochs = f"--warmup-epochs 1 --timed-epochs 1 --eval-repeats {{}} --prepare-workers {workers}"
     return Sizes(
         device="cuda",
         phantom_cases=4,
@@ -115,70 +122,37 @@ def gpu_sizes(workers: int) -> Sizes:
         epoch_cases=387,
         train_steps=20,
         stop_at=10,
-        train_overrides=("device=cuda",),  # configs/brats.yaml as shipped: bf16, batch 64, auto microbatch
-        model_args=(
-            "--device",
-            "cuda",
-            "--batches",
-            "2",
-            "8",
-            "--modes",
-            "eager",
-            "compiled",
-            "--models",
-            "ours",
-            "DynUNet",
-            "--iters",
-            "10",
-            "--warmup",
-            "3",
-        ),
-        infer_args=("--device", "cuda", "--iters", "5", "--warmup", "2"),
-        transforms_args=("--device", "cuda", "--batches", "2", "--iters", "10", "--warmup", "2"),
-        bench_train_args=(
-            "--device",
-            "cuda",
-            "--warmup-epochs",
-            "1",
-            "--timed-epochs",
-            "1",
-            "--eval-repeats",
-            "2",
-            "--prepare-workers",
-            str(workers),
-        ),
-        # The official package is not on the GPU machine: its CPU figure is in BENCHMARKS.md.
-        metrics_args=("--device", "cuda", "--cases", "2", "--skip-official"),
-        ablation_args=(
-            "--device",
-            "cuda",
-            "--warmup-epochs",
-            "1",
-            "--timed-epochs",
-            "1",
-            "--eval-repeats",
-            "1",
-            "--prepare-workers",
-            str(workers),
-            "--candidate",
-            "algorithms.compile.mode=reduce-overhead",
-        ),
-        budgets={
-            "cuda_tests": (60, 20),
-            "train_resume": (110, 60),
-            "model": (80, 30),
-            "infer": (40, 15),
-            "transforms": (40, 15),
-            "train_bench": (120, 60),
-            "metrics": (60, 30),
-            "ablation": (600, 60),
+        steps={
+            "cuda_tests": Step("", 60, 20),  # its pytest command is fixed (step_cuda_tests)
+            # configs/brats.yaml as shipped: bf16, batch 64, auto microbatch
+            "train_resume": Step("device=cuda", 110, 60),
+            "model": Step(
+                "--device cuda --batches 2 8 --modes eager compiled --models ours DynUNet --iters 10 --warmup 3", 80, 30
+            ),
+            "infer": Step("--device cuda --iters 5 --warmup 2", 40, 15),
+            "transforms": Step("--device cuda --batches 2 --iters 10 --warmup 2", 40, 15),
+            "train_bench": Step(f"--device cuda {epochs.format(2)}", 120, 60),
+            # The official package is not on the GPU machine: its CPU figure is in BENCHMARKS.md.
+            "metrics": Step("--device cuda --cases 2 --skip-official", 60, 30),
+            "ablation": Step(
+                f"--device cuda {epochs.format(1)} --candidate algorithms.compile.mode=reduce-overhead", 600, 60
+            ),
         },
     )
 
 
 def dry_sizes(workers: int) -> Sizes:
-    """Tiny CPU sizes that run the same commands in about 120 CPU-seconds."""
-    tiny_model = ("model.unet.filters=[4,8,16]", "model.unet.kernel_sizes=[3,3,3]", "model.unet.strides=[1,2,2]")
+    """Tiny CPU sizes that run the same commands in about 120 CPU-seconds. Generous limits: on a
+    loaded 2-core machine each step takes several times its quiet time."""
+    tiny_model = "model.unet.filters=[4,8,16] model.unet.kernel_sizes=[3,3,3] model.unet.strides=[1,2,2]"
+    tiny_train = "--device cpu --epoch-cases 8 --patch 16 --depth 3 --width-divisor 8 --batch 4"
+    epochs = f"--warmup-epochs 0 --timed-epochs 1 --eval-repeats 1 --prepare-workers {workers}"
+    # Every switch is turned off, so the ablation machinery runs its one quick reference run
+    # (compiling on a CPU takes half a minute a run), without the evaluation step 6 timed.
+    switches_off = (
+        "--override algorithms.compile=null --override algorithms.channels_last=null "
+        "--override algorithms.cudnn_benchmark=null --override data.prefetch_to_device=false"
+    )
     return Sizes(
         device="cpu",
         phantom_cases=4,
@@ -186,136 +160,27 @@ def dry_sizes(workers: int) -> Sizes:
         epoch_cases=8,
         train_steps=10,
         stop_at=4,
-        train_overrides=(
-            "device=cpu",
-            "precision=fp32",
-            "train_batch_size=4",
-            "data.patch_size=[16,16,16]",
-            "data.num_workers=1",
-            *tiny_model,
-        ),
-        model_args=(
-            "--device",
-            "cpu",
-            "--patch",
-            "64",
-            "--width-divisor",
-            "32",
-            "--batches",
-            "1",
-            "--modes",
-            "eager",
-            "--models",
-            "ours",
-            "DynUNet",
-            "--iters",
-            "1",
-            "--warmup",
-            "0",
-        ),
-        infer_args=(
-            "--device",
-            "cpu",
-            "--size",
-            "48",
-            "64",
-            "64",
-            "--window",
-            "64",
-            "--width-divisor",
-            "32",
-            "--iters",
-            "1",
-            "--warmup",
-            "0",
-        ),
-        transforms_args=(
-            "--device",
-            "cpu",
-            "--patch",
-            "64",
-            "--batches",
-            "2",
-            "--iters",
-            "1",
-            "--warmup",
-            "0",
-            "--share",
-            "--width-divisor",
-            "32",
-        ),
-        bench_train_args=(
-            "--device",
-            "cpu",
-            "--epoch-cases",
-            "8",
-            "--patch",
-            "16",
-            "--depth",
-            "3",
-            "--width-divisor",
-            "8",
-            "--batch",
-            "4",
-            "--microbatch",
-            "auto",
-            "--workers",
-            "1",
-            "--warmup-epochs",
-            "0",
-            "--timed-epochs",
-            "1",
-            "--eval-repeats",
-            "1",
-            "--prepare-workers",
-            str(workers),
-        ),
-        metrics_args=("--device", "cpu", "--cases", "1", "--shape", "24", "32", "32", "--skip-official"),
-        # Every switch is turned off, so the ablation machinery runs its one quick reference run
-        # (compiling on a CPU takes half a minute a run), without the evaluation step 6 timed.
-        ablation_args=(
-            "--device",
-            "cpu",
-            "--epoch-cases",
-            "8",
-            "--patch",
-            "16",
-            "--depth",
-            "3",
-            "--width-divisor",
-            "8",
-            "--batch",
-            "4",
-            "--workers",
-            "1",
-            "--skip-eval",
-            "--warmup-epochs",
-            "0",
-            "--timed-epochs",
-            "1",
-            "--eval-repeats",
-            "1",
-            "--prepare-workers",
-            str(workers),
-            "--override",
-            "algorithms.compile=null",
-            "--override",
-            "algorithms.channels_last=null",
-            "--override",
-            "algorithms.cudnn_benchmark=null",
-            "--override",
-            "data.prefetch_to_device=false",
-        ),
-        # Generous limits: on a loaded 2-core machine each step takes several times its quiet time.
-        budgets={
-            "cuda_tests": (120, 5),
-            "train_resume": (180, 5),
-            "model": (120, 5),
-            "infer": (120, 5),
-            "transforms": (120, 5),
-            "train_bench": (180, 5),
-            "metrics": (60, 5),
-            "ablation": (240, 5),
+        steps={
+            "cuda_tests": Step("", 120, 5),
+            "train_resume": Step(
+                "device=cpu precision=fp32 train_batch_size=4 data.patch_size=[16,16,16] data.num_workers=1 "
+                + tiny_model,
+                180,
+                5,
+            ),
+            "model": Step(
+                "--device cpu --patch 64 --width-divisor 32 --batches 1 --modes eager --models ours DynUNet "
+                "--iters 1 --warmup 0",
+                120,
+                5,
+            ),
+            "infer": Step("--device cpu --size 48 64 64 --window 64 --width-divisor 32 --iters 1 --warmup 0", 120, 5),
+            "transforms": Step(
+                "--device cpu --patch 64 --batches 2 --iters 1 --warmup 0 --share --width-divisor 32", 120, 5
+            ),
+            "train_bench": Step(f"{tiny_train} --microbatch auto --workers 1 {epochs}", 180, 5),
+            "metrics": Step("--device cpu --cases 1 --shape 24 32 32 --skip-official", 60, 5),
+            "ablation": Step(f"{tiny_train} --workers 1 --skip-eval {epochs} {switches_off}", 240, 5),
         },
     )
 
@@ -436,11 +301,11 @@ def markdown(report: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def cli_command(entry: str, *args: str) -> tuple[list[str], str]:
-    """A console script of ours run through this interpreter (no PATH needed) and how it reads."""
-    names = {"train_main": "unet-train", "data_main": "unet-data"}
-    code = f"import sys; from unet_trainer.cli.main import {entry}; sys.exit({entry}(sys.argv[1:]))"
-    return [sys.executable, "-c", code, *args], shlex.join([names[entry], *args])
+def cli_command(module: str, *args: str) -> tuple[list[str], str]:
+    """A console script of ours (its module in unet_trainer/cli/, e.g. "train" for unet-train) run
+    through this interpreter (no PATH needed), and how it reads."""
+    code = f"import sys; from unet_trainer.cli.{module} import main; sys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", code, *args], shlex.join([f"unet-{module}", *args])
 
 
 def script_command(script: str, *args: str) -> tuple[list[str], str]:
@@ -579,7 +444,7 @@ class PhantomJob:
     def _make(self) -> None:
         sizes, log = self.paths.sizes, self.paths.out / "phantom.log"
         synth, synth_shown = cli_command(
-            "data_main",
+            "data",
             "synth",
             "--out",
             str(self.paths.phantom),
@@ -591,7 +456,7 @@ class PhantomJob:
             str(self.workers),
         )
         prepare, prepare_shown = cli_command(
-            "data_main",
+            "data",
             "prepare",
             str(self.paths.phantom),
             "--out",
@@ -732,7 +597,7 @@ def step_train_resume(ctx: Context, timeout: float) -> dict:
     run_dir = paths.work / "train-run"
     shutil.rmtree(run_dir, ignore_errors=True)
     split = write_train_split(paths)
-    command, shown = cli_command("train_main", *train_arguments(sizes, paths, split, run_dir, ctx.args.workers))
+    command, shown = cli_command("train", *train_arguments(sizes, paths, split, run_dir, ctx.args.workers))
     ends = time.monotonic() + timeout
     result: dict = {"status": "failed", "command": shown, "run_dir": str(run_dir)}
 
@@ -841,7 +706,7 @@ def run_bench(
 
 
 def step_model(ctx: Context, timeout: float) -> dict:
-    result, data = run_bench(ctx, timeout, "bench_model.py", ctx.sizes.model_args, "model.json")
+    result, data = run_bench(ctx, timeout, "bench_model.py", ctx.sizes.args("model"), "model.json")
     rows = {(r["model"], r["mode"], r["batch"]): r for r in (data or {}).get("results", [])}
     figures = []
     for (model, mode, batch), r in sorted(rows.items(), key=lambda item: (item[0][1], item[0][2])):
@@ -873,7 +738,7 @@ def step_model(ctx: Context, timeout: float) -> dict:
 
 
 def step_infer(ctx: Context, timeout: float) -> dict:
-    result, data = run_bench(ctx, timeout, "bench_infer.py", ctx.sizes.infer_args, "infer.json")
+    result, data = run_bench(ctx, timeout, "bench_infer.py", ctx.sizes.args("infer"), "infer.json")
     data = data or {}
     result["figures"] = [
         figure("sliding window per volume", data.get("ours_ms"), data.get("monai_ms"), "ms", target="infer_ratio")
@@ -886,7 +751,7 @@ def step_infer(ctx: Context, timeout: float) -> dict:
 
 
 def step_transforms(ctx: Context, timeout: float) -> dict:
-    result, data = run_bench(ctx, timeout, "bench_transforms.py", ctx.sizes.transforms_args, "transforms.json")
+    result, data = run_bench(ctx, timeout, "bench_transforms.py", ctx.sizes.args("transforms"), "transforms.json")
     data = data or {}
     figures = [
         figure(
@@ -915,7 +780,7 @@ def step_transforms(ctx: Context, timeout: float) -> dict:
 def bench_train_arguments(sizes: Sizes, work: Path, ablation: bool) -> tuple[str, ...]:
     """bench_train.py's options for step 6 (``ablation=False``), or ABLATION_SCRIPT's for step 8, on the
     phantom made here."""
-    args = sizes.ablation_args + ("--recipe", "fast", "--only", "ours") if ablation else sizes.bench_train_args
+    args = sizes.args("ablation") + ("--recipe", "fast", "--only", "ours") if ablation else sizes.args("train_bench")
     args += ("--work", str(work), "--cases", str(sizes.phantom_cases), "--shape", *map(str, sizes.phantom_shape))
     if "--epoch-cases" not in args:
         args += ("--epoch-cases", str(sizes.epoch_cases))
@@ -932,7 +797,7 @@ def train_arguments(sizes: Sizes, paths: Paths, split: Path, run_dir: Path, work
         f"save_folder={run_dir}",
         f"max_duration={sizes.train_steps}ba",
         f"data.prepare_workers={workers}",
-        *sizes.train_overrides,
+        *sizes.args("train_resume"),
     )
 
 
@@ -989,7 +854,7 @@ def ablation_figures(data: dict | None) -> list[dict]:
 
 
 def step_metrics(ctx: Context, timeout: float) -> dict:
-    result, data = run_bench(ctx, timeout, "bench_metrics.py", ctx.sizes.metrics_args, "metrics.json")
+    result, data = run_bench(ctx, timeout, "bench_metrics.py", ctx.sizes.args("metrics"), "metrics.json")
     seconds = (data or {}).get("seconds_per_case", {})
     result["figures"] = [
         figure("lesion-wise metrics per BraTS case, torch vs SciPy", seconds.get("torch"), seconds.get("scipy"), "s")
@@ -1222,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in STEP_NAMES:
         if name not in args.steps:
             continue
-        budget, minimum = sizes.budgets[name]
+        budget, minimum = sizes.steps[name].budget, sizes.steps[name].minimum
         if name in NEEDS_PHANTOM:
             if phantom.result.get("status") not in ("ok", "failed"):
                 phantom.wait(max(deadline - time.monotonic(), 0))

@@ -6,7 +6,7 @@ import csv
 import math
 from types import SimpleNamespace
 
-from unet_trainer.cli.main import _format_summary
+from unet_trainer.cli.train import format_summary
 from unet_trainer.commands.builders import run_training
 from unet_trainer.core.checkpoint import list_checkpoints
 from unet_trainer.training import callbacks
@@ -50,7 +50,7 @@ def test_best_evaluations_per_case_file_sits_next_to_the_latest(tiny_config, tmp
     assert best_dice == summary["best_dice"] and best_step == summary["best_batch"]
     assert read_rows(run / "eval_cases_best.csv") == as_text(best_rows)
     assert read_rows(run / "eval_cases.csv") == as_text(recorder.seen[-1][2])
-    text = _format_summary(summary)
+    text = format_summary(summary)
     assert f"{run / 'eval_cases.csv'} (the latest evaluation, step 6)" in text
     assert f"{run / 'eval_cases_best.csv'} (the evaluation best-rank0.pt was saved at)" in text
     assert f"step {best_step})" in text

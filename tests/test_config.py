@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unet_trainer.cli.main import train_main
+from unet_trainer.cli.train import main as train_main
 from unet_trainer.config.config import (
     SCHEMA,
     ConfigError,

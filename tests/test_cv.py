@@ -21,7 +21,8 @@ import pytest
 import yaml
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.cli.main import cv_main, predict_main
+from unet_trainer.cli.cv import main as cv_main
+from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.commands.builders import ensure_prepared, raw_data_dir
 from unet_trainer.commands.cv import (
     CrossValidationError,

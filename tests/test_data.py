@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from unet_trainer.cli.main import data_main
+from unet_trainer.cli.data import main as data_main
 from unet_trainer.data.layouts import DataFormatError, detect_format, list_cases, read_case, write_case
 from unet_trainer.data.loader import (
     ContinuousBatchSampler,

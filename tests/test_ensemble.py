@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.cli.main import _split_command_line, predict_main
+from unet_trainer.cli.parsing import parse_command_line
+from unet_trainer.cli.predict import main as predict_main
+from unet_trainer.cli.predict import make_parser
 from unet_trainer.commands.builders import build_model, raw_data_dir, run_training
 from unet_trainer.commands.ensemble import EnsembleError, EnsembleModel, check_compatible, load_models
 from unet_trainer.commands.predict import LoadedModel, load_model, predict_dataset
@@ -132,8 +134,6 @@ def test_a_folder_without_runs_is_refused(checkpoint, tmp_path):
 
 def test_predict_command_line_takes_every_plain_word_but_the_last_two_as_checkpoints():
     args = ["a.pt", "cv/", "--eval.overlap", "0.25", "in", "out", "eval.mirror_tta=true", "--probabilities"]
-    positionals, flags, overrides = _split_command_line(
-        args, 3, ("--format",), ("--probabilities", "--overlays", "--no-progress"), more_positionals=True
-    )
+    positionals, flags, overrides = parse_command_line(make_parser(), args, 3, more_positionals=True)
     assert positionals == ["a.pt", "cv/", "in", "out"]
     assert overrides == ["--eval.overlap", "0.25", "eval.mirror_tta=true"] and flags["--probabilities"]

@@ -14,7 +14,9 @@ import pytest
 import torch
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.cli.main import eval_main, predict_main, train_main
+from unet_trainer.cli.evaluate import main as eval_main
+from unet_trainer.cli.predict import main as predict_main
+from unet_trainer.cli.train import main as train_main
 from unet_trainer.commands.builders import raw_data_dir, run_training
 from unet_trainer.commands.folders import fold_state
 from unet_trainer.config.config import Duration, resolve_config

@@ -108,13 +108,13 @@ def test_the_gpu_runs_options_parse_in_every_script(tmp_path, monkeypatch):
     check = load_script("gpu_check")
     gpu = check.gpu_sizes(16)
     paths = check.Paths(tmp_path, tmp_path, gpu)
-    model = load_script("bench_model").parse_args([*gpu.model_args, "--json", "m.json"])
+    model = load_script("bench_model").parse_args([*gpu.args("model"), "--json", "m.json"])
     assert model.modes == ["eager", "compiled"] and model.batches == [2, 8] and model.device == "cuda"
-    infer = load_script("bench_infer").parse_args([*gpu.infer_args, "--json", "i.json"])
+    infer = load_script("bench_infer").parse_args([*gpu.args("infer"), "--json", "i.json"])
     assert infer.device == "cuda" and infer.size == [155, 240, 240]
-    transforms = load_script("bench_transforms").parse_arguments([*gpu.transforms_args, "--json", "t.json"])
+    transforms = load_script("bench_transforms").parse_arguments([*gpu.args("transforms"), "--json", "t.json"])
     assert transforms.device == "cuda" and transforms.batches == [2]
-    metrics = load_script("bench_metrics").parse_args([*gpu.metrics_args, "--json", "l.json"])
+    metrics = load_script("bench_metrics").parse_args([*gpu.args("metrics"), "--json", "l.json"])
     assert metrics.device == "cuda" and metrics.shape == (155, 240, 240) and metrics.skip_official
     bench_train = load_script("bench_train")
     train = bench_train.parse_args([*check.bench_train_arguments(gpu, tmp_path, ablation=False), "--json", "b.json"])

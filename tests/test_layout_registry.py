@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from unet_trainer.cli import main as cli
+from unet_trainer.cli import evaluate, parsing, predict
+from unet_trainer.cli.data import main as data_main
 from unet_trainer.config import config
 from unet_trainer.data import layouts
 from unet_trainer.data import layouts as formats
@@ -30,24 +31,24 @@ def test_config_choices_are_the_registry():
 
 
 def test_cli_choices_and_help_texts_are_the_registry(capsys):
-    assert cli._FORMAT_CHOICES == FORMAT_CHOICES
-    for usage in (cli.EVAL_USAGE, cli.PREDICT_USAGE):
+    assert parsing.FORMAT_CHOICES == FORMAT_CHOICES
+    for usage in (evaluate.USAGE, predict.USAGE):
         (line,) = [line for line in usage.splitlines() if line.lstrip().startswith("--format FMT")]
         listed = [name.removesuffix(" (default)") for name in line.split(": ", 1)[1].split(", ")]
         assert listed == list(FORMAT_CHOICES), line
     with pytest.raises(SystemExit):
-        cli.data_main(["prepare", "--help"])
+        data_main(["prepare", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "{" + ",".join(FORMAT_CHOICES) + "}" in help_text
     assert "{" + ",".join(DLE_LABEL_CONVENTIONS) + "}" in help_text
     assert all(name in help_text.split("source raw dataset folder", 1)[1] for name in FORMATS)
-    with pytest.raises(cli.ConfigError, match="nnunetv2"):
-        cli._format_flag({"--format": "brats2019"})
-    assert cli._format_flag({"--format": "nnunetv2"}) == "nnunetv2"
+    with pytest.raises(config.ConfigError, match="nnunetv2"):
+        parsing.format_flag({"--format": "brats2019"})
+    assert parsing.format_flag({"--format": "nnunetv2"}) == "nnunetv2"
 
 
 def test_predict_usage_names_every_layouts_label_numbering():
-    lines = re.findall(r"^    (.+): NCR (\d), ED (\d), EN (\d)$", cli.PREDICT_USAGE, flags=re.MULTILINE)
+    lines = re.findall(r"^    (.+): NCR (\d), ED (\d), EN (\d)$", predict.USAGE, flags=re.MULTILINE)
     numbering = {layout: tuple(map(int, values)) for names, *values in lines for layout in names.split(", ")}
     assert sorted(numbering) == sorted(FORMATS)
     assert numbering["brats2021"] == (1, 2, 4) and numbering["brats2023"] == (1, 2, 3)

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.cli.main import data_main, train_main
+from unet_trainer.cli.data import main as data_main
+from unet_trainer.cli.train import main as train_main
 from unet_trainer.data.layouts import FORMATS, LABEL_CONVENTIONS, write_case
 from unet_trainer.data.phantom import make_phantom_case
 from unet_trainer.data.prepare import PrepareSettings, prepared_is_current, zscore_nonzero
@@ -454,7 +455,7 @@ def test_dle_label_numbering_is_chosen_explicitly(tmp_path):
     hold MSD's (1 ED, 2 NET, 3 ET). data.dle_labels / --dle-labels says which; the default is MSD."""
     import numpy as np
 
-    from unet_trainer.cli.main import data_main
+    from unet_trainer.cli.data import main as data_main
     from unet_trainer.data.loader import PreparedCase
 
     src = tmp_path / "dle"

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.cli.main import data_main, predict_main, train_main
+from unet_trainer.cli.data import main as data_main
+from unet_trainer.cli.predict import main as predict_main
+from unet_trainer.cli.train import main as train_main
 from unet_trainer.commands.builders import raw_data_dir, run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.core.fileio import temporary_sibling, temporary_target
@@ -120,7 +122,7 @@ def replace(source, target):
     return real_replace(source, target)
 
 os.replace = replace
-from unet_trainer.cli.main import predict_main
+from unet_trainer.cli.predict import main as predict_main
 predict_main(sys.argv[1:])
 """
 
@@ -209,7 +211,7 @@ def slow_prepare_case(raw, settings):
     raise SystemExit("the test should have killed this worker")
 
 prepare.prepare_case = slow_prepare_case
-from unet_trainer.cli.main import data_main
+from unet_trainer.cli.data import main as data_main
 data_main(["prepare", sys.argv[1], "--out", sys.argv[2], "--workers", "2"])
 """
 

@@ -18,7 +18,11 @@ import pytest
 import torch
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.cli import main as cli
+from unet_trainer.cli.cv import main as cv_main
+from unet_trainer.cli.data import main as data_main
+from unet_trainer.cli.evaluate import main as eval_main
+from unet_trainer.cli.predict import main as predict_main
+from unet_trainer.cli.train import main as train_main
 from unet_trainer.commands.builders import raw_data_dir, run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.core.documents import MAX_NESTING
@@ -75,7 +79,7 @@ def test_a_patch_too_large_for_the_machine_is_refused_before_any_batch_is_built(
     run = tmp_path / "run"
     before = shared_memory_files()
     overrides = tiny_overrides(cache_root, run, "data.patch_size=[2048, 2048, 2048]", f"data.num_workers={workers}")
-    assert cli.train_main([DEMO, *overrides]) == 1
+    assert train_main([DEMO, *overrides]) == 1
     line = one_error_line(capsys)
     assert "'data.patch_size' = [2048, 2048, 2048]" in line and "a batch is 272.0 GiB" in line, line
     assert ("/dev/shm has" if workers and SHARED_MEMORY.is_dir() else "is available") in line, line
@@ -103,7 +107,7 @@ def test_a_worker_that_finds_no_shared_memory_for_its_batch_leaves_no_file(
 
     monkeypatch.setattr(torch.UntypedStorage, "_new_using_fd_cpu", no_room)  # the forked worker inherits it
     run = tmp_path / "run"
-    assert cli.train_main([DEMO, *tiny_overrides(cache_root, run, "data.num_workers=1", "max_duration=1ba")]) == 1
+    assert train_main([DEMO, *tiny_overrides(cache_root, run, "data.num_workers=1", "max_duration=1ba")]) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in err, err
@@ -120,7 +124,7 @@ def test_a_worker_that_finds_no_shared_memory_for_its_batch_leaves_no_file(
 @pytest.mark.parametrize("value", ["100000000000000000000000", "4294967296"])
 def test_a_seed_beyond_what_numpy_and_scikit_learn_take_is_a_config_error(cache_root, tmp_path, capsys, key, value):
     run = tmp_path / "run"
-    assert cli.train_main([DEMO, *tiny_overrides(cache_root, run, "max_duration=1ba", f"{key}={value}")]) == 2
+    assert train_main([DEMO, *tiny_overrides(cache_root, run, "max_duration=1ba", f"{key}={value}")]) == 2
     line = one_error_line(capsys)
     assert f"'{key}' = {value} is not an integer in [0, 4294967295]" in line, line
     assert not run.exists()
@@ -129,7 +133,7 @@ def test_a_seed_beyond_what_numpy_and_scikit_learn_take_is_a_config_error(cache_
 @pytest.mark.parametrize("value", ["-1", "4294967296"])
 def test_a_phantom_seed_out_of_range_names_the_flag(tmp_path, capsys, value):
     out = tmp_path / "phantom"
-    assert cli.data_main(["synth", "--out", str(out), "--cases", "2", "--seed", value]) == 2
+    assert data_main(["synth", "--out", str(out), "--cases", "2", "--seed", value]) == 2
     assert one_error_line(capsys) == f"error: --seed {value} must be in [0, 4294967295]"
     assert not out.exists()
 
@@ -138,7 +142,7 @@ def test_a_phantom_over_an_existing_dataset_is_refused_naming_it_once(tmp_path, 
     dataset = tmp_path / "DS"
     (dataset / "case").mkdir(parents=True)
     (dataset / "case" / "case_t1.nii.gz").write_bytes(b"raw")
-    assert cli.data_main(["synth", "--out", str(dataset), "--cases", "2"]) != 0
+    assert data_main(["synth", "--out", str(dataset), "--cases", "2"]) != 0
     line = one_error_line(capsys)
     assert line.startswith(f"error: {dataset}: exists and is not a phantom") and line.count(str(dataset)) == 1, line
     assert (dataset / "case" / "case_t1.nii.gz").read_bytes() == b"raw"
@@ -163,7 +167,7 @@ DEEP_FLOW = "[" * 5000 + "]" * 5000
 def test_a_config_nested_thousands_deep_is_refused_naming_the_file(tmp_path, capsys, text):
     config = tmp_path / "deep.yaml"
     config.write_text(text)
-    assert cli.train_main([str(config), f"save_folder={tmp_path / 'run'}"]) == 2
+    assert train_main([str(config), f"save_folder={tmp_path / 'run'}"]) == 2
     line = one_error_line(capsys)
     assert f"{config}: nested deeper than {MAX_NESTING} levels" in line, line
     assert files_under(tmp_path) == ["deep.yaml"]
@@ -172,9 +176,9 @@ def test_a_config_nested_thousands_deep_is_refused_naming_the_file(tmp_path, cap
 def test_a_deep_recipe_and_a_deep_command_line_value_are_refused_too(tmp_path, capsys):
     recipe = tmp_path / "deep-recipe.yaml"
     recipe.write_text(f"schedulers: {DEEP_FLOW}\n")
-    assert cli.train_main([DEMO, f"recipe={recipe}", f"save_folder={tmp_path / 'run'}"]) == 2
+    assert train_main([DEMO, f"recipe={recipe}", f"save_folder={tmp_path / 'run'}"]) == 2
     assert f"{recipe}: nested deeper than {MAX_NESTING} levels" in one_error_line(capsys)
-    assert cli.train_main([DEMO, f"data.patch_size={DEEP_FLOW}", f"save_folder={tmp_path / 'run'}"]) == 2
+    assert train_main([DEMO, f"data.patch_size={DEEP_FLOW}", f"save_folder={tmp_path / 'run'}"]) == 2
     line = one_error_line(capsys)
     assert f"command line: the value of 'data.patch_size' is nested deeper than {MAX_NESTING}" in line, line
     assert not (tmp_path / "run").exists()
@@ -186,7 +190,7 @@ def test_a_config_nested_a_little_deeper_than_the_bound_is_refused_and_one_withi
     for lists, expected in ((MAX_NESTING - 2, "is not a list of integers"), (MAX_NESTING - 1, "nested deeper")):
         config = tmp_path / f"depth{lists}.yaml"
         config.write_text("data:\n  patch_size: " + "[" * lists + "]" * lists + "\n")
-        assert cli.train_main([str(config)]) == 2
+        assert train_main([str(config)]) == 2
         assert expected in one_error_line(capsys)
 
 
@@ -194,7 +198,7 @@ def test_a_deep_postprocessing_json_is_refused_naming_the_file(tmp_path, capsys)
     rules = tmp_path / "postprocessing.json"
     rules.write_text('{"format": "unet-trainer postprocessing", "version": 1, "kept": ' + DEEP_FLOW + "}")
     out = tmp_path / "out"
-    assert cli.predict_main(["run.pt", str(tmp_path / "input"), str(out), "--postprocessing", str(rules)]) == 1
+    assert predict_main(["run.pt", str(tmp_path / "input"), str(out), "--postprocessing", str(rules)]) == 1
     line = one_error_line(capsys)
     assert f"{rules}: nested deeper than {MAX_NESTING} levels" in line, line
     assert not out.exists()
@@ -206,12 +210,12 @@ NOT_UTF8 = b"seed: 1\nrun_name: caf\xe9\n"  # Latin-1, as an editor on another s
 def test_a_config_or_recipe_that_is_not_utf8_is_refused_naming_the_file(tmp_path, capsys):
     config = tmp_path / "latin1.yaml"
     config.write_bytes(NOT_UTF8)
-    assert cli.train_main([str(config), f"save_folder={tmp_path / 'run'}"]) == 2
+    assert train_main([str(config), f"save_folder={tmp_path / 'run'}"]) == 2
     line = one_error_line(capsys)
     assert f"{config}: not UTF-8 text (byte 0xe9 at offset 21" in line, line
     recipe = tmp_path / "latin1-recipe.yaml"
     recipe.write_bytes(b"max_duration: 2ep # \xe9t\xe9\n")
-    assert cli.train_main([DEMO, f"recipe={recipe}", f"save_folder={tmp_path / 'run'}"]) == 2
+    assert train_main([DEMO, f"recipe={recipe}", f"save_folder={tmp_path / 'run'}"]) == 2
     assert f"{recipe}: not UTF-8 text" in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
 
@@ -224,10 +228,10 @@ def test_a_stored_cross_validation_config_that_is_not_utf8_is_refused_by_unet_cv
     record = cv_dir / "cv_config.yaml"
     record.write_bytes(b"\xff\xfe" + "seed: 1\n".encode("utf-16-le"))
     before = files_under(cv_dir)
-    assert cli.cv_main([DEMO, f"save_folder={cv_dir}", f"data.cache_dir={cache_root}"]) == 1
+    assert cv_main([DEMO, f"save_folder={cv_dir}", f"data.cache_dir={cache_root}"]) == 1
     line = one_error_line(capsys)
     assert f"{record}: not UTF-8 text" in line, line
-    assert cli.predict_main([str(cv_dir), str(tmp_path / "input"), str(tmp_path / "out")]) == 1
+    assert predict_main([str(cv_dir), str(tmp_path / "input"), str(tmp_path / "out")]) == 1
     line = one_error_line(capsys)
     assert f"{record}: not UTF-8 text" in line, line
     # The folder's lock file (cv.lock) is kept by design; the record is untouched.
@@ -244,10 +248,10 @@ def test_a_file_where_an_output_folder_must_go_is_named_in_words(trained, tmp_pa
     """mkdir under a file raised FileExistsError, printed as "[Errno 17] File exists: 'x'"."""
     blocker = tmp_path / "results"
     blocker.write_text("not a folder")
-    assert cli.data_main(["synth", "--out", str(blocker / "phantom"), "--cases", "2", "--shape", "8", "8", "8"]) == 1
+    assert data_main(["synth", "--out", str(blocker / "phantom"), "--cases", "2", "--shape", "8", "8", "8"]) == 1
     assert one_error_line(capsys) == f"error: {blocker}: exists and is a file, expected a folder"
     predict = [str(trained["checkpoint"]), str(trained["phantom"]), str(blocker), "--no-progress", "device=cpu"]
-    assert cli.predict_main(predict) == 1
+    assert predict_main(predict) == 1
     line = one_error_line(capsys)
     assert "[Errno" not in line and line.startswith(f"error: {blocker}: exists and is a file"), line
     assert blocker.read_text() == "not a folder" and files_under(tmp_path) == ["results"]
@@ -258,19 +262,17 @@ def test_a_folder_given_for_a_file_is_named_in_words(trained, tmp_path, capsys):
     surface as "[Errno 21] Is a directory: 'x'" or "(Is a directory)"."""
     folder = tmp_path / "folder"
     folder.mkdir()
-    assert cli.eval_main([str(folder)]) == 1
+    assert eval_main([str(folder)]) == 1
     assert one_error_line(capsys) == f"error: {folder}: is a directory, expected a file (reading a checkpoint)"
     out = tmp_path / "out"
     assert (
-        cli.predict_main(
-            [str(trained["checkpoint"]), str(trained["phantom"]), str(out), "--postprocessing", str(folder)]
-        )
+        predict_main([str(trained["checkpoint"]), str(trained["phantom"]), str(out), "--postprocessing", str(folder)])
         == 1
     )
     line = one_error_line(capsys)
     assert line.startswith(f"error: {folder}: is a directory, expected a file;"), line
     eval_args = [str(trained["checkpoint"]), "--out", str(folder), "--no-progress", "--no-overlays", "device=cpu"]
-    assert cli.eval_main(eval_args) == 1
+    assert eval_main(eval_args) == 1
     assert one_error_line(capsys) == f"error: {folder}: is a directory, expected a file"
     assert files_under(tmp_path) == ["folder"]
 
@@ -287,7 +289,7 @@ def test_an_os_error_with_only_a_number_names_the_run_folder_and_says_what_in_wo
 
     monkeypatch.setattr(runfolder.fcntl, "lockf", no_locks)
     run = tmp_path / "run"
-    assert cli.train_main([DEMO, *tiny_overrides(cache_root, run)]) == 1
+    assert train_main([DEMO, *tiny_overrides(cache_root, run)]) == 1
     assert one_error_line(capsys) == f"error: {run}: {os.strerror(errno.ENOLCK)}"
 
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from conftest import ROOT, tiny_overrides
 
 import unet_trainer.commands.predict as predict_module
-from unet_trainer.cli.main import eval_main, predict_main
+from unet_trainer.cli.evaluate import main as eval_main
+from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.commands.builders import raw_data_dir, run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.data.layouts import list_cases

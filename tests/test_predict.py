@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from conftest import ROOT, tiny_overrides
 
 import unet_trainer.commands.predict as predict_module
-from unet_trainer.cli.main import data_main, eval_main, predict_main
+from unet_trainer.cli.data import main as data_main
+from unet_trainer.cli.evaluate import main as eval_main
+from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.commands.builders import raw_data_dir, run_training
 from unet_trainer.commands.predict import labels_to_original, load_model, predict_case, prediction_to_original
 from unet_trainer.config.config import resolve_config

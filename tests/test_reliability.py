@@ -20,7 +20,8 @@ import torch
 from conftest import ROOT, tiny_overrides
 
 import unet_trainer.core.checkpoint as checkpoint_module
-from unet_trainer.cli.main import data_main, train_main
+from unet_trainer.cli.data import main as data_main
+from unet_trainer.cli.train import main as train_main
 from unet_trainer.commands.builders import run_training
 from unet_trainer.config.config import ConfigError, resolve_config
 from unet_trainer.core.checkpoint import CheckpointError, list_checkpoints, load_checkpoint

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from unet_trainer.cli.main import train_main
+from unet_trainer.cli.train import main as train_main
 from unet_trainer.commands.builders import run_training
 from unet_trainer.core.checkpoint import list_checkpoints, load_checkpoint
 from unet_trainer.core.runfolder import RunFolderError

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_overrides
 
-from unet_trainer.cli.main import cv_main, data_main, eval_main, predict_main, train_main
+from unet_trainer.cli.cv import main as cv_main
+from unet_trainer.cli.data import main as data_main
+from unet_trainer.cli.evaluate import main as eval_main
+from unet_trainer.cli.predict import main as predict_main
+from unet_trainer.cli.train import main as train_main
 from unet_trainer.commands.builders import prepared_data_dir, raw_data_dir, run_training
 from unet_trainer.config.config import ConfigError, resolve_config
 from unet_trainer.core.guard import OutputPathError, check_outputs

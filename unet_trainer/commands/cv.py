@@ -43,7 +43,7 @@ import yaml
 
 from ..config.config import ConfigError, config_differences, dump_config, load_yaml, resolve_from_base
 from ..core.checkpoint import checkpoint_identity
-from ..core.distributed import barrier, broadcast_object, init_distributed, shutdown
+from ..core.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
 from ..core.fileio import atomic_write, atomic_write_text
 from ..core.runfolder import FolderLock, RunFolderError
 from ..evaluation import postprocessing as pp
@@ -389,6 +389,104 @@ def score_folds(
     return summary
 
 
+def _checked_folds(cfg: dict, folds: Sequence[int] | None) -> list[int]:
+    """The folds to train (default all); ConfigError: a split file, or a fold outside ``data.num_folds``."""
+    if cfg["data"]["split_file"]:
+        raise ConfigError(
+            f"'data.split_file' = {cfg['data']['split_file']}: a split file is one fold; unet-cv splits the "
+            "cases into 'data.num_folds' folds itself, so set data.split_file=null"
+        )
+    num_folds = cfg["data"]["num_folds"]
+    if folds is None:
+        folds = list(range(num_folds))
+    if not folds or any(not 0 <= f < num_folds for f in folds):
+        raise ConfigError(f"folds {list(folds)}: each must be from 0 to {num_folds - 1} ('data.num_folds')")
+    return list(folds)
+
+
+class _FoldReader:
+    """The folds' states, read by rank 0 and the same on every rank."""
+
+    def __init__(self, cfg: dict, dist_info: DistInfo):
+        self.cfg, self.dist_info = cfg, dist_info
+        self.cv_dir = Path(cfg["save_folder"])
+        self.duration, self.stopper = finish_rule(cfg)
+
+    def states(self, wanted: Sequence[int]) -> list[FoldState]:
+        """The states of the folds ``wanted``, in order; a CrossValidationError (on every rank) when a fold's
+        folder cannot be read or holds a run of another config."""
+        found: list[FoldState] | str = []
+        if self.dist_info.is_main:
+            try:
+                found = [fold_state(fold_folder(self.cv_dir, k), k, self.duration, self.stopper) for k in wanted]
+                for state in found:
+                    check_fold_config(state, fold_config(self.cfg, state.fold))
+            except (CrossValidationError, RunFolderError) as exc:
+                found = str(exc)
+        found = broadcast_object(found)
+        if isinstance(found, str):
+            raise CrossValidationError(found)
+        return found
+
+
+def _claim_on_rank0(cfg: dict, aggregate_only: bool, dist_info: DistInfo) -> None:
+    """:func:`claim_cv_folder` on rank 0; its refusal (a CrossValidationError) raised on every rank."""
+    problem = None
+    if dist_info.is_main:
+        try:
+            claim_cv_folder(cfg, aggregate_only)
+        except CrossValidationError as exc:
+            problem = str(exc)
+    problem = broadcast_object(problem)
+    if problem:
+        raise CrossValidationError(problem)
+
+
+def _train_folds(
+    cfg: dict,
+    reader: _FoldReader,
+    outcome: CVOutcome,
+    progress: bool,
+    extra_callbacks: Sequence[cb.Callback],
+    log: TextIO,
+) -> bool:
+    """Train (or resume) each of ``outcome.folds`` not finished yet, one after another, noting each in
+    ``outcome.trained``; False when one stopped unfinished (``outcome.stopped`` says why)."""
+    num_folds = cfg["data"]["num_folds"]
+    for fold in outcome.folds:
+        (state,) = reader.states([fold])
+        if state.finished:
+            print(f"Fold {fold} of {num_folds}: {state.status} in {state.run_dir}; skipped", file=log)
+            continue
+        action = "resuming" if state.checkpoint is not None else "training"
+        print(f"Fold {fold} of {num_folds}: {action} in {state.run_dir}", file=log)
+        summary = run_training(
+            fold_config(cfg, fold, started=state.checkpoint is not None),
+            progress=progress,
+            extra_callbacks=extra_callbacks,
+        )
+        (after,) = reader.states([fold])
+        if not after.finished:
+            outcome.stopped = (
+                f"fold {fold} stopped at batch {after.batch} ({summary['stop_reason'] or 'unfinished'}); "
+                "run the same command again to resume it"
+            )
+            return False
+        outcome.trained[fold] = f"{'resumed' if state.checkpoint else 'trained'}, {after.status}"
+        print(f"Fold {fold} of {num_folds}: {after.status} in {after.run_dir}", file=log)
+    return True
+
+
+def _unfinished(every: Sequence[FoldState], pending: Sequence[int]) -> CrossValidationError:
+    """The error of --aggregate-only with folds ``pending``: names the first one's folder and state."""
+    state = every[pending[0]]
+    return CrossValidationError(
+        f"{state.run_dir}: fold {state.fold} is {state.status}; every fold must be finished to "
+        f"aggregate (folds pending: {', '.join(map(str, pending))}; train them with "
+        f"unet-cv CONFIG --folds {','.join(map(str, pending))})"
+    )
+
+
 def run_cross_validation(
     cfg: dict,
     folds: Sequence[int] | None = None,
@@ -431,89 +529,25 @@ def run_cross_validation(
         whatever :func:`builders.run_training` raises for a fold (bad data, a diverged loss...).
     """
     log = sys.stderr if log is None else log
-    if cfg["data"]["split_file"]:
-        raise ConfigError(
-            f"'data.split_file' = {cfg['data']['split_file']}: a split file is one fold; unet-cv splits the "
-            "cases into 'data.num_folds' folds itself, so set data.split_file=null"
-        )
-    num_folds = cfg["data"]["num_folds"]
-    if folds is None:
-        folds = list(range(num_folds))
-    if not folds or any(not 0 <= f < num_folds for f in folds):
-        raise ConfigError(f"folds {list(folds)}: each must be from 0 to {num_folds - 1} ('data.num_folds')")
+    folds = _checked_folds(cfg, folds)
     cv_dir = Path(cfg["save_folder"])
     # Every fold's run folder lies inside: one check, before the record or any lock is written.
     check_run_outputs(cfg, cv_dir, "the cross-validation folder (save_folder)")
     dist_info = init_distributed(_device_type(cfg["device"]))
-    outcome = CVOutcome(cv_dir, list(folds))
-    duration, stopper = finish_rule(cfg)
+    outcome = CVOutcome(cv_dir, folds)
+    reader = _FoldReader(cfg, dist_info)
+    _claim_on_rank0(cfg, aggregate_only, dist_info)
+    if not aggregate_only and not _train_folds(cfg, reader, outcome, progress, extra_callbacks, log):
+        return outcome
 
-    def states_on_rank0(wanted: Sequence[int]) -> list[FoldState] | str:
-        """The folds' states (read by rank 0, the same on every rank), or the one-line problem."""
-        found: list[FoldState] | str = []
-        if dist_info.is_main:
-            try:
-                found = [fold_state(fold_folder(cv_dir, k), k, duration, stopper) for k in wanted]
-                for state in found:
-                    check_fold_config(state, fold_config(cfg, state.fold))
-            except (CrossValidationError, RunFolderError) as exc:
-                found = str(exc)
-        return broadcast_object(found)
-
-    problem = None
-    if dist_info.is_main:
-        try:
-            claim_cv_folder(cfg, aggregate_only)
-        except CrossValidationError as exc:
-            problem = str(exc)
-    problem = broadcast_object(problem)
-    if problem:
-        raise CrossValidationError(problem)
-
-    if not aggregate_only:
-        for fold in folds:
-            states = states_on_rank0([fold])
-            if isinstance(states, str):
-                raise CrossValidationError(states)
-            (state,) = states
-            if state.finished:
-                print(f"Fold {fold} of {num_folds}: {state.status} in {state.run_dir}; skipped", file=log)
-                continue
-            action = "resuming" if state.checkpoint is not None else "training"
-            print(f"Fold {fold} of {num_folds}: {action} in {state.run_dir}", file=log)
-            summary = run_training(
-                fold_config(cfg, fold, started=state.checkpoint is not None),
-                progress=progress,
-                extra_callbacks=extra_callbacks,
-            )
-            states = states_on_rank0([fold])
-            if isinstance(states, str):
-                raise CrossValidationError(states)
-            (after,) = states
-            if not after.finished:
-                outcome.stopped = (
-                    f"fold {fold} stopped at batch {after.batch} ({summary['stop_reason'] or 'unfinished'}); "
-                    "run the same command again to resume it"
-                )
-                return outcome
-            outcome.trained[fold] = f"{'resumed' if state.checkpoint else 'trained'}, {after.status}"
-            print(f"Fold {fold} of {num_folds}: {after.status} in {after.run_dir}", file=log)
-
-    every = states_on_rank0(range(num_folds))
-    if isinstance(every, str):
-        raise CrossValidationError(every)
+    every = reader.states(range(cfg["data"]["num_folds"]))
     outcome.pending = [s.fold for s in every if not s.finished]
     if dist_info.enabled:  # rank 0 scores alone: its evaluations must not wait for the other ranks
         barrier()
         shutdown()
     if outcome.pending:
         if aggregate_only:
-            state = every[outcome.pending[0]]
-            raise CrossValidationError(
-                f"{state.run_dir}: fold {state.fold} is {state.status}; every fold must be finished to "
-                f"aggregate (folds pending: {', '.join(map(str, outcome.pending))}; train them with "
-                f"unet-cv CONFIG --folds {','.join(map(str, outcome.pending))})"
-            )
+            raise _unfinished(every, outcome.pending)
         return outcome
     if dist_info.is_main:
         outcome.summary = score_folds(

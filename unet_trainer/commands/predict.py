@@ -217,6 +217,18 @@ def prediction_title(
     return f"{case_id} | prediction{f', epoch {epoch}' if epoch is not None else ''} | {volumes}"
 
 
+def _clear_and_report(output_dir: Path, unlisted: dict[str, str], summary: PredictSummary, log: TextIO) -> None:
+    """Under the output folder's lock: remove the temporaries a killed unet-predict left, and report the
+    cases that could not be listed (``unlisted``: case id -> why) as failed in ``summary`` and on ``log``."""
+    # Under the lock no other unet-predict writes here: a temporary of an output is an orphan.
+    removed = remove_orphan_temporaries(output_dir, is_prediction_file)
+    if removed:
+        print(f"note: removed {len(removed)} temporary file(s) left in {output_dir} by an interrupted run", file=log)
+    for case_id, error in sorted(unlisted.items()):
+        summary.failed[case_id] = error
+        print(f"skipped {case_id}: {error}", file=log)
+
+
 def predict_dataset(
     checkpoint: Path | Sequence[Path],
     input_dir: Path,
@@ -286,15 +298,7 @@ def predict_dataset(
     summary = PredictSummary()
     lock = FolderLock(output_dir, PREDICT_LOCK_NAME, PREDICT_FOLDER_ADVICE, remove_on_release=True).acquire()
     try:
-        # Under the lock no other unet-predict writes here: a temporary of an output is an orphan.
-        removed = remove_orphan_temporaries(output_dir, is_prediction_file)
-        if removed:
-            print(
-                f"note: removed {len(removed)} temporary file(s) left in {output_dir} by an interrupted run", file=log
-            )
-        for case_id, error in sorted(unlisted.items()):
-            summary.failed[case_id] = error
-            print(f"skipped {case_id}: {error}", file=log)
+        _clear_and_report(output_dir, unlisted, summary, log)
         _predict_cases(loaded, cases, output_dir, probabilities, progress, log, overlays, postprocess, summary)
     finally:
         lock.release()
@@ -388,6 +392,50 @@ def default_eval_csv(checkpoint: Path, tag: str) -> Path:
     return folder / f"eval_{checkpoint.stem}_{safe_tag}.csv"
 
 
+def _scored_config(cfg: dict, dataset: Path | None, fmt: str) -> tuple[dict, str]:
+    """The config whose data :func:`evaluate_checkpoint` scores, and the tag of its default CSV name:
+    ``cfg`` itself and "val-fold<k>" (or "val" for a split file) without ``dataset``; with it, a copy
+    reading that dataset (its own prepared cache folder, keyed by its path) and the dataset's name."""
+    if dataset is None:
+        return cfg, f"val-fold{cfg['data']['fold']}" if not cfg["data"]["split_file"] else "val"
+    # A new config: the loaded model's stays as it was.
+    other = dict(path=str(Path(dataset).expanduser()), format=fmt, prepared_path=None, split_file=None)
+    return {**cfg, "data": {**cfg["data"], **other}}, Path(dataset).expanduser().resolve().name
+
+
+def _scored_cases(cfg: dict, prepared_ids: list[str], dataset: Path | None) -> tuple[list[str], str]:
+    """The case ids :func:`evaluate_checkpoint` scores (every prepared case of ``dataset``, else the
+    validation fold) and their description in words.
+
+    Raises:
+        DataFormatError: no case to score.
+    """
+    if dataset is not None:
+        case_ids = prepared_ids
+        source = f"all {len(case_ids)} labelled cases of {dataset}"
+    else:
+        case_ids = build_split(cfg, prepared_ids)["val"]
+        data = cfg["data"]
+        where = data["split_file"] or f"fold {data['fold']} of {data['num_folds']}"
+        source = f"validation cases ({where}) of {data['path'] or 'the phantom'}"
+    if not case_ids:
+        raise DataFormatError(f"no cases to evaluate: {source} is empty")
+    return case_ids, source
+
+
+def _write_eval_overlays(overlay_dir: Path, views: dict, per_case: list[dict], loaded: LoadedModel) -> None:
+    """Draw every scored case's ``views`` (with its ``per_case`` scores) and the summary grid into
+    ``overlay_dir``, titled with the checkpoint's epoch and batch."""
+    write_overlays(
+        overlay_dir,
+        views,
+        {row["case_id"]: row for row in per_case},
+        None,
+        loaded.timestamp.get("epoch"),
+        loaded.timestamp.get("batch"),
+    )
+
+
 def evaluate_checkpoint(
     checkpoint: Path,
     overrides: Sequence[str] = (),
@@ -429,15 +477,7 @@ def evaluate_checkpoint(
             prepared data scored, or be or hold the checkpoint; nothing is written.
     """
     loaded = load_model(checkpoint, overrides)
-    cfg = loaded.cfg
-    if dataset is not None:
-        # Another dataset: its own prepared cache folder (keyed by its path), all of its cases. A new
-        # config: the loaded model's stays as it was.
-        other = dict(path=str(Path(dataset).expanduser()), format=fmt, prepared_path=None, split_file=None)
-        cfg = {**cfg, "data": {**cfg["data"], **other}}
-        tag = Path(dataset).expanduser().resolve().name
-    else:
-        tag = f"val-fold{cfg['data']['fold']}" if not cfg["data"]["split_file"] else "val"
+    cfg, tag = _scored_config(loaded.cfg, dataset, fmt)
     csv_path = Path(out_csv).expanduser() if out_csv is not None else default_eval_csv(loaded.checkpoint, tag)
     overlay_dir = csv_path.parent / f"{csv_path.stem}_overlays" if overlays else None
     # Before the cache is prepared: the CSV and overlays never land in what is scored.
@@ -448,16 +488,7 @@ def evaluate_checkpoint(
     )
     _speed_up_cuda(loaded.device)
     prepared, index = ensure_prepared(cfg, DistInfo(), progress=progress)
-    if dataset is not None:
-        case_ids = list(index["cases"])
-        source = f"all {len(case_ids)} labelled cases of {dataset}"
-    else:
-        case_ids = build_split(cfg, list(index["cases"]))["val"]
-        data = cfg["data"]
-        where = data["split_file"] or f"fold {data['fold']} of {data['num_folds']}"
-        source = f"validation cases ({where}) of {data['path'] or 'the phantom'}"
-    if not case_ids:
-        raise DataFormatError(f"no cases to evaluate: {source} is empty")
+    case_ids, source = _scored_cases(cfg, list(index["cases"]), dataset)
     evaluator = build_evaluator(cfg, prepared, case_ids, loaded.device, progress=progress)
     evaluator.case_view = evaluator_case_view if overlays else None
     evaluator.case_sink = case_sink
@@ -466,14 +497,7 @@ def evaluate_checkpoint(
     counts = {k: sum(1 for row in per_case if not math.isnan(row[k])) for k in keys}
     write_cases_csv(csv_path, per_case)
     if overlay_dir is not None:
-        write_overlays(
-            overlay_dir,
-            evaluator.last_views,
-            {row["case_id"]: row for row in per_case},
-            None,
-            loaded.timestamp.get("epoch"),
-            loaded.timestamp.get("batch"),
-        )
+        _write_eval_overlays(overlay_dir, evaluator.last_views, per_case, loaded)
     conventions = {PreparedCase(prepared, case_id).meta.get("label_convention") for case_id in case_ids}
     return EvalReport(
         means=means,

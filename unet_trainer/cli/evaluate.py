@@ -1,0 +1,185 @@
+"""``unet-eval CHECKPOINT [OVERRIDES...] ...``: score a checkpoint, and choose postprocessing rules."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from ..config.config import ConfigError
+from ..core.checkpoint import CheckpointError
+from ..data.layouts import LABEL_CONVENTIONS, DataFormatError
+from ..evaluation.metrics import LABEL_NAMES
+from ..evaluation.postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
+from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
+from .parsing import FORMAT_LIST, command_parser, format_flag, parse_command_line, wants_help
+
+USAGE = f"""usage: unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV] [--no-overlays]
+                 [--lesion-wise] [--choose-postprocessing [--postprocessing-metric M]] [--no-progress]
+
+Score a checkpoint of unet-train: Dice per BraTS region (WT, TC, ET) and their mean, Dice per label
+(NCR, ED, EN), HD95 per region with eval.hd95=true, and the BraTS 2023 lesion-wise Dice and HD95
+per region with --lesion-wise (or eval.lesion_wise=true). Prints a table and writes one row per case
+to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv), and one overlay PNG per case
+(contours of truth and prediction on three slices) plus summary.png into <CSV name>_overlays/.
+
+  CHECKPOINT         a checkpoint, e.g. runs/demo/checkpoints/best-rank0.pt
+  OVERRIDES          config overrides on the checkpoint's own config, e.g. eval.empty_policy=ignore
+                     eval.hd95=true eval.mirror_tta=true data.fold=1 device=cpu precision=fp32
+  --dataset PATH     every labelled case of this raw dataset (any layout) instead of the
+                     validation fold of the checkpoint's config
+  --format FMT       layout of --dataset: {FORMAT_LIST}
+  --out CSV          where to write the per-case scores
+  --no-overlays      draw no overlays
+  --lesion-wise      also the lesion-wise Dice and HD95 (settings eval.lesion_dilation,
+                     eval.lesion_min_voxels, eval.lesion_hd95_penalty)
+  --choose-postprocessing
+                     then choose postprocessing rules on the validation predictions (largest WT
+                     component, small components per region, ET -> NCR below a volume; each kept
+                     only if it raises the metric) and write <run folder>/postprocessing.json,
+                     which unet-predict applies
+  --postprocessing-metric M
+                     the metric the rules must raise, mean over WT, TC, ET: {" or ".join(METRICS)}
+                     ({", ".join(METRICS.values())}); default {DEFAULT_METRIC}
+  --no-progress      no progress bars
+  -h, --help         show this help
+"""
+
+# A scoring that failed; its OSErrors (e.g. --out names a folder) name the file written or read, else
+# the CSV or the checkpoint.
+ERRORS = ErrorTable(rows=(((ConfigError,), USAGE_ERROR), ((DataFormatError, CheckpointError, ValueError), FAILURE)))
+# The same with --choose-postprocessing, whose rules' errors are usage errors.
+CHOOSE_ERRORS = ErrorTable(
+    rows=(((ConfigError, PostprocessingError), USAGE_ERROR), ((DataFormatError, CheckpointError, ValueError), FAILURE))
+)
+
+_EMPTY_POLICY_TEXT = {
+    "one_if_both_empty": "a structure absent from the ground truth scores 1 if the prediction is empty too, "
+    "else 0 (Composer/DLE); every case counts",
+    "ignore": "a structure absent from the ground truth scores NaN and is left out of its mean "
+    "(MONAI ignore_empty=True)",
+}
+
+
+def _native_label_values(convention: str) -> dict[str, str]:
+    """{label name: its value in the input's own convention}, e.g. EN: "4" for BraTS 2021 and "3"
+    for BraTS 2023 and MSD; for cases of mixed conventions, every value ("4 / 3")."""
+    conventions = [convention] if convention in LABEL_CONVENTIONS else list(LABEL_CONVENTIONS)
+    values = {}
+    for canonical, name in LABEL_NAMES.items():
+        natives = [str(n) for c in conventions for n, k in LABEL_CONVENTIONS[c].items() if k == canonical]
+        values[name] = " / ".join(dict.fromkeys(natives))
+    return values
+
+
+def format_report(report) -> str:
+    means, counts = report.means, report.counts
+    hd95 = any(k.startswith("hd95/") for k in means)
+    lesion_wise = any(k.startswith("lesion_dice/") for k in means)
+    loaded = report.loaded
+
+    def number(value: float | None, digits: int) -> str:
+        return "-" if value is None else ("nan" if math.isnan(value) else f"{value:.{digits}f}")
+
+    lines = [
+        f"Checkpoint: {loaded.checkpoint} ({loaded.weights} weights)",
+        f"Scored:     {report.source}",
+        f"Empty ground truth ({report.empty_policy}): {_EMPTY_POLICY_TEXT[report.empty_policy]}",
+    ]
+    if hd95:
+        lines.append(
+            "HD95: 95th-percentile Hausdorff distance in mm (prepared spacing); NaN and left out of the "
+            "mean where a region is empty in the prediction or the ground truth"
+        )
+    if lesion_wise:
+        lines.append(
+            "Lesion-wise (BraTS 2023): per region, mean over truth lesions and false positives of each "
+            "lesion's Dice and HD95 mm, averaged over cases"
+        )
+    header = (
+        f"{'':<10}{'Dice':>8}{'cases':>7}"
+        + (f"{'HD95 mm':>10}{'cases':>7}" if hd95 else "")
+        + (f"{'LW Dice':>9}{'LW HD95':>9}" if lesion_wise else "")
+    )
+    lines += ["", header]
+    titles = [("WT", "WT"), ("TC", "TC"), ("ET", "ET"), ("mean", "mean")]
+    titles += [(name, f"{name} ({value})") for name, value in _native_label_values(report.label_convention).items()]
+    for key, title in titles:
+        row = f"{title:<10}{number(means.get(key), 4):>8}{counts.get(key, 0):>7}"
+        if hd95:
+            hd_key = f"hd95/{key}"
+            row += f"{number(means.get(hd_key), 2):>10}{counts[hd_key] if hd_key in counts else '-':>7}"
+        if lesion_wise:
+            row += f"{number(means.get(f'lesion_dice/{key}'), 4):>9}{number(means.get(f'lesion_hd95/{key}'), 2):>9}"
+        lines.append(row)
+    lines += ["", f"Per-case scores: {report.csv_path}"]
+    if report.overlays is not None:
+        lines.append(f"Overlays:        {report.overlays}")
+    return "\n".join(lines)
+
+
+def make_parser():
+    parser = command_parser("unet-eval")
+    for flag in ("--dataset", "--format", "--out", "--postprocessing-metric"):
+        parser.add_argument(flag)
+    for flag in ("--no-progress", "--no-overlays", "--lesion-wise", "--choose-postprocessing"):
+        parser.add_argument(flag, action="store_true")
+    return parser
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    """``unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV]``; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(args):
+        print(USAGE)
+        return 0 if args else USAGE_ERROR
+    with guard(ERRORS):
+        (checkpoint,), flags, overrides = parse_command_line(make_parser(), args, 1)
+        if flags["--lesion-wise"]:
+            overrides.append("eval.lesion_wise=true")
+        fmt = format_flag(flags)
+    if flags["--choose-postprocessing"] or flags["--postprocessing-metric"]:
+        return _choose_postprocessing(Path(checkpoint), flags, overrides)
+    from ..commands.predict import evaluate_checkpoint  # imported here so --help and usage errors stay fast
+
+    dataset, out = flags["--dataset"], flags["--out"]
+    with guard(ERRORS, Path(out or checkpoint)):
+        report = evaluate_checkpoint(
+            Path(checkpoint),
+            overrides,
+            Path(dataset) if dataset else None,
+            fmt,
+            Path(out) if out else None,
+            progress=not flags["--no-progress"],
+            overlays=not flags["--no-overlays"],
+        )
+    print(format_report(report))
+    return 0
+
+
+def _choose_postprocessing(checkpoint: Path, flags: dict, overrides: list[str]) -> int:
+    """``unet-eval CHECKPOINT --choose-postprocessing [--postprocessing-metric M]``: the evaluation
+    table, then the postprocessing table; returns the exit status."""
+    from ..commands.predict import choose_for_checkpoint
+    from ..evaluation.postprocessing import format_choice
+
+    out = flags["--out"]
+    with guard(CHOOSE_ERRORS, Path(out or checkpoint)):
+        if not flags["--choose-postprocessing"]:
+            raise ConfigError("command line: --postprocessing-metric goes with --choose-postprocessing")
+        if flags["--dataset"]:
+            raise ConfigError(
+                "command line: --choose-postprocessing chooses on the checkpoint's own validation fold; drop --dataset"
+            )
+        report, choice, written = choose_for_checkpoint(
+            checkpoint,
+            overrides,
+            flags["--postprocessing-metric"] or DEFAULT_METRIC,
+            Path(out) if out else None,
+            progress=not flags["--no-progress"],
+            overlays=not flags["--no-overlays"],
+        )
+    print(format_report(report))
+    print("\n" + format_choice(choice, written))
+    return 0

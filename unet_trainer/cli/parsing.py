@@ -1,0 +1,82 @@
+"""Argument parsing shared by the commands: their argparse parsers, and the split of what they do not
+declare into positional paths and config overrides (``key=value``, ``--key value``, ``--key=value``)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+
+from ..config.config import ConfigError
+from ..data.layouts import FORMAT_CHOICES
+
+# The layouts the --format flags accept, for the usage texts: "auto (default), msd, ...".
+FORMAT_LIST = ", ".join(f"{name} (default)" if name == "auto" else name for name in FORMAT_CHOICES)
+
+
+class _OverrideParser(argparse.ArgumentParser):
+    """A parser of a command's own flags that leaves the rest (paths and overrides) alone."""
+
+    def error(self, message: str):
+        # argparse's own words for a flag without its value, in those of the config's override errors.
+        missing = re.fullmatch(r"argument (\S+): expected one argument", message)
+        raise ConfigError(f"command line: {missing[1]} needs a value" if missing else f"command line: {message}")
+
+
+def command_parser(prog: str) -> argparse.ArgumentParser:
+    """A parser for a command that also takes config overrides: declare its flags with ``add_argument``
+    (a value flag plain, a switch with ``action="store_true"``), then parse with :func:`parse_command_line`.
+
+    No ``-h`` (each command prints its own usage text) and no abbreviated flags (``--form`` could be
+    an override); an error raises ConfigError instead of exiting.
+    """
+    return _OverrideParser(prog=prog, add_help=False, allow_abbrev=False)
+
+
+def parse_command_line(
+    parser: argparse.ArgumentParser, args: Sequence[str], positional: int, more_positionals: bool = False
+) -> tuple[list[str], dict, list[str]]:
+    """Parse ``args`` into positionals (the first ``positional`` plain words; with ``more_positionals``
+    every plain word without '=', at least ``positional``), the parser's flags ({"--flag": value, None
+    when absent; a switch: True or False}) and config overrides, in their order.
+
+    Raises:
+        ConfigError: a flag without its value, or missing positionals.
+    """
+    namespace, rest = parser.parse_known_args(list(args))
+    flags = {action.option_strings[0]: getattr(namespace, action.dest) for action in parser._actions}
+    positionals: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        eq = "=" in arg
+        if (len(positionals) < positional or (more_positionals and not eq)) and not arg.startswith("-"):
+            positionals.append(arg)
+        elif arg.startswith("--") and not eq and i + 1 < len(rest):
+            overrides += [arg, rest[i + 1]]  # --key value
+            i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    if len(positionals) < positional:
+        expected = f"{positional} path argument(s){' or more' if more_positionals else ''}"
+        raise ConfigError(f"command line: expected {expected} first, got {len(positionals)}")
+    return positionals, flags, overrides
+
+
+def wants_help(args: Sequence[str]) -> bool:
+    """Whether the command line is empty or asks for the usage text anywhere."""
+    return not args or "-h" in args or "--help" in args
+
+
+def format_flag(flags: dict) -> str:
+    """The ``--format`` flag's layout ("auto" when absent).
+
+    Raises:
+        ConfigError: a layout that does not exist.
+    """
+    fmt = flags.get("--format") or "auto"
+    if fmt not in FORMAT_CHOICES:
+        raise ConfigError(f"command line: --format {fmt!r} is not one of {', '.join(FORMAT_CHOICES)}")
+    return fmt

@@ -1,0 +1,143 @@
+"""``unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] ...``: segment a dataset."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..config.config import ConfigError
+from ..core.checkpoint import CheckpointError
+from ..core.runfolder import RunFolderError
+from ..data.layouts import FORMAT_LABEL_CONVENTION, LABEL_CONVENTIONS, DataFormatError
+from ..evaluation.metrics import LABEL_NAMES
+from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
+from .parsing import FORMAT_LIST, command_parser, format_flag, parse_command_line, wants_help
+
+
+def label_numbering_text(indent: str = "    ") -> str:
+    """Each layout's native label values, one line per numbering, from the layout registry:
+    "    brats2021: NCR 1, ED 2, EN 4" ... "    msd, dle, nnunetv2: NCR 2, ED 1, EN 3"."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for layout, convention in FORMAT_LABEL_CONVENTION.items():
+        native_of = {canonical: native for native, canonical in LABEL_CONVENTIONS[convention].items()}
+        groups.setdefault(tuple(native_of[canonical] for canonical in LABEL_NAMES), []).append(layout)
+    return "\n".join(
+        f"{indent}{', '.join(layouts)}: "
+        + ", ".join(f"{name} {value}" for name, value in zip(LABEL_NAMES.values(), values))
+        for values, layouts in groups.items()
+    )
+
+
+USAGE = f"""usage: unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] [--format FMT]
+                    [--probabilities] [--overlays] [--postprocessing FILE | --no-postprocessing] [--no-progress]
+
+Segment every case of INPUT (raw cases in any supported layout, labels not needed) with a
+checkpoint of unet-train and write OUTPUT/<case>.nii.gz: uint8 labels with the case's original
+shape and affine, in the input's own label numbering (DLE arrays: the one data.dle_labels names):
+{label_numbering_text()}
+A case that cannot be read or does not fit the model is reported in one line and skipped; the
+exit status is then 1.
+
+  CHECKPOINT         a checkpoint file, or a unet-cv folder (each fold's best-rank0.pt, else its
+                     newest checkpoint) or a run folder; several (every argument without '=' but
+                     the last two) make an ensemble: their softmax (sigmoid in region mode)
+                     probabilities are averaged, one pass per model over each volume. Their
+                     outputs and inputs must agree (loss region mode, model.num_classes,
+                     data.dle_labels, model.in_channels, data.target_spacing); architectures may differ
+  OVERRIDES          config overrides (every model's), e.g. eval.mirror_tta=true eval.overlap=0.5 device=cpu precision=fp32
+  --format FMT       layout of INPUT: {FORMAT_LIST}
+  --probabilities    also write OUTPUT/<case>_probabilities.nii.gz (float32, x, y, z, class)
+  --overlays         also write OUTPUT/<case>_overlay.png: the prediction's contours on three
+                     FLAIR slices through the tumour, region volumes in the title
+  --postprocessing FILE
+                     postprocess the labels with this postprocessing.json (default: the one
+                     unet-eval --choose-postprocessing wrote into the checkpoint's run folder,
+                     or the one in a given run or unet-cv folder, when there is one; none by
+                     default for several checkpoints)
+  --no-postprocessing
+                     write the model's labels as they are
+  --no-progress      no progress bar
+  -h, --help         show this help
+"""
+
+
+# A prediction that failed as a whole; its OSErrors (e.g. OUTPUT is a file) name the file written or
+# read, else OUTPUT.
+ERRORS = ErrorTable(
+    rows=(((ConfigError,), USAGE_ERROR), ((DataFormatError, CheckpointError, RunFolderError, ValueError), FAILURE))
+)
+
+
+def make_parser():
+    parser = command_parser("unet-predict")
+    for flag in ("--format", "--postprocessing"):
+        parser.add_argument(flag)
+    for flag in ("--probabilities", "--overlays", "--no-progress", "--no-postprocessing"):
+        parser.add_argument(flag, action="store_true")
+    return parser
+
+
+def _postprocessing(checkpoints: list[str], flags: dict):
+    """The postprocessing rules to apply (None: none), announced in one line.
+
+    Raises:
+        ConfigError: both --postprocessing FILE and --no-postprocessing.
+        PostprocessingError: rules that cannot be read.
+    """
+    if flags["--postprocessing"] and flags["--no-postprocessing"]:
+        raise ConfigError("command line: --postprocessing FILE and --no-postprocessing exclude each other")
+    from ..evaluation.postprocessing import postprocessing_for
+
+    explicit = flags["--postprocessing"]
+    # One checkpoint (or one run or unet-cv folder): its folder's postprocessing.json by default.
+    # Several: only the one named, since each model's folder may hold its own rules.
+    single = Path(checkpoints[0]) if len(checkpoints) == 1 else None
+    postprocess = postprocessing_for(
+        single, Path(explicit) if explicit else None, enabled=not flags["--no-postprocessing"]
+    )
+    if postprocess is not None:
+        other = (
+            single is not None
+            and single.is_file()
+            and postprocess.checkpoint
+            and Path(postprocess.checkpoint) != single.expanduser().resolve()
+        )
+        note = f" (chosen on another checkpoint, {Path(postprocess.checkpoint).name})" if other else ""
+        print(f"Postprocessing from {postprocess.path}{note}: {postprocess.describe()}")
+    return postprocess
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    """``unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities]``;
+    returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(args):
+        print(USAGE)
+        return 0 if args else USAGE_ERROR
+    with guard(ERRORS):
+        positionals, flags, overrides = parse_command_line(make_parser(), args, 3, more_positionals=True)
+    *checkpoints, source, output = positionals
+    with guard(ERRORS, Path(output)):
+        fmt = format_flag(flags)
+        postprocess = _postprocessing(checkpoints, flags)
+        from ..commands.predict import predict_dataset
+
+        summary = predict_dataset(
+            [Path(c) for c in checkpoints],
+            Path(source),
+            Path(output),
+            fmt,
+            overrides,
+            probabilities=flags["--probabilities"],
+            progress=not flags["--no-progress"],
+            overlays=flags["--overlays"],
+            postprocess=postprocess,
+        )
+    files = sum(len(paths) for paths in summary.written.values())
+    line = f"Wrote {len(summary.written)} segmentation(s) ({files} files) to {output}"
+    if summary.failed:
+        print(f"{line}; {len(summary.failed)} case(s) failed: {', '.join(sorted(summary.failed))}", file=sys.stderr)
+        return FAILURE
+    print(line)
+    return 0
