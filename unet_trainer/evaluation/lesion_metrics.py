@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..data.layouts import REGION_NAMES, REGIONS
+from ..data.labels import REGION_NAMES, REGIONS
 from . import torch_morphology
 
 DEFAULT_DILATION_ITERATIONS = 3  # BraTS gliomas (meningioma and metastases use 1)
