@@ -203,6 +203,23 @@ LESION_BACKENDS: tuple[str, ...] = ("auto", *_BACKEND_OPS)
 DEFAULT_LESION_BACKEND = "auto"
 
 
+@dataclass(frozen=True)
+class LesionSettings:
+    """The settings of the lesion-wise metric (see the module docstring).
+
+    Attributes:
+        dilation_iterations: dilation that merges and matches truth lesions (0: no dilation).
+        min_lesion_voxels: truth lesions of this many voxels or fewer are dropped.
+        hd95_penalty: the HD95 of a missed lesion or a false positive, in mm.
+        backend: "scipy", "torch" or "auto" (:func:`resolve_backend`).
+    """
+
+    dilation_iterations: int = DEFAULT_DILATION_ITERATIONS
+    min_lesion_voxels: int = DEFAULT_MIN_LESION_VOXELS
+    hd95_penalty: float = DEFAULT_HD95_PENALTY
+    backend: str = DEFAULT_LESION_BACKEND
+
+
 def resolve_backend(backend: str, *arrays) -> str:
     """The backend a call runs on: "scipy" or "torch".
 
