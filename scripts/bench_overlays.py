@@ -33,9 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchutil import device_description  # noqa: E402
 
-from unet_trainer.commands.builders import AMP_DTYPES, build_device, build_model, build_split, ensure_prepared  # noqa: E402
+from unet_trainer.commands.builders import (  # noqa: E402
+    build_device,
+    build_model,
+    build_sliding_window,
+    build_split,
+    ensure_prepared,
+)
 from unet_trainer.config.config import CALLBACKS, repo_root, resolve_config  # noqa: E402
 from unet_trainer.core.distributed import DistInfo  # noqa: E402
+from unet_trainer.evaluation.case_metrics import Dice  # noqa: E402
 from unet_trainer.evaluation.evaluation import DiceEvaluator  # noqa: E402
 from unet_trainer.evaluation.visualize import evaluator_case_view, write_overlays  # noqa: E402
 
@@ -59,20 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(cfg["model"]).to(device).eval()
     prepared, index = ensure_prepared(cfg, DistInfo(), progress=False)
     val = build_split(cfg, list(index["cases"]))["val"]
-    ev = cfg["eval"]
     evaluator = DiceEvaluator(
         prepared,
         val,
-        cfg["data"]["patch_size"],
-        model.spatial_dims,
-        model.num_classes,
+        build_sliding_window(cfg),
+        [Dice(cfg["eval"]["empty_policy"])],
         "region_dice_bce" in cfg["loss"],
-        ev["overlap"],
-        ev["sw_batch_size"],
-        ev["gaussian"],
-        ev["mirror_tta"],
-        ev["empty_policy"],
-        AMP_DTYPES[cfg["precision"]],
         device,
     )
     # The run's setting, or the default when the config switches overlays off.

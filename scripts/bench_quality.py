@@ -71,6 +71,7 @@ from unet_trainer.commands.builders import (  # noqa: E402
     AMP_DTYPES,
     build_optimizer,
     build_scheduler,
+    build_sliding_window,
     build_split,
     ensure_prepared,
     run_training,
@@ -78,6 +79,7 @@ from unet_trainer.commands.builders import (  # noqa: E402
 from unet_trainer.config.config import resolve_config  # noqa: E402
 from unet_trainer.core.distributed import init_distributed  # noqa: E402
 from unet_trainer.data.phantom import PHANTOM_STYLES, write_phantom_dataset  # noqa: E402
+from unet_trainer.evaluation.case_metrics import Dice  # noqa: E402
 from unet_trainer.evaluation.evaluation import DiceEvaluator  # noqa: E402
 
 REPO = SCRIPTS.parent
@@ -195,16 +197,9 @@ def build_evaluator(cfg: dict, split: dict) -> DiceEvaluator:
     return DiceEvaluator(
         prepared,
         split["val"],
-        cfg["data"]["patch_size"],
-        3,
-        cfg["model"]["unet"]["num_classes"],
+        build_sliding_window(cfg),
+        [Dice(cfg["eval"]["empty_policy"])],
         region_mode=False,
-        overlap=cfg["eval"]["overlap"],
-        sw_batch_size=cfg["eval"]["sw_batch_size"],
-        gaussian=cfg["eval"]["gaussian"],
-        mirror=cfg["eval"]["mirror_tta"],
-        empty_policy=cfg["eval"]["empty_policy"],
-        amp_dtype=AMP_DTYPES[cfg["precision"]],
         device=device,
     )
 

@@ -55,8 +55,6 @@ from unet_trainer.config.config import ConfigError, Duration, resolve_config  # 
 from unet_trainer.data.loader import PreparedCase  # noqa: E402
 from unet_trainer.data.phantom import write_phantom_dataset  # noqa: E402
 from unet_trainer.evaluation.evaluation import logits_to_labels  # noqa: E402
-from unet_trainer.evaluation.inference import predict_volume  # noqa: E402
-from unet_trainer.evaluation.metrics import case_dice  # noqa: E402
 from unet_trainer.training.trainer import State, duration_in_batches  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,19 +167,9 @@ def run_ours(cfg: dict, warmup_steps: int, eval_repeats: int, eval_crop: tuple[i
     m.eval_crop_shape = list(image.shape[1:])
 
     def score_crop() -> None:
-        logits = predict_volume(
-            state.model,
-            image,
-            evaluator.patch_size,
-            evaluator.spatial_dims,
-            evaluator.num_outputs,
-            evaluator.overlap,
-            evaluator.sw_batch_size,
-            evaluator.gaussian,
-            evaluator.amp_dtype,
-            evaluator.mirror,
-        )
-        case_dice(logits_to_labels(logits, evaluator.region_mode), label, evaluator.empty_policy)
+        labels = logits_to_labels(evaluator.window(state.model, image), evaluator.region_mode)
+        for metric in evaluator.metrics:
+            metric(labels, label, None)
 
     score_crop()  # untimed: the crop's last window batch may be a new shape
     m.eval_crop_s = median_seconds(score_crop, device, 0, eval_repeats)

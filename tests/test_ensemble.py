@@ -14,7 +14,7 @@ from conftest import ROOT, tiny_overrides
 from unet_trainer.cli.parsing import parse_command_line
 from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.cli.predict import make_parser
-from unet_trainer.commands.builders import build_model, raw_data_dir, run_training
+from unet_trainer.commands.builders import build_model, build_sliding_window, raw_data_dir, run_training
 from unet_trainer.commands.ensemble import EnsembleError, EnsembleModel, check_compatible, load_models
 from unet_trainer.commands.predict import LoadedModel, load_model, predict_dataset
 from unet_trainer.config.config import resolve_config
@@ -36,7 +36,7 @@ def loaded_model(cfg: dict, seed: int) -> LoadedModel:
         model=build_model(cfg["model"]).eval(),
         cfg=cfg,
         device=torch.device("cpu"),
-        amp_dtype=None,
+        sliding_window=build_sliding_window(cfg),
         region_mode="region_dice_bce" in cfg["loss"],
         checkpoint=Path(f"model{seed}.pt"),
         weights="model",

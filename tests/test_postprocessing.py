@@ -502,7 +502,7 @@ def test_postprocessing_for_finds_the_run_folders_file(trained, tmp_path):
 
 
 def test_the_evaluator_hands_its_device_tensors_to_the_lesion_metrics(trained, tmp_path, monkeypatch, capsys):
-    import unet_trainer.evaluation.evaluation as evaluation_module
+    import unet_trainer.evaluation.case_metrics as evaluation_module
 
     calls = []
     real = evaluation_module.case_lesion_scores

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..config.config import ConfigError
 from ..core.checkpoint import CheckpointError
 from ..data.layouts import LABEL_CONVENTIONS, DataFormatError
+from ..evaluation.case_metrics import table_column, table_notes
 from ..evaluation.metrics import LABEL_NAMES
 from ..evaluation.postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
@@ -72,46 +73,40 @@ def _native_label_values(convention: str) -> dict[str, str]:
     return values
 
 
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else ("nan" if math.isnan(value) else f"{value:.{digits}f}")
+
+
+def _eval_table(means: dict, counts: dict, label_convention: str) -> list[str]:
+    """The ``unet-eval`` table: a row per region, the mean and each label (then any other name
+    the metrics returned), a column per key group the metrics returned (``case_metrics.table_column``)."""
+    columns = [table_column(group) for group in dict.fromkeys(k.rpartition("/")[0] for k in means)]
+    header = f"{'':<10}" + "".join(f"{c.title:>{c.width}}" + (f"{'cases':>7}" if c.counts else "") for c in columns)
+    titles = [("WT", "WT"), ("TC", "TC"), ("ET", "ET"), ("mean", "mean")]
+    titles += [(name, f"{name} ({value})") for name, value in _native_label_values(label_convention).items()]
+    known = {key for key, _ in titles}
+    titles += [(name, name) for name in dict.fromkeys(k.rpartition("/")[2] for k in means) if name not in known]
+    lines = [header]
+    for key, title in titles:
+        row = f"{title:<10}"
+        for column in columns:
+            full = f"{column.group}/{key}" if column.group else key
+            row += f"{_number(means.get(full), column.digits):>{column.width}}"
+            if column.counts:
+                row += f"{counts[full] if full in counts else '-':>7}"
+        lines.append(row)
+    return lines
+
+
 def format_report(report) -> str:
-    means, counts = report.means, report.counts
-    hd95 = any(k.startswith("hd95/") for k in means)
-    lesion_wise = any(k.startswith("lesion_dice/") for k in means)
     loaded = report.loaded
-
-    def number(value: float | None, digits: int) -> str:
-        return "-" if value is None else ("nan" if math.isnan(value) else f"{value:.{digits}f}")
-
     lines = [
         f"Checkpoint: {loaded.checkpoint} ({loaded.weights} weights)",
         f"Scored:     {report.source}",
         f"Empty ground truth ({report.empty_policy}): {_EMPTY_POLICY_TEXT[report.empty_policy]}",
     ]
-    if hd95:
-        lines.append(
-            "HD95: 95th-percentile Hausdorff distance in mm (prepared spacing); NaN and left out of the "
-            "mean where a region is empty in the prediction or the ground truth"
-        )
-    if lesion_wise:
-        lines.append(
-            "Lesion-wise (BraTS 2023): per region, mean over truth lesions and false positives of each "
-            "lesion's Dice and HD95 mm, averaged over cases"
-        )
-    header = (
-        f"{'':<10}{'Dice':>8}{'cases':>7}"
-        + (f"{'HD95 mm':>10}{'cases':>7}" if hd95 else "")
-        + (f"{'LW Dice':>9}{'LW HD95':>9}" if lesion_wise else "")
-    )
-    lines += ["", header]
-    titles = [("WT", "WT"), ("TC", "TC"), ("ET", "ET"), ("mean", "mean")]
-    titles += [(name, f"{name} ({value})") for name, value in _native_label_values(report.label_convention).items()]
-    for key, title in titles:
-        row = f"{title:<10}{number(means.get(key), 4):>8}{counts.get(key, 0):>7}"
-        if hd95:
-            hd_key = f"hd95/{key}"
-            row += f"{number(means.get(hd_key), 2):>10}{counts[hd_key] if hd_key in counts else '-':>7}"
-        if lesion_wise:
-            row += f"{number(means.get(f'lesion_dice/{key}'), 4):>9}{number(means.get(f'lesion_hd95/{key}'), 2):>9}"
-        lines.append(row)
+    lines += table_notes(list(dict.fromkeys(k.rpartition("/")[0] for k in report.means)))
+    lines += ["", *_eval_table(report.means, report.counts, report.label_convention)]
     lines += ["", f"Per-case scores: {report.csv_path}"]
     if report.overlays is not None:
         lines.append(f"Overlays:        {report.overlays}")

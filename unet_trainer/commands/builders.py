@@ -52,7 +52,10 @@ from ..data.loader import BatchTooLarge, PatchDataset, build_train_loader
 from ..data.phantom import write_phantom_dataset
 from ..data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current
 from ..data.split import kfold_split, load_split_file
+from ..evaluation.case_metrics import CaseMetric, UnknownMetric, make_metrics, metric_names
 from ..evaluation.evaluation import DiceEvaluator
+from ..evaluation.inference import SlidingWindow
+from ..evaluation.lesion_metrics import LesionSettings
 from ..models.base import SegmentationModel
 from ..training import callbacks as cb
 from ..training import reporting
@@ -330,6 +333,42 @@ def build_callbacks(
     return callbacks
 
 
+def build_sliding_window(cfg: dict) -> SlidingWindow:
+    """The sliding-window inference of a run's config: its patch, its model's dimensions and
+    outputs, the ``eval`` window settings and the precision's autocast dtype."""
+    ev = cfg["eval"]
+    model = describe_model(cfg["model"])
+    return SlidingWindow(
+        patch_size=tuple(cfg["data"]["patch_size"]),
+        spatial_dims=model.spatial_dims,
+        num_outputs=model.num_classes,
+        overlap=ev["overlap"],
+        batch_size=ev["sw_batch_size"],
+        gaussian=ev["gaussian"],
+        mirror=ev["mirror_tta"],
+        amp_dtype=AMP_DTYPES[cfg["precision"]],
+    )
+
+
+def build_metrics(cfg: dict) -> list[CaseMetric]:
+    """The evaluator's metrics: ``eval.metrics``, plus ``hd95`` and ``lesion_wise`` when
+    ``eval.hd95`` / ``eval.lesion_wise`` ask for them, built from the ``eval`` settings and the
+    grouped lesion settings.
+
+    Raises:
+        ConfigError: a name that is not a metric (naming ``eval.metrics`` and the metrics).
+    """
+    ev = cfg["eval"]
+    lesion = LesionSettings(
+        ev["lesion_dilation"], ev["lesion_min_voxels"], ev["lesion_hd95_penalty"], ev["lesion_backend"]
+    )
+    names = metric_names(ev["metrics"], hd95=ev["hd95"], lesion_wise=ev["lesion_wise"])
+    try:
+        return make_metrics(names, {**ev, "lesion": lesion})
+    except UnknownMetric as exc:
+        raise ConfigError(f"eval.metrics: {exc}") from None
+
+
 def build_evaluator(
     cfg: dict,
     prepared: Path,
@@ -340,41 +379,29 @@ def build_evaluator(
     cases_csv: Path | None = None,
     progress: bool = False,
 ) -> DiceEvaluator:
-    """The Dice evaluator of a run's config (``eval`` section, patch, model outputs, loss's region
-    mode, precision) on prepared cases: the one training evaluates with and ``unet-eval`` scores with.
+    """The Dice evaluator of a run's config (sliding window, metrics, loss's region mode) on
+    prepared cases: the one training evaluates with and ``unet-eval`` scores with.
 
     Args:
         prepared: the prepared dataset folder.
         case_ids: the cases to score (each rank scores its share).
         cases_csv: where rank 0 writes each evaluation's per-case scores (None: nowhere).
         progress: a progress bar over the cases.
+
+    Raises:
+        ConfigError: an unknown metric (:func:`build_metrics`).
     """
-    ev = cfg["eval"]
-    model = describe_model(cfg["model"])
     return DiceEvaluator(
         prepared,
         case_ids,
-        cfg["data"]["patch_size"],
-        model.spatial_dims,
-        model.num_classes,
+        build_sliding_window(cfg),
+        build_metrics(cfg),
         region_mode="region_dice_bce" in cfg["loss"],
-        overlap=ev["overlap"],
-        sw_batch_size=ev["sw_batch_size"],
-        gaussian=ev["gaussian"],
-        mirror=ev["mirror_tta"],
-        empty_policy=ev["empty_policy"],
-        amp_dtype=AMP_DTYPES[cfg["precision"]],
         device=device,
         rank=rank,
         world_size=world_size,
         cases_csv=cases_csv,
-        hd95=ev["hd95"],
         progress=progress,
-        lesion_wise=ev["lesion_wise"],
-        lesion_dilation=ev["lesion_dilation"],
-        lesion_min_voxels=ev["lesion_min_voxels"],
-        lesion_hd95_penalty=ev["lesion_hd95_penalty"],
-        lesion_backend=ev["lesion_backend"],
     )
 
 

@@ -5,8 +5,8 @@ checkpoints whose predictions mean the same thing.
 :class:`loading.LoadedModel` (``probabilities``, ``in_channels``, ``region_mode``, ``device``,
 ``cfg``...), so an ensemble's labels take exactly the single model's path from probabilities to
 the written file. Its probabilities are the mean of its models' softmax (or, in region mode,
-sigmoid) probabilities, each model run once over the volume with its own sliding-window settings
-(and mirror TTA when ``eval.mirror_tta`` is on), accumulated on the device into one buffer: memory
+sigmoid) probabilities, each model run once over the volume with its own sliding window
+(``LoadedModel.sliding_window``: mirror TTA when its ``eval.mirror_tta`` is on), accumulated on the device into one buffer: memory
 stays that of one model's prediction of one volume, whatever the number of models.
 
 Models may be averaged when their outputs and inputs agree (:data:`CONVENTION_KEYS`): region mode

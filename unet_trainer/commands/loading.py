@@ -15,9 +15,9 @@ import torch
 from ..config.config import ConfigError, resolve_from_base
 from ..core.checkpoint import CheckpointError, load_checkpoint, one_line
 from ..evaluation.evaluation import logits_to_probabilities
-from ..evaluation.inference import predict_volume
+from ..evaluation.inference import SlidingWindow
 from ..models.base import SegmentationModel, optimize_model
-from .builders import AMP_DTYPES, build_device, build_model
+from .builders import build_device, build_model, build_sliding_window
 
 
 @dataclass
@@ -29,7 +29,8 @@ class LoadedModel:
             are what the properties below report.
         cfg: the checkpoint's resolved config with the overrides applied.
         device: where the model and every tensor of its inference live.
-        amp_dtype: autocast dtype from ``cfg["precision"]`` (None for fp32).
+        sliding_window: its inference over a volume, from the config's patch, ``eval`` settings and
+            precision (:func:`~unet_trainer.commands.builders.build_sliding_window`).
         region_mode: outputs are sigmoid (WT, TC, ET) regions (loss ``region_dice_bce``).
         checkpoint: the checkpoint file (symlinks resolved).
         weights: "ema" when the checkpoint's moving-average weights were loaded (the weights its
@@ -40,7 +41,7 @@ class LoadedModel:
     model: SegmentationModel
     cfg: dict
     device: torch.device
-    amp_dtype: torch.dtype | None
+    sliding_window: SlidingWindow
     region_mode: bool
     checkpoint: Path
     weights: str
@@ -57,7 +58,7 @@ class LoadedModel:
 
     @property
     def patch_size(self) -> tuple[int, ...]:
-        return tuple(self.cfg["data"]["patch_size"])
+        return self.sliding_window.patch_size
 
     @property
     def num_outputs(self) -> int:
@@ -76,19 +77,7 @@ class LoadedModel:
         Returns:
             float32 (K, Z, Y, X) on ``device``.
         """
-        ev = self.cfg["eval"]
-        return predict_volume(
-            self.model,
-            image,
-            self.patch_size,
-            self.spatial_dims,
-            self.num_outputs,
-            ev["overlap"],
-            ev["sw_batch_size"],
-            ev["gaussian"],
-            self.amp_dtype,
-            ev["mirror_tta"],
-        )
+        return self.sliding_window(self.model, image)
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """:meth:`logits` as probabilities: float32 (K, Z, Y, X) softmax classes, or sigmoid
@@ -139,7 +128,7 @@ def load_model(checkpoint: Path, overrides: Sequence[str] = (), channels_last: b
         model=model,
         cfg=cfg,
         device=device,
-        amp_dtype=AMP_DTYPES[cfg["precision"]],
+        sliding_window=build_sliding_window(cfg),
         region_mode="region_dice_bce" in cfg["loss"],
         checkpoint=path.resolve(),
         weights=name,

@@ -42,6 +42,7 @@ from ..core.fileio import os_error_line
 from ..core.schema import F, Field, ListOf, OneOf, SetOf, fields_of
 from ..data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES
 from ..data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
+from ..evaluation.case_metrics import DEFAULT_METRICS, METRICS
 from ..evaluation.lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,
     DEFAULT_HD95_PENALTY,
@@ -184,6 +185,9 @@ SCHEMA: dict[str, Any] = {
         # Where components and distances are computed: auto = torch on a GPU (no copy to the host),
         # SciPy on the CPU (faster there); every backend gives the same scores.
         "lesion_backend": F("str", DEFAULT_LESION_BACKEND, choices=LESION_BACKENDS),
+        # The evaluator's per-case metrics, by name (evaluation.case_metrics.METRICS); eval.hd95 and
+        # eval.lesion_wise add theirs to the list.
+        "metrics": F("str_list", list(DEFAULT_METRICS), choices=tuple(METRICS)),
     },
 }
 
@@ -333,6 +337,13 @@ def _check_field(source: str, path: str, value: Any, spec: Field) -> Any:
             return str(Duration.parse(value))
         except ValueError:
             raise _type_error(source, path, value, spec) from None
+    if kind == "str_list":
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(source, path, value, spec)
+        for item in value:
+            if not isinstance(item, str) or (spec.choices and item not in spec.choices):
+                raise _type_error(source, path, value, spec, f"item {_SHOWN.repr(item)}")
+        return list(value)
     if kind in ("int_list", "float_list"):
         if not isinstance(value, (list, tuple)):
             raise _type_error(source, path, value, spec)

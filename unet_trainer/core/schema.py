@@ -26,7 +26,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-KINDS = ("int", "float", "bool", "str", "duration", "int_list", "float_list", "int_or_auto", "int_or_all")
+KINDS = (
+    "int",
+    "float",
+    "bool",
+    "str",
+    "duration",
+    "int_list",
+    "float_list",
+    "str_list",
+    "int_or_auto",
+    "int_or_all",
+)
 
 
 @dataclass(frozen=True)
@@ -34,7 +45,7 @@ class Field:
     """One leaf of the schema.
 
     ``kind`` is one of :data:`KINDS`. ``length`` fixes a list's length; ``choices`` restricts a
-    str; ``nullable`` admits null; ``minimum``/``maximum`` bound a number (each item of a list).
+    str (each item of a ``str_list``); ``nullable`` admits null; ``minimum``/``maximum`` bound a number (each item of a list).
     """
 
     kind: str
@@ -55,11 +66,12 @@ class Field:
             "duration": "a duration like 200ep, 1000ba or 64sp",
             "int_list": "a list of integers",
             "float_list": "a list of numbers",
+            "str_list": "a list of names",
             "int_or_auto": "an integer or 'auto'",
             "int_or_all": "a positive integer or 'all'",
         }[self.kind]
         if self.choices:
-            phrase = "one of " + ", ".join(self.choices)
+            phrase = ("a list of names, each " if self.kind == "str_list" else "") + "one of " + ", ".join(self.choices)
         if self.length is not None:
             phrase += f" of length {self.length}"
         each = " with every item" if self.kind in ("int_list", "float_list") else ""

@@ -1,6 +1,7 @@
 """The Dice evaluator used during training (every ``eval_interval``) and by ``unet-eval``:
-sliding-window prediction over whole prepared validation volumes, Dice per label and per BraTS
-region (optionally HD95 per region), gathered across ranks, and a per-case CSV.
+sliding-window prediction over whole prepared validation volumes, the chosen per-case metrics
+(:mod:`unet_trainer.evaluation.case_metrics`: Dice per label and region, optionally HD95 and the
+lesion-wise scores), gathered across ranks, and a per-case CSV.
 """
 
 from __future__ import annotations
@@ -15,15 +16,9 @@ from tqdm import tqdm
 
 from ..core.distributed import all_gather_objects
 from ..data.loader import PreparedCase
-from .inference import predict_volume
-from .lesion_metrics import (
-    DEFAULT_DILATION_ITERATIONS,
-    DEFAULT_HD95_PENALTY,
-    DEFAULT_LESION_BACKEND,
-    DEFAULT_MIN_LESION_VOXELS,
-    case_lesion_scores,
-)
-from .metrics import case_dice, case_hd95, mean_scores, regions_to_labels
+from .case_metrics import CaseMetric
+from .inference import SlidingWindow
+from .metrics import mean_scores, regions_to_labels
 
 
 def logits_to_labels(logits: torch.Tensor, region_mode: bool) -> torch.Tensor:
@@ -63,28 +58,18 @@ class DiceEvaluator:
     Args:
         folder: the prepared dataset folder.
         case_ids: validation cases; each rank scores its share ``case_ids[rank::world_size]``.
-        patch_size: the sliding window (the training patch).
-        spatial_dims: 2 (slice by slice) or 3.
-        num_outputs: the model's output channels.
+        window: the sliding-window inference (patch, model outputs, overlap, mirroring, autocast).
+        metrics: the per-case metrics (:data:`~unet_trainer.evaluation.case_metrics.METRICS`), in
+            the order of their columns.
         region_mode: outputs are sigmoid WT/TC/ET regions rather than softmax labels.
-        overlap, sw_batch_size, gaussian, mirror: sliding-window settings.
-        empty_policy: see :mod:`unet_trainer.evaluation.metrics`.
-        amp_dtype: autocast dtype or None.
+        device: where the cases are scored.
+        rank, world_size: this process among the ranks scoring together.
         cases_csv: where rank 0 writes the per-case scores of the latest evaluation (or None).
-        hd95: also the 95th-percentile Hausdorff distance per region (``hd95/WT`` ...; in mm of the
-            prepared spacing; NaN for a region empty in prediction or truth, left out of means).
         progress: a progress bar over this rank's cases (for ``unet-eval``).
-        lesion_wise: also the BraTS 2023 lesion-wise Dice and HD95 per region
-            (:mod:`unet_trainer.evaluation.lesion_metrics`; ``lesion_dice/WT`` ..., ``lesion_hd95/WT`` ... in
-            mm; never NaN), with the lesion settings ``lesion_dilation`` (iterations),
-            ``lesion_min_voxels`` (truth lesions this small or smaller dropped) and
-            ``lesion_hd95_penalty`` (mm), computed by ``lesion_backend`` ("auto": torch on the
-            GPU, where the predictions stay, SciPy on the CPU; see
-            :func:`unet_trainer.evaluation.lesion_metrics.resolve_backend`).
 
-    Scores per case: Dice keys NCR, ED, EN, WT, TC, ET, mean (plus hd95/WT, hd95/TC, hd95/ET,
-    plus lesion_dice/<region> and lesion_hd95/<region>); :meth:`__call__` reports them as
-    ``dice/<key>``, ``hd95/<region>``, ``lesion_dice/<region>`` and ``lesion_hd95/<region>``.
+    Scores per case: the keys the metrics return (Dice: NCR, ED, EN, WT, TC, ET, mean; HD95:
+    hd95/WT, hd95/TC, hd95/ET; lesion-wise: lesion_dice/<region> and lesion_hd95/<region>);
+    :meth:`__call__` reports their means with a plain key as ``dice/<key>``, the others as they are.
 
     ``case_view`` (None by default) is a hook for pictures: when set, it is called per scored case
     as ``case_view(case_id, image (C, *S), label (*S), prediction (*S), meta)`` on the device, and
@@ -100,44 +85,21 @@ class DiceEvaluator:
         self,
         folder: Path,
         case_ids: Sequence[str],
-        patch_size: Sequence[int],
-        spatial_dims: int,
-        num_outputs: int,
+        window: SlidingWindow,
+        metrics: Sequence[CaseMetric],
         region_mode: bool,
-        overlap: float,
-        sw_batch_size: int,
-        gaussian: bool,
-        mirror: bool,
-        empty_policy: str,
-        amp_dtype: torch.dtype | None,
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
         cases_csv: Path | None = None,
-        hd95: bool = False,
         progress: bool = False,
-        lesion_wise: bool = False,
-        lesion_dilation: int = DEFAULT_DILATION_ITERATIONS,
-        lesion_min_voxels: int = DEFAULT_MIN_LESION_VOXELS,
-        lesion_hd95_penalty: float = DEFAULT_HD95_PENALTY,
-        lesion_backend: str = DEFAULT_LESION_BACKEND,
     ):
         self.folder = Path(folder)
         self.case_ids = list(case_ids)
-        self.patch_size, self.spatial_dims = tuple(patch_size), spatial_dims
-        self.num_outputs, self.region_mode = num_outputs, region_mode
-        self.overlap, self.sw_batch_size, self.gaussian, self.mirror = overlap, sw_batch_size, gaussian, mirror
-        self.empty_policy, self.amp_dtype, self.device = empty_policy, amp_dtype, device
+        self.window, self.metrics = window, list(metrics)
+        self.region_mode, self.device = region_mode, device
         self.rank, self.world_size = rank, world_size
-        self.cases_csv = cases_csv
-        self.hd95, self.progress = hd95, progress
-        self.lesion_wise = lesion_wise
-        self.lesion_settings = dict(
-            dilation_iterations=lesion_dilation,
-            min_lesion_voxels=lesion_min_voxels,
-            hd95_penalty=lesion_hd95_penalty,
-            backend=lesion_backend,
-        )
+        self.cases_csv, self.progress = cases_csv, progress
         self.last_per_case: list[dict] = []
         self.case_view = None
         self.case_sink = None
@@ -145,33 +107,20 @@ class DiceEvaluator:
         self._views: list = []
 
     def score_case(self, model: torch.nn.Module, case_id: str) -> dict:
-        """The score row of one prepared case: {"case_id", Dice keys[, hd95 keys][, lesion keys]}."""
+        """The score row of one prepared case: {"case_id", then each metric's keys}."""
         case = PreparedCase(self.folder, case_id)
         image = torch.from_numpy(np.array(case.image)).to(self.device)  # copy: the memmap is read-only
         label = torch.from_numpy(np.array(case.label)).to(self.device)
-        logits = predict_volume(
-            model,
-            image,
-            self.patch_size,
-            self.spatial_dims,
-            self.num_outputs,
-            self.overlap,
-            self.sw_batch_size,
-            self.gaussian,
-            self.amp_dtype,
-            self.mirror,
-        )
+        logits = self.window(model, image)
         pred = logits_to_labels(logits, self.region_mode)
         del logits  # K float32 volumes; free them before the (CPU-heavy) HD95
         if self.case_view is not None:
             self._views.append((case_id, self.case_view(case_id, image, label, pred, case.meta)))
         if self.case_sink is not None:
             self.case_sink(case_id, label, pred)
-        row = {"case_id": case_id, **case_dice(pred, label, self.empty_policy)}
-        if self.hd95:
-            row.update(case_hd95(pred, label, case.meta.get("spacing")))
-        if self.lesion_wise:
-            row.update(case_lesion_scores(pred, label, case.meta.get("spacing"), **self.lesion_settings))
+        row = {"case_id": case_id}
+        for metric in self.metrics:
+            row.update(metric(pred, label, case.meta.get("spacing")))
         return row
 
     def score_model(self, model: torch.nn.Module) -> tuple[dict[str, float], list[dict]]:

@@ -17,6 +17,11 @@ Speed notes (what the loop does and does not do on a GPU):
 * under AMP the model runs in autocast and the accumulation stays float32;
 * every tensor is created on the image's device.
 
+:class:`SlidingWindow` holds the settings of one model's inference (window, overlap, window batch,
+weighting, mirroring, autocast) and runs it over a volume, as MONAI's ``SlidingWindowInferer``
+holds its own; the evaluator, ``unet-eval`` and ``unet-predict`` (one per model of an ensemble)
+all predict through one, built from the config by ``builders.build_sliding_window``.
+
 A model whose output is smaller than its input (unpadded "valid" convolutions) is supported by
 ``output_window``: the output of a window is its centred ``output_window`` part, and the volume
 is zero-padded by the margin so every voxel is covered by some window's output.
@@ -29,6 +34,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -410,3 +416,57 @@ def predict_volume(
         mirror,
         model_output_window(model, window),
     )
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """The sliding-window settings of one model, and its inference over a prepared volume.
+
+    Attributes:
+        patch_size: the training patch (Z, Y, X); for 2D models (1, Y, X).
+        spatial_dims: 3, or 2 for slice-by-slice prediction (windows batched across slices).
+        num_outputs: K, the model's output channels.
+        overlap: fraction of a window shared with its neighbour, in [0, 1).
+        batch_size: windows per forward pass.
+        gaussian: Gaussian importance weighting, else uniform.
+        mirror: average over every flip of the spatial axes (test-time augmentation).
+        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for full precision.
+    """
+
+    patch_size: tuple[int, ...]
+    spatial_dims: int
+    num_outputs: int
+    overlap: float
+    batch_size: int
+    gaussian: bool
+    mirror: bool
+    amp_dtype: torch.dtype | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(int(n) for n in self.patch_size))
+
+    def __call__(self, model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """Logits of a whole prepared volume (:func:`predict_volume` with these settings).
+
+        Args:
+            model: in eval mode, on the image's device.
+            image: float32 (C, Z, Y, X).
+
+        Returns:
+            float32 logits (K, Z, Y, X) on the image's device.
+
+        Raises:
+            ValueError: a window that does not fit the model, or a model output of the wrong shape.
+        """
+        return predict_volume(
+            model,
+            image,
+            self.patch_size,
+            self.spatial_dims,
+            self.num_outputs,
+            self.overlap,
+            self.batch_size,
+            self.gaussian,
+            self.amp_dtype,
+            self.mirror,
+        )

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..data.layouts import REGION_NAMES, REGIONS
+from ..data.labels import REGION_NAMES, REGIONS
 from . import torch_morphology
 
 DEFAULT_DILATION_ITERATIONS = 3  # BraTS gliomas (meningioma and metastases use 1)
@@ -203,6 +203,23 @@ LESION_BACKENDS: tuple[str, ...] = ("auto", *_BACKEND_OPS)
 DEFAULT_LESION_BACKEND = "auto"
 
 
+@dataclass(frozen=True)
+class LesionSettings:
+    """The settings of the lesion-wise metric (see the module docstring).
+
+    Attributes:
+        dilation_iterations: dilation that merges and matches truth lesions (0: no dilation).
+        min_lesion_voxels: truth lesions of this many voxels or fewer are dropped.
+        hd95_penalty: the HD95 of a missed lesion or a false positive, in mm.
+        backend: "scipy", "torch" or "auto" (:func:`resolve_backend`).
+    """
+
+    dilation_iterations: int = DEFAULT_DILATION_ITERATIONS
+    min_lesion_voxels: int = DEFAULT_MIN_LESION_VOXELS
+    hd95_penalty: float = DEFAULT_HD95_PENALTY
+    backend: str = DEFAULT_LESION_BACKEND
+
+
 def resolve_backend(backend: str, *arrays) -> str:
     """The backend a call runs on: "scipy" or "torch".
 
@@ -219,6 +236,56 @@ def resolve_backend(backend: str, *arrays) -> str:
         return backend
     on_gpu = any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in arrays)
     return "torch" if on_gpu else "scipy"
+
+
+def _truth_lesions(ops, truth, dilation_iterations: int, shape: tuple[int, ...]) -> tuple:
+    """Truth lesions closer than the dilation merged into one (step 2 of the module docstring).
+
+    Returns:
+        (lesion id map like ``truth``, 0 outside the lesions; each lesion's box, by id - 1).
+    """
+    lesion_cc = ops.zeros_like(truth)
+    truth_box = ops.bounding_box(truth)
+    if truth_box is None:
+        return lesion_cc, []
+    # The merging dilation on the truth's own box (false positives far away widen the crop).
+    near_truth = _grow(truth_box, dilation_iterations + 1, shape)
+    truth_near = truth[near_truth]
+    dilated = ops.dilate(truth_near, dilation_iterations) if dilation_iterations > 0 else truth_near
+    merged_cc, _ = ops.label(dilated)
+    lesion_cc[near_truth] = ops.where(truth_near, merged_cc)
+    # Every dilated component holds truth voxels, so every id of merged_cc occurs.
+    return lesion_cc, ops.boxes(lesion_cc, int(lesion_cc.max()))
+
+
+def _claimed_components(ops, lesion_cc, pred_cc, lesion_id: int, box, dilation_iterations: int, shape) -> tuple:
+    """The predicted components a truth lesion claims: those touching the dilated lesion (step 3).
+
+    Returns:
+        (the box around the dilated lesion, the claimed component ids, the lesion's voxel count).
+    """
+    # The dilated lesion reaches `dilation_iterations` voxels beyond the lesion's box.
+    near = _grow(box, dilation_iterations, shape)
+    lesion_near = lesion_cc[near] == lesion_id
+    reach = ops.dilate(lesion_near, dilation_iterations) if dilation_iterations > 0 else lesion_near
+    return near, ops.nonzero_ids(pred_cc[near][reach]), int(lesion_near.sum())
+
+
+def _lesion_match(
+    ops, lesion_cc, pred_cc, pred_boxes, lesion_id: int, near, ids: list[int], size: int, spacing, distances: bool
+) -> tuple[float, float]:
+    """Dice and HD95 (NaN without ``distances``) of a truth lesion against the union of the
+    components it claims, on the box holding them all."""
+    window = near
+    for i in ids:
+        window = _union(window, pred_boxes[i - 1])
+    # One voxel of margin so that surfaces on the window's edge stay surfaces.
+    window = _grow(window, 1, tuple(lesion_cc.shape))
+    lesion_mask = lesion_cc[window] == lesion_id
+    pred_mask = ops.isin(pred_cc[window], ids)
+    intersection = int((lesion_mask & pred_mask).sum())
+    dice = 2.0 * intersection / (size + int(pred_mask.sum()))
+    return dice, ops.hd95(pred_mask, lesion_mask, spacing) if distances else math.nan
 
 
 def region_lesion_scores(
@@ -261,24 +328,11 @@ def region_lesion_scores(
     foreground = ops.bounding_box(pred | truth)
     if foreground is None:
         return LesionScore(1.0, 0.0 if distances else math.nan, 0, 0, 0)
-    shape = tuple(truth.shape)
-    crop = _grow(foreground, dilation_iterations + 1, shape)
+    crop = _grow(foreground, dilation_iterations + 1, tuple(truth.shape))
     pred, truth = pred[crop], truth[crop]
     shape = tuple(truth.shape)
     pred_cc, n_pred = ops.label(pred)
-    lesion_cc = ops.zeros_like(truth)
-    truth_box = ops.bounding_box(truth)
-    if truth_box is not None:
-        # The merging dilation on the truth's own box (false positives far away widen the crop).
-        near_truth = _grow(truth_box, dilation_iterations + 1, shape)
-        truth_near = truth[near_truth]
-        dilated = ops.dilate(truth_near, dilation_iterations) if dilation_iterations > 0 else truth_near
-        merged_cc, _ = ops.label(dilated)
-        lesion_cc[near_truth] = ops.where(truth_near, merged_cc)
-        # Every dilated component holds truth voxels, so every id of merged_cc occurs.
-        lesion_boxes = ops.boxes(lesion_cc, int(lesion_cc.max()))
-    else:
-        lesion_boxes = []
+    lesion_cc, lesion_boxes = _truth_lesions(ops, truth, dilation_iterations, shape)
     pred_boxes = ops.boxes(pred_cc, n_pred)
     claimed: set[int] = set()
     dice_sum = hd_sum = 0.0
@@ -286,13 +340,8 @@ def region_lesion_scores(
     for lesion_id, box in enumerate(lesion_boxes, start=1):
         if box is None:
             continue
-        # The dilated lesion reaches `dilation_iterations` voxels beyond the lesion's box.
-        near = _grow(box, dilation_iterations, shape)
-        lesion_near = lesion_cc[near] == lesion_id
-        reach = ops.dilate(lesion_near, dilation_iterations) if dilation_iterations > 0 else lesion_near
-        ids = ops.nonzero_ids(pred_cc[near][reach])
+        near, ids, size = _claimed_components(ops, lesion_cc, pred_cc, lesion_id, box, dilation_iterations, shape)
         claimed.update(ids)
-        size = int(lesion_near.sum())
         if size <= min_lesion_voxels:
             continue
         lesions += 1
@@ -300,17 +349,11 @@ def region_lesion_scores(
             hd_sum += hd95_penalty
             continue
         detected += 1
-        window = near
-        for i in ids:
-            window = _union(window, pred_boxes[i - 1])
-        # One voxel of margin so that surfaces on the window's edge stay surfaces.
-        window = _grow(window, 1, shape)
-        lesion_mask = lesion_cc[window] == lesion_id
-        pred_mask = ops.isin(pred_cc[window], ids)
-        intersection = int((lesion_mask & pred_mask).sum())
-        dice_sum += 2.0 * intersection / (size + int(pred_mask.sum()))
+        dice, distance = _lesion_match(
+            ops, lesion_cc, pred_cc, pred_boxes, lesion_id, near, ids, size, spacing, distances
+        )
+        dice_sum += dice
         if distances:
-            distance = ops.hd95(pred_mask, lesion_mask, spacing)
             hd_sum += hd95_penalty if math.isinf(distance) else distance
     false_positives = n_pred - len(claimed)
     count = lesions + false_positives

@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
 
 from ..core.fileio import atomic_write
-from ..data.layouts import REGION_NAMES
+from ..data.labels import REGION_NAMES
 from .metrics import LABEL_NAMES
 
 # One colour per canonical label, readable on a grey MR slice and told apart with the common
@@ -428,6 +428,117 @@ def _region_order(name: str) -> tuple[int, str]:
     return (order.index(name), name) if name in order else (len(order), name)
 
 
+def _draw_loss(ax, train: Mapping[str, Series]) -> None:
+    """The training loss per step and its moving average (log scale where it spreads)."""
+    loss = train.get("loss/train")
+    if loss and loss.steps:
+        window = max(1, len(loss.values) // 50)
+        if window > 1:
+            ax.plot(loss.steps, loss.values, lw=0.6, color="#9ab6d6", label="per step")
+        ax.plot(
+            loss.steps,
+            _moving_average(loss.values, window),
+            lw=1.8,
+            color="#1f5fa8",
+            label=f"mean of {window} steps" if window > 1 else "per step",
+        )
+        if min(loss.values) > 0 and max(loss.values) > 10 * min(loss.values):  # log only where it spreads
+            ax.set_yscale("log")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set(title="training loss")
+
+
+def _draw_dice(ax, dice: Mapping[str, Series]) -> None:
+    """Validation Dice: regions solid, the mean black; the labels dotted in their overlay colours."""
+    colours = {
+        "WT": "#1f63b4",
+        "TC": "#c8322d",
+        "ET": "#2a9a48",
+        "mean": "black",
+        **{LABEL_NAMES[k]: colour for k, colour in LABEL_COLOURS.items()},
+    }
+    for name in sorted(dice, key=_region_order):
+        series = dice[name]
+        region = name in REGION_NAMES or name == "mean"
+        ax.plot(
+            series.steps,
+            series.values,
+            marker="o" if region else None,
+            ms=3,
+            lw=2.4 if name == "mean" else (1.3 if region else 0.9),
+            ls="solid" if region else "dotted",
+            color=colours.get(name),
+            label=name,
+        )
+    ax.set(title="validation Dice", ylim=(0, 1.02))
+
+
+def _draw_learning_rate(ax, train: Mapping[str, Series]) -> None:
+    for key in sorted(k for k in train if k.startswith("lr/")):
+        ax.plot(train[key].steps, train[key].values, label=key.split("/", 1)[1])
+    if sum(k.startswith("lr/") for k in train) > 1:
+        ax.legend(fontsize=8)
+    ax.set(title="learning rate")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))  # no offset text to collide with the epoch axis
+
+
+def _draw_speed(ax, train: Mapping[str, Series]) -> None:
+    speed = train.get("throughput/samples_per_sec")
+    if speed and speed.steps:
+        ax.plot(speed.steps, speed.values, lw=0.8, color="#2a8a4a")
+        ax.set_ylim(bottom=0)
+    ax.set(title="training samples/s")
+
+
+def _draw_group(ax, group: str, members: Mapping[str, Series]) -> None:
+    """One other group of evaluation metrics (HD95, lesion-wise Dice...), a curve per name."""
+    values = [v for s in members.values() for v in s.values]
+    for name in sorted(members, key=_region_order):
+        ax.plot(
+            members[name].steps,
+            members[name].values,
+            marker="o",
+            ms=3,
+            lw=2.4 if name == "mean" else 1.3,
+            label=name,
+        )
+    ax.set(title=f"validation {group}")
+    if values and 0.0 <= min(values) and max(values) <= 1.0 and "dice" in group.lower():
+        ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, ncol=2)
+
+
+def _step_axes(axes: Sequence, last_step: int, best: Mapping | None, batches_per_epoch: int | None) -> None:
+    """Every panel on the same steps, with a grid, the epoch axis on top and the best evaluation marked."""
+    for ax in axes:
+        ax.set_xlim(0, last_step)  # every panel on the same steps
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("step (top: epoch)" if batches_per_epoch else "step", fontsize=9)
+        if batches_per_epoch:
+            top = ax.secondary_xaxis(
+                "top", functions=(lambda s: s / batches_per_epoch, lambda e: e * batches_per_epoch)
+            )
+            top.tick_params(labelsize=7)
+        if best is not None:
+            ax.axvline(best["batch"], color="#c03030", ls="--", lw=1)
+
+
+def _mark_best(ax, best: Mapping | None, dice: Mapping[str, Series]) -> None:
+    """The best evaluation as a star on the Dice panel, and that panel's legend."""
+    if best is not None:
+        ax.plot(
+            [best["batch"]],
+            [best["dice/mean"]],
+            marker="*",
+            ms=14,
+            color="#c03030",
+            ls="none",
+            label=f"best: epoch {best['epoch']}, step {best['batch']}, mean {best['dice/mean']:.3f}",
+        )
+    if dice:
+        ax.legend(loc="best", fontsize=8, ncol=2)
+
+
 def draw_progress(
     path: Path, train: Mapping[str, Series], evals: Sequence[Mapping], batches_per_epoch: int | None = None
 ) -> None:
@@ -451,107 +562,18 @@ def draw_progress(
     fig = _figure(6.2 * columns, 3.9 * rows)
     axes = list(fig.subplots(rows, columns, squeeze=False).ravel())
     best = best_evaluation(evals)
-
-    ax = axes[0]
-    loss = train.get("loss/train")
-    if loss and loss.steps:
-        window = max(1, len(loss.values) // 50)
-        if window > 1:
-            ax.plot(loss.steps, loss.values, lw=0.6, color="#9ab6d6", label="per step")
-        ax.plot(
-            loss.steps,
-            _moving_average(loss.values, window),
-            lw=1.8,
-            color="#1f5fa8",
-            label=f"mean of {window} steps" if window > 1 else "per step",
-        )
-        if min(loss.values) > 0 and max(loss.values) > 10 * min(loss.values):  # log only where it spreads
-            ax.set_yscale("log")
-        ax.legend(loc="upper right", fontsize=8)
-    ax.set(title="training loss")
-
-    ax = axes[1]
-    # Regions solid, the mean black; the labels dotted in their overlay colours.
-    colours = {
-        "WT": "#1f63b4",
-        "TC": "#c8322d",
-        "ET": "#2a9a48",
-        "mean": "black",
-        **{LABEL_NAMES[k]: colour for k, colour in LABEL_COLOURS.items()},
-    }
-    for name in sorted(dice, key=_region_order):
-        series = dice[name]
-        region = name in REGION_NAMES or name == "mean"
-        ax.plot(
-            series.steps,
-            series.values,
-            marker="o" if region else None,
-            ms=3,
-            lw=2.4 if name == "mean" else (1.3 if region else 0.9),
-            ls="solid" if region else "dotted",
-            color=colours.get(name),
-            label=name,
-        )
-    ax.set(title="validation Dice", ylim=(0, 1.02))
-
-    ax = axes[2]
-    for key in sorted(k for k in train if k.startswith("lr/")):
-        ax.plot(train[key].steps, train[key].values, label=key.split("/", 1)[1])
-    if sum(k.startswith("lr/") for k in train) > 1:
-        ax.legend(fontsize=8)
-    ax.set(title="learning rate")
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))  # no offset text to collide with the epoch axis
-
-    ax = axes[3]
-    speed = train.get("throughput/samples_per_sec")
-    if speed and speed.steps:
-        ax.plot(speed.steps, speed.values, lw=0.8, color="#2a8a4a")
-        ax.set_ylim(bottom=0)
-    ax.set(title="training samples/s")
-
+    _draw_loss(axes[0], train)
+    _draw_dice(axes[1], dice)
+    _draw_learning_rate(axes[2], train)
+    _draw_speed(axes[3], train)
     for ax, (group, members) in zip(axes[4:], extra):
-        values = [v for s in members.values() for v in s.values]
-        for name in sorted(members, key=_region_order):
-            ax.plot(
-                members[name].steps,
-                members[name].values,
-                marker="o",
-                ms=3,
-                lw=2.4 if name == "mean" else 1.3,
-                label=name,
-            )
-        ax.set(title=f"validation {group}")
-        if values and 0.0 <= min(values) and max(values) <= 1.0 and "dice" in group.lower():
-            ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=8, ncol=2)
+        _draw_group(ax, group, members)
     for ax in axes[panels:]:
         ax.axis("off")
-
     last_step = max(
         [s for series in train.values() for s in series.steps[-1:]] + [int(r["batch"]) for r in evals] + [1]
     )
-    for ax in axes[:panels]:
-        ax.set_xlim(0, last_step)  # every panel on the same steps
-        ax.grid(alpha=0.3)
-        ax.set_xlabel("step (top: epoch)" if batches_per_epoch else "step", fontsize=9)
-        if batches_per_epoch:
-            top = ax.secondary_xaxis(
-                "top", functions=(lambda s: s / batches_per_epoch, lambda e: e * batches_per_epoch)
-            )
-            top.tick_params(labelsize=7)
-        if best is not None:
-            ax.axvline(best["batch"], color="#c03030", ls="--", lw=1)
-    if best is not None:
-        axes[1].plot(
-            [best["batch"]],
-            [best["dice/mean"]],
-            marker="*",
-            ms=14,
-            color="#c03030",
-            ls="none",
-            label=f"best: epoch {best['epoch']}, step {best['batch']}, mean {best['dice/mean']:.3f}",
-        )
-    if dice:
-        axes[1].legend(loc="best", fontsize=8, ncol=2)
+    _step_axes(axes[:panels], last_step, best, batches_per_epoch)
+    _mark_best(axes[1], best, dice)
     fig.tight_layout()
     _save(fig, path)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.schema import NonNegative
-from ..data.layouts import REGION_NAMES, REGIONS
+from ..data.labels import REGION_NAMES, REGIONS
 
 # Dice smoothing as in MONAI's defaults (smooth_nr = smooth_dr = 1e-5), so the values agree.
 SMOOTH = 1e-5

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..labels import REGION_NAMES, REGIONS  # the evaluation regions, part of the canonical form
+
 __all__ = [
     "AFFINE_TOLERANCE_MM",
     "MAX_IMAGE_VALUES",
@@ -47,11 +49,6 @@ CANONICAL_LABELS: dict[int, str] = {
     2: "peritumoral edema",
     3: "enhancing tumour",
 }
-
-#: Evaluation regions in canonical labels: whole tumour, tumour core, enhancing tumour.
-REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
-#: Order in which region channels/metrics are reported everywhere.
-REGION_NAMES: tuple[str, ...] = ("WT", "TC", "ET")
 
 #: Native label value -> canonical label value, per label convention.
 LABEL_CONVENTIONS: dict[str, dict[int, int]] = {
