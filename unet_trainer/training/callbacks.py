@@ -167,7 +167,7 @@ class CheckpointSaver(Callback):
             rows = getattr(state.evaluator, "last_per_case", None)
             if rows:
                 atomic_write(
-                    (state.run_dir or self.folder.parent) / BEST_CASES_CSV,
+                    (state.run_dir or self.checkpoints.run_dir) / BEST_CASES_CSV,
                     lambda temporary: write_cases_csv(temporary, rows),
                 )
         barrier()
