@@ -8,7 +8,8 @@ import torch
 
 from unet_trainer.cli.train import main as train_main
 from unet_trainer.commands.builders import run_training
-from unet_trainer.core.checkpoint import list_checkpoints, load_checkpoint
+from unet_trainer.core.checkpoint import load_checkpoint
+from unet_trainer.core.checkpoints import list_checkpoints
 from unet_trainer.core.runfolder import RunFolderError
 from unet_trainer.training.trainer import TrainingDiverged
 

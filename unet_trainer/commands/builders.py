@@ -23,30 +23,18 @@ from ..config import components
 from ..config.components import build_model, describe_model
 from ..config.config import ConfigError, Duration, config_differences, dump_config, upgrade_config
 from ..core.checkpoint import (
-    BEST_RE,
     LEGACY_RUN_ID,
     CheckpointError,
-    latest_checkpoint,
     load_checkpoint,
     new_run_id,
     one_line,
     restore_rng_state,
 )
+from ..core.checkpoints import CheckpointManager, describe_others, run_file_name
 from ..core.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from ..core.fileio import atomic_write_text, remove_orphan_temporaries
 from ..core.guard import check_outputs
-from ..core.runfolder import (
-    FolderLock,
-    RunFolderError,
-    checkpoint_identities,
-    describe_others,
-    move_checkpoints_aside,
-    move_run_aside,
-    newest_own_checkpoint,
-    other_runs_checkpoints,
-    run_file_name,
-    short_run_id,
-)
+from ..core.runfolder import FolderLock, RunFolderError
 from ..data.layouts import DataFormatError
 from ..data.loader import BatchTooLarge, PatchDataset, build_train_loader
 from ..data.phantom import write_phantom_dataset
@@ -324,7 +312,7 @@ def build_callbacks(
         cb.ProgressBar(enabled=is_main and progress),
         Logger(destinations if is_main else [], overlays),
         cb.CheckpointSaver(
-            run_dir / "checkpoints",
+            CheckpointManager.of_run(run_dir).folder,
             Duration.parse(cfg["save_interval"]),
             cfg["save_num_checkpoints_to_keep"],
             is_writer=is_main,
@@ -416,7 +404,7 @@ def _warn(message: str) -> None:
 
 def _resume_checkpoint(cfg: dict, run_dir: Path, dist_info: DistInfo) -> tuple[Path, dict] | None:
     """The checkpoint to start from and its contents: ``load_path``, else with ``autoresume`` the
-    newest of the folder's own run that loads (:func:`runfolder.newest_own_checkpoint`: another
+    newest of the folder's own run that loads (:meth:`CheckpointManager.newest_loadable`: another
     run's or a damaged one is passed over with a warning), else None. Under torchrun rank 0 picks
     it (it alone holds the folder and warns) and every rank loads the file it picked.
 
@@ -432,7 +420,7 @@ def _resume_checkpoint(cfg: dict, run_dir: Path, dist_info: DistInfo) -> tuple[P
     found, picked = None, None
     if dist_info.is_main:
         try:
-            found = newest_own_checkpoint(run_dir, warn=_warn)
+            found = CheckpointManager.of_run(run_dir).newest_loadable(warn=_warn)
             picked = str(found[0]) if found else None
         except RunFolderError as exc:
             picked = exc
@@ -452,7 +440,8 @@ def _lock_run_folder(run_dir: Path) -> FolderLock:
     """
     lock = FolderLock(run_dir).acquire()
     # Under the lock no other run can be writing here, so every temporary is an orphan.
-    removed = remove_orphan_temporaries(run_dir / "checkpoints") + remove_orphan_temporaries(run_dir, run_file_name)
+    checkpoints = CheckpointManager.of_run(run_dir).folder
+    removed = remove_orphan_temporaries(checkpoints) + remove_orphan_temporaries(run_dir, run_file_name)
     if removed:
         print(
             f"note: removed {len(removed)} temporary file(s) left in {run_dir} by an interrupted run", file=sys.stderr
@@ -473,19 +462,20 @@ def _claim_run_folder(
         RunFolderError: other files are there and ``save_overwrite`` is false (one line saying
             what is there and how to go on).
     """
-    folder = run_dir / "checkpoints"
-    others = other_runs_checkpoints(folder, run_id, resumed_batch)
+    checkpoints = CheckpointManager.of_run(run_dir)
+    folder = checkpoints.folder
+    others = checkpoints.others(run_id, resumed_batch)
     if not others:
-        _move_foreign_best_aside(run_dir, run_id)
+        checkpoints.move_foreign_best_aside(run_id)
         return
     fresh = resumed_batch is None
     if cfg["save_overwrite"]:
-        moved = move_run_aside(run_dir, others, whole_run=fresh)
+        moved = checkpoints.move_run_aside(others, whole_run=fresh)
         print(
             f"save_overwrite: moved {describe_others(others)}{' and its logs' if fresh else ''} to {moved}",
             file=sys.stderr,
         )
-        _move_foreign_best_aside(run_dir, run_id)
+        checkpoints.move_foreign_best_aside(run_id)
         return
     if fresh:
         why = (
@@ -508,19 +498,6 @@ def _claim_run_folder(
         f"(run_name=NEW or save_folder=PATH); {carry_on}or add save_overwrite=true to move them aside into "
         f"{run_dir / 'previous'} (nothing is deleted)"
     )
-
-
-def _move_foreign_best_aside(run_dir: Path, run_id: str) -> None:
-    """Move another run's ``best-rank*.pt`` (left next to this run's history, which it is not
-    part of) into ``previous/``, with a one-line note: this run writes its own best there."""
-    for path, owner, batch in checkpoint_identities(run_dir / "checkpoints"):
-        if BEST_RE.match(path.name) and owner != run_id:
-            moved = move_checkpoints_aside(run_dir, [(path, owner, batch)])
-            print(
-                f"note: {path} belongs to run {short_run_id(owner)}, not this run ({short_run_id(run_id)}); "
-                f"moved to {moved / 'checkpoints'} rather than overwritten by this run's best",
-                file=sys.stderr,
-            )
 
 
 def _warn_patch_padding(patch: Sequence[int], prepared: Path, case_ids: Sequence[str]) -> None:
@@ -871,14 +848,13 @@ def training_summary(
 ) -> dict:
     """What :func:`run_training` returns: where things are, how far it got, the scores, the state."""
     run_dir = state.run_dir
+    checkpoints = CheckpointManager.of_run(run_dir)
     final = state.eval_history[-1] if state.eval_history else {}
     return {
         "run_dir": str(run_dir),
         "prepared": str(data.prepared),
-        "checkpoint": str(latest_checkpoint(run_dir / "checkpoints")) if dist_info.is_main else None,
-        "best_checkpoint": str(run_dir / "checkpoints" / "best-rank0.pt")
-        if state.extra_state.get("best_dice") is not None
-        else None,
+        "checkpoint": str(checkpoints.latest()) if dist_info.is_main else None,
+        "best_checkpoint": str(checkpoints.best_path) if state.extra_state.get("best_dice") is not None else None,
         "resumed_from": str(resumed_from) if resumed_from else None,
         "epoch": state.timestamp.epoch,
         "batch": state.timestamp.batch,

@@ -43,6 +43,7 @@ import yaml
 
 from ..config.config import ConfigError, config_differences, dump_config, load_yaml, resolve_from_base
 from ..core.checkpoint import checkpoint_identity
+from ..core.checkpoints import CheckpointManager
 from ..core.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
 from ..core.fileio import atomic_write, atomic_write_text
 from ..core.runfolder import FolderLock, RunFolderError
@@ -152,7 +153,7 @@ def claim_cv_folder(cfg: dict, aggregate_only: bool = False) -> Path:
     cv_dir = Path(cfg["save_folder"])
     if aggregate_only and not cv_dir.is_dir():
         raise CrossValidationError(f"{cv_dir}: no such cross-validation folder (train the folds first: unet-cv CONFIG)")
-    if (cv_dir / "checkpoints").is_dir():
+    if CheckpointManager.of_run(cv_dir).folder.is_dir():
         raise CrossValidationError(
             f"{cv_dir}: is the run folder of a unet-train run (it holds checkpoints/); give the "
             "cross-validation its own folder with run_name=NEW or save_folder=PATH"

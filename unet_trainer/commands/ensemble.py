@@ -28,6 +28,7 @@ import torch
 from ..config.components import describe_model
 from ..config.config import ConfigError, config_differences, load_yaml
 from ..core.checkpoint import CheckpointError
+from ..core.checkpoints import CheckpointManager
 from ..core.runfolder import RunFolderError, live_holder
 from .builders import RESUME_FREE_KEYS
 from .folders import CV_CONFIG, chosen_checkpoint, fold_folders, fold_state
@@ -161,7 +162,7 @@ def folder_checkpoints(folder: Path, choice: str = "best") -> list[tuple[Path, s
     """
     folder = Path(folder)
     folds = fold_folders(folder)
-    if not folds and (folder / "checkpoints").is_dir():
+    if not folds and CheckpointManager.of_run(folder).folder.is_dir():
         folds = [(None, folder)]
     if not folds:
         raise EnsembleError(

@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config.config import Duration, resolve_from_base
-from ..core.checkpoint import CHECKPOINT_RE, LEGACY_RUN_ID, CheckpointError, checkpoint_identity
-from ..core.runfolder import newest_own_checkpoint, short_run_id
+from ..core.checkpoint import LEGACY_RUN_ID
+from ..core.checkpoints import CHECKPOINT_CHOICES as CHECKPOINT_CHOICES  # read by the command line
+from ..core.checkpoints import CheckpointManager, named_counters
 from ..training import callbacks as cb
 from ..training.trainer import Timestamp
 
 CV_CONFIG = "cv_config.yaml"
-BEST_CHECKPOINT = "best-rank0.pt"
-CHECKPOINT_CHOICES = ("best", "latest")
 
 
 def fold_folder(cv_dir: Path, fold: int) -> Path:
@@ -77,14 +76,14 @@ def fold_state(
             of the config stored in its newest checkpoint), ``early_stopper`` then unused.
 
     Reads only the run's checkpoints, the newest of its own run as autoresume picks it
-    (:func:`runfolder.newest_own_checkpoint`, quietly: training warns about the others); a folder
+    (:meth:`CheckpointManager.newest_loadable`, quietly: training warns about the others); a folder
     without one is "not started".
 
     Raises:
         ConfigError: (``max_duration`` None) the checkpoint's stored config cannot be read.
         RunFolderError: checkpoints of several runs, and nothing says which is the folder's.
     """
-    found = newest_own_checkpoint(Path(run_dir), mmap=True, warn=lambda _: None)
+    found = CheckpointManager.of_run(run_dir).newest_loadable(mmap=True, warn=lambda _: None)
     if found is None:
         return FoldState(fold, Path(run_dir))
     path, state = found
@@ -94,9 +93,9 @@ def fold_state(
     timestamp = Timestamp(**dict(state.get("timestamp") or {}))
     # A checkpoint saved at an epoch's last step is written before the loop counts that epoch in
     # timestamp.epoch; its name carries the epochs finished (State.finished_epochs).
-    named = CHECKPOINT_RE.match(path.name)
+    named = named_counters(path)
     if named:
-        timestamp.epoch = max(timestamp.epoch, int(named.group(1)))
+        timestamp.epoch = max(timestamp.epoch, named[0])
     # reached() reads only the counters; the per-epoch sizes are not needed.
     reason = None
     if timestamp.reached(max_duration, batches_per_epoch=0, samples_per_epoch=0):
@@ -134,7 +133,8 @@ def chosen_checkpoint(state: FoldState, choice: str = "best", warn: Callable[[st
     ``choice`` "best": ``best-rank0.pt`` when the run saved one, else the newest checkpoint;
     "latest": the newest checkpoint. A ``best-rank0.pt`` that is there but cannot stand for the
     run (another run's, unreadable, or needing code to load) is never used: the newest
-    checkpoint takes its place, and ``warn`` gets one line naming both and why.
+    checkpoint takes its place (:meth:`CheckpointManager.choose`), and ``warn`` gets one line
+    naming both and why.
 
     Returns:
         (checkpoint, "best" or "latest").
@@ -142,18 +142,7 @@ def chosen_checkpoint(state: FoldState, choice: str = "best", warn: Callable[[st
     Raises:
         ValueError: an unknown choice.
     """
-    if choice not in CHECKPOINT_CHOICES:
-        raise ValueError(f"checkpoint choice {choice!r} is not one of {', '.join(CHECKPOINT_CHOICES)}")
-    assert state.checkpoint is not None, "a fold without checkpoints has none to choose"
-    best = state.run_dir / "checkpoints" / BEST_CHECKPOINT
-    if choice == "best" and (best.is_file() or best.is_symlink()):
-        try:
-            run_id = checkpoint_identity(best)[0]
-        except CheckpointError as exc:
-            reason = exc.reason
-        else:
-            if run_id == state.run_id:
-                return best, "best"
-            reason = f"belongs to run {short_run_id(run_id)}, not this run ({short_run_id(state.run_id)})"
-        warn(f"{best} refused ({reason}); using {state.checkpoint.name}")
-    return state.checkpoint, "latest"
+    chosen = CheckpointManager.of_run(state.run_dir).choose(choice, state.checkpoint, state.run_id)
+    if chosen.refused is not None:
+        warn(f"{chosen.refused} refused ({chosen.reason}); using {chosen.path.name}")
+    return chosen.path, chosen.why

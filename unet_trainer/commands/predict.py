@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..core.checkpoints import checkpoint_run_folder
 from ..core.distributed import DistInfo
 from ..core.fileio import remove_orphan_temporaries
 from ..core.guard import check_outputs
-from ..core.runfolder import PREDICT_LOCK_NAME, FolderLock, checkpoint_run_folder
+from ..core.runfolder import PREDICT_LOCK_NAME, FolderLock
 from ..data.layouts import (
     CANONICAL_CHANNELS,
     REGION_NAMES,

@@ -6,14 +6,9 @@ file or the complete new one: a partial file is never taken for a checkpoint. Lo
 ``torch.load(..., weights_only=True)``, so a checkpoint from a stranger cannot run code; every
 value stored is therefore a tensor or a plain Python container/scalar.
 
-Names follow Composer: ``ep{epoch}-ba{batch}-rank{rank}.pt``, a ``latest-rank{rank}.pt`` symlink
-to the newest, and ``best-rank{rank}.pt`` for the best validation Dice.
-
 Every checkpoint carries its run's identity (``run_id``): a fresh run draws a new one, a resumed
-run keeps the one it resumed. Rotation and the ``latest`` link only touch the files of the run
-that writes them, autoresume only continues the run folder's own run, and another run's file
-where a checkpoint is about to be written is moved aside, never overwritten (see
-:mod:`unet_trainer.core.runfolder`).
+run keeps the one it resumed. The files' names, which of them a run resumes or is judged by, and
+the rules that keep runs apart are the checkpoint manager's (:mod:`unet_trainer.core.checkpoints`).
 """
 
 from __future__ import annotations
@@ -30,8 +25,6 @@ import torch
 
 from .fileio import atomic_write, os_error_line
 
-CHECKPOINT_RE = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
-BEST_RE = re.compile(r"^best-rank(\d+)\.pt$")
 # Checkpoints written before runs had identities belong to this unnamed run.
 LEGACY_RUN_ID = ""
 
@@ -186,33 +179,6 @@ def checkpoint_identity(path: Path) -> tuple[str, int]:
     state = load_checkpoint(path, mmap=True)
     timestamp = state.get("timestamp") or {}
     return str(state.get("run_id", LEGACY_RUN_ID)), int(timestamp.get("batch", 0))
-
-
-def checkpoint_name(epoch: int, batch: int, rank: int = 0) -> str:
-    return f"ep{epoch}-ba{batch}-rank{rank}.pt"
-
-
-def list_checkpoints(folder: Path, rank: int = 0) -> list[Path]:
-    """Complete checkpoints of ``rank`` in ``folder``, oldest first (by batch count)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = CHECKPOINT_RE.match(path.name)
-        if match and int(match.group(3)) == rank:
-            found.append((int(match.group(2)), path))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(folder: Path, rank: int = 0) -> Path | None:
-    """The newest complete checkpoint: the ``latest`` link if it resolves, else the highest batch."""
-    folder = Path(folder)
-    link = folder / f"latest-rank{rank}.pt"
-    if link.is_symlink() and link.exists():
-        return link.resolve()
-    found = list_checkpoints(folder, rank)
-    return found[-1] if found else None
 
 
 # --------------------------------------------------------------------------------------------

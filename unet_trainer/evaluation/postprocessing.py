@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from ..core.checkpoints import checkpoint_run_folder
 from ..core.documents import DocumentError, load_json_text, read_utf8
 from ..core.fileio import atomic_write_text, os_error_line
-from ..core.runfolder import checkpoint_run_folder
 from ..data.labels import REGION_NAMES, REGIONS
 from .lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,

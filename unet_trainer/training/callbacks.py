@@ -13,7 +13,6 @@ import json
 import math
 import resource
 import signal
-import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -21,19 +20,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..core.checkpoint import (
-    CHECKPOINT_RE,
-    CheckpointError,
-    atomic_torch_save,
-    capture_rng_state,
-    checkpoint_identity,
-    checkpoint_name,
-    list_checkpoints,
-)
+from ..core.checkpoint import capture_rng_state
+from ..core.checkpoints import CheckpointManager
 from ..core.distributed import all_gather_objects, all_ranks_agree, barrier
 from ..core.duration import Duration
-from ..core.fileio import atomic_symlink, atomic_write
-from ..core.runfolder import move_checkpoints_aside, short_run_id
+from ..core.fileio import atomic_write
 from ..core.schema import NonNegative, PositiveInt
 from ..evaluation.evaluation import write_cases_csv
 from ..evaluation.visualize import Series, draw_progress
@@ -110,8 +101,9 @@ class CheckpointSaver(Callback):
     ``<run>/eval_cases_best.csv``. Rotation only removes files carrying this run's identity
     (``state.run_id``): another run's, or a stray or unreadable file, is never touched, and one
     found under the name about to be written is moved into ``<run>/previous/`` (one-line note)
-    rather than overwritten. Writes are atomic (see :mod:`unet_trainer.core.checkpoint`). ``E`` in the
-    names is :attr:`State.finished_epochs`.
+    rather than overwritten. Writes are atomic. The names and these rules are the checkpoint
+    manager's (:class:`unet_trainer.core.checkpoints.CheckpointManager`); ``E`` in the names is
+    :attr:`State.finished_epochs`.
     """
 
     def __init__(self, folder: Path, interval: Duration, keep: int = 3, is_writer: bool = True):
@@ -123,55 +115,7 @@ class CheckpointSaver(Callback):
         self.is_writer = is_writer
         self.last_saved_batch = None
         self.saved: list[Path] = []
-        # path -> ((size, mtime), (run id, batch) or None when unreadable): each file is read once.
-        self._identities: dict[Path, tuple[tuple[int, int], tuple[str, int] | None]] = {}
-
-    def _identity_of(self, path: Path) -> tuple[str, int] | None:
-        try:
-            stat = path.stat()
-        except OSError:
-            return None
-        key = (stat.st_size, stat.st_mtime_ns)
-        cached = self._identities.get(path)
-        if cached is None or cached[0] != key:
-            try:
-                identity = checkpoint_identity(path)
-            except CheckpointError:
-                identity = None
-            cached = self._identities[path] = (key, identity)
-        return cached[1]
-
-    def _rotate(self, state: State) -> None:
-        # Own: this run's identity, and the batch its name says (a renamed copy is left alone).
-        own = [
-            p
-            for p in list_checkpoints(self.folder)
-            if self._identity_of(p) == (state.run_id, int(CHECKPOINT_RE.match(p.name).group(2)))
-        ]
-        for old in own[: max(len(own) - max(self.keep, 1), 0)]:
-            old.unlink(missing_ok=True)
-            self._identities.pop(old, None)
-
-    def _write(self, payload: dict, path: Path, state: State) -> None:
-        """Save ``payload`` as ``path``, after moving aside a file there that is not this run's."""
-        if path.is_file() and not path.is_symlink():
-            identity = self._identity_of(path)
-            if identity is None or identity[0] != state.run_id:
-                this_run = short_run_id(state.run_id)
-                whose = (
-                    f"belongs to run {short_run_id(identity[0])}, not this run ({this_run})"
-                    if identity
-                    else f"does not load, so nothing says it is this run's ({this_run})"
-                )
-                entry = (path, identity[0] if identity else "", identity[1] if identity else 0)
-                moved = move_checkpoints_aside(self.folder.parent, [entry], None if identity else "unreadable")
-                self._identities.pop(path, None)
-                print(
-                    f"note: {path} {whose}; moved to {moved / 'checkpoints'} rather than overwritten", file=sys.stderr
-                )
-        atomic_torch_save(payload, path)
-        stat = path.stat()
-        self._identities[path] = ((stat.st_size, stat.st_mtime_ns), (state.run_id, state.timestamp.batch))
+        self.checkpoints = CheckpointManager(self.folder)
 
     def _payload(self, state: State) -> dict:
         payload = state.state_dict()
@@ -187,15 +131,13 @@ class CheckpointSaver(Callback):
         if self.last_saved_batch == state.timestamp.batch:
             return None
         payload = self._payload(state)
-        name = checkpoint_name(state.finished_epochs, state.timestamp.batch)
-        path = self.folder / name
+        path = self.checkpoints.path_for(state.finished_epochs, state.timestamp.batch)
         self.last_saved_batch = state.timestamp.batch
         if self.is_writer:
-            self._write(payload, path, state)
-            atomic_symlink(name, self.folder / "latest-rank0.pt")
+            self.checkpoints.save_periodic(payload, state.finished_epochs, state.run_id, state.timestamp.batch)
             self.saved.append(path)
             if self.keep >= 0:
-                self._rotate(state)
+                self.checkpoints.rotate(state.run_id, self.keep)
         barrier()
         return path
 
@@ -220,12 +162,12 @@ class CheckpointSaver(Callback):
         state.extra_state["best_batch"] = state.timestamp.batch
         payload = self._payload(state)
         if self.is_writer:
-            self._write(payload, self.folder / "best-rank0.pt", state)
+            self.checkpoints.save(payload, self.checkpoints.best_path, state.run_id, state.timestamp.batch)
             # eval_cases.csv is the latest evaluation's; this one stays with best-rank0.pt.
             rows = getattr(state.evaluator, "last_per_case", None)
             if rows:
                 atomic_write(
-                    (state.run_dir or self.folder.parent) / BEST_CASES_CSV,
+                    (state.run_dir or self.checkpoints.run_dir) / BEST_CASES_CSV,
                     lambda temporary: write_cases_csv(temporary, rows),
                 )
         barrier()

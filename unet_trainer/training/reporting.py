@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from ..core.checkpoints import CHECKPOINTS_FOLDER, best_name
 from ..core.schema import PositiveInt, Setting
 from ..evaluation.visualize import evaluator_case_view, write_overlays
 from .loggers import LoggerDestination, numeric_metrics
@@ -209,7 +210,7 @@ class MLflowLogger(LoggerDestination):
             return
         self._log_artifacts("config.yaml", "progress.png", "overlays/summary.png")
         if self.log_checkpoints:
-            self._log_artifacts("checkpoints/best-rank0.pt")
+            self._log_artifacts(f"{CHECKPOINTS_FOLDER}/{best_name()}")
         if stop_reason:
             self.client.set_tag(self.run_id, "unet_trainer.stop_reason", stop_reason)
         self.client.set_terminated(self.run_id, "FINISHED")
