@@ -34,10 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchutil import device_description  # noqa: E402
 
 from unet_trainer.commands.builders import AMP_DTYPES, build_device, build_model, build_split, ensure_prepared  # noqa: E402
-from unet_trainer.config.config import CALLBACKS, repo_root, resolve_config  # noqa: E402
+from unet_trainer.config.components import output_mode  # noqa: E402
+from unet_trainer.config.config import repo_root, resolve_config  # noqa: E402
+from unet_trainer.config.tree import CALLBACKS  # noqa: E402
 from unet_trainer.core.distributed import DistInfo  # noqa: E402
 from unet_trainer.evaluation.evaluation import DiceEvaluator  # noqa: E402
 from unet_trainer.evaluation.visualize import evaluator_case_view, write_overlays  # noqa: E402
+from unet_trainer.training.losses import OutputMode  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg["data"]["patch_size"],
         model.spatial_dims,
         model.num_classes,
-        "region_dice_bce" in cfg["loss"],
+        output_mode(cfg["loss"]) is OutputMode.REGIONS,
         ev["overlap"],
         ev["sw_batch_size"],
         ev["gaussian"],

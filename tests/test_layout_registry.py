@@ -7,7 +7,7 @@ import re
 import pytest
 
 from unet_trainer.cli import main as cli
-from unet_trainer.config import config
+from unet_trainer.config import engine, tree
 from unet_trainer.data import layouts
 from unet_trainer.data import layouts as formats
 from unet_trainer.data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES, FORMATS, LABEL_CONVENTIONS, LAYOUTS
@@ -19,13 +19,13 @@ def test_format_choices_are_auto_then_every_registered_layout():
 
 
 def test_config_choices_are_the_registry():
-    data = config.SCHEMA["data"]
+    data = tree.SCHEMA["data"]
     assert data["format"].choices == FORMAT_CHOICES and data["format"].default == "auto"
     assert data["dle_labels"].choices == DLE_LABEL_CONVENTIONS == LAYOUTS["dle"].label_choices
     assert data["dle_labels"].default == DLE_LABEL_CONVENTIONS[0]
-    assert config.defaults()["data"]["format"] == "auto"
-    with pytest.raises(config.ConfigError) as excinfo:
-        config.check_layer({"data": {"format": "brats2019"}}, "command line")
+    assert tree.defaults()["data"]["format"] == "auto"
+    with pytest.raises(engine.ConfigError) as excinfo:
+        engine.check_layer({"data": {"format": "brats2019"}}, "command line", tree.SCHEMA)
     assert all(name in str(excinfo.value) for name in FORMAT_CHOICES)
 
 

@@ -22,7 +22,8 @@ from conftest import ROOT, tiny_overrides
 import unet_trainer.core.checkpoint as checkpoint_module
 from unet_trainer.cli.main import data_main, train_main
 from unet_trainer.commands.builders import run_training
-from unet_trainer.config.config import ConfigError, resolve_config
+from unet_trainer.config.config import resolve_config
+from unet_trainer.config.engine import ConfigError
 from unet_trainer.core.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from unet_trainer.core.runfolder import FolderLock, RunFolderError
 from unet_trainer.data.phantom import write_phantom_dataset

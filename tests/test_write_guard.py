@@ -12,7 +12,8 @@ from conftest import ROOT, tiny_overrides
 
 from unet_trainer.cli.main import cv_main, data_main, eval_main, predict_main, train_main
 from unet_trainer.commands.builders import prepared_data_dir, raw_data_dir, run_training
-from unet_trainer.config.config import ConfigError, resolve_config
+from unet_trainer.config.config import resolve_config
+from unet_trainer.config.engine import ConfigError
 from unet_trainer.core.guard import OutputPathError, check_outputs
 from unet_trainer.data.layouts import list_cases, write_case
 

@@ -11,7 +11,9 @@ import math
 import sys
 from pathlib import Path
 
-from ..config.config import SEED, ConfigError, dump_config, resolve_config
+from ..config.config import resolve_config
+from ..config.engine import ConfigError, dump_config
+from ..config.tree import SEED
 from ..core.checkpoint import CheckpointError
 from ..core.fileio import os_error_line
 from ..core.guard import OutputPathError

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config.config import Duration, resolve_from_base
+from ..config.config import resolve_from_base
 from ..core.checkpoint import CHECKPOINT_RE, LEGACY_RUN_ID, CheckpointError, checkpoint_identity
+from ..core.duration import Duration
 from ..core.runfolder import newest_own_checkpoint, short_run_id
 from ..training import callbacks as cb
 from ..training.trainer import Timestamp

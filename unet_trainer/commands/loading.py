@@ -12,11 +12,14 @@ from pathlib import Path
 
 import torch
 
-from ..config.config import ConfigError, resolve_from_base
+from ..config.components import output_mode
+from ..config.config import resolve_from_base
+from ..config.engine import ConfigError
 from ..core.checkpoint import CheckpointError, load_checkpoint, one_line
 from ..evaluation.evaluation import logits_to_probabilities
 from ..evaluation.inference import predict_volume
 from ..models.model import SegmentationModel, optimize_model
+from ..training.losses import OutputMode
 from .builders import AMP_DTYPES, build_device, build_model
 
 
@@ -30,7 +33,7 @@ class LoadedModel:
         cfg: the checkpoint's resolved config with the overrides applied.
         device: where the model and every tensor of its inference live.
         amp_dtype: autocast dtype from ``cfg["precision"]`` (None for fp32).
-        region_mode: outputs are sigmoid (WT, TC, ET) regions (loss ``region_dice_bce``).
+        region_mode: outputs are sigmoid (WT, TC, ET) regions (the loss's ``output_mode``).
         checkpoint: the checkpoint file (symlinks resolved).
         weights: "ema" when the checkpoint's moving-average weights were loaded (the weights its
             own evaluations used), else "model".
@@ -140,7 +143,7 @@ def load_model(checkpoint: Path, overrides: Sequence[str] = (), channels_last: b
         cfg=cfg,
         device=device,
         amp_dtype=AMP_DTYPES[cfg["precision"]],
-        region_mode="region_dice_bce" in cfg["loss"],
+        region_mode=output_mode(cfg["loss"]) is OutputMode.REGIONS,
         checkpoint=path.resolve(),
         weights=name,
         timestamp=dict(state.get("timestamp") or {}),

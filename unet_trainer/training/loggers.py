@@ -209,15 +209,15 @@ class FileLogger(LoggerDestination):
 
 class TensorBoardLogger(LoggerDestination):
     """Metrics as TensorBoard scalars (evaluation ones as ``eval/<key>``) and the images (the
-    overlay summary grid as ``eval/overlay_summary``), in event files under ``folder``.
+    overlay summary grid as ``eval/overlay_summary``), in event files under ``<run_dir>/tensorboard``.
 
     Needs the tensorboard package (the builder checks it is there before the run starts).
     """
 
     requires = ("torch.utils.tensorboard", "tensorboard")
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    def __init__(self, run_dir: Path):
+        self.folder = Path(run_dir) / "tensorboard"
         self.writer = None
 
     def truncate_after(self, step: int) -> None:
