@@ -11,7 +11,8 @@ checks and merges layers against this tree is :mod:`unet_trainer.config.engine`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import functools
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..core.schema import F, Field, ListOf, OneOf, SetOf, fields_of
@@ -35,21 +36,42 @@ POSITIVE = dict(minimum=0.0)
 SEED = dict(minimum=0, maximum=2**32 - 1)
 
 
-def _settings(registry: Mapping[str, Any]) -> dict[str, dict[str, Field]]:
-    """Each registered component's settings, derived from its own signature, less the arguments
-    the builder supplies (:data:`components.BUILDER_SUPPLIED`: the parameters, the run folder...)."""
-    return {name: fields_of(component, exclude=components.BUILDER_SUPPLIED) for name, component in registry.items()}
+@functools.cache
+def _settings_of(component: Any) -> dict[str, Field]:
+    """A component's settings, derived from its own signature, less the arguments the builder
+    supplies (:data:`components.BUILDER_SUPPLIED`: the parameters, the run folder...)."""
+    return fields_of(component, exclude=components.BUILDER_SUPPLIED)
 
 
-OPTIMIZERS = _settings(components.OPTIMIZERS)
+class RegisteredSettings(Mapping[str, Mapping[str, Field]]):
+    """Each registered component's settings by name, read from the registries whenever asked: a
+    component's registry line is all its config section needs (a line added later included)."""
+
+    def __init__(self, *registries: Mapping[str, Any]) -> None:
+        self.registries = registries
+
+    def _merged(self) -> dict[str, Any]:
+        return {name: component for registry in self.registries for name, component in registry.items()}
+
+    def __getitem__(self, name: str) -> dict[str, Field]:
+        return _settings_of(self._merged()[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._merged())
+
+    def __len__(self) -> int:
+        return len(self._merged())
+
+
+OPTIMIZERS = RegisteredSettings(components.OPTIMIZERS)
 # Each factor multiplies the optimizer's base lr; a list of schedulers multiplies them all, as
 # Composer composes its schedulers. Their durations (200ep, 1000ba, 64sp) reach them in batches.
-SCHEDULERS = _settings(components.SCHEDULERS)
-LOSSES = _settings(components.LOSSES)
+SCHEDULERS = RegisteredSettings(components.SCHEDULERS)
+LOSSES = RegisteredSettings(components.LOSSES)
 # Callbacks and logger destinations are switched on in the same ``callbacks`` section.
-CALLBACKS = _settings({**components.CALLBACKS, **components.LOGGER_DESTINATIONS})
-ALGORITHMS = _settings(components.ALGORITHMS)
-MODELS = _settings(components.MODELS)
+CALLBACKS = RegisteredSettings(components.CALLBACKS, components.LOGGER_DESTINATIONS)
+ALGORITHMS = RegisteredSettings(components.ALGORITHMS)
+MODELS = RegisteredSettings(components.MODELS)
 
 
 def augmentation_schema(transforms: Mapping[str, type] = AUGMENTATIONS) -> dict[str, Any]:
