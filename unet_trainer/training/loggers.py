@@ -5,8 +5,8 @@ the checkpoint its resume starts from (:meth:`LoggerDestination.truncate_after`)
 
 Destinations here: :class:`FileLogger` (``metrics.jsonl`` and the CSVs, always on) and
 :class:`TensorBoardLogger`; :class:`unet_trainer.training.reporting.MLflowLogger` is the third. A new one
-is a subclass plus one line in ``builders.LOGGER_DESTINATIONS`` (how to build it) and one in
-``components.CALLBACKS`` (its settings, derived from its signature).
+is a subclass plus one line in ``components.LOGGER_DESTINATIONS`` (its settings are its typed
+keyword arguments; the run folder and the config come as ``run_dir`` and ``config``).
 """
 
 from __future__ import annotations

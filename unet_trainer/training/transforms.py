@@ -120,20 +120,6 @@ def _declared_settings(transform: type) -> tuple[dict[str, Field], frozenset[str
     return settings, frozenset(name for name in settings if hints.get(name) == Range)
 
 
-def _checked_setting(owner: str, name: str, value: Any, spec: Field, is_range: bool) -> Any:
-    """``value`` as the setting's kind through :meth:`Field.check` (a list becomes a tuple, so the
-    transform stays hashable), or a :class:`SettingError` saying what the config would say."""
-    try:
-        checked = spec.check(value)
-    except FieldError as error:
-        raise SettingError(owner, name, value, error.expected) from None
-    if isinstance(checked, list):
-        checked = tuple(checked)
-    if is_range and checked[0] > checked[1]:
-        raise SettingError(owner, name, value, "[low, high] with low <= high")
-    return checked
-
-
 @dataclass(frozen=True)
 class FlipDraw:
     """A batch's flips. ``axes``: ``(B, N)`` bool, ``axes[b, a]`` flips sample ``b`` along spatial axis ``a``."""
@@ -172,9 +158,20 @@ class BatchTransform:
     shares_recipe_draw: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        """Check every setting with its field (:meth:`Field.check`, as the config does); a list
+        becomes a tuple, so the transform stays hashable."""
+        owner = type(self).__name__
         settings, ranges = _declared_settings(type(self))
         for name, spec in settings.items():
-            checked = _checked_setting(type(self).__name__, name, getattr(self, name), spec, name in ranges)
+            value = getattr(self, name)
+            try:
+                checked = spec.check(value)
+            except FieldError as error:
+                raise SettingError(owner, name, value, error.expected) from None
+            if isinstance(checked, list):
+                checked = tuple(checked)
+            if name in ranges and checked[0] > checked[1]:
+                raise SettingError(owner, name, value, "[low, high] with low <= high")
             object.__setattr__(self, name, checked)
 
     def random_columns(self, spatial_dims: int) -> int:
