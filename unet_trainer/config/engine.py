@@ -58,7 +58,7 @@ def check_field(source: str, path: str, value: Any, spec: Field) -> Any:
     try:
         return spec.check(value, numbers_from_text=True)
     except FieldError as error:
-        raise ConfigError(f"{source}: '{path}' = {shown(value)} is not {error.expected}") from None
+        raise ConfigError(f"{source}: '{path}' = {shown(error.value)} is not {error.expected}") from None
 
 
 class _BareChoice(dict):

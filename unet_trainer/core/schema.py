@@ -97,7 +97,7 @@ class Field:
         if value is None:
             if self.nullable:
                 return None
-            raise FieldError(self.expected())
+            raise FieldError(self.expected(), value)
         return _CHECKS[self.kind](self, value, numbers_from_text)
 
     def in_bounds(self, number: float) -> bool:
@@ -111,11 +111,12 @@ class FieldError(ValueError):
     Attributes:
         expected: what the field takes, with what failed in parentheses where the phrase alone does
             not say it: ``a list of numbers of length 2 with every item >= 0.0 (item -0.5)``.
+        value: the value judged: as given, or the number read from it (``inf`` for ``"1e999"``).
     """
 
-    def __init__(self, expected: str):
+    def __init__(self, expected: str, value: Any):
         super().__init__(expected)
-        self.expected = expected
+        self.expected, self.value = expected, value
 
 
 # Values shown in messages: a few items and levels at most (a list of lists shared a thousand
@@ -130,8 +131,8 @@ def shown(value: Any) -> str:
     return text[:57] + "..." if len(text) > 60 else text
 
 
-def _failed(spec: Field, detail: str = "") -> FieldError:
-    return FieldError(spec.expected() + (f" ({detail})" if detail else ""))
+def _failed(spec: Field, value: Any, detail: str = "") -> FieldError:
+    return FieldError(spec.expected() + (f" ({detail})" if detail else ""), value)
 
 
 def _is_integer(value: Any) -> bool:
@@ -152,24 +153,24 @@ def _number(value: Any, from_text: bool) -> float | None:
 
 def _check_bool(spec: Field, value: Any, from_text: bool) -> bool:
     if not isinstance(value, bool):
-        raise _failed(spec)
+        raise _failed(spec, value)
     return value
 
 
 def _check_int(spec: Field, value: Any, from_text: bool) -> int:
     if not _is_integer(value) or not spec.in_bounds(value):
-        raise _failed(spec)
+        raise _failed(spec, value)
     return int(value)
 
 
 def _check_float(spec: Field, value: Any, from_text: bool) -> float:
     number = _number(value, from_text)
     if number is None:
-        raise _failed(spec)
+        raise _failed(spec, value)
     if not math.isfinite(number):
-        raise _failed(spec, "it must be finite")
+        raise _failed(spec, number, "it must be finite")
     if not spec.in_bounds(number):
-        raise _failed(spec)
+        raise _failed(spec, number)
     return number
 
 
@@ -178,7 +179,7 @@ def _check_positive_or(word: str) -> Callable[[Field, Any, bool], Any]:
         if value == word:
             return value
         if not _is_integer(value) or value < 1:
-            raise _failed(spec)
+            raise _failed(spec, value)
         return int(value)
 
     return check
@@ -186,7 +187,7 @@ def _check_positive_or(word: str) -> Callable[[Field, Any, bool], Any]:
 
 def _check_str(spec: Field, value: Any, from_text: bool) -> str:
     if not isinstance(value, str) or (spec.choices and value not in spec.choices):
-        raise _failed(spec)
+        raise _failed(spec, value)
     return value
 
 
@@ -194,27 +195,27 @@ def _check_duration(spec: Field, value: Any, from_text: bool) -> str:
     try:
         return str(Duration.parse(value))
     except ValueError:
-        raise _failed(spec) from None
+        raise _failed(spec, value) from None
 
 
 def _check_list(spec: Field, value: Any, from_text: bool) -> list:
     if not isinstance(value, (list, tuple)):
-        raise _failed(spec)
+        raise _failed(spec, value)
     out: list = []
     for item in value:
         if spec.kind == "int_list":
             if not _is_integer(item):
-                raise _failed(spec, f"item {_SHOWN.repr(item)}")
+                raise _failed(spec, value, f"item {_SHOWN.repr(item)}")
             out.append(int(item))
         else:
             number = _number(item, from_text)
             if number is None or not math.isfinite(number):
-                raise _failed(spec, f"item {_SHOWN.repr(item)}, each must be a finite number")
+                raise _failed(spec, value, f"item {_SHOWN.repr(item)}, each must be a finite number")
             out.append(number)
         if not spec.in_bounds(out[-1]):
-            raise _failed(spec, f"item {_SHOWN.repr(item)}")
+            raise _failed(spec, value, f"item {_SHOWN.repr(item)}")
     if spec.length is not None and len(out) != spec.length:
-        raise _failed(spec)
+        raise _failed(spec, value)
     return out
 
 
