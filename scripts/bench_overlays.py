@@ -40,11 +40,14 @@ from unet_trainer.commands.builders import (  # noqa: E402
     build_split,
     ensure_prepared,
 )
-from unet_trainer.config.config import CALLBACKS, repo_root, resolve_config  # noqa: E402
+from unet_trainer.config.components import output_mode  # noqa: E402
+from unet_trainer.config.config import repo_root, resolve_config  # noqa: E402
+from unet_trainer.config.tree import CALLBACKS  # noqa: E402
 from unet_trainer.core.distributed import DistInfo  # noqa: E402
 from unet_trainer.evaluation.case_metrics import Dice  # noqa: E402
 from unet_trainer.evaluation.evaluation import DiceEvaluator  # noqa: E402
 from unet_trainer.evaluation.visualize import evaluator_case_view, write_overlays  # noqa: E402
+from unet_trainer.training.losses import OutputMode  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         val,
         build_sliding_window(cfg),
         [Dice(cfg["eval"]["empty_policy"])],
-        "region_dice_bce" in cfg["loss"],
+        output_mode(cfg["loss"]) is OutputMode.REGIONS,
         device,
     )
     # The run's setting, or the default when the config switches overlays off.

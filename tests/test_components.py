@@ -10,19 +10,10 @@ import pytest
 import torch
 
 from unet_trainer.commands.builders import build_algorithms, build_loss, build_optimizer
-from unet_trainer.config import components, config
-from unet_trainer.config.config import (
-    ALGORITHMS,
-    CALLBACKS,
-    LOSSES,
-    MODELS,
-    OPTIMIZERS,
-    ConfigError,
-    defaults,
-    resolve_config,
-    resolve_from_base,
-    upgrade_config,
-)
+from unet_trainer.config import components, engine
+from unet_trainer.config.config import resolve_config, resolve_from_base
+from unet_trainer.config.engine import ConfigError
+from unet_trainer.config.tree import ALGORITHMS, CALLBACKS, LOSSES, MODELS, OPTIMIZERS, defaults, upgrade_config
 from unet_trainer.core.schema import F, Field
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +99,7 @@ HAND_WRITTEN_UNET = {
 @pytest.fixture(autouse=True)
 def fresh_notes(monkeypatch):
     """The old-shape note is printed once per source and process: start each test with none printed."""
-    monkeypatch.setattr(config, "_NOTED_BARE", set())
+    monkeypatch.setattr(engine, "_NOTED_BARE", set())
 
 
 def write(path: Path, text: str) -> Path:
@@ -130,7 +121,8 @@ def test_derived_schemas_equal_the_hand_written_ones_they_replace():
     assert MODELS["unet"] == HAND_WRITTEN_UNET and list(MODELS["unet"]) == list(HAND_WRITTEN_UNET)
     # Every registered component has a schema of its own, and nothing else does.
     assert set(MODELS) == set(components.MODELS) == {"unet", "resenc_unet"}
-    assert list(CALLBACKS) == list(components.CALLBACKS) and list(ALGORITHMS) == list(components.ALGORITHMS)
+    assert list(CALLBACKS) == [*components.CALLBACKS, *components.LOGGER_DESTINATIONS]
+    assert list(ALGORITHMS) == list(components.ALGORITHMS)
 
 
 def test_the_resenc_schema_is_its_own_signature():

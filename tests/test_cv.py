@@ -34,9 +34,11 @@ from unet_trainer.commands.cv import (
 from unet_trainer.commands.ensemble import EnsembleError, expand_checkpoints
 from unet_trainer.commands.folders import fold_state
 from unet_trainer.commands.predict import predict_dataset
-from unet_trainer.config.config import ConfigError, Duration, resolve_config
+from unet_trainer.config.config import resolve_config
+from unet_trainer.config.engine import ConfigError
 from unet_trainer.core.checkpoint import atomic_torch_save, load_checkpoint
 from unet_trainer.core.distributed import DistInfo
+from unet_trainer.core.duration import Duration
 from unet_trainer.training.callbacks import EarlyStopper
 from unet_trainer.training.trainer import Callback
 

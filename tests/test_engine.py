@@ -213,7 +213,7 @@ def test_progress_plot_and_tensorboard_are_written(tiny_config, tmp_path):
 
 
 def test_optional_package_missing_is_a_clear_error(tiny_config, monkeypatch):
-    from unet_trainer.config.config import ConfigError
+    from unet_trainer.config.engine import ConfigError
 
     hide_package(monkeypatch, "torch.utils.tensorboard")
     with pytest.raises(ConfigError, match=r"pip install 'unet-trainer\[tensorboard\]'"):

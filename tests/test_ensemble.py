@@ -17,9 +17,11 @@ from unet_trainer.cli.predict import make_parser
 from unet_trainer.commands.builders import build_model, build_sliding_window, raw_data_dir, run_training
 from unet_trainer.commands.ensemble import EnsembleError, EnsembleModel, check_compatible, load_models
 from unet_trainer.commands.predict import LoadedModel, load_model, predict_dataset
+from unet_trainer.config.components import output_mode
 from unet_trainer.config.config import resolve_config
 from unet_trainer.core.checkpoint import atomic_torch_save, load_checkpoint
 from unet_trainer.evaluation.evaluation import probabilities_to_labels
+from unet_trainer.training.losses import OutputMode
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def loaded_model(cfg: dict, seed: int) -> LoadedModel:
         cfg=cfg,
         device=torch.device("cpu"),
         sliding_window=build_sliding_window(cfg),
-        region_mode="region_dice_bce" in cfg["loss"],
+        region_mode=output_mode(cfg["loss"]) is OutputMode.REGIONS,
         checkpoint=Path(f"model{seed}.pt"),
         weights="model",
     )

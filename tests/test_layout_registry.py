@@ -8,7 +8,7 @@ import pytest
 
 from unet_trainer.cli import evaluate, parsing, predict
 from unet_trainer.cli.data import main as data_main
-from unet_trainer.config import config
+from unet_trainer.config import engine, tree
 from unet_trainer.data import layouts
 from unet_trainer.data import layouts as formats
 from unet_trainer.data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES, FORMATS, LABEL_CONVENTIONS, LAYOUTS
@@ -20,13 +20,13 @@ def test_format_choices_are_auto_then_every_registered_layout():
 
 
 def test_config_choices_are_the_registry():
-    data = config.SCHEMA["data"]
+    data = tree.SCHEMA["data"]
     assert data["format"].choices == FORMAT_CHOICES and data["format"].default == "auto"
     assert data["dle_labels"].choices == DLE_LABEL_CONVENTIONS == LAYOUTS["dle"].label_choices
     assert data["dle_labels"].default == DLE_LABEL_CONVENTIONS[0]
-    assert config.defaults()["data"]["format"] == "auto"
-    with pytest.raises(config.ConfigError) as excinfo:
-        config.check_layer({"data": {"format": "brats2019"}}, "command line")
+    assert tree.defaults()["data"]["format"] == "auto"
+    with pytest.raises(engine.ConfigError) as excinfo:
+        engine.check_layer({"data": {"format": "brats2019"}}, "command line", tree.SCHEMA)
     assert all(name in str(excinfo.value) for name in FORMAT_CHOICES)
 
 
@@ -42,7 +42,7 @@ def test_cli_choices_and_help_texts_are_the_registry(capsys):
     assert "{" + ",".join(FORMAT_CHOICES) + "}" in help_text
     assert "{" + ",".join(DLE_LABEL_CONVENTIONS) + "}" in help_text
     assert all(name in help_text.split("source raw dataset folder", 1)[1] for name in FORMATS)
-    with pytest.raises(config.ConfigError, match="nnunetv2"):
+    with pytest.raises(engine.ConfigError, match="nnunetv2"):
         parsing.format_flag({"--format": "brats2019"})
     assert parsing.format_flag({"--format": "nnunetv2"}) == "nnunetv2"
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import ROOT
 
-from unet_trainer.commands.builders import LOGGER_DESTINATIONS, build_logger_destinations, run_training
+from unet_trainer.commands.builders import build_logger_destinations, run_training
+from unet_trainer.config.components import LOGGER_DESTINATIONS
 from unet_trainer.config.config import resolve_config
 from unet_trainer.core.checkpoint import load_checkpoint
 from unet_trainer.training.loggers import FileLogger, Logger, LoggerDestination, TensorBoardLogger

@@ -14,7 +14,8 @@ from torch import nn
 
 from unet_trainer.commands.builders import build_loss, run_training
 from unet_trainer.config.components import build_model
-from unet_trainer.config.config import defaults, resolve_config
+from unet_trainer.config.config import resolve_config
+from unet_trainer.config.tree import defaults
 from unet_trainer.models.base import SegmentationModel, optimize_model
 from unet_trainer.models.checks import ModelArgumentError
 from unet_trainer.models.resenc import ResidualBlockD, ResidualEncoderUNet

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import pytest
 
-from unet_trainer.config.config import ConfigError, check_layer
+from unet_trainer.config.engine import ConfigError, check_layer
 from unet_trainer.core.schema import (
     Field,
     NonNegative,

@@ -5,7 +5,8 @@ import torch
 from conftest import ROOT, script_module
 
 from unet_trainer.commands.builders import run_training
-from unet_trainer.config.config import ConfigError, resolve_config
+from unet_trainer.config.config import resolve_config
+from unet_trainer.config.engine import ConfigError
 from unet_trainer.data.loader import ContinuousBatchSampler, EpochSampler
 from unet_trainer.training.trainer import Callback
 

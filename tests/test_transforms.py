@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from unet_trainer.commands.builders import build_augmenter
-from unet_trainer.config.config import ConfigError, augmentation_schema, check_layer, defaults
+from unet_trainer.config.engine import ConfigError, check_layer
+from unet_trainer.config.tree import augmentation_schema, defaults
 from unet_trainer.core.schema import Field, Probability
 from unet_trainer.training.transforms import (
     AUGMENTATIONS,

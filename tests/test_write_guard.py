@@ -16,7 +16,8 @@ from unet_trainer.cli.evaluate import main as eval_main
 from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.cli.train import main as train_main
 from unet_trainer.commands.builders import prepared_data_dir, raw_data_dir, run_training
-from unet_trainer.config.config import ConfigError, resolve_config
+from unet_trainer.config.config import resolve_config
+from unet_trainer.config.engine import ConfigError
 from unet_trainer.core.guard import OutputPathError, check_outputs
 from unet_trainer.data.layouts import list_cases, write_case
 

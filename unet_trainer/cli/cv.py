@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..config.config import ConfigError, dump_config, resolve_config
+from ..config.config import ConfigError, resolve_config
+from ..config.engine import dump_config
 from ..core.checkpoint import CheckpointError
 from ..core.runfolder import RunFolderError
 from ..data.layouts import DataFormatError

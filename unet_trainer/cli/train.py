@@ -6,7 +6,8 @@ import math
 import sys
 from pathlib import Path
 
-from ..config.config import ConfigError, dump_config, resolve_config
+from ..config.config import ConfigError, resolve_config
+from ..config.engine import dump_config
 from ..core.checkpoint import CheckpointError
 from ..core.guard import OutputPathError
 from ..core.runfolder import RunFolderError

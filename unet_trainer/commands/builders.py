@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,8 @@ import torch
 
 from ..config import components
 from ..config.components import build_model, describe_model
-from ..config.config import ConfigError, Duration, config_differences, dump_config, upgrade_config
+from ..config.engine import ConfigError, config_differences, dump_config
+from ..config.tree import SCHEDULERS, upgrade_config
 from ..core.checkpoint import (
     LEGACY_RUN_ID,
     CheckpointError,
@@ -32,9 +33,11 @@ from ..core.checkpoint import (
 )
 from ..core.checkpoints import CheckpointManager, describe_others, run_file_name
 from ..core.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from ..core.duration import Duration
 from ..core.fileio import atomic_write_text, remove_orphan_temporaries
 from ..core.guard import check_outputs
 from ..core.runfolder import FolderLock, RunFolderError
+from ..core.schema import Field
 from ..data.layouts import DataFormatError
 from ..data.loader import BatchTooLarge, PatchDataset, build_train_loader
 from ..data.phantom import write_phantom_dataset
@@ -47,9 +50,9 @@ from ..evaluation.lesion_metrics import LesionSettings
 from ..models.base import SegmentationModel
 from ..training import callbacks as cb
 from ..training import reporting
-from ..training.loggers import FileLogger, Logger, LoggerDestination, TensorBoardLogger
-from ..training.losses import DeepSupervisionLoss
-from ..training.schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly
+from ..training.loggers import FileLogger, Logger, LoggerDestination
+from ..training.losses import DeepSupervisionLoss, OutputMode
+from ..training.schedules import BatchScheduler, ComposedSchedule
 from ..training.trainer import Algorithm, Engine, Event, State, duration_in_batches, fit, rank_entry
 from ..training.transforms import AUGMENTATIONS, BatchAugmenter
 
@@ -193,26 +196,24 @@ def build_split(cfg: dict, case_ids: list[str]) -> dict[str, list[str]]:
 def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
     """The optimizer the ``optimizer`` section names, over ``params``."""
     ((name, settings),) = cfg["optimizer"].items()
-    return components.OPTIMIZERS[name](params, **settings)
+    return components.build(components.OPTIMIZERS[name], settings, {"params": params})
 
 
 def build_scheduler(cfg: dict, optimizer, batches_per_epoch: int, total_batches: int) -> BatchScheduler:
-    def to_batches(raw) -> int | None:
-        if raw is None:
-            return None
+    """The product of the ``schedulers`` list, stepped per batch; every setting the schema holds as a
+    duration (200ep, 1000ba, 64sp) reaches its schedule in batches."""
+
+    def in_batches(raw, field: Field):
+        if field.kind != "duration" or raw is None:
+            return raw
         return duration_in_batches(Duration.parse(raw), batches_per_epoch, cfg["train_batch_size"])
 
     parts = []
     for entry in cfg["schedulers"]:
-        ((name, s),) = entry.items()
-        if name == "constant":
-            parts.append(Constant(s["factor"]))
-        elif name == "cosine":
-            parts.append(Cosine(s["min_factor"], to_batches(s["t_max"])))
-        elif name == "poly":
-            parts.append(Poly(s["power"], to_batches(s["t_max"])))
-        elif name == "linear_warmup":
-            parts.append(LinearWarmup(to_batches(s["duration"]), s["start_factor"]))
+        ((name, settings),) = entry.items()
+        fields = SCHEDULERS[name]
+        converted = {key: in_batches(value, fields[key]) for key, value in settings.items()}
+        parts.append(components.build(components.SCHEDULERS[name], converted))
     return BatchScheduler(optimizer, ComposedSchedule(parts, total_batches))
 
 
@@ -220,14 +221,19 @@ def build_loss(cfg: dict, model: SegmentationModel) -> DeepSupervisionLoss:
     """The ``loss`` section's loss, over the model's deep-supervision outputs when it has them.
 
     Raises:
-        ConfigError: ``region_dice_bce`` for a model without exactly 3 outputs.
+        ConfigError: a loss over regions (:attr:`OutputMode.REGIONS`) for a model without one
+            output per region.
     """
     ((name, settings),) = cfg["loss"].items()
-    if name == "region_dice_bce" and model.num_classes != 3:
+    loss = components.LOSSES[name]
+    if components.output_mode(cfg["loss"]) is OutputMode.REGIONS and model.num_classes != len(loss.regions):
         ((model_name, _),) = cfg["model"].items()
-        raise ConfigError(f"loss region_dice_bce predicts WT, TC and ET: set model.{model_name}.num_classes=3")
+        *first, last = loss.regions
+        raise ConfigError(
+            f"loss {name} predicts {', '.join(first)} and {last}: set model.{model_name}.num_classes={len(loss.regions)}"
+        )
     weights = model.deep_supervision_weights() if model.deep_supervision_heads else None
-    return DeepSupervisionLoss(components.LOSSES[name](**settings), weights)
+    return DeepSupervisionLoss(components.build(loss, settings), weights)
 
 
 def build_augmenter(cfg: dict, device: torch.device, seed: int) -> BatchAugmenter | None:
@@ -239,31 +245,22 @@ def build_augmenter(cfg: dict, device: torch.device, seed: int) -> BatchAugmente
 
 
 def build_algorithms(cfg: dict) -> list[Algorithm]:
-    return [components.ALGORITHMS[name](**settings) for name, settings in cfg["algorithms"].items()]
-
-
-# Logger destinations switched on by name under ``callbacks:`` (their settings from components.CALLBACKS):
-# each builds one from its settings, the run folder and the resolved config.
-LOGGER_DESTINATIONS: dict[str, Callable[[dict, Path, dict], LoggerDestination]] = {
-    "tensorboard": lambda s, run_dir, cfg: TensorBoardLogger(run_dir / "tensorboard"),
-    "mlflow": lambda s, run_dir, cfg: reporting.MLflowLogger(
-        **{**s, "run_name": s["run_name"] or cfg["run_name"]}, run_dir=run_dir, config=cfg
-    ),
-}
+    return [components.build(components.ALGORITHMS[name], settings) for name, settings in cfg["algorithms"].items()]
 
 
 def build_logger_destinations(cfg: dict, run_dir: Path) -> list[LoggerDestination]:
     """The always-on log files (:class:`FileLogger`), then the destinations switched on under
-    ``callbacks:``, in their order.
+    ``callbacks:`` (:data:`components.LOGGER_DESTINATIONS`), in their order.
 
     Raises:
         ConfigError: a destination whose optional package is missing (names the install command).
     """
     destinations: list[LoggerDestination] = [FileLogger(run_dir)]
+    supplied = {"run_dir": run_dir, "config": cfg}
     for name, settings in cfg["callbacks"].items():
-        if name not in LOGGER_DESTINATIONS:
+        if name not in components.LOGGER_DESTINATIONS:
             continue
-        destination = LOGGER_DESTINATIONS[name](settings, run_dir, cfg)
+        destination = components.build(components.LOGGER_DESTINATIONS[name], settings, supplied)
         if destination.requires is not None:
             module, extra = destination.requires
             try:
@@ -279,34 +276,27 @@ def build_logger_destinations(cfg: dict, run_dir: Path) -> list[LoggerDestinatio
 def build_callbacks(
     cfg: dict, run_dir: Path, is_main: bool, progress: bool, evaluator: DiceEvaluator | None = None
 ) -> list[cb.Callback]:
-    """The configured callbacks, then the always-on ones. The overlay writer (with an evaluator)
-    comes first and the plots before the logger, so that the logger's destinations find the
-    pictures of the same evaluation; the logger comes before the checkpoint saver, so that the
-    logs hold every step a checkpoint holds.
+    """The configured callbacks (:data:`components.CALLBACKS`, in the config's order), then the
+    always-on ones. A callback is left out on the other ranks when it declares ``writer_only``, and
+    without an evaluator when it ``needs_evaluator``. The configured ones come before the logger,
+    so that its destinations find their values and the overlay pictures of the same evaluation;
+    the logger comes before the checkpoint saver, so that the logs hold every step a checkpoint holds.
 
     Raises:
         ConfigError: a logger destination whose optional package is missing (names the install
             command); checked on every rank, so that all of them stop.
     """
     destinations = build_logger_destinations(cfg, run_dir)
+    supplied = {"run_dir": run_dir, "evaluator": evaluator, "is_writer": is_main, "config": cfg}
     callbacks: list[cb.Callback] = []
-    overlays = None
-    if "overlays" in cfg["callbacks"] and evaluator is not None:
-        overlays = reporting.OverlayWriter(
-            run_dir / "overlays", evaluator, **cfg["callbacks"]["overlays"], is_writer=is_main
-        )
-        callbacks.append(overlays)
-    for name, s in cfg["callbacks"].items():  # monitors first, so the logger sees their values
-        if name == "lr_monitor":
-            callbacks.append(cb.LRMonitor())
-        elif name == "speed_monitor":
-            callbacks.append(cb.SpeedMonitor(**s))
-        elif name == "memory_monitor":
-            callbacks.append(cb.MemoryMonitor())
-        elif name == "early_stopper":
-            callbacks.append(cb.EarlyStopper(**s))
-        elif name == "progress_plot" and is_main:
-            callbacks.append(cb.ProgressPlot(run_dir / "progress.png"))
+    for name, settings in cfg["callbacks"].items():
+        callback = components.CALLBACKS.get(name)
+        if callback is None or (callback.writer_only and not is_main):
+            continue
+        if callback.needs_evaluator and evaluator is None:
+            continue
+        callbacks.append(components.build(callback, settings, supplied))
+    overlays = next((c for c in callbacks if isinstance(c, reporting.OverlayWriter)), None)
     callbacks += [
         cb.SignalHandler(),
         cb.ProgressBar(enabled=is_main and progress),
@@ -384,7 +374,7 @@ def build_evaluator(
         case_ids,
         build_sliding_window(cfg),
         build_metrics(cfg),
-        region_mode="region_dice_bce" in cfg["loss"],
+        region_mode=components.output_mode(cfg["loss"]) is OutputMode.REGIONS,
         device=device,
         rank=rank,
         world_size=world_size,
@@ -719,7 +709,7 @@ def setup_model_and_optimizer(cfg: dict, device: torch.device, batches_per_epoch
 
     Raises:
         ConfigError: the patch does not fit the model, or the loss does not fit its outputs
-            (region_dice_bce needs model.num_classes=3).
+            (a region loss needs one output per region).
     """
     seed_everything(cfg["seed"])
     model = build_model(cfg["model"]).to(device)

@@ -41,7 +41,8 @@ from typing import Any, TextIO
 import torch
 import yaml
 
-from ..config.config import ConfigError, config_differences, dump_config, load_yaml, resolve_from_base
+from ..config.config import load_yaml, resolve_from_base
+from ..config.engine import ConfigError, config_differences, dump_config
 from ..core.checkpoint import checkpoint_identity
 from ..core.checkpoints import CheckpointManager
 from ..core.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown

@@ -25,8 +25,9 @@ from typing import TextIO
 
 import torch
 
-from ..config.components import describe_model
-from ..config.config import ConfigError, config_differences, load_yaml
+from ..config.components import describe_model, output_mode
+from ..config.config import load_yaml
+from ..config.engine import ConfigError, config_differences
 from ..core.checkpoint import CheckpointError
 from ..core.checkpoints import CheckpointManager
 from ..core.runfolder import RunFolderError, live_holder
@@ -36,7 +37,7 @@ from .loading import LoadedModel, load_model
 
 
 def _region_mode(cfg: dict) -> str:
-    return "sigmoid regions" if "region_dice_bce" in cfg["loss"] else "softmax classes"
+    return output_mode(cfg["loss"]).value
 
 
 # What must agree between the models of an ensemble: (name, the value in a resolved config).

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config.config import Duration, resolve_from_base
+from ..config.config import resolve_from_base
 from ..core.checkpoint import LEGACY_RUN_ID
 from ..core.checkpoints import CHECKPOINT_CHOICES as CHECKPOINT_CHOICES  # read by the command line
 from ..core.checkpoints import CheckpointManager, named_counters
+from ..core.duration import Duration
 from ..training import callbacks as cb
 from ..training.trainer import Timestamp
 

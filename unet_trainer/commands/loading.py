@@ -12,11 +12,14 @@ from pathlib import Path
 
 import torch
 
-from ..config.config import ConfigError, resolve_from_base
+from ..config.components import output_mode
+from ..config.config import resolve_from_base
+from ..config.engine import ConfigError
 from ..core.checkpoint import CheckpointError, load_checkpoint, one_line
 from ..evaluation.evaluation import logits_to_probabilities
 from ..evaluation.inference import SlidingWindow
 from ..models.base import SegmentationModel, optimize_model
+from ..training.losses import OutputMode
 from .builders import build_device, build_model, build_sliding_window
 
 
@@ -31,7 +34,7 @@ class LoadedModel:
         device: where the model and every tensor of its inference live.
         sliding_window: its inference over a volume, from the config's patch, ``eval`` settings and
             precision (:func:`~unet_trainer.commands.builders.build_sliding_window`).
-        region_mode: outputs are sigmoid (WT, TC, ET) regions (loss ``region_dice_bce``).
+        region_mode: outputs are sigmoid (WT, TC, ET) regions (the loss's ``output_mode``).
         checkpoint: the checkpoint file (symlinks resolved).
         weights: "ema" when the checkpoint's moving-average weights were loaded (the weights its
             own evaluations used), else "model".
@@ -129,7 +132,7 @@ def load_model(checkpoint: Path, overrides: Sequence[str] = (), channels_last: b
         cfg=cfg,
         device=device,
         sliding_window=build_sliding_window(cfg),
-        region_mode="region_dice_bce" in cfg["loss"],
+        region_mode=output_mode(cfg["loss"]) is OutputMode.REGIONS,
         checkpoint=path.resolve(),
         weights=name,
         timestamp=dict(state.get("timestamp") or {}),

@@ -1,17 +1,21 @@
 """The components a config chooses by name: one registry line each.
 
 A config section names one component (``model: {unet: {...}}``, ``optimizer: {radam: {...}}``,
-``loss: {dice_ce: {}}``) or a set of them (``callbacks``, ``algorithms``). A component's settings
-are its own typed keyword arguments: :mod:`unet_trainer.config.config` derives the schema from them
+``loss: {dice_ce: {}}``), a list of them (``schedulers``) or a set (``callbacks``, which switches
+on callbacks and logger destinations, ``algorithms``). A component's settings are its own typed
+keyword arguments: :mod:`unet_trainer.config.tree` derives the schema from them
 (:func:`unet_trainer.core.schema.fields_of`: types, choices, bounds and defaults), and
-:mod:`unet_trainer.commands.builders` calls the component with the checked settings. So adding a model, an
-optimizer, a loss, a callback or an algorithm is its own code plus one line here.
+:mod:`unet_trainer.commands.builders` builds every entry the same way, :func:`build`: the checked
+settings, plus the arguments the builder supplies (:data:`BUILDER_SUPPLIED`) that its signature
+names. So adding a model, an optimizer, a schedule, a loss, a callback, a logger destination or an
+algorithm is its own code plus one line here.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,15 +25,18 @@ from ..models.unet import UNet
 from ..training import callbacks as cb
 from ..training import loggers, optimizers, reporting
 from ..training.algorithms import EMA, ChannelsLast, Compile, CudnnBenchmark
-from ..training.losses import DiceCELoss, RegionDiceBCELoss
+from ..training.losses import DiceCELoss, OutputMode, RegionDiceBCELoss
+from ..training.schedules import Constant, Cosine, LinearWarmup, Poly
 from ..training.trainer import Algorithm, Callback
+
+T = TypeVar("T")
 
 MODELS: dict[str, Callable[..., SegmentationModel]] = {
     "unet": UNet,
     "resenc_unet": ResidualEncoderUNet,
 }
 
-# Each takes the parameters first, then its settings.
+# Each takes the parameters (``params``) first, then its settings.
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "radam": optimizers.radam,
     "adam": optimizers.adam,
@@ -44,6 +51,16 @@ LOSSES: dict[str, Callable[..., torch.nn.Module]] = {
     "region_dice_bce": RegionDiceBCELoss,
 }
 
+# Each maps (batch, total batches) to a factor of the base learning rate; durations in batches.
+SCHEDULERS: dict[str, Callable[..., Callable[[int, int], float]]] = {
+    "constant": Constant,
+    "cosine": Cosine,
+    "poly": Poly,
+    "linear_warmup": LinearWarmup,
+}
+
+# Switched on under ``callbacks:``. A callback declares where it is built (Callback.writer_only,
+# Callback.needs_evaluator); they run in the config's order, before the built-in ones.
 CALLBACKS: dict[str, Callable[..., Callback]] = {
     "lr_monitor": cb.LRMonitor,
     "speed_monitor": cb.SpeedMonitor,
@@ -51,18 +68,24 @@ CALLBACKS: dict[str, Callable[..., Callback]] = {
     "early_stopper": cb.EarlyStopper,
     # progress.png in the run folder, redrawn after each evaluation (needs matplotlib).
     "progress_plot": cb.ProgressPlot,
-    # TensorBoard event files in <save_folder>/tensorboard (needs the tensorboard package).
-    "tensorboard": loggers.TensorBoardLogger,
     # <save_folder>/overlays/: contours of truth and prediction on three slices per validation case
     # (the first `cases` by id, or all) and summary.png (worst and best 4 of all cases), redrawn
     # at every `every`-th evaluation.
     "overlays": reporting.OverlayWriter,
+}
+
+# Also switched on under ``callbacks:``: where the logger sends the records, besides the log files.
+LOGGER_DESTINATIONS: dict[str, Callable[..., loggers.LoggerDestination]] = {
+    # TensorBoard event files in <save_folder>/tensorboard (needs the tensorboard package).
+    "tensorboard": loggers.TensorBoardLogger,
     # An MLflow run (needs mlflow: pip install 'unet-trainer[mlflow]'); run_name null = the config's.
     "mlflow": reporting.MLflowLogger,
 }
-# Callback arguments that the builder supplies (where to write, the evaluator, the rank's role,
-# the resolved config): not settings.
-BUILDER_SUPPLIED = ("path", "folder", "evaluator", "overlays", "is_writer", "run_dir", "config")
+
+# Arguments the builder supplies by name to a component whose signature names them: not settings.
+# params: the model's parameters (optimizers); run_dir: the run folder; evaluator: the run's
+# evaluator; is_writer: whether this rank writes files (rank 0); config: the resolved config.
+BUILDER_SUPPLIED = ("params", "run_dir", "evaluator", "is_writer", "config")
 
 ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
     "channels_last": ChannelsLast,
@@ -82,7 +105,7 @@ def build_model(section: Mapping[str, Mapping[str, Any]]) -> SegmentationModel:
         ModelArgumentError (a ValueError): settings the model rejects (the argument named).
     """
     ((name, settings),) = section.items()
-    return MODELS[name](**settings)
+    return build(MODELS[name], settings)
 
 
 def describe_model(section: Mapping[str, Mapping[str, Any]]) -> SegmentationModel:
@@ -94,3 +117,21 @@ def describe_model(section: Mapping[str, Mapping[str, Any]]) -> SegmentationMode
     """
     with torch.device("meta"):
         return build_model(section)
+
+
+def build(component: Callable[..., T], settings: Mapping[str, Any], supplied: Mapping[str, Any] | None = None) -> T:
+    """``component(**settings)``, plus each of the ``supplied`` arguments its signature names.
+
+    Args:
+        component: a registry entry (a class or a function).
+        settings: its checked settings (the config's section for it).
+        supplied: what the builder has for components that ask (keys of :data:`BUILDER_SUPPLIED`).
+    """
+    wanted = inspect.signature(component).parameters
+    return component(**settings, **{name: value for name, value in (supplied or {}).items() if name in wanted})
+
+
+def output_mode(loss_section: Mapping[str, Any]) -> OutputMode:
+    """What the model's outputs mean, as the loss a ``loss`` section names declares it."""
+    ((name, _),) = loss_section.items()
+    return LOSSES[name].output_mode

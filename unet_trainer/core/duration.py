@@ -1,6 +1,6 @@
 """Durations of training time: ``200ep``, ``1000ba``, ``64sp``.
 
-Its own module (not :mod:`unet_trainer.config.config`) because the trainer and the callbacks use it and
+Its own module (not in :mod:`unet_trainer.config`) because the trainer and the callbacks use it and
 the config's schema is derived from the callbacks' signatures, which would otherwise import in a
 circle.
 """

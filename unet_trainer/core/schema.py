@@ -14,17 +14,26 @@ with those choices; ``tuple[int, ...]``, ``list[int]`` or ``Sequence[int]`` is a
 (``float`` likewise), and ``tuple[float, float]`` one of length 2; ``X | None`` is nullable. An
 ``Annotated[..., Setting(...)]`` adds bounds, or names a kind the type cannot say (``duration``,
 ``int_or_auto``, ``int_or_all``). Defaults that are tuples become lists, as YAML writes them.
+
+A :class:`Field` checks a value itself (:meth:`Field.check`): the config checks every layer with
+it and the augmentation transforms their settings on construction, so both say the same about the
+same value.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import numbers
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
+
+from .duration import Duration
 
 KINDS = (
     "int",
@@ -45,7 +54,8 @@ class Field:
     """One leaf of the schema.
 
     ``kind`` is one of :data:`KINDS`. ``length`` fixes a list's length; ``choices`` restricts a
-    str (each item of a ``str_list``); ``nullable`` admits null; ``minimum``/``maximum`` bound a number (each item of a list).
+    str (each item of a ``str_list``); ``nullable`` admits null; ``minimum``/``maximum`` bound a
+    number (each item of a list).
     """
 
     kind: str
@@ -65,8 +75,8 @@ class Field:
             "str": "a string",
             "duration": "a duration like 200ep, 1000ba or 64sp",
             "int_list": "a list of integers",
-            "float_list": "a list of numbers",
             "str_list": "a list of names",
+            "float_list": "a list of numbers",
             "int_or_auto": "an integer or 'auto'",
             "int_or_all": "a positive integer or 'all'",
         }[self.kind]
@@ -84,6 +94,165 @@ class Field:
         if self.nullable:
             phrase += " (or null)"
         return phrase
+
+    def check(self, value: Any, *, numbers_from_text: bool = False) -> Any:
+        """``value`` as the field's kind: a number as ``int`` or ``float``, a list as a ``list``, a
+        duration as its text (``"200ep"``); null only where the field is nullable.
+
+        Args:
+            numbers_from_text: read a number written as text as that number (YAML 1.1 reads
+                ``1e-3``, without a dot, as a string).
+
+        Raises:
+            FieldError: the value is not of the kind, outside the bounds or choices, or a list of
+                another length; its ``expected`` says what the field takes (and which item failed).
+        """
+        if value is None:
+            if self.nullable:
+                return None
+            raise FieldError(self.expected(), value)
+        return _CHECKS[self.kind](self, value, numbers_from_text)
+
+    def in_bounds(self, number: float) -> bool:
+        """Whether ``number`` lies within ``minimum`` and ``maximum`` (each where set)."""
+        return (self.minimum is None or number >= self.minimum) and (self.maximum is None or number <= self.maximum)
+
+
+class FieldError(ValueError):
+    """A value a :class:`Field` does not take.
+
+    Attributes:
+        expected: what the field takes, with what failed in parentheses where the phrase alone does
+            not say it: ``a list of numbers of length 2 with every item >= 0.0 (item -0.5)``.
+        value: the value judged: as given, or the number read from it (``inf`` for ``"1e999"``).
+    """
+
+    def __init__(self, expected: str, value: Any):
+        super().__init__(expected)
+        self.expected, self.value = expected, value
+
+
+# Values shown in messages: a few items and levels at most (a list of lists shared a thousand
+# times over, from YAML aliases, is short to write and long to print).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 3, 8, 8, 60, 60
+
+
+def shown(value: Any) -> str:
+    """``value`` as a message shows it: a few items and levels, at most 60 characters."""
+    text = _SHOWN.repr(value)
+    return text[:57] + "..." if len(text) > 60 else text
+
+
+def _failed(spec: Field, value: Any, detail: str = "") -> FieldError:
+    return FieldError(spec.expected() + (f" ({detail})" if detail else ""), value)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _number(value: Any, from_text: bool) -> float | None:
+    """``value`` as a float, or None; a bool is no number (True as a probability is a typo)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if from_text and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _check_bool(spec: Field, value: Any, from_text: bool) -> bool:
+    if not isinstance(value, bool):
+        raise _failed(spec, value)
+    return value
+
+
+def _check_int(spec: Field, value: Any, from_text: bool) -> int:
+    if not _is_integer(value) or not spec.in_bounds(value):
+        raise _failed(spec, value)
+    return int(value)
+
+
+def _check_float(spec: Field, value: Any, from_text: bool) -> float:
+    number = _number(value, from_text)
+    if number is None:
+        raise _failed(spec, value)
+    if not math.isfinite(number):
+        raise _failed(spec, number, "it must be finite")
+    if not spec.in_bounds(number):
+        raise _failed(spec, number)
+    return number
+
+
+def _check_positive_or(word: str) -> Callable[[Field, Any, bool], Any]:
+    def check(spec: Field, value: Any, from_text: bool) -> Any:
+        if value == word:
+            return value
+        if not _is_integer(value) or value < 1:
+            raise _failed(spec, value)
+        return int(value)
+
+    return check
+
+
+def _check_str(spec: Field, value: Any, from_text: bool) -> str:
+    if not isinstance(value, str) or (spec.choices and value not in spec.choices):
+        raise _failed(spec, value)
+    return value
+
+
+def _check_duration(spec: Field, value: Any, from_text: bool) -> str:
+    try:
+        return str(Duration.parse(value))
+    except ValueError:
+        raise _failed(spec, value) from None
+
+
+def _check_names(spec: Field, value: Any, from_text: bool) -> list[str]:
+    if not isinstance(value, (list, tuple)):
+        raise _failed(spec, value)
+    for item in value:
+        if not isinstance(item, str) or (spec.choices and item not in spec.choices):
+            raise _failed(spec, value, f"item {_SHOWN.repr(item)}")
+    return list(value)
+
+
+def _check_list(spec: Field, value: Any, from_text: bool) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise _failed(spec, value)
+    out: list = []
+    for item in value:
+        if spec.kind == "int_list":
+            if not _is_integer(item):
+                raise _failed(spec, value, f"item {_SHOWN.repr(item)}")
+            out.append(int(item))
+        else:
+            number = _number(item, from_text)
+            if number is None or not math.isfinite(number):
+                raise _failed(spec, value, f"item {_SHOWN.repr(item)}, each must be a finite number")
+            out.append(number)
+        if not spec.in_bounds(out[-1]):
+            raise _failed(spec, value, f"item {_SHOWN.repr(item)}")
+    if spec.length is not None and len(out) != spec.length:
+        raise _failed(spec, value)
+    return out
+
+
+_CHECKS: dict[str, Callable[[Field, Any, bool], Any]] = {
+    "bool": _check_bool,
+    "int": _check_int,
+    "float": _check_float,
+    "str": _check_str,
+    "duration": _check_duration,
+    "int_list": _check_list,
+    "float_list": _check_list,
+    "str_list": _check_names,
+    "int_or_auto": _check_positive_or("auto"),
+    "int_or_all": _check_positive_or("all"),
+}
 
 
 @dataclass(frozen=True)
@@ -130,6 +299,8 @@ class Setting:
 
     ``kind`` overrides the kind derived from the type (``duration``, ``int_or_auto``, ``int_or_all``);
     ``choices`` restricts a str (a ``Literal`` says it too); ``length`` fixes a list's length.
+    :meth:`defaulting` gives the config's default of a parameter the signature leaves without one
+    (a schedule's warmup, written ``1ep`` in the config and handed over in batches).
     """
 
     minimum: float | None = None
@@ -137,6 +308,13 @@ class Setting:
     choices: tuple[str, ...] | None = None
     length: int | None = None
     kind: str | None = None
+    default: Any = None
+    has_default: bool = False
+
+    @classmethod
+    def defaulting(cls, default: Any, **kwargs: Any) -> Setting:
+        """A setting whose config default is ``default`` though its signature has none."""
+        return cls(default=default, has_default=True, **kwargs)
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in KINDS:
@@ -228,11 +406,21 @@ def field_from_hint(hint: Any, default: Any, where: str) -> Field:
     )
 
 
+def _declared_default(hint: Any) -> Any:
+    """The ``Setting(default=...)`` of an annotation, or ``dataclasses.MISSING``."""
+    if typing.get_origin(hint) is Annotated:
+        for item in typing.get_args(hint)[1:]:
+            if isinstance(item, Setting) and item.has_default:
+                return item.default
+    return dataclasses.MISSING
+
+
 def fields_of(component: type | Callable[..., Any], exclude: Sequence[str] = ()) -> dict[str, Field]:
     """The settings of a dataclass (its fields) or a callable (its keyword parameters), in order.
 
     Parameters named in ``exclude`` and ``*args``/``**kwargs`` are left out; so are a class's
-    ``self``. Every other parameter must have a default (a setting always has one).
+    ``self``. Every other parameter must have a default (a setting always has one): in the signature,
+    or its :meth:`Setting.defaulting`.
 
     Raises:
         SchemaDerivationError: a parameter without a default, or with a type that has no kind.
@@ -252,6 +440,8 @@ def fields_of(component: type | Callable[..., Any], exclude: Sequence[str] = ())
                 default = f.default
             elif f.default_factory is not dataclasses.MISSING:
                 default = f.default_factory()
+            elif _declared_default(hints.get(f.name)) is not dataclasses.MISSING:
+                default = _declared_default(hints.get(f.name))
             else:
                 raise SchemaDerivationError(f"{name}.{f.name}: a setting needs a default")
             out[f.name] = field_from_hint(hints.get(f.name, type(default)), default, f"{name}.{f.name}")
@@ -261,8 +451,11 @@ def fields_of(component: type | Callable[..., Any], exclude: Sequence[str] = ())
             continue
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        if param.default is inspect.Parameter.empty:
+        default = param.default
+        if default is inspect.Parameter.empty:
+            default = _declared_default(hints.get(param.name))
+        if default is dataclasses.MISSING:
             raise SchemaDerivationError(f"{name}({param.name}): a setting needs a default")
-        hint = hints.get(param.name, type(param.default))
-        out[param.name] = field_from_hint(hint, param.default, f"{name}({param.name})")
+        hint = hints.get(param.name, type(default))
+        out[param.name] = field_from_hint(hint, default, f"{name}({param.name})")
     return out

@@ -291,10 +291,16 @@ class ProgressPlot(Callback):
     redrawn after each evaluation and at the end (see :func:`unet_trainer.evaluation.visualize.draw_progress`).
 
     The history is read back from ``metrics.jsonl`` at fit start, so a resumed run's plot is whole.
+    Rank 0 only.
+
+    Args:
+        run_dir: the run folder (``progress.png`` goes there, ``metrics.jsonl`` is read from there).
     """
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    writer_only = True
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "progress.png"
         self.train: dict[str, Series] = {}
 
     def fit_start(self, state: State) -> None:

@@ -5,8 +5,8 @@ the checkpoint its resume starts from (:meth:`LoggerDestination.truncate_after`)
 
 Destinations here: :class:`FileLogger` (``metrics.jsonl`` and the CSVs, always on) and
 :class:`TensorBoardLogger`; :class:`unet_trainer.training.reporting.MLflowLogger` is the third. A new one
-is a subclass plus one line in ``builders.LOGGER_DESTINATIONS`` (how to build it) and one in
-``components.CALLBACKS`` (its settings, derived from its signature).
+is a subclass plus one line in ``components.LOGGER_DESTINATIONS`` (its settings are its typed
+keyword arguments; the run folder and the config come as ``run_dir`` and ``config``).
 """
 
 from __future__ import annotations
@@ -209,15 +209,15 @@ class FileLogger(LoggerDestination):
 
 class TensorBoardLogger(LoggerDestination):
     """Metrics as TensorBoard scalars (evaluation ones as ``eval/<key>``) and the images (the
-    overlay summary grid as ``eval/overlay_summary``), in event files under ``folder``.
+    overlay summary grid as ``eval/overlay_summary``), in event files under ``<run_dir>/tensorboard``.
 
     Needs the tensorboard package (the builder checks it is there before the run starts).
     """
 
     requires = ("torch.utils.tensorboard", "tensorboard")
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    def __init__(self, run_dir: Path):
+        self.folder = Path(run_dir) / "tensorboard"
         self.writer = None
 
     def truncate_after(self, step: int) -> None:

@@ -4,11 +4,16 @@ Both take logits ``(B, K, *S)`` and canonical integer labels ``(B, 1, *S)`` (0 b
 1 necrotic core, 2 oedema, 3 enhancing). With deep supervision the model returns a list of
 logits at decreasing resolutions; :class:`DeepSupervisionLoss` matches the target to each and
 sums the losses with the model's normalised weights.
+
+A loss declares what the model's outputs mean (:class:`OutputMode`, its ``output_mode``): the
+evaluator, ``unet-predict`` and the ensembles read it from the loss a run trained with.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +24,18 @@ from ..data.labels import REGION_NAMES, REGIONS
 
 # Dice smoothing as in MONAI's defaults (smooth_nr = smooth_dr = 1e-5), so the values agree.
 SMOOTH = 1e-5
+
+
+class OutputMode(enum.Enum):
+    """What a model's output channels mean, as its loss declares it (the value names it in messages).
+
+    ``CLASSES``: one channel per label, softmax over them, the label is the argmax.
+    ``REGIONS``: one channel per region (the loss's ``regions``, in :data:`REGION_NAMES` order),
+    each a sigmoid; the label is built from the regions that are on.
+    """
+
+    CLASSES = "softmax classes"
+    REGIONS = "sigmoid regions"
 
 
 def labels_to_regions(labels: torch.Tensor) -> torch.Tensor:
@@ -44,6 +61,8 @@ class DiceCELoss(nn.Module):
     batch=True)`` with the same weights (tested).
     """
 
+    output_mode: ClassVar[OutputMode] = OutputMode.CLASSES
+
     def __init__(self, dice_weight: NonNegative = 1.0, ce_weight: NonNegative = 1.0):
         super().__init__()
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
@@ -63,6 +82,9 @@ class RegionDiceBCELoss(nn.Module):
 
     The model must have 3 outputs, in REGION_NAMES order.
     """
+
+    output_mode: ClassVar[OutputMode] = OutputMode.REGIONS
+    regions: ClassVar[tuple[str, ...]] = REGION_NAMES
 
     def __init__(self, dice_weight: NonNegative = 1.0, bce_weight: NonNegative = 1.0):
         super().__init__()

@@ -32,17 +32,20 @@ class OverlayWriter(Callback):
     that are due (each rank cuts the slices of the cases it scored; the evaluator gathers them),
     and rank 0 (``is_writer``) draws; ``seconds`` is the last drawing's wall time. Keeps the latest
     summary picture in ``summary`` (with ``summary_batch``) for loggers that run after it.
+    Built only when the run evaluates.
     """
+
+    needs_evaluator = True
 
     def __init__(
         self,
-        folder: Path,
+        run_dir: Path,
         evaluator,
         cases: Annotated[int | Literal["all"], Setting(kind="int_or_all")] = 16,
         every: PositiveInt = 1,
         is_writer: bool = True,
     ):
-        self.folder = Path(folder)
+        self.folder = Path(run_dir) / "overlays"
         self.evaluator = evaluator
         self.cases = None if cases == "all" else cases  # None: every case
         self.every, self.is_writer = every, is_writer
@@ -108,7 +111,7 @@ class MLflowLogger(LoggerDestination):
             directory, as in MLflow). For a file store ``MLFLOW_ALLOW_FILE_STORE`` is set, which
             MLflow 3 requires for that (maintained, no longer developed) backend.
         experiment: created when missing.
-        run_name: the MLflow run's name.
+        run_name: the MLflow run's name (None: the config's ``run_name``).
         log_checkpoints: also upload the best checkpoint at the end.
         run_dir: the run folder (config.yaml, progress.png, overlays/, checkpoints/).
         config: the resolved config (logged as params).
@@ -126,7 +129,8 @@ class MLflowLogger(LoggerDestination):
         run_dir: Path,
         config: Mapping[str, Any],
     ):
-        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.run_name = run_name or config.get("run_name")
         self.log_checkpoints = log_checkpoints
         self.run_dir = Path(run_dir)
         self.config = config

@@ -3,6 +3,10 @@
 Each schedule maps (batch, total_batches) to a factor of the optimizer's base learning rate; a
 list of schedules multiplies its factors (e.g. linear warmup x cosine). Being pure functions of
 the batch counter, they restore exactly on resume: no learning-rate jump.
+
+A schedule's settings are its fields (the config's schema is derived from them); a span of
+training (:data:`Batches`) is written in the config as a duration (``200ep``, ``1000ba``, ``64sp``)
+and reaches the schedule in batches.
 """
 
 from __future__ import annotations
@@ -10,11 +14,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
+
+from ..core.schema import NonNegative, Setting
+
+# A span of training: a duration in the config, a number of batches here (the builder converts it).
+Batches = Annotated[int, Setting(kind="duration")]
 
 
 @dataclass(frozen=True)
 class Constant:
-    factor: float = 1.0
+    """The same factor throughout."""
+
+    factor: NonNegative = 1.0
 
     def __call__(self, batch: int, total: int) -> float:
         return self.factor
@@ -24,8 +36,8 @@ class Constant:
 class Cosine:
     """Cosine decay from 1 to ``min_factor`` over ``t_max`` batches (default: the whole run)."""
 
-    min_factor: float = 0.0
-    t_max: int | None = None
+    min_factor: NonNegative = 0.0
+    t_max: Batches | None = None
 
     def __call__(self, batch: int, total: int) -> float:
         span = max(self.t_max or total, 1)
@@ -37,8 +49,8 @@ class Cosine:
 class Poly:
     """nnU-Net's polynomial decay ``(1 - batch / t_max) ** power``."""
 
-    power: float = 0.9
-    t_max: int | None = None
+    power: NonNegative = 0.9
+    t_max: Batches | None = None
 
     def __call__(self, batch: int, total: int) -> float:
         span = max(self.t_max or total, 1)
@@ -49,8 +61,8 @@ class Poly:
 class LinearWarmup:
     """Linear ramp from ``start_factor`` to 1 over ``duration`` batches, then 1."""
 
-    duration: int
-    start_factor: float = 0.0
+    duration: Annotated[int, Setting.defaulting("1ep", kind="duration")]
+    start_factor: NonNegative = 0.0
 
     def __call__(self, batch: int, total: int) -> float:
         if self.duration <= 0 or batch >= self.duration:

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -189,7 +189,14 @@ class Callback:
     ``after_forward``, ``after_loss`` and ``after_backward`` fire once per microbatch: more than
     once a step with ``device_train_microbatch_size``, and again when the "auto" search retries a
     batch after running out of memory. Algorithms run before callbacks at every event.
+
+    Class attributes (read by the builder of a configured callback):
+        writer_only: built on the writing rank (rank 0) only, e.g. one that only draws a file.
+        needs_evaluator: built only when the run evaluates (it has validation cases).
     """
+
+    writer_only: ClassVar[bool] = False
+    needs_evaluator: ClassVar[bool] = False
 
     def run_event(self, event: Event, state: State) -> None:
         """Call the method named after ``event`` (``Event.EPOCH_END`` -> :meth:`epoch_end`)."""

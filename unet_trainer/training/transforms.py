@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import numbers
 import typing
 from collections.abc import Callable, Mapping
@@ -61,7 +60,7 @@ from typing import Annotated, Any, ClassVar
 
 import torch
 
-from ..core.schema import Field, Probability, SchemaDerivationError, Setting, fields_of
+from ..core.schema import Field, FieldError, Probability, Setting, fields_of
 
 __all__ = [
     "AUGMENTATIONS",
@@ -113,54 +112,12 @@ class SettingError(ValueError):
         self.expected = expected
 
 
-def _is_real_number(value: object) -> bool:
-    # bool is an int subclass; True as a probability is almost surely a typo.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 @functools.cache
 def _declared_settings(transform: type) -> tuple[dict[str, Field], frozenset[str]]:
     """A transform class's settings as schema fields, and the names of those that are a :data:`Range`."""
     hints = typing.get_type_hints(transform, include_extras=True)
     settings = fields_of(transform)
     return settings, frozenset(name for name in settings if hints.get(name) == Range)
-
-
-def _checked_setting(owner: str, name: str, value: Any, spec: Field, is_range: bool) -> Any:
-    """``value`` as the setting's kind (a list becomes a tuple), or a :class:`SettingError`."""
-
-    def bad(expected: str = spec.expected()) -> SettingError:
-        return SettingError(owner, name, value, expected)
-
-    def in_bounds(number: float) -> bool:
-        return (spec.minimum is None or number >= spec.minimum) and (spec.maximum is None or number <= spec.maximum)
-
-    if spec.kind == "bool":
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if spec.kind == "str":
-        if not isinstance(value, str) or (spec.choices is not None and value not in spec.choices):
-            raise bad()
-        return value
-    if spec.kind in ("int", "float"):
-        integral = spec.kind == "int"
-        if not (isinstance(value, numbers.Integral) if integral else _is_real_number(value)) or isinstance(value, bool):
-            raise bad()
-        if not math.isfinite(value) or not in_bounds(value):
-            raise bad()
-        return int(value) if integral else float(value)
-    if spec.kind == "float_list":
-        if not isinstance(value, (tuple, list)) or (spec.length is not None and len(value) != spec.length):
-            raise bad()
-        if not all(_is_real_number(item) and math.isfinite(item) for item in value):
-            raise bad(spec.expected() + ", each finite")
-        if not all(in_bounds(item) for item in value):
-            raise bad()
-        if is_range and value[0] > value[1]:
-            raise bad("[low, high] with low <= high")
-        return tuple(float(item) for item in value)
-    raise SchemaDerivationError(f"{owner}.{name}: a transform setting of kind {spec.kind!r} has no check")
 
 
 @dataclass(frozen=True)
@@ -201,9 +158,20 @@ class BatchTransform:
     shares_recipe_draw: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        """Check every setting with its field (:meth:`Field.check`, as the config does); a list
+        becomes a tuple, so the transform stays hashable."""
+        owner = type(self).__name__
         settings, ranges = _declared_settings(type(self))
         for name, spec in settings.items():
-            checked = _checked_setting(type(self).__name__, name, getattr(self, name), spec, name in ranges)
+            value = getattr(self, name)
+            try:
+                checked = spec.check(value)
+            except FieldError as error:
+                raise SettingError(owner, name, value, error.expected) from None
+            if isinstance(checked, list):
+                checked = tuple(checked)
+            if name in ranges and checked[0] > checked[1]:
+                raise SettingError(owner, name, value, "[low, high] with low <= high")
             object.__setattr__(self, name, checked)
 
     def random_columns(self, spatial_dims: int) -> int:
