@@ -28,6 +28,7 @@ import re
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -100,19 +101,59 @@ def make_phantom_case(
     if min(shape) < 24:
         raise ValueError(f"phantom shape {tuple(shape)} is too small: every dimension must be at least 24")
     shape = tuple(int(s) for s in shape)
+    head = _draw_head(shape, rng)
+    if style == "simple":
+        necrotic, enhancing, edema = _simple_tumour(shape, head.grid, head.brain, head.ventricles, head.radius, rng)
+        core_name = "necrotic"
+        contrast = TISSUE_CONTRAST
+    else:
+        necrotic, enhancing, edema, core_name = _brats_tumour(
+            shape, head.grid, head.brain, head.white, head.ventricles, rng
+        )
+        contrast = _case_contrast(rng)
+
+    label = np.zeros(shape, np.uint8)
+    label[edema] = LABEL_EDEMA
+    label[enhancing] = LABEL_ENHANCING
+    label[necrotic] = LABEL_NECROTIC
+    tissues = [
+        ("scalp", head.head & ~head.skull),
+        ("skull", head.skull & ~head.brain),
+        ("grey", head.brain & ~head.white),
+        ("white", head.white),
+        ("csf", head.ventricles | head.sulci),
+        ("edema", edema),
+        ("enhancing", enhancing),
+        (core_name, necrotic),
+    ]
+    return _render(shape, tissues, contrast, head.head, rng), label
+
+
+@dataclass(frozen=True)
+class _Head:
+    """A phantom head's masks, bool (Z, Y, X), and its voxel grid (3, Z, Y, X); ``radius`` is the
+    head's outer radius relative to half the volume."""
+
+    grid: np.ndarray
+    head: np.ndarray
+    skull: np.ndarray
+    brain: np.ndarray
+    white: np.ndarray
+    ventricles: np.ndarray
+    sulci: np.ndarray
+    radius: float
+
+
+def _draw_head(shape: tuple[int, int, int], rng: np.random.Generator) -> _Head:
+    """Nested ellipsoids (scalp, skull, brain) with a gently irregular outline; grey and white matter
+    from a smooth field; two small ventricles near the centre; sulci."""
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
     centre = np.array(shape, np.float32)[:, None, None, None] / 2 + rng.uniform(-1.5, 1.5, (3, 1, 1, 1))
     rel = (grid - centre) / (np.array(shape, np.float32)[:, None, None, None] / 2)
-
-    # Head: nested ellipsoids with a gently irregular outline.
     outline = 0.04 * _smooth_field(rng, shape, 4)
     radius = np.sqrt((rel**2).sum(0)) + outline
     head_r = rng.uniform(0.86, 0.92)
-    head = radius < head_r
-    skull = radius < head_r - 0.07
     brain = radius < head_r - 0.13
-
-    # Grey/white matter from a smooth field; ventricles as two small ellipsoids near the centre.
     tissue = _smooth_field(rng, shape, 6)
     white = brain & (tissue > rng.uniform(-0.15, 0.15))
     vent_offset = rng.uniform(0.08, 0.14)
@@ -122,46 +163,39 @@ def make_phantom_case(
         ventricles |= d < 1.0
     ventricles &= brain
     sulci = brain & ~white & (np.abs(_smooth_field(rng, shape, 10)) < 0.06)
+    return _Head(grid, radius < head_r, radius < head_r - 0.07, brain, white, ventricles, sulci, head_r)
 
-    if style == "simple":
-        necrotic, enhancing, edema = _simple_tumour(shape, grid, brain, ventricles, head_r, rng)
-        core_name = "necrotic"
-        contrast = TISSUE_CONTRAST
-    else:
-        necrotic, enhancing, edema, core_name = _brats_tumour(shape, grid, brain, white, ventricles, rng)
-        # Tumour contrasts vary between patients and scanners: scale each tumour tissue's
-        # deviation from white matter per case, so no single intensity threshold finds it.
-        contrast = dict(TISSUE_CONTRAST)
-        base = np.array(TISSUE_CONTRAST["white"])
-        for name in ("edema", "enhancing", "necrotic", "nonenhancing"):
-            contrast[name] = tuple(base + (np.array(TISSUE_CONTRAST[name]) - base) * rng.uniform(0.7, 1.15))
 
-    label = np.zeros(shape, np.uint8)
-    label[edema] = LABEL_EDEMA
-    label[enhancing] = LABEL_ENHANCING
-    label[necrotic] = LABEL_NECROTIC
+def _case_contrast(rng: np.random.Generator) -> dict[str, tuple[float, ...]]:
+    """Tumour contrasts vary between patients and scanners: each tumour tissue's deviation from
+    white matter scaled per case, so no single intensity threshold finds it."""
+    contrast = dict(TISSUE_CONTRAST)
+    base = np.array(TISSUE_CONTRAST["white"])
+    for name in ("edema", "enhancing", "necrotic", "nonenhancing"):
+        contrast[name] = tuple(base + (np.array(TISSUE_CONTRAST[name]) - base) * rng.uniform(0.7, 1.15))
+    return contrast
 
-    regions = [
-        ("scalp", head & ~skull),
-        ("skull", skull & ~brain),
-        ("grey", brain & ~white),
-        ("white", white),
-        ("csf", ventricles | sulci),
-        ("edema", edema),
-        ("enhancing", enhancing),
-        (core_name, necrotic),
-    ]
+
+def _render(
+    shape: tuple[int, int, int],
+    tissues: list[tuple[str, np.ndarray]],
+    contrast: dict[str, tuple[float, ...]],
+    head: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The four modalities, float32 (4, Z, Y, X): each tissue's contrast (later tissues paint over
+    earlier ones), texture within tissues, a smooth multiplicative bias field per modality and noise;
+    0 outside the head."""
     image = np.zeros((4,) + shape, np.float32)
-    for name, mask in regions:
+    for name, mask in tissues:
         image[:, mask] = np.array(contrast[name], np.float32)[:, None]
-    # Texture within tissues, a smooth multiplicative bias field per modality and noise.
     texture = 0.04 * _smooth_field(rng, shape, 16)
     for c in range(4):
         bias = 1.0 + 0.12 * _smooth_field(rng, shape, 3)
         noise = rng.normal(0.0, 0.035, shape).astype(np.float32)
         channel = (image[c] * (1.0 + texture) * bias + noise) * MODALITY_SCALE[c]
         image[c] = np.where(head, np.clip(channel, 1.0, None), 0.0)
-    return image, label
+    return image
 
 
 def _simple_tumour(
