@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if namespace.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from ..commands.builders import run_training  # imported here so --print-config and errors stay fast
+    from ..commands.train import run_training  # imported here so --print-config and errors stay fast
 
     with guard(RUN_ERRORS, Path(cfg["save_folder"])):
         summary = run_training(cfg)

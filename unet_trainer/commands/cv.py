@@ -2,12 +2,12 @@
 predictions of all folds together.
 
 The cross-validation folder is the config's ``save_folder`` (default ``runs/<config name>``). It
-holds one ordinary run folder per fold, ``fold_<k>/``, trained by :func:`builders.run_training`
+holds one ordinary run folder per fold, ``fold_<k>/``, trained by :func:`train.run_training`
 with ``data.fold=k`` and ``run_name=<run name>-fold<k>``, so each fold resumes as any run does
 (autoresume from its newest checkpoint). Next to them:
 
 * ``cv_config.yaml``: the resolved config the cross-validation was started with. A later command
-  with a config that differs in more than the keys a resume may change (``builders.RESUME_FREE_KEYS``,
+  with a config that differs in more than the keys a resume may change (``resume.RESUME_FREE_KEYS``,
   and ``data.fold``, which is set per fold) is refused, so the folds are one experiment.
 * ``cv_summary.csv``: one row per validation case (its fold, case id and every score of the
   evaluator), one row per fold (the mean over its cases) and two overall rows (the mean and the
@@ -51,9 +51,11 @@ from ..core.runfolder import FolderLock, RunFolderError
 from ..evaluation import postprocessing as pp
 from ..evaluation.metrics import mean_scores
 from ..training import callbacks as cb
-from .builders import RESUME_FREE_KEYS, check_run_outputs, run_training
+from .builders import check_run_outputs
 from .folders import CV_CONFIG, FoldState, chosen_checkpoint, finish_rule, fold_folder, fold_state
 from .predict import evaluate_checkpoint
+from .resume import RESUME_FREE_KEYS
+from .train import run_training
 
 CV_SUMMARY = "cv_summary.csv"
 CV_LOCK = "cv.lock"
@@ -512,7 +514,7 @@ def run_cross_validation(
         choice: "best" or "latest", see :func:`chosen_checkpoint`.
         lesion_wise: also the lesion-wise scores (as ``eval.lesion_wise``, for the scoring only).
         progress: progress bars.
-        extra_callbacks: passed to every fold's :func:`builders.run_training` (tests, benchmarks).
+        extra_callbacks: passed to every fold's :func:`train.run_training` (tests, benchmarks).
         log: where one line per fold is written (default stderr).
         postprocessing_metric: also choose postprocessing on the out-of-fold predictions with this
             metric (see :func:`score_folds`).
@@ -528,7 +530,7 @@ def run_cross_validation(
         CrossValidationError: the folder holds another experiment, or (scoring) a fold is missing,
             unfinished or from another config.
         OutputPathError: the folder would lie in, be or hold the raw or prepared data.
-        whatever :func:`builders.run_training` raises for a fold (bad data, a diverged loss...).
+        whatever :func:`train.run_training` raises for a fold (bad data, a diverged loss...).
     """
     log = sys.stderr if log is None else log
     folds = _checked_folds(cfg, folds)

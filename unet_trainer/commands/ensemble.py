@@ -31,9 +31,9 @@ from ..config.engine import ConfigError, config_differences
 from ..core.checkpoint import CheckpointError
 from ..core.checkpoints import CheckpointManager
 from ..core.runfolder import RunFolderError, live_holder
-from .builders import RESUME_FREE_KEYS
 from .folders import CV_CONFIG, chosen_checkpoint, fold_folders, fold_state
 from .loading import LoadedModel, load_model
+from .resume import RESUME_FREE_KEYS
 
 
 def _region_mode(cfg: dict) -> str:
