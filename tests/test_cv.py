@@ -31,8 +31,8 @@ from unet_trainer.commands.cv import (
     parse_folds,
     run_cross_validation,
 )
-from unet_trainer.commands.ensemble import EnsembleError, expand_checkpoints
 from unet_trainer.commands.folders import fold_state
+from unet_trainer.commands.loading import EnsembleError, expand_checkpoints
 from unet_trainer.commands.predict import predict_dataset
 from unet_trainer.config.config import resolve_config
 from unet_trainer.config.engine import ConfigError

@@ -18,7 +18,7 @@ from unet_trainer.commands.builders import (
     build_loss,
     build_scheduler,
 )
-from unet_trainer.commands.ensemble import CONVENTION_KEYS
+from unet_trainer.commands.loading import CONVENTION_KEYS
 from unet_trainer.commands.train import run_training
 from unet_trainer.config import components
 from unet_trainer.config.components import describe_model, output_mode

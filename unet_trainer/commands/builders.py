@@ -173,6 +173,13 @@ def build_split(cfg: dict, case_ids: list[str]) -> dict[str, list[str]]:
         raise DataFormatError(f"data: {exc}") from None
 
 
+def finish_rule(cfg: dict) -> tuple[Duration, cb.EarlyStopper | None]:
+    """The config's ``max_duration`` and its early stopper (None when off): what makes a run finished."""
+    settings = cfg["callbacks"].get("early_stopper")
+    stopper = cb.EarlyStopper(settings["patience"], settings["min_delta"]) if settings is not None else None
+    return Duration.parse(cfg["max_duration"]), stopper
+
+
 # --------------------------------------------------------------------------------------------
 # Model, optimisation
 # --------------------------------------------------------------------------------------------

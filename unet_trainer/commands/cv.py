@@ -51,8 +51,8 @@ from ..core.runfolder import FolderLock, RunFolderError
 from ..evaluation import postprocessing as pp
 from ..evaluation.metrics import mean_scores
 from ..training import callbacks as cb
-from .builders import check_run_outputs
-from .folders import CV_CONFIG, FoldState, chosen_checkpoint, finish_rule, fold_folder, fold_state
+from .builders import check_run_outputs, finish_rule
+from .folders import CV_CONFIG, FoldState, chosen_checkpoint, fold_folder, fold_state
 from .predict import evaluate_checkpoint
 from .resume import RESUME_FREE_KEYS
 from .train import run_training

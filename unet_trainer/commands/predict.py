@@ -64,8 +64,7 @@ from .builders import (
     data_input_folders,
     ensure_prepared,
 )
-from .ensemble import EnsembleModel, load_models
-from .loading import LoadedModel, load_model
+from .loading import EnsembleModel, LoadedModel, load_model, load_models
 
 PREDICT_FOLDER_ADVICE = "one unet-predict per output folder: wait for it to finish, or write to another OUTPUT folder"
 
@@ -256,7 +255,7 @@ def predict_dataset(
     Args:
         checkpoint: the ``unet-train`` checkpoint; or several, and ``unet-cv`` folders (each
             fold's chosen checkpoint), whose probabilities are averaged
-            (:mod:`unet_trainer.commands.ensemble`).
+            (:mod:`unet_trainer.commands.loading`).
         input_dir: raw cases in any supported layout; labels are not needed (and not used).
         output_dir: created if missing; must not be, lie inside or hold ``input_dir``, nor be or
             hold a checkpoint (or model folder) it reads.
@@ -275,7 +274,7 @@ def predict_dataset(
 
     Raises:
         CheckpointError, ConfigError: as :func:`load_model`; EnsembleError (a CheckpointError):
-            checkpoints that cannot be averaged (see :func:`ensemble.load_models`).
+            checkpoints that cannot be averaged (see :func:`loading.load_models`).
         DataFormatError: the input folder is missing, holds no recognised layout or no case,
             or a listing problem of the whole folder (a case missing a modality file is skipped and
             reported instead).
