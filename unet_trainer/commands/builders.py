@@ -6,11 +6,14 @@ the callbacks, the sliding window, the metrics and the evaluator.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import os
 import random
 import sys
 from collections.abc import Sequence
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,7 @@ from ..data.layouts import DataFormatError
 from ..data.phantom import write_phantom_dataset
 from ..data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current
 from ..data.split import kfold_split, load_split_file
+from ..evaluation import postprocessing as pp
 from ..evaluation.case_metrics import CaseMetric, UnknownMetric, make_metrics, metric_names
 from ..evaluation.evaluation import DiceEvaluator
 from ..evaluation.inference import SlidingWindow
@@ -42,6 +46,7 @@ from ..training.losses import DeepSupervisionLoss, OutputMode
 from ..training.schedules import BatchScheduler, ComposedSchedule
 from ..training.trainer import Algorithm, duration_in_batches
 from ..training.transforms import AUGMENTATIONS, BatchAugmenter
+from .folders import fold_folder
 
 AMP_DTYPES = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
 
@@ -71,6 +76,11 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
+
+
+def save_folder(cfg: dict) -> Path:
+    """The run (or ``unet-cv``) folder: ``save_folder``."""
+    return Path(cfg["save_folder"])
 
 
 def cache_dir(cfg: dict) -> Path:
@@ -153,7 +163,7 @@ def ensure_prepared(cfg: dict, dist_info: DistInfo, progress: bool = True) -> tu
     if source is None:
         source = raw_data_dir(cfg, progress=False)
     out = prepared_data_dir(cfg, source)
-    settings = PrepareSettings.from_config(cfg["data"])
+    settings = build_prepare_settings(cfg)
     if dist_info.is_main and not prepared_is_current(out, source, settings, cfg["data"]["format"]):
         print(f"Preparing {source} -> {out}", file=sys.stderr)
         prepare_dataset(
@@ -373,3 +383,197 @@ def build_evaluator(
         cases_csv=cases_csv,
         progress=progress,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The typed settings the commands receive
+# --------------------------------------------------------------------------------------------
+
+
+def process_group_device(name: str) -> str:
+    """The process group's device type for a config's ``device`` name: "cuda" for ``cuda``, and
+    for ``auto`` with a GPU; else "cpu"."""
+    return "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def build_inference_model(cfg: dict) -> tuple[torch.device, SegmentationModel]:
+    """The device (``device``; ``auto``: CUDA when available) and the untrained model of a
+    checkpoint's config, for inference.
+
+    Raises:
+        ConfigError: ``device`` = cuda without a GPU, or a model the config cannot build.
+    """
+    device = build_device(cfg["device"])
+    try:
+        return device, build_model(cfg["model"])
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
+def build_prepare_settings(cfg: dict) -> PrepareSettings:
+    """How a case of the config's data is prepared (target spacing, DLE label numbering)."""
+    return PrepareSettings.from_config(cfg["data"])
+
+
+# What must agree between the models of an ensemble: (name, the value in a resolved config), in
+# the order of :class:`ModelConventions`' fields.
+CONVENTION_KEYS = (
+    ("region mode (loss)", lambda cfg: components.output_mode(cfg["loss"]).value),
+    ("model.num_classes", lambda cfg: describe_model(cfg["model"]).num_classes),
+    ("data.dle_labels", lambda cfg: cfg["data"]["dle_labels"]),
+    ("model.in_channels", lambda cfg: describe_model(cfg["model"]).in_channels),
+    ("data.target_spacing", lambda cfg: cfg["data"]["target_spacing"]),
+)
+
+
+@dataclass(frozen=True)
+class ModelConventions:
+    """What a model's outputs and inputs mean: the values of :data:`CONVENTION_KEYS`.
+
+    Attributes:
+        output_mode: "softmax classes" or "sigmoid regions" (the loss's :class:`OutputMode`).
+        num_classes: the model's outputs.
+        dle_labels: the label numbering of DLE arrays.
+        in_channels: the model's input channels.
+        target_spacing: the preparation's spacing in mm (Z, Y, X order as configured), None: as recorded.
+    """
+
+    output_mode: str
+    num_classes: int
+    dle_labels: str
+    in_channels: int
+    target_spacing: list[float] | None
+
+    @property
+    def region_mode(self) -> bool:
+        """Outputs are sigmoid (WT, TC, ET) regions."""
+        return self.output_mode == OutputMode.REGIONS.value
+
+    def named(self) -> list[tuple[str, object]]:
+        """[(name of :data:`CONVENTION_KEYS`, value)], in their order."""
+        return [(name, value) for (name, _), value in zip(CONVENTION_KEYS, astuple(self))]
+
+
+def build_conventions(cfg: dict) -> ModelConventions:
+    return ModelConventions(*(value(cfg) for _, value in CONVENTION_KEYS))
+
+
+def _override(key: str, value) -> str:
+    # JSON is YAML for scalars, lists and null, which is how overrides are read.
+    return f"{key}={json.dumps(value)}"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a config scores: what ``unet-eval``, ``unet-cv`` and the choice of postprocessing read.
+
+    Attributes:
+        empty_policy: the plain Dice's empty-ground-truth policy (``eval.empty_policy``).
+        lesion_dilation, lesion_min_voxels: the lesion-wise settings (``eval.lesion_*``).
+        lesion_wise: ``eval.lesion_wise``.
+        overrides: the overrides that score a checkpoint with these settings: every ``eval`` key,
+            ``device`` and ``precision``, as ``key=value``.
+    """
+
+    empty_policy: str
+    lesion_dilation: int
+    lesion_min_voxels: int
+    lesion_wise: bool
+    overrides: tuple[str, ...]
+
+    def metric_settings(self, metric: str) -> pp.MetricSettings:
+        """How postprocessing scores a case with ``metric`` under these settings."""
+        return pp.MetricSettings(metric, self.lesion_dilation, self.lesion_min_voxels, self.empty_policy)
+
+
+def build_eval_settings(cfg: dict) -> EvalSettings:
+    ev = cfg["eval"]
+    overrides = [_override(f"eval.{k}", v) for k, v in ev.items()]
+    overrides += [_override("device", cfg["device"]), _override("precision", cfg["precision"])]
+    return EvalSettings(
+        ev["empty_policy"], ev["lesion_dilation"], ev["lesion_min_voxels"], ev["lesion_wise"], tuple(overrides)
+    )
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """Which cases a config validates on: fold ``fold`` of ``num_folds``, or a split file.
+
+    Attributes:
+        data_path: the raw dataset (``data.path``; None: the phantom).
+    """
+
+    fold: int
+    num_folds: int
+    split_file: str | None
+    data_path: str | None
+
+    @property
+    def tag(self) -> str:
+        """ "val-fold<k>", or "val" for a split file (the default CSV name of ``unet-eval``)."""
+        return f"val-fold{self.fold}" if not self.split_file else "val"
+
+    @property
+    def where(self) -> str:
+        """The split file, or "fold <k> of <n>"."""
+        return self.split_file or f"fold {self.fold} of {self.num_folds}"
+
+
+def build_split_settings(cfg: dict) -> SplitSettings:
+    data = cfg["data"]
+    return SplitSettings(data["fold"], data["num_folds"], data["split_file"], data["path"])
+
+
+def with_dataset(cfg: dict, dataset: Path, fmt: str) -> dict:
+    """A copy of ``cfg`` reading another raw dataset (its own prepared cache folder, keyed by its
+    path, and no split file); ``cfg`` stays as it was."""
+    other = dict(path=str(Path(dataset).expanduser()), format=fmt, prepared_path=None, split_file=None)
+    return {**cfg, "data": {**cfg["data"], **other}}
+
+
+@dataclass(frozen=True)
+class CVSettings:
+    """What ``unet-cv`` reads of its config.
+
+    Attributes:
+        cv_dir: the cross-validation folder (``save_folder``).
+        split: its folds (``data.num_folds``, and a split file it refuses).
+        device_type: the process group's device type (:func:`process_group_device`).
+        finish: what makes a fold finished (:func:`finish_rule`).
+        eval: how the folds are scored.
+    """
+
+    cv_dir: Path
+    split: SplitSettings
+    device_type: str
+    finish: tuple[Duration, cb.EarlyStopper | None]
+    eval: EvalSettings
+
+
+def build_cv_settings(cfg: dict) -> CVSettings:
+    return CVSettings(
+        save_folder(cfg),
+        build_split_settings(cfg),
+        process_group_device(cfg["device"]),
+        finish_rule(cfg),
+        build_eval_settings(cfg),
+    )
+
+
+def fold_config(cfg: dict, fold: int, started: bool = False) -> dict:
+    """The resolved config of one fold's run: ``data.fold``, ``save_folder`` and ``run_name`` set.
+
+    Args:
+        started: the fold's folder holds its checkpoints already; then ``load_path`` (a starting
+            point for every fold, e.g. pretrained weights) is dropped, so the fold resumes its own.
+    """
+    fold_cfg = copy.deepcopy(cfg)
+    if started:
+        fold_cfg["load_path"], fold_cfg["load_weights_only"] = None, False
+    fold_cfg["data"]["fold"] = fold
+    fold_cfg["save_folder"] = str(fold_folder(Path(cfg["save_folder"]), fold))
+    fold_cfg["run_name"] = f"{cfg['run_name']}-fold{fold}"
+    mlflow = fold_cfg["callbacks"].get("mlflow")
+    if mlflow and mlflow.get("run_name"):
+        mlflow["run_name"] = f"{mlflow['run_name']}-fold{fold}"
+    return fold_cfg

@@ -32,17 +32,26 @@ from typing import TextIO
 
 import torch
 
-from ..config.components import describe_model, output_mode
 from ..config.config import load_yaml, resolve_from_base
 from ..config.engine import ConfigError, config_differences
 from ..core.checkpoint import CheckpointError, load_checkpoint, one_line
 from ..core.checkpoints import CheckpointManager
 from ..core.runfolder import RunFolderError, live_holder
+from ..data.prepare import PrepareSettings
 from ..evaluation.evaluation import logits_to_probabilities
 from ..evaluation.inference import SlidingWindow
 from ..models.base import SegmentationModel, optimize_model
-from ..training.losses import OutputMode
-from .builders import build_device, build_model, build_sliding_window, finish_rule
+from .builders import (
+    CONVENTION_KEYS,
+    EvalSettings,
+    ModelConventions,
+    build_conventions,
+    build_eval_settings,
+    build_inference_model,
+    build_prepare_settings,
+    build_sliding_window,
+    finish_rule,
+)
 from .folders import CV_CONFIG, FinishRule, chosen_checkpoint, fold_folders, fold_state
 from .resume import RESUME_FREE_KEYS
 
@@ -78,6 +87,21 @@ class LoadedModel:
     def checkpoints(self) -> list[Path]:
         """[the checkpoint], as an ensemble lists its members'."""
         return [self.checkpoint]
+
+    @property
+    def conventions(self) -> ModelConventions:
+        """What its outputs and inputs mean (region mode, outputs, DLE labels, channels, spacing)."""
+        return build_conventions(self.cfg)
+
+    @property
+    def prepare_settings(self) -> PrepareSettings:
+        """How a case is prepared for it, as its training data was."""
+        return build_prepare_settings(self.cfg)
+
+    @property
+    def eval_settings(self) -> EvalSettings:
+        """How its config scores (empty policy, lesion-wise settings)."""
+        return build_eval_settings(self.cfg)
 
     @property
     def spatial_dims(self) -> int:
@@ -136,11 +160,7 @@ def load_model(checkpoint: Path, overrides: Sequence[str] = (), channels_last: b
     if not isinstance(base, dict) or "model" not in base:
         raise CheckpointError(f"{path}: holds no training config, so its model cannot be rebuilt")
     cfg = resolve_from_base(base, list(overrides), source=f"{path} (stored config)")
-    device = build_device(cfg["device"])
-    try:
-        model = build_model(cfg["model"])
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from None
+    device, model = build_inference_model(cfg)
     ema = (state.get("extra_state") or {}).get("ema")
     weights, name = (ema, "ema") if isinstance(ema, dict) and ema else (state["model"], "model")
     try:
@@ -156,25 +176,13 @@ def load_model(checkpoint: Path, overrides: Sequence[str] = (), channels_last: b
         cfg=cfg,
         device=device,
         sliding_window=build_sliding_window(cfg),
-        region_mode=output_mode(cfg["loss"]) is OutputMode.REGIONS,
+        region_mode=build_conventions(cfg).region_mode,
         checkpoint=path.resolve(),
         weights=name,
         timestamp=dict(state.get("timestamp") or {}),
     )
 
 
-def _region_mode(cfg: dict) -> str:
-    return output_mode(cfg["loss"]).value
-
-
-# What must agree between the models of an ensemble: (name, the value in a resolved config).
-CONVENTION_KEYS = (
-    ("region mode (loss)", _region_mode),
-    ("model.num_classes", lambda cfg: describe_model(cfg["model"]).num_classes),
-    ("data.dle_labels", lambda cfg: cfg["data"]["dle_labels"]),
-    ("model.in_channels", lambda cfg: describe_model(cfg["model"]).in_channels),
-    ("data.target_spacing", lambda cfg: cfg["data"]["target_spacing"]),
-)
 # Keys expected to differ between the fold models of one cross-validation (not worth a note).
 FOLD_KEYS = ("data.fold", "run_name", "save_folder", "callbacks.mlflow.run_name")
 
@@ -224,6 +232,11 @@ class EnsembleModel:
         return [m.checkpoint for m in self.members]
 
     @property
+    def prepare_settings(self) -> PrepareSettings:
+        """The first member's, which :func:`check_compatible` makes every member's."""
+        return self.members[0].prepare_settings
+
+    @property
     def timestamp(self) -> dict:
         """No single training progress: the members' differ."""
         return {}
@@ -261,8 +274,7 @@ def check_compatible(members: Sequence[LoadedModel]) -> list[str]:
     first = members[0]
     notes: list[str] = []
     for other in members[1:]:
-        for name, value in CONVENTION_KEYS:
-            a, b = value(first.cfg), value(other.cfg)
+        for (name, a), (_, b) in zip(first.conventions.named(), other.conventions.named()):
             if a != b:
                 raise EnsembleError(
                     f"{first.checkpoint} and {other.checkpoint} cannot be ensembled: their {name} differ "

@@ -41,6 +41,7 @@ from .builders import (
     build_split,
     check_run_outputs,
     ensure_prepared,
+    process_group_device,
     seed_everything,
 )
 from .resume import restore_checkpoint, setup_resume
@@ -129,9 +130,7 @@ def setup_device(cfg: dict) -> tuple[DistInfo, torch.device]:
             ``device`` = cuda without a GPU.
     """
     device_name = cfg["device"]
-    dist_info = init_distributed(
-        "cuda" if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    dist_info = init_distributed(process_group_device(device_name))
     device = build_device(device_name, dist_info.local_rank)
     if cfg["train_batch_size"] % dist_info.world_size:
         raise ConfigError(
