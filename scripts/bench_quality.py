@@ -8,7 +8,7 @@ of steps, each with ``--seeds`` seeds, and both are scored by the SAME evaluator
 volumes, Dice per label NCR/ED/EN and per region WT/TC/ET) at ``--points`` evenly spaced points
 of the budget.
 
-    ours    ``unet_trainer.commands.builders.run_training`` on ``resolve_config(configs/demo.yaml, ...)``
+    ours    ``unet_trainer.commands.train.run_training`` on ``resolve_config(configs/demo.yaml, ...)``
             (the demo's recipe: RAdam, constant lr, Dice + CE, batched augmentation, oversampling),
             evaluating every ``steps / points`` batches.
     monai   the parts scripts/monai_pipeline.py builds (imported, not copied): its MONAI transforms
@@ -74,8 +74,8 @@ from unet_trainer.commands.builders import (  # noqa: E402
     build_sliding_window,
     build_split,
     ensure_prepared,
-    run_training,
 )
+from unet_trainer.commands.train import run_training  # noqa: E402
 from unet_trainer.config.config import resolve_config  # noqa: E402
 from unet_trainer.core.distributed import init_distributed  # noqa: E402
 from unet_trainer.data.phantom import PHANTOM_STYLES, write_phantom_dataset  # noqa: E402

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """End-to-end training throughput: the real trainer against a pipeline built from MONAI parts.
 
-Ours (``unet_trainer.commands.builders.run_training`` on ``configs/brats.yaml``, or ``--recipe``) and its
+Ours (``unet_trainer.commands.train.run_training`` on ``configs/brats.yaml``, or ``--recipe``) and its
 peer, the MONAI-built pipeline of scripts/monai_pipeline.py (CacheDataset, MONAI transforms in
 DataLoader workers, DynUNet, DiceCELoss), train on the same synthetic BraTS-layout phantom with the
 same patch, batch, microbatch, optimizer, precision and loader workers, timed the same way. Printed
@@ -50,7 +50,8 @@ from benchutil import (  # noqa: E402
 )
 from monai_pipeline import run_monai  # noqa: E402
 
-from unet_trainer.commands.builders import AMP_DTYPES, run_training  # noqa: E402
+from unet_trainer.commands.builders import AMP_DTYPES  # noqa: E402
+from unet_trainer.commands.train import run_training  # noqa: E402
 from unet_trainer.config.config import resolve_config  # noqa: E402
 from unet_trainer.config.engine import ConfigError  # noqa: E402
 from unet_trainer.core.duration import Duration  # noqa: E402

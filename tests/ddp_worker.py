@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from unet_trainer.commands.builders import run_training
+from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import math
 from types import SimpleNamespace
 
 from unet_trainer.cli.train import format_summary
-from unet_trainer.commands.builders import run_training
+from unet_trainer.commands.train import run_training
 from unet_trainer.core.checkpoints import list_checkpoints
 from unet_trainer.training import callbacks
 from unet_trainer.training.trainer import Callback, Timestamp

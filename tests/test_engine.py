@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, hide_package, tiny_overrides
 
-from unet_trainer.commands.builders import run_training
+from unet_trainer.commands.train import run_training
 from unet_trainer.core.checkpoint import load_checkpoint
 from unet_trainer.core.checkpoints import list_checkpoints
 from unet_trainer.training.schedules import BatchScheduler, ComposedSchedule, Constant, Cosine, LinearWarmup, Poly

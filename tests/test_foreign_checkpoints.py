@@ -17,8 +17,9 @@ from conftest import ROOT, tiny_overrides
 from unet_trainer.cli.evaluate import main as eval_main
 from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.cli.train import main as train_main
-from unet_trainer.commands.builders import raw_data_dir, run_training
+from unet_trainer.commands.builders import raw_data_dir
 from unet_trainer.commands.folders import fold_state
+from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.core.checkpoint import CheckpointError, load_checkpoint, one_line
 from unet_trainer.core.duration import Duration

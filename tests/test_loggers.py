@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import ROOT
 
-from unet_trainer.commands.builders import build_logger_destinations, run_training
+from unet_trainer.commands.builders import build_logger_destinations
+from unet_trainer.commands.train import run_training
 from unet_trainer.config.components import LOGGER_DESTINATIONS
 from unet_trainer.config.config import resolve_config
 from unet_trainer.core.checkpoint import load_checkpoint

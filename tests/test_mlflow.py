@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import hide_package
 
-from unet_trainer.commands.builders import run_training
+from unet_trainer.commands.train import run_training
 from unet_trainer.config.engine import ConfigError
 from unet_trainer.core.checkpoint import load_checkpoint
 from unet_trainer.training.reporting import flatten_config

@@ -18,8 +18,9 @@ import unet_trainer.commands.predict as predict_module
 from unet_trainer.cli.data import main as data_main
 from unet_trainer.cli.evaluate import main as eval_main
 from unet_trainer.cli.predict import main as predict_main
-from unet_trainer.commands.builders import raw_data_dir, run_training
+from unet_trainer.commands.builders import raw_data_dir
 from unet_trainer.commands.predict import labels_to_original, load_model, predict_case, prediction_to_original
+from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.data.layouts import RawCase, from_canonical, list_cases, write_case, write_label_nifti
 from unet_trainer.data.prepare import PrepareSettings, prepare_case

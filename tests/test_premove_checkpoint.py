@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unet_trainer.commands.builders import run_training
 from unet_trainer.commands.loading import load_model
+from unet_trainer.commands.train import run_training
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "premove"
 

@@ -17,9 +17,9 @@ from unet_trainer.commands.builders import (
     build_logger_destinations,
     build_loss,
     build_scheduler,
-    run_training,
 )
-from unet_trainer.commands.ensemble import CONVENTION_KEYS
+from unet_trainer.commands.loading import CONVENTION_KEYS
+from unet_trainer.commands.train import run_training
 from unet_trainer.config import components
 from unet_trainer.config.components import describe_model, output_mode
 from unet_trainer.config.config import resolve_config

@@ -22,7 +22,7 @@ from conftest import ROOT, tiny_overrides
 import unet_trainer.core.checkpoint as checkpoint_module
 from unet_trainer.cli.data import main as data_main
 from unet_trainer.cli.train import main as train_main
-from unet_trainer.commands.builders import run_training
+from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.config.engine import ConfigError
 from unet_trainer.core.checkpoint import CheckpointError, load_checkpoint

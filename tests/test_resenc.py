@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from unet_trainer.commands.builders import build_loss, run_training
+from unet_trainer.commands.builders import build_loss
+from unet_trainer.commands.train import run_training
 from unet_trainer.config.components import build_model
 from unet_trainer.config.config import resolve_config
 from unet_trainer.config.tree import defaults

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import ROOT, script_module
 
-from unet_trainer.commands.builders import run_training
+from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.config.engine import ConfigError
 from unet_trainer.data.loader import ContinuousBatchSampler, EpochSampler

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unet_trainer.cli.train import main as train_main
-from unet_trainer.commands.builders import run_training
+from unet_trainer.commands.train import run_training
 from unet_trainer.core.checkpoint import load_checkpoint
 from unet_trainer.core.checkpoints import list_checkpoints
 from unet_trainer.core.runfolder import RunFolderError

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 
 from unet_trainer.cli.evaluate import main as eval_main
 from unet_trainer.cli.predict import main as predict_main
-from unet_trainer.commands.builders import run_training
+from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.config.engine import ConfigError
 from unet_trainer.evaluation.visualize import (

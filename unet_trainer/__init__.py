@@ -15,8 +15,9 @@ from the stages listed before it (tests/test_architecture.py checks it):
     training/     events, state and the training loop (trainer), losses, optimizers, schedules,
                   batched augmentation (transforms), algorithms, callbacks, loggers, reporting
     config/       YAML configs, recipes and overrides (config); the named components (components)
-    commands/     what the commands do: builders (the only place that reads a config and builds
-                  objects), folders and loading (a run's checkpoint, its model), ensemble, predict, cv
+    commands/     what the commands do: builders, resume and train (the only places that read a config
+                  and build objects), folders and loading (a run's checkpoint, its model or an
+                  ensemble's), predict, cv
     cli/          the command lines (main); ``python -m unet_trainer.cli COMMAND ...``
 """
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from ..config.config import ConfigError, resolve_config
 from ..config.engine import dump_config
@@ -79,13 +78,14 @@ def _folds_and_choice(cfg: dict, flags: dict) -> tuple[list[int] | None, str]:
     Raises:
         ConfigError: bad --folds or --checkpoint.
     """
+    from ..commands.builders import build_split_settings
     from ..commands.cv import parse_folds
     from ..commands.folders import CHECKPOINT_CHOICES
 
     choice = flags["--checkpoint"] or CHECKPOINT_CHOICES[0]
     if choice not in CHECKPOINT_CHOICES:
         raise ConfigError(f"command line: --checkpoint {choice!r} is not one of {', '.join(CHECKPOINT_CHOICES)}")
-    folds = parse_folds(flags["--folds"], cfg["data"]["num_folds"]) if flags["--folds"] else None
+    folds = parse_folds(flags["--folds"], build_split_settings(cfg).num_folds) if flags["--folds"] else None
     return folds, choice
 
 
@@ -128,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_config(cfg), end="")
             return 0
         folds, choice = _folds_and_choice(cfg, flags)
+    from ..commands.builders import save_folder
     from ..commands.cv import run_cross_validation
 
-    with guard(run_errors(), Path(cfg["save_folder"])):
+    with guard(run_errors(), save_folder(cfg)):
         outcome = run_cross_validation(
             cfg,
             folds,

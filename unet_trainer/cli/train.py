@@ -117,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     if namespace.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from ..commands.builders import run_training  # imported here so --print-config and errors stay fast
+    from ..commands.builders import save_folder  # imported here so --print-config and errors stay fast
+    from ..commands.train import run_training
 
-    with guard(RUN_ERRORS, Path(cfg["save_folder"])):
+    with guard(RUN_ERRORS, save_folder(cfg)):
         summary = run_training(cfg)
     if summary["is_main"]:  # under torchrun, one summary, from rank 0
         print(format_summary(summary))

@@ -1,48 +1,39 @@
-"""Builders: the only code that reads the resolved config. Each turns one section into objects
-built from plain typed arguments; :func:`run_training` wires them into a run in setup steps
-(torchtune-style: device, resume, data, model and optimizer, evaluator, state), then fits.
+"""Builders: the composition root's component functions, the only code that reads the resolved
+config (with :mod:`resume` and :mod:`train`). Each turns one section into an object built from
+plain typed arguments: the device, the data folders, the model's loss, optimizer and schedule,
+the callbacks, the sliding window, the metrics and the evaluator.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-import math
 import os
 import random
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import components
-from ..config.components import build_model, describe_model
-from ..config.engine import ConfigError, config_differences, dump_config
-from ..config.tree import SCHEDULERS, upgrade_config
-from ..core.checkpoint import (
-    LEGACY_RUN_ID,
-    CheckpointError,
-    load_checkpoint,
-    new_run_id,
-    one_line,
-    restore_rng_state,
-)
-from ..core.checkpoints import CheckpointManager, describe_others, run_file_name
-from ..core.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from ..config.components import build_model as build_model  # the model of a config, for the commands
+from ..config.components import describe_model
+from ..config.engine import ConfigError
+from ..config.tree import SCHEDULERS
+from ..core.checkpoints import CheckpointManager
+from ..core.distributed import DistInfo, barrier
 from ..core.duration import Duration
-from ..core.fileio import atomic_write_text, remove_orphan_temporaries
 from ..core.guard import check_outputs
-from ..core.runfolder import FolderLock, RunFolderError
 from ..core.schema import Field
 from ..data.layouts import DataFormatError
-from ..data.loader import BatchTooLarge, PatchDataset, build_train_loader
 from ..data.phantom import write_phantom_dataset
 from ..data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current
 from ..data.split import kfold_split, load_split_file
+from ..evaluation import postprocessing as pp
 from ..evaluation.case_metrics import CaseMetric, UnknownMetric, make_metrics, metric_names
 from ..evaluation.evaluation import DiceEvaluator
 from ..evaluation.inference import SlidingWindow
@@ -53,12 +44,11 @@ from ..training import reporting
 from ..training.loggers import FileLogger, Logger, LoggerDestination
 from ..training.losses import DeepSupervisionLoss, OutputMode
 from ..training.schedules import BatchScheduler, ComposedSchedule
-from ..training.trainer import Algorithm, Engine, Event, State, duration_in_batches, fit, rank_entry
+from ..training.trainer import Algorithm, duration_in_batches
 from ..training.transforms import AUGMENTATIONS, BatchAugmenter
+from .folders import fold_folder
 
 AMP_DTYPES = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
-# Config keys that may change between a checkpoint and its resume without a warning.
-RESUME_FREE_KEYS = {"load_path", "autoresume", "max_duration", "load_weights_only", "save_overwrite"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,6 +76,11 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
+
+
+def save_folder(cfg: dict) -> Path:
+    """The run (or ``unet-cv``) folder: ``save_folder``."""
+    return Path(cfg["save_folder"])
 
 
 def cache_dir(cfg: dict) -> Path:
@@ -168,7 +163,7 @@ def ensure_prepared(cfg: dict, dist_info: DistInfo, progress: bool = True) -> tu
     if source is None:
         source = raw_data_dir(cfg, progress=False)
     out = prepared_data_dir(cfg, source)
-    settings = PrepareSettings.from_config(cfg["data"])
+    settings = build_prepare_settings(cfg)
     if dist_info.is_main and not prepared_is_current(out, source, settings, cfg["data"]["format"]):
         print(f"Preparing {source} -> {out}", file=sys.stderr)
         prepare_dataset(
@@ -186,6 +181,13 @@ def build_split(cfg: dict, case_ids: list[str]) -> dict[str, list[str]]:
         return kfold_split(case_ids, data["num_folds"], data["fold"], data["split_seed"])
     except ValueError as exc:
         raise DataFormatError(f"data: {exc}") from None
+
+
+def finish_rule(cfg: dict) -> tuple[Duration, cb.EarlyStopper | None]:
+    """The config's ``max_duration`` and its early stopper (None when off): what makes a run finished."""
+    settings = cfg["callbacks"].get("early_stopper")
+    stopper = cb.EarlyStopper(settings["patience"], settings["min_delta"]) if settings is not None else None
+    return Duration.parse(cfg["max_duration"]), stopper
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,475 +386,194 @@ def build_evaluator(
 
 
 # --------------------------------------------------------------------------------------------
-# The run
+# The typed settings the commands receive
 # --------------------------------------------------------------------------------------------
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+def process_group_device(name: str) -> str:
+    """The process group's device type for a config's ``device`` name: "cuda" for ``cuda``, and
+    for ``auto`` with a GPU; else "cpu"."""
+    return "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def _resume_checkpoint(cfg: dict, run_dir: Path, dist_info: DistInfo) -> tuple[Path, dict] | None:
-    """The checkpoint to start from and its contents: ``load_path``, else with ``autoresume`` the
-    newest of the folder's own run that loads (:meth:`CheckpointManager.newest_loadable`: another
-    run's or a damaged one is passed over with a warning), else None. Under torchrun rank 0 picks
-    it (it alone holds the folder and warns) and every rank loads the file it picked.
-
-    Raises:
-        CheckpointError: ``load_path`` cannot be read.
-        RunFolderError: the folder holds several runs' checkpoints and nothing says which is its own.
-    """
-    if cfg["load_path"]:
-        path = Path(cfg["load_path"]).expanduser()
-        return path, load_checkpoint(path)
-    if not cfg["autoresume"]:
-        return None
-    found, picked = None, None
-    if dist_info.is_main:
-        try:
-            found = CheckpointManager.of_run(run_dir).newest_loadable(warn=_warn)
-            picked = str(found[0]) if found else None
-        except RunFolderError as exc:
-            picked = exc
-    picked = broadcast_object(picked)
-    if isinstance(picked, RunFolderError):
-        raise picked
-    if found is None and picked is not None:
-        found = Path(picked), load_checkpoint(Path(picked))
-    return found
-
-
-def _lock_run_folder(run_dir: Path) -> FolderLock:
-    """Lock the run folder for this process, then clear what a killed run left half-written.
+def build_inference_model(cfg: dict) -> tuple[torch.device, SegmentationModel]:
+    """The device (``device``; ``auto``: CUDA when available) and the untrained model of a
+    checkpoint's config, for inference.
 
     Raises:
-        RunFolderError: another live process holds the folder (names it).
+        ConfigError: ``device`` = cuda without a GPU, or a model the config cannot build.
     """
-    lock = FolderLock(run_dir).acquire()
-    # Under the lock no other run can be writing here, so every temporary is an orphan.
-    checkpoints = CheckpointManager.of_run(run_dir).folder
-    removed = remove_orphan_temporaries(checkpoints) + remove_orphan_temporaries(run_dir, run_file_name)
-    if removed:
-        print(
-            f"note: removed {len(removed)} temporary file(s) left in {run_dir} by an interrupted run", file=sys.stderr
-        )
-    return lock
-
-
-def _claim_run_folder(
-    cfg: dict, run_dir: Path, run_id: str, resumed_batch: int | None, resumed_from: Path | None
-) -> None:
-    """Make sure ``checkpoints/`` holds nothing but this run's history before anything is written.
-
-    With ``save_overwrite`` the other files are moved into ``previous/`` (the whole old run for a
-    fresh start); never deleted. Another run's ``best-rank0.pt`` next to this run's own history
-    is moved there too, whatever ``save_overwrite`` says, as this run is about to write its own.
-
-    Raises:
-        RunFolderError: other files are there and ``save_overwrite`` is false (one line saying
-            what is there and how to go on).
-    """
-    checkpoints = CheckpointManager.of_run(run_dir)
-    folder = checkpoints.folder
-    others = checkpoints.others(run_id, resumed_batch)
-    if not others:
-        checkpoints.move_foreign_best_aside(run_id)
-        return
-    fresh = resumed_batch is None
-    if cfg["save_overwrite"]:
-        moved = checkpoints.move_run_aside(others, whole_run=fresh)
-        print(
-            f"save_overwrite: moved {describe_others(others)}{' and its logs' if fresh else ''} to {moved}",
-            file=sys.stderr,
-        )
-        checkpoints.move_foreign_best_aside(run_id)
-        return
-    if fresh:
-        why = (
-            "load_weights_only=true starts a new run"
-            if cfg["load_weights_only"]
-            else "autoresume=false"
-            if not cfg["autoresume"]
-            else "nothing there to resume"
-        )
-        situation = f"this run starts fresh ({why}) and would mix with them"
-        carry_on = "to continue that run instead, run without autoresume=false and load_path; "
-    else:
-        situation = (
-            f"this run resumes from {resumed_from} (batch {resumed_batch}), so they are not its history "
-            "and would mix with it"
-        )
-        carry_on = ""
-    raise RunFolderError(
-        f"{folder}: holds {describe_others(others)}; {situation}. To keep both, give this run its own folder "
-        f"(run_name=NEW or save_folder=PATH); {carry_on}or add save_overwrite=true to move them aside into "
-        f"{run_dir / 'previous'} (nothing is deleted)"
-    )
-
-
-def _warn_patch_padding(patch: Sequence[int], prepared: Path, case_ids: Sequence[str]) -> None:
-    """Warn once when the patch is larger than the prepared (cropped) volumes: the excess is padding."""
-    shapes = []
-    for case_id in case_ids:
-        try:
-            shapes.append(json.loads((prepared / f"{case_id}_meta.json").read_text())["prepared_shape"])
-        except (OSError, ValueError, KeyError):
-            continue
-    shares = [1 - math.prod(min(p, s) for p, s in zip(patch, shape)) / math.prod(patch) for shape in shapes]
-    smaller = [(share, shape) for share, shape in zip(shares, shapes) if share > 0]
-    if not smaller:
-        return
-    smallest = min(shapes, key=math.prod)
-    _warn(
-        f"'data.patch_size' = {list(patch)} is larger than {len(smaller)} of {len(shapes)} training volumes "
-        f"(smallest {'x'.join(map(str, smallest))} after cropping to the head): on average "
-        f"{100 * sum(shares) / len(shares):.0f}% of each patch is padding (up to {100 * max(shares):.0f}%); "
-        "a patch no larger than the volumes trains on the same voxels for less compute"
-    )
-
-
-def run_training(cfg: dict, progress: bool = True, extra_callbacks: Sequence[cb.Callback] = ()) -> dict:
-    """Train (or resume) the run described by a resolved config; returns a summary.
-
-    Writes into ``cfg["save_folder"]``: config.yaml, split.json, checkpoints/, metrics.jsonl,
-    train/eval_metrics.csv, eval_cases.csv (the latest evaluation), eval_cases_best.csv (the
-    evaluation best-rank0.pt was saved at). Rank 0 holds the folder's lock (``run.lock``) from
-    start to end, so a second run on the same folder stops at once.
-
-    Raises:
-        ConfigError, DataFormatError, CheckpointError: bad input, as one line.
-        RunFolderError: the folder is in use, or holds another run's checkpoints.
-        OutputPathError: the folder would lie in, be or hold the raw or prepared data.
-        DiskFullError (an OSError): no space left; names the file.
-        TrainingDiverged: NaN/Inf loss.
-    """
-    held: list[FolderLock] = []
+    device = build_device(cfg["device"])
     try:
-        return _run_training(cfg, progress, extra_callbacks, held)
-    finally:
-        for lock in held:
-            lock.release()
+        return device, build_model(cfg["model"])
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
 
 
-def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callback], held: list) -> dict:
-    """:func:`run_training` as setup steps; locks it takes go into ``held``, for the caller to release."""
-    started = time.perf_counter()
-    run_dir = Path(cfg["save_folder"])
-    check_run_outputs(cfg, run_dir)  # before the lock file or anything else is written
-    dist_info, device = setup_device(cfg)
-    resume = setup_resume(cfg, run_dir, dist_info, held)  # before anything is written into the folder
-    data = setup_data(cfg, run_dir, dist_info, device, progress)
-    training = setup_model_and_optimizer(cfg, device, data.batches_per_epoch)
-    evaluator = setup_evaluator(cfg, data, device, dist_info, run_dir)
-    state = build_state(cfg, data, training, evaluator, device, dist_info, run_dir, resume.run_id)
-    resumed_from = restore_checkpoint(state, cfg, resume, dist_info)
-    if dist_info.is_main:
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    # Extra callbacks (benchmarks, tests) run before the built-in ones, so the logger sees their values.
-    callbacks = list(extra_callbacks) + build_callbacks(cfg, run_dir, dist_info.is_main, progress, evaluator)
-    engine = Engine(state, training.algorithms, callbacks)
-    engine.run(Event.INIT)
-    if dist_info.enabled:
-        wrap_distributed(state)
-    fit(state, engine)
-    return training_summary(state, data, resumed_from, dist_info, started)
+def build_prepare_settings(cfg: dict) -> PrepareSettings:
+    """How a case of the config's data is prepared (target spacing, DLE label numbering)."""
+    return PrepareSettings.from_config(cfg["data"])
 
 
-@dataclass
-class ResumePoint:
-    """Which run this is, decided before anything is written into the run folder.
+# What must agree between the models of an ensemble: (name, the value in a resolved config), in
+# the order of :class:`ModelConventions`' fields.
+CONVENTION_KEYS = (
+    ("region mode (loss)", lambda cfg: components.output_mode(cfg["loss"]).value),
+    ("model.num_classes", lambda cfg: describe_model(cfg["model"]).num_classes),
+    ("data.dle_labels", lambda cfg: cfg["data"]["dle_labels"]),
+    ("model.in_channels", lambda cfg: describe_model(cfg["model"]).in_channels),
+    ("data.target_spacing", lambda cfg: cfg["data"]["target_spacing"]),
+)
+
+
+@dataclass(frozen=True)
+class ModelConventions:
+    """What a model's outputs and inputs mean: the values of :data:`CONVENTION_KEYS`.
 
     Attributes:
-        run_id: the run's identity (the checkpoint's when continuing it, else a new one).
-        checkpoint_path: the checkpoint to start from (``load_path``, or the newest with
-            ``autoresume``), None for a fresh start.
-        checkpoint: its contents.
-        resuming: whether the run continues that checkpoint's run (not with ``load_weights_only``).
+        output_mode: "softmax classes" or "sigmoid regions" (the loss's :class:`OutputMode`).
+        num_classes: the model's outputs.
+        dle_labels: the label numbering of DLE arrays.
+        in_channels: the model's input channels.
+        target_spacing: the preparation's spacing in mm (Z, Y, X order as configured), None: as recorded.
     """
 
-    run_id: str
-    checkpoint_path: Path | None = None
-    checkpoint: dict | None = None
-    resuming: bool = False
-
-
-@dataclass
-class DataSetup:
-    """The prepared data, the split and the training loader."""
-
-    prepared: Path  # the prepared dataset folder
-    split: dict[str, list[str]]  # {"train": case ids, "val": case ids}
-    dataset: PatchDataset
-    loader: torch.utils.data.DataLoader  # with an EpochSampler
+    output_mode: str
+    num_classes: int
+    dle_labels: str
+    in_channels: int
+    target_spacing: list[float] | None
 
     @property
-    def batches_per_epoch(self) -> int:
-        return self.loader.batch_sampler.batches_per_epoch
+    def region_mode(self) -> bool:
+        """Outputs are sigmoid (WT, TC, ET) regions."""
+        return self.output_mode == OutputMode.REGIONS.value
+
+    def named(self) -> list[tuple[str, object]]:
+        """[(name of :data:`CONVENTION_KEYS`, value)], in their order."""
+        return [(name, value) for (name, _), value in zip(CONVENTION_KEYS, astuple(self))]
 
 
-@dataclass
-class TrainingSetup:
-    """What optimises: the model, its loss, the optimizer and schedule, precision, algorithms."""
-
-    model: torch.nn.Module  # on the device, not DDP-wrapped
-    loss_fn: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: BatchScheduler
-    max_duration: Duration
-    amp_dtype: torch.dtype | None  # autocast dtype, None for fp32
-    scaler: torch.amp.GradScaler | None  # for fp16 only
-    algorithms: list[Algorithm]
+def build_conventions(cfg: dict) -> ModelConventions:
+    return ModelConventions(*(value(cfg) for _, value in CONVENTION_KEYS))
 
 
-def setup_device(cfg: dict) -> tuple[DistInfo, torch.device]:
-    """Join the process group under torchrun (a no-op otherwise) and pick this rank's device.
+def _override(key: str, value) -> str:
+    # JSON is YAML for scalars, lists and null, which is how overrides are read.
+    return f"{key}={json.dumps(value)}"
 
-    Raises:
-        ConfigError: ``train_batch_size`` does not divide by the number of processes, or
-            ``device`` = cuda without a GPU.
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a config scores: what ``unet-eval``, ``unet-cv`` and the choice of postprocessing read.
+
+    Attributes:
+        empty_policy: the plain Dice's empty-ground-truth policy (``eval.empty_policy``).
+        lesion_dilation, lesion_min_voxels: the lesion-wise settings (``eval.lesion_*``).
+        lesion_wise: ``eval.lesion_wise``.
+        overrides: the overrides that score a checkpoint with these settings: every ``eval`` key,
+            ``device`` and ``precision``, as ``key=value``.
     """
-    device_name = cfg["device"]
-    dist_info = init_distributed(
-        "cuda" if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available()) else "cpu"
-    )
-    device = build_device(device_name, dist_info.local_rank)
-    if cfg["train_batch_size"] % dist_info.world_size:
-        raise ConfigError(
-            f"'train_batch_size' = {cfg['train_batch_size']} is not divisible by the {dist_info.world_size} processes"
-        )
-    return dist_info, device
+
+    empty_policy: str
+    lesion_dilation: int
+    lesion_min_voxels: int
+    lesion_wise: bool
+    overrides: tuple[str, ...]
+
+    def metric_settings(self, metric: str) -> pp.MetricSettings:
+        """How postprocessing scores a case with ``metric`` under these settings."""
+        return pp.MetricSettings(metric, self.lesion_dilation, self.lesion_min_voxels, self.empty_policy)
 
 
-def setup_resume(cfg: dict, run_dir: Path, dist_info: DistInfo, held: list[FolderLock]) -> ResumePoint:
-    """Lock the run folder (rank 0 only: under torchrun the other ranks are part of the same run;
-    the lock goes into ``held``), pick the checkpoint to start from (never another run's), make
-    sure the folder holds nothing but this run's history (:func:`_claim_run_folder`), then record
-    in the lock file that the folder is this run's.
-
-    Raises:
-        RunFolderError: the folder is locked by another live process, holds another run's
-            checkpoints without ``save_overwrite``, or several runs' without saying which is its own.
-        CheckpointError: ``load_path`` cannot be read.
-    """
-    lock = _lock_run_folder(run_dir) if dist_info.is_main else None
-    if lock is not None:
-        held.append(lock)
-    found = _resume_checkpoint(cfg, run_dir, dist_info)
-    if found is None:
-        resume = ResumePoint(new_run_id())
-    elif cfg["load_weights_only"]:
-        resume = ResumePoint(new_run_id(), *found)
-    else:
-        resume = ResumePoint(str(found[1].get("run_id", LEGACY_RUN_ID)), *found, resuming=True)
-    barrier()  # every rank has read its checkpoint before rank 0 may move files aside
-    if dist_info.is_main:
-        _claim_run_folder(
-            cfg,
-            run_dir,
-            resume.run_id,
-            int((resume.checkpoint.get("timestamp") or {}).get("batch", 0)) if resume.resuming else None,
-            resume.checkpoint_path,
-        )
-        lock.record_run_id(resume.run_id)  # the folder is this run's now (see runfolder.folder_run_id)
-    return resume
-
-
-def setup_data(cfg: dict, run_dir: Path, dist_info: DistInfo, device: torch.device, progress: bool) -> DataSetup:
-    """Prepare the dataset if needed, split it (rank 0 writes ``split.json``) and build this
-    rank's training loader.
-
-    Raises:
-        DataFormatError: missing or bad data, or a bad split.
-        ConfigError: ``drop_last`` leaves no batch, or a batch needs more memory or shared memory
-            than this machine has.
-    """
-    prepared, index = ensure_prepared(cfg, dist_info, progress=progress and dist_info.is_main)
-    split = build_split(cfg, index["cases"])
-    dataset = PatchDataset(
-        prepared,
-        split["train"],
-        cfg["data"]["patch_size"],
-        cfg["data"]["oversampling"],
-        squeeze_slice_axis=describe_model(cfg["model"]).spatial_dims == 2,
-    )
-    try:
-        loader = build_train_loader(
-            dataset,
-            cfg["train_batch_size"] // dist_info.world_size,
-            cfg["seed"],
-            cfg["data"]["num_workers"],
-            pin_memory=device.type == "cuda",
-            num_replicas=dist_info.world_size,
-            rank=dist_info.rank,
-            drop_last=cfg["drop_last"],
-            processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),  # torchrun's ranks on this machine
-        )
-    except BatchTooLarge as exc:
-        raise ConfigError(
-            f"'data.patch_size' = {cfg['data']['patch_size']} with 'train_batch_size' = {cfg['train_batch_size']}: "
-            f"{exc}; choose a smaller data.patch_size or train_batch_size"
-            + (" (or fewer data.num_workers)" if cfg["data"]["num_workers"] > 0 else "")
-        ) from None
-    except ValueError as exc:
-        raise ConfigError(f"'drop_last' = true: {str(exc).removeprefix('drop_last: ')}") from None
-    # Only once the loader is known to work: a run refused here leaves no split behind.
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "split.json", json.dumps(split, indent=1))
-        _warn_patch_padding(cfg["data"]["patch_size"], prepared, split["train"])
-    return DataSetup(prepared, split, dataset, loader)
-
-
-def setup_model_and_optimizer(cfg: dict, device: torch.device, batches_per_epoch: int) -> TrainingSetup:
-    """Seed, then build the model (on ``device``), loss, optimizer, learning-rate schedule,
-    gradient scaler and algorithms.
-
-    Raises:
-        ConfigError: the patch does not fit the model, or the loss does not fit its outputs
-            (a region loss needs one output per region).
-    """
-    seed_everything(cfg["seed"])
-    model = build_model(cfg["model"]).to(device)
-    patch = cfg["data"]["patch_size"]
-    try:
-        model.check_input_size(patch[3 - model.spatial_dims :])
-    except ValueError as exc:
-        raise ConfigError(f"'data.patch_size' = {patch} does not fit the model: {exc}") from None
-    loss_fn = build_loss(cfg, model)
-    optimizer = build_optimizer(cfg, model.parameters())
-    max_duration = Duration.parse(cfg["max_duration"])
-    total_batches = duration_in_batches(max_duration, batches_per_epoch, cfg["train_batch_size"])
-    return TrainingSetup(
-        model=model,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        scheduler=build_scheduler(cfg, optimizer, batches_per_epoch, total_batches),
-        max_duration=max_duration,
-        amp_dtype=AMP_DTYPES[cfg["precision"]],
-        scaler=torch.amp.GradScaler(device.type) if cfg["precision"] == "amp_fp16" else None,
-        algorithms=build_algorithms(cfg),
+def build_eval_settings(cfg: dict) -> EvalSettings:
+    ev = cfg["eval"]
+    overrides = [_override(f"eval.{k}", v) for k, v in ev.items()]
+    overrides += [_override("device", cfg["device"]), _override("precision", cfg["precision"])]
+    return EvalSettings(
+        ev["empty_policy"], ev["lesion_dilation"], ev["lesion_min_voxels"], ev["lesion_wise"], tuple(overrides)
     )
 
 
-def setup_evaluator(
-    cfg: dict, data: DataSetup, device: torch.device, dist_info: DistInfo, run_dir: Path
-) -> DiceEvaluator | None:
-    """The evaluator over the validation cases (None when the split has none); rank 0 writes
-    each evaluation's per-case scores to ``eval_cases.csv``."""
-    if not data.split["val"]:
-        return None
-    return build_evaluator(
-        cfg, data.prepared, data.split["val"], device, dist_info.rank, dist_info.world_size, run_dir / "eval_cases.csv"
-    )
+@dataclass(frozen=True)
+class SplitSettings:
+    """Which cases a config validates on: fold ``fold`` of ``num_folds``, or a split file.
 
-
-def build_state(
-    cfg: dict,
-    data: DataSetup,
-    training: TrainingSetup,
-    evaluator: DiceEvaluator | None,
-    device: torch.device,
-    dist_info: DistInfo,
-    run_dir: Path,
-    run_id: str,
-) -> State:
-    """The loop's :class:`State` at step 0, with this rank's augmenter (seeded ``seed + rank``)."""
-    seed = cfg["seed"]
-    return State(
-        model=training.model,
-        optimizer=training.optimizer,
-        scheduler=training.scheduler,
-        loss_fn=training.loss_fn,
-        train_loader=data.loader,
-        device=device,
-        max_duration=training.max_duration,
-        train_batch_size=cfg["train_batch_size"],
-        batches_per_epoch=data.batches_per_epoch,
-        samples_per_epoch=len(data.dataset),
-        amp_dtype=training.amp_dtype,
-        scaler=training.scaler,
-        augmenter=build_augmenter(cfg, device, seed + dist_info.rank),
-        microbatch_size=cfg["device_train_microbatch_size"],
-        grad_clip_norm=cfg["grad_clip_norm"],
-        prefetch_to_device=cfg["data"]["prefetch_to_device"],
-        evaluator=evaluator,
-        eval_interval=Duration.parse(cfg["eval_interval"]),
-        run_dir=run_dir,
-        config=cfg,
-        seed=seed,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-        run_id=run_id,
-    )
-
-
-def restore_checkpoint(state: State, cfg: dict, resume: ResumePoint, dist_info: DistInfo) -> Path | None:
-    """Load the resume point's checkpoint into ``state``: all of it (and this rank's random
-    streams) when resuming, the weights only with ``load_weights_only``. Warns (rank 0) about
-    config keys that differ from the checkpoint's, except those free to change on resume.
-
-    Returns:
-        The checkpoint loaded, or None for a fresh start.
-
-    Raises:
-        CheckpointError: it does not fit this model/config.
+    Attributes:
+        data_path: the raw dataset (``data.path``; None: the phantom).
     """
-    if resume.checkpoint is None:
-        return None
-    path, checkpoint = resume.checkpoint_path, resume.checkpoint
-    differing = [
-        k
-        for k in config_differences(upgrade_config(checkpoint.get("config", {}), str(path)), cfg)
-        if k.split(".")[0] not in RESUME_FREE_KEYS
-    ]
-    if differing and dist_info.is_main:
-        shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
-        print(f"warning: the config differs from the checkpoint's in: {shown}", file=sys.stderr)
-    try:
-        state.load_state_dict(checkpoint, weights_only=cfg["load_weights_only"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: does not fit this model/config ({one_line(str(exc))})") from None
-    if not cfg["load_weights_only"]:
-        restore_rng_state(rank_entry(checkpoint, "rng", dist_info.rank, dist_info.world_size))
-    if dist_info.is_main:
-        ts = state.timestamp
-        print(f"Resuming from {path} (epoch {state.finished_epochs}, batch {ts.batch})", file=sys.stderr)
-    return path
+
+    fold: int
+    num_folds: int
+    split_file: str | None
+    data_path: str | None
+
+    @property
+    def tag(self) -> str:
+        """ "val-fold<k>", or "val" for a split file (the default CSV name of ``unet-eval``)."""
+        return f"val-fold{self.fold}" if not self.split_file else "val"
+
+    @property
+    def where(self) -> str:
+        """The split file, or "fold <k> of <n>"."""
+        return self.split_file or f"fold {self.fold} of {self.num_folds}"
 
 
-def wrap_distributed(state: State) -> None:
-    """Wrap ``state.model`` in DistributedDataParallel.
+def build_split_settings(cfg: dict) -> SplitSettings:
+    data = cfg["data"]
+    return SplitSettings(data["fold"], data["num_folds"], data["split_file"], data["path"])
 
-    Only after INIT: DDP lays its gradient buckets out after the parameters' strides, so the
-    algorithms that change the layout at INIT (channels-last) must have run, or every step copies
-    each gradient in and out of its bucket.
+
+def with_dataset(cfg: dict, dataset: Path, fmt: str) -> dict:
+    """A copy of ``cfg`` reading another raw dataset (its own prepared cache folder, keyed by its
+    path, and no split file); ``cfg`` stays as it was."""
+    other = dict(path=str(Path(dataset).expanduser()), format=fmt, prepared_path=None, split_file=None)
+    return {**cfg, "data": {**cfg["data"], **other}}
+
+
+@dataclass(frozen=True)
+class CVSettings:
+    """What ``unet-cv`` reads of its config.
+
+    Attributes:
+        cv_dir: the cross-validation folder (``save_folder``).
+        split: its folds (``data.num_folds``, and a split file it refuses).
+        device_type: the process group's device type (:func:`process_group_device`).
+        finish: what makes a fold finished (:func:`finish_rule`).
+        eval: how the folds are scored.
     """
-    device = state.device
-    state.model = torch.nn.parallel.DistributedDataParallel(
-        state.model, device_ids=[device.index] if device.type == "cuda" else None
+
+    cv_dir: Path
+    split: SplitSettings
+    device_type: str
+    finish: tuple[Duration, cb.EarlyStopper | None]
+    eval: EvalSettings
+
+
+def build_cv_settings(cfg: dict) -> CVSettings:
+    return CVSettings(
+        save_folder(cfg),
+        build_split_settings(cfg),
+        process_group_device(cfg["device"]),
+        finish_rule(cfg),
+        build_eval_settings(cfg),
     )
 
 
-def training_summary(
-    state: State, data: DataSetup, resumed_from: Path | None, dist_info: DistInfo, started: float
-) -> dict:
-    """What :func:`run_training` returns: where things are, how far it got, the scores, the state."""
-    run_dir = state.run_dir
-    checkpoints = CheckpointManager.of_run(run_dir)
-    final = state.eval_history[-1] if state.eval_history else {}
-    return {
-        "run_dir": str(run_dir),
-        "prepared": str(data.prepared),
-        "checkpoint": str(checkpoints.latest()) if dist_info.is_main else None,
-        "best_checkpoint": str(checkpoints.best_path) if state.extra_state.get("best_dice") is not None else None,
-        "resumed_from": str(resumed_from) if resumed_from else None,
-        "epoch": state.timestamp.epoch,
-        "batch": state.timestamp.batch,
-        "stop_reason": state.stop_reason,
-        "final_eval": final,
-        "best_dice": state.extra_state.get("best_dice"),
-        "best_batch": state.extra_state.get("best_batch"),
-        "seconds": time.perf_counter() - started,
-        "is_main": dist_info.is_main,
-        "state": state,
-    }
+def fold_config(cfg: dict, fold: int, started: bool = False) -> dict:
+    """The resolved config of one fold's run: ``data.fold``, ``save_folder`` and ``run_name`` set.
+
+    Args:
+        started: the fold's folder holds its checkpoints already; then ``load_path`` (a starting
+            point for every fold, e.g. pretrained weights) is dropped, so the fold resumes its own.
+    """
+    fold_cfg = copy.deepcopy(cfg)
+    if started:
+        fold_cfg["load_path"], fold_cfg["load_weights_only"] = None, False
+    fold_cfg["data"]["fold"] = fold
+    fold_cfg["save_folder"] = str(fold_folder(Path(cfg["save_folder"]), fold))
+    fold_cfg["run_name"] = f"{cfg['run_name']}-fold{fold}"
+    mlflow = fold_cfg["callbacks"].get("mlflow")
+    if mlflow and mlflow.get("run_name"):
+        mlflow["run_name"] = f"{mlflow['run_name']}-fold{fold}"
+    return fold_cfg

@@ -2,12 +2,12 @@
 predictions of all folds together.
 
 The cross-validation folder is the config's ``save_folder`` (default ``runs/<config name>``). It
-holds one ordinary run folder per fold, ``fold_<k>/``, trained by :func:`builders.run_training`
+holds one ordinary run folder per fold, ``fold_<k>/``, trained by :func:`train.run_training`
 with ``data.fold=k`` and ``run_name=<run name>-fold<k>``, so each fold resumes as any run does
 (autoresume from its newest checkpoint). Next to them:
 
 * ``cv_config.yaml``: the resolved config the cross-validation was started with. A later command
-  with a config that differs in more than the keys a resume may change (``builders.RESUME_FREE_KEYS``,
+  with a config that differs in more than the keys a resume may change (``resume.RESUME_FREE_KEYS``,
   and ``data.fold``, which is set per fold) is refused, so the folds are one experiment.
 * ``cv_summary.csv``: one row per validation case (its fold, case id and every score of the
   evaluator), one row per fold (the mean over its cases) and two overall rows (the mean and the
@@ -27,9 +27,7 @@ validation cases.
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
-import json
 import math
 import statistics
 import sys
@@ -38,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
 import yaml
 
 from ..config.config import load_yaml, resolve_from_base
@@ -51,9 +48,18 @@ from ..core.runfolder import FolderLock, RunFolderError
 from ..evaluation import postprocessing as pp
 from ..evaluation.metrics import mean_scores
 from ..training import callbacks as cb
-from .builders import RESUME_FREE_KEYS, check_run_outputs, run_training
-from .folders import CV_CONFIG, FoldState, chosen_checkpoint, finish_rule, fold_folder, fold_state
+from .builders import (
+    CVSettings,
+    EvalSettings,
+    SplitSettings,
+    build_cv_settings,
+    check_run_outputs,
+    fold_config,
+)
+from .folders import CV_CONFIG, FoldState, chosen_checkpoint, fold_folder, fold_state
 from .predict import evaluate_checkpoint
+from .resume import RESUME_FREE_KEYS
+from .train import run_training
 
 CV_SUMMARY = "cv_summary.csv"
 CV_LOCK = "cv.lock"
@@ -67,25 +73,6 @@ SUMMARY_COLUMNS = ("row", "fold", "case_id")
 
 class CrossValidationError(RuntimeError):
     """A cross-validation folder that cannot be used as asked (one line naming the folder or file)."""
-
-
-def fold_config(cfg: dict, fold: int, started: bool = False) -> dict:
-    """The resolved config of one fold's run: ``data.fold``, ``save_folder`` and ``run_name`` set.
-
-    Args:
-        started: the fold's folder holds its checkpoints already; then ``load_path`` (a starting
-            point for every fold, e.g. pretrained weights) is dropped, so the fold resumes its own.
-    """
-    fold_cfg = copy.deepcopy(cfg)
-    if started:
-        fold_cfg["load_path"], fold_cfg["load_weights_only"] = None, False
-    fold_cfg["data"]["fold"] = fold
-    fold_cfg["save_folder"] = str(fold_folder(Path(cfg["save_folder"]), fold))
-    fold_cfg["run_name"] = f"{cfg['run_name']}-fold{fold}"
-    mlflow = fold_cfg["callbacks"].get("mlflow")
-    if mlflow and mlflow.get("run_name"):
-        mlflow["run_name"] = f"{mlflow['run_name']}-fold{fold}"
-    return fold_cfg
 
 
 def parse_folds(text: str, num_folds: int) -> list[int]:
@@ -145,13 +132,13 @@ def claim_cv_folder(cfg: dict, aggregate_only: bool = False) -> Path:
     """Check the cross-validation folder against the config and record the config in it.
 
     Returns:
-        The folder (``cfg["save_folder"]``).
+        The folder (the config's ``save_folder``).
 
     Raises:
         CrossValidationError: the folder is a ``unet-train`` run folder, or its ``cv_config.yaml``
             differs from ``cfg`` in keys that change the experiment (one line naming them).
     """
-    cv_dir = Path(cfg["save_folder"])
+    cv_dir = build_cv_settings(cfg).cv_dir
     if aggregate_only and not cv_dir.is_dir():
         raise CrossValidationError(f"{cv_dir}: no such cross-validation folder (train the folds first: unet-cv CONFIG)")
     if CheckpointManager.of_run(cv_dir).folder.is_dir():
@@ -268,23 +255,9 @@ class CVOutcome:
     summary: CVSummary | None = None
 
 
-def _device_type(device_name: str) -> str:
-    """The process group's device type for the config's ``device`` (as run_training picks it)."""
-    return "cuda" if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def _override(key: str, value) -> str:
-    # JSON is YAML for scalars, lists and null, which is how overrides are read.
-    return f"{key}={json.dumps(value)}"
-
-
-def evaluation_overrides(cfg: dict, lesion_wise: bool) -> list[str]:
-    """Overrides that score a fold's checkpoint with this config's evaluation settings."""
-    overrides = [_override(f"eval.{k}", v) for k, v in cfg["eval"].items()]
-    overrides += [_override("device", cfg["device"]), _override("precision", cfg["precision"])]
-    if lesion_wise:
-        overrides.append("eval.lesion_wise=true")
-    return overrides
+def evaluation_overrides(settings: EvalSettings, lesion_wise: bool) -> list[str]:
+    """Overrides that score a fold's checkpoint with the cross-validation's evaluation settings."""
+    return list(settings.overrides) + (["eval.lesion_wise=true"] if lesion_wise else [])
 
 
 def _stdev(values: list[float]) -> float:
@@ -338,7 +311,7 @@ def write_summary_csv(path: Path, rows: Sequence[dict], keys: Sequence[str]) -> 
 
 
 def score_folds(
-    cfg: dict,
+    settings: CVSettings,
     states: Sequence[FoldState],
     choice: str,
     lesion_wise: bool,
@@ -361,8 +334,8 @@ def score_folds(
     """
     if postprocessing_metric is not None:
         pp.check_metric(postprocessing_metric)
-    cv_dir = Path(cfg["save_folder"])
-    overrides = evaluation_overrides(cfg, lesion_wise)
+    cv_dir = settings.cv_dir
+    overrides = evaluation_overrides(settings.eval, lesion_wise)
     scores = []
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(pp.PredictionStore(cv_dir)) if postprocessing_metric else None
@@ -379,26 +352,23 @@ def score_folds(
         write_summary_csv(csv_path, rows, keys)
         summary = CVSummary(scores, rows, keys, csv_path)
         if store is not None:
-            ev = cfg["eval"]
-            settings = pp.MetricSettings(
-                postprocessing_metric, ev["lesion_dilation"], ev["lesion_min_voxels"], ev["empty_policy"]
-            )
-            summary.postprocessing = pp.choose_postprocessing(store, settings)
+            scoring = settings.eval.metric_settings(postprocessing_metric)
+            summary.postprocessing = pp.choose_postprocessing(store, scoring)
             chosen_on = f"the out-of-fold predictions of {len(scores)} folds ({len(store.case_ids)} cases)"
             summary.postprocessing_path = pp.write_postprocessing(
-                cv_dir / pp.POSTPROCESSING_FILE, summary.postprocessing, cv_dir.resolve(), chosen_on, settings
+                cv_dir / pp.POSTPROCESSING_FILE, summary.postprocessing, cv_dir.resolve(), chosen_on, scoring
             )
     return summary
 
 
-def _checked_folds(cfg: dict, folds: Sequence[int] | None) -> list[int]:
+def _checked_folds(split: SplitSettings, folds: Sequence[int] | None) -> list[int]:
     """The folds to train (default all); ConfigError: a split file, or a fold outside ``data.num_folds``."""
-    if cfg["data"]["split_file"]:
+    if split.split_file:
         raise ConfigError(
-            f"'data.split_file' = {cfg['data']['split_file']}: a split file is one fold; unet-cv splits the "
+            f"'data.split_file' = {split.split_file}: a split file is one fold; unet-cv splits the "
             "cases into 'data.num_folds' folds itself, so set data.split_file=null"
         )
-    num_folds = cfg["data"]["num_folds"]
+    num_folds = split.num_folds
     if folds is None:
         folds = list(range(num_folds))
     if not folds or any(not 0 <= f < num_folds for f in folds):
@@ -409,10 +379,10 @@ def _checked_folds(cfg: dict, folds: Sequence[int] | None) -> list[int]:
 class _FoldReader:
     """The folds' states, read by rank 0 and the same on every rank."""
 
-    def __init__(self, cfg: dict, dist_info: DistInfo):
-        self.cfg, self.dist_info = cfg, dist_info
-        self.cv_dir = Path(cfg["save_folder"])
-        self.duration, self.stopper = finish_rule(cfg)
+    def __init__(self, cfg: dict, settings: CVSettings, dist_info: DistInfo):
+        self.cfg, self.settings, self.dist_info = cfg, settings, dist_info
+        self.cv_dir = settings.cv_dir
+        self.duration, self.stopper = settings.finish
 
     def states(self, wanted: Sequence[int]) -> list[FoldState]:
         """The states of the folds ``wanted``, in order; a CrossValidationError (on every rank) when a fold's
@@ -454,7 +424,7 @@ def _train_folds(
 ) -> bool:
     """Train (or resume) each of ``outcome.folds`` not finished yet, one after another, noting each in
     ``outcome.trained``; False when one stopped unfinished (``outcome.stopped`` says why)."""
-    num_folds = cfg["data"]["num_folds"]
+    num_folds = reader.settings.split.num_folds
     for fold in outcome.folds:
         (state,) = reader.states([fold])
         if state.finished:
@@ -512,7 +482,7 @@ def run_cross_validation(
         choice: "best" or "latest", see :func:`chosen_checkpoint`.
         lesion_wise: also the lesion-wise scores (as ``eval.lesion_wise``, for the scoring only).
         progress: progress bars.
-        extra_callbacks: passed to every fold's :func:`builders.run_training` (tests, benchmarks).
+        extra_callbacks: passed to every fold's :func:`train.run_training` (tests, benchmarks).
         log: where one line per fold is written (default stderr).
         postprocessing_metric: also choose postprocessing on the out-of-fold predictions with this
             metric (see :func:`score_folds`).
@@ -528,21 +498,22 @@ def run_cross_validation(
         CrossValidationError: the folder holds another experiment, or (scoring) a fold is missing,
             unfinished or from another config.
         OutputPathError: the folder would lie in, be or hold the raw or prepared data.
-        whatever :func:`builders.run_training` raises for a fold (bad data, a diverged loss...).
+        whatever :func:`train.run_training` raises for a fold (bad data, a diverged loss...).
     """
     log = sys.stderr if log is None else log
-    folds = _checked_folds(cfg, folds)
-    cv_dir = Path(cfg["save_folder"])
+    settings = build_cv_settings(cfg)
+    folds = _checked_folds(settings.split, folds)
+    cv_dir = settings.cv_dir
     # Every fold's run folder lies inside: one check, before the record or any lock is written.
     check_run_outputs(cfg, cv_dir, "the cross-validation folder (save_folder)")
-    dist_info = init_distributed(_device_type(cfg["device"]))
+    dist_info = init_distributed(settings.device_type)
     outcome = CVOutcome(cv_dir, folds)
-    reader = _FoldReader(cfg, dist_info)
+    reader = _FoldReader(cfg, settings, dist_info)
     _claim_on_rank0(cfg, aggregate_only, dist_info)
     if not aggregate_only and not _train_folds(cfg, reader, outcome, progress, extra_callbacks, log):
         return outcome
 
-    every = reader.states(range(cfg["data"]["num_folds"]))
+    every = reader.states(range(settings.split.num_folds))
     outcome.pending = [s.fold for s in every if not s.finished]
     if dist_info.enabled:  # rank 0 scores alone: its evaluations must not wait for the other ranks
         barrier()
@@ -553,7 +524,7 @@ def run_cross_validation(
         return outcome
     if dist_info.is_main:
         outcome.summary = score_folds(
-            cfg, every, choice, lesion_wise or cfg["eval"]["lesion_wise"], progress, log, postprocessing_metric
+            settings, every, choice, lesion_wise or settings.eval.lesion_wise, progress, log, postprocessing_metric
         )
     return outcome
 

@@ -1,7 +1,7 @@
 """Run folders of a cross-validation and the checkpoint each is judged by: where the folds of a
 ``unet-cv`` folder are (:func:`fold_folders`), where one stands (:func:`fold_state`) and which of its
 checkpoints stands for it (:func:`chosen_checkpoint`). Shared by ``unet-cv`` (:mod:`cv`), which trains
-and scores the folds, and by the ensembles of ``unet-predict`` (:mod:`ensemble`), which predict with them.
+and scores the folds, and by the ensembles of ``unet-predict`` (:mod:`loading`), which predict with them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config.config import resolve_from_base
 from ..core.checkpoint import LEGACY_RUN_ID
 from ..core.checkpoints import CHECKPOINT_CHOICES as CHECKPOINT_CHOICES  # read by the command line
 from ..core.checkpoints import CheckpointManager, named_counters
@@ -20,6 +19,8 @@ from ..training import callbacks as cb
 from ..training.trainer import Timestamp
 
 CV_CONFIG = "cv_config.yaml"
+# What makes a run finished: its max_duration and its early stopper (None when off).
+FinishRule = tuple[Duration, cb.EarlyStopper | None]
 
 
 def fold_folder(cv_dir: Path, fold: int) -> Path:
@@ -68,20 +69,26 @@ class FoldState:
 
 
 def fold_state(
-    run_dir: Path, fold: int, max_duration: Duration | None = None, early_stopper: cb.EarlyStopper | None = None
+    run_dir: Path,
+    fold: int,
+    max_duration: Duration | None = None,
+    early_stopper: cb.EarlyStopper | None = None,
+    own_rule: Callable[[Path, dict], FinishRule] | None = None,
 ) -> FoldState:
     """Where the run in ``run_dir`` stands against ``max_duration`` (and the early stopper's rule).
 
     Args:
-        max_duration: None: judge the run by its own config (``max_duration`` and early stopper
-            of the config stored in its newest checkpoint), ``early_stopper`` then unused.
+        max_duration: None: judge the run by its own config: ``own_rule(checkpoint, its stored
+            config)`` gives its ``max_duration`` and early stopper, ``early_stopper`` then unused.
+        own_rule: the rule of a stored config (required when ``max_duration`` is None), e.g.
+            :func:`loading.stored_finish_rule`.
 
     Reads only the run's checkpoints, the newest of its own run as autoresume picks it
     (:meth:`CheckpointManager.newest_loadable`, quietly: training warns about the others); a folder
     without one is "not started".
 
     Raises:
-        ConfigError: (``max_duration`` None) the checkpoint's stored config cannot be read.
+        ConfigError: (``max_duration`` None) the checkpoint's stored config cannot be read (from ``own_rule``).
         RunFolderError: checkpoints of several runs, and nothing says which is the folder's.
     """
     found = CheckpointManager.of_run(run_dir).newest_loadable(mmap=True, warn=lambda _: None)
@@ -89,8 +96,7 @@ def fold_state(
         return FoldState(fold, Path(run_dir))
     path, state = found
     if max_duration is None:
-        stored = resolve_from_base(state.get("config") or {}, [], source=f"{path} (stored config)")
-        max_duration, early_stopper = finish_rule(stored)
+        max_duration, early_stopper = own_rule(path, state.get("config") or {})
     timestamp = Timestamp(**dict(state.get("timestamp") or {}))
     # A checkpoint saved at an epoch's last step is written before the loop counts that epoch in
     # timestamp.epoch; its name carries the epochs finished (State.finished_epochs).
@@ -114,13 +120,6 @@ def fold_state(
         str(state.get("run_id", LEGACY_RUN_ID)),
         state.get("config") if isinstance(state.get("config"), dict) else None,
     )
-
-
-def finish_rule(cfg: dict) -> tuple[Duration, cb.EarlyStopper | None]:
-    """The config's ``max_duration`` and its early stopper (None when off): what makes a run finished."""
-    settings = cfg["callbacks"].get("early_stopper")
-    stopper = cb.EarlyStopper(settings["patience"], settings["min_delta"]) if settings is not None else None
-    return Duration.parse(cfg["max_duration"]), stopper
 
 
 def _warn(message: str) -> None:

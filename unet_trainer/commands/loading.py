@@ -1,26 +1,59 @@
-"""The model of a checkpoint: :func:`load_model` rebuilds it from the config stored in the
-checkpoint (with command-line overrides such as ``eval.mirror_tta=true device=cpu precision=fp32``),
-as a :class:`LoadedModel` ready for inference. What ``unet-eval``, ``unet-predict`` (:mod:`predict`)
-and their ensembles (:mod:`ensemble`) load.
+"""The model of a checkpoint, or the ensemble of several, ready for inference: what ``unet-eval`` and
+``unet-predict`` (:mod:`predict`) load.
+
+:func:`load_model` rebuilds a checkpoint's model from the config stored in it (with command-line
+overrides such as ``eval.mirror_tta=true device=cpu precision=fp32``), as a :class:`LoadedModel`.
+
+Ensembles (:func:`load_models`): the fold models of a ``unet-cv`` folder, or any checkpoints whose
+predictions mean the same thing.
+
+:class:`EnsembleModel` offers what :func:`predict.predict_case` uses of a
+:class:`LoadedModel` (``probabilities``, ``in_channels``, ``region_mode``, ``device``,
+``cfg``...), so an ensemble's labels take exactly the single model's path from probabilities to
+the written file. Its probabilities are the mean of its models' softmax (or, in region mode,
+sigmoid) probabilities, each model run once over the volume with its own sliding window
+(``LoadedModel.sliding_window``: mirror TTA when its ``eval.mirror_tta`` is on), accumulated on
+the device into one buffer: memory stays that of one model's prediction of one volume, whatever
+the number of models.
+
+Models may be averaged when their outputs and inputs agree (:data:`CONVENTION_KEYS`): region mode
+(from the loss), number of outputs, label numbering of DLE arrays, input channels and the
+preparation of the input (its target spacing), since every case is prepared once for all of them.
+Their architectures, patch sizes, folds and training settings may differ.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
-from ..config.components import output_mode
-from ..config.config import resolve_from_base
-from ..config.engine import ConfigError
+from ..config.config import load_yaml, resolve_from_base
+from ..config.engine import ConfigError, config_differences
 from ..core.checkpoint import CheckpointError, load_checkpoint, one_line
+from ..core.checkpoints import CheckpointManager
+from ..core.runfolder import RunFolderError, live_holder
+from ..data.prepare import PrepareSettings
 from ..evaluation.evaluation import logits_to_probabilities
 from ..evaluation.inference import SlidingWindow
 from ..models.base import SegmentationModel, optimize_model
-from ..training.losses import OutputMode
-from .builders import build_device, build_model, build_sliding_window
+from .builders import (
+    CONVENTION_KEYS,
+    EvalSettings,
+    ModelConventions,
+    build_conventions,
+    build_eval_settings,
+    build_inference_model,
+    build_prepare_settings,
+    build_sliding_window,
+    finish_rule,
+)
+from .folders import CV_CONFIG, FinishRule, chosen_checkpoint, fold_folders, fold_state
+from .resume import RESUME_FREE_KEYS
 
 
 @dataclass
@@ -56,6 +89,21 @@ class LoadedModel:
         return [self.checkpoint]
 
     @property
+    def conventions(self) -> ModelConventions:
+        """What its outputs and inputs mean (region mode, outputs, DLE labels, channels, spacing)."""
+        return build_conventions(self.cfg)
+
+    @property
+    def prepare_settings(self) -> PrepareSettings:
+        """How a case is prepared for it, as its training data was."""
+        return build_prepare_settings(self.cfg)
+
+    @property
+    def eval_settings(self) -> EvalSettings:
+        """How its config scores (empty policy, lesion-wise settings)."""
+        return build_eval_settings(self.cfg)
+
+    @property
     def spatial_dims(self) -> int:
         return self.model.spatial_dims
 
@@ -84,7 +132,7 @@ class LoadedModel:
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """:meth:`logits` as probabilities: float32 (K, Z, Y, X) softmax classes, or sigmoid
-        regions in region mode, on ``device`` (what :class:`~unet_trainer.commands.ensemble.EnsembleModel`
+        regions in region mode, on ``device`` (what :class:`EnsembleModel`
         averages)."""
         return logits_to_probabilities(self.logits(image), self.region_mode)
 
@@ -112,11 +160,7 @@ def load_model(checkpoint: Path, overrides: Sequence[str] = (), channels_last: b
     if not isinstance(base, dict) or "model" not in base:
         raise CheckpointError(f"{path}: holds no training config, so its model cannot be rebuilt")
     cfg = resolve_from_base(base, list(overrides), source=f"{path} (stored config)")
-    device = build_device(cfg["device"])
-    try:
-        model = build_model(cfg["model"])
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from None
+    device, model = build_inference_model(cfg)
     ema = (state.get("extra_state") or {}).get("ema")
     weights, name = (ema, "ema") if isinstance(ema, dict) and ema else (state["model"], "model")
     try:
@@ -132,8 +176,228 @@ def load_model(checkpoint: Path, overrides: Sequence[str] = (), channels_last: b
         cfg=cfg,
         device=device,
         sliding_window=build_sliding_window(cfg),
-        region_mode=output_mode(cfg["loss"]) is OutputMode.REGIONS,
+        region_mode=build_conventions(cfg).region_mode,
         checkpoint=path.resolve(),
         weights=name,
         timestamp=dict(state.get("timestamp") or {}),
     )
+
+
+# Keys expected to differ between the fold models of one cross-validation (not worth a note).
+FOLD_KEYS = ("data.fold", "run_name", "save_folder", "callbacks.mlflow.run_name")
+
+
+class EnsembleError(CheckpointError):
+    """Checkpoints that cannot be averaged, or a folder holding none to average (one line)."""
+
+
+@dataclass
+class EnsembleModel:
+    """Several :class:`LoadedModel` predicting as one: their probabilities averaged.
+
+    Attributes:
+        members: the models, in the order given; the first one's config stands for the ensemble
+            (preparation settings, device), which :func:`check_compatible` makes safe.
+    """
+
+    members: list[LoadedModel]
+
+    @property
+    def cfg(self) -> dict:
+        return self.members[0].cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    @property
+    def region_mode(self) -> bool:
+        return self.members[0].region_mode
+
+    @property
+    def in_channels(self) -> int:
+        return self.members[0].in_channels
+
+    @property
+    def num_outputs(self) -> int:
+        return self.members[0].num_outputs
+
+    @property
+    def checkpoint(self) -> Path:
+        """The first member's checkpoint (for messages about what every member shares)."""
+        return self.members[0].checkpoint
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        return [m.checkpoint for m in self.members]
+
+    @property
+    def prepare_settings(self) -> PrepareSettings:
+        """The first member's, which :func:`check_compatible` makes every member's."""
+        return self.members[0].prepare_settings
+
+    @property
+    def timestamp(self) -> dict:
+        """No single training progress: the members' differ."""
+        return {}
+
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """The members' mean probabilities of a prepared volume.
+
+        Args:
+            image: float32 (C, Z, Y, X), on any device (moved to each member's).
+
+        Returns:
+            float32 (K, Z, Y, X) on ``device``: softmax classes or sigmoid regions, averaged.
+        """
+        total = None
+        for member in self.members:
+            probs = member.probabilities(image.to(member.device)).to(self.device)
+            if total is None:
+                total = probs
+            else:
+                total.add_(probs)
+            del probs  # the next member's logits take its place
+        return total.div_(len(self.members))
+
+
+def check_compatible(members: Sequence[LoadedModel]) -> list[str]:
+    """Whether the models' probabilities can be averaged.
+
+    Returns:
+        The config keys in which some member differs from the first, other than the conventions
+        (which agree) and the keys that differ between folds (e.g. ``model.filters``), for a note.
+
+    Raises:
+        EnsembleError: two checkpoints whose conventions differ (one line naming both and the key).
+    """
+    first = members[0]
+    notes: list[str] = []
+    for other in members[1:]:
+        for (name, a), (_, b) in zip(first.conventions.named(), other.conventions.named()):
+            if a != b:
+                raise EnsembleError(
+                    f"{first.checkpoint} and {other.checkpoint} cannot be ensembled: their {name} differ "
+                    f"({a} vs {b}); an ensemble's models must agree on "
+                    f"{', '.join(n for n, _ in CONVENTION_KEYS)} (architectures may differ)"
+                )
+        for key in config_differences(first.cfg, other.cfg):
+            fold_key = any(key == k or key.startswith(k + ".") for k in FOLD_KEYS)
+            if not fold_key and key.split(".")[0] not in RESUME_FREE_KEYS and key not in notes:
+                notes.append(key)
+    return notes
+
+
+def stored_finish_rule(checkpoint: Path, stored: dict) -> FinishRule:
+    """What makes the run of a checkpoint finished, by the config stored in it (resolved again).
+
+    Raises:
+        ConfigError: the stored config cannot be read.
+    """
+    return finish_rule(resolve_from_base(stored, [], source=f"{checkpoint} (stored config)"))
+
+
+def folder_checkpoints(folder: Path, choice: str = "best") -> list[tuple[Path, str]]:
+    """The checkpoints a folder stands for: each fold's chosen checkpoint of a ``unet-cv`` folder
+    (folds in order), or the chosen checkpoint of a single run folder.
+
+    Returns:
+        [(checkpoint, "fold <k>, best" ...)].
+
+    Raises:
+        EnsembleError: no fold or run folder there, a fold without checkpoints, unfinished or
+            training right now (naming the process), or (with the folder's ``cv_config.yaml``) a
+            fold missing.
+    """
+    folder = Path(folder)
+    folds = fold_folders(folder)
+    if not folds and CheckpointManager.of_run(folder).folder.is_dir():
+        folds = [(None, folder)]
+    if not folds:
+        raise EnsembleError(
+            f"{folder}: a folder, but neither a unet-cv folder (fold_<k>/ run folders) nor a run folder "
+            "(checkpoints/); give checkpoint files"
+        )
+    record = folder / CV_CONFIG
+    if record.is_file():
+        try:
+            num_folds = int(load_yaml(record)["data"]["num_folds"])
+        except ConfigError as exc:  # load_yaml's line names the file
+            raise EnsembleError(str(exc)) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EnsembleError(f"{record}: not readable ({exc})") from None
+        missing = sorted(set(range(num_folds)) - {k for k, _ in folds})
+        if missing:
+            raise EnsembleError(
+                f"{folder}: fold(s) {', '.join(map(str, missing))} of {num_folds} missing; train them "
+                f"(unet-cv CONFIG --folds {','.join(map(str, missing))}) or give the checkpoints to use"
+            )
+    found = []
+    for fold, run_dir in folds:
+        what = f"fold {fold}" if fold is not None else "run"
+        try:
+            state = fold_state(run_dir, -1 if fold is None else fold, own_rule=stored_finish_rule)
+        except (ConfigError, RunFolderError) as exc:
+            raise EnsembleError(str(exc)) from None
+        holder = live_holder(run_dir) if not state.finished else None
+        if holder is not None:
+            so_far = f"its newest checkpoint at batch {state.batch}" if state.checkpoint else "no checkpoint yet"
+            raise EnsembleError(
+                f"{run_dir}: {what} is training right now ({holder}; {so_far}); wait for it to finish, "
+                "or give the checkpoints to use"
+            )
+        if state.checkpoint is None:
+            raise EnsembleError(f"{run_dir}: {what} has no checkpoint that loads")
+        if not state.finished:
+            raise EnsembleError(
+                f"{run_dir}: {what} is {state.status}; finish it (run its command again) or give the checkpoints to use"
+            )
+        checkpoint, why = chosen_checkpoint(state, choice)
+        found.append((checkpoint, f"{what}, {why}"))
+    return found
+
+
+def expand_checkpoints(paths: Sequence[Path], choice: str = "best") -> list[tuple[Path, str]]:
+    """Checkpoint arguments -> checkpoint files: a file stays, a folder expands (:func:`folder_checkpoints`).
+
+    Returns:
+        [(checkpoint, where it came from in words, "" for a file given)].
+    """
+    found: list[tuple[Path, str]] = []
+    for path in map(lambda p: Path(p).expanduser(), paths):
+        found += folder_checkpoints(path, choice) if path.is_dir() else [(path, "")]
+    return found
+
+
+def load_models(
+    paths: Path | Sequence[Path], overrides: Sequence[str] = (), log: TextIO | None = None
+) -> LoadedModel | EnsembleModel:
+    """One checkpoint's model, or the ensemble of several (folders expanded).
+
+    Args:
+        paths: checkpoint files and ``unet-cv``/run folders.
+        overrides: config overrides applied to every model (e.g. ``eval.mirror_tta=true``).
+        log: where the ensemble's members (and a note on configs that differ) are listed
+            (default stderr).
+
+    Raises:
+        EnsembleError: models that cannot be averaged, or a folder without usable checkpoints.
+        CheckpointError, ConfigError: as :func:`load_model`.
+    """
+    log = sys.stderr if log is None else log
+    given = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    found = expand_checkpoints(given)
+    if len(found) == 1:
+        path, where = found[0]
+        if where:
+            print(f"Model: {path} ({where})", file=log)
+        return load_model(path, overrides)
+    members = [load_model(path, overrides) for path, _ in found]
+    notes = check_compatible(members)
+    print(f"Ensemble of {len(members)} models (probabilities averaged):", file=log)
+    for member, (_, where) in zip(members, found):
+        print(f"  {member.checkpoint}{f' ({where})' if where else ''}", file=log)
+    if notes:
+        shown = ", ".join(notes[:8]) + (" ..." if len(notes) > 8 else "")
+        print(f"note: the models' configs differ in {shown} (their outputs and inputs agree)", file=log)
+    return EnsembleModel(members)

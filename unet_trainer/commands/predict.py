@@ -59,13 +59,15 @@ from ..evaluation import postprocessing as pp
 from ..evaluation.evaluation import logits_to_probabilities, probabilities_to_labels, write_cases_csv
 from ..evaluation.visualize import draw_case_overlay, evaluator_case_view, extract_case_view, write_overlays
 from .builders import (
+    build_eval_settings,
     build_evaluator,
     build_split,
+    build_split_settings,
     data_input_folders,
     ensure_prepared,
+    with_dataset,
 )
-from .ensemble import EnsembleModel, load_models
-from .loading import LoadedModel, load_model
+from .loading import EnsembleModel, LoadedModel, load_model, load_models
 
 PREDICT_FOLDER_ADVICE = "one unet-predict per output folder: wait for it to finish, or write to another OUTPUT folder"
 
@@ -256,7 +258,7 @@ def predict_dataset(
     Args:
         checkpoint: the ``unet-train`` checkpoint; or several, and ``unet-cv`` folders (each
             fold's chosen checkpoint), whose probabilities are averaged
-            (:mod:`unet_trainer.commands.ensemble`).
+            (:mod:`unet_trainer.commands.loading`).
         input_dir: raw cases in any supported layout; labels are not needed (and not used).
         output_dir: created if missing; must not be, lie inside or hold ``input_dir``, nor be or
             hold a checkpoint (or model folder) it reads.
@@ -275,7 +277,7 @@ def predict_dataset(
 
     Raises:
         CheckpointError, ConfigError: as :func:`load_model`; EnsembleError (a CheckpointError):
-            checkpoints that cannot be averaged (see :func:`ensemble.load_models`).
+            checkpoints that cannot be averaged (see :func:`loading.load_models`).
         DataFormatError: the input folder is missing, holds no recognised layout or no case,
             or a listing problem of the whole folder (a case missing a modality file is skipped and
             reported instead).
@@ -324,7 +326,7 @@ def _predict_cases(
     summary: PredictSummary,
 ) -> None:
     """:func:`predict_dataset` once the output folder is locked: fills ``summary``."""
-    settings = PrepareSettings.from_config(loaded.cfg["data"])  # as the training data was prepared
+    settings = loaded.prepare_settings  # as the training data was prepared
     bar = tqdm(cases, desc="predict", unit="case", disable=None if progress else True)
     for case in bar:
         try:
@@ -398,10 +400,9 @@ def _scored_config(cfg: dict, dataset: Path | None, fmt: str) -> tuple[dict, str
     ``cfg`` itself and "val-fold<k>" (or "val" for a split file) without ``dataset``; with it, a copy
     reading that dataset (its own prepared cache folder, keyed by its path) and the dataset's name."""
     if dataset is None:
-        return cfg, f"val-fold{cfg['data']['fold']}" if not cfg["data"]["split_file"] else "val"
+        return cfg, build_split_settings(cfg).tag
     # A new config: the loaded model's stays as it was.
-    other = dict(path=str(Path(dataset).expanduser()), format=fmt, prepared_path=None, split_file=None)
-    return {**cfg, "data": {**cfg["data"], **other}}, Path(dataset).expanduser().resolve().name
+    return with_dataset(cfg, dataset, fmt), Path(dataset).expanduser().resolve().name
 
 
 def _scored_cases(cfg: dict, prepared_ids: list[str], dataset: Path | None) -> tuple[list[str], str]:
@@ -416,9 +417,8 @@ def _scored_cases(cfg: dict, prepared_ids: list[str], dataset: Path | None) -> t
         source = f"all {len(case_ids)} labelled cases of {dataset}"
     else:
         case_ids = build_split(cfg, prepared_ids)["val"]
-        data = cfg["data"]
-        where = data["split_file"] or f"fold {data['fold']} of {data['num_folds']}"
-        source = f"validation cases ({where}) of {data['path'] or 'the phantom'}"
+        split = build_split_settings(cfg)
+        source = f"validation cases ({split.where}) of {split.data_path or 'the phantom'}"
     if not case_ids:
         raise DataFormatError(f"no cases to evaluate: {source} is empty")
     return case_ids, source
@@ -506,7 +506,7 @@ def evaluate_checkpoint(
         per_case=per_case,
         csv_path=csv_path,
         source=source,
-        empty_policy=cfg["eval"]["empty_policy"],
+        empty_policy=build_eval_settings(cfg).empty_policy,
         loaded=loaded,
         overlays=overlay_dir,
         label_convention=conventions.pop() if len(conventions) == 1 else "mixed",
@@ -540,8 +540,7 @@ def choose_for_checkpoint(
         report = evaluate_checkpoint(
             checkpoint, overrides, out_csv=out_csv, progress=progress, overlays=overlays, case_sink=store.put
         )
-        ev = report.loaded.cfg["eval"]
-        settings = pp.MetricSettings(metric, ev["lesion_dilation"], ev["lesion_min_voxels"], ev["empty_policy"])
+        settings = report.loaded.eval_settings.metric_settings(metric)
         choice = pp.choose_postprocessing(store, settings)
     path = pp.write_postprocessing(
         run_dir / pp.POSTPROCESSING_FILE, choice, report.loaded.checkpoint, report.source, settings
