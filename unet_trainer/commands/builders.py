@@ -50,11 +50,11 @@ from ..evaluation.lesion_metrics import LesionSettings
 from ..models.base import SegmentationModel
 from ..training import callbacks as cb
 from ..training import reporting
+from ..training.augment import AUGMENTATIONS, BatchAugmenter
 from ..training.loggers import FileLogger, Logger, LoggerDestination
 from ..training.losses import DeepSupervisionLoss, OutputMode
 from ..training.schedules import BatchScheduler, ComposedSchedule
 from ..training.trainer import Algorithm, Engine, Event, State, duration_in_batches, fit, rank_entry
-from ..training.transforms import AUGMENTATIONS, BatchAugmenter
 
 AMP_DTYPES = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
 # Config keys that may change between a checkpoint and its resume without a warning.
