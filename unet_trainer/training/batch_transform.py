@@ -8,8 +8,10 @@ consumes (``random_columns``), turns them into its parameters (``draw``), and ap
 (``apply``). One that fires per sample with a probability and one value from a range subclasses
 :class:`PerSampleTransform` and writes only ``value_range`` and ``transform_samples``.
 
-The transforms themselves are in :mod:`.spatial` and :mod:`.intensity`; the recipe that orders them
-(``AUGMENTATIONS``) and the augmenter that draws their parameters are in :mod:`.augment`.
+The transforms themselves are in :mod:`.spatial` (they move voxels: image and label) and :mod:`.intensity`
+(image only); the recipe that orders them (``AUGMENTATIONS``) and the augmenter that draws their
+parameters are in :mod:`.augment`. A new transform is a class in one of those two and its line at the end
+of ``AUGMENTATIONS``.
 
 Shapes: images are ``(B, C, *S)`` and labels ``(B, 1, *S)`` where ``S`` is ``(H, W)`` for 2D or
 ``(D, H, W)`` for 3D.
