@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from benchutil import cpu_model_name, median_seconds
 
-from unet_trainer.training.transforms import BatchAugmenter, BatchTransform, recipe
+from unet_trainer.training.augment import BatchAugmenter, recipe
+from unet_trainer.training.batch_transform import BatchTransform
 
 CHANNELS = 4
 NUM_CLASSES = 4

@@ -1,8 +1,8 @@
 """Pins of the augmenter's outputs for fixed seeds, recorded from the code before the transform list.
 
-A refactor of unet_trainer/training/transforms.py must leave what a seed means unchanged: the same flips,
-firing samples and parameter values, and the same augmented image and label, batch after batch and
-across a state_dict round trip (so old checkpoints resume exactly). The values below were recorded
+A refactor of unet_trainer/training/augment.py or its transforms must leave what a seed means unchanged:
+the same flips, firing samples and parameter values, and the same augmented image and label, batch after
+batch and across a state_dict round trip (so old checkpoints resume exactly). The values below were recorded
 once from the code as it stood (commit f511fd8) and are compared here:
 
 - the parameters (drawn from a CPU Mersenne Twister in float64, then rounded to float32) and the

@@ -11,7 +11,7 @@ from unet_trainer.config.engine import ConfigError, config_differences, parse_ov
 from unet_trainer.config.tree import SCHEMA, defaults
 from unet_trainer.core.duration import Duration
 from unet_trainer.core.schema import Field
-from unet_trainer.training.transforms import AUGMENTATIONS
+from unet_trainer.training.augment import AUGMENTATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 

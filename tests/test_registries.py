@@ -28,10 +28,12 @@ from unet_trainer.config.tree import CALLBACKS, SCHEDULERS
 from unet_trainer.core.schema import F, FieldError, NonNegative, PositiveInt, Setting, fields_of
 from unet_trainer.training import callbacks as cb
 from unet_trainer.training import reporting
+from unet_trainer.training.augment import AUGMENTATIONS
+from unet_trainer.training.batch_transform import SettingError
+from unet_trainer.training.intensity import GaussianBlur
 from unet_trainer.training.loggers import FileLogger, LoggerDestination
 from unet_trainer.training.losses import OutputMode, labels_to_regions
 from unet_trainer.training.trainer import Callback, State
-from unet_trainer.training.transforms import AUGMENTATIONS, GaussianBlur, SettingError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"

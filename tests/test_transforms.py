@@ -1,4 +1,4 @@
-"""Tests for unet_trainer.training.transforms (batched on-device augmentation).
+"""Tests for the batched on-device augmentation (unet_trainer.training: augment, batch_transform, spatial, intensity).
 
 All tensors are tiny; the statistical tests use a few thousand samples of
 4^3 voxels so the whole file stays within seconds on a shared CPU.
@@ -19,23 +19,10 @@ from unet_trainer.commands.builders import build_augmenter
 from unet_trainer.config.engine import ConfigError, check_layer
 from unet_trainer.config.tree import augmentation_schema, defaults
 from unet_trainer.core.schema import Field, Probability
-from unet_trainer.training.transforms import (
-    AUGMENTATIONS,
-    AugmentationParameters,
-    BatchAugmenter,
-    BatchTransform,
-    Brightness,
-    Contrast,
-    Flip,
-    FlipDraw,
-    GaussianBlur,
-    GaussianNoise,
-    PerSampleTransform,
-    Range,
-    SampleDraw,
-    SettingError,
-    recipe,
-)
+from unet_trainer.training.augment import AUGMENTATIONS, AugmentationParameters, BatchAugmenter, recipe
+from unet_trainer.training.batch_transform import BatchTransform, PerSampleTransform, Range, SampleDraw, SettingError
+from unet_trainer.training.intensity import Brightness, Contrast, GaussianBlur, GaussianNoise
+from unet_trainer.training.spatial import Flip, FlipDraw
 
 TRANSFORM_NAMES = ("noise", "blur", "brightness", "contrast")  # the per-sample intensity transforms
 ALL_NAMES = ("flip",) + TRANSFORM_NAMES

@@ -41,11 +41,11 @@ from ..evaluation.lesion_metrics import LesionSettings
 from ..models.base import SegmentationModel
 from ..training import callbacks as cb
 from ..training import reporting
+from ..training.augment import AUGMENTATIONS, BatchAugmenter
 from ..training.loggers import FileLogger, Logger, LoggerDestination
 from ..training.losses import DeepSupervisionLoss, OutputMode
 from ..training.schedules import BatchScheduler, ComposedSchedule
 from ..training.trainer import Algorithm, duration_in_batches
-from ..training.transforms import AUGMENTATIONS, BatchAugmenter
 from .folders import fold_folder
 
 AMP_DTYPES = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}

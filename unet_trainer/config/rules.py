@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from ..models.base import SegmentationModel
 from ..models.checks import ModelArgumentError
-from ..training.transforms import AUGMENTATIONS, SettingError
+from ..training.augment import AUGMENTATIONS
+from ..training.batch_transform import SettingError
 from . import components
 from .engine import ConfigError
 

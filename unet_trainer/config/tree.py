@@ -26,7 +26,7 @@ from ..evaluation.lesion_metrics import (
     DEFAULT_MIN_LESION_VOXELS,
     LESION_BACKENDS,
 )
-from ..training.transforms import AUGMENTATIONS
+from ..training.augment import AUGMENTATIONS
 from . import components
 from .engine import fill_defaults, note_bare
 

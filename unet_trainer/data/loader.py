@@ -1,7 +1,7 @@
 """Patch loading from prepared, memory-mapped cases.
 
 DataLoader workers only read and crop; augmentation runs batched on the training device
-(:mod:`unet_trainer.training.transforms`). One epoch visits every training case once, one random patch
+(:mod:`unet_trainer.training.augment`). One epoch visits every training case once, one random patch
 each. Randomness is keyed by (seed, epoch, position in the epoch), never by worker, so the
 batches are identical whatever the number of workers, and a resumed run picks up mid-epoch
 with exactly the batches it would have seen.
