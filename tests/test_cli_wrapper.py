@@ -144,10 +144,13 @@ def test_every_console_script_resolves_to_a_command_that_python_m_runs_too():
     tomllib = pytest.importorskip("tomllib")
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert sorted(scripts) == ["unet-cv", "unet-data", "unet-eval", "unet-predict", "unet-train"]
+    # python -m unet_trainer.cli dispatches through the installed console scripts: the same ones, the same mains.
+    dispatched = dispatch.commands()
+    assert sorted(dispatched) == sorted(name.removeprefix("unet-") for name in scripts)
     for name, target in scripts.items():
         module, _, attribute = target.partition(":")
         main = getattr(importlib.import_module(module), attribute)
-        assert callable(main) and main is dispatch.COMMANDS[name.removeprefix("unet-")], name
+        assert callable(main) and main is dispatched[name.removeprefix("unet-")].load(), name
 
 
 def test_python_m_without_a_known_command_prints_its_usage_and_exits_2(capsys):

@@ -11,7 +11,6 @@ from unet_trainer.cli.data import main as data_main
 from unet_trainer.data.layouts import DataFormatError, detect_format, list_cases, read_case, write_case
 from unet_trainer.data.loader import (
     ContinuousBatchSampler,
-    DevicePrefetcher,
     EpochSampler,
     PatchDataset,
     PreparedCase,
@@ -27,6 +26,7 @@ from unet_trainer.data.prepare import (
     zscore_nonzero,
 )
 from unet_trainer.data.split import kfold_split, load_split_file
+from unet_trainer.training.prefetch import DevicePrefetcher
 
 
 @pytest.fixture(scope="module")

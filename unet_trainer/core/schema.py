@@ -35,25 +35,19 @@ from typing import Annotated, Any, Literal, Union
 
 from .duration import Duration
 
-KINDS = (
-    "int",
-    "float",
-    "bool",
-    "str",
-    "duration",
-    "int_list",
-    "float_list",
-    "str_list",
-    "int_or_auto",
-    "int_or_all",
-)
+# Setting and the common bounds live in the leaf settings; named here too for the modules that derive fields
+# and annotate settings alike.
+from .settings import NonNegative as NonNegative
+from .settings import PositiveInt as PositiveInt
+from .settings import Probability as Probability
+from .settings import Setting
 
 
 @dataclass(frozen=True)
 class Field:
     """One leaf of the schema.
 
-    ``kind`` is one of :data:`KINDS`. ``length`` fixes a list's length; ``choices`` restricts a
+    ``kind`` is one of :data:`~unet_trainer.core.settings.KINDS`. ``length`` fixes a list's length; ``choices`` restricts a
     str (each item of a ``str_list``); ``nullable`` admits null; ``minimum``/``maximum`` bound a
     number (each item of a list).
     """
@@ -292,39 +286,6 @@ def F(kind: str, default: Any, **kwargs: Any) -> Field:
     """Shorthand for a hand-written leaf: ``F("int", 3, minimum=1)``."""
     return Field(kind, default, **kwargs)
 
-
-@dataclass(frozen=True)
-class Setting:
-    """What a type annotation cannot say about a setting: ``Annotated[float, Setting(minimum=0.0)]``.
-
-    ``kind`` overrides the kind derived from the type (``duration``, ``int_or_auto``, ``int_or_all``);
-    ``choices`` restricts a str (a ``Literal`` says it too); ``length`` fixes a list's length.
-    :meth:`defaulting` gives the config's default of a parameter the signature leaves without one
-    (a schedule's warmup, written ``1ep`` in the config and handed over in batches).
-    """
-
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: tuple[str, ...] | None = None
-    length: int | None = None
-    kind: str | None = None
-    default: Any = None
-    has_default: bool = False
-
-    @classmethod
-    def defaulting(cls, default: Any, **kwargs: Any) -> Setting:
-        """A setting whose config default is ``default`` though its signature has none."""
-        return cls(default=default, has_default=True, **kwargs)
-
-    def __post_init__(self) -> None:
-        if self.kind is not None and self.kind not in KINDS:
-            raise ValueError(f"Setting.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-
-
-# The common bounds, as annotations a signature can use directly.
-Probability = Annotated[float, Setting(minimum=0.0, maximum=1.0)]
-NonNegative = Annotated[float, Setting(minimum=0.0)]
-PositiveInt = Annotated[int, Setting(minimum=1)]
 
 _SCALARS = {bool: "bool", int: "int", float: "float", str: "str"}
 _LISTS = {int: "int_list", float: "float_list"}

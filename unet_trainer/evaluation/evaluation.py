@@ -6,7 +6,6 @@ lesion-wise scores), gathered across ranks, and a per-case CSV.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from ..core.distributed import all_gather_objects
 from ..data.loader import PreparedCase
 from .case_metrics import CaseMetric
+from .cases import write_cases_csv
 from .inference import SlidingWindow
 from .metrics import mean_scores, regions_to_labels
 
@@ -40,16 +40,6 @@ def probabilities_to_labels(probs: torch.Tensor, region_mode: bool) -> torch.Ten
     if region_mode:
         return regions_to_labels(probs[None])[0]
     return probs.argmax(0).to(torch.uint8)
-
-
-def write_cases_csv(path: Path, rows: Sequence[dict]) -> None:
-    """Per-case rows (``case_id`` then the score keys) as CSV; NaN written as ``nan``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 class DiceEvaluator:

@@ -19,9 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from ..data.labels import REGION_NAMES, REGIONS
+from ..data.labels import LABEL_NAMES, REGION_NAMES, REGIONS
 
-LABEL_NAMES = {1: "NCR", 2: "ED", 3: "EN"}  # necrotic core, oedema, enhancing
 EMPTY_POLICIES = ("one_if_both_empty", "ignore")
 
 

@@ -25,8 +25,8 @@ from ..core.checkpoints import CheckpointManager
 from ..core.distributed import all_gather_objects, all_ranks_agree, barrier
 from ..core.duration import Duration
 from ..core.fileio import atomic_write
-from ..core.schema import NonNegative, PositiveInt
-from ..evaluation.evaluation import write_cases_csv
+from ..core.settings import NonNegative, PositiveInt
+from ..evaluation.cases import write_cases_csv
 from ..evaluation.visualize import Series, draw_progress
 from .trainer import Callback, State, interval_due
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..core.distributed import all_ranks_agree, average_gradients, smallest_on_any_rank
 from ..core.duration import Duration
-from ..data.loader import DevicePrefetcher
+from .prefetch import DevicePrefetcher
 
 
 class Event(str, Enum):

@@ -7,7 +7,7 @@ phantoms, tests, and ``unet-predict`` writing predictions in the input's own lab
 Preparation (cropping, normalisation, resampling, caching) lives elsewhere.
 
 Modules:
-    canonical   the canonical channels, labels, regions and label conventions; ``CaseFiles``,
+    canonical   the canonical channels and labels, the label conventions and their regions; ``CaseFiles``,
                 ``RawCase``, ``Layout``, ``DataFormatError``, ``to_canonical``/``from_canonical``
     files       helpers the layouts share: NIfTI reading and atomic writing, grid/value checks
     the others  one layout family each (its files, conventions and checks in its docstring),
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..labels import REGION_NAMES, REGIONS  # the evaluation regions, part of the canonical form
 from . import brats, dle, msd, nnunetv2
 from .canonical import (
     AFFINE_TOLERANCE_MM,
@@ -35,8 +36,6 @@ from .canonical import (
     LABEL_CONVENTIONS,
     MAX_IMAGE_VALUES,
     NATIVE_REGIONS,
-    REGION_NAMES,
-    REGIONS,
     CaseFiles,
     DataFormatError,
     Layout,

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..labels import REGION_NAMES, REGIONS  # the evaluation regions, part of the canonical form
-
 __all__ = [
     "AFFINE_TOLERANCE_MM",
     "MAX_IMAGE_VALUES",
@@ -28,8 +26,6 @@ __all__ = [
     "CANONICAL_LABELS",
     "LABEL_CONVENTIONS",
     "NATIVE_REGIONS",
-    "REGIONS",
-    "REGION_NAMES",
     "CaseFiles",
     "DataFormatError",
     "Layout",
