@@ -59,6 +59,16 @@ def test_the_config_refuses_an_unknown_metric_in_one_line(tiny_config):
         build_metrics(cfg)
 
 
+def test_a_metric_list_without_dice_is_refused_in_one_line(tiny_config):
+    # The best checkpoint, early stopping and the curves follow the mean Dice: a run without it would
+    # train without ever choosing a best.
+    with pytest.raises(ConfigError) as caught:
+        tiny_config("eval.metrics=[hd95]")
+    line = str(caught.value)
+    assert "\n" not in line and line.startswith("'eval.metrics' = ['hd95'] must name dice")
+    assert tiny_config("eval.metrics=[hd95, dice]")["eval"]["metrics"] == ["hd95", "dice"]
+
+
 def test_eval_metrics_default_is_the_dice_columns_and_the_flags_add_theirs(tiny_config):
     assert defaults()["eval"]["metrics"] == ["dice"]
     cfg = tiny_config()

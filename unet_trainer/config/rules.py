@@ -46,6 +46,12 @@ def check_consistency(cfg: dict) -> None:
     data = cfg["data"]
     if data["fold"] >= data["num_folds"]:
         raise ConfigError(f"'data.fold' = {data['fold']} must be below 'data.num_folds' = {data['num_folds']}")
+    if "dice" not in cfg["eval"]["metrics"]:
+        # The best checkpoint, early stopping, the progress plot and unet-cv's summary follow the mean Dice.
+        raise ConfigError(
+            f"'eval.metrics' = {cfg['eval']['metrics']} must name dice: the best checkpoint, early stopping "
+            "and the curves follow the mean Dice; add other metrics beside it"
+        )
     model = _model_to_check(cfg["model"])
     spacing = data["target_spacing"]
     if spacing is not None and min(spacing) <= 0:
