@@ -1,5 +1,6 @@
 """The training loop and what hangs on it: engine and events (trainer), batches moved
-to the device (prefetch, a leaf), losses, optimizers, schedules, batched augmentation (transforms), algorithms, callbacks, loggers and reporting.
+to the device (prefetch, a leaf), losses, optimizers, schedules, batched augmentation (transforms),
+algorithms, callbacks, loggers and reporting.
 
 May import from core, data, models and evaluation.
 """
