@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ..config.config import ConfigError
 from ..core.checkpoint import CheckpointError
+from ..data.labels import LABEL_NAMES
 from ..data.layouts import LABEL_CONVENTIONS, DataFormatError
 from ..evaluation.case_metrics import table_column, table_notes
-from ..evaluation.metrics import LABEL_NAMES
 from ..evaluation.postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
 from .parsing import FORMAT_LIST, command_parser, format_flag, parse_command_line, wants_help

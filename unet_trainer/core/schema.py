@@ -34,12 +34,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from .duration import Duration
-
-# Setting and the common bounds live in the leaf settings; named here too for the modules that derive fields
-# and annotate settings alike.
-from .settings import NonNegative as NonNegative
-from .settings import PositiveInt as PositiveInt
-from .settings import Probability as Probability
 from .settings import Setting
 
 

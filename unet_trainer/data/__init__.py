@@ -4,8 +4,8 @@ Modules:
     layouts/    every raw dataset layout, one module each, behind one registry (``LAYOUTS``),
                 read into and written from one canonical form; a new layout is one new module
                 there and one registry entry
-    labels      the evaluation regions of the canonical labels (a leaf: the metrics and losses
-                read it without the layouts)
+    labels      the canonical labels' short names and evaluation regions (a leaf: the metrics,
+                losses and pictures read it without the layouts)
     phantom     the synthetic BraTS phantom, the embedded default dataset
     prepare     one-time cropping, normalisation and resampling into memory-mappable arrays
     split       cross-validation splits

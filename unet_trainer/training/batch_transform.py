@@ -27,7 +27,8 @@ from typing import Annotated, Any, ClassVar
 
 import torch
 
-from ..core.schema import Field, FieldError, Setting, fields_of
+from ..core.schema import Field, FieldError, fields_of
+from ..core.settings import Setting
 
 __all__ = [
     "BatchTransform",
