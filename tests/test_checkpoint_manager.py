@@ -116,14 +116,30 @@ def test_newest_loadable_skips_a_cut_file_and_a_foreign_one(tmp_path):
     warnings = []
     path, state = manager.newest_loadable(warn=warnings.append)
     assert path == manager.path_for(0, 2) and state["timestamp"]["batch"] == 2
+    # Newest first: the foreign one, then the cut one.
     assert len(warnings) == 2
-    assert warnings[0].startswith(f"skipped {manager.path_for(1, 3)} for resuming: not a readable checkpoint")
-    assert warnings[1] == (
+    assert warnings[0] == (
         f"{manager.path_for(1, 4)} belongs to run bbbbbbbb, not this run (aaaaaaaa); not resumed, left in place"
     )
+    assert warnings[1].startswith(f"skipped {manager.path_for(1, 3)} for resuming: not a readable checkpoint")
     assert sorted(p.name for p in manager.periodic()) == [
         f"ep{e}-ba{b}-rank0.pt" for e, b in ((0, 1), (0, 2), (1, 3), (1, 4))
     ]
+
+
+def test_a_link_left_one_behind_by_a_kill_resumes_from_the_newer_own_checkpoint(tmp_path):
+    # Killed between writing ep1-ba3 and moving the link: the file is whole and the run's own.
+    run = tmp_path / "run"
+    manager = CheckpointManager.of_run(run)
+    write(manager.path_for(0, 1), MINE, 1)
+    write(manager.path_for(0, 2), MINE, 2)
+    write(manager.path_for(1, 3), MINE, 3)
+    link_latest(manager, "ep0-ba2-rank0.pt")
+    warnings = []
+    path, state = manager.newest_loadable(warn=warnings.append)
+    assert path == manager.path_for(1, 3) and state["timestamp"]["batch"] == 3 and not warnings
+    # Nothing past it would mix with the resumed run.
+    assert manager.others(MINE, resumed_batch=3) == []
 
 
 def _linked_to_newest(m: CheckpointManager) -> None:
@@ -188,7 +204,7 @@ RESUME_CASES = [
     (_truncated_newest, (0, 2), [UNREADABLE % 3]),
     (_code_in_newest, (0, 2), ["{folder}/ep5-ba50-rank0.pt: needs code to load (its pickle asks for"]),
     (_foreign_newer_link_gone, (0, 2), [FOREIGN]),
-    (_foreign_newer_own_newest_truncated, (0, 1), [UNREADABLE % 2, FOREIGN]),
+    (_foreign_newer_own_newest_truncated, (0, 1), [FOREIGN, UNREADABLE % 2]),  # newest first
     (_foreign_newer_beside_the_link, (0, 2), [FOREIGN]),
     (_one_copied_in_checkpoint, (0, 7), []),
     (_from_before_run_ids, (0, 3), []),

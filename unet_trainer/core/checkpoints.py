@@ -270,7 +270,9 @@ class CheckpointManager:
         """The newest checkpoint of the folder's own run (:meth:`run_id`) that loads, with its
         contents: what autoresume continues and what a run folder's "latest" stands for.
 
-        Tries the ``latest`` link's target, then the others from the highest batch down. Each one
+        Tries the checkpoints from the highest batch down, then the ``latest`` link's target if it
+        is none of them: a run killed between writing a checkpoint and moving its link leaves the
+        link one behind, and the newer file is still the run's own and whole. Each one
         passed over gets a one-line warning naming it: another run's (never a candidate, left in
         place), one that does not load (truncated, damaged: a checkpoint only counts once
         complete), one the safe loader refuses (a pickle with code). Nothing is moved or deleted.
@@ -287,8 +289,9 @@ class CheckpointManager:
         """
         own = self.run_id()
         link = self.latest()
-        candidates = [link] if link is not None else []
-        candidates += [p for p in reversed(self.periodic()) if p not in candidates]
+        candidates = list(reversed(self.periodic()))
+        if link is not None and link not in candidates:
+            candidates.append(link)
 
         def not_resumed(path: Path, run_id: str) -> None:
             warn(
@@ -296,7 +299,7 @@ class CheckpointManager:
                 "left in place"
             )
 
-        for index, path in enumerate(candidates):
+        for path in candidates:
             try:
                 state = load_checkpoint(path, mmap=mmap)
             except UnsafeCheckpointError as exc:
@@ -309,13 +312,6 @@ class CheckpointManager:
             if own is not None and run_id != own:
                 not_resumed(path, run_id)
                 continue
-            # Another run's checkpoint named as if newer (the link pointed past it): named too.
-            for later in candidates[index + 1 :]:
-                if _name_batch(later) > _name_batch(path):
-                    identity = self.identity(later)
-                    # Unreadable: nothing says whose it is; rotation never touches it.
-                    if identity is not None and identity[0] != run_id:
-                        not_resumed(later, identity[0])
             return path, state
         return None
 
