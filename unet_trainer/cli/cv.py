@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from ..config.config import ConfigError, resolve_config
 from ..config.engine import dump_config
 from ..core.checkpoint import CheckpointError
@@ -13,7 +11,7 @@ from ..data.loader import SharedMemoryExhausted
 from ..evaluation.postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
 from ..training.trainer import TrainingDiverged
 from .errors import CONFIG_ONLY, FAILURE, INTERRUPTED, USAGE_ERROR, ErrorTable, command, fail, guard
-from .parsing import command_parser, parse_command_line, wants_help
+from .parsing import command_arguments, command_parser, parse_command_line
 
 USAGE = f"""usage: unet-cv CONFIG [OVERRIDES...] [--folds 0,2] [--aggregate-only] [--lesion-wise]
                [--checkpoint best|latest] [--choose-postprocessing [--postprocessing-metric M]]
@@ -113,10 +111,7 @@ def _report(outcome) -> int:
 @command
 def main(argv: list[str] | None = None) -> int:
     """``unet-cv CONFIG [OVERRIDES...] [--folds ...] [--aggregate-only]``; returns the exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(args):
-        print(USAGE)
-        return 0 if args else USAGE_ERROR
+    args = command_arguments(argv, USAGE)
     with guard(CONFIG_ONLY):
         (config_path,), flags, overrides = parse_command_line(make_parser(), args, 1)
         if flags["--postprocessing-metric"] and not flags["--choose-postprocessing"]:

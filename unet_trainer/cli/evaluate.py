@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 from ..config.config import ConfigError
@@ -13,7 +12,7 @@ from ..data.layouts import LABEL_CONVENTIONS, DataFormatError
 from ..evaluation.case_metrics import table_column, table_notes
 from ..evaluation.postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
-from .parsing import FORMAT_LIST, command_parser, format_flag, parse_command_line, wants_help
+from .parsing import FORMAT_LIST, command_arguments, command_parser, format_flag, parse_command_line
 
 USAGE = f"""usage: unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV] [--no-overlays]
                  [--lesion-wise] [--choose-postprocessing [--postprocessing-metric M]] [--no-progress]
@@ -125,10 +124,7 @@ def make_parser():
 @command
 def main(argv: list[str] | None = None) -> int:
     """``unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV]``; returns the exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(args):
-        print(USAGE)
-        return 0 if args else USAGE_ERROR
+    args = command_arguments(argv, USAGE)
     with guard(ERRORS):
         (checkpoint,), flags, overrides = parse_command_line(make_parser(), args, 1)
         if flags["--lesion-wise"]:

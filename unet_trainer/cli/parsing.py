@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections.abc import Sequence
 
 from ..config.config import ConfigError
 from ..data.layouts import FORMAT_CHOICES
+from .errors import USAGE_ERROR, CommandExit
 
 # The layouts the --format flags accept, for the usage texts: "auto (default), msd, ...".
 FORMAT_LIST = ", ".join(f"{name} (default)" if name == "auto" else name for name in FORMAT_CHOICES)
@@ -68,6 +70,19 @@ def parse_command_line(
 def wants_help(args: Sequence[str]) -> bool:
     """Whether the command line is empty or asks for the usage text anywhere."""
     return not args or "-h" in args or "--help" in args
+
+
+def command_arguments(argv: Sequence[str] | None, usage: str) -> list[str]:
+    """A command's arguments (``sys.argv[1:]`` when ``argv`` is None).
+
+    Raises:
+        CommandExit: the line is empty (status 2) or asks for help (status 0), after printing ``usage``.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(args):
+        print(usage)
+        raise CommandExit(0 if args else USAGE_ERROR)
+    return args
 
 
 def format_flag(flags: dict) -> str:

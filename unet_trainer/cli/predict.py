@@ -11,7 +11,7 @@ from ..core.runfolder import RunFolderError
 from ..data.labels import LABEL_NAMES
 from ..data.layouts import FORMAT_LABEL_CONVENTION, LABEL_CONVENTIONS, DataFormatError
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
-from .parsing import FORMAT_LIST, command_parser, format_flag, parse_command_line, wants_help
+from .parsing import FORMAT_LIST, command_arguments, command_parser, format_flag, parse_command_line
 
 
 def label_numbering_text(indent: str = "    ") -> str:
@@ -111,10 +111,7 @@ def _postprocessing(checkpoints: list[str], flags: dict):
 def main(argv: list[str] | None = None) -> int:
     """``unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] [--format FMT] [--probabilities]``;
     returns the exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(args):
-        print(USAGE)
-        return 0 if args else USAGE_ERROR
+    args = command_arguments(argv, USAGE)
     with guard(ERRORS):
         positionals, flags, overrides = parse_command_line(make_parser(), args, 3, more_positionals=True)
     *checkpoints, source, output = positionals
