@@ -284,7 +284,7 @@ class ResidualBlock(nn.Module):
 class LinearUpsample(nn.Module):
     """1x1 conv to ``out_channels``, then (bi/tri)linear interpolation by ``scale``.
 
-    The brief's order is "interpolate, then a conv to halve the channels"; a 1x1 conv is a
+    The usual order is "interpolate, then a conv to halve the channels"; a 1x1 conv is a
     per-voxel linear map over channels and linear interpolation a per-channel linear map over
     space, so the two commute exactly, and doing the conv first runs it on ``prod(scale)`` times
     fewer voxels and interpolates half the channels.
