@@ -13,6 +13,7 @@ and ``lesion``, the grouped :class:`~unet_trainer.evaluation.lesion_metrics.Lesi
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -107,16 +108,8 @@ class LesionWise(CaseMetric):
         self.lesion = lesion
 
     def __call__(self, prediction, truth, spacing):
-        s = self.lesion
-        return case_lesion_scores(
-            prediction,
-            truth,
-            spacing,
-            dilation_iterations=s.dilation_iterations,
-            min_lesion_voxels=s.min_lesion_voxels,
-            hd95_penalty=s.hd95_penalty,
-            backend=s.backend,
-        )
+        # LesionSettings' fields are case_lesion_scores' keyword arguments, by name.
+        return case_lesion_scores(prediction, truth, spacing, **dataclasses.asdict(self.lesion))
 
 
 #: The metrics ``eval.metrics`` may name, in the order of their columns when switched on by flag.
