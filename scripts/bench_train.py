@@ -54,7 +54,7 @@ from unet_trainer.commands.builders import AMP_DTYPES  # noqa: E402
 from unet_trainer.commands.train import run_training  # noqa: E402
 from unet_trainer.config.config import resolve_config  # noqa: E402
 from unet_trainer.config.engine import ConfigError  # noqa: E402
-from unet_trainer.core.duration import Duration  # noqa: E402
+from unet_trainer.core.schema import Duration  # noqa: E402
 from unet_trainer.data.loader import PreparedCase  # noqa: E402
 from unet_trainer.data.phantom import write_phantom_dataset  # noqa: E402
 from unet_trainer.evaluation.evaluation import logits_to_labels  # noqa: E402

@@ -9,8 +9,7 @@ from unet_trainer.cli.train import main as train_main
 from unet_trainer.config.config import resolve_config
 from unet_trainer.config.engine import ConfigError, config_differences, parse_overrides
 from unet_trainer.config.tree import SCHEMA, defaults
-from unet_trainer.core.duration import Duration
-from unet_trainer.core.schema import Field
+from unet_trainer.core.schema import Duration, Field
 from unet_trainer.training.augment import AUGMENTATIONS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -37,7 +37,7 @@ from unet_trainer.config.config import resolve_config
 from unet_trainer.config.engine import ConfigError
 from unet_trainer.core.checkpoint import atomic_torch_save, load_checkpoint
 from unet_trainer.core.distributed import DistInfo
-from unet_trainer.core.duration import Duration
+from unet_trainer.core.schema import Duration
 from unet_trainer.training.callbacks import EarlyStopper
 from unet_trainer.training.trainer import Callback
 

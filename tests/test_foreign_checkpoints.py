@@ -22,7 +22,7 @@ from unet_trainer.commands.folders import fold_state
 from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.core.checkpoint import CheckpointError, load_checkpoint, one_line
-from unet_trainer.core.duration import Duration
+from unet_trainer.core.schema import Duration
 from unet_trainer.training.trainer import Callback
 
 DEMO = ROOT / "configs" / "demo.yaml"

@@ -21,7 +21,7 @@ LOWER_STAGES_DEPTH = 7
 
 # Modules the lower stages share, that must stay leaves (nothing imported from the package).
 LEAVES = (
-    "core.settings",
+    "core.schema",
     "data.labels",
     "data.layouts.canonical",
     "evaluation.cases",
@@ -95,12 +95,13 @@ def test_the_prefetcher_moves_every_batch_in_order():
 
 
 def test_settings_annotations_are_the_schemas():
-    from unet_trainer.core import schema, settings
+    from unet_trainer.core import schema
+    from unet_trainer.models import unet
+    from unet_trainer.training import losses
 
-    # One definition: schema derives fields from the leaf's annotations and keeps no copies of them.
-    assert schema.Setting is settings.Setting
-    assert not any(hasattr(schema, name) for name in ("Probability", "NonNegative", "PositiveInt"))
-    field = schema.field_from_hint(settings.PositiveInt, 3, "x")
+    # One definition: the components annotate with the schema's own bounds, and it derives fields from them.
+    assert unet.PositiveInt is schema.PositiveInt and losses.NonNegative is schema.NonNegative
+    field = schema.field_from_hint(schema.PositiveInt, 3, "x")
     assert field.minimum == 1 and field.kind == "int"
 
 

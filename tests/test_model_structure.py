@@ -92,18 +92,18 @@ ALLOWED_IMPORTS = {
     "unet_trainer.models.blocks": set(),
     "unet_trainer.models.checks": set(),
     "unet_trainer.models.base": {
-        "unet_trainer.core.settings",
+        "unet_trainer.core.schema",
         "unet_trainer.models.blocks",
         "unet_trainer.models.checks",
     },
     "unet_trainer.models.unet": {
-        "unet_trainer.core.settings",
+        "unet_trainer.core.schema",
         "unet_trainer.models.base",
         "unet_trainer.models.blocks",
         "unet_trainer.models.checks",
     },
     "unet_trainer.models.resenc": {
-        "unet_trainer.core.settings",
+        "unet_trainer.core.schema",
         "unet_trainer.models.base",
         "unet_trainer.models.blocks",
         "unet_trainer.models.checks",

@@ -25,8 +25,7 @@ from unet_trainer.config.components import describe_model, output_mode
 from unet_trainer.config.config import resolve_config
 from unet_trainer.config.engine import ConfigError
 from unet_trainer.config.tree import CALLBACKS, SCHEDULERS
-from unet_trainer.core.schema import F, FieldError, fields_of
-from unet_trainer.core.settings import NonNegative, PositiveInt, Setting
+from unet_trainer.core.schema import F, FieldError, NonNegative, PositiveInt, Setting, fields_of
 from unet_trainer.training import callbacks as cb
 from unet_trainer.training import reporting
 from unet_trainer.training.augment import AUGMENTATIONS

@@ -9,8 +9,15 @@ from typing import Annotated, Literal
 import pytest
 
 from unet_trainer.config.engine import ConfigError, check_layer
-from unet_trainer.core.schema import Field, SchemaDerivationError, fields_of
-from unet_trainer.core.settings import NonNegative, PositiveInt, Probability, Setting
+from unet_trainer.core.schema import (
+    Field,
+    NonNegative,
+    PositiveInt,
+    Probability,
+    SchemaDerivationError,
+    Setting,
+    fields_of,
+)
 
 
 class Component:

@@ -26,9 +26,8 @@ from ..config.engine import ConfigError
 from ..config.tree import SCHEDULERS
 from ..core.checkpoints import CheckpointManager
 from ..core.distributed import DistInfo, barrier
-from ..core.duration import Duration
 from ..core.guard import check_outputs
-from ..core.schema import Field
+from ..core.schema import Duration, Field
 from ..data.layouts import DataFormatError
 from ..data.phantom import write_phantom_dataset
 from ..data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..core.checkpoint import LEGACY_RUN_ID
 from ..core.checkpoints import CHECKPOINT_CHOICES as CHECKPOINT_CHOICES  # read by the command line
 from ..core.checkpoints import CheckpointManager, named_counters
-from ..core.duration import Duration
+from ..core.schema import Duration
 from ..training import callbacks as cb
 from ..training.trainer import Timestamp
 

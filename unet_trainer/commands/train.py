@@ -20,9 +20,9 @@ from ..config.components import build_model, describe_model
 from ..config.engine import ConfigError, dump_config
 from ..core.checkpoints import CheckpointManager
 from ..core.distributed import DistInfo, init_distributed
-from ..core.duration import Duration
 from ..core.fileio import atomic_write_text
 from ..core.runfolder import FolderLock
+from ..core.schema import Duration
 from ..data.loader import BatchTooLarge, PatchDataset, build_train_loader
 from ..evaluation.evaluation import DiceEvaluator
 from ..training import callbacks as cb

@@ -20,8 +20,7 @@ from typing import Any
 import yaml
 
 from ..core.documents import DocumentError, load_yaml_text
-from ..core.duration import Duration
-from ..core.schema import Field, FieldError, ListOf, OneOf, SetOf, shown
+from ..core.schema import Duration, Field, FieldError, ListOf, OneOf, SetOf, shown
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,10 @@
-"""Schema leaves, and settings derived from a component's own signature or dataclass.
+"""Settings: what a signature says about them (:class:`Setting`, the common bounds), durations of
+training time (:class:`Duration`), and the schema leaves derived from a component's own signature or
+dataclass (:func:`fields_of`, :class:`Field`).
+
+A leaf (nothing from the package): models, losses, optimizers, schedules, callbacks, algorithms and
+the trainer take their annotations and durations from here, and the transforms and the config check
+their values with the same :meth:`Field.check`.
 
 A component (a model, an optimizer, an augmentation, a callback) declares its settings once, as
 typed keyword arguments with defaults (or dataclass fields); :func:`fields_of` turns them into
@@ -26,6 +32,7 @@ import dataclasses
 import inspect
 import math
 import numbers
+import re
 import reprlib
 import types
 import typing
@@ -33,15 +40,110 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from .duration import Duration
-from .settings import Setting
+# --------------------------------------------------------------------------------------------
+# Settings: what a signature says beyond its types
+# --------------------------------------------------------------------------------------------
+
+#: The kinds of setting a config leaf can be (:class:`unet_trainer.core.schema.Field`).
+KINDS = (
+    "int",
+    "float",
+    "bool",
+    "str",
+    "duration",
+    "int_list",
+    "float_list",
+    "str_list",
+    "int_or_auto",
+    "int_or_all",
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a type annotation cannot say about a setting: ``Annotated[float, Setting(minimum=0.0)]``.
+
+    ``kind`` overrides the kind derived from the type (``duration``, ``int_or_auto``, ``int_or_all``);
+    ``choices`` restricts a str (a ``Literal`` says it too); ``length`` fixes a list's length.
+    :meth:`defaulting` gives the config's default of a parameter the signature leaves without one
+    (a schedule's warmup, written ``1ep`` in the config and handed over in batches).
+    """
+
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+    length: int | None = None
+    kind: str | None = None
+    default: Any = None
+    has_default: bool = False
+
+    @classmethod
+    def defaulting(cls, default: Any, **kwargs: Any) -> Setting:
+        """A setting whose config default is ``default`` though its signature has none."""
+        return cls(default=default, has_default=True, **kwargs)
+
+    def __post_init__(self) -> None:
+        if self.kind is not None and self.kind not in KINDS:
+            raise ValueError(f"Setting.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
+
+# The common bounds, as annotations a signature can use directly.
+Probability = Annotated[float, Setting(minimum=0.0, maximum=1.0)]
+NonNegative = Annotated[float, Setting(minimum=0.0)]
+PositiveInt = Annotated[int, Setting(minimum=1)]
+
+# --------------------------------------------------------------------------------------------
+# Durations of training time: 200ep, 1000ba, 64sp
+# --------------------------------------------------------------------------------------------
+
+DURATION_UNITS = {"ep": "epochs", "ba": "batches", "sp": "samples"}
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*(ep|ba|sp)\s*$")
+
+
+@dataclass(frozen=True)
+class Duration:
+    """A span of training time: ``value`` epochs (``ep``), batches (``ba``) or samples (``sp``)."""
+
+    value: int
+    unit: str
+
+    @classmethod
+    def parse(cls, raw: Any) -> Duration:
+        """Parse ``"200ep"``, ``"1000ba"``, ``"64sp"`` or a plain non-negative integer (epochs).
+
+        Raises:
+            ValueError: for anything else (the message says which forms are accepted).
+        """
+        if isinstance(raw, Duration):
+            return raw
+        if isinstance(raw, bool):
+            raise ValueError(f"{raw!r} is not a duration")
+        if isinstance(raw, int):
+            if raw < 0:
+                raise ValueError(f"{raw!r} is negative")
+            return cls(raw, "ep")
+        if isinstance(raw, str):
+            match = _DURATION_RE.match(raw)
+            if match:
+                return cls(int(match.group(1)), match.group(2))
+            if raw.strip().isdigit():
+                return cls(int(raw), "ep")
+        raise ValueError(f"{raw!r} is not a duration (use Nep, Nba or Nsp, e.g. 200ep, 1000ba, 64sp)")
+
+    def __str__(self) -> str:
+        return f"{self.value}{self.unit}"
+
+
+# --------------------------------------------------------------------------------------------
+# Schema leaves
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Field:
     """One leaf of the schema.
 
-    ``kind`` is one of :data:`~unet_trainer.core.settings.KINDS`. ``length`` fixes a list's length; ``choices`` restricts a
+    ``kind`` is one of :data:`KINDS`. ``length`` fixes a list's length; ``choices`` restricts a
     str (each item of a ``str_list``); ``nullable`` admits null; ``minimum``/``maximum`` bound a
     number (each item of a list).
     """

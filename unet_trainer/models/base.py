@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.settings import Setting
+from ..core.schema import Setting
 from .blocks import DecoderStage, _LayerFactory
 from .checks import StageLayout, stage_size_error, trace_stage_sizes
 

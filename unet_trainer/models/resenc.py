@@ -43,7 +43,7 @@ from typing import Annotated
 import torch
 from torch import nn
 
-from ..core.settings import NonNegative, PositiveInt, Setting
+from ..core.schema import NonNegative, PositiveInt, Setting
 from .base import EncoderDecoderNet, PerStage, SpatialDims
 from .blocks import ConvNormAct, _LayerFactory
 from .checks import (

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..core.settings import NonNegative, PositiveInt, Probability
+from ..core.schema import NonNegative, PositiveInt, Probability
 from .base import EncoderDecoderNet, PerStage, SpatialDims
 from .blocks import ConvBlock, ResidualBlock, _LayerFactory
 from .checks import (

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from ..core.settings import Probability
+from ..core.schema import Probability
 from ..models.base import optimize_model
 from .trainer import Algorithm, Event, State
 

@@ -27,8 +27,7 @@ from typing import Annotated, Any, ClassVar
 
 import torch
 
-from ..core.schema import Field, FieldError, fields_of
-from ..core.settings import Setting
+from ..core.schema import Field, FieldError, Setting, fields_of
 
 __all__ = [
     "BatchTransform",

@@ -23,9 +23,8 @@ from tqdm import tqdm
 from ..core.checkpoint import capture_rng_state
 from ..core.checkpoints import CheckpointManager
 from ..core.distributed import all_gather_objects, all_ranks_agree, barrier
-from ..core.duration import Duration
 from ..core.fileio import atomic_write
-from ..core.settings import NonNegative, PositiveInt
+from ..core.schema import Duration, NonNegative, PositiveInt
 from ..evaluation.cases import write_cases_csv
 from ..evaluation.visualize import Series, draw_progress
 from .trainer import Callback, State, interval_due

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.settings import Probability
+from ..core.schema import Probability
 from .batch_transform import PerSampleTransform, Range, SampleDraw, per_sample
 
 __all__ = ["Brightness", "Contrast", "GaussianBlur", "GaussianNoise", "blur_side_weight"]

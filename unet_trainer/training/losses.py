@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.settings import NonNegative
+from ..core.schema import NonNegative
 from ..data.labels import REGION_NAMES, REGIONS
 
 # Dice smoothing as in MONAI's defaults (smooth_nr = smooth_dr = 1e-5), so the values agree.

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..core.settings import NonNegative
+from ..core.schema import NonNegative
 
 Betas = tuple[float, float]
 Parameters = Iterable[torch.nn.Parameter] | Iterable[dict]

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..core.checkpoints import CHECKPOINTS_FOLDER, best_name
-from ..core.settings import PositiveInt, Setting
+from ..core.schema import PositiveInt, Setting
 from ..evaluation.visualize import evaluator_case_view, write_overlays
 from .loggers import LoggerDestination, numeric_metrics
 from .trainer import Callback, State

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
-from ..core.settings import NonNegative, Setting
+from ..core.schema import NonNegative, Setting
 
 # A span of training: a duration in the config, a number of batches here (the builder converts it).
 Batches = Annotated[int, Setting(kind="duration")]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.settings import Probability
+from ..core.schema import Probability
 from .batch_transform import BatchTransform, select_firing
 
 __all__ = ["Flip", "FlipDraw"]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..core.distributed import all_ranks_agree, average_gradients, smallest_on_any_rank
-from ..core.duration import Duration
+from ..core.schema import Duration
 from .prefetch import DevicePrefetcher
 
 
