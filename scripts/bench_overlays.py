@@ -41,8 +41,11 @@ from unet_trainer.commands.builders import (  # noqa: E402
     ensure_prepared,
 )
 from unet_trainer.config.components import output_mode  # noqa: E402
-from unet_trainer.config.config import repo_root, resolve_config  # noqa: E402
-from unet_trainer.config.tree import CALLBACKS  # noqa: E402
+from unet_trainer.config.config import (  # noqa: E402
+    CALLBACKS,  # noqa: E402
+    repo_root,
+    resolve_config,
+)
 from unet_trainer.core.distributed import DistInfo  # noqa: E402
 from unet_trainer.evaluation.case_metrics import Dice  # noqa: E402
 from unet_trainer.evaluation.evaluation import DiceEvaluator  # noqa: E402
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = resolve_config(args.config, args.overrides)
     if args.checkpoint is not None:
-        from unet_trainer.commands.predict import load_model
+        from unet_trainer.commands.loading import load_model
 
         loaded = load_model(args.checkpoint, args.overrides, channels_last=False)
         model, cfg, device = loaded.model, loaded.cfg, loaded.device

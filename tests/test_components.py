@@ -11,9 +11,18 @@ import torch
 
 from unet_trainer.commands.builders import build_algorithms, build_loss, build_optimizer
 from unet_trainer.config import components, engine
-from unet_trainer.config.config import resolve_config, resolve_from_base
+from unet_trainer.config.components import upgrade_config
+from unet_trainer.config.config import (
+    ALGORITHMS,
+    CALLBACKS,
+    LOSSES,
+    MODELS,
+    OPTIMIZERS,
+    defaults,
+    resolve_config,
+    resolve_from_base,
+)
 from unet_trainer.config.engine import ConfigError
-from unet_trainer.config.tree import ALGORITHMS, CALLBACKS, LOSSES, MODELS, OPTIMIZERS, defaults, upgrade_config
 from unet_trainer.core.schema import F, Field
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,9 +6,8 @@ import pytest
 import yaml
 
 from unet_trainer.cli.train import main as train_main
-from unet_trainer.config.config import resolve_config
+from unet_trainer.config.config import SCHEMA, defaults, resolve_config
 from unet_trainer.config.engine import ConfigError, config_differences, parse_overrides
-from unet_trainer.config.tree import SCHEMA, defaults
 from unet_trainer.core.schema import Duration, Field
 from unet_trainer.training.augment import AUGMENTATIONS
 

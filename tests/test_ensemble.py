@@ -15,8 +15,15 @@ from unet_trainer.cli.parsing import parse_command_line
 from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.cli.predict import make_parser
 from unet_trainer.commands.builders import build_model, build_sliding_window, raw_data_dir
-from unet_trainer.commands.loading import EnsembleError, EnsembleModel, check_compatible, load_models
-from unet_trainer.commands.predict import LoadedModel, load_model, predict_dataset
+from unet_trainer.commands.loading import (
+    EnsembleError,
+    EnsembleModel,
+    LoadedModel,
+    check_compatible,
+    load_model,
+    load_models,
+)
+from unet_trainer.commands.predict import predict_dataset
 from unet_trainer.commands.train import run_training
 from unet_trainer.config.components import output_mode
 from unet_trainer.config.config import resolve_config

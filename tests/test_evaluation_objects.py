@@ -18,8 +18,7 @@ from unet_trainer.commands.builders import (
     build_sliding_window,
     ensure_prepared,
 )
-from unet_trainer.config.config import ConfigError
-from unet_trainer.config.tree import defaults
+from unet_trainer.config.config import ConfigError, defaults
 from unet_trainer.core.distributed import DistInfo
 from unet_trainer.evaluation import case_metrics
 from unet_trainer.evaluation.case_metrics import (

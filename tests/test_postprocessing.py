@@ -375,7 +375,8 @@ def test_unet_eval_chooses_postprocessing_and_writes_it_into_the_run_folder(trai
 
 def test_unet_eval_choose_postprocessing_spills_predictions_and_cleans_up(trained, tmp_path, monkeypatch):
     import unet_trainer.evaluation.postprocessing as postprocessing_module
-    from unet_trainer.commands.predict import choose_for_checkpoint
+    from unet_trainer.commands.evaluate import choose_postprocessing_for
+    from unet_trainer.commands.loading import load_model
 
     seen = {}
     real_choose = postprocessing_module.choose_postprocessing
@@ -386,9 +387,8 @@ def test_unet_eval_choose_postprocessing_spills_predictions_and_cleans_up(traine
         return real_choose(store, *args, **kwargs)
 
     monkeypatch.setattr(postprocessing_module, "choose_postprocessing", watching)
-    report, choice, path = choose_for_checkpoint(
-        trained["checkpoint"],
-        ["eval.lesion_min_voxels=10"],
+    report, choice, path = choose_postprocessing_for(
+        load_model(trained["checkpoint"], ["eval.lesion_min_voxels=10"]),
         out_csv=tmp_path / "s.csv",
         progress=False,
         overlays=False,

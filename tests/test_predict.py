@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, tiny_overrides
 
+import unet_trainer.commands.evaluate as evaluate_module
 import unet_trainer.commands.predict as predict_module
 from unet_trainer.cli.data import main as data_main
 from unet_trainer.cli.evaluate import main as eval_main
 from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.commands.builders import raw_data_dir
-from unet_trainer.commands.predict import labels_to_original, load_model, predict_case, prediction_to_original
+from unet_trainer.commands.loading import load_model
+from unet_trainer.commands.predict import labels_to_original, predict_case, prediction_to_original
 from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.data.layouts import RawCase, from_canonical, list_cases, write_case, write_label_nifti
@@ -319,16 +321,20 @@ def test_unet_eval_on_another_dataset_scores_with_trainings_evaluator_and_leaves
     source = tmp_path / "msd"
     write_dataset(source, "msd", LAYOUT_IDS["msd"])
     built = []
-    real_build = predict_module.build_evaluator
+    real_build = evaluate_module.build_evaluator
 
     def build_evaluator(cfg, *args, **kwargs):
         built.append(cfg["data"]["path"])
         return real_build(cfg, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(predict_module, "build_evaluator", build_evaluator)
-        report = predict_module.evaluate_checkpoint(
-            trained["checkpoint"], dataset=source, out_csv=tmp_path / "scores.csv", progress=False, overlays=False
+        patch.setattr(evaluate_module, "build_evaluator", build_evaluator)
+        report = evaluate_module.evaluate_model(
+            load_model(trained["checkpoint"]),
+            dataset=source,
+            out_csv=tmp_path / "scores.csv",
+            progress=False,
+            overlays=False,
         )
     assert built == [str(source)] and len(report.per_case) == 2
     # The loaded model's config is still the checkpoint's: the phantom, its own prepared cache.

@@ -22,9 +22,8 @@ from unet_trainer.commands.loading import CONVENTION_KEYS
 from unet_trainer.commands.train import run_training
 from unet_trainer.config import components
 from unet_trainer.config.components import describe_model, output_mode
-from unet_trainer.config.config import resolve_config
+from unet_trainer.config.config import CALLBACKS, SCHEDULERS, resolve_config
 from unet_trainer.config.engine import ConfigError
-from unet_trainer.config.tree import CALLBACKS, SCHEDULERS
 from unet_trainer.core.schema import F, FieldError, NonNegative, PositiveInt, Setting, fields_of
 from unet_trainer.training import callbacks as cb
 from unet_trainer.training import reporting

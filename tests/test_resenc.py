@@ -15,8 +15,7 @@ from torch import nn
 from unet_trainer.commands.builders import build_loss
 from unet_trainer.commands.train import run_training
 from unet_trainer.config.components import build_model
-from unet_trainer.config.config import resolve_config
-from unet_trainer.config.tree import defaults
+from unet_trainer.config.config import defaults, resolve_config
 from unet_trainer.models.base import SegmentationModel, optimize_model
 from unet_trainer.models.checks import ModelArgumentError
 from unet_trainer.models.resenc import ResidualBlockD, ResidualEncoderUNet
@@ -272,7 +271,7 @@ def resenc_overrides(cache_root: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def test_a_few_training_steps_of_resenc_through_run_training(cache_root, tmp_path):
-    from unet_trainer.commands.predict import load_model
+    from unet_trainer.commands.loading import load_model
 
     cfg = resolve_config(
         ROOT / "configs" / "demo.yaml", resenc_overrides(cache_root, tmp_path / "run", "max_duration=3ba")

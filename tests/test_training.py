@@ -77,7 +77,7 @@ def test_resume_across_an_epoch_boundary_and_load_path(tiny_config, tmp_path):
 def test_a_checkpoint_with_the_old_flat_model_section_resumes_and_loads(tiny_config, tmp_path, capsys):
     """Checkpoints of earlier versions store ``model: {filters: ...}`` without the model's name:
     they still resume (exactly, and without a config-differs warning) and still load for inference."""
-    from unet_trainer.commands.predict import load_model
+    from unet_trainer.commands.loading import load_model
 
     straight = run_training(tiny_config("max_duration=3ba", run_dir=tmp_path / "straight"), progress=False)
     run_training(tiny_config("max_duration=2ba", run_dir=tmp_path / "old"), progress=False)

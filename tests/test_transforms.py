@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from unet_trainer.commands.builders import build_augmenter
+from unet_trainer.config.config import augmentation_schema, defaults
 from unet_trainer.config.engine import ConfigError, check_layer
-from unet_trainer.config.tree import augmentation_schema, defaults
 from unet_trainer.core.schema import Field, Probability
 from unet_trainer.training.augment import AUGMENTATIONS, AugmentationParameters, BatchAugmenter, recipe
 from unet_trainer.training.batch_transform import BatchTransform, PerSampleTransform, Range, SampleDraw, SettingError

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config.tree import SEED
+from ..config.config import SEED
 from ..core.runfolder import RunFolderError
 from ..data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES, FORMATS, DataFormatError
 from ..data.phantom import DEFAULT_STYLE, PHANTOM_STYLES

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config.config import ConfigError
+from ..config.engine import ConfigError
 from ..core.fileio import os_error_line
 
 USAGE_ERROR = 2  # a bad command line or config: nothing was run

@@ -132,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         fmt = format_flag(flags)
     if flags["--choose-postprocessing"] or flags["--postprocessing-metric"]:
         return _choose_postprocessing(Path(checkpoint), flags, overrides)
-    from ..commands.predict import evaluate_checkpoint  # imported here so --help and usage errors stay fast
+    # Imported here so --help and usage errors stay fast.
+    from ..commands.evaluate import evaluate_model
+    from ..commands.loading import load_model
 
     dataset, out = flags["--dataset"], flags["--out"]
     with guard(ERRORS, Path(out or checkpoint)):
-        report = evaluate_checkpoint(
-            Path(checkpoint),
-            overrides,
+        report = evaluate_model(
+            load_model(Path(checkpoint), overrides),
             Path(dataset) if dataset else None,
             fmt,
             Path(out) if out else None,
@@ -152,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
 def _choose_postprocessing(checkpoint: Path, flags: dict, overrides: list[str]) -> int:
     """``unet-eval CHECKPOINT --choose-postprocessing [--postprocessing-metric M]``: the evaluation
     table, then the postprocessing table; returns the exit status."""
-    from ..commands.predict import choose_for_checkpoint
-    from ..evaluation.postprocessing import format_choice
+    from ..commands.evaluate import choose_postprocessing_for
+    from ..commands.loading import load_model
+    from ..evaluation.postprocessing import check_metric, format_choice
 
     out = flags["--out"]
+    metric = flags["--postprocessing-metric"] or DEFAULT_METRIC
     with guard(CHOOSE_ERRORS, Path(out or checkpoint)):
         if not flags["--choose-postprocessing"]:
             raise ConfigError("command line: --postprocessing-metric goes with --choose-postprocessing")
@@ -163,10 +166,10 @@ def _choose_postprocessing(checkpoint: Path, flags: dict, overrides: list[str]) 
             raise ConfigError(
                 "command line: --choose-postprocessing chooses on the checkpoint's own validation fold; drop --dataset"
             )
-        report, choice, written = choose_for_checkpoint(
-            checkpoint,
-            overrides,
-            flags["--postprocessing-metric"] or DEFAULT_METRIC,
+        check_metric(metric)  # before the checkpoint is loaded
+        report, choice, written = choose_postprocessing_for(
+            load_model(checkpoint, overrides),
+            metric,
             Path(out) if out else None,
             progress=not flags["--no-progress"],
             overlays=not flags["--no-overlays"],

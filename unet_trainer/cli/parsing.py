@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from ..config.config import ConfigError
+from ..config.engine import ConfigError
 from ..data.layouts import FORMAT_CHOICES
 from .errors import USAGE_ERROR, CommandExit
 

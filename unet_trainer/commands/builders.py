@@ -23,7 +23,6 @@ from ..config import components
 from ..config.components import build_model as build_model  # the model of a config, for the commands
 from ..config.components import describe_model
 from ..config.engine import ConfigError
-from ..config.tree import SCHEDULERS
 from ..core.checkpoints import CheckpointManager
 from ..core.distributed import DistInfo, barrier
 from ..core.guard import check_outputs
@@ -64,6 +63,14 @@ def build_device(name: str, local_rank: int = 0) -> torch.device:
             raise ConfigError("'device' = cuda but no CUDA GPU is available; use device=cpu or device=auto")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def speed_up_inference(device: torch.device) -> None:
+    """Let cuDNN pick its fastest convolution algorithms on CUDA (nothing elsewhere)."""
+    # Every window has the same shape, so cuDNN's per-shape algorithm search pays for itself after
+    # the first batch; a process-wide setting, hence only for the commands that predict or score.
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def seed_everything(seed: int) -> None:
@@ -212,7 +219,7 @@ def build_scheduler(cfg: dict, optimizer, batches_per_epoch: int, total_batches:
     parts = []
     for entry in cfg["schedulers"]:
         ((name, settings),) = entry.items()
-        fields = SCHEDULERS[name]
+        fields = components.settings_of(components.SCHEDULERS[name])
         converted = {key: in_batches(value, fields[key]) for key, value in settings.items()}
         parts.append(components.build(components.SCHEDULERS[name], converted))
     return BatchScheduler(optimizer, ComposedSchedule(parts, total_batches))

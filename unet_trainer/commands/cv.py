@@ -20,7 +20,7 @@ Finished folds are skipped; the first unfinished one is trained (resumed), then 
 Each fold is scored with its chosen checkpoint (:func:`folders.chosen_checkpoint`): ``best-rank0.pt`` (the
 best validation mean Dice, the evaluator's metric) when the fold's run saved one, else its newest
 checkpoint (a ``best-rank0.pt`` that is another run's or does not load is named in a warning);
-with the same evaluator as ``unet-eval`` (:func:`predict.evaluate_checkpoint`) on that fold's
+with the same evaluator as ``unet-eval`` (:func:`loading.load_model` and :func:`evaluate.evaluate_model`) on that fold's
 validation cases.
 """
 
@@ -56,8 +56,9 @@ from .builders import (
     check_run_outputs,
     fold_config,
 )
+from .evaluate import evaluate_model
 from .folders import CV_CONFIG, FoldState, chosen_checkpoint, fold_folder, fold_state
-from .predict import evaluate_checkpoint
+from .loading import load_model
 from .resume import RESUME_FREE_KEYS
 from .train import run_training
 
@@ -328,7 +329,7 @@ def score_folds(
     beyond :data:`postprocessing.DEFAULT_MEMORY_BYTES` in a temporary folder of the CV folder.
 
     Raises:
-        CheckpointError, ConfigError, DataFormatError: as :func:`predict.evaluate_checkpoint`.
+        CheckpointError, ConfigError, DataFormatError: as :func:`loading.load_model` and :func:`evaluate.evaluate_model`.
         PostprocessingError: an unknown metric (before anything is scored).
         OSError: the summary cannot be written.
     """
@@ -343,8 +344,11 @@ def score_folds(
             checkpoint, why = chosen_checkpoint(state, choice)
             batch = state.batch if why == "latest" else checkpoint_identity(checkpoint)[1]
             print(f"Fold {state.fold}: scoring {checkpoint} ({why}, batch {batch})", file=log)
-            report = evaluate_checkpoint(
-                checkpoint, overrides, progress=progress, overlays=False, case_sink=store.put if store else None
+            report = evaluate_model(
+                load_model(checkpoint, overrides),
+                progress=progress,
+                overlays=False,
+                case_sink=store.put if store else None,
             )
             scores.append(FoldScore(state.fold, checkpoint, why, batch, report.per_case))
         rows, keys = summary_rows(scores)

@@ -10,8 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config.components import upgrade_config
 from ..config.engine import config_differences
-from ..config.tree import upgrade_config
 from ..core.checkpoint import (
     LEGACY_RUN_ID,
     CheckpointError,

@@ -3,7 +3,7 @@
 A config section names one component (``model: {unet: {...}}``, ``optimizer: {radam: {...}}``,
 ``loss: {dice_ce: {}}``), a list of them (``schedulers``) or a set (``callbacks``, which switches
 on callbacks and logger destinations, ``algorithms``). A component's settings are its own typed
-keyword arguments: :mod:`unet_trainer.config.tree` derives the schema from them
+keyword arguments: :mod:`unet_trainer.config.config` derives the schema from them
 (:func:`unet_trainer.core.schema.fields_of`: types, choices, bounds and defaults), and
 :mod:`unet_trainer.commands.builders` builds every entry the same way, :func:`build`: the checked
 settings, plus the arguments the builder supplies (:data:`BUILDER_SUPPLIED`) that its signature
@@ -13,12 +13,15 @@ algorithm is its own code plus one line here.
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
 
+from ..core.schema import Field, fields_of
 from ..models.base import SegmentationModel
 from ..models.resenc import ResidualEncoderUNet
 from ..models.unet import UNet
@@ -28,6 +31,7 @@ from ..training.algorithms import EMA, ChannelsLast, Compile, CudnnBenchmark
 from ..training.losses import DiceCELoss, OutputMode, RegionDiceBCELoss
 from ..training.schedules import Constant, Cosine, LinearWarmup, Poly
 from ..training.trainer import Algorithm, Callback
+from .engine import note_bare
 
 T = TypeVar("T")
 
@@ -35,6 +39,9 @@ MODELS: dict[str, Callable[..., SegmentationModel]] = {
     "unet": UNet,
     "resenc_unet": ResidualEncoderUNet,
 }
+# The default model, and the one a ``model`` section without a model name (the shape before there was a
+# choice) stands for.
+BARE_MODEL = "unet"
 
 # Each takes the parameters (``params``) first, then its settings.
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -135,3 +142,22 @@ def output_mode(loss_section: Mapping[str, Any]) -> OutputMode:
     """What the model's outputs mean, as the loss a ``loss`` section names declares it."""
     ((name, _),) = loss_section.items()
     return LOSSES[name].output_mode
+
+
+@functools.cache
+def settings_of(component: Any) -> dict[str, Field]:
+    """A component's settings, derived from its own signature, less the arguments the builder
+    supplies (:data:`BUILDER_SUPPLIED`: the parameters, the run folder...)."""
+    return fields_of(component, exclude=BUILDER_SUPPLIED)
+
+
+def upgrade_config(cfg: Mapping[str, Any], source: str) -> dict:
+    """A resolved config an earlier version saved (a checkpoint's), in today's shape, for comparing
+    with a new one: a ``model`` section without a model name becomes ``{unet: ...}`` (with the
+    one-line note naming ``source``). Values are not checked."""
+    upgraded = copy.deepcopy(dict(cfg))
+    section = upgraded.get("model")
+    if isinstance(section, dict) and section and not any(key in MODELS for key in section):
+        note_bare(source, "model", BARE_MODEL, next(iter(section)))
+        upgraded["model"] = {BARE_MODEL: section}
+    return upgraded

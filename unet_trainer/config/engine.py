@@ -1,6 +1,6 @@
 """The config engine: check a layer against a schema, merge layers, fill defaults, read dotted
 command-line overrides. It knows no section of the project's config: the schema is handed in (the
-project's is :data:`unet_trainer.config.tree.SCHEMA`), built from :mod:`unet_trainer.core.schema`'s
+project's is :data:`unet_trainer.config.config.SCHEMA`), built from :mod:`unet_trainer.core.schema`'s
 leaves (:class:`Field`, whose :meth:`Field.check` checks every value) and component choices
 (:class:`OneOf`, :class:`ListOf`, :class:`SetOf`).
 
@@ -244,7 +244,7 @@ def check_layer(layer: Any, source: str, schema: Mapping[str, Any]) -> dict:
     Args:
         layer: the parsed YAML mapping (partial: missing keys are fine).
         source: where it came from, used in messages ("configs/demo.yaml", "command line").
-        schema: the whole schema (the project's: :data:`unet_trainer.config.tree.SCHEMA`).
+        schema: the whole schema (the project's: :data:`unet_trainer.config.config.SCHEMA`).
 
     Returns:
         A copy with values converted to their kinds (numbers written as "1e-3" become floats).
