@@ -157,7 +157,7 @@ def test_tensorboard_drops_the_events_an_interrupted_run_wrote_after_the_checkpo
 def test_every_registered_destination_is_a_callback_setting_and_builds(tmp_path):
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
-    from unet_trainer.training.reporting import MLflowLogger
+    from unet_trainer.training.loggers import MLflowLogger
 
     cfg = resolve_config(ROOT / "configs" / "demo.yaml", [f"callbacks.{name}={{}}" for name in LOGGER_DESTINATIONS])
     destinations = build_logger_destinations(cfg, tmp_path)

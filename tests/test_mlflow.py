@@ -10,7 +10,7 @@ from conftest import hide_package
 from unet_trainer.commands.train import run_training
 from unet_trainer.config.engine import ConfigError
 from unet_trainer.core.checkpoint import load_checkpoint
-from unet_trainer.training.reporting import flatten_config
+from unet_trainer.training.loggers import flatten_config
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402

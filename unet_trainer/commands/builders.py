@@ -264,7 +264,7 @@ def build_logger_destinations(cfg: dict, run_dir: Path) -> list[LoggerDestinatio
         ConfigError: a destination whose optional package is missing (names the install command).
     """
     destinations: list[LoggerDestination] = [FileLogger(run_dir)]
-    supplied = {"run_dir": run_dir, "config": cfg}
+    supplied = {"run_dir": run_dir, "config": cfg, "best_checkpoint": CheckpointManager.of_run(run_dir).best_path}
     for name, settings in cfg["callbacks"].items():
         if name not in components.LOGGER_DESTINATIONS:
             continue
@@ -310,7 +310,7 @@ def build_callbacks(
         cb.ProgressBar(enabled=is_main and progress),
         Logger(destinations if is_main else [], overlays),
         cb.CheckpointSaver(
-            CheckpointManager.of_run(run_dir).folder,
+            CheckpointManager.of_run(run_dir),
             Duration.parse(cfg["save_interval"]),
             cfg["save_num_checkpoints_to_keep"],
             is_writer=is_main,

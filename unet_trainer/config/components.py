@@ -86,13 +86,14 @@ LOGGER_DESTINATIONS: dict[str, Callable[..., loggers.LoggerDestination]] = {
     # TensorBoard event files in <save_folder>/tensorboard (needs the tensorboard package).
     "tensorboard": loggers.TensorBoardLogger,
     # An MLflow run (needs mlflow: pip install 'unet-trainer[mlflow]'); run_name null = the config's.
-    "mlflow": reporting.MLflowLogger,
+    "mlflow": loggers.MLflowLogger,
 }
 
 # Arguments the builder supplies by name to a component whose signature names them: not settings.
 # params: the model's parameters (optimizers); run_dir: the run folder; evaluator: the run's
-# evaluator; is_writer: whether this rank writes files (rank 0); config: the resolved config.
-BUILDER_SUPPLIED = ("params", "run_dir", "evaluator", "is_writer", "config")
+# evaluator; is_writer: whether this rank writes files (rank 0); config: the resolved config;
+# best_checkpoint: the best checkpoint's path (the run folder's checkpoint manager names it).
+BUILDER_SUPPLIED = ("params", "run_dir", "evaluator", "is_writer", "config", "best_checkpoint")
 
 ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
     "channels_last": ChannelsLast,

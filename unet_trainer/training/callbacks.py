@@ -4,7 +4,7 @@ Always on: the progress bar, the checkpoint saver and the signal handler (and th
 :mod:`unet_trainer.training.loggers`). Switched on by name under ``callbacks:`` in YAML (``null``
 switches one off): lr_monitor, speed_monitor, memory_monitor and progress_plot (on by default),
 early_stopper. The overlays live in :mod:`unet_trainer.training.reporting`; tensorboard and mlflow are
-logger destinations (:mod:`unet_trainer.training.loggers`, :mod:`unet_trainer.training.reporting`).
+logger destinations (:mod:`unet_trainer.training.loggers`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import signal
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
 
 from ..core.checkpoint import capture_rng_state
-from ..core.checkpoints import CheckpointManager
 from ..core.distributed import all_gather_objects, all_ranks_agree, barrier
 from ..core.fileio import atomic_write
 from ..core.schema import Duration, NonNegative, PositiveInt
@@ -91,6 +91,40 @@ class ProgressBar(Callback):
             self.bar = None
 
 
+class CheckpointStore(Protocol):
+    """What the checkpoint saver needs of a run folder's checkpoints: their names and their writing.
+    :class:`unet_trainer.core.checkpoints.CheckpointManager` is the one the builder gives it; a
+    protocol rather than that class, so that the callbacks import nothing of the checkpoint folder's
+    rules (structural typing: the manager does not name this protocol)."""
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder holding the checkpoints' folder."""
+        ...
+
+    @property
+    def best_path(self) -> Path:
+        """Where the best checkpoint goes."""
+        ...
+
+    def path_for(self, epoch: int, batch: int) -> Path:
+        """Where the periodic checkpoint after ``epoch`` finished epochs and ``batch`` batches goes."""
+        ...
+
+    def save(self, payload: Any, path: Path, run_id: str, batch: int) -> None:
+        """Save ``payload`` (run ``run_id``'s, at ``batch``) as ``path``, atomically, never over
+        another run's file."""
+        ...
+
+    def save_periodic(self, payload: Any, epoch: int, run_id: str, batch: int) -> Path:
+        """Save the periodic checkpoint at :meth:`path_for` and point the ``latest`` link at it."""
+        ...
+
+    def rotate(self, run_id: str, keep: int) -> None:
+        """Remove all but the newest ``keep`` (at least 1) periodic checkpoints of run ``run_id``."""
+        ...
+
+
 class CheckpointSaver(Callback):
     """Writes ``ep{E}-ba{B}-rank0.pt`` every ``save_interval``, at the end, and on a stop signal.
 
@@ -103,10 +137,17 @@ class CheckpointSaver(Callback):
     rather than overwritten. Writes are atomic. The names and these rules are the checkpoint
     manager's (:class:`unet_trainer.core.checkpoints.CheckpointManager`); ``E`` in the names is
     :attr:`State.finished_epochs`.
+
+    Args:
+        checkpoints: the run folder's checkpoints (the builder's ``CheckpointManager``): every name
+            and every write goes through it.
+        interval: how often to save (``ep``, ``ba`` or ``sp``).
+        keep: how many periodic checkpoints of this run to keep (-1: all).
+        is_writer: whether this rank writes (rank 0).
     """
 
-    def __init__(self, folder: Path, interval: Duration, keep: int = 3, is_writer: bool = True):
-        self.folder = Path(folder)
+    def __init__(self, checkpoints: CheckpointStore, interval: Duration, keep: int = 3, is_writer: bool = True):
+        self.checkpoints = checkpoints
         self.interval = interval
         self.keep = keep
         # Every rank runs this callback (the payload gathers each rank's random streams, a collective
@@ -114,7 +155,6 @@ class CheckpointSaver(Callback):
         self.is_writer = is_writer
         self.last_saved_batch = None
         self.saved: list[Path] = []
-        self.checkpoints = CheckpointManager(self.folder)
 
     def _payload(self, state: State) -> dict:
         payload = state.state_dict()
