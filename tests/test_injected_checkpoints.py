@@ -14,8 +14,7 @@ from test_architecture import PACKAGE, import_graph
 
 from unet_trainer.commands.builders import build_callbacks, build_logger_destinations
 from unet_trainer.config import components
-from unet_trainer.config.config import resolve_config
-from unet_trainer.config.tree import CALLBACKS
+from unet_trainer.config.config import CALLBACKS, resolve_config
 from unet_trainer.core.checkpoints import CheckpointManager
 from unet_trainer.core.schema import Duration
 from unet_trainer.training import callbacks as cb
