@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchutil import cpu_model_name
 
-from unet_trainer.data.layouts import CaseFiles, list_cases, write_case  # noqa: E402
+from unet_trainer.data.layouts import CaseFiles, list_cases, open_dataset, write_case  # noqa: E402
 from unet_trainer.data.loader import PatchDataset, build_train_loader  # noqa: E402
 from unet_trainer.data.phantom import make_phantom_case  # noqa: E402
 from unet_trainer.data.prepare import prepare_dataset  # noqa: E402
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(prepared)
     with PeakTreeMemory() as memory:
         start = time.perf_counter()
-        record = prepare_dataset(raw, prepared, workers=args.prepare_workers, progress=False)
+        record = prepare_dataset(open_dataset(raw), prepared, workers=args.prepare_workers, progress=False)
         prepare_s = time.perf_counter() - start
     case_ids = record["cases"]
     prepared_bytes = sum(p.stat().st_size for p in prepared.glob("*_x.npy"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unet_trainer.cli.data import main as data_main
-from unet_trainer.data.layouts import DataFormatError, detect_format, list_cases, read_case, write_case
+from unet_trainer.data.layouts import DataFormatError, detect_format, list_cases, open_dataset, read_case, write_case
 from unet_trainer.data.loader import (
     ContinuousBatchSampler,
     EpochSampler,
@@ -142,7 +142,7 @@ def test_bounding_box_and_zscore():
 def test_prepare_outputs_metadata_and_is_resumable(phantom, tmp_path):
     out = tmp_path / "prep"
     raw_before = {p: p.stat().st_mtime_ns for p in phantom.rglob("*.nii.gz")}
-    record = prepare_dataset(phantom, out, workers=1, progress=False)
+    record = prepare_dataset(open_dataset(phantom), out, workers=1, progress=False)
     assert record["cases"] == [f"BraTS2021_{i:05d}" for i in range(4)] and record["format"] == "brats2021"
     assert {p: p.stat().st_mtime_ns for p in phantom.rglob("*.nii.gz")} == raw_before  # raw data untouched
     case = PreparedCase(out, "BraTS2021_00001")
@@ -158,23 +158,25 @@ def test_prepare_outputs_metadata_and_is_resumable(phantom, tmp_path):
     fg = case.foreground
     assert fg.shape[1] == 4 and set(np.unique(fg[:, 0])) == {1, 2, 3}
     assert (case.label[fg[:, 1], fg[:, 2], fg[:, 3]] == fg[:, 0]).all()
-    assert prepared_is_current(out, phantom, PrepareSettings())
+    assert prepared_is_current(out, phantom, PrepareSettings(), list_cases=list_cases)
     # A second run skips every case (no file rewritten); a changed setting redoes them.
     stamp = (out / "BraTS2021_00001_x.npy").stat().st_mtime_ns
-    prepare_dataset(phantom, out, workers=1, progress=False)
+    prepare_dataset(open_dataset(phantom), out, workers=1, progress=False)
     assert (out / "BraTS2021_00001_x.npy").stat().st_mtime_ns == stamp
-    assert not prepared_is_current(out, phantom, PrepareSettings(target_spacing=(2.0, 2.0, 2.0)))
-    prepare_dataset(phantom, out, settings=PrepareSettings(target_spacing=(2.0, 2.0, 2.0)), progress=False)
+    assert not prepared_is_current(out, phantom, PrepareSettings(target_spacing=(2.0, 2.0, 2.0)), list_cases=list_cases)
+    prepare_dataset(
+        open_dataset(phantom), out, settings=PrepareSettings(target_spacing=(2.0, 2.0, 2.0)), progress=False
+    )
     assert PreparedCase(out, "BraTS2021_00001").image.shape[1] == pytest.approx((z1 - z0) / 2, abs=1)
 
 
 def test_prepare_resumes_after_an_interrupted_case(phantom, tmp_path):
     out = tmp_path / "prep"
-    prepare_dataset(phantom, out, progress=False)
+    prepare_dataset(open_dataset(phantom), out, progress=False)
     (out / "BraTS2021_00002_meta.json").unlink()  # as if killed before the marker
     (out / ".BraTS2021_00002_x.npy.123.tmp").write_bytes(b"partial")
     stamp = (out / "BraTS2021_00000_x.npy").stat().st_mtime_ns
-    prepare_dataset(phantom, out, progress=False)
+    prepare_dataset(open_dataset(phantom), out, progress=False)
     assert (out / "BraTS2021_00002_meta.json").is_file()
     assert (out / "BraTS2021_00000_x.npy").stat().st_mtime_ns == stamp
 
@@ -186,15 +188,15 @@ def test_prepare_bad_case_stops_or_is_skipped(phantom, tmp_path):
         write_case(raw, "brats2021", case.case_id, r.image, r.label, r.affine)
     (raw / "BraTS2021_00001" / "BraTS2021_00001_t1ce.nii.gz").unlink()
     with pytest.raises(DataFormatError, match="BraTS2021_00001"):
-        prepare_dataset(raw, tmp_path / "p1", progress=False)
+        prepare_dataset(open_dataset(raw), tmp_path / "p1", progress=False)
     # Validation of the layout happens before any case is read; make the case readable but corrupt.
     r = read_case(list_cases(phantom)[1])
     write_case(raw, "brats2021", "BraTS2021_00001", r.image, r.label, r.affine)
     path = raw / "BraTS2021_00001" / "BraTS2021_00001_t2.nii.gz"
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     with pytest.raises(DataFormatError, match="BraTS2021_00001.*t2"):
-        prepare_dataset(raw, tmp_path / "p2", progress=False)
-    record = prepare_dataset(raw, tmp_path / "p3", skip_bad=True, progress=False)
+        prepare_dataset(open_dataset(raw), tmp_path / "p2", progress=False)
+    record = prepare_dataset(open_dataset(raw, skip_bad=True), tmp_path / "p3", progress=False)
     assert record["cases"] == ["BraTS2021_00000", "BraTS2021_00002"] and list(record["skipped"]) == ["BraTS2021_00001"]
     assert data_main(["prepare", str(raw), "--out", str(tmp_path / "p4")]) == 1
 
@@ -282,7 +284,7 @@ def test_sampler_epochs_positions_and_start(phantom, tmp_path):
 
 def test_patch_dataset_items(phantom, tmp_path):
     out = tmp_path / "prep"
-    record = prepare_dataset(phantom, out, progress=False)
+    record = prepare_dataset(open_dataset(phantom), out, progress=False)
     ds = PatchDataset(out, record["cases"], (16, 16, 16), oversampling=1.0)
     image, label = ds[(0, 123)]
     assert image.shape == (4, 16, 16, 16) and image.dtype == torch.float32
@@ -301,13 +303,13 @@ def test_new_raw_cases_make_the_preparation_stale(phantom, tmp_path):
         r = read_case(case)
         write_case(raw, "brats2021", case.case_id, r.image, r.label, r.affine)
     out = tmp_path / "prep"
-    prepare_dataset(raw, out, progress=False)
-    assert prepared_is_current(out, raw, PrepareSettings())
+    prepare_dataset(open_dataset(raw), out, progress=False)
+    assert prepared_is_current(out, raw, PrepareSettings(), list_cases=list_cases)
     r = read_case(list_cases(phantom)[3])
     write_case(raw, "brats2021", "BraTS2021_00003", r.image, r.label, r.affine)
-    assert not prepared_is_current(out, raw, PrepareSettings())
-    assert prepare_dataset(raw, out, progress=False)["cases"][-1] == "BraTS2021_00003"
-    assert prepared_is_current(out, raw, PrepareSettings())
+    assert not prepared_is_current(out, raw, PrepareSettings(), list_cases=list_cases)
+    assert prepare_dataset(open_dataset(raw), out, progress=False)["cases"][-1] == "BraTS2021_00003"
+    assert prepared_is_current(out, raw, PrepareSettings(), list_cases=list_cases)
 
 
 def test_crop_keeps_labels_outside_the_nonzero_image():

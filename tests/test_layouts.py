@@ -21,7 +21,7 @@ from conftest import ROOT, tiny_overrides
 
 from unet_trainer.cli.data import main as data_main
 from unet_trainer.cli.train import main as train_main
-from unet_trainer.data.layouts import FORMATS, LABEL_CONVENTIONS, write_case
+from unet_trainer.data.layouts import FORMATS, LABEL_CONVENTIONS, list_cases, write_case
 from unet_trainer.data.phantom import make_phantom_case
 from unet_trainer.data.prepare import PrepareSettings, prepared_is_current, zscore_nonzero
 
@@ -192,10 +192,10 @@ def test_forced_format_is_checked_against_an_existing_preparation(datasets, tmp_
     out = tmp_path / "prepared"
     assert data_main(["prepare", str(datasets["brats2021"]), "--out", str(out), "--workers", "1"]) == 0
     settings = PrepareSettings()
-    assert prepared_is_current(out, datasets["brats2021"], settings)
-    assert prepared_is_current(out, datasets["brats2021"], settings, fmt="brats2021")
+    assert prepared_is_current(out, datasets["brats2021"], settings, list_cases=list_cases)
+    assert prepared_is_current(out, datasets["brats2021"], settings, fmt="brats2021", list_cases=list_cases)
     # A preparation made under another layout is not what a forced format asks for.
-    assert not prepared_is_current(out, datasets["brats2021"], settings, fmt="msd")
+    assert not prepared_is_current(out, datasets["brats2021"], settings, fmt="msd", list_cases=list_cases)
 
 
 # ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from unet_trainer.config.engine import ConfigError
 from unet_trainer.core.checkpoint import CheckpointError, load_checkpoint
 from unet_trainer.core.checkpoints import list_checkpoints
 from unet_trainer.core.runfolder import FolderLock, RunFolderError
+from unet_trainer.data.layouts import open_dataset
 from unet_trainer.data.phantom import write_phantom_dataset
 from unet_trainer.data.prepare import prepare_dataset
 from unet_trainer.training.trainer import Callback
@@ -510,11 +511,11 @@ def test_orphan_temporaries_are_removed_by_the_next_run_and_preparation(tiny_con
     write_phantom_dataset(raw, cases=2, shape=(24, 24, 24), seed=0, progress=False)
     assert not staging.exists() and neighbour.is_dir()
     out = tmp_path / "prepared"
-    prepare_dataset(raw, out, progress=False)
+    prepare_dataset(open_dataset(raw), out, progress=False)
     leftover = out / f".BraTS2021_00000_x.npy.{uuid.uuid4().hex}.tmp.npy"
     leftover.write_bytes(b"x" * 1000)
     (out / "prepare.json").unlink()  # the interrupted preparation never finished
-    prepare_dataset(raw, out, progress=False)
+    prepare_dataset(open_dataset(raw), out, progress=False)
     assert temporaries(out) == []
 
 
@@ -577,7 +578,7 @@ def test_all_zero_modality_or_case_is_warned_with_case_and_channel(tmp_path, cap
     zero("BraTS2021_00001", "t1ce")
     for modality in ("flair", "t1", "t1ce", "t2"):
         zero("BraTS2021_00002", modality)
-    prepare_dataset(raw, tmp_path / "prepared", progress=False)
+    prepare_dataset(open_dataset(raw), tmp_path / "prepared", progress=False)
     warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
     assert len(warnings) == 2, warnings
     assert "BraTS2021_00001" in warnings[0] and "t1ce" in warnings[0] and "all zeros" in warnings[0]

@@ -90,12 +90,14 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from ..data.layouts import open_dataset
     from ..data.prepare import PrepareSettings, prepare_dataset
 
     if args.target_spacing is not None and min(args.target_spacing) <= 0:
         return fail("--target-spacing takes three positive spacings in mm", USAGE_ERROR)
     settings = PrepareSettings(tuple(args.target_spacing) if args.target_spacing else None, args.dle_labels)
-    record = prepare_dataset(args.source, args.out, args.format, settings, workers=args.workers, skip_bad=args.skip_bad)
+    dataset = open_dataset(args.source, args.format, skip_bad=args.skip_bad)
+    record = prepare_dataset(dataset, args.out, settings, workers=args.workers)
     print(f"Prepared {len(record['cases'])} {record['format']} cases into {args.out}")
     for case_id, error in record["skipped"].items():
         print(f"skipped {case_id}: {error}", file=sys.stderr)

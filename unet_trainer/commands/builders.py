@@ -27,7 +27,7 @@ from ..core.checkpoints import CheckpointManager
 from ..core.distributed import DistInfo, barrier
 from ..core.guard import check_outputs
 from ..core.schema import Duration, Field
-from ..data.layouts import DataFormatError
+from ..data.layouts import DataFormatError, list_cases, open_dataset
 from ..data.phantom import write_phantom_dataset
 from ..data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current
 from ..data.split import kfold_split, load_split_file
@@ -170,11 +170,11 @@ def ensure_prepared(cfg: dict, dist_info: DistInfo, progress: bool = True) -> tu
         source = raw_data_dir(cfg, progress=False)
     out = prepared_data_dir(cfg, source)
     settings = build_prepare_settings(cfg)
-    if dist_info.is_main and not prepared_is_current(out, source, settings, cfg["data"]["format"]):
+    fmt = cfg["data"]["format"]
+    if dist_info.is_main and not prepared_is_current(out, source, settings, fmt, list_cases=list_cases):
         print(f"Preparing {source} -> {out}", file=sys.stderr)
-        prepare_dataset(
-            source, out, cfg["data"]["format"], settings, workers=cfg["data"]["prepare_workers"], progress=progress
-        )
+        dataset = open_dataset(source, fmt)
+        prepare_dataset(dataset, out, settings, workers=cfg["data"]["prepare_workers"], progress=progress)
     barrier()
     return out, load_prepared_index(out)
 

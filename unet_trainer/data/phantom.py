@@ -38,7 +38,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from ..core.runfolder import FolderLock
-from .layouts import write_case
+from .layouts.brats import BRATS2021
+from .layouts.files import write_layout_case
 
 # Mean intensity of each tissue in (flair, t1, t1ce, t2), loosely after real 3T contrasts:
 # CSF is dark in FLAIR and T1, bright in T2; oedema is bright in FLAIR and T2; the enhancing rim
@@ -318,7 +319,7 @@ def _write_one_case(folder: Path, shape: tuple[int, int, int], seed: int, index:
     """Draw case ``index`` and write it into ``folder``; returns its id. Runs in a worker process."""
     image, label = make_phantom_case(shape, np.random.default_rng([seed, index]), style)
     case_id = f"BraTS2021_{index:05d}"
-    write_case(folder, "brats2021", case_id, image, label, np.eye(4))
+    write_layout_case(folder, BRATS2021, case_id, image, label, np.eye(4))
     return case_id
 
 

@@ -11,7 +11,8 @@ when the case's spacing differs, z-score each channel over its nonzero voxels, a
 The ``_meta.json`` file is the case's completion marker and every file is written under a temporary
 name and renamed, so an interrupted run never leaves a half-written case that could be read.
 The settings are recorded in ``prepare.json``; cases prepared with other settings are redone.
-Raw data is only ever read. One preparation at a time writes a folder (``prepare.lock``; a second
+The raw dataset comes opened (a :class:`RawDataset`, from ``data.layouts.open_dataset``), so
+nothing here knows the layouts. Raw data is only ever read. One preparation at a time writes a folder (``prepare.lock``; a second
 waits), and it first removes the temporaries an interrupted (killed) preparation left. Its worker
 processes end with it, SIGKILL included (:func:`die_with_parent`). A case that fails while being
 written (a full disk) leaves none of its files; one that the target spacing would make larger than
@@ -29,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,18 +43,16 @@ from tqdm import tqdm
 from ..core.fileio import atomic_save_npy, atomic_write_text, remove_orphan_temporaries
 from ..core.guard import check_outputs
 from ..core.runfolder import PREPARE_LOCK_NAME, FolderLock
-from .layouts import (
+from .layouts.canonical import (
     CANONICAL_CHANNELS,
-    DLE_LABEL_CONVENTIONS,
-    LAYOUT_DESCRIPTIONS,
     MAX_IMAGE_VALUES,
     CaseFiles,
     DataFormatError,
+    Layout,
     RawCase,
-    detect_format,
-    list_cases,
-    read_case,
+    RawDataset,
 )
+from .layouts.dle import DLE_LABEL_CONVENTIONS
 
 PREPARE_VERSION = 1
 # Foreground voxels kept per label for oversampling: enough to cover a tumour, small on disk.
@@ -285,12 +284,13 @@ def zero_channel_warning(case: CaseFiles, image: np.ndarray) -> str | None:
     return f"case {case.case_id}: {which} {'is' if len(zero) == 1 else 'are'} all zeros ({source}); check the file"
 
 
-def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings]) -> tuple[str, str | None, str | None]:
-    """Worker: prepare and write one case; returns (case_id, error message or None, warning or None)."""
-    case, out_dir, settings = args
+def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings, Layout]) -> tuple[str, str | None, str | None]:
+    """Worker: prepare and write one case read in ``layout``; returns (case_id, error message or None,
+    warning or None)."""
+    case, out_dir, settings, layout = args
     out = Path(out_dir)
     try:
-        raw = read_case(case, settings.dle_labels)
+        raw = layout.read_case(case, settings.dle_labels)
     except DataFormatError as exc:
         return case.case_id, str(exc), None
     warning = zero_channel_warning(case, raw.image)
@@ -321,59 +321,36 @@ def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings]) -> tuple[str, str
     return case.case_id, None, warning
 
 
-def _no_cases_message(source: Path, fmt: str) -> str:
-    """Why ``source`` gave no case: for a forced layout, also what the folder looks like instead."""
-    if fmt == "auto" or fmt not in LAYOUT_DESCRIPTIONS:
-        return f"{source}: no cases found"
-    try:
-        detected = detect_format(source)
-    except DataFormatError:
-        detected = None
-    hint = f"; the folder looks like {detected} (format auto detects it)" if detected and detected != fmt else ""
-    return f"{source}: no {fmt} cases found; expected {LAYOUT_DESCRIPTIONS[fmt]}{hint}"
-
-
 def prepare_dataset(
-    source: Path,
+    dataset: RawDataset,
     out: Path,
-    fmt: str = "auto",
     settings: PrepareSettings = PrepareSettings(),
     workers: int = 1,
-    skip_bad: bool = False,
     progress: bool = True,
-    require_labels: bool = True,
 ) -> dict:
     """Prepare every case of a raw dataset into ``out`` (resumable, atomic per case).
 
     Args:
-        source: the raw dataset folder (any supported layout); never modified.
+        dataset: the raw dataset (``data.layouts.open_dataset``); its folder is never modified. With
+            ``dataset.skip_bad``, a case that fails validation when read is skipped and listed, like
+            the cases its listing set aside, instead of stopping.
         out: the prepared folder (created).
-        fmt: layout name or "auto".
         settings: preparation settings; cases prepared with other settings are redone.
         workers: processes working in parallel.
-        skip_bad: skip cases that fail validation (including a missing modality or
-            segmentation file) and list them, instead of stopping.
         progress: show a progress bar on stderr when it is a terminal (never in logs or pipes,
             where it would bury the one-line error).
-        require_labels: every case must have a segmentation file.
 
     Returns:
         The ``prepare.json`` record: source, format, settings, case ids and skipped cases.
 
     Raises:
-        DataFormatError: the first bad case (one line naming case and file) unless ``skip_bad``;
-            also an unrecognised or empty source folder, a forced ``fmt`` the folder does not
-            hold, or a folder where every case is bad.
-        OutputPathError: ``out`` is, lies inside or holds ``source`` (nothing is written).
+        DataFormatError: the first bad case (one line naming case and file) unless ``dataset.skip_bad``;
+            also a folder where every case is bad.
+        OutputPathError: ``out`` is, lies inside or holds the dataset's folder (nothing is written).
+        ValueError: ``settings.dle_labels`` is not one of the layout's label choices.
     """
-    source, out = Path(source), Path(out)
-    # Cases whose files are missing or ambiguous are found while listing; with skip_bad they
-    # are set aside here like the cases that fail when read.
-    errors: dict[str, str] = {}
-    cases = list_cases(source, fmt, require_labels=require_labels, bad=errors if skip_bad else None)
-    if not cases and not errors:
-        raise DataFormatError(_no_cases_message(source, fmt))
-    check_outputs([("the prepared folder", out)], folders=[("the raw dataset", source)])
+    out = Path(out)
+    check_outputs([("the prepared folder", out)], folders=[("the raw dataset", dataset.root)])
     out.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(out, PREPARE_LOCK_NAME).acquire(
         wait=True, on_wait=lambda holder: print(f"waiting for {holder}, which is preparing {out}", file=sys.stderr)
@@ -381,25 +358,20 @@ def prepare_dataset(
     try:
         # Under the lock no other preparation writes here: every temporary is a killed one's orphan.
         remove_orphan_temporaries(out)
-        return _prepare_cases(source, out, cases, errors, settings, workers, skip_bad, progress)
+        return _prepare_cases(dataset, out, settings, workers, progress)
     finally:
         lock.release()
 
 
-def _prepare_cases(
-    source: Path,
-    out: Path,
-    cases: list[CaseFiles],
-    errors: dict[str, str],
-    settings: PrepareSettings,
-    workers: int,
-    skip_bad: bool,
-    progress: bool,
-) -> dict:
+def _prepare_cases(dataset: RawDataset, out: Path, settings: PrepareSettings, workers: int, progress: bool) -> dict:
     """:func:`prepare_dataset` once the folder is locked."""
+    source, cases = dataset.root, dataset.cases
+    # Cases whose files are missing or ambiguous were set aside while listing (with skip_bad); the
+    # cases that fail when read join them.
+    errors = dict(dataset.skipped)
     digest = settings.digest()
     todo = [c for c in cases if not _case_is_done(out, c.case_id, digest)]
-    jobs = [(c, str(out), settings) for c in todo]
+    jobs = [(c, str(out), settings, dataset.layout) for c in todo]
     # disable=None: tqdm draws only on a terminal.
     bar = tqdm(
         total=len(cases),
@@ -409,23 +381,7 @@ def _prepare_cases(
         disable=None if progress else True,
     )
     try:
-        if workers > 1 and len(jobs) > 1:
-            context = multiprocessing.get_context()
-            # Forked or spawned workers are the children of this process, so one that finds another
-            # parent when it starts knows this process already died.
-            parent = os.getpid() if context.get_start_method() in ("fork", "spawn") else None
-            with ProcessPoolExecutor(
-                max_workers=workers, mp_context=context, initializer=die_with_parent, initargs=(parent,)
-            ) as pool:
-                try:
-                    _collect(pool.map(_prepare_one, jobs), bar, skip_bad, errors)
-                except BaseException:
-                    # Stop now rather than after every queued case has been prepared (a bad case,
-                    # a full disk, Ctrl-C); the cases being written are finished.
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
-        else:
-            _collect(map(_prepare_one, jobs), bar, skip_bad, errors)
+        _run_jobs(jobs, workers, bar, dataset.skip_bad, errors)
     finally:
         bar.close()
     good = [c.case_id for c in cases if c.case_id not in errors]
@@ -434,7 +390,7 @@ def _prepare_cases(
         raise DataFormatError(f"{source}: every case failed validation; first: {next(iter(errors.values()))}")
     record = {
         "source": str(source.resolve()),
-        "format": cases[0].format,
+        "format": dataset.format,
         "settings": settings.as_dict(),
         "settings_digest": digest,
         "cases": good,
@@ -443,6 +399,28 @@ def _prepare_cases(
     atomic_write_text(out / "prepare.json", json.dumps(record, indent=1))
     _print_warning(no_tumour_warning(source, out, good))
     return record
+
+
+def _run_jobs(jobs: list[tuple], workers: int, bar, skip_bad: bool, errors: dict[str, str]) -> None:
+    """Prepare the cases of ``jobs`` (:func:`_prepare_one`'s arguments) in ``workers`` processes, or in
+    this one, collecting them as :func:`_collect` does."""
+    if workers > 1 and len(jobs) > 1:
+        context = multiprocessing.get_context()
+        # Forked or spawned workers are the children of this process, so one that finds another
+        # parent when it starts knows this process already died.
+        parent = os.getpid() if context.get_start_method() in ("fork", "spawn") else None
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=die_with_parent, initargs=(parent,)
+        ) as pool:
+            try:
+                _collect(pool.map(_prepare_one, jobs), bar, skip_bad, errors)
+            except BaseException:
+                # Stop now rather than after every queued case has been prepared (a bad case,
+                # a full disk, Ctrl-C); the cases being written are finished.
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    else:
+        _collect(map(_prepare_one, jobs), bar, skip_bad, errors)
 
 
 def _collect(results, bar, skip_bad: bool, errors: dict[str, str]) -> None:
@@ -531,11 +509,17 @@ def die_with_parent(parent: int | None) -> None:
         os._exit(1)
 
 
-def prepared_is_current(out: Path, source: Path, settings: PrepareSettings, fmt: str = "auto") -> bool:
+def prepared_is_current(
+    out: Path, source: Path, settings: PrepareSettings, fmt: str = "auto", *, list_cases: Callable[..., list[CaseFiles]]
+) -> bool:
     """True when ``out`` holds a complete preparation of ``source`` with ``settings``.
 
     A forced ``fmt`` (not "auto") must also be the layout the preparation read, so that forcing
     a layout the folder does not hold fails instead of reusing an earlier preparation.
+
+    Args:
+        list_cases: the registry's ``data.layouts.list_cases``; the raw folder is listed (no file
+            read) in the layout the preparation recorded, and only when its record matches.
     """
     record_path = Path(out) / "prepare.json"
     if not record_path.is_file():

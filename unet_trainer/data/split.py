@@ -10,7 +10,7 @@ from sklearn.model_selection import KFold
 
 from ..core.documents import DocumentError, load_json_text, read_utf8
 from ..core.fileio import os_error_line
-from .layouts import DataFormatError
+from .layouts.canonical import DataFormatError
 
 
 def kfold_split(case_ids: Sequence[str], num_folds: int, fold: int, split_seed: int) -> dict[str, list[str]]:

@@ -8,15 +8,17 @@ Preparation (cropping, normalisation, resampling, caching) lives elsewhere.
 
 Modules:
     canonical   the canonical channels and labels, the label conventions and their regions; ``CaseFiles``,
-                ``RawCase``, ``Layout``, ``DataFormatError``, ``to_canonical``/``from_canonical``
-    files       helpers the layouts share: NIfTI reading and atomic writing, grid/value checks
+                ``RawCase``, ``Layout``, ``RawDataset``, ``DataFormatError``, ``to_canonical``/``from_canonical``
+    files       helpers the layouts share: NIfTI reading and atomic writing, grid/value checks, the checks
+                before a case is written (``write_layout_case``)
     the others  one layout family each (its files, conventions and checks in its docstring),
                 exposing a :class:`Layout` registered in :data:`LAYOUTS` below
 
 A :class:`Layout` is a name, a description, a label convention and four functions: ``detect``,
 ``list_cases``, ``read``, ``write``. The functions here do what every layout shares (folder and
 argument checks, sorting, label conversion, choosing among layouts that detect the same folder)
-and dispatch through the registry; the layout names that ``data.format``, ``--format`` and their
+and dispatch through the registry; :func:`open_dataset` hands a folder to preparation as a
+:class:`RawDataset`; the layout names that ``data.format``, ``--format`` and their
 help texts accept are :data:`FORMAT_CHOICES`, derived from it. A new layout is one new module and
 one entry in :data:`LAYOUTS`.
 """
@@ -40,10 +42,11 @@ from .canonical import (
     DataFormatError,
     Layout,
     RawCase,
+    RawDataset,
     from_canonical,
     to_canonical,
 )
-from .files import check_affine, is_hidden, write_label_nifti, write_probabilities_nifti
+from .files import write_label_nifti, write_layout_case, write_probabilities_nifti
 
 __all__ = [
     "AFFINE_TOLERANCE_MM",
@@ -64,9 +67,11 @@ __all__ = [
     "DataFormatError",
     "Layout",
     "RawCase",
+    "RawDataset",
     "detect_format",
     "from_canonical",
     "list_cases",
+    "open_dataset",
     "read_case",
     "to_canonical",
     "write_case",
@@ -168,6 +173,11 @@ def list_cases(
             missing MSD imagesTr/ folder, or a dataset.json with other channels. With a
             forced ``fmt`` the folder does not look like, the message says what it looks like.
     """
+    return _listing(root, fmt, require_labels, bad)[1]
+
+
+def _listing(root: Path, fmt: str, require_labels: bool, bad: dict[str, str] | None) -> tuple[Layout, list[CaseFiles]]:
+    """:func:`list_cases`, with the layout it listed in."""
     root = _require_folder(root)
     forced = fmt != "auto"
     if not forced:
@@ -181,7 +191,44 @@ def list_cases(
         if not forced:
             raise
         raise DataFormatError(f"{error}{_looks_like_hint(root, fmt)}") from error
-    return sorted(cases, key=lambda case: case.case_id)
+    return layout, sorted(cases, key=lambda case: case.case_id)
+
+
+def _no_cases_message(root: Path, fmt: str) -> str:
+    """Why ``root`` gave no case: for a forced layout, also what the folder looks like instead."""
+    if fmt == "auto" or fmt not in LAYOUT_DESCRIPTIONS:
+        return f"{root}: no cases found"
+    try:
+        detected = detect_format(root)
+    except DataFormatError:
+        detected = None
+    hint = f"; the folder looks like {detected} (format auto detects it)" if detected and detected != fmt else ""
+    return f"{root}: no {fmt} cases found; expected {LAYOUT_DESCRIPTIONS[fmt]}{hint}"
+
+
+def open_dataset(root: Path, fmt: str = "auto", require_labels: bool = True, skip_bad: bool = False) -> RawDataset:
+    """Open a raw dataset folder for preparation: list its cases in the layout ``fmt`` (or the
+    detected one), as :func:`list_cases` does, and refuse a folder without cases. Reads no image.
+
+    Args:
+        root: dataset folder.
+        fmt: one of :data:`FORMATS`, or "auto" to call :func:`detect_format`.
+        require_labels: when True every case must have a segmentation file.
+        skip_bad: a case with a problem of its own found while listing is set aside into
+            ``skipped`` instead of raised (``--skip-bad``), and so is one that fails when read.
+
+    Returns:
+        The :class:`RawDataset`: the folder, its layout and its cases sorted by case id.
+
+    Raises:
+        DataFormatError: what :func:`list_cases` raises; a folder where no case is found (one
+            line; for a forced ``fmt``, what it expected and what the folder looks like).
+    """
+    bad: dict[str, str] = {}
+    layout, cases = _listing(root, fmt, require_labels, bad if skip_bad else None)
+    if not cases and not bad:
+        raise DataFormatError(_no_cases_message(Path(root), fmt))
+    return RawDataset(Path(root), layout, tuple(cases), skip_bad, bad)
 
 
 def read_case(case: CaseFiles, dle_labels: str = DLE_LABEL_CONVENTIONS[0]) -> RawCase:
@@ -208,19 +255,7 @@ def read_case(case: CaseFiles, dle_labels: str = DLE_LABEL_CONVENTIONS[0]) -> Ra
     layout = LAYOUTS.get(case.format)
     if layout is None:
         raise DataFormatError(f"case {case.case_id}: unknown layout {case.format!r}; expected one of {list(FORMATS)}")
-    convention = layout.label_convention
-    if layout.label_choices:
-        if dle_labels not in layout.label_choices:
-            raise ValueError(f"dle_labels must be one of {layout.label_choices}, got {dle_labels!r}")
-        convention = dle_labels
-    return layout.read(case, convention)
-
-
-def _check_case_id(case_id: str) -> None:
-    if not case_id or is_hidden(case_id) or "/" in case_id or "\\" in case_id or case_id != case_id.strip():
-        raise ValueError(
-            f"case id {case_id!r} must be a non-empty file name without slashes, surrounding spaces or a leading '.'"
-        )
+    return layout.read_case(case, dle_labels)
 
 
 def write_case(
@@ -231,7 +266,8 @@ def write_case(
     label: np.ndarray | None,
     affine: np.ndarray,
 ) -> CaseFiles:
-    """Write one case in the layout ``fmt`` under ``root``; every file atomically.
+    """Write one case in the layout ``fmt`` under ``root``; every file atomically
+    (:func:`~unet_trainer.data.layouts.files.write_layout_case` of that layout).
 
     Args:
         root: dataset folder (created if missing).
@@ -256,18 +292,4 @@ def write_case(
     layout = LAYOUTS.get(fmt)
     if layout is None:
         raise ValueError(f"unknown layout {fmt!r}; expected one of {list(FORMATS)}")
-    _check_case_id(case_id)
-    image = np.asarray(image)
-    if image.ndim != 4 or image.shape[0] != len(CANONICAL_CHANNELS):
-        raise ValueError(f"image must be ({len(CANONICAL_CHANNELS)}, Z, Y, X), got shape {image.shape}")
-    image = np.asarray(image, dtype=np.float32)
-    if not np.isfinite(image).all():
-        raise ValueError(f"case {case_id}: image has NaN/Inf values; the reader would reject them")
-    native_label = None
-    if label is not None:
-        label = np.asarray(label)
-        if label.shape != image.shape[1:]:
-            raise ValueError(f"label must have shape {image.shape[1:]} (Z, Y, X), got {label.shape}")
-        native_label = from_canonical(label, layout.label_convention)
-    affine = check_affine(affine)
-    return layout.write(Path(root), case_id, image, native_label, affine)
+    return write_layout_case(root, layout, case_id, image, label, affine)

@@ -8,13 +8,14 @@ Every mapping between a release and the canonical form is written down exactly o
 * ``spacing`` is ``(z, y, x)`` in mm, taken from the header zooms.
 
 A layout (one module of this package) says which :data:`LABEL_CONVENTIONS` entry its files use
-and describes itself with a :class:`Layout`; nothing here knows any layout's file names.
+and describes itself with a :class:`Layout`; nothing here knows any layout's file names. A folder
+opened in one layout is a :class:`RawDataset`, which preparation reads without knowing the layouts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ __all__ = [
     "DataFormatError",
     "Layout",
     "RawCase",
+    "RawDataset",
     "from_canonical",
     "to_canonical",
 ]
@@ -159,6 +161,58 @@ class Layout:
     write: Callable[[Path, str, np.ndarray, np.ndarray | None, np.ndarray], CaseFiles]
     label_choices: tuple[str, ...] = ()
     refines: tuple[str, ...] = ()
+
+    def read_convention(self, dle_labels: str) -> str:
+        """The label convention this layout's segmentation files are read in: ``label_convention``, or
+        for files that do not record their numbering, ``dle_labels``, one of ``label_choices``.
+
+        Raises:
+            ValueError: ``dle_labels`` is not one of ``label_choices`` (where the layout has choices).
+        """
+        if not self.label_choices:
+            return self.label_convention
+        if dle_labels not in self.label_choices:
+            raise ValueError(f"dle_labels must be one of {self.label_choices}, got {dle_labels!r}")
+        return dle_labels
+
+    def read_case(self, case: CaseFiles, dle_labels: str) -> RawCase:
+        """Read one case of this layout, its labels in :meth:`read_convention` of ``dle_labels``.
+
+        Raises:
+            DataFormatError: what ``read`` raises (one line naming the case and file).
+            ValueError: ``dle_labels`` is not one of ``label_choices``.
+        """
+        return self.read(case, self.read_convention(dle_labels))
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """A raw dataset folder opened in one layout: its listed cases and how to read them.
+
+    Made by the registry's ``open_dataset`` (``unet_trainer.data.layouts``), which lists the folder;
+    nothing here reads an image. Picklable when its layout is (every registered one is), so worker
+    processes can read its cases.
+
+    Attributes:
+        root: the dataset folder.
+        layout: the layout its cases are listed and read in (detected, or the one asked for).
+        cases: its cases sorted by case id, each of ``layout``.
+        skip_bad: a case with a problem of its own is set aside with its one-line message instead
+            of stopping whoever works on the dataset (``--skip-bad``): while listing, into
+            ``skipped``, and when a case is read.
+        skipped: the cases the listing set aside, ``{case_id: message}``; empty unless ``skip_bad``.
+    """
+
+    root: Path
+    layout: Layout
+    cases: tuple[CaseFiles, ...]
+    skip_bad: bool = False
+    skipped: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def format(self) -> str:
+        """The layout's name, as ``prepare.json`` records it."""
+        return self.layout.name
 
 
 def _check_convention(convention: str) -> dict[int, int]:

@@ -1,4 +1,5 @@
-"""File helpers every layout shares: NIfTI reading and atomic writing, validation, listing aids.
+"""File helpers every layout shares: NIfTI reading and atomic writing, validation, listing aids, and
+the checks of a case before any layout writes it (:func:`write_layout_case`).
 
 Reading loads a whole file (a ``.nii.gz`` is fully decompressed, so its CRC is checked) and turns
 every failure of nibabel, gzip, zlib or numpy into one :class:`DataFormatError` line naming the
@@ -29,6 +30,7 @@ from .canonical import (
     MAX_IMAGE_VALUES,
     CaseFiles,
     DataFormatError,
+    Layout,
     RawCase,
     from_canonical,
     to_canonical,
@@ -427,3 +429,58 @@ def write_probabilities_nifti(path: Path, probs: np.ndarray, affine: np.ndarray)
     affine = check_affine(affine)
     data = np.ascontiguousarray(probs.transpose(3, 2, 1, 0), dtype=np.float32)
     save_nifti_atomic(path, data, affine)
+
+
+def check_case_id(case_id: str) -> None:
+    """Raise ValueError unless ``case_id`` can name a case's folder or files."""
+    if not case_id or is_hidden(case_id) or "/" in case_id or "\\" in case_id or case_id != case_id.strip():
+        raise ValueError(
+            f"case id {case_id!r} must be a non-empty file name without slashes, surrounding spaces or a leading '.'"
+        )
+
+
+def write_layout_case(
+    root: Path,
+    layout: Layout,
+    case_id: str,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    affine: np.ndarray,
+) -> CaseFiles:
+    """Write one case in ``layout`` under ``root``, every file atomically, after the checks every
+    layout shares; the registry's ``write_case`` picks the layout by name and calls this.
+
+    Args:
+        root: dataset folder (created if missing).
+        layout: the layout to write, e.g. ``brats.BRATS2021``.
+        case_id: case identifier; becomes the folder/file name.
+        image: ``(4, Z, Y, X)`` canonical-channel images, written as float32.
+        label: ``(Z, Y, X)`` canonical labels written in the layout's native convention
+            as uint8, or None for an unlabelled case (a previous label file of this case
+            is removed; where a layout keeps unlabelled cases, its module says).
+        affine: ``(4, 4)`` NIfTI affine of the ``(x, y, z)`` grid (float32 precision in
+            the file). Not stored by "dle", whose arrays have no geometry.
+
+    Returns:
+        The :class:`CaseFiles` of the written case, as the layout's listing would list it.
+
+    Raises:
+        ValueError: bad case id, wrong image/label shapes, non-finite image values, bad affine.
+        DataFormatError: label values that are not canonical; an existing dataset file the
+            layout cannot write into (e.g. a dataset.json with other channel names).
+    """
+    check_case_id(case_id)
+    image = np.asarray(image)
+    if image.ndim != 4 or image.shape[0] != len(CANONICAL_CHANNELS):
+        raise ValueError(f"image must be ({len(CANONICAL_CHANNELS)}, Z, Y, X), got shape {image.shape}")
+    image = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(image).all():
+        raise ValueError(f"case {case_id}: image has NaN/Inf values; the reader would reject them")
+    native_label = None
+    if label is not None:
+        label = np.asarray(label)
+        if label.shape != image.shape[1:]:
+            raise ValueError(f"label must have shape {image.shape[1:]} (Z, Y, X), got {label.shape}")
+        native_label = from_canonical(label, layout.label_convention)
+    affine = check_affine(affine)
+    return layout.write(Path(root), case_id, image, native_label, affine)
