@@ -8,7 +8,7 @@ import pytest
 
 from unet_trainer.cli import evaluate, parsing, predict
 from unet_trainer.cli.data import main as data_main
-from unet_trainer.config import engine, tree
+from unet_trainer.config import config, engine
 from unet_trainer.data import layouts
 from unet_trainer.data import layouts as formats
 from unet_trainer.data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES, FORMATS, LABEL_CONVENTIONS, LAYOUTS
@@ -20,13 +20,13 @@ def test_format_choices_are_auto_then_every_registered_layout():
 
 
 def test_config_choices_are_the_registry():
-    data = tree.SCHEMA["data"]
+    data = config.SCHEMA["data"]
     assert data["format"].choices == FORMAT_CHOICES and data["format"].default == "auto"
     assert data["dle_labels"].choices == DLE_LABEL_CONVENTIONS == LAYOUTS["dle"].label_choices
     assert data["dle_labels"].default == DLE_LABEL_CONVENTIONS[0]
-    assert tree.defaults()["data"]["format"] == "auto"
+    assert config.defaults()["data"]["format"] == "auto"
     with pytest.raises(engine.ConfigError) as excinfo:
-        engine.check_layer({"data": {"format": "brats2019"}}, "command line", tree.SCHEMA)
+        engine.check_layer({"data": {"format": "brats2019"}}, "command line", config.SCHEMA)
     assert all(name in str(excinfo.value) for name in FORMAT_CHOICES)
 
 

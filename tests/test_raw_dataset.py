@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -183,3 +185,39 @@ def test_a_layout_chooses_the_convention_it_reads_labels_in(layouts):
         through_layout, through_registry = DLE.read_case(case, choice), read_case(case, choice)
         assert through_layout.label_convention == through_registry.label_convention == choice
         assert np.array_equal(through_layout.label, through_registry.label)
+
+
+FORKED_AFTER_RESAMPLING = """
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unet_trainer.data.layouts import open_dataset
+from unet_trainer.data.phantom import write_phantom_dataset
+from unet_trainer.data.prepare import PrepareSettings, prepare_dataset
+
+root = Path(sys.argv[1])
+write_phantom_dataset(root / "raw", cases=3, shape=(64, 64, 64), seed=0, progress=False)
+settings = PrepareSettings(target_spacing=(1.5, 1.5, 1.5))
+prepare_dataset(open_dataset(root / "raw"), root / "one", settings, workers=1, progress=False)
+# The parent's own trilinear interpolation starts torch's OpenMP thread pool before the workers are forked.
+F.interpolate(torch.rand(1, 4, 48, 48, 48), size=(40, 40, 40), mode="trilinear")
+prepare_dataset(open_dataset(root / "raw"), root / "two", settings, workers=2, progress=False)
+for path in sorted((root / "one").glob("*.npy")):
+    assert np.array_equal(np.load(path), np.load(root / "two" / path.name)), path.name
+print("prepared", len(list((root / "two").glob("*_x.npy"))))
+"""
+
+
+def test_workers_forked_after_the_parent_resampled_prepare_the_same_arrays(tmp_path):
+    # Before each worker took one thread, the forked workers waited forever for their parent's OpenMP threads.
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED_AFTER_RESAMPLING)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["prepared", "3"]

@@ -410,7 +410,7 @@ def _run_jobs(jobs: list[tuple], workers: int, bar, skip_bad: bool, errors: dict
         # parent when it starts knows this process already died.
         parent = os.getpid() if context.get_start_method() in ("fork", "spawn") else None
         with ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=die_with_parent, initargs=(parent,)
+            max_workers=workers, mp_context=context, initializer=start_worker, initargs=(parent,)
         ) as pool:
             try:
                 _collect(pool.map(_prepare_one, jobs), bar, skip_bad, errors)
@@ -489,6 +489,19 @@ def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(1)
+
+
+def start_worker(parent: int | None) -> None:
+    """Pool initializer: one torch thread per worker, and the worker ends with its parent
+    (:func:`die_with_parent`).
+
+    One thread, because each worker prepares a whole case and more would only oversubscribe the
+    cores; and because a forked child must not use the OpenMP thread pool its parent had started (a
+    parent that resampled or ran a model before): GNU OpenMP's pool does not survive a fork, and the
+    child's first parallel resampling would wait for its threads forever.
+    """
+    torch.set_num_threads(1)
+    die_with_parent(parent)
 
 
 def die_with_parent(parent: int | None) -> None:
