@@ -73,11 +73,16 @@ def test_open_dataset_lists_exactly_what_list_cases_lists(layouts, fmt):
         assert dataset.root == layouts / fmt and not dataset.skip_bad and dict(dataset.skipped) == {}
 
 
-def test_a_bad_case_stops_opening_or_is_set_aside_with_the_message_list_cases_gives(phantom, tmp_path):
-    raw = tmp_path / "raw"
-    for case in list_cases(phantom):
+def _copy_of(dataset, raw):
+    """A writable copy of a BraTS 2021 dataset, case by case (the fixture's own files stay as they are)."""
+    for case in list_cases(dataset):
         r = read_case(case)
         write_case(raw, "brats2021", case.case_id, r.image, r.label, r.affine)
+    return raw
+
+
+def test_a_bad_case_stops_opening_or_is_set_aside_with_the_message_list_cases_gives(phantom, tmp_path):
+    raw = _copy_of(phantom, tmp_path / "raw")
     (raw / "BraTS2021_00001" / "BraTS2021_00001_t2.nii.gz").unlink()
     with pytest.raises(DataFormatError) as listed:
         list_cases(raw, "brats2021")
@@ -129,10 +134,7 @@ def test_preparing_an_opened_dataset_gives_each_case_as_read_through_the_registr
 
 
 def test_a_preparation_that_skipped_a_bad_case_stays_current(phantom, tmp_path):
-    raw = tmp_path / "raw"
-    for case in list_cases(phantom):
-        r = read_case(case)
-        write_case(raw, "brats2021", case.case_id, r.image, r.label, r.affine)
+    raw = _copy_of(phantom, tmp_path / "raw")
     (raw / "BraTS2021_00002" / "BraTS2021_00002_seg.nii.gz").unlink()
     out = tmp_path / "prepared"
     record = prepare_dataset(open_dataset(raw, skip_bad=True), out, progress=False)

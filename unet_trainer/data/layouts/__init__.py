@@ -267,27 +267,15 @@ def write_case(
     affine: np.ndarray,
 ) -> CaseFiles:
     """Write one case in the layout ``fmt`` under ``root``; every file atomically
-    (:func:`~unet_trainer.data.layouts.files.write_layout_case` of that layout).
-
-    Args:
-        root: dataset folder (created if missing).
-        fmt: one of :data:`FORMATS`.
-        case_id: case identifier; becomes the folder/file name.
-        image: ``(4, Z, Y, X)`` canonical-channel images, written as float32.
-        label: ``(Z, Y, X)`` canonical labels written in the layout's native convention
-            as uint8, or None for an unlabelled case (a previous label file of this case
-            is removed; where a layout keeps unlabelled cases, its module says).
-        affine: ``(4, 4)`` NIfTI affine of the ``(x, y, z)`` grid (float32 precision in
-            the file). Not stored by "dle", whose arrays have no geometry.
+    (:func:`~unet_trainer.data.layouts.files.write_layout_case` of that layout, whose arguments
+    these are, with the layout given by name: ``fmt``, one of :data:`FORMATS`).
 
     Returns:
         The :class:`CaseFiles` of the written case, as :func:`list_cases` would list it.
 
     Raises:
-        ValueError: unknown ``fmt``, bad case id, wrong image/label shapes, non-finite
-            image values, bad affine.
-        DataFormatError: label values that are not canonical; an existing dataset file the
-            layout cannot write into (e.g. a dataset.json with other channel names).
+        ValueError: unknown ``fmt``; and what ``write_layout_case`` raises.
+        DataFormatError: as ``write_layout_case``.
     """
     layout = LAYOUTS.get(fmt)
     if layout is None:
