@@ -216,6 +216,22 @@ from unet_trainer.cli.data import main as data_main
 data_main(["prepare", sys.argv[1], "--out", sys.argv[2], "--workers", "2"])
 """
 
+# The phantom's writers, held at work the same way.
+SLOW_SYNTH = """
+import os, sys, time
+from pathlib import Path
+import unet_trainer.data.phantom as phantom
+
+def slow_write_one_case(*args):
+    Path(sys.argv[3], str(os.getpid())).touch()  # this worker is at work
+    time.sleep(60)
+    raise SystemExit("the test should have killed this worker")
+
+phantom._write_one_case = slow_write_one_case
+from unet_trainer.cli.data import main as data_main
+data_main(["synth", "--out", sys.argv[2], "--cases", "4", "--workers", "2"])
+"""
+
 
 def _running(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie waiting to be reaped is not)."""
@@ -231,11 +247,12 @@ def _running(pid: int) -> bool:
         return True
 
 
-def test_the_workers_of_a_killed_preparation_end_with_it(phantom, tmp_path):
+@pytest.mark.parametrize("script", [SLOW_PREPARE, SLOW_SYNTH], ids=["prepare", "synth"])
+def test_the_workers_of_a_killed_data_command_end_with_it(phantom, tmp_path, script):
     working = tmp_path / "working"
     working.mkdir()
     parent = subprocess.Popen(
-        [sys.executable, "-c", SLOW_PREPARE, str(phantom), str(tmp_path / "prepared"), str(working)],
+        [sys.executable, "-c", script, str(phantom), str(tmp_path / "prepared"), str(working)],
         env=ENV,
         start_new_session=True,  # its own process group, so the test can clean up whatever remains
     )
@@ -245,13 +262,13 @@ def test_the_workers_of_a_killed_preparation_end_with_it(phantom, tmp_path):
         while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
             time.sleep(0.05)
             workers = [int(p.name) for p in working.iterdir()]
-        assert len(workers) == 2, "the preparation did not start two workers"
+        assert len(workers) == 2, "the command did not start two workers"
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 5
         while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not [pid for pid in workers if _running(pid)], "workers outlived the killed preparation"
+        assert not [pid for pid in workers if _running(pid)], "workers outlived the killed command"
     finally:
         parent.kill()
         parent.wait()

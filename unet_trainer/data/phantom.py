@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from ..core.runfolder import FolderLock
+from ..core.workers import worker_pool
 from .layouts.brats import BRATS2021
 from .layouts.files import write_layout_case
 
@@ -323,11 +324,6 @@ def _write_one_case(folder: Path, shape: tuple[int, int, int], seed: int, index:
     return case_id
 
 
-def _single_thread_worker() -> None:
-    # Each worker draws a whole case; torch's own thread pool would only oversubscribe the cores.
-    torch.set_num_threads(1)
-
-
 def write_phantom_dataset(
     out: Path,
     cases: int,
@@ -391,7 +387,7 @@ def _write_phantom_locked(
         shape = tuple(int(s) for s in shape)
         bar = tqdm(total=cases, desc="phantom", unit="case", disable=not progress)
         if workers > 1 and cases > 1:
-            with ProcessPoolExecutor(max_workers=min(workers, cases), initializer=_single_thread_worker) as pool:
+            with worker_pool(min(workers, cases)) as pool:
                 futures = [pool.submit(_write_one_case, staging, shape, seed, i, style) for i in range(cases)]
                 for future in as_completed(futures):
                     future.result()  # re-raises a worker's error here

@@ -14,24 +14,17 @@ The settings are recorded in ``prepare.json``; cases prepared with other setting
 The raw dataset comes opened (a :class:`RawDataset`, from ``data.layouts.open_dataset``), so
 nothing here knows the layouts. Raw data is only ever read. One preparation at a time writes a folder (``prepare.lock``; a second
 waits), and it first removes the temporaries an interrupted (killed) preparation left. Its worker
-processes end with it, SIGKILL included (:func:`die_with_parent`). A case that fails while being
+processes end with it, SIGKILL included (:func:`unet_trainer.core.workers.worker_pool`). A case that fails while being
 written (a full disk) leaves none of its files; one that the target spacing would make larger than
 ``MAX_IMAGE_VALUES`` is refused before it is resampled.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import multiprocessing
-import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +36,7 @@ from tqdm import tqdm
 from ..core.fileio import atomic_save_npy, atomic_write_text, remove_orphan_temporaries
 from ..core.guard import check_outputs
 from ..core.runfolder import PREPARE_LOCK_NAME, FolderLock
+from ..core.workers import worker_pool
 from .layouts.canonical import (
     CANONICAL_CHANNELS,
     MAX_IMAGE_VALUES,
@@ -57,8 +51,6 @@ from .layouts.dle import DLE_LABEL_CONVENTIONS
 PREPARE_VERSION = 1
 # Foreground voxels kept per label for oversampling: enough to cover a tumour, small on disk.
 MAX_FOREGROUND_SAMPLES = 20_000
-# prctl's option number (linux/prctl.h): the signal a process gets when its parent ends.
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -405,13 +397,7 @@ def _run_jobs(jobs: list[tuple], workers: int, bar, skip_bad: bool, errors: dict
     """Prepare the cases of ``jobs`` (:func:`_prepare_one`'s arguments) in ``workers`` processes, or in
     this one, collecting them as :func:`_collect` does."""
     if workers > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context()
-        # Forked or spawned workers are the children of this process, so one that finds another
-        # parent when it starts knows this process already died.
-        parent = os.getpid() if context.get_start_method() in ("fork", "spawn") else None
-        with ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=start_worker, initargs=(parent,)
-        ) as pool:
+        with worker_pool(workers) as pool:
             try:
                 _collect(pool.map(_prepare_one, jobs), bar, skip_bad, errors)
             except BaseException:
@@ -467,59 +453,6 @@ def no_tumour_warning(source: Path, out: Path, case_ids: Sequence[str]) -> str |
         "learns nothing from them; check that the label files are the right ones and the layout (data.format, "
         "--format) is the dataset's"
     )
-
-
-def _arm_parent_death_signal() -> bool:
-    """Linux: have the kernel SIGKILL this process when its parent ends (``prctl(PR_SET_PDEATHSIG)``).
-
-    Returns:
-        Whether it is armed (False on other systems, or where ``prctl`` cannot be called).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _watch_parent(parent: int) -> None:
-    # An orphan is adopted by init (or a subreaper): its parent's PID changes.
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def start_worker(parent: int | None) -> None:
-    """Pool initializer: one torch thread per worker, and the worker ends with its parent
-    (:func:`die_with_parent`).
-
-    One thread, because each worker prepares a whole case and more would only oversubscribe the
-    cores; and because a forked child must not use the OpenMP thread pool its parent had started (a
-    parent that resampled or ran a model before): GNU OpenMP's pool does not survive a fork, and the
-    child's first parallel resampling would wait for its threads forever.
-    """
-    torch.set_num_threads(1)
-    die_with_parent(parent)
-
-
-def die_with_parent(parent: int | None) -> None:
-    """Pool initializer: end this worker when its parent process ends, however it ends.
-
-    A parent killed by SIGKILL cannot shut its pool down, and the workers would wait for jobs
-    forever, adopted by init. On Linux the kernel kills the worker with its parent (the parent
-    thread, strictly: the pool's workers are started by the thread calling it, which waits for
-    them); elsewhere a daemon thread polls the parent's PID.
-
-    Args:
-        parent: the PID the parent had (the process starting the pool), or None when the worker is
-            started by an intermediary (the forkserver, which ends with that process in turn).
-    """
-    if not _arm_parent_death_signal():
-        threading.Thread(target=_watch_parent, args=(os.getppid(),), name="watch-parent", daemon=True).start()
-    if parent is not None and os.getppid() != parent:  # it died before the signal was armed
-        os._exit(1)
 
 
 def prepared_is_current(
