@@ -1,4 +1,5 @@
-"""``unet-eval CHECKPOINT [OVERRIDES...] ...``: score a checkpoint, and choose postprocessing rules."""
+"""``unet-eval CHECKPOINT [OVERRIDES...] ...``: score a checkpoint, and choose postprocessing rules; or
+``unet-eval --predictions DIR --dataset PATH``: score a folder of predictions from any tool."""
 
 from __future__ import annotations
 
@@ -16,18 +17,23 @@ from .parsing import FORMAT_LIST, command_arguments, command_parser, format_flag
 
 USAGE = f"""usage: unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV] [--no-overlays]
                  [--lesion-wise] [--choose-postprocessing [--postprocessing-metric M]] [--no-progress]
+       unet-eval --predictions DIR --dataset PATH [OVERRIDES...] [--format FMT] [--out CSV] [--lesion-wise]
 
 Score a checkpoint of unet-train: Dice per BraTS region (WT, TC, ET) and their mean, Dice per label
 (NCR, ED, EN), HD95 per region with eval.hd95=true, and the BraTS 2023 lesion-wise Dice and HD95
 per region with --lesion-wise (or eval.lesion_wise=true). Prints a table and writes one row per case
 to a CSV (default: <run folder>/eval_<checkpoint>_<cases>.csv), and one overlay PNG per case
 (contours of truth and prediction on three slices) plus summary.png into <CSV name>_overlays/.
+With --predictions, scores a folder of label maps from any tool (<case id>.nii.gz in the dataset's own
+labels, on each case's grid, as unet-predict writes them) against the ground truth of --dataset, with
+the same metrics, table and CSV (default: DIR/eval_<dataset>.csv).
 
   CHECKPOINT         a checkpoint, e.g. runs/demo/checkpoints/best-rank0.pt
   OVERRIDES          config overrides on the checkpoint's own config, e.g. eval.empty_policy=ignore
                      eval.hd95=true eval.mirror_tta=true data.fold=1 device=cpu precision=fp32
   --dataset PATH     every labelled case of this raw dataset (any layout) instead of the
                      validation fold of the checkpoint's config
+  --predictions DIR  score this folder of predictions instead of a checkpoint (OVERRIDES: eval.*, device)
   --format FMT       layout of --dataset: {FORMAT_LIST}
   --out CSV          where to write the per-case scores
   --no-overlays      draw no overlays
@@ -100,7 +106,9 @@ def _eval_table(means: dict, counts: dict, label_convention: str) -> list[str]:
 def format_report(report) -> str:
     loaded = report.loaded
     lines = [
-        f"Checkpoint: {loaded.checkpoint} ({loaded.weights} weights)",
+        f"Checkpoint: {loaded.checkpoint} ({loaded.weights} weights)"
+        if loaded is not None
+        else f"Predictions: {report.predictions}",
         f"Scored:     {report.source}",
         f"Empty ground truth ({report.empty_policy}): {_EMPTY_POLICY_TEXT[report.empty_policy]}",
     ]
@@ -114,7 +122,7 @@ def format_report(report) -> str:
 
 def make_parser():
     parser = command_parser("unet-eval")
-    for flag in ("--dataset", "--format", "--out", "--postprocessing-metric"):
+    for flag in ("--dataset", "--format", "--out", "--postprocessing-metric", "--predictions"):
         parser.add_argument(flag)
     for flag in ("--no-progress", "--no-overlays", "--lesion-wise", "--choose-postprocessing"):
         parser.add_argument(flag, action="store_true")
@@ -126,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     """``unet-eval CHECKPOINT [OVERRIDES...] [--dataset PATH] [--format FMT] [--out CSV]``; returns the exit status."""
     args = command_arguments(argv, USAGE)
     with guard(ERRORS):
-        (checkpoint,), flags, overrides = parse_command_line(make_parser(), args, 1)
+        scores_folder = any(arg == "--predictions" or arg.startswith("--predictions=") for arg in args)
+        positionals, flags, overrides = parse_command_line(make_parser(), args, 0 if scores_folder else 1)
         if flags["--lesion-wise"]:
             overrides.append("eval.lesion_wise=true")
         fmt = format_flag(flags)
+    if scores_folder:
+        return _score_folder(flags, overrides, fmt)
+    (checkpoint,) = positionals
     if flags["--choose-postprocessing"] or flags["--postprocessing-metric"]:
         return _choose_postprocessing(Path(checkpoint), flags, overrides)
     # Imported here so --help and usage errors stay fast.
@@ -176,4 +188,31 @@ def _choose_postprocessing(checkpoint: Path, flags: dict, overrides: list[str]) 
         )
     print(format_report(report))
     print("\n" + format_choice(choice, written))
+    return 0
+
+
+def _score_folder(flags: dict, overrides: list[str], fmt: str) -> int:
+    """``unet-eval --predictions DIR --dataset PATH [OVERRIDES...]``: the table of a folder of
+    predictions; returns the exit status."""
+    from ..commands.evaluate import evaluate_folder
+    from ..config.config import resolve_config
+
+    predictions, dataset, out = flags["--predictions"], flags["--dataset"], flags["--out"]
+    with guard(ERRORS, Path(out or predictions)):
+        if not dataset:
+            raise ConfigError("command line: --predictions needs --dataset PATH, the raw dataset holding the truth")
+        used = [f for f in ("--choose-postprocessing", "--postprocessing-metric") if flags[f]]
+        if used:
+            raise ConfigError(
+                f"command line: {used[0]} chooses on a checkpoint's predictions; drop it with --predictions"
+            )
+        report = evaluate_folder(
+            Path(predictions),
+            Path(dataset),
+            resolve_config(None, overrides),
+            fmt,
+            Path(out) if out else None,
+            progress=not flags["--no-progress"],
+        )
+    print(format_report(report))
     return 0

@@ -65,14 +65,6 @@ def build_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def speed_up_inference(device: torch.device) -> None:
-    """Let cuDNN pick its fastest convolution algorithms on CUDA (nothing elsewhere)."""
-    # Every window has the same shape, so cuDNN's per-shape algorithm search pays for itself after
-    # the first batch; a process-wide setting, hence only for the commands that predict or score.
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -353,6 +345,11 @@ def build_metrics(cfg: dict) -> list[CaseMetric]:
         return make_metrics(names, {**ev, "lesion": lesion})
     except UnknownMetric as exc:
         raise ConfigError(f"eval.metrics: {exc}") from None
+
+
+def build_scoring(cfg: dict) -> tuple[torch.device, list[CaseMetric]]:
+    """Where and with which metrics a config scores label maps (``unet-eval --predictions``)."""
+    return build_device(cfg["device"]), build_metrics(cfg)
 
 
 def build_evaluator(

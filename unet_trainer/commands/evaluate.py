@@ -7,34 +7,42 @@ command-line overrides such as ``eval.mirror_tta=true device=cpu precision=fp32`
 * :func:`evaluate_model` scores it on the validation fold of its own config, or on every labelled case
   of another raw dataset, through the same prepared cache and evaluator as training;
 * :func:`choose_postprocessing_for` (``unet-eval --choose-postprocessing``) also chooses the run's
-  postprocessing on those predictions.
+  postprocessing on those predictions;
+* :func:`evaluate_folder` (``unet-eval --predictions DIR --dataset DATA``) scores a folder of label
+  NIfTIs from any tool against a raw dataset's ground truth, with the same metrics, table and CSV.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
+from tqdm import tqdm
 
 from ..core.checkpoints import checkpoint_run_folder
 from ..core.distributed import DistInfo
 from ..core.guard import check_outputs
-from ..data.layouts import DataFormatError
+from ..data.layouts import DataFormatError, list_cases, read_case
+from ..data.layouts.files import PROBABILITIES_SUFFIX, is_hidden, read_prediction_of, strip_nifti_extension
 from ..data.loader import PreparedCase
 from ..evaluation import postprocessing as pp
 from ..evaluation.evaluation import write_cases_csv
+from ..evaluation.inference import speed_up_inference
+from ..evaluation.metrics import mean_scores
 from ..evaluation.visualize import evaluator_case_view, write_overlays
 from .builders import (
     build_eval_settings,
     build_evaluator,
+    build_prepare_settings,
+    build_scoring,
     build_split,
     build_split_settings,
     data_input_folders,
     ensure_prepared,
-    speed_up_inference,
     with_dataset,
 )
 
@@ -64,10 +72,11 @@ class EvalReport:
         csv_path: where the per-case rows were written.
         source: what was scored, in words.
         empty_policy: the empty-ground-truth policy used.
-        loaded: the model that was scored.
+        loaded: the model that was scored (None for a folder of predictions).
         overlays: the folder of the overlay PNGs (one per case and summary.png), or None.
         label_convention: the scored cases' own label convention (a key of ``LABEL_CONVENTIONS``;
             "mixed" when they differ), so labels can be named by the values the user's files hold.
+        predictions: the folder of predictions that was scored (None for a model).
     """
 
     means: dict[str, float]
@@ -76,9 +85,10 @@ class EvalReport:
     csv_path: Path
     source: str
     empty_policy: str
-    loaded: ScoredModel
+    loaded: ScoredModel | None
     overlays: Path | None = None
     label_convention: str = "mixed"
+    predictions: Path | None = None
 
 
 def default_eval_csv(checkpoint: Path, tag: str) -> Path:
@@ -185,8 +195,7 @@ def evaluate_model(
     evaluator.case_view = evaluator_case_view if overlays else None
     evaluator.case_sink = case_sink
     means, per_case = evaluator.score_model(loaded.model)
-    keys = [k for k in per_case[0] if k != "case_id"]
-    counts = {k: sum(1 for row in per_case if not math.isnan(row[k])) for k in keys}
+    counts = _counts(per_case)
     write_cases_csv(csv_path, per_case)
     if overlay_dir is not None:
         _write_eval_overlays(overlay_dir, evaluator.last_views, per_case, loaded)
@@ -232,3 +241,108 @@ def choose_postprocessing_for(
         choice = pp.choose_postprocessing(store, settings)
     path = pp.write_postprocessing(run_dir / pp.POSTPROCESSING_FILE, choice, loaded.checkpoint, report.source, settings)
     return report, choice, path
+
+
+def _counts(per_case: list[dict]) -> dict[str, int]:
+    """Per score key, how many cases have a number (not NaN) for it."""
+    keys = [k for k in per_case[0] if k != "case_id"]
+    return {k: sum(1 for row in per_case if not math.isnan(row[k])) for k in keys}
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def prediction_files(predictions: Path, case_ids: Sequence[str], dataset: Path) -> dict[str, Path]:
+    """Each case's prediction in the folder ``predictions``: ``<case id>.nii.gz`` (or ``.nii``).
+    ``<case id>_probabilities.nii.gz`` files, hidden files and files that are no NIfTI are passed over.
+
+    Raises:
+        DataFormatError: (one line) no such folder; a case without its prediction; a NIfTI that matches
+            no case of ``dataset``; a case with both a ``.nii`` and a ``.nii.gz``.
+    """
+    if not predictions.is_dir():
+        raise DataFormatError(f"{predictions}: no such folder; expected the folder of predictions to score")
+    wanted = set(case_ids)
+    found: dict[str, list[Path]] = {}
+    extra = []
+    for path in sorted(predictions.iterdir()):
+        stem = strip_nifti_extension(path.name)
+        if stem is None or is_hidden(path.name) or not path.is_file():
+            continue
+        if stem in wanted:
+            found.setdefault(stem, []).append(path)
+        elif not (stem.endswith(PROBABILITIES_SUFFIX) and stem.removesuffix(PROBABILITIES_SUFFIX) in wanted):
+            extra.append(path.name)
+    missing = [case_id for case_id in case_ids if case_id not in found]
+    if missing:
+        raise DataFormatError(
+            f"{predictions}: no prediction for {_some(missing)} ({len(missing)} of the {len(case_ids)} labelled "
+            f"cases of {dataset}); expected <case id>.nii.gz for each"
+        )
+    if extra:
+        raise DataFormatError(
+            f"{predictions}: {_some(extra)} match no case of {dataset}; expected <case id>.nii.gz for its cases only"
+        )
+    twice = [case_id for case_id, paths in found.items() if len(paths) > 1]
+    if twice:
+        raise DataFormatError(f"{predictions}: case {twice[0]} has both a .nii and a .nii.gz prediction; keep one")
+    return {case_id: found[case_id][0] for case_id in case_ids}
+
+
+def evaluate_folder(
+    predictions: Path,
+    dataset: Path,
+    cfg: dict,
+    fmt: str = "auto",
+    out_csv: Path | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Score a folder of label maps from any tool against a raw dataset's ground truth, case by case
+    on the raw grid, with the metrics ``cfg`` asks for (``eval.*``: the same table and CSV as
+    :func:`evaluate_model`; on predictions ``unet-predict`` wrote, the same numbers).
+
+    Args:
+        predictions: a folder of ``<case id>.nii.gz`` label maps in the dataset's own label convention,
+            on each case's grid (as ``unet-predict`` writes them).
+        dataset: the raw dataset with labels, any supported layout.
+        cfg: a resolved config: its ``eval`` settings, ``device`` and ``data.dle_labels``.
+        fmt: the dataset's layout ("auto" detects it).
+        out_csv: per-case CSV path (default ``<predictions>/eval_<dataset name>.csv``).
+        progress: a progress bar on stderr (drawn only on a terminal).
+
+    Raises:
+        DataFormatError: a bad dataset, a missing or extra prediction, a prediction on another grid or
+            with a value that is no label (one line naming the file).
+        OutputPathError: the CSV would be, lie inside or hold the dataset; nothing is written.
+    """
+    predictions, dataset = Path(predictions).expanduser(), Path(dataset).expanduser()
+    cases = list_cases(dataset, fmt, require_labels=True)
+    paths = prediction_files(predictions, [case.case_id for case in cases], dataset)
+    csv_path = Path(out_csv).expanduser() if out_csv is not None else predictions / f"eval_{dataset.resolve().name}.csv"
+    check_outputs([("the per-case CSV", csv_path)], folders=[("the raw dataset", dataset)])
+    device, metrics = build_scoring(cfg)
+    dle_labels = build_prepare_settings(cfg).dle_labels
+    per_case, conventions = [], set()
+    for case in tqdm(cases, desc="evaluate", unit="case", disable=None if progress else True):
+        raw = read_case(case, dle_labels)
+        prediction = torch.from_numpy(read_prediction_of(case, raw, paths[case.case_id])).to(device)
+        truth = torch.from_numpy(raw.label).to(device)
+        row = {"case_id": case.case_id}
+        for metric in metrics:
+            row.update(metric(prediction, truth, raw.spacing))
+        per_case.append(row)
+        conventions.add(raw.label_convention)
+    write_cases_csv(csv_path, per_case)
+    return EvalReport(
+        means=mean_scores([{k: v for k, v in row.items() if k != "case_id"} for row in per_case]),
+        counts=_counts(per_case),
+        per_case=per_case,
+        csv_path=csv_path,
+        source=f"all {len(cases)} labelled cases of {dataset}",
+        empty_policy=build_eval_settings(cfg).empty_policy,
+        loaded=None,
+        label_convention=conventions.pop() if len(conventions) == 1 else "mixed",
+        predictions=predictions,
+    )

@@ -45,10 +45,11 @@ from ..data.layouts import (
     write_label_nifti,
     write_probabilities_nifti,
 )
+from ..data.layouts.files import PROBABILITIES_SUFFIX
 from ..data.prepare import PrepareSettings, prepare_case
 from ..evaluation.evaluation import logits_to_probabilities, probabilities_to_labels
+from ..evaluation.inference import speed_up_inference
 from ..evaluation.visualize import draw_case_overlay, extract_case_view
-from .builders import speed_up_inference
 from .loading import EnsembleModel, LoadedModel, load_models
 
 PREDICT_FOLDER_ADVICE = "one unet-predict per output folder: wait for it to finish, or write to another OUTPUT folder"
@@ -317,7 +318,7 @@ def _predict_cases(
         write_label_nifti(label_path, labels, raw.affine, raw.label_convention)
         summary.written[case.case_id] = [label_path]
         if probs is not None:
-            prob_path = output_dir / f"{case.case_id}_probabilities.nii.gz"
+            prob_path = output_dir / f"{case.case_id}{PROBABILITIES_SUFFIX}.nii.gz"
             write_probabilities_nifti(prob_path, probs, raw.affine)
             summary.written[case.case_id].append(prob_path)
         if overlays:

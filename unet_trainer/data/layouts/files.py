@@ -37,6 +37,8 @@ from .canonical import (
 )
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+# What a case's probabilities file adds to its id (``<case id>_probabilities.nii.gz``, beside its labels).
+PROBABILITIES_SUFFIX = "_probabilities"
 
 #: Said when a case without a segmentation is refused.
 LABELS_NEEDED = "training and scoring need a segmentation for every case (unet-predict does not)"
@@ -293,6 +295,24 @@ def read_label_on_grid(
     native = squeeze_to_3d(native, case.label, case.case_id, "segmentation")
     check_grid(case.case_id, case.label, native.shape, affine, reference_path, reference_shape, reference_affine)
     return np.ascontiguousarray(labels_to_canonical(native, convention, case.label, case.case_id).transpose(2, 1, 0))
+
+
+def read_prediction_of(case: CaseFiles, raw: RawCase, path: Path) -> np.ndarray:
+    """A label map another tool wrote for ``case`` (a NIfTI in the case's own label convention, on
+    its grid), as canonical ``(Z, Y, X)`` uint8.
+
+    Args:
+        case: the case's files, as listed; raw: the case as read (its grid, affine and convention).
+        path: the prediction's NIfTI file.
+
+    Raises:
+        DataFormatError: (one line naming the file) an unreadable file, a shape or affine other than
+            the case's, or a value that is no label of the case's convention.
+    """
+    prediction = CaseFiles(case.case_id, case.format, case.images, path)
+    reference = case.label if case.label is not None else case.images[0]
+    shape_xyz = tuple(reversed(raw.image.shape[1:]))
+    return read_label_on_grid(prediction, raw.label_convention, reference, shape_xyz, raw.affine)
 
 
 def read_channel_files(case: CaseFiles, convention: str) -> RawCase:
