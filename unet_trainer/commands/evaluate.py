@@ -1,4 +1,5 @@
-"""Scoring a loaded model: the logic behind ``unet-eval`` and the fold scores of ``unet-cv``.
+"""Scoring a loaded model, or a folder of predictions: the logic behind ``unet-eval`` and the fold scores of
+``unet-cv``.
 
 Plain-argument functions; the command-line parsing lives in :mod:`unet_trainer.cli`, which loads the
 model (:func:`loading.load_model`: a checkpoint's model rebuilt from the config stored in it, with
