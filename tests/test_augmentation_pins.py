@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from unet_trainer.commands.builders import build_augmenter
+from unet_trainer.config.config import defaults
 
 SEED = 20261208  # a seed under which, with the default settings, every transform fires in the pinned batches
 BATCHES = 2
@@ -46,7 +47,13 @@ PINNED_VOXELS = 13
 
 
 def make_augmenter(settings: str, spatial_dims: int, seed: int = SEED):
-    cfg = {"augmentation": copy.deepcopy(SETTINGS[settings]), "model": {"unet": {"spatial_dims": spatial_dims}}}
+    # The appended transforms at their defaults (off): the pins are the recipe's five.
+    sections = {**defaults()["augmentation"], **copy.deepcopy(SETTINGS[settings])}
+    cfg = {
+        "augmentation": sections,
+        "model": {"unet": {"spatial_dims": spatial_dims}},
+        "data": {"patch_size": list(SPATIAL[spatial_dims])},
+    }
     return build_augmenter(cfg, torch.device("cpu"), seed)
 
 

@@ -195,10 +195,21 @@ def test_augmentation_schema_is_derived_from_the_transforms_with_the_same_shape_
         "brightness": {"p": Field("float", 0.15, **probability), "scale": low_high(0.7, 1.3)},
         "contrast": {"p": Field("float", 0.15, **probability), "scale": low_high(0.65, 1.5)},
     }
+    # nnU-Net's, appended and off by default; their own tests check their sections' fields.
+    appended = ["rotate_scale", "channel_blur", "channel_brightness", "channel_contrast", "low_resolution"]
+    appended += ["inverted_gamma", "gamma"]
+    assert list(SCHEMA["augmentation"])[len(expected) :] == appended
+    assert SCHEMA["augmentation"]["rotate_scale"] == {
+        "p_rotation": Field("float", 0.0, **probability),
+        "rotation_deg": Field("float", 30.0, minimum=0.0, maximum=180.0),
+        "p_scale": Field("float", 0.0, **probability),
+        "scale": low_high(0.7, 1.4),
+    }
+    expected.update({name: SCHEMA["augmentation"][name] for name in appended})
     assert SCHEMA["augmentation"] == expected
     assert list(SCHEMA["augmentation"]) == list(expected)  # the YAML's order too
     assert list(SCHEMA["augmentation"]) == ["enabled", *AUGMENTATIONS]
-    assert defaults()["augmentation"] == {
+    assert {name: section for name, section in defaults()["augmentation"].items() if name not in appended} == {
         "enabled": True,
         "flip": {"p": 0.5},
         "noise": {"p": 0.15, "std": [0.0, 0.33]},

@@ -14,7 +14,7 @@ import pytest
 from unet_trainer.core.schema import Field, fields_of
 from unet_trainer.training import augment, batch_transform, intensity, spatial
 from unet_trainer.training.augment import AUGMENTATIONS, BatchAugmenter, recipe
-from unet_trainer.training.batch_transform import BatchTransform, PerSampleTransform, SettingError
+from unet_trainer.training.batch_transform import SUPPLIED_SETTINGS, BatchTransform, PerSampleTransform, SettingError
 from unet_trainer.training.intensity import Brightness, Contrast, GaussianBlur, GaussianNoise
 from unet_trainer.training.spatial import Flip
 
@@ -29,6 +29,16 @@ RECIPE_ORDER = [
     ("brightness", "unet_trainer.training.intensity", "Brightness"),
     ("contrast", "unet_trainer.training.intensity", "Contrast"),
 ]
+# nnU-Net's, appended after them: each draws from its own stream, so the five keep their values.
+APPENDED = [
+    ("rotate_scale", "unet_trainer.training.spatial", "RotateScale"),
+    ("channel_blur", "unet_trainer.training.intensity", "ChannelBlur"),
+    ("channel_brightness", "unet_trainer.training.intensity", "ChannelBrightness"),
+    ("channel_contrast", "unet_trainer.training.intensity", "ChannelContrast"),
+    ("low_resolution", "unet_trainer.training.intensity", "LowResolution"),
+    ("inverted_gamma", "unet_trainer.training.intensity", "InvertedGamma"),
+    ("gamma", "unet_trainer.training.intensity", "Gamma"),
+]
 
 
 def test_every_registered_transform_is_defined_in_a_transform_module():
@@ -38,11 +48,12 @@ def test_every_registered_transform_is_defined_in_a_transform_module():
 
 
 def test_the_registry_order_is_the_recipe_as_it_was():
-    assert [(name, cls.__module__, cls.__qualname__) for name, cls in AUGMENTATIONS.items()] == RECIPE_ORDER
-    assert list(AUGMENTATIONS.values()) == [Flip, GaussianNoise, GaussianBlur, Brightness, Contrast]
-    assert list(recipe()) == [name for name, _, _ in RECIPE_ORDER]
+    registered = [(name, cls.__module__, cls.__qualname__) for name, cls in AUGMENTATIONS.items()]
+    assert registered == RECIPE_ORDER + APPENDED
+    assert list(AUGMENTATIONS.values())[:5] == [Flip, GaussianNoise, GaussianBlur, Brightness, Contrast]
+    assert list(recipe()) == [name for name, _, _ in RECIPE_ORDER + APPENDED]
     # The five share the one recipe draw, in this order; a transform added later draws from its own stream.
-    assert all(cls.shares_recipe_draw for cls in AUGMENTATIONS.values())
+    assert [cls.shares_recipe_draw for cls in AUGMENTATIONS.values()] == [True] * 5 + [False] * len(APPENDED)
     assert list(BatchAugmenter(recipe(), 3, "cpu", seed=0).sample_parameters(2).draws) == list(AUGMENTATIONS)
 
 
@@ -88,17 +99,18 @@ def test_a_transforms_settings_are_checked_through_field_check(cls, monkeypatch)
 
     monkeypatch.setattr(Field, "check", recording_check)
     transform = cls()
-    settings = fields_of(cls)
+    settings = fields_of(cls, exclude=SUPPLIED_SETTINGS)
     assert checked == [getattr(transform, name) for name in settings]
 
     # What Field.check rejects, the transform rejects with Field.check's words.
     checked.clear()
+    probability = next(name for name in settings if name.startswith("p"))  # p, or p_rotation
     with pytest.raises(SettingError) as error:
-        cls(p=1.5)
+        cls(**{probability: 1.5})
     assert checked == [1.5]
-    assert error.value.setting == "p" and error.value.value == 1.5
+    assert error.value.setting == probability and error.value.value == 1.5
     try:
-        original(settings["p"], 1.5)
+        original(settings[probability], 1.5)
     except Exception as field_error:
         assert error.value.expected == field_error.expected
     else:

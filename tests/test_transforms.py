@@ -76,8 +76,17 @@ def random_batch(
     return image, label
 
 
-def hand_made_parameters(batch: int, spatial_dims: int, **overrides: FlipDraw | SampleDraw) -> AugmentationParameters:
-    """Parameters of the recipe where nothing fires, all factors 1 (noise std 0.1), unless overridden by name."""
+# The recipe's five, then nnU-Net's transforms appended after them (off by default).
+RECIPE = ["flip", "noise", "blur", "brightness", "contrast"]
+NNUNET = ["rotate_scale", "channel_blur", "channel_brightness", "channel_contrast", "low_resolution"]
+NNUNET += ["inverted_gamma", "gamma"]
+
+
+def hand_made_parameters(
+    batch: int, spatial_dims: int, channels: int = 2, **overrides: FlipDraw | SampleDraw
+) -> AugmentationParameters:
+    """Parameters of the recipe where nothing fires, all factors 1 (noise std 0.1), unless overridden by name;
+    the appended transforms drawn from uniforms of 1, where nothing fires."""
     nothing = torch.zeros(batch, dtype=torch.bool)
     ones = torch.ones(batch)
     draws = dict(
@@ -87,8 +96,11 @@ def hand_made_parameters(batch: int, spatial_dims: int, **overrides: FlipDraw | 
         brightness=SampleDraw(fires=nothing, value=ones),
         contrast=SampleDraw(fires=nothing, value=ones),
     )
+    for name in NNUNET:
+        transform = AUGMENTATIONS[name]()
+        draws[name] = transform.draw(torch.ones(batch, transform.random_columns(spatial_dims, channels)))
     draws.update(overrides)
-    return AugmentationParameters(batch, spatial_dims, draws)
+    return AugmentationParameters(batch, spatial_dims, draws, channels)
 
 
 def reference_blur(sample: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -155,8 +167,8 @@ def test_augmenter_rejects_bad_construction_arguments():
         BatchAugmenter({"flip": 0.5}, 3, "cpu", 0)
     with pytest.raises(TypeError, match="transforms"):
         BatchAugmenter([Flip()], 3, "cpu", 0)
-    with pytest.raises(KeyError, match="no augmentation named gamma"):
-        recipe(gamma={"p": 0.3})
+    with pytest.raises(KeyError, match="no augmentation named elastic"):  # gamma is one now
+        recipe(elastic={"p": 0.3})
 
 
 # ---------------------------------------------------------------------- statistics
@@ -620,7 +632,7 @@ def test_an_appended_transform_keeps_the_state_format_and_resumes_exactly():
 def test_an_appended_transform_gets_a_config_section_and_a_builder_from_its_registry_line(monkeypatch):
     monkeypatch.setitem(AUGMENTATIONS, "offset", Offset)  # the one registry line
     schema = augmentation_schema()
-    assert list(schema) == ["enabled", "flip", "noise", "blur", "brightness", "contrast", "offset"]
+    assert list(schema) == ["enabled", *RECIPE, *NNUNET, "offset"]
     assert schema["offset"] == {
         "p": Field("float", 0.5, minimum=0.0, maximum=1.0),
         "shift": Field("float_list", [0.0, 1.0], length=2, minimum=0.0),
@@ -634,7 +646,11 @@ def test_an_appended_transform_gets_a_config_section_and_a_builder_from_its_regi
 
     sections = {name: dict(section) for name, section in defaults()["augmentation"].items() if name != "enabled"}
     sections["offset"] = {"p": 1.0, "shift": [0.5, 0.5]}
-    cfg = {"augmentation": {"enabled": True, **sections}, "model": {"unet": {"spatial_dims": 3}}}
+    cfg = {
+        "augmentation": {"enabled": True, **sections},
+        "model": {"unet": {"spatial_dims": 3}},
+        "data": {"patch_size": [4, 4, 4]},
+    }
     augmenter = build_augmenter(cfg, torch.device("cpu"), seed=0)
     assert list(augmenter.transforms) == list(schema)[1:]
     assert augmenter.transforms["offset"] == Offset(p=1.0, shift=(0.5, 0.5))

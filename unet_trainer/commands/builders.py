@@ -39,7 +39,8 @@ from ..evaluation.lesion_metrics import LesionSettings
 from ..models.base import SegmentationModel
 from ..training import callbacks as cb
 from ..training import reporting
-from ..training.augment import AUGMENTATIONS, BatchAugmenter
+from ..training.augment import AUGMENTATIONS, BatchAugmenter, sampled_patch
+from ..training.batch_transform import BatchTransform
 from ..training.loggers import FileLogger, Logger, LoggerDestination
 from ..training.losses import DeepSupervisionLoss, OutputMode
 from ..training.schedules import BatchScheduler, ComposedSchedule
@@ -236,12 +237,23 @@ def build_loss(cfg: dict, model: SegmentationModel) -> DeepSupervisionLoss:
     return DeepSupervisionLoss(components.build(loss, settings), weights)
 
 
-def build_augmenter(cfg: dict, device: torch.device, seed: int) -> BatchAugmenter | None:
+def build_transforms(cfg: dict) -> dict[str, BatchTransform]:
+    """The ``augmentation`` section's transforms in order (none when off), given the patch in the model's axes."""
     aug = cfg["augmentation"]
-    if not aug["enabled"]:
-        return None
-    transforms = {name: transform(**aug[name]) for name, transform in AUGMENTATIONS.items()}
-    return BatchAugmenter(transforms, describe_model(cfg["model"]).spatial_dims, device, seed)
+    spatial_dims = describe_model(cfg["model"]).spatial_dims
+    supplied = {"patch_size": tuple(cfg["data"]["patch_size"][-spatial_dims:])}
+    return {name: components.build(cls, aug[name], supplied) for name, cls in AUGMENTATIONS.items() if aug["enabled"]}
+
+
+def build_sampled_size(cfg: dict) -> list[int]:
+    """The (Z, Y, X) region the loader cuts around each patch: the patch, grown for a transform that resamples."""
+    patch, spatial_dims = cfg["data"]["patch_size"], describe_model(cfg["model"]).spatial_dims
+    return [*patch[: 3 - spatial_dims], *sampled_patch(build_transforms(cfg), tuple(patch[3 - spatial_dims :]))]
+
+
+def build_augmenter(cfg: dict, device: torch.device, seed: int) -> BatchAugmenter | None:
+    transforms = build_transforms(cfg)
+    return BatchAugmenter(transforms, describe_model(cfg["model"]).spatial_dims, device, seed) if transforms else None
 
 
 def build_algorithms(cfg: dict) -> list[Algorithm]:

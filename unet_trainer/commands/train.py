@@ -37,6 +37,7 @@ from .builders import (
     build_evaluator,
     build_loss,
     build_optimizer,
+    build_sampled_size,
     build_scheduler,
     build_split,
     check_run_outputs,
@@ -156,6 +157,7 @@ def setup_data(cfg: dict, run_dir: Path, dist_info: DistInfo, device: torch.devi
         cfg["data"]["patch_size"],
         cfg["data"]["oversampling"],
         squeeze_slice_axis=describe_model(cfg["model"]).spatial_dims == 2,
+        sampled_size=build_sampled_size(cfg),
     )
     try:
         loader = build_train_loader(

@@ -48,7 +48,7 @@ from ..evaluation.lesion_metrics import (
 from ..models.base import SegmentationModel
 from ..models.checks import ModelArgumentError
 from ..training.augment import AUGMENTATIONS
-from ..training.batch_transform import SettingError
+from ..training.batch_transform import SUPPLIED_SETTINGS, SettingError
 from . import components
 from .engine import (
     ConfigError,
@@ -103,7 +103,10 @@ MODELS = RegisteredSettings(components.MODELS)
 
 def augmentation_schema(transforms: Mapping[str, type] = AUGMENTATIONS) -> dict[str, Any]:
     """The ``augmentation`` section: ``enabled``, then one section per transform, derived from its settings."""
-    return {"enabled": F("bool", True), **{name: fields_of(transform) for name, transform in transforms.items()}}
+    return {
+        "enabled": F("bool", True),
+        **{name: fields_of(transform, exclude=SUPPLIED_SETTINGS) for name, transform in transforms.items()},
+    }
 
 
 SCHEMA: dict[str, Any] = {

@@ -271,9 +271,16 @@ class PatchDataset(Dataset):
         patch_size: (Z, Y, X) patch; a leading 1 with ``squeeze_slice_axis`` gives 2D slices.
         oversampling: probability that a patch is centred on a tumour voxel.
         squeeze_slice_axis: drop the leading size-1 axis, for 2D models.
+        sampled_size: (Z, Y, X) of the region cut around each patch, ``>= patch_size`` by an even
+            number of voxels per axis (for a transform that resamples, e.g. rotates); None cuts the
+            patch. The patch's position is drawn as without it, so the region's centre is the patch's.
 
     Items are ``(image, label)`` tensors: image float32 (C, *S) and label uint8 (1, *S), where S is
-    the patch without its slice axis when squeezed.
+    the sampled size (the patch unless given) without its slice axis when squeezed.
+
+    Raises:
+        ValueError: a 2D patch without a leading 1, or a sampled size smaller than the patch or
+            larger by an odd number of voxels.
     """
 
     def __init__(
@@ -283,10 +290,18 @@ class PatchDataset(Dataset):
         patch_size: Sequence[int],
         oversampling: float,
         squeeze_slice_axis: bool = False,
+        sampled_size: Sequence[int] | None = None,
     ):
         self.folder = Path(folder)
         self.case_ids = list(case_ids)
         self.patch_size = tuple(int(p) for p in patch_size)
+        self.sampled_size = self.patch_size if sampled_size is None else tuple(int(s) for s in sampled_size)
+        if len(self.sampled_size) != len(self.patch_size) or any(
+            s < p or (s - p) % 2 for s, p in zip(self.sampled_size, self.patch_size)
+        ):
+            raise ValueError(
+                f"sampled_size {self.sampled_size} must exceed patch_size {self.patch_size} by an even number per axis"
+            )
         self.oversampling = float(oversampling)
         self.squeeze_slice_axis = squeeze_slice_axis
         if squeeze_slice_axis and self.patch_size[0] != 1:
@@ -302,7 +317,7 @@ class PatchDataset(Dataset):
             return 0
         # A throwaway handle: cached ones would travel to the workers with the dataset.
         channels = PreparedCase(self.folder, self.case_ids[0]).image.shape[0]
-        return math.prod(self.patch_size) * (4 * channels + 1)
+        return math.prod(self.sampled_size) * (4 * channels + 1)
 
     def case(self, index: int) -> PreparedCase:
         if index not in self._cases:  # opened lazily in each worker
@@ -314,7 +329,10 @@ class PatchDataset(Dataset):
         case = self.case(index)
         rng = np.random.default_rng(seed)
         start = choose_patch_start(case.image.shape[1:], self.patch_size, rng, case.foreground, self.oversampling)
-        image, label = crop_with_padding(case.image, case.label, start, self.patch_size)
+        start = [
+            first - (sampled - patch) // 2 for first, sampled, patch in zip(start, self.sampled_size, self.patch_size)
+        ]
+        image, label = crop_with_padding(case.image, case.label, start, self.sampled_size)
         if self.squeeze_slice_axis:
             image, label = image[:, 0], label[:, 0]
         return torch.from_numpy(image), torch.from_numpy(label)

@@ -18,6 +18,17 @@ Composer's, no zoom):
 5. ``contrast`` (:class:`~.intensity.Contrast`): the whole sample multiplied by ``U(scale)``,
    then clamped to the minimum and maximum that sample had just before this step.
 
+Then nnU-Net's transforms, off by default:
+
+6. ``rotate_scale`` (:class:`~.spatial.RotateScale`): rotation and scaling, one affine per sample,
+   resampled from the larger crop the loader takes for it (:func:`sampled_patch`) and cut to the patch;
+7. ``channel_blur`` (:class:`~.intensity.ChannelBlur`): Gaussian blur, sigma per axis, per channel;
+8. ``channel_brightness`` (:class:`~.intensity.ChannelBrightness`): multiplicative, per channel;
+9. ``channel_contrast`` (:class:`~.intensity.ChannelContrast`): about the mean, range preserved, per channel;
+10. ``low_resolution`` (:class:`~.intensity.LowResolution`): down and back up, per channel;
+11. ``inverted_gamma`` and 12. ``gamma`` (:class:`~.intensity.InvertedGamma`, :class:`~.intensity.Gamma`):
+    gamma on the inverted and on the plain image, mean and std retained, per channel.
+
 Steps 2-5 touch the image only. Shapes: images are ``(B, C, *S)`` and labels
 ``(B, 1, *S)`` where ``S`` is ``(H, W)`` for 2D or ``(D, H, W)`` for 3D.
 
@@ -53,10 +64,21 @@ from typing import Any
 import torch
 
 from .batch_transform import BatchTransform
-from .intensity import Brightness, Contrast, GaussianBlur, GaussianNoise
-from .spatial import Flip
+from .intensity import (
+    Brightness,
+    ChannelBlur,
+    ChannelBrightness,
+    ChannelContrast,
+    Contrast,
+    Gamma,
+    GaussianBlur,
+    GaussianNoise,
+    InvertedGamma,
+    LowResolution,
+)
+from .spatial import Flip, RotateScale
 
-__all__ = ["AUGMENTATIONS", "AugmentationParameters", "BatchAugmenter", "recipe"]
+__all__ = ["AUGMENTATIONS", "AugmentationParameters", "BatchAugmenter", "recipe", "sampled_patch"]
 
 
 # Multiplier used to derive the noise generator's seed from the user seed. The
@@ -77,7 +99,26 @@ AUGMENTATIONS: dict[str, type[BatchTransform]] = {
     "blur": GaussianBlur,
     "brightness": Brightness,
     "contrast": Contrast,
+    # nnU-Net's rotation and scaling (off unless a probability is set); the loader then crops larger.
+    "rotate_scale": RotateScale,
+    # nnU-Net's intensity transforms, after the resampling (so on the patch), in its order; all off.
+    "channel_blur": ChannelBlur,
+    "channel_brightness": ChannelBrightness,
+    "channel_contrast": ChannelContrast,
+    "low_resolution": LowResolution,
+    "inverted_gamma": InvertedGamma,
+    "gamma": Gamma,
 }
+
+
+def sampled_patch(transforms: Mapping[str, BatchTransform], patch: tuple[int, ...]) -> tuple[int, ...]:
+    """The spatial size the loader must crop so that ``transforms``, in order, return ``patch``.
+
+    ``patch`` itself unless a transform resamples (:meth:`BatchTransform.sampled_size`).
+    """
+    for transform in reversed(list(transforms.values())):
+        patch = transform.sampled_size(tuple(patch))
+    return tuple(patch)
 
 
 def recipe(**settings: Mapping[str, Any]) -> dict[str, BatchTransform]:
@@ -106,6 +147,7 @@ class AugmentationParameters:
     Attributes:
         batch_size: ``B``.
         spatial_dims: ``N``, 2 or 3.
+        channels: ``C``, the image channels they were drawn for (only per-channel transforms use it).
         draws: each transform's draw (CPU tensors), by name in the augmenter's order, e.g.
             ``draws["flip"]`` a :class:`~.spatial.FlipDraw`, ``draws["noise"]`` a
             :class:`~.batch_transform.SampleDraw`; ``parameters["noise"]`` is the same.
@@ -114,6 +156,7 @@ class AugmentationParameters:
     batch_size: int
     spatial_dims: int
     draws: Mapping[str, Any]
+    channels: int = 1
 
     def __getitem__(self, name: str) -> Any:
         return self.draws[name]
@@ -173,11 +216,13 @@ class BatchAugmenter:
 
     # ------------------------------------------------------------------ parameters
 
-    def sample_parameters(self, batch_size: int) -> AugmentationParameters:
+    def sample_parameters(self, batch_size: int, channels: int = 1) -> AugmentationParameters:
         """Draw the parameters of one batch from the CPU generator (advancing it).
 
         Args:
             batch_size: number of samples ``B`` (``>= 1``).
+            channels: image channels ``C``, for the transforms that draw per channel (the recipe's
+                five do not, so their parameters do not depend on it).
 
         Returns:
             :class:`AugmentationParameters` of CPU tensors.
@@ -189,7 +234,7 @@ class BatchAugmenter:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         shared = {name: t for name, t in self.transforms.items() if t.shares_recipe_draw}
         own = {name: t for name, t in self.transforms.items() if not t.shares_recipe_draw}
-        widths = [transform.random_columns(self.spatial_dims) for transform in shared.values()]
+        widths = [transform.random_columns(self.spatial_dims, channels) for transform in shared.values()]
         # One draw of fixed size per batch, in float64 so that `u < p` fires with probability p
         # to well below any test's resolution and p = 1 always fires. It is never empty when a
         # transform seeds its own generator from it: one column then keys the batch.
@@ -203,10 +248,13 @@ class BatchAugmenter:
         for name, transform in own.items():
             generator = torch.Generator(device="cpu").manual_seed(_stream_seed(uniform, name))
             own_uniform = torch.rand(
-                (batch_size, transform.random_columns(self.spatial_dims)), generator=generator, dtype=torch.float64
+                (batch_size, transform.random_columns(self.spatial_dims, channels)),
+                generator=generator,
+                dtype=torch.float64,
             )
             draws[name] = transform.draw(own_uniform)
-        return AugmentationParameters(batch_size, self.spatial_dims, {name: draws[name] for name in self.transforms})
+        ordered = {name: draws[name] for name in self.transforms}
+        return AugmentationParameters(batch_size, self.spatial_dims, ordered, channels)
 
     # ------------------------------------------------------------------ applying
 
@@ -219,15 +267,16 @@ class BatchAugmenter:
             label: ``(B, 1, *S)`` integer or bool tensor on ``device``.
 
         Returns:
-            ``(image, label)``: new contiguous tensors of the input shapes and
-            dtypes; the inputs are not modified. The label only gets the flips.
+            ``(image, label)``: new contiguous tensors of the input dtypes, of the input shapes
+            or, after ``rotate_scale``, of its patch; the inputs are not modified. The label only
+            gets the spatial transforms.
 
         Raises:
             ValueError: wrong ranks or mismatched shapes, or a tensor on another device.
             TypeError: non-floating image or floating label.
         """
         self._check_batch(image, label)
-        parameters = self.sample_parameters(image.shape[0])
+        parameters = self.sample_parameters(image.shape[0], image.shape[1])
         self.last_params = parameters
         return self.apply(image, label, parameters)
 

@@ -33,6 +33,7 @@ __all__ = [
     "BatchTransform",
     "PerSampleTransform",
     "Range",
+    "SUPPLIED_SETTINGS",
     "SampleDraw",
     "Selection",
     "SettingError",
@@ -44,6 +45,11 @@ __all__ = [
 # std or sigma is meaningless and a negative intensity scale would invert the image (and swap the
 # contrast clamp's bounds): all three are configuration typos rather than augmentations.
 Range = Annotated[tuple[float, float], Setting(minimum=0.0)]
+
+# What the builder hands a transform rather than the config: ``patch_size``, the spatial size of the
+# patch a transform that changes the size returns (``data.patch_size``'s last N axes). Not settings:
+# the config schema and the checks leave them out.
+SUPPLIED_SETTINGS = ("patch_size",)
 
 
 class SettingError(ValueError):
@@ -66,7 +72,7 @@ class SettingError(ValueError):
 def _declared_settings(transform: type) -> tuple[dict[str, Field], frozenset[str]]:
     """A transform class's settings as schema fields, and the names of those that are a :data:`Range`."""
     hints = typing.get_type_hints(transform, include_extras=True)
-    settings = fields_of(transform)
+    settings = fields_of(transform, exclude=SUPPLIED_SETTINGS)
     return settings, frozenset(name for name in settings if hints.get(name) == Range)
 
 
@@ -81,7 +87,7 @@ class SampleDraw:
 class BatchTransform:
     """One step of the recipe. Subclasses are frozen dataclasses whose fields are their settings.
 
-    The augmenter draws ``random_columns(N)`` uniform numbers in ``[0, 1)`` per sample for it, every
+    The augmenter draws ``random_columns(N, C)`` uniform numbers in ``[0, 1)`` per sample for it, every
     batch, whether or not it fires (so the stream advances by the same amount for every batch of a
     given size), hands them to ``draw``, moves what ``device_scalars`` returns to the device, and
     calls ``apply``.
@@ -117,9 +123,18 @@ class BatchTransform:
                 raise SettingError(owner, name, value, "[low, high] with low <= high")
             object.__setattr__(self, name, checked)
 
-    def random_columns(self, spatial_dims: int) -> int:
-        """How many uniform numbers per sample ``draw`` consumes, for ``spatial_dims`` (2 or 3)."""
+    def random_columns(self, spatial_dims: int, channels: int) -> int:
+        """How many uniform numbers per sample ``draw`` consumes, for ``spatial_dims`` (2 or 3) and
+        ``channels`` image channels (only a transform that draws per channel uses it)."""
         raise NotImplementedError
+
+    def sampled_size(self, patch: tuple[int, ...]) -> tuple[int, ...]:
+        """The spatial size this transform needs as input to return ``patch``; the loader crops it.
+
+        The same ``patch`` for every transform that keeps the size (the default); larger for one that
+        resamples, so that it never reads outside what was cropped.
+        """
+        return patch
 
     def draw(self, uniform: torch.Tensor) -> Any:
         """This batch's parameters from ``uniform``: ``(B, random_columns)`` float64 on the CPU, in ``[0, 1)``."""
@@ -180,7 +195,7 @@ class PerSampleTransform(BatchTransform):
     def value_range(self) -> tuple[float, float]:
         raise NotImplementedError
 
-    def random_columns(self, spatial_dims: int) -> int:
+    def random_columns(self, spatial_dims: int, channels: int) -> int:
         return 2
 
     def draw(self, uniform: torch.Tensor) -> SampleDraw:
