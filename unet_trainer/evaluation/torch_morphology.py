@@ -159,7 +159,7 @@ def bounding_box(mask: torch.Tensor) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
-def _nearest(points: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def nearest_distances(points: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """For each row of ``points`` (P, 3) the distance to the nearest row of ``targets`` (T, 3),
     in blocks of at most ``_DISTANCE_BLOCK`` pairs (exact differences, not the matrix-product
     expansion, whose cancellation would make zero distances ~1e-5)."""
@@ -185,5 +185,5 @@ def hd95(pred: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float]) -> f
     scale = torch.tensor([float(s) for s in spacing], dtype=torch.float64, device=pred.device)
     pred_points = surface(pred).nonzero().to(torch.float64) * scale
     truth_points = surface(truth).nonzero().to(torch.float64) * scale
-    pooled = torch.cat([_nearest(pred_points, truth_points), _nearest(truth_points, pred_points)])
+    pooled = torch.cat([nearest_distances(pred_points, truth_points), nearest_distances(truth_points, pred_points)])
     return float(torch.quantile(pooled, 0.95, interpolation="linear"))
