@@ -351,7 +351,7 @@ def test_unet_eval_lesion_wise_flag_adds_the_lesion_scores(trained, tmp_path, ca
         "--no-progress",
         "--no-overlays",
         "--lesion-wise",
-        "eval.lesion_min_voxels=10",
+        "eval.lesion_min_volume=10",
     ]
     assert eval_main(argv) == 0
     out = capsys.readouterr().out

@@ -8,8 +8,8 @@ lesion-wise metrics and the postprocessing need, equal to their SciPy counterpar
 * :func:`surface`: voxels of a mask with a face neighbour outside it (the volume's border counts as
   outside).
 * :func:`component_boxes`: the bounding box of every label, as ``ndimage.find_objects``.
-* :func:`hd95`: the 95th percentile of the pooled surface distances, from exact nearest-surface
-  distances (chunked ``torch.cdist`` between the two surfaces' voxel centres in mm).
+* :func:`nearest_distances`: exact nearest-point distances (chunked ``torch.cdist``), for the
+  surface distances of :mod:`unet_trainer.evaluation.surface_distance`.
 
 Labelling (why it converges fast on long thin shapes): every foreground voxel starts as its own
 tree, its label its flat index. Each round, every voxel looks at the smallest label in its 3x3x3
@@ -23,13 +23,10 @@ the roots numbers the components in scipy's order.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
-#: Pairs per distance block in :func:`hd95` (float64: 128 MiB).
+#: Pairs per distance block in :func:`nearest_distances` (float64: 128 MiB).
 _DISTANCE_BLOCK = 2**24
 
 
@@ -170,20 +167,3 @@ def nearest_distances(points: torch.Tensor, targets: torch.Tensor) -> torch.Tens
             for i in range(0, len(points), step)
         ]
     )
-
-
-def hd95(pred: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float]) -> float:
-    """95th percentile of the pooled surface distances of two bool (D, H, W) masks, in mm of
-    ``spacing``: for each surface voxel of either mask the distance to the other mask's nearest
-    surface voxel (what ``distance_transform_edt`` of the other surface's complement gives).
-
-    Returns inf when exactly one mask is empty, 0 when both are.
-    """
-    has_pred, has_truth = bool(pred.any()), bool(truth.any())
-    if not has_pred or not has_truth:
-        return 0.0 if not has_pred and not has_truth else math.inf
-    scale = torch.tensor([float(s) for s in spacing], dtype=torch.float64, device=pred.device)
-    pred_points = surface(pred).nonzero().to(torch.float64) * scale
-    truth_points = surface(truth).nonzero().to(torch.float64) * scale
-    pooled = torch.cat([nearest_distances(pred_points, truth_points), nearest_distances(truth_points, pred_points)])
-    return float(torch.quantile(pooled, 0.95, interpolation="linear"))
