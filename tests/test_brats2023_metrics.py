@@ -95,3 +95,19 @@ def test_hd95_on_anisotropic_spacing(backend):
 def test_the_sub_challenge_parameters():
     table = {name: (p.dilation_iterations, p.min_lesion_volume) for name, p in BRATS2023_LESION_PARAMETERS.items()}
     assert table == {"GLI": (3, 50.0), "SSA": (3, 50.0), "PED": (3, 50.0), "MEN": (1, 50.0), "MET": (1, 2.0)}
+
+
+def test_the_old_voxel_key_reads_as_the_volume_with_one_note(capsys):
+    from unet_trainer.config.components import upgrade_config
+    from unet_trainer.config.config import ConfigError, defaults, resolve_config, resolve_from_base
+
+    cfg = resolve_config(None, ["eval.lesion_min_voxels=10"])
+    assert cfg["eval"]["lesion_min_volume"] == 10.0 and "lesion_min_voxels" not in cfg["eval"]
+    err = capsys.readouterr().err
+    assert err.count("'eval.lesion_min_voxels' is read as 'eval.lesion_min_volume'") == 1
+    old = defaults()
+    old["eval"]["lesion_min_voxels"] = old["eval"].pop("lesion_min_volume")
+    assert resolve_from_base(old, [], source="old.pt")["eval"]["lesion_min_volume"] == 50.0
+    assert upgrade_config(old, "old.pt")["eval"]["lesion_min_volume"] == 50.0
+    with pytest.raises(ConfigError, match="'eval.lesion_min_voxels' and 'eval.lesion_min_volume' are both set"):
+        resolve_config(None, ["eval.lesion_min_voxels=10", "eval.lesion_min_volume=5"])

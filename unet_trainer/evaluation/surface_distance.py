@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .torch_morphology import nearest_distances
-
+#: Pairs per distance block in :func:`nearest_distances` (float64: 128 MiB).
+_DISTANCE_BLOCK = 2**24
 _CORNERS = tuple(itertools.product((0, 1), repeat=3))  # corner c of a cube is bit _CORNERS.index(c)
 
 
@@ -162,6 +162,19 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float
     """HD95 in mm of two bool (D, H, W) masks: :func:`robust_hausdorff` at 95 (inf when exactly
     one mask is empty, 0 when both are)."""
     return robust_hausdorff(pred, truth, spacing, 95.0)
+
+
+def nearest_distances(points: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """For each row of ``points`` (P, 3) the distance to the nearest row of ``targets`` (T, 3),
+    in blocks of at most ``_DISTANCE_BLOCK`` pairs (exact differences, not the matrix-product
+    expansion, whose cancellation would make zero distances ~1e-5)."""
+    step = max(1, _DISTANCE_BLOCK // max(1, len(targets)))
+    return torch.cat(
+        [
+            torch.cdist(points[i : i + step], targets, compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
+            for i in range(0, len(points), step)
+        ]
+    )
 
 
 def _torch_codes(mask: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,6 @@ lesion-wise metrics and the postprocessing need, equal to their SciPy counterpar
 * :func:`surface`: voxels of a mask with a face neighbour outside it (the volume's border counts as
   outside).
 * :func:`component_boxes`: the bounding box of every label, as ``ndimage.find_objects``.
-* :func:`nearest_distances`: exact nearest-point distances (chunked ``torch.cdist``), for the
-  surface distances of :mod:`unet_trainer.evaluation.surface_distance`.
 
 Labelling (why it converges fast on long thin shapes): every foreground voxel starts as its own
 tree, its label its flat index. Each round, every voxel looks at the smallest label in its 3x3x3
@@ -25,9 +23,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-#: Pairs per distance block in :func:`nearest_distances` (float64: 128 MiB).
-_DISTANCE_BLOCK = 2**24
 
 
 def _along(values: torch.Tensor, axis: int, combine, outside) -> torch.Tensor:
@@ -154,16 +149,3 @@ def bounding_box(mask: torch.Tensor) -> tuple[slice, ...] | None:
             return None
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
     return tuple(box)
-
-
-def nearest_distances(points: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """For each row of ``points`` (P, 3) the distance to the nearest row of ``targets`` (T, 3),
-    in blocks of at most ``_DISTANCE_BLOCK`` pairs (exact differences, not the matrix-product
-    expansion, whose cancellation would make zero distances ~1e-5)."""
-    step = max(1, _DISTANCE_BLOCK // max(1, len(targets)))
-    return torch.cat(
-        [
-            torch.cdist(points[i : i + step], targets, compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
-            for i in range(0, len(points), step)
-        ]
-    )
