@@ -57,10 +57,10 @@ def test_the_model_conventions_are_the_values_an_ensemble_compared(cfg):
 def test_the_eval_settings_carry_the_eval_section(cfg):
     settings = build_eval_settings(cfg)
     ev = cfg["eval"]
-    assert (settings.empty_policy, settings.lesion_dilation, settings.lesion_min_voxels, settings.lesion_wise) == (
+    assert (settings.empty_policy, settings.lesion_dilation, settings.lesion_min_volume, settings.lesion_wise) == (
         ev["empty_policy"],
         ev["lesion_dilation"],
-        ev["lesion_min_voxels"],
+        ev["lesion_min_volume"],
         True,
     )
     # The overrides unet-cv scores its folds with: every eval key, the device and the precision.
@@ -68,7 +68,7 @@ def test_the_eval_settings_carry_the_eval_section(cfg):
     expected += [f"device={json.dumps(cfg['device'])}", f"precision={json.dumps(cfg['precision'])}"]
     assert list(settings.overrides) == expected
     assert settings.metric_settings("lesion_dice") == MetricSettings(
-        "lesion_dice", ev["lesion_dilation"], ev["lesion_min_voxels"], ev["empty_policy"]
+        "lesion_dice", ev["lesion_dilation"], ev["lesion_min_volume"], ev["empty_policy"]
     )
 
 

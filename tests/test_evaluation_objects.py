@@ -74,10 +74,10 @@ def test_eval_metrics_default_is_the_dice_columns_and_the_flags_add_theirs(tiny_
     assert [type(m) for m in build_metrics(cfg)] == [Dice]
     label = torch.tensor([[[0, 1], [2, 3]]], dtype=torch.uint8)
     assert list(build_metrics(cfg)[0](label, label, None)) == DICE_COLUMNS
-    both = tiny_config("eval.hd95=true", "eval.lesion_wise=true", "eval.lesion_min_voxels=7")
+    both = tiny_config("eval.hd95=true", "eval.lesion_wise=true", "eval.lesion_min_volume=7")
     metrics = build_metrics(both)
     assert [type(m) for m in metrics] == [Dice, HD95, LesionWise]
-    assert metrics[2].lesion == LesionSettings(min_lesion_voxels=7)
+    assert metrics[2].lesion == LesionSettings(min_lesion_volume=7.0)
     # Named already: the flag adds nothing; the list's order is the columns' order.
     assert metric_names(["hd95", "dice"], hd95=True, lesion_wise=False) == ("hd95", "dice")
     assert [type(m) for m in build_metrics(tiny_config("eval.metrics=[hd95, dice]"))] == [HD95, Dice]

@@ -124,7 +124,7 @@ def helpful_and_harmful_cases():
 def test_selection_keeps_the_rule_that_helps_and_refuses_the_one_that_hurts(tmp_path):
     store = store_of(tmp_path, helpful_and_harmful_cases())
     stages = candidate_stages(small_grid=(5, 10, 100), enhancing_grid=(10,))
-    choice = choose_postprocessing(store, MetricSettings("lesion", lesion_min_voxels=10), stages)
+    choice = choose_postprocessing(store, MetricSettings("lesion", lesion_min_volume=10), stages)
     mean = lambda wt: (wt + 1 + 1) / 3  # noqa: E731  (the case's mean over WT, TC, ET)
     before = (mean(1.0) + mean(0.5)) / 2
     largest, wt, tc, et, necrosis = choice.stages
@@ -150,7 +150,7 @@ def test_selection_keeps_nothing_when_every_rule_hurts_or_does_nothing(tmp_path)
     cases = helpful_and_harmful_cases()
     del cases["speck"]
     store = store_of(tmp_path, cases)
-    choice = choose_postprocessing(store, MetricSettings(lesion_min_voxels=10), candidate_stages((5, 100), (10,)))
+    choice = choose_postprocessing(store, MetricSettings(lesion_min_volume=10), candidate_stages((5, 100), (10,)))
     assert choice.kept == [] and choice.score_after == choice.score_before == pytest.approx(1.0)
     assert [s["kept"] for s in choice.stages] == [False] * 5
 
@@ -180,7 +180,7 @@ def test_scoring_on_the_foreground_box_equals_scoring_whole_volumes(tmp_path, me
         pred[0, 0, :3] = 2  # a speck on the volume's edge
         pred[-2:, -2:, -1] = 3
         cases[f"case{index}"] = (truth, pred)
-    settings = MetricSettings(metric, lesion_min_voxels=5)
+    settings = MetricSettings(metric, lesion_min_volume=5)
     stages = candidate_stages((2, 5), (20, 2000))
     choice = choose_postprocessing(store_of(tmp_path, cases), settings, stages)
     current = {case_id: pred for case_id, (_, pred) in cases.items()}
@@ -201,7 +201,7 @@ def test_the_et_rule_is_kept_when_small_et_is_spurious(tmp_path):
     truth = labels_with((*CUBE_A, 2), ((3, 5), (3, 5), (3, 5), 1))
     pred = labels_with((*CUBE_A, 2), ((3, 5), (3, 5), (3, 5), 3))
     store = store_of(tmp_path, {"case": (truth, pred)})
-    choice = choose_postprocessing(store, MetricSettings(lesion_min_voxels=5), candidate_stages((5,), (5, 50)))
+    choice = choose_postprocessing(store, MetricSettings(lesion_min_volume=5), candidate_stages((5,), (5, 50)))
     assert choice.kept == [{"rule": "enhancing_to_necrosis", "max_voxels": 50}]
     assert choice.score_after == pytest.approx(1.0)
 
@@ -219,7 +219,7 @@ def test_the_store_spills_to_a_temporary_folder_and_removes_it(tmp_path):
             got_truth, got_pred = store.get(case_id)
             np.testing.assert_array_equal(got_truth, truth)
             np.testing.assert_array_equal(got_pred, pred)
-        choice = choose_postprocessing(store, MetricSettings(lesion_min_voxels=10), candidate_stages((10,), (10,)))
+        choice = choose_postprocessing(store, MetricSettings(lesion_min_volume=10), candidate_stages((10,), (10,)))
         assert choice.kept and np.array_equal(store.get("speck")[1], cases["speck"][0])  # rewritten on disk
     assert list(tmp_path.iterdir()) == []
 
@@ -231,12 +231,12 @@ def test_the_store_spills_to_a_temporary_folder_and_removes_it(tmp_path):
 
 def test_postprocessing_json_round_trip(tmp_path):
     store = store_of(tmp_path / "store", helpful_and_harmful_cases())
-    settings = MetricSettings(lesion_min_voxels=10)
+    settings = MetricSettings(lesion_min_volume=10)
     choice = choose_postprocessing(store, settings, candidate_stages((5, 10), (10,)))
     path = write_postprocessing(tmp_path / POSTPROCESSING_FILE, choice, tmp_path / "ck.pt", "two cases", settings)
     document = json.loads(path.read_text())
     assert document["metric"] == "lesion" and document["checkpoint"] == str(tmp_path / "ck.pt")
-    assert document["cases"] == 2 and document["settings"]["lesion_min_voxels"] == 10
+    assert document["cases"] == 2 and document["settings"]["lesion_min_volume"] == 10
     assert [s["rule"] for s in document["stages"]] == [
         "largest_component",
         "remove_small_components",
@@ -347,7 +347,7 @@ def test_unet_eval_chooses_postprocessing_and_writes_it_into_the_run_folder(trai
     run_dir = trained["run_dir"]
     (run_dir / POSTPROCESSING_FILE).unlink(missing_ok=True)
     argv = [str(trained["checkpoint"]), "--choose-postprocessing", "--no-progress", "--no-overlays"]
-    argv += ["eval.lesion_min_voxels=10", "--out", str(tmp_path / "scores.csv")]
+    argv += ["eval.lesion_min_volume=10", "--out", str(tmp_path / "scores.csv")]
     if metric == "dice":
         argv += ["--postprocessing-metric", "dice"]
     assert eval_main(argv) == 0, capsys.readouterr().err
@@ -388,7 +388,7 @@ def test_unet_eval_choose_postprocessing_spills_predictions_and_cleans_up(traine
 
     monkeypatch.setattr(postprocessing_module, "choose_postprocessing", watching)
     report, choice, path = choose_postprocessing_for(
-        load_model(trained["checkpoint"], ["eval.lesion_min_voxels=10"]),
+        load_model(trained["checkpoint"], ["eval.lesion_min_volume=10"]),
         out_csv=tmp_path / "s.csv",
         progress=False,
         overlays=False,
@@ -517,7 +517,7 @@ def test_the_evaluator_hands_its_device_tensors_to_the_lesion_metrics(trained, t
     for backend in ("scipy", "torch"):
         csv_path = tmp_path / f"{backend}.csv"
         argv = [str(trained["checkpoint"]), "--lesion-wise", "--no-progress", "--no-overlays", "--out", str(csv_path)]
-        assert eval_main([*argv, "eval.lesion_min_voxels=10", f"eval.lesion_backend={backend}"]) == 0
+        assert eval_main([*argv, "eval.lesion_min_volume=10", f"eval.lesion_backend={backend}"]) == 0
         capsys.readouterr()
         header, *lines = csv_path.read_text().splitlines()
         rows[backend] = [dict(zip(header.split(","), line.split(","))) for line in lines]

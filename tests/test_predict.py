@@ -27,7 +27,7 @@ from unet_trainer.config.config import resolve_config
 from unet_trainer.data.layouts import RawCase, from_canonical, list_cases, write_case, write_label_nifti
 from unet_trainer.data.prepare import PrepareSettings, prepare_case
 from unet_trainer.evaluation.inference import predict_volume, sliding_window_logits, sliding_window_slices
-from unet_trainer.evaluation.metrics import case_hd95
+from unet_trainer.evaluation.lesion_metrics import case_region_hd95 as case_hd95
 from unet_trainer.models.unet import UNet
 
 SHAPE = (12, 14, 10)  # (Z, Y, X)
@@ -351,7 +351,7 @@ def test_unet_eval_lesion_wise_flag_adds_the_lesion_scores(trained, tmp_path, ca
         "--no-progress",
         "--no-overlays",
         "--lesion-wise",
-        "eval.lesion_min_voxels=10",
+        "eval.lesion_min_volume=10",
     ]
     assert eval_main(argv) == 0
     out = capsys.readouterr().out
@@ -386,7 +386,7 @@ def test_unet_eval_bad_checkpoints_give_one_line_errors(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_hd95_is_finite_for_a_tumour_scales_with_spacing_and_nan_when_empty():
+def test_hd95_is_finite_for_a_tumour_scales_with_spacing_and_penalises_empties():
     truth = torch.zeros(20, 20, 20, dtype=torch.uint8)
     truth[5:15, 5:15, 5:15] = 2
     truth[8:12, 8:12, 8:12] = 3
@@ -395,36 +395,19 @@ def test_hd95_is_finite_for_a_tumour_scales_with_spacing_and_nan_when_empty():
     assert set(scores) == {"hd95/WT", "hd95/TC", "hd95/ET"}
     for value in scores.values():
         assert math.isfinite(value) and value == pytest.approx(2.0, abs=0.01)
-    assert case_hd95(pred, truth, spacing=(3.0, 1.0, 1.0))["hd95/WT"] == pytest.approx(6.0, abs=0.01)
+    assert case_hd95(pred, truth, spacing=(3.0, 3.0, 3.0))["hd95/WT"] == pytest.approx(6.0, abs=0.01)
     no_core = truth.clone()
     no_core[no_core == 3] = 2
-    assert math.isnan(case_hd95(no_core, truth)["hd95/ET"])  # empty prediction
-    assert math.isnan(case_hd95(truth, no_core)["hd95/TC"])  # empty ground truth
+    assert case_hd95(no_core, truth)["hd95/ET"] == 374.0  # empty prediction: the penalty
+    assert case_hd95(truth, no_core)["hd95/TC"] == 374.0  # empty ground truth: the penalty
+    assert case_hd95(no_core, no_core)["hd95/ET"] == 0.0  # empty on both sides
     assert case_hd95(truth, truth)["hd95/WT"] == 0.0
-
-
-def test_hd95_keeps_gpu_masks_on_the_gpu_only_with_cucim(monkeypatch):
-    """MONAI's GPU distance transform needs cuCIM; with CuPy alone (common on GPU machines) it
-    would fall back to a dense SciPy transform, slower than the KD-tree it uses for host masks."""
-    import importlib.util
-
-    from unet_trainer.evaluation import metrics
-
-    def installed(*names):
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in names else None)
-
-    installed("cupy")
-    assert not metrics._gpu_distance_transform_available()
-    installed("cupy", "cucim")
-    assert metrics._gpu_distance_transform_available()
-    installed()
-    assert not metrics._gpu_distance_transform_available()
 
 
 def test_training_reports_hd95_when_enabled(tiny_config):
     final = run_training(tiny_config("max_duration=1ba", "eval.hd95=true"), progress=False)["final_eval"]
     assert {"dice/WT", "hd95/WT", "hd95/TC", "hd95/ET"} <= set(final)
-    assert math.isfinite(final["hd95/WT"]) or math.isnan(final["hd95/WT"])
+    assert math.isfinite(final["hd95/WT"])  # the penalty where a region is empty on one side
 
 
 def test_training_logs_lesion_wise_scores_beside_dice(tiny_config, tmp_path):

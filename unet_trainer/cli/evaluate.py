@@ -38,7 +38,8 @@ the same metrics, table and CSV (default: DIR/eval_<dataset>.csv).
   --out CSV          where to write the per-case scores
   --no-overlays      draw no overlays
   --lesion-wise      also the lesion-wise Dice and HD95 (settings eval.lesion_dilation,
-                     eval.lesion_min_voxels, eval.lesion_hd95_penalty)
+                     eval.lesion_min_volume (mm³), eval.lesion_hd95_penalty,
+                     eval.lesion_definition)
   --choose-postprocessing
                      then choose postprocessing rules on the validation predictions (largest WT
                      component, small components per region, ET -> NCR below a volume; each kept

@@ -350,7 +350,11 @@ def build_metrics(cfg: dict) -> list[CaseMetric]:
     """
     ev = cfg["eval"]
     lesion = LesionSettings(
-        ev["lesion_dilation"], ev["lesion_min_voxels"], ev["lesion_hd95_penalty"], ev["lesion_backend"]
+        ev["lesion_dilation"],
+        ev["lesion_min_volume"],
+        ev["lesion_hd95_penalty"],
+        ev["lesion_backend"],
+        ev["lesion_definition"],
     )
     names = metric_names(ev["metrics"], hd95=ev["hd95"], lesion_wise=ev["lesion_wise"])
     try:
@@ -484,7 +488,7 @@ class EvalSettings:
 
     Attributes:
         empty_policy: the plain Dice's empty-ground-truth policy (``eval.empty_policy``).
-        lesion_dilation, lesion_min_voxels: the lesion-wise settings (``eval.lesion_*``).
+        lesion_dilation, lesion_min_volume: the lesion-wise settings (``eval.lesion_*``; mm³).
         lesion_wise: ``eval.lesion_wise``.
         overrides: the overrides that score a checkpoint with these settings: every ``eval`` key,
             ``device`` and ``precision``, as ``key=value``.
@@ -492,13 +496,13 @@ class EvalSettings:
 
     empty_policy: str
     lesion_dilation: int
-    lesion_min_voxels: int
+    lesion_min_volume: float
     lesion_wise: bool
     overrides: tuple[str, ...]
 
     def metric_settings(self, metric: str) -> pp.MetricSettings:
         """How postprocessing scores a case with ``metric`` under these settings."""
-        return pp.MetricSettings(metric, self.lesion_dilation, self.lesion_min_voxels, self.empty_policy)
+        return pp.MetricSettings(metric, self.lesion_dilation, self.lesion_min_volume, self.empty_policy)
 
 
 def build_eval_settings(cfg: dict) -> EvalSettings:
@@ -506,7 +510,7 @@ def build_eval_settings(cfg: dict) -> EvalSettings:
     overrides = [_override(f"eval.{k}", v) for k, v in ev.items()]
     overrides += [_override("device", cfg["device"]), _override("precision", cfg["precision"])]
     return EvalSettings(
-        ev["empty_policy"], ev["lesion_dilation"], ev["lesion_min_voxels"], ev["lesion_wise"], tuple(overrides)
+        ev["empty_policy"], ev["lesion_dilation"], ev["lesion_min_volume"], ev["lesion_wise"], tuple(overrides)
     )
 
 

@@ -31,7 +31,7 @@ from ..training.algorithms import EMA, ChannelsLast, Compile, CudnnBenchmark
 from ..training.losses import DiceCELoss, OutputMode, RegionDiceBCELoss
 from ..training.schedules import Constant, Cosine, LinearWarmup, Poly
 from ..training.trainer import Algorithm, Callback
-from .engine import note_bare
+from .engine import note_bare, rename_keys
 
 T = TypeVar("T")
 
@@ -152,11 +152,21 @@ def settings_of(component: Any) -> dict[str, Field]:
     return fields_of(component, exclude=BUILDER_SUPPLIED)
 
 
+#: Keys an earlier version wrote under another name: old dotted key -> (new key, what changed).
+RENAMED_KEYS: dict[str, tuple[str, str]] = {
+    "eval.lesion_min_voxels": (
+        "eval.lesion_min_volume",
+        "the size threshold is a volume in mm³ now, the same number: equal on 1 mm data",
+    ),
+}
+
+
 def upgrade_config(cfg: Mapping[str, Any], source: str) -> dict:
     """A resolved config an earlier version saved (a checkpoint's), in today's shape, for comparing
-    with a new one: a ``model`` section without a model name becomes ``{unet: ...}`` (with the
-    one-line note naming ``source``). Values are not checked."""
-    upgraded = copy.deepcopy(dict(cfg))
+    with a new one: a ``model`` section without a model name becomes ``{unet: ...}`` and renamed
+    keys (:data:`RENAMED_KEYS`) take their new names (each with a one-line note naming ``source``).
+    Values are not checked."""
+    upgraded = rename_keys(copy.deepcopy(dict(cfg)), RENAMED_KEYS, source)
     section = upgraded.get("model")
     if isinstance(section, dict) and section and not any(key in MODELS for key in section):
         note_bare(source, "model", BARE_MODEL, next(iter(section)))

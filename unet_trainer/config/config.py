@@ -42,8 +42,10 @@ from ..evaluation.lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,
     DEFAULT_HD95_PENALTY,
     DEFAULT_LESION_BACKEND,
-    DEFAULT_MIN_LESION_VOXELS,
+    DEFAULT_LESION_DEFINITION,
+    DEFAULT_MIN_LESION_VOLUME,
     LESION_BACKENDS,
+    LESION_DEFINITIONS,
 )
 from ..models.base import SegmentationModel
 from ..models.checks import ModelArgumentError
@@ -57,6 +59,7 @@ from .engine import (
     merge_layers,
     overrides_to_layer,
     parse_overrides,
+    rename_keys,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -179,13 +182,18 @@ SCHEMA: dict[str, Any] = {
         # Composer/DLE score an empty ground truth 1 when the prediction is empty too, else 0;
         # MONAI's ignore_empty leaves such a case out of the mean instead.
         "empty_policy": F("str", "one_if_both_empty", choices=("one_if_both_empty", "ignore")),
-        # 95th-percentile Hausdorff distance per region through MONAI (slower; off by default).
+        # 95th-percentile Hausdorff distance per region, as eval.lesion_definition computes it
+        # (slower; off by default).
         "hd95": F("bool", False),
         # BraTS 2023 lesion-wise Dice and HD95 per region (lesion_dice/WT ..., lesion_hd95/WT ...);
-        # the dilation, size threshold and penalty differ for meningioma (1) and metastases (1, 2).
+        # the dilation and size threshold differ per sub-challenge
+        # (evaluation.lesion_metrics.BRATS2023_LESION_PARAMETERS).
         "lesion_wise": F("bool", False),
+        # The challenge's metric definition (lesion-wise and plain HD95), by name.
+        "lesion_definition": F("str", DEFAULT_LESION_DEFINITION, choices=tuple(LESION_DEFINITIONS)),
         "lesion_dilation": F("int", DEFAULT_DILATION_ITERATIONS, minimum=0),
-        "lesion_min_voxels": F("int", DEFAULT_MIN_LESION_VOXELS, minimum=0),
+        # Truth lesions of this volume in mm³ or less are dropped (eval.lesion_min_voxels before).
+        "lesion_min_volume": F("float", DEFAULT_MIN_LESION_VOLUME, minimum=0.0),
         "lesion_hd95_penalty": F("float", DEFAULT_HD95_PENALTY, minimum=0.0),
         # Where components and distances are computed: auto = torch on a GPU (no copy to the host),
         # SciPy on the CPU (faster there); every backend gives the same scores.
@@ -403,6 +411,12 @@ def find_recipe(name: str, config_dir: Path | None) -> Path:
     raise ConfigError(f"recipe '{name}' not found; known recipes: {', '.join(known) or 'none'}")
 
 
+def _check_layer(layer: Any, source: str) -> dict:
+    """:func:`check_layer` against :data:`SCHEMA`, after the renamed keys of an earlier version
+    (:data:`components.RENAMED_KEYS`) take their new names."""
+    return check_layer(rename_keys(layer, components.RENAMED_KEYS, source), source, SCHEMA)
+
+
 def resolve_config(config_path: str | os.PathLike | None, override_args: list[str] | None = None) -> dict:
     """Resolve defaults < recipe < config < command line into one fully populated, checked config.
 
@@ -421,9 +435,9 @@ def resolve_config(config_path: str | os.PathLike | None, override_args: list[st
     config_dir = None
     if config_path is not None:
         path = Path(config_path)
-        config_layer = check_layer(load_yaml(path), str(path), SCHEMA)
+        config_layer = _check_layer(load_yaml(path), str(path))
         config_dir = path.resolve().parent
-    cli_layer = check_layer(overrides_to_layer(parse_overrides(override_args or [])), "command line", SCHEMA)
+    cli_layer = _check_layer(overrides_to_layer(parse_overrides(override_args or [])), "command line")
 
     recipe_name = cli_layer.get("recipe", config_layer.get("recipe"))
     recipe_layer: dict = {}
@@ -461,8 +475,8 @@ def resolve_from_base(base: dict, override_args: list[str] | None = None, source
         check_nesting(base)  # before anything walks it recursively
     except DocumentError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    base_layer = check_layer(copy.deepcopy(base), source, SCHEMA)
-    cli_layer = check_layer(overrides_to_layer(parse_overrides(override_args or [])), "command line", SCHEMA)
+    base_layer = _check_layer(copy.deepcopy(base), source)
+    cli_layer = _check_layer(overrides_to_layer(parse_overrides(override_args or [])), "command line")
     resolved = fill_defaults(merge_layers(base_layer, cli_layer, SCHEMA), SCHEMA)
     check_consistency(resolved)
     return resolved

@@ -93,6 +93,42 @@ def note_bare(source: str, path: str, name: str, key: str) -> None:
     )
 
 
+def rename_keys(layer: Any, renamed: Mapping[str, tuple[str, str]], source: str) -> Any:
+    """A layer with each old dotted key of ``renamed`` moved to its new key (same value), and one
+    note per key and source saying so; ``renamed`` maps the old key to (new key, what changed).
+    Anything that is not a mapping is returned as it is (:func:`check_layer` reports it).
+
+    Raises:
+        ConfigError: a layer that sets both the old and the new key.
+    """
+    if not isinstance(layer, dict):
+        return layer
+    layer = copy.deepcopy(layer)
+    for old, (new, change) in renamed.items():
+        *old_parents, old_key = old.split(".")
+        *new_parents, new_key = new.split(".")
+        section = layer
+        for part in old_parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        target = layer
+        for part in new_parents:
+            target = target.setdefault(part, {}) if isinstance(target, dict) else None
+        if not isinstance(target, dict):
+            continue  # a section that is not a mapping: check_layer says so
+        if new_key in target:
+            raise ConfigError(f"{source}: '{old}' and '{new}' are both set; '{old}' is the old name of '{new}'")
+        target[new_key] = section.pop(old_key)
+        if (source, old) not in _NOTED_BARE:
+            _NOTED_BARE.add((source, old))
+            print(
+                f"note: {source}: '{old}' is read as '{new}' ({change}); write it so to silence this note",
+                file=sys.stderr,
+            )
+    return layer
+
+
 @dataclass(frozen=True)
 class _LayerChecker:
     """Checks one layer from ``source``; ``root`` is the whole schema, for 'did you mean' across sections."""

@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .lesion_metrics import LesionSettings, case_lesion_scores
-from .metrics import case_dice, case_hd95
+from .lesion_metrics import LesionSettings, case_lesion_scores, case_region_hd95
+from .metrics import case_dice
 
 
 @dataclass(frozen=True)
@@ -79,16 +79,21 @@ class Dice(CaseMetric):
 
 
 class HD95(CaseMetric):
-    """95th-percentile Hausdorff distance per region in mm (:func:`metrics.case_hd95`): ``hd95/WT`` ..."""
+    """95th-percentile Hausdorff distance per region in mm, as the lesion settings' definition
+    computes it (:func:`lesion_metrics.case_region_hd95`): ``hd95/WT`` ..., never NaN."""
 
     columns = (Column("hd95", "HD95 mm", digits=2, width=10),)
     note = (
-        "HD95: 95th-percentile Hausdorff distance in mm (prepared spacing); NaN and left out of the "
-        "mean where a region is empty in the prediction or the ground truth"
+        "HD95: 95th-percentile Hausdorff distance in mm (prepared spacing) of the lesion definition; "
+        "the penalty where a region is empty on one side only, 0 where it is empty on both"
     )
 
+    def __init__(self, lesion: LesionSettings) -> None:
+        self.lesion = lesion
+
     def __call__(self, prediction, truth, spacing):
-        return case_hd95(prediction, truth, spacing)
+        lesion = self.lesion
+        return case_region_hd95(prediction, truth, spacing, lesion.hd95_penalty, lesion.backend, lesion.definition)
 
 
 class LesionWise(CaseMetric):

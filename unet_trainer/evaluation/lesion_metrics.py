@@ -12,20 +12,21 @@ Definition (the BraTS 2023 challenge's evaluation, ``get_LesionWiseResults``), p
 3. Each (combined) truth lesion is dilated again the same way; every predicted component touching
    that dilated lesion is claimed by it. The lesion's Dice and HD95 compare the lesion with the
    union of the components it claims (Dice 0 and HD95 = penalty when it claims none).
-4. Truth lesions of ``min_lesion_voxels`` voxels or fewer are dropped from the score (what they
-   claim is still not a false positive).
+4. Truth lesions of ``min_lesion_volume`` mm³ or less (voxel count times the voxel volume of
+   ``spacing``, as the 2023 code multiplies by the header's voxel size) are dropped from the score
+   (what they claim is still not a false positive).
 5. Predicted components claimed by no truth lesion are false positives: Dice 0, HD95 = penalty.
 6. Lesion-wise Dice = sum of the kept lesions' Dice / (kept lesions + false positives); HD95 the
    same with each infinite HD95 replaced by the penalty. Nothing to count (no kept lesion and no
    false positive, e.g. both empty) gives Dice 1 and HD95 0.
 
-HD95 here is the 95th percentile of the pooled distances from each surface voxel (a voxel of a
-mask with a face neighbour outside it) of either mask to the other mask's surface, in mm of
-``spacing``: the definition of the official ``brats-evaluation`` package (through panoptica). The
-2023 code used DeepMind's ``surface_distance`` (surface elements weighted by area, the maximum
-of the two directed percentiles), which differs slightly on non-trivial shapes; MONAI's
-``compute_hausdorff_distance`` (used for the plain ``hd95/*``) also takes the maximum of the two
-directed percentiles.
+HD95 (lesion-wise, and the plain per-region HD95 of :func:`case_region_hd95`) is the one of the
+chosen definition (:data:`LESION_DEFINITIONS`); ``brats2023``'s is the 2023 code's: DeepMind's
+surface distances over area-weighted surface elements, the larger of the two directed 95th
+percentiles (:mod:`unet_trainer.evaluation.surface_distance`). The plain HD95 of a region empty on
+one side only is the penalty, of a region empty on both sides 0.
+
+Each sub-challenge's dilation and size threshold: :data:`BRATS2023_LESION_PARAMETERS`.
 
 Speed: the whole-case passes (labelling, one dilation) run on the bounding box of the foreground
 grown by the dilation, and every per-lesion operation on the lesion's own box (grown by the
@@ -41,7 +42,7 @@ same components, the same dilations and the same distances (tests/test_lesion_me
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,15 +50,51 @@ import torch
 from scipy import ndimage
 
 from ..data.labels import REGION_NAMES, REGIONS
-from . import torch_morphology
+from . import surface_distance, torch_morphology
 
-DEFAULT_DILATION_ITERATIONS = 3  # BraTS gliomas (meningioma and metastases use 1)
-DEFAULT_MIN_LESION_VOXELS = 50  # lesions of this many voxels or fewer are dropped
+
+@dataclass(frozen=True)
+class LesionParameters:
+    """One sub-challenge's lesion-wise parameters: ``dilation_iterations`` (with the
+    18-neighbourhood) and ``min_lesion_volume`` in mm³ (truth lesions at or below it are dropped)."""
+
+    dilation_iterations: int
+    min_lesion_volume: float
+
+
+#: Each BraTS 2023 sub-challenge's parameters, as the 2023 evaluation code's
+#: ``get_LesionWiseResults`` sets them (rachitsaluja/BraTS-2023-Metrics); a label scheme names its row.
+BRATS2023_LESION_PARAMETERS: dict[str, LesionParameters] = {
+    "GLI": LesionParameters(3, 50.0),
+    "SSA": LesionParameters(3, 50.0),
+    "PED": LesionParameters(3, 50.0),
+    "MEN": LesionParameters(1, 50.0),
+    "MET": LesionParameters(1, 2.0),
+}
+
+DEFAULT_DILATION_ITERATIONS = BRATS2023_LESION_PARAMETERS["GLI"].dilation_iterations
+DEFAULT_MIN_LESION_VOLUME = BRATS2023_LESION_PARAMETERS["GLI"].min_lesion_volume
 DEFAULT_HD95_PENALTY = 374.0  # mm; the diagonal of the 240x240x155 SRI-24 volume, rounded up
+
+
+@dataclass(frozen=True)
+class LesionDefinition:
+    """What a challenge's definition fixes beyond the lesion matching: its HD95 of two bool
+    (D, H, W) masks in mm (inf when exactly one is empty, 0 when both are), on NumPy arrays
+    (``hd95_host``) and on torch tensors on their device (``hd95_device``)."""
+
+    hd95_host: Callable[[np.ndarray, np.ndarray, Sequence[float]], float]
+    hd95_device: Callable[[torch.Tensor, torch.Tensor, Sequence[float]], float]
+
+
+#: The metric definitions ``eval.lesion_definition`` chooses from.
+LESION_DEFINITIONS: dict[str, LesionDefinition] = {
+    "brats2023": LesionDefinition(surface_distance.hd95, surface_distance.hd95_torch),
+}
+DEFAULT_LESION_DEFINITION = "brats2023"
 
 _COMPONENTS_26 = ndimage.generate_binary_structure(3, 3)
 _DILATION_18 = ndimage.generate_binary_structure(3, 2)
-_FACES_6 = ndimage.generate_binary_structure(3, 1)
 
 
 @dataclass(frozen=True)
@@ -74,25 +111,6 @@ class LesionScore:
     lesions: int
     detected: int
     false_positives: int
-
-
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of a boolean mask (*S) with a face neighbour outside it (the mask's border counts
-    as outside)."""
-    return mask & ~ndimage.binary_erosion(mask, structure=_FACES_6, border_value=0)
-
-
-def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float:
-    """95th percentile of the pooled surface distances of two boolean masks (*S), in mm.
-
-    Returns inf when exactly one mask is empty, 0 when both are.
-    """
-    if not pred.any() or not truth.any():
-        return 0.0 if not pred.any() and not truth.any() else math.inf
-    pred_surface, truth_surface = _surface(pred), _surface(truth)
-    to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=spacing)
-    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)
-    return float(np.percentile(np.concatenate([to_truth[pred_surface], to_pred[truth_surface]]), 95))
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -133,7 +151,6 @@ class _ScipyOps:
         return np.isin(values, list(members))
 
     bounding_box = staticmethod(_bounding_box)
-    hd95 = staticmethod(hd95)
 
     @staticmethod
     def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -179,7 +196,6 @@ class _TorchOps:
         return torch.isin(values, torch.tensor(list(members), dtype=values.dtype, device=values.device))
 
     bounding_box = staticmethod(torch_morphology.bounding_box)
-    hd95 = staticmethod(torch_morphology.hd95)
     label = staticmethod(torch_morphology.label_components)
     dilate = staticmethod(torch_morphology.dilate_18)
     boxes = staticmethod(torch_morphology.component_boxes)
@@ -209,15 +225,17 @@ class LesionSettings:
 
     Attributes:
         dilation_iterations: dilation that merges and matches truth lesions (0: no dilation).
-        min_lesion_voxels: truth lesions of this many voxels or fewer are dropped.
+        min_lesion_volume: truth lesions of this many mm³ or less are dropped.
         hd95_penalty: the HD95 of a missed lesion or a false positive, in mm.
         backend: "scipy", "torch" or "auto" (:func:`resolve_backend`).
+        definition: a key of :data:`LESION_DEFINITIONS`.
     """
 
     dilation_iterations: int = DEFAULT_DILATION_ITERATIONS
-    min_lesion_voxels: int = DEFAULT_MIN_LESION_VOXELS
+    min_lesion_volume: float = DEFAULT_MIN_LESION_VOLUME
     hd95_penalty: float = DEFAULT_HD95_PENALTY
     backend: str = DEFAULT_LESION_BACKEND
+    definition: str = DEFAULT_LESION_DEFINITION
 
 
 def resolve_backend(backend: str, *arrays) -> str:
@@ -272,9 +290,9 @@ def _claimed_components(ops, lesion_cc, pred_cc, lesion_id: int, box, dilation_i
 
 
 def _lesion_match(
-    ops, lesion_cc, pred_cc, pred_boxes, lesion_id: int, near, ids: list[int], size: int, spacing, distances: bool
+    ops, lesion_cc, pred_cc, pred_boxes, lesion_id: int, near, ids: list[int], size: int, spacing, hd95
 ) -> tuple[float, float]:
-    """Dice and HD95 (NaN without ``distances``) of a truth lesion against the union of the
+    """Dice and HD95 (NaN when ``hd95`` is None) of a truth lesion against the union of the
     components it claims, on the box holding them all."""
     window = near
     for i in ids:
@@ -285,7 +303,19 @@ def _lesion_match(
     pred_mask = ops.isin(pred_cc[window], ids)
     intersection = int((lesion_mask & pred_mask).sum())
     dice = 2.0 * intersection / (size + int(pred_mask.sum()))
-    return dice, ops.hd95(pred_mask, lesion_mask, spacing) if distances else math.nan
+    return dice, hd95(pred_mask, lesion_mask, spacing) if hd95 is not None else math.nan
+
+
+def _definition(name: str) -> LesionDefinition:
+    if name not in LESION_DEFINITIONS:
+        raise ValueError(f"unknown lesion definition {name!r}; expected one of {', '.join(LESION_DEFINITIONS)}")
+    return LESION_DEFINITIONS[name]
+
+
+def _hd95_of(ops, definition: str):
+    """The definition's HD95 function for the backend ``ops`` runs on."""
+    chosen = _definition(definition)
+    return chosen.hd95_device if ops is _TorchOps else chosen.hd95_host
 
 
 def region_lesion_scores(
@@ -293,28 +323,29 @@ def region_lesion_scores(
     truth,
     spacing: Sequence[float] | None = None,
     dilation_iterations: int = DEFAULT_DILATION_ITERATIONS,
-    min_lesion_voxels: int = DEFAULT_MIN_LESION_VOXELS,
+    min_lesion_volume: float = DEFAULT_MIN_LESION_VOLUME,
     hd95_penalty: float = DEFAULT_HD95_PENALTY,
     backend: str = DEFAULT_LESION_BACKEND,
     distances: bool = True,
+    definition: str = DEFAULT_LESION_DEFINITION,
 ) -> LesionScore:
     """Lesion-wise Dice and HD95 of one region (see the module docstring).
 
     Args:
         pred, truth: boolean masks (D, H, W) of the same shape: NumPy arrays, or torch tensors on
             one device.
-        spacing: voxel size in mm per axis (1 mm when None); used by HD95 only (the size
-            threshold counts voxels, as BraTS volumes are 1 mm isotropic).
+        spacing: voxel size in mm per axis (1 mm when None), for the HD95 and the lesions' volumes.
         dilation_iterations: dilation that merges and matches truth lesions (0: no dilation).
-        min_lesion_voxels: truth lesions of this many voxels or fewer are dropped.
+        min_lesion_volume: truth lesions of this many mm³ or less are dropped.
         hd95_penalty: the HD95 of a missed lesion or a false positive, in mm.
         backend: "scipy" (on the host), "torch" (on the tensors' device) or "auto"
             (:func:`resolve_backend`); every backend gives the same scores.
         distances: False skips the surface distances (``hd95`` is then NaN), for callers that
             need the Dice only.
+        definition: a key of :data:`LESION_DEFINITIONS` (the HD95).
 
     Raises:
-        ValueError: masks of different shapes or not 3-D, or an unknown backend.
+        ValueError: masks of different shapes or not 3-D, an unknown backend or definition.
     """
     if tuple(pred.shape) != tuple(truth.shape) or pred.ndim != 3:
         raise ValueError(
@@ -323,6 +354,8 @@ def region_lesion_scores(
     ops = _BACKEND_OPS[resolve_backend(backend, pred, truth)]
     pred, truth = ops.mask(pred), ops.mask(truth)
     spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
+    voxel_volume = math.prod(spacing)
+    hd95 = _hd95_of(ops, definition) if distances else None
     # Everything happens within the dilation (plus one voxel, so surfaces stay surfaces) of the
     # foreground's bounding box: a tumour fills a few percent of a brain volume.
     foreground = ops.bounding_box(pred | truth)
@@ -342,16 +375,14 @@ def region_lesion_scores(
             continue
         near, ids, size = _claimed_components(ops, lesion_cc, pred_cc, lesion_id, box, dilation_iterations, shape)
         claimed.update(ids)
-        if size <= min_lesion_voxels:
+        if size * voxel_volume <= min_lesion_volume:
             continue
         lesions += 1
         if not ids:
             hd_sum += hd95_penalty
             continue
         detected += 1
-        dice, distance = _lesion_match(
-            ops, lesion_cc, pred_cc, pred_boxes, lesion_id, near, ids, size, spacing, distances
-        )
+        dice, distance = _lesion_match(ops, lesion_cc, pred_cc, pred_boxes, lesion_id, near, ids, size, spacing, hd95)
         dice_sum += dice
         if distances:
             hd_sum += hd95_penalty if math.isinf(distance) else distance
@@ -369,10 +400,11 @@ def case_lesion_scores(
     true_labels,
     spacing: Sequence[float] | None = None,
     dilation_iterations: int = DEFAULT_DILATION_ITERATIONS,
-    min_lesion_voxels: int = DEFAULT_MIN_LESION_VOXELS,
+    min_lesion_volume: float = DEFAULT_MIN_LESION_VOLUME,
     hd95_penalty: float = DEFAULT_HD95_PENALTY,
     backend: str = DEFAULT_LESION_BACKEND,
     distances: bool = True,
+    definition: str = DEFAULT_LESION_DEFINITION,
 ) -> dict[str, float]:
     """Lesion-wise Dice and HD95 of WT, TC and ET for one case.
 
@@ -380,7 +412,7 @@ def case_lesion_scores(
         pred_labels, true_labels: canonical label maps (D, H, W) (0 background, 1 NCR, 2 ED,
             3 ET), NumPy arrays or torch tensors on one device; the "torch" backend works on that
             device, the "scipy" one on a host copy.
-        spacing, dilation_iterations, min_lesion_voxels, hd95_penalty, backend, distances: see
+        spacing, dilation_iterations, min_lesion_volume, hd95_penalty, backend, distances, definition: see
             :func:`region_lesion_scores`.
 
     Returns:
@@ -404,14 +436,51 @@ def case_lesion_scores(
             ops.isin(truth, REGIONS[name]),
             spacing,
             dilation_iterations,
-            min_lesion_voxels,
+            min_lesion_volume,
             hd95_penalty,
             ops.name,
             distances,
+            definition,
         )
         dice_row[f"lesion_dice/{name}"] = score.dice
         hd_row[f"lesion_hd95/{name}"] = score.hd95
     return {**dice_row, **hd_row}
+
+
+def case_region_hd95(
+    pred_labels,
+    true_labels,
+    spacing: Sequence[float] | None = None,
+    hd95_penalty: float = DEFAULT_HD95_PENALTY,
+    backend: str = DEFAULT_LESION_BACKEND,
+    definition: str = DEFAULT_LESION_DEFINITION,
+) -> dict[str, float]:
+    """The plain (whole-region) HD95 of WT, TC and ET for one case, as the definition computes it.
+
+    Args:
+        pred_labels, true_labels: canonical label maps (D, H, W), NumPy arrays or torch tensors
+            on one device.
+        spacing: voxel size in mm per axis (1 mm when None).
+        hd95_penalty: the HD95 of a region empty on one side only (a region empty on both is 0).
+        backend, definition: see :func:`region_lesion_scores`.
+
+    Returns:
+        {"hd95/WT", "hd95/TC", "hd95/ET"}: floats in mm, never NaN.
+
+    Raises:
+        ValueError: label maps of different shapes, an unknown backend or definition.
+    """
+    ops = _BACKEND_OPS[resolve_backend(backend, pred_labels, true_labels)]
+    pred, truth = ops.labels(pred_labels), ops.labels(true_labels)
+    if tuple(pred.shape) != tuple(truth.shape):
+        raise ValueError(f"prediction {tuple(pred.shape)} and truth {tuple(truth.shape)} differ in shape")
+    hd95 = _hd95_of(ops, definition)
+    spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
+    scores = {}
+    for name in REGION_NAMES:
+        distance = hd95(ops.isin(pred, REGIONS[name]), ops.isin(truth, REGIONS[name]), spacing)
+        scores[f"hd95/{name}"] = hd95_penalty if math.isinf(distance) else distance
+    return scores
 
 
 def _to_numpy(labels) -> np.ndarray:

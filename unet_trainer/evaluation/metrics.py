@@ -6,16 +6,14 @@ Empty ground truth policy (``empty_policy``):
     "ignore"             MONAI's ``ignore_empty=True``: such a case scores NaN and is left out of
                          the mean for that structure.
 
-HD95 (optional, :func:`case_hd95`): the 95th-percentile Hausdorff distance per region in mm, NaN
-when the region is empty in the prediction or the ground truth, NaNs left out of the means.
+HD95 per region: :func:`unet_trainer.evaluation.lesion_metrics.case_region_hd95` (the chosen
+metric definition's).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -112,57 +110,6 @@ def case_dice(
     region_values = [scores[n] for n in REGION_NAMES if not math.isnan(scores[n])]
     scores["mean"] = sum(region_values) / len(region_values) if region_values else math.nan
     return scores
-
-
-def _gpu_distance_transform_available() -> bool:
-    """Whether MONAI can run its distance transform on the GPU: that takes cuCIM (CuPy alone,
-    common on GPU machines, is not enough)."""
-    return importlib.util.find_spec("cucim") is not None and importlib.util.find_spec("cupy") is not None
-
-
-def case_hd95(
-    pred_labels: torch.Tensor, true_labels: torch.Tensor, spacing: Sequence[float] | None = None
-) -> dict[str, float]:
-    """95th-percentile symmetric Hausdorff distance per BraTS region, through MONAI.
-
-    ``monai.metrics.compute_hausdorff_distance(percentile=95)`` on the one-hot (WT, TC, ET) masks,
-    Euclidean, in mm when ``spacing`` is given (voxels otherwise). A region empty in the
-    prediction or in the ground truth has no surface distance: it scores NaN, so
-    :func:`mean_scores` leaves that case out of the HD95 mean (a missed region still shows in its
-    Dice).
-
-    Args:
-        pred_labels, true_labels: canonical label maps (*S), same shape and device (on a GPU the
-            distances are computed there only when CuPy/cuCIM is installed; otherwise on the host,
-            where MONAI uses SciPy).
-        spacing: voxel size per axis of S, e.g. the prepared (z, y, x) spacing in mm.
-
-    Returns:
-        {"hd95/WT", "hd95/TC", "hd95/ET"}: distances (float, NaN for empty regions).
-    """
-    from monai.metrics import compute_hausdorff_distance  # only needed when HD95 is asked for
-
-    def one_hot(labels: torch.Tensor) -> torch.Tensor:
-        masks = [torch.isin(labels, torch.tensor(REGIONS[n], device=labels.device)) for n in REGION_NAMES]
-        return torch.stack(masks)[None]
-
-    pred, truth = one_hot(pred_labels), one_hot(true_labels)
-    if pred.device.type == "cuda" and not _gpu_distance_transform_available():
-        # Without cuCIM MONAI copies GPU masks to the host for a dense SciPy distance transform;
-        # from host tensors it queries a KD-tree of the surface voxels instead, which is much
-        # faster for tumour-sized regions. The masks are bool: one byte a voxel to copy.
-        pred, truth = pred.cpu(), truth.cpu()
-    # Decided here rather than left to MONAI, whose result for an empty mask (NaN or inf) depends
-    # on its version and on the distance-transform backend.
-    present = (pred.flatten(2).any(-1) & truth.flatten(2).any(-1))[0].tolist()
-    with warnings.catch_warnings():
-        # MONAI warns for every empty mask; for us that is the documented NaN case.
-        warnings.simplefilter("ignore")
-        hd = compute_hausdorff_distance(
-            pred, truth, include_background=True, percentile=95, spacing=list(spacing) if spacing is not None else None
-        )
-    values = hd[0].tolist()
-    return {f"hd95/{name}": float(v) if ok else math.nan for name, v, ok in zip(REGION_NAMES, values, present)}
 
 
 def mean_scores(per_case: Iterable[Mapping[str, float]]) -> dict[str, float]:

@@ -47,7 +47,7 @@ from ..data.labels import REGION_NAMES, REGIONS
 from .lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,
     DEFAULT_HD95_PENALTY,
-    DEFAULT_MIN_LESION_VOXELS,
+    DEFAULT_MIN_LESION_VOLUME,
     case_lesion_scores,
 )
 from .metrics import case_dice
@@ -285,7 +285,7 @@ class MetricSettings:
 
     metric: str = DEFAULT_METRIC
     lesion_dilation: int = DEFAULT_DILATION_ITERATIONS
-    lesion_min_voxels: int = DEFAULT_MIN_LESION_VOXELS
+    lesion_min_volume: float = DEFAULT_MIN_LESION_VOLUME
     empty_policy: str = "one_if_both_empty"
 
     def score(self, prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -299,7 +299,7 @@ class MetricSettings:
             prediction,
             truth,
             dilation_iterations=self.lesion_dilation,
-            min_lesion_voxels=self.lesion_min_voxels,
+            min_lesion_volume=self.lesion_min_volume,
             hd95_penalty=DEFAULT_HD95_PENALTY,
             backend="scipy",
             distances=False,  # the Dice alone decides: skip the surface distances
@@ -442,7 +442,7 @@ def write_postprocessing(
         "metric_description": f"{METRICS[choice.metric]}, mean over WT, TC and ET, then over cases",
         "settings": {
             "lesion_dilation": settings.lesion_dilation,
-            "lesion_min_voxels": settings.lesion_min_voxels,
+            "lesion_min_volume": settings.lesion_min_volume,
             "empty_policy": settings.empty_policy,
         },
         "checkpoint": str(checkpoint),

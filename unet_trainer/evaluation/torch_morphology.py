@@ -8,8 +8,6 @@ lesion-wise metrics and the postprocessing need, equal to their SciPy counterpar
 * :func:`surface`: voxels of a mask with a face neighbour outside it (the volume's border counts as
   outside).
 * :func:`component_boxes`: the bounding box of every label, as ``ndimage.find_objects``.
-* :func:`hd95`: the 95th percentile of the pooled surface distances, from exact nearest-surface
-  distances (chunked ``torch.cdist`` between the two surfaces' voxel centres in mm).
 
 Labelling (why it converges fast on long thin shapes): every foreground voxel starts as its own
 tree, its label its flat index. Each round, every voxel looks at the smallest label in its 3x3x3
@@ -23,14 +21,8 @@ the roots numbers the components in scipy's order.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
-
-#: Pairs per distance block in :func:`hd95` (float64: 128 MiB).
-_DISTANCE_BLOCK = 2**24
 
 
 def _along(values: torch.Tensor, axis: int, combine, outside) -> torch.Tensor:
@@ -157,33 +149,3 @@ def bounding_box(mask: torch.Tensor) -> tuple[slice, ...] | None:
             return None
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
     return tuple(box)
-
-
-def _nearest(points: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """For each row of ``points`` (P, 3) the distance to the nearest row of ``targets`` (T, 3),
-    in blocks of at most ``_DISTANCE_BLOCK`` pairs (exact differences, not the matrix-product
-    expansion, whose cancellation would make zero distances ~1e-5)."""
-    step = max(1, _DISTANCE_BLOCK // max(1, len(targets)))
-    return torch.cat(
-        [
-            torch.cdist(points[i : i + step], targets, compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
-            for i in range(0, len(points), step)
-        ]
-    )
-
-
-def hd95(pred: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float]) -> float:
-    """95th percentile of the pooled surface distances of two bool (D, H, W) masks, in mm of
-    ``spacing``: for each surface voxel of either mask the distance to the other mask's nearest
-    surface voxel (what ``distance_transform_edt`` of the other surface's complement gives).
-
-    Returns inf when exactly one mask is empty, 0 when both are.
-    """
-    has_pred, has_truth = bool(pred.any()), bool(truth.any())
-    if not has_pred or not has_truth:
-        return 0.0 if not has_pred and not has_truth else math.inf
-    scale = torch.tensor([float(s) for s in spacing], dtype=torch.float64, device=pred.device)
-    pred_points = surface(pred).nonzero().to(torch.float64) * scale
-    truth_points = surface(truth).nonzero().to(torch.float64) * scale
-    pooled = torch.cat([_nearest(pred_points, truth_points), _nearest(truth_points, pred_points)])
-    return float(torch.quantile(pooled, 0.95, interpolation="linear"))
