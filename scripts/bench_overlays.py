@@ -33,13 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchutil import device_description  # noqa: E402
 
-from unet_trainer.commands.builders import (  # noqa: E402
-    build_device,
-    build_model,
-    build_sliding_window,
-    build_split,
-    ensure_prepared,
-)
+from unet_trainer.commands.builders import build_device, build_model, build_sliding_window  # noqa: E402
+from unet_trainer.commands.datasets import build_split, ensure_prepared  # noqa: E402
 from unet_trainer.config.components import output_mode  # noqa: E402
 from unet_trainer.config.config import (  # noqa: E402
     CALLBACKS,  # noqa: E402

@@ -72,9 +72,8 @@ from unet_trainer.commands.builders import (  # noqa: E402
     build_optimizer,
     build_scheduler,
     build_sliding_window,
-    build_split,
-    ensure_prepared,
 )
+from unet_trainer.commands.datasets import build_split, ensure_prepared  # noqa: E402
 from unet_trainer.commands.train import run_training  # noqa: E402
 from unet_trainer.config.config import resolve_config  # noqa: E402
 from unet_trainer.core.distributed import init_distributed  # noqa: E402

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 STAGES = ("core", "data", "models", "evaluation", "training", "config", "commands", "cli")
 # The longest chain: at most 8 modules. The levels, top down: the command line (cli.*, 8); the commands that
 # compose others (commands.cv, commands.predict, 7); the ones they compose (commands.evaluate, commands.loading,
-# commands.train, 6); the composition root and the project's config (commands.builders, commands.resume,
-# config.config, 5); the registries (config.components, data.layouts, training.augment, 4); then the stages'
+# commands.train, 6); the composition root and the project's config (commands.builders, commands.datasets,
+# commands.resume, config.config, 5); the registries (config.components, data.layouts, training.augment, 4); then the stages'
 # own modules (3 and below; tests/test_import_depth.py gives each stage its budget).
 MAX_DEPTH = 8
 

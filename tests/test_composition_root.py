@@ -14,13 +14,12 @@ from unet_trainer.commands.builders import (
     build_cv_settings,
     build_eval_settings,
     build_inference_model,
-    build_prepare_settings,
     build_split_settings,
     finish_rule,
     process_group_device,
     save_folder,
-    with_dataset,
 )
+from unet_trainer.commands.datasets import build_prepare_settings, with_dataset
 from unet_trainer.config.components import describe_model, output_mode
 from unet_trainer.config.config import resolve_config
 from unet_trainer.config.engine import ConfigError
@@ -33,7 +32,7 @@ DEMO = ROOT / "configs" / "demo.yaml"
 COMMANDS = ROOT / "unet_trainer" / "commands"
 CLI = ROOT / "unet_trainer" / "cli"
 # The composition root: the only modules that read the resolved config.
-COMPOSITION_ROOT = {"builders.py", "resume.py", "train.py"}
+COMPOSITION_ROOT = {"builders.py", "datasets.py", "resume.py", "train.py"}
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,14 @@ from conftest import ROOT, tiny_overrides
 
 from unet_trainer.cli.cv import main as cv_main
 from unet_trainer.cli.predict import main as predict_main
-from unet_trainer.commands.builders import ensure_prepared, fold_config, raw_data_dir
+from unet_trainer.commands.builders import fold_config
 from unet_trainer.commands.cv import (
     CrossValidationError,
     claim_cv_folder,
     parse_folds,
     run_cross_validation,
 )
+from unet_trainer.commands.datasets import ensure_prepared, raw_data_dir
 from unet_trainer.commands.folders import fold_state
 from unet_trainer.commands.loading import EnsembleError, expand_checkpoints
 from unet_trainer.commands.predict import predict_dataset

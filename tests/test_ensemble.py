@@ -14,7 +14,8 @@ from conftest import ROOT, tiny_overrides
 from unet_trainer.cli.parsing import parse_command_line
 from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.cli.predict import make_parser
-from unet_trainer.commands.builders import build_model, build_sliding_window, raw_data_dir
+from unet_trainer.commands.builders import build_model, build_sliding_window
+from unet_trainer.commands.datasets import raw_data_dir
 from unet_trainer.commands.loading import (
     EnsembleError,
     EnsembleModel,

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, tiny_overrides
 
 from unet_trainer.cli.evaluate import main as eval_main
-from unet_trainer.commands.builders import raw_data_dir
+from unet_trainer.commands.datasets import raw_data_dir
 from unet_trainer.commands.evaluate import evaluate_folder, evaluate_model
 from unet_trainer.commands.loading import load_model
 from unet_trainer.commands.predict import predict_dataset
@@ -21,7 +21,7 @@ from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.data.layouts import DataFormatError, list_cases
 
-SCORES = ["eval.hd95=true", "eval.lesion_wise=true", "eval.lesion_min_voxels=2"]
+SCORES = ["eval.hd95=true", "eval.lesion_wise=true", "eval.lesion_min_volume=2"]
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from unet_trainer.cli.evaluate import _eval_table
-from unet_trainer.commands.builders import (
-    build_evaluator,
-    build_metrics,
-    build_model,
-    build_sliding_window,
-    ensure_prepared,
-)
+from unet_trainer.commands.builders import build_evaluator, build_metrics, build_model, build_sliding_window
+from unet_trainer.commands.datasets import ensure_prepared
 from unet_trainer.config.config import ConfigError, defaults
 from unet_trainer.core.distributed import DistInfo
 from unet_trainer.evaluation import case_metrics

@@ -22,7 +22,7 @@ from conftest import ROOT, tiny_overrides
 from unet_trainer.cli.data import main as data_main
 from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.cli.train import main as train_main
-from unet_trainer.commands.builders import raw_data_dir
+from unet_trainer.commands.datasets import raw_data_dir
 from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.core.fileio import temporary_sibling, temporary_target

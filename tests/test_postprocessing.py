@@ -16,7 +16,7 @@ from conftest import ROOT, tiny_overrides
 import unet_trainer.commands.predict as predict_module
 from unet_trainer.cli.evaluate import main as eval_main
 from unet_trainer.cli.predict import main as predict_main
-from unet_trainer.commands.builders import raw_data_dir
+from unet_trainer.commands.datasets import raw_data_dir
 from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.data.layouts import list_cases

@@ -19,7 +19,7 @@ import unet_trainer.commands.predict as predict_module
 from unet_trainer.cli.data import main as data_main
 from unet_trainer.cli.evaluate import main as eval_main
 from unet_trainer.cli.predict import main as predict_main
-from unet_trainer.commands.builders import raw_data_dir
+from unet_trainer.commands.datasets import raw_data_dir
 from unet_trainer.commands.loading import load_model
 from unet_trainer.commands.predict import labels_to_original, predict_case, prediction_to_original
 from unet_trainer.commands.train import run_training

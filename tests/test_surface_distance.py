@@ -52,7 +52,7 @@ def test_random_shapes_equal_the_package_on_both_backends(spacing):
         assert hd95_torch(torch.from_numpy(pred), torch.from_numpy(truth), spacing) == pytest.approx(expected, abs=1e-9)
 
 
-@pytest.mark.parametrize("spacing, axis", itertools.product(SPACINGS, range(3)))
+@pytest.mark.parametrize("spacing, axis", list(itertools.product(SPACINGS, range(3))))
 def test_a_one_voxel_shift_and_identical_surfaces(spacing, axis):
     truth = np.zeros((12, 12, 12), dtype=bool)
     truth[3:8, 2:9, 4:10] = True

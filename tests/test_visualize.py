@@ -253,7 +253,7 @@ def test_unet_eval_and_unet_predict_draw_overlays(tiny_config, tmp_path, capsys)
     assert eval_main([str(checkpoint), "--no-progress", "--no-overlays", "--out", str(tmp_path / "s.csv")]) == 0
     assert "Overlays" not in capsys.readouterr().out and not (tmp_path / "s_overlays").exists()
 
-    from unet_trainer.commands.builders import raw_data_dir
+    from unet_trainer.commands.datasets import raw_data_dir
 
     phantom = raw_data_dir(summary["state"].config, progress=False)
     out_dir = tmp_path / "pred"

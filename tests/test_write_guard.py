@@ -15,7 +15,7 @@ from unet_trainer.cli.data import main as data_main
 from unet_trainer.cli.evaluate import main as eval_main
 from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.cli.train import main as train_main
-from unet_trainer.commands.builders import prepared_data_dir, raw_data_dir
+from unet_trainer.commands.datasets import prepared_data_dir, raw_data_dir
 from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.config.engine import ConfigError

@@ -1,17 +1,15 @@
 """Builders: the composition root's component functions, the only code that reads the resolved
-config (with :mod:`resume` and :mod:`train`). Each turns one section into an object built from
-plain typed arguments: the device, the data folders, the model's loss, optimizer and schedule,
-the callbacks, the sliding window, the metrics and the evaluator.
+config (with :mod:`datasets`, :mod:`resume` and :mod:`train`). Each turns one section into an object
+built from plain typed arguments: the device, the model's loss, optimizer and schedule, the
+augmentation, the callbacks, the sliding window, the metrics and the evaluator, and the typed
+settings the other commands receive.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
 import random
-import sys
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -24,13 +22,7 @@ from ..config.components import build_model as build_model  # the model of a con
 from ..config.components import describe_model
 from ..config.engine import ConfigError
 from ..core.checkpoints import CheckpointManager
-from ..core.distributed import DistInfo, barrier
-from ..core.guard import check_outputs
 from ..core.schema import Duration, Field
-from ..data.layouts import DataFormatError, list_cases, open_dataset
-from ..data.phantom import write_phantom_dataset
-from ..data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current
-from ..data.split import kfold_split, load_split_file
 from ..evaluation import postprocessing as pp
 from ..evaluation.case_metrics import CaseMetric, UnknownMetric, make_metrics, metric_names
 from ..evaluation.evaluation import DiceEvaluator
@@ -73,113 +65,13 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Data
+# The run folder and when a run is finished (its data: datasets.py)
 # --------------------------------------------------------------------------------------------
 
 
 def save_folder(cfg: dict) -> Path:
     """The run (or ``unet-cv``) folder: ``save_folder``."""
     return Path(cfg["save_folder"])
-
-
-def cache_dir(cfg: dict) -> Path:
-    """``data.cache_dir``, else ``$UNET_TRAINER_CACHE``, else ``~/.cache/unet-trainer``."""
-    if cfg["data"]["cache_dir"]:
-        return Path(cfg["data"]["cache_dir"]).expanduser()
-    env = os.environ.get("UNET_TRAINER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "unet-trainer"
-
-
-def raw_data_path(cfg: dict) -> Path:
-    """The raw dataset folder ``data.path`` names (for ``data.path: null`` the phantom's folder in
-    the cache), without checking or creating it."""
-    data = cfg["data"]
-    if data["path"] is not None:
-        return Path(data["path"]).expanduser()
-    phantom = data["phantom"]
-    shape = "x".join(str(s) for s in phantom["shape"])
-    return cache_dir(cfg) / f"phantom-{phantom['style']}-{phantom['cases']}cases-{shape}-seed{phantom['seed']}"
-
-
-def raw_data_dir(cfg: dict, progress: bool = True) -> Path:
-    """The raw dataset folder; for ``data.path: null`` the phantom, generated into the cache if absent.
-
-    Raises:
-        DataFormatError: ``data.path`` does not exist.
-    """
-    data = cfg["data"]
-    folder = raw_data_path(cfg)
-    if data["path"] is None:
-        phantom = data["phantom"]
-        if not (folder / "phantom.json").is_file():
-            print(f"Generating the synthetic BraTS phantom into {folder}", file=sys.stderr)
-            write_phantom_dataset(
-                folder,
-                phantom["cases"],
-                tuple(phantom["shape"]),
-                phantom["seed"],
-                progress,
-                workers=data["prepare_workers"],
-                style=phantom["style"],
-            )
-        return folder
-    if not folder.is_dir():
-        raise DataFormatError(f"data.path: folder {folder} does not exist (set data.path=/path/to/your/BraTS)")
-    return folder
-
-
-def prepared_data_dir(cfg: dict, source: Path) -> Path:
-    """``data.prepared_path``, else a cache folder named after the source and its absolute path."""
-    if cfg["data"]["prepared_path"]:
-        return Path(cfg["data"]["prepared_path"]).expanduser()
-    digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
-    return cache_dir(cfg) / "prepared" / f"{source.name}-{digest}"
-
-
-def data_input_folders(cfg: dict) -> list[tuple[str, Path]]:
-    """The dataset folders a run reads, as :func:`guard.check_outputs` takes them: the raw dataset
-    and its prepared folder (neither checked nor created)."""
-    raw = raw_data_path(cfg)
-    return [("the raw dataset", raw), ("the prepared data folder", prepared_data_dir(cfg, raw))]
-
-
-def check_run_outputs(cfg: dict, run_dir: Path, what: str = "the run folder (save_folder)") -> None:
-    """Refuse a run (or cross-validation) folder that would lie in, be or hold the raw dataset or
-    its prepared folder, and a prepared folder inside the raw dataset; before anything is written.
-
-    Raises:
-        OutputPathError: one line naming both paths.
-    """
-    raw, prepared = data_input_folders(cfg)
-    check_outputs([(what, run_dir)], folders=[raw, prepared])
-    check_outputs([(prepared[0], prepared[1])], folders=[raw])
-
-
-def ensure_prepared(cfg: dict, dist_info: DistInfo, progress: bool = True) -> tuple[Path, dict]:
-    """Prepare the dataset when the prepared copy is missing or stale (rank 0; others wait)."""
-    source = raw_data_dir(cfg, progress) if dist_info.is_main else None
-    barrier()
-    if source is None:
-        source = raw_data_dir(cfg, progress=False)
-    out = prepared_data_dir(cfg, source)
-    settings = build_prepare_settings(cfg)
-    fmt = cfg["data"]["format"]
-    if dist_info.is_main and not prepared_is_current(out, source, settings, fmt, list_cases=list_cases):
-        print(f"Preparing {source} -> {out}", file=sys.stderr)
-        dataset = open_dataset(source, fmt)
-        prepare_dataset(dataset, out, settings, workers=cfg["data"]["prepare_workers"], progress=progress)
-    barrier()
-    return out, load_prepared_index(out)
-
-
-def build_split(cfg: dict, case_ids: list[str]) -> dict[str, list[str]]:
-    data = cfg["data"]
-    if data["split_file"]:
-        return load_split_file(Path(data["split_file"]), case_ids)
-    try:
-        return kfold_split(case_ids, data["num_folds"], data["fold"], data["split_seed"])
-    except ValueError as exc:
-        raise DataFormatError(f"data: {exc}") from None
 
 
 def finish_rule(cfg: dict) -> tuple[Duration, cb.EarlyStopper | None]:
@@ -429,11 +321,6 @@ def build_inference_model(cfg: dict) -> tuple[torch.device, SegmentationModel]:
         raise ConfigError(f"model: {exc}") from None
 
 
-def build_prepare_settings(cfg: dict) -> PrepareSettings:
-    """How a case of the config's data is prepared (target spacing, DLE label numbering)."""
-    return PrepareSettings.from_config(cfg["data"])
-
-
 # What must agree between the models of an ensemble: (name, the value in a resolved config), in
 # the order of :class:`ModelConventions`' fields.
 CONVENTION_KEYS = (
@@ -541,13 +428,6 @@ class SplitSettings:
 def build_split_settings(cfg: dict) -> SplitSettings:
     data = cfg["data"]
     return SplitSettings(data["fold"], data["num_folds"], data["split_file"], data["path"])
-
-
-def with_dataset(cfg: dict, dataset: Path, fmt: str) -> dict:
-    """A copy of ``cfg`` reading another raw dataset (its own prepared cache folder, keyed by its
-    path, and no split file); ``cfg`` stays as it was."""
-    other = dict(path=str(Path(dataset).expanduser()), format=fmt, prepared_path=None, split_file=None)
-    return {**cfg, "data": {**cfg["data"], **other}}
 
 
 @dataclass(frozen=True)

@@ -48,14 +48,8 @@ from ..core.runfolder import FolderLock, RunFolderError
 from ..evaluation import postprocessing as pp
 from ..evaluation.metrics import mean_scores
 from ..training import callbacks as cb
-from .builders import (
-    CVSettings,
-    EvalSettings,
-    SplitSettings,
-    build_cv_settings,
-    check_run_outputs,
-    fold_config,
-)
+from .builders import CVSettings, EvalSettings, SplitSettings, build_cv_settings, fold_config
+from .datasets import check_run_outputs
 from .evaluate import evaluate_model
 from .folders import CV_CONFIG, FoldState, chosen_checkpoint, fold_folder, fold_state
 from .loading import load_model

@@ -35,17 +35,8 @@ from ..evaluation.evaluation import write_cases_csv
 from ..evaluation.inference import speed_up_inference
 from ..evaluation.metrics import mean_scores
 from ..evaluation.visualize import evaluator_case_view, write_overlays
-from .builders import (
-    build_eval_settings,
-    build_evaluator,
-    build_prepare_settings,
-    build_scoring,
-    build_split,
-    build_split_settings,
-    data_input_folders,
-    ensure_prepared,
-    with_dataset,
-)
+from .builders import build_eval_settings, build_evaluator, build_scoring, build_split_settings
+from .datasets import build_prepare_settings, build_split, data_input_folders, ensure_prepared, with_dataset
 
 
 class ScoredModel(Protocol):

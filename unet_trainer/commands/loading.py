@@ -48,10 +48,10 @@ from .builders import (
     build_conventions,
     build_eval_settings,
     build_inference_model,
-    build_prepare_settings,
     build_sliding_window,
     finish_rule,
 )
+from .datasets import build_prepare_settings
 from .folders import CV_CONFIG, FinishRule, chosen_checkpoint, fold_folders, fold_state
 from .resume import RESUME_FREE_KEYS
 

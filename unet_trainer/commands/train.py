@@ -39,12 +39,10 @@ from .builders import (
     build_optimizer,
     build_sampled_size,
     build_scheduler,
-    build_split,
-    check_run_outputs,
-    ensure_prepared,
     process_group_device,
     seed_everything,
 )
+from .datasets import build_split, check_run_outputs, ensure_prepared
 from .resume import restore_checkpoint, setup_resume
 
 
