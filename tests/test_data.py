@@ -339,6 +339,28 @@ def test_continuous_batches_cut_each_epoch_and_resume_anywhere():
     assert [next(resumed) for _ in range(2)] == first_two_epochs[4:6]
 
 
+def test_an_epoch_of_sampled_batches_draws_with_replacement_the_same_on_every_rank_and_resume():
+    # 3 cases, an epoch of 5 batches of 4 (nnU-Net's fixed epoch): each batch full, cases drawn with replacement.
+    batches = ContinuousBatchSampler(EpochSampler(3, seed=7, samples_per_epoch=20), batch_size=4)
+    assert batches.batches_per_epoch == 5
+    stream = iter(batches)
+    two_epochs = [next(stream) for _ in range(10)]
+    assert all(len(b) == 4 for b in two_epochs)
+    first = [index for b in two_epochs[:5] for index, _ in b]
+    assert set(first) <= {0, 1, 2} and len(set(first)) == 3 and len(first) == 20  # repeats, every case seen
+    assert [i for b in two_epochs[5:] for i, _ in b] != first  # another draw each epoch
+    assert len({seed for b in two_epochs for _, seed in b}) == 40  # a crop seed per position
+    batches.set_position(1, 3)  # resume at epoch 1, batch 3: the same batches follow
+    resumed = iter(batches)
+    assert [next(resumed) for _ in range(2)] == two_epochs[8:10]
+    # Two ranks share one global draw, position by position, each with half the batch.
+    ranks = [ContinuousBatchSampler(EpochSampler(3, 7, 2, rank, samples_per_epoch=20), 2) for rank in (0, 1)]
+    assert all(r.batches_per_epoch == 5 for r in ranks)
+    per_rank = [[item for _, b in zip(range(5), iter(r)) for item in b] for r in ranks]
+    merged = [item for pair in zip(*per_rank) for item in pair]
+    assert merged == [item for b in two_epochs[:5] for item in b]
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_device_prefetcher_yields_every_batch_in_order(enabled):
     batches = [(torch.full((2, 1, 3), float(i)), torch.full((2, 1, 3), i, dtype=torch.uint8)) for i in range(4)]

@@ -138,6 +138,12 @@ def setup_device(cfg: dict) -> tuple[DistInfo, torch.device]:
     return dist_info, device
 
 
+def _samples_per_epoch(cfg: dict) -> int | None:
+    """The samples an epoch draws (``data.batches_per_epoch`` global batches), or None: one pass over the cases."""
+    batches = cfg["data"]["batches_per_epoch"]
+    return None if batches is None else batches * cfg["train_batch_size"]
+
+
 def setup_data(cfg: dict, run_dir: Path, dist_info: DistInfo, device: torch.device, progress: bool) -> DataSetup:
     """Prepare the dataset if needed, split it (rank 0 writes ``split.json``) and build this
     rank's training loader.
@@ -168,6 +174,7 @@ def setup_data(cfg: dict, run_dir: Path, dist_info: DistInfo, device: torch.devi
             rank=dist_info.rank,
             drop_last=cfg["drop_last"],
             processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),  # torchrun's ranks on this machine
+            samples_per_epoch=_samples_per_epoch(cfg),
         )
     except BatchTooLarge as exc:
         raise ConfigError(

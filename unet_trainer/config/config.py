@@ -168,6 +168,9 @@ SCHEMA: dict[str, Any] = {
         "split_file": F("str", None, nullable=True),
         "patch_size": F("int_list", [128, 128, 128], length=3),
         "oversampling": F("float", 0.4, **PROB),
+        # An epoch of this many batches, each case drawn at random with replacement (nnU-Net: 250);
+        # null: an epoch is one pass over the training cases, a patch each.
+        "batches_per_epoch": F("int", None, nullable=True, minimum=1),
         "num_workers": F("int", 2, minimum=0),
         # On CUDA, copy the next batch to the GPU on a side stream while the current step runs.
         "prefetch_to_device": F("bool", True),

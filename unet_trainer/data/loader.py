@@ -2,7 +2,7 @@
 
 DataLoader workers only read and crop; augmentation runs batched on the training device
 (:mod:`unet_trainer.training.augment`). One epoch visits every training case once, one random patch
-each. Randomness is keyed by (seed, epoch, position in the epoch), never by worker, so the
+each, or draws a fixed number of cases with replacement (``data.batches_per_epoch``, as nnU-Net does). Randomness is keyed by (seed, epoch, position in the epoch), never by worker, so the
 batches are identical whatever the number of workers, and a resumed run picks up mid-epoch
 with exactly the batches it would have seen.
 """
@@ -341,23 +341,39 @@ class PatchDataset(Dataset):
 class EpochSampler(DistributedSampler):
     """A DistributedSampler that yields ``(case_index, crop_seed)`` and can start mid-epoch.
 
-    Each rank gets its share of the shuffled epoch; ``set_epoch`` picks the permutation and
-    ``set_start`` skips the samples this rank already consumed (for exact resume).
+    Each rank gets its share of the epoch; ``set_epoch`` picks the epoch's cases and ``set_start``
+    skips the samples this rank already consumed (for exact resume). By default an epoch is a
+    shuffled pass over every case. With ``samples_per_epoch``, an epoch is that many cases drawn
+    uniformly with replacement (nnU-Net's epoch of a fixed number of batches, whatever the number of
+    cases), keyed by (seed, epoch) like the shuffle, so it is the same on every rank and on resume.
     """
 
-    def __init__(self, num_cases: int, seed: int, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self, num_cases: int, seed: int, num_replicas: int = 1, rank: int = 0, samples_per_epoch: int | None = None
+    ):
         super().__init__(
             range(num_cases), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False
         )
+        self.num_cases = num_cases
+        self.samples_per_epoch = samples_per_epoch
+        if samples_per_epoch is not None:
+            self.num_samples = math.ceil(samples_per_epoch / num_replicas)
+            self.total_size = self.num_samples * num_replicas
         self.start = 0
 
     def set_start(self, start: int) -> None:
         """Skip the first ``start`` samples of this rank's share of the current epoch."""
         self.start = int(start)
 
+    def _epoch_cases(self) -> list[int]:
+        """This rank's share of the current epoch's case indices, in order."""
+        if self.samples_per_epoch is None:
+            return list(super().__iter__())
+        drawn = np.random.default_rng([self.seed, self.epoch]).integers(0, self.num_cases, size=self.total_size)
+        return drawn[self.rank : self.total_size : self.num_replicas].tolist()
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())
-        for local, index in enumerate(indices):
+        for local, index in enumerate(self._epoch_cases()):
             if local < self.start:
                 continue
             position = local * self.num_replicas + self.rank
@@ -425,6 +441,7 @@ def build_train_loader(
     rank: int = 0,
     drop_last: bool = False,
     processes: int = 1,
+    samples_per_epoch: int | None = None,
 ) -> DataLoader:
     """An endless DataLoader of training patches for one rank, running across epochs.
 
@@ -433,6 +450,8 @@ def build_train_loader(
         num_workers: reading processes; 0 reads in the main process.
         pin_memory: pin host memory for faster, asynchronous copies to a GPU.
         drop_last: leave out each epoch's last partial batch (every batch then has ``batch_size``).
+        samples_per_epoch: an epoch of this many cases drawn with replacement (all ranks together),
+            instead of a pass over every case (:class:`EpochSampler`).
 
     Returns:
         A DataLoader whose ``batch_sampler`` is a :class:`ContinuousBatchSampler`: call its
@@ -443,7 +462,9 @@ def build_train_loader(
         BatchTooLarge: a batch needs more memory or shared memory than this machine has
             (:func:`check_batch_fits`; ``processes`` training processes run on it).
     """
-    sampler = EpochSampler(len(dataset), seed, num_replicas=num_replicas, rank=rank)
+    sampler = EpochSampler(
+        len(dataset), seed, num_replicas=num_replicas, rank=rank, samples_per_epoch=samples_per_epoch
+    )
     if drop_last and sampler.num_samples < batch_size:
         raise ValueError(
             f"drop_last: an epoch has {sampler.num_samples} samples per rank, fewer than the batch of "
