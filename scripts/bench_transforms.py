@@ -13,8 +13,15 @@ On CUDA (and on the CPU with ``--share``) it also times one forward+backward
 step of the BraTS 3D U-Net at batch 2 (bf16 autocast on CUDA, fp32 on the CPU)
 and reports the augmentation as a share of it. ``--json`` writes every figure.
 
+With ``--set nnunet`` it times nnU-Net v2's augmentation set instead: ours, batched, as
+``configs/brats-nnunet.yaml`` trains with it (rotation and scaling resampled from the larger region
+the loader crops), against nnU-Net's own batchgeneratorsv2 pipeline one sample at a time on the CPU
+from nnU-Net's initial patch (``scripts/nnunet_pipeline.py``; ``pip install batchgeneratorsv2``), at
+nnU-Net's probabilities and with every transform firing.
+
 Example (quick CPU check):
     python scripts/bench_transforms.py --device cpu --patch 64 --batches 2 --iters 3
+    python scripts/bench_transforms.py --set nnunet --device cpu --batches 2 --iters 5 --warmup 1
 """
 
 from __future__ import annotations
@@ -183,6 +190,58 @@ def training_step_seconds(patch: int, device: torch.device, warmup: int, iters: 
 # ---------------------------------------------------------------------- reporting
 
 
+def batchgenerators_seconds_per_batch(pipeline, size: tuple[int, ...], batch: int, warmup: int, iters: int) -> float:
+    """Seconds for ``batch`` samples through batchgeneratorsv2's ``pipeline``, one after the other."""
+    generator = torch.Generator().manual_seed(SEED)
+    image = torch.randn((CHANNELS, *size), generator=generator)
+    label = torch.randint(0, NUM_CLASSES, (1, *size), generator=generator, dtype=torch.int16)
+
+    def run() -> None:
+        for _ in range(batch):
+            pipeline(image=image.clone(), segmentation=label.clone())
+
+    return median_seconds(run, torch.device("cpu"), warmup, iters)
+
+
+def nnunet_rows(arguments: argparse.Namespace, devices: list[torch.device], document: dict, save) -> None:
+    """``--set nnunet``: ours against batchgeneratorsv2 on nnU-Net's augmentation set (module docstring)."""
+    import nnunet_pipeline
+
+    patch = (arguments.patch,) * 3
+    initial = nnunet_pipeline.nnunet_initial_patch(patch)
+    header = f"{'setting':<9} {'device':<6} {'batch':>5} {'ours ms/batch':>13} {'bg2 ms/batch':>12} {'ours/bg2':>8}"
+    print(header)
+    print("-" * len(header))
+    for all_fire in (False, True):
+        setting = "all-fire" if all_fire else "nnunet"
+        pipeline = nnunet_pipeline.batchgenerators_pipeline(patch, all_fire)
+        transforms, sampled = nnunet_pipeline.our_transforms(patch, all_fire)
+        document["regions"] = {"ours": list(sampled), "batchgeneratorsv2": list(initial)}
+        for batch in arguments.batches:
+            theirs = batchgenerators_seconds_per_batch(pipeline, initial, batch, arguments.warmup, arguments.iters)
+            for device in devices:
+                augmenter = BatchAugmenter(transforms, 3, device, SEED)
+                image = torch.randn((batch, CHANNELS, *sampled), device=device)
+                label = torch.randint(0, NUM_CLASSES, (batch, 1, *sampled), device=device, dtype=torch.uint8)
+                ours = median_seconds(
+                    lambda run=augmenter, x=image, y=label: run(x, y), device, arguments.warmup, arguments.iters
+                )
+                print(
+                    f"{setting:<9} {device.type:<6} {batch:>5} {ours * 1e3:>13.1f} {theirs * 1e3:>12.1f} "
+                    f"{theirs / ours:>7.1f}x"
+                )
+                document["rows"].append(
+                    {
+                        "setting": setting,
+                        "device": device.type,
+                        "batch": batch,
+                        "ours_ms_per_batch": ours * 1e3,
+                        "batchgeneratorsv2_ms_per_batch": theirs * 1e3,
+                    }
+                )
+                save()
+
+
 def devices_to_run(choice: str) -> list[torch.device]:
     cuda_available = torch.cuda.is_available()
     if choice in ("cuda", "both") and not cuda_available:
@@ -201,6 +260,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", "cpu", "cuda", "both"),
         default="auto",
         help="where our augmenter runs (auto: CUDA if available, else CPU); MONAI always runs on the CPU",
+    )
+    parser.add_argument(
+        "--set",
+        choices=("composer", "nnunet"),
+        default="composer",
+        help="composer: the recipe's transforms against MONAI; nnunet: nnU-Net's set against batchgeneratorsv2",
     )
     parser.add_argument("--patch", type=int, default=128, help="cubic patch edge in voxels (default 128)")
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 8], help="batch sizes (default 2 8)")
@@ -229,9 +294,26 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return arguments
 
 
+def _write_json(path: Path | None, document: dict) -> None:
+    # After each measurement, so a run stopped at a time limit keeps what it measured.
+    if path:
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(document, indent=1))
+        temporary.replace(path)
+
+
 def main() -> None:
     arguments = parse_arguments()
     devices = devices_to_run(arguments.device)
+    if arguments.set == "nnunet":
+        print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, CPU: {cpu_model_name()}")
+        print(
+            f"nnU-Net's augmentation of a {CHANNELS}x{arguments.patch}^3 patch, median of {arguments.iters} after "
+            f"{arguments.warmup} warm-up; batchgeneratorsv2 per sample on the CPU, one process\n"
+        )
+        document = {"torch": torch.__version__, "cpu": cpu_model_name(), "patch": arguments.patch, "rows": []}
+        nnunet_rows(arguments, devices, document, lambda: _write_json(arguments.json, document))
+        return
 
     import monai
     from monai.data import set_track_meta
@@ -262,11 +344,7 @@ def main() -> None:
     }
 
     def save() -> None:
-        # After each measurement, so a run stopped at a time limit keeps what it measured.
-        if arguments.json:
-            temporary = arguments.json.with_name(arguments.json.name + ".tmp")
-            temporary.write_text(json.dumps(document, indent=1))
-            temporary.replace(arguments.json)
+        _write_json(arguments.json, document)
 
     for setting in SETTINGS:
         for batch in arguments.batches:
