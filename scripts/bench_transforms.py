@@ -203,22 +203,33 @@ def batchgenerators_seconds_per_batch(pipeline, size: tuple[int, ...], batch: in
     return median_seconds(run, torch.device("cpu"), warmup, iters)
 
 
-def nnunet_rows(arguments: argparse.Namespace, devices: list[torch.device], document: dict, save) -> None:
-    """``--set nnunet``: ours against batchgeneratorsv2 on nnU-Net's augmentation set (module docstring)."""
+def nnunet_rows(arguments: argparse.Namespace, devices: list[torch.device], document: dict, save) -> dict:
+    """``--set nnunet``: ours against batchgeneratorsv2 on nnU-Net's augmentation set (module docstring);
+    without batchgeneratorsv2 installed, ours alone. Returns our seconds per batch by (setting, device, batch)."""
     import nnunet_pipeline
 
     patch = (arguments.patch,) * 3
     initial = nnunet_pipeline.nnunet_initial_patch(patch)
+    try:
+        import batchgeneratorsv2  # noqa: F401
+    except ImportError:
+        print("batchgeneratorsv2 is not installed (pip install batchgeneratorsv2): ours alone\n")
+        initial = None
     header = f"{'setting':<9} {'device':<6} {'batch':>5} {'ours ms/batch':>13} {'bg2 ms/batch':>12} {'ours/bg2':>8}"
     print(header)
     print("-" * len(header))
+    ours_seconds: dict[tuple[str, str, int], float] = {}
     for all_fire in (False, True):
         setting = "all-fire" if all_fire else "nnunet"
-        pipeline = nnunet_pipeline.batchgenerators_pipeline(patch, all_fire)
+        pipeline = nnunet_pipeline.batchgenerators_pipeline(patch, all_fire) if initial else None
         transforms, sampled = nnunet_pipeline.our_transforms(patch, all_fire)
-        document["regions"] = {"ours": list(sampled), "batchgeneratorsv2": list(initial)}
+        document["regions"] = {"ours": list(sampled), "batchgeneratorsv2": list(initial) if initial else None}
         for batch in arguments.batches:
-            theirs = batchgenerators_seconds_per_batch(pipeline, initial, batch, arguments.warmup, arguments.iters)
+            theirs = (
+                batchgenerators_seconds_per_batch(pipeline, initial, batch, arguments.warmup, arguments.iters)
+                if pipeline
+                else None
+            )
             for device in devices:
                 augmenter = BatchAugmenter(transforms, 3, device, SEED)
                 image = torch.randn((batch, CHANNELS, *sampled), device=device)
@@ -226,20 +237,60 @@ def nnunet_rows(arguments: argparse.Namespace, devices: list[torch.device], docu
                 ours = median_seconds(
                     lambda run=augmenter, x=image, y=label: run(x, y), device, arguments.warmup, arguments.iters
                 )
-                print(
-                    f"{setting:<9} {device.type:<6} {batch:>5} {ours * 1e3:>13.1f} {theirs * 1e3:>12.1f} "
-                    f"{theirs / ours:>7.1f}x"
-                )
+                ours_seconds[(setting, device.type, batch)] = ours
+                peer = f"{theirs * 1e3:>12.1f} {theirs / ours:>7.1f}x" if theirs else f"{'-':>12} {'-':>8}"
+                print(f"{setting:<9} {device.type:<6} {batch:>5} {ours * 1e3:>13.1f} {peer}")
                 document["rows"].append(
                     {
                         "setting": setting,
                         "device": device.type,
                         "batch": batch,
                         "ours_ms_per_batch": ours * 1e3,
-                        "batchgeneratorsv2_ms_per_batch": theirs * 1e3,
+                        "batchgeneratorsv2_ms_per_batch": theirs * 1e3 if theirs else None,
                     }
                 )
                 save()
+    return ours_seconds
+
+
+def report_shares(
+    arguments: argparse.Namespace,
+    devices: list[torch.device],
+    ours_seconds: dict,
+    settings: list[str],
+    document: dict,
+    save,
+) -> None:
+    """Each setting's augmentation at batch 2 as a share of one training step, where the augmentation runs in
+    training: the GPU (or the CPU with ``--share``)."""
+    share_device = next((device for device in devices if device.type == "cuda"), None)
+    if share_device is None and arguments.share:
+        share_device = devices[-1]
+    if share_device is None or not any(key[1:] == (share_device.type, 2) for key in ours_seconds):
+        return
+    try:
+        step_seconds = training_step_seconds(
+            arguments.patch, share_device, arguments.warmup, arguments.iters, arguments.width_divisor
+        )
+    except ImportError as error:
+        print(f"\nno training-step comparison: cannot import the U-Net ({error})")
+        return
+    precision = "bf16 autocast" if share_device.type == "cuda" else "fp32"
+    print(
+        f"\nU-Net forward+backward on {share_device.type}, batch 2, {precision}"
+        f"{f', filters / {arguments.width_divisor}' if arguments.width_divisor > 1 else ''}: {step_seconds * 1e3:.1f} ms"
+    )
+    document["step_ms"] = step_seconds * 1e3
+    document["step_device"] = share_device.type
+    document.setdefault("step_share_percent", {})
+    for setting in settings:
+        key = (setting, share_device.type, 2)
+        if key not in ours_seconds:
+            continue
+        share = 100.0 * ours_seconds[key] / step_seconds
+        document["step_share_percent"][setting] = share
+        save()
+        print(f"augmentation ({setting}, batch 2) = {share:.2f} % of a training step (target < 5 % on an H200)")
 
 
 def devices_to_run(choice: str) -> list[torch.device]:
@@ -312,7 +363,12 @@ def main() -> None:
             f"{arguments.warmup} warm-up; batchgeneratorsv2 per sample on the CPU, one process\n"
         )
         document = {"torch": torch.__version__, "cpu": cpu_model_name(), "patch": arguments.patch, "rows": []}
-        nnunet_rows(arguments, devices, document, lambda: _write_json(arguments.json, document))
+
+        def save_nnunet() -> None:
+            _write_json(arguments.json, document)
+
+        seconds = nnunet_rows(arguments, devices, document, save_nnunet)
+        report_shares(arguments, devices, seconds, ["nnunet", "all-fire"], document, save_nnunet)
         return
 
     import monai
@@ -370,36 +426,13 @@ def main() -> None:
                 )
                 save()
 
-    # The share is measured where the augmentation runs in training: the GPU (or the CPU when asked).
-    share_device = next((device for device in devices if device.type == "cuda"), None)
-    if share_device is None and arguments.share:
-        share_device = devices[-1]
-    if share_device is None:
-        return
-    try:
-        step_seconds = training_step_seconds(
-            arguments.patch, share_device, arguments.warmup, arguments.iters, arguments.width_divisor
-        )
-    except ImportError as error:
-        print(f"\nno training-step comparison: cannot import the U-Net ({error})")
-        return
-    precision = "bf16 autocast" if share_device.type == "cuda" else "fp32"
-    print(
-        f"\nU-Net forward+backward on {share_device.type}, batch 2, {precision}"
-        f"{f', filters / {arguments.width_divisor}' if arguments.width_divisor > 1 else ''}: {step_seconds * 1e3:.1f} ms"
-    )
-    document["step_ms"] = step_seconds * 1e3
-    document["step_device"] = share_device.type
-    for setting in SETTINGS:
-        key = (setting.name, share_device.type, 2)
-        if key not in ours_seconds:
+    for setting in SETTINGS:  # batch 2 is the one the share reads
+        key = (setting.name, devices[-1].type, 2)
+        if key not in ours_seconds and (arguments.share or devices[-1].type == "cuda"):
             ours_seconds[key] = ours_seconds_per_batch(
-                setting, 2, arguments.patch, share_device, arguments.warmup, arguments.iters
+                setting, 2, arguments.patch, devices[-1], arguments.warmup, arguments.iters
             )
-        share = 100.0 * ours_seconds[key] / step_seconds
-        document["step_share_percent"][setting.name] = share
-        save()
-        print(f"augmentation ({setting.name}, batch 2) = {share:.2f} % of a training step (target < 5 % on an H200)")
+    report_shares(arguments, devices, ours_seconds, [setting.name for setting in SETTINGS], document, save)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ existing command with its own time limit:
     5 transforms    scripts/bench_transforms.py: the augmentation's share of a training step
     6 train_bench   scripts/bench_train.py: ours against the MONAI-built pipeline end to end
     7 metrics       scripts/bench_metrics.py: lesion-wise metrics, torch on the GPU against SciPy
-    8 ablation      scripts/bench_ablation.py --recipe fast with whatever time is left
+    8 nnunet_transforms
+                    scripts/bench_transforms.py --set nnunet: nnU-Net's augmentation set (rotation and
+                    scaling resampled on the device) as a share of a training step
+    9 ablation      scripts/bench_ablation.py --recipe fast with whatever time is left
 
 The phantom (generation and preparation, timed) is made in the background while step 1 runs.
 A step starts only when the time left under ``--budget-s`` is at least its minimum; it is given
@@ -67,7 +70,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-STEP_NAMES = ("cuda_tests", "train_resume", "model", "infer", "transforms", "train_bench", "metrics", "ablation")
+STEP_NAMES = (
+    "cuda_tests",
+    "train_resume",
+    "model",
+    "infer",
+    "transforms",
+    "train_bench",
+    "metrics",
+    "nnunet_transforms",
+    "ablation",
+)
 # Step 8's script: bench_train.py's options plus its own (--candidate, --repeats, --resume).
 ABLATION_SCRIPT = "bench_ablation.py"
 # The speed targets on one H200 (BENCHMARKS.md), checked in the table; each benchmark prints its own too.
@@ -134,6 +147,7 @@ def gpu_sizes(workers: int) -> Sizes:
             "train_bench": Step(f"--device cuda {epochs.format(2)}", 120, 60),
             # The official package is not on the GPU machine: its CPU figure is in BENCHMARKS.md.
             "metrics": Step("--device cuda --cases 2 --skip-official", 60, 30),
+            "nnunet_transforms": Step("--set nnunet --device cuda --batches 2 --iters 5 --warmup 2", 50, 20),
             "ablation": Step(
                 f"--device cuda {epochs.format(1)} --candidate algorithms.compile.mode=reduce-overhead", 600, 60
             ),
@@ -180,6 +194,11 @@ def dry_sizes(workers: int) -> Sizes:
             ),
             "train_bench": Step(f"{tiny_train} --microbatch auto --workers 1 {epochs}", 180, 5),
             "metrics": Step("--device cpu --cases 1 --shape 24 32 32 --skip-official", 60, 5),
+            "nnunet_transforms": Step(
+                "--set nnunet --device cpu --patch 64 --batches 2 --iters 1 --warmup 0 --share --width-divisor 32",
+                120,
+                5,
+            ),
             "ablation": Step(f"{tiny_train} --workers 1 --skip-eval {epochs} {switches_off}", 240, 5),
         },
     )
@@ -777,8 +796,37 @@ def step_transforms(ctx: Context, timeout: float) -> dict:
     return result
 
 
+def step_nnunet_transforms(ctx: Context, timeout: float) -> dict:
+    result, data = run_bench(
+        ctx, timeout, "bench_transforms.py", ctx.sizes.args("nnunet_transforms"), "nnunet_transforms.json"
+    )
+    data = data or {}
+    figures = [
+        figure(
+            f"nnU-Net augmentation {r['setting']} on {r['device']}, batch {r['batch']}",
+            r["ours_ms_per_batch"],
+            r.get("batchgeneratorsv2_ms_per_batch"),
+            "ms/batch",
+        )
+        for r in data.get("rows", [])
+    ]
+    for setting, share in data.get("step_share_percent", {}).items():
+        figures.append(
+            figure(
+                f"nnU-Net augmentation share of a step ({setting}, batch 2)",
+                share,
+                unit="%",
+                ratio=None,
+                target="augment_share",
+                value=share,
+            )
+        )
+    result["figures"] = figures
+    return result
+
+
 def bench_train_arguments(sizes: Sizes, work: Path, ablation: bool) -> tuple[str, ...]:
-    """bench_train.py's options for step 6 (``ablation=False``), or ABLATION_SCRIPT's for step 8, on the
+    """bench_train.py's options for step 6 (``ablation=False``), or ABLATION_SCRIPT's for step 9, on the
     phantom made here."""
     args = sizes.args("ablation") + ("--recipe", "fast", "--only", "ours") if ablation else sizes.args("train_bench")
     args += ("--work", str(work), "--cases", str(sizes.phantom_cases), "--shape", *map(str, sizes.phantom_shape))
@@ -905,6 +953,7 @@ STEPS: dict[str, Callable[[Context, float], dict]] = {
     "model": step_model,
     "infer": step_infer,
     "transforms": step_transforms,
+    "nnunet_transforms": step_nnunet_transforms,
     "train_bench": step_train_bench,
     "metrics": step_metrics,
     "ablation": step_ablation,

@@ -13,7 +13,17 @@ from unet_trainer.config.config import resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
-STEPS = ("cuda_tests", "train_resume", "model", "infer", "transforms", "train_bench", "metrics", "ablation")
+STEPS = (
+    "cuda_tests",
+    "train_resume",
+    "model",
+    "infer",
+    "transforms",
+    "train_bench",
+    "metrics",
+    "nnunet_transforms",
+    "ablation",
+)
 
 
 def run_check(tmp_path: Path, *args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, Path]:
@@ -71,6 +81,9 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert {r["model"] for r in steps["model"]["data"]["results"]} == {"ours", "DynUNet"}
     assert steps["infer"]["data"]["ours_ms"] > 0 and steps["infer"]["data"]["monai_ms"] > 0
     assert set(steps["transforms"]["data"]["step_share_percent"]) == {"default", "all-fire"}
+    # nnU-Net's set: ours (batchgeneratorsv2 is not in the dev extra, so no peer) and its share of a step.
+    nnunet = steps["nnunet_transforms"]["data"]
+    assert set(nnunet["step_share_percent"]) == {"nnunet", "all-fire"} and nnunet["regions"]["ours"] == [152, 156, 156]
     assert steps["train_bench"]["data"]["ours"]["median_rate"] > 0 and steps["train_bench"]["data"]["monai"]
     metrics = steps["metrics"]["data"]
     assert metrics["seconds_per_case"]["torch"] > 0 and metrics["largest_difference"] <= 1e-6
@@ -114,12 +127,14 @@ def test_the_gpu_runs_options_parse_in_every_script(tmp_path, monkeypatch):
     assert infer.device == "cuda" and infer.size == [155, 240, 240]
     transforms = load_script("bench_transforms").parse_arguments([*gpu.args("transforms"), "--json", "t.json"])
     assert transforms.device == "cuda" and transforms.batches == [2]
+    nnunet = load_script("bench_transforms").parse_arguments([*gpu.args("nnunet_transforms"), "--json", "n.json"])
+    assert nnunet.set == "nnunet" and nnunet.device == "cuda" and nnunet.batches == [2] and nnunet.patch == 128
     metrics = load_script("bench_metrics").parse_args([*gpu.args("metrics"), "--json", "l.json"])
     assert metrics.device == "cuda" and metrics.shape == (155, 240, 240) and metrics.skip_official
     bench_train = load_script("bench_train")
     train = bench_train.parse_args([*check.bench_train_arguments(gpu, tmp_path, ablation=False), "--json", "b.json"])
     assert (train.shape, train.patch, train.epoch_cases, train.cases) == ([155, 240, 240], 128, 387, 4)
-    # Step 7 runs the ablation script, whose parser takes bench_train's options and its own.
+    # Step 9 runs the ablation script, whose parser takes bench_train's options and its own.
     ablation = load_script(check.ABLATION_SCRIPT.removesuffix(".py")).parse_args(
         [
             *check.bench_train_arguments(gpu, tmp_path, ablation=True),
