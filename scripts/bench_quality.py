@@ -44,7 +44,7 @@ validation sets.
 
 ``--override KEY=VALUE`` changes the config of both pipelines (the MONAI side reads the model,
 optimizer, schedule, oversampling and augmentation from it); ``--ours-override`` changes ours only
-(for an ablation). ``--json`` is rewritten after every run; ``--resume`` keeps the runs a JSON of
+(for an ablation; with ``--compare recipes`` every recipe). ``--json`` is rewritten after every run; ``--resume`` keeps the runs a JSON of
 the same setting already holds, so a long comparison can span commands.
 
 Examples:
@@ -489,7 +489,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only", choices=every_name, help="run one pipeline or recipe (the comparison needs all in --json)"
     )
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="both pipelines")
-    parser.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE", help="ours only")
+    parser.add_argument(
+        "--ours-override", action="append", default=[], metavar="KEY=VALUE", help="our trainer's runs only"
+    )
     parser.add_argument(
         "--work", type=Path, default=Path("/tmp/unet-bench-quality"), help="phantom, prepared data and run folders"
     )
