@@ -34,9 +34,17 @@ patch 32^3, batch 4, filters 16-128) for 300 steps with 5 points and 2 seeds: 11
 a fairly quiet 2-core machine (BENCHMARKS.md). ``--device cuda`` runs a full setting (40 cases of 128^3, patch 64^3,
 batch 2, filters 32-320, 1000 steps, 8 points, 3 seeds). Any size can be changed by its flag.
 
+Recipes (``--compare recipes``, scripts/pose_shift.py): instead of ours against MONAI, three runs of ours
+that differ only in their augmentation (Composer's recipe, the demo's; the same plus nnU-Net's rotation
+and scaling alone; nnU-Net's whole set as configs/brats-nnunet.yaml has it), each read against
+Composer's recipe by the same noise rule. ``--pose-shift`` scores every run (either comparison) also on
+the validation cases rotated up to 20 degrees about each axis and scaled 0.85-1.15 (``--pose-seed``),
+written once as their own prepared cases, by the same evaluator; the verdicts are given for both
+validation sets.
+
 ``--override KEY=VALUE`` changes the config of both pipelines (the MONAI side reads the model,
 optimizer, schedule, oversampling and augmentation from it); ``--ours-override`` changes ours only
-(for an ablation). ``--json`` is rewritten after every run; ``--resume`` keeps the runs a JSON of
+(for an ablation; with ``--compare recipes`` every recipe). ``--json`` is rewritten after every run; ``--resume`` keeps the runs a JSON of
 the same setting already holds, so a long comparison can span commands.
 
 Examples:
@@ -44,6 +52,7 @@ Examples:
     python scripts/bench_quality.py --device cuda --json quality-gpu.json
     python scripts/bench_quality.py --ours-override augmentation.noise.std=[0,0.1] --json abl-noise.json
     python scripts/bench_quality.py --steps 40 --points 2 --cases 8 --shape 32 --patch 16   # smoke
+    python scripts/bench_quality.py --compare recipes --pose-shift --seeds 3 --json recipes.json
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ sys.path.insert(0, str(SCRIPTS.parent))
 sys.path.insert(0, str(SCRIPTS))
 
 import monai_pipeline  # noqa: E402  (the MONAI-built pipeline's parts)
+import pose_shift  # noqa: E402  (the recipe comparison and the shifted validation set)
 from benchutil import case_ids, device_description  # noqa: E402
 
 from unet_trainer.commands.builders import (  # noqa: E402
@@ -73,7 +83,7 @@ from unet_trainer.commands.builders import (  # noqa: E402
     build_scheduler,
     build_sliding_window,
 )
-from unet_trainer.commands.datasets import build_split, ensure_prepared  # noqa: E402
+from unet_trainer.commands.datasets import build_split, ensure_prepared, with_dataset  # noqa: E402
 from unet_trainer.commands.train import run_training  # noqa: E402
 from unet_trainer.config.config import resolve_config  # noqa: E402
 from unet_trainer.core.distributed import init_distributed  # noqa: E402
@@ -86,6 +96,9 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 KEYS = ("NCR", "ED", "EN", "WT", "TC", "ET", "mean")
 REGIONS = ("WT", "TC", "ET")
 PIPELINES = ("ours", "monai")
+COMPARISONS = {"monai": PIPELINES, "recipes": pose_shift.RECIPES}  # the first of each is trained first
+# The validation sets a run is scored on: name and the prefix of its keys in a run's history.
+VALIDATION_SETS = {"unshifted": "", "shifted": pose_shift.SHIFTED_PREFIX}
 SIZES = {
     "cpu": {
         "shape": 64,
@@ -116,7 +129,8 @@ SIZES = {
 
 
 def build_config(args: argparse.Namespace, phantom: Path, split_file: Path, seed: int, pipeline: str) -> dict:
-    """The resolved demo config at the benchmark's size for one run (``--ours-override`` only for ours)."""
+    """The resolved demo config at the benchmark's size for one run of ``pipeline`` (a name of
+    :data:`COMPARISONS`; ``--ours-override`` for every run of our trainer, not MONAI's)."""
     levels = len(args.filters)
     overrides = [
         f"data.path={phantom}",
@@ -137,8 +151,10 @@ def build_config(args: argparse.Namespace, phantom: Path, split_file: Path, seed
         "callbacks.progress_plot=null",
         "autoresume=false",
     ]
+    if pipeline in pose_shift.RECIPES:
+        overrides += pose_shift.recipe_overrides(pipeline)
     overrides += list(args.override)
-    if pipeline == "ours":
+    if pipeline != "monai":
         overrides += list(args.ours_override)
     return resolve_config(DEMO_CONFIG, overrides)
 
@@ -164,15 +180,22 @@ def scores_of(record: dict) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def run_ours(cfg: dict) -> list[dict]:
-    """Train ours; one ``{"step", scores}`` per evaluation (the trainer evaluates every interval)."""
+def run_ours(cfg: dict, shifted: DiceEvaluator | None) -> list[dict]:
+    """Train ours; one ``{"step", scores}`` per evaluation (the trainer evaluates every interval),
+    with the ``pose/<key>`` scores on the shifted validation set where ``shifted`` is given."""
     import shutil
 
     shutil.rmtree(cfg["save_folder"], ignore_errors=True)  # a fresh run: nothing to resume
-    summary = run_training(cfg, progress=False)
+    extra = [pose_shift.ShiftedScores(shifted)] if shifted is not None else []
+    summary = run_training(cfg, progress=False, extra_callbacks=extra)
     state = summary.pop("state")
     history = [{"step": int(r["batch"]), **scores_of(r)} for r in state.eval_history]
     state.train_loader = None  # stop its loader workers before the next run
+    for callback in extra:
+        if [r["step"] for r in callback.history] != [r["step"] for r in history]:
+            raise RuntimeError("the shifted validation set was not scored at every evaluation")
+        for row, scores in zip(history, callback.history):
+            row.update({k: v for k, v in scores.items() if k != "step"})
     return history
 
 
@@ -188,14 +211,14 @@ class ReversedAxes(torch.nn.Module):
         return self.net(x.transpose(2, 4)).transpose(2, 4)
 
 
-def build_evaluator(cfg: dict, split: dict) -> DiceEvaluator:
-    """Our evaluator on the prepared validation cases, with the config's sliding-window settings
-    (the same one ``run_training`` builds for ours)."""
+def build_evaluator(cfg: dict, case_ids: list[str]) -> DiceEvaluator:
+    """Our evaluator on the config's dataset's prepared ``case_ids`` (prepared here when missing),
+    with the config's sliding-window settings (the same one ``run_training`` builds for ours)."""
     prepared, _ = ensure_prepared(cfg, init_distributed("cpu"), progress=False)
     device = torch.device("cuda" if cfg["device"] == "cuda" else "cpu")
     return DiceEvaluator(
         prepared,
-        split["val"],
+        case_ids,
         build_sliding_window(cfg),
         [Dice(cfg["eval"]["empty_policy"])],
         region_mode=False,
@@ -203,8 +226,16 @@ def build_evaluator(cfg: dict, split: dict) -> DiceEvaluator:
     )
 
 
-def run_monai(cfg: dict, phantom: Path, split: dict, evaluator: DiceEvaluator, steps: int, every: int) -> list[dict]:
-    """Train the MONAI-built pipeline for ``steps`` steps, scoring it with ``evaluator`` every ``every``."""
+def run_monai(
+    cfg: dict,
+    phantom: Path,
+    split: dict,
+    evaluators: tuple[DiceEvaluator, DiceEvaluator | None],
+    steps: int,
+    every: int,
+) -> list[dict]:
+    """Train the MONAI-built pipeline for ``steps`` steps, scoring it every ``every`` with the first
+    of ``evaluators`` and, where given, the second (the shifted validation set, as ``pose/<key>``)."""
     from monai.data import CacheDataset, DataLoader
     from monai.losses import DiceCELoss
 
@@ -260,9 +291,11 @@ def run_monai(cfg: dict, phantom: Path, split: dict, evaluator: DiceEvaluator, s
             raise RuntimeError(f"MONAI pipeline: loss became {loss.item()} at step {step}")
         if step % every == 0 or step == steps:
             model.eval()
-            means, _ = evaluator.score_model(wrapped)
-            model.train()
+            means, _ = evaluators[0].score_model(wrapped)
             history.append({"step": step, **{k: float(means[k]) for k in KEYS}})
+            if evaluators[1] is not None:
+                history[-1].update(pose_shift.shifted_keys(evaluators[1].score_model(wrapped)[0]))
+            model.train()
             print(
                 f"  [{time.strftime('%H:%M:%S')}] monai step {step}: " + "  ".join(f"{k} {means[k]:.3f}" for k in KEYS),
                 file=sys.stderr,
@@ -290,24 +323,30 @@ def spread(values: list[float]) -> float:
     return max(values) - min(values) if len(values) > 1 else math.nan
 
 
-def compare(runs: dict[str, dict[int, list[dict]]], min_noise: float) -> dict:
+def compare(runs: dict[str, dict[int, list[dict]]], min_noise: float, prefix: str = "") -> dict:
     """Per point and key: each pipeline's seed mean and spread, the difference and the verdict;
     per region: the verdicts on the learning-curve mean and on the last point.
 
-    ``runs[pipeline][seed]`` is that run's history (one score dict per point, same steps in all).
+    ``runs`` holds two pipelines, the one read first, then the one it is read against (the
+    difference is first - second); ``runs[pipeline][seed]`` is that run's history (one score dict
+    per point, same steps in all). ``prefix`` picks the validation set (:data:`VALIDATION_SETS`):
+    the scores of ``key`` are read from ``prefix + key``; the result's keys stay plain.
     """
-    steps = [h["step"] for h in next(iter(runs["ours"].values()))]
+    pipelines = list(runs)
+    first, second = pipelines
+    steps = [h["step"] for h in next(iter(runs[first].values()))]
     table = []
     for i, step in enumerate(steps):
         for key in KEYS:
             row = {"step": step, "key": key}
-            for p in PIPELINES:
-                values = [history[i][key] for history in runs[p].values()]
+            for p in pipelines:
+                values = [history[i][prefix + key] for history in runs[p].values()]
                 row[p] = statistics.fmean(values)
                 row[f"{p}_spread"] = spread(values)
-            row["diff"] = row["ours"] - row["monai"]
+            row["diff"] = row[first] - row[second]
+            # With one seed there is no spread: the floor alone is the noise.
             row["noise"] = max(
-                min_noise, *(row[f"{p}_spread"] for p in PIPELINES if not math.isnan(row[f"{p}_spread"]))
+                [min_noise] + [row[f"{p}_spread"] for p in pipelines if not math.isnan(row[f"{p}_spread"])]
             )
             row["verdict"] = verdict(row["diff"], row["noise"])
             table.append(row)
@@ -315,54 +354,87 @@ def compare(runs: dict[str, dict[int, list[dict]]], min_noise: float) -> dict:
     for key in KEYS:
         entry = {}
         for what, pick in (
-            ("curve", lambda h, key=key: statistics.fmean(r[key] for r in h)),
-            ("final", lambda h, key=key: h[-1][key]),
+            ("curve", lambda h, key=prefix + key: statistics.fmean(r[key] for r in h)),
+            ("final", lambda h, key=prefix + key: h[-1][key]),
         ):
-            per = {p: [pick(h) for h in runs[p].values()] for p in PIPELINES}
-            diff = statistics.fmean(per["ours"]) - statistics.fmean(per["monai"])
+            per = {p: [pick(h) for h in runs[p].values()] for p in pipelines}
+            diff = statistics.fmean(per[first]) - statistics.fmean(per[second])
             noise = max([min_noise] + [spread(v) for v in per.values() if len(v) > 1])
             entry[what] = {
-                "ours": statistics.fmean(per["ours"]),
-                "monai": statistics.fmean(per["monai"]),
+                **{p: statistics.fmean(per[p]) for p in pipelines},
                 "diff": diff,
                 "noise": noise,
                 "verdict": verdict(diff, noise),
             }
         summary[key] = entry
-    return {"steps": steps, "table": table, "summary": summary}
+    return {"pipelines": pipelines, "steps": steps, "table": table, "summary": summary}
+
+
+def compare_all(runs: dict[str, dict[int, list[dict]]], min_noise: float, sets: list[str]) -> dict:
+    """``{set: {"<first> - <second>": compare(...)}}`` for each validation set in ``sets`` (names of
+    :data:`VALIDATION_SETS`) and each pair: ours - monai, or every recipe - the first (Composer's)."""
+    names = list(runs)
+    pairs = [("ours", "monai")] if names == list(PIPELINES) else [(name, names[0]) for name in names[1:]]
+    return {
+        name: {
+            f"{first} - {second}": compare({first: runs[first], second: runs[second]}, min_noise, VALIDATION_SETS[name])
+            for first, second in pairs
+        }
+        for name in sets
+    }
+
+
+def print_comparison(result: dict, min_noise: float) -> None:
+    """One pair's table per point and its verdict per key (a :func:`compare` result)."""
+    first, second = result["pipelines"]
+    print(
+        f"Dice (mean over seeds, ± = seed spread max-min); diff = {first} - {second}; noise = max(spreads, "
+        f"{min_noise}); verdict: ahead / level / behind beyond noise"
+    )
+    print(f"{'step':>5} {'key':>4}  {first:>13}  {second:>13}  {'diff':>6}  {'noise':>5}  verdict")
+    for row in result["table"]:
+        cell = {p: f"{row[p]:.3f} ±{row[p + '_spread']:.3f}" for p in (first, second)}
+        print(
+            f"{row['step']:>5} {row['key']:>4}  {cell[first]:>13}  {cell[second]:>13}  {row['diff']:+.3f}  "
+            f"{row['noise']:.3f}  {row['verdict']}"
+        )
+    print("Verdict per key (curve = each seed's mean over all points; final = the last point):")
+    pair = f"{first}/{second}"
+    print(
+        f"{'key':>4}  {'curve ' + pair:>24}  {'diff':>6}  {'noise':>5}  {'verdict':8}  "
+        f"{'final ' + pair:>24}  {'diff':>6}  {'noise':>5}  verdict"
+    )
+    for key, entry in result["summary"].items():
+        c, f = entry["curve"], entry["final"]
+        print(
+            f"{key:>4}  {c[first]:>11.3f} / {c[second]:.3f}  {c['diff']:+.3f}  {c['noise']:.3f}  {c['verdict']:8}  "
+            f"{f[first]:>11.3f} / {f[second]:.3f}  {f['diff']:+.3f}  {f['noise']:.3f}  {f['verdict']}"
+        )
 
 
 def print_report(args: argparse.Namespace, result: dict, walls: dict[str, list[float]]) -> None:
+    """Every pair's tables on every validation set, then the verdicts per region side by side."""
     seeds = ", ".join(map(str, range(args.seed0, args.seed0 + args.seeds)))
     print(
         f"\nLearning quality at equal budget: {args.style} phantom, {args.cases} cases of {args.shape}^3, "
         f"patch {args.patch}^3, batch {args.batch}, filters {args.filters}, {args.steps} steps, seeds {seeds}; "
         f"device {device_description(torch.device(args.device))}"
     )
-    for p in PIPELINES:
-        print(f"  {p:6s} wall time per run: " + ", ".join(f"{w:.0f} s" for w in walls.get(p, [])))
-    print(
-        f"Dice (mean over seeds, ± = seed spread max-min); diff = ours - monai; noise = max(spreads, "
-        f"{args.min_noise}); verdict: ahead / level / behind beyond noise"
-    )
-    print(f"{'step':>5} {'key':>4}  {'ours':>13}  {'monai':>13}  {'diff':>6}  {'noise':>5}  verdict")
-    for row in result["table"]:
-        cell = {p: f"{row[p]:.3f} ±{row[p + '_spread']:.3f}" for p in PIPELINES}
-        print(
-            f"{row['step']:>5} {row['key']:>4}  {cell['ours']:>13}  {cell['monai']:>13}  {row['diff']:+.3f}  "
-            f"{row['noise']:.3f}  {row['verdict']}"
-        )
-    print("\nVerdict per region (curve = each seed's mean over all points; final = the last point):")
-    print(
-        f"{'key':>4}  {'curve ours/monai':>16}  {'diff':>6}  {'noise':>5}  {'verdict':8}  "
-        f"{'final ours/monai':>16}  {'diff':>6}  {'noise':>5}  verdict"
-    )
-    for key, entry in result["summary"].items():
-        c, f = entry["curve"], entry["final"]
-        print(
-            f"{key:>4}  {c['ours']:.3f} / {c['monai']:.3f}     {c['diff']:+.3f}  {c['noise']:.3f}  {c['verdict']:8}  "
-            f"{f['ours']:.3f} / {f['monai']:.3f}     {f['diff']:+.3f}  {f['noise']:.3f}  {f['verdict']}"
-        )
+    for p, times in walls.items():
+        print(f"  {p:12s} wall time per run: " + ", ".join(f"{w:.0f} s" for w in times))
+    for name, pairs in result.items():
+        for pair, comparison in pairs.items():
+            print(f"\n== {pair}, {name} validation ==")
+            print_comparison(comparison, args.min_noise)
+    print("\nVerdict per region, curve / final (curve = each seed's mean over all points; final = the last point):")
+    print(f"{'validation':10}  {'pair':28}  " + "  ".join(f"{region:>17}" for region in REGIONS))
+    for name, pairs in result.items():
+        for pair, comparison in pairs.items():
+            cells = [comparison["summary"][region] for region in REGIONS]
+            print(
+                f"{name:10}  {pair:28}  "
+                + "  ".join(f"{c['curve']['verdict']:>8}/{c['final']['verdict']:<8}" for c in cells)
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +456,9 @@ def setting_of(args: argparse.Namespace) -> dict:
         "device",
         "override",
         "ours_override",
+        "compare",
+        "pose_shift",
+        "pose_seed",
     )
     return {k: getattr(args, k) for k in keys}
 
@@ -404,9 +479,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="seeds per pipeline (at least 2 to read the noise)")
     parser.add_argument("--seed0", type=int, default=0, help="first seed")
     parser.add_argument("--min-noise", type=float, default=0.02, help="smallest Dice difference read as real")
-    parser.add_argument("--only", choices=PIPELINES, help="run one pipeline (the comparison needs both in --json)")
+    parser.add_argument("--compare", choices=tuple(COMPARISONS), default="monai", help="ours against MONAI, or recipes")
+    parser.add_argument(
+        "--pose-shift", action="store_true", help="also score every run on the pose-shifted validation cases"
+    )
+    parser.add_argument("--pose-seed", type=int, default=0, help="the seed of the validation cases' poses")
+    every_name = tuple(dict.fromkeys(name for names in COMPARISONS.values() for name in names))
+    parser.add_argument(
+        "--only", choices=every_name, help="run one pipeline or recipe (the comparison needs all in --json)"
+    )
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="both pipelines")
-    parser.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE", help="ours only")
+    parser.add_argument(
+        "--ours-override", action="append", default=[], metavar="KEY=VALUE", help="our trainer's runs only"
+    )
     parser.add_argument(
         "--work", type=Path, default=Path("/tmp/unet-bench-quality"), help="phantom, prepared data and run folders"
     )
@@ -422,24 +507,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--steps {args.steps} is not a multiple of --points {args.points}")
     if args.resume and args.json is None:
         parser.error("--resume needs --json")
+    if args.only and args.only not in COMPARISONS[args.compare]:
+        parser.error(f"--only {args.only} is not one of --compare {args.compare}'s {COMPARISONS[args.compare]}")
     return args
+
+
+def prepare_phantom(args: argparse.Namespace) -> tuple[Path, Path, dict]:
+    """The phantom (generated on first use), its split file and split."""
+    phantom = args.work / f"phantom-{args.style}-{args.cases}cases-{args.shape}-seed0"
+    if not (phantom / "phantom.json").is_file():
+        print(f"Generating {args.cases} {args.style} phantom cases of {args.shape}^3 into {phantom}", file=sys.stderr)
+        write_phantom_dataset(phantom, args.cases, (args.shape,) * 3, 0, progress=False, workers=2, style=args.style)
+    split_file, split = write_split(args, phantom)
+    print(
+        f"split: {len(split['train'])} training, {len(split['val'])} validation cases ({split_file})", file=sys.stderr
+    )
+    return phantom, split_file, split
+
+
+def shifted_evaluator(args: argparse.Namespace, phantom: Path, split_file: Path, split: dict) -> DiceEvaluator | None:
+    """The evaluator of the pose-shifted validation cases (written and prepared on first use), or
+    None without ``--pose-shift``."""
+    if not args.pose_shift:
+        return None
+    shifted = args.work / f"{phantom.name}-pose-seed{args.pose_seed}"
+    pose_shift.write_pose_shifted(phantom, split["val"], shifted, args.pose_seed)
+    print(f"pose-shifted validation: {len(split['val'])} cases ({shifted})", file=sys.stderr)
+    cfg = build_config(args, phantom, split_file, args.seed0, COMPARISONS[args.compare][0])
+    return build_evaluator(with_dataset(cfg, shifted, "brats2021"), split["val"])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    shape = (args.shape,) * 3
-    phantom = args.work / f"phantom-{args.style}-{args.cases}cases-{args.shape}-seed0"
-    if not (phantom / "phantom.json").is_file():
-        print(f"Generating {args.cases} {args.style} phantom cases of {args.shape}^3 into {phantom}", file=sys.stderr)
-        write_phantom_dataset(phantom, args.cases, shape, 0, progress=False, workers=2, style=args.style)
-    split_file, split = write_split(args, phantom)
-    print(
-        f"split: {len(split['train'])} training, {len(split['val'])} validation cases ({split_file})", file=sys.stderr
-    )
-
-    runs: dict[str, dict[int, list[dict]]] = {p: {} for p in PIPELINES}
-    walls: dict[str, list[float]] = {p: [] for p in PIPELINES}
+    phantom, split_file, split = prepare_phantom(args)
+    names = COMPARISONS[args.compare]
+    runs: dict[str, dict[int, list[dict]]] = {p: {} for p in names}
+    walls: dict[str, list[float]] = {p: [] for p in names}
     if args.resume and args.json.is_file():
         old = json.loads(args.json.read_text())
         if old.get("setting") != setting_of(args):
@@ -448,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        for p in PIPELINES:
+        for p in names:
             runs[p] = {int(s): h for s, h in old["runs"][p].items()}
             walls[p] = old["walls"][p]
 
@@ -461,28 +565,29 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "host": platform.node(),
             "split": split,
-            "runs": {p: {str(s): h for s, h in runs[p].items()} for p in PIPELINES},
+            "runs": {p: {str(s): h for s, h in runs[p].items()} for p in names},
             "walls": walls,
             "comparison": result,
         }
         args.json.write_text(json.dumps(payload, indent=1))
 
     every = args.steps // args.points
+    shifted = shifted_evaluator(args, phantom, split_file, split)
     evaluator = None
     # Interleaved (ours seed 0, monai seed 0, ours seed 1, ...): a machine that slows down part-way
-    # affects both alike (only wall time, never the scores, depends on it).
+    # affects all alike (only wall time, never the scores, depends on it).
     for seed in range(args.seed0, args.seed0 + args.seeds):
-        for p in PIPELINES:
+        for p in names:
             if (args.only and p != args.only) or seed in runs[p]:
                 continue
             cfg = build_config(args, phantom, split_file, seed, p)
             print(f"[{time.strftime('%H:%M:%S')}] {p} seed {seed}: {args.steps} steps", file=sys.stderr)
             started = time.perf_counter()
-            if p == "ours":
-                runs[p][seed] = run_ours(cfg)
+            if p == "monai":
+                evaluator = evaluator or build_evaluator(cfg, split["val"])
+                runs[p][seed] = run_monai(cfg, phantom, split, (evaluator, shifted), args.steps, every)
             else:
-                evaluator = evaluator or build_evaluator(cfg, split)
-                runs[p][seed] = run_monai(cfg, phantom, split, evaluator, args.steps, every)
+                runs[p][seed] = run_ours(cfg, shifted)
             walls[p].append(time.perf_counter() - started)
             last = runs[p][seed][-1]
             print(
@@ -491,14 +596,14 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             save()
-    if not all(runs[p] for p in PIPELINES):
-        print("one pipeline has no runs yet: no comparison (run the other, with --resume and the same --json)")
+    if not all(runs[p] for p in names):
+        print("some pipelines have no runs yet: no comparison (run them, with --resume and the same --json)")
         return 0
-    steps = {tuple(r["step"] for r in h) for p in PIPELINES for h in runs[p].values()}
+    steps = {tuple(r["step"] for r in h) for p in names for h in runs[p].values()}
     if len(steps) != 1:
         print(f"error: the runs were evaluated at different steps {sorted(steps)}", file=sys.stderr)
         return 1
-    result = compare(runs, args.min_noise)
+    result = compare_all(runs, args.min_noise, list(VALIDATION_SETS) if args.pose_shift else ["unshifted"])
     print_report(args, result, walls)
     save(result)
     return 0
