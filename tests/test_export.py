@@ -16,7 +16,7 @@ from unet_trainer.cli.export import main as export_main
 from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.commands.builders import raw_data_dir
 from unet_trainer.commands.exported import GRAPH_FILES, MODEL_JSON, load_exported
-from unet_trainer.commands.loading import load_model
+from unet_trainer.commands.loading import load_model, load_models
 from unet_trainer.commands.predict import predict_case
 from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
@@ -165,3 +165,20 @@ def test_postprocessing_rules_travel_in_model_json(exported, tmp_path, capsys):
     capsys.readouterr()
     assert predict_main([str(out), str(exported["phantom"]), str(tmp_path / "p"), "--no-progress"]) == 0
     assert f"Postprocessing from {out / MODEL_JSON}: remove WT components < 5 voxels" in capsys.readouterr().out
+
+
+def test_an_ensemble_exports_every_model_and_predicts_their_average(exported, tmp_path):
+    folder = exported["checkpoint"].parent
+    members = [folder / "ep0-ba1-rank0.pt", folder / "ep1-ba2-rank0.pt"]
+    out = tmp_path / "ensemble"
+    assert export_main([*map(str, members), str(out), "--format", "torchscript"]) == 0
+    document = json.loads((out / MODEL_JSON).read_text())
+    assert [m["files"]["torchscript"] for m in document["models"]] == ["member0_model.ts", "member1_model.ts"]
+    assert [m["batch"] for m in document["models"]] == [1, 2]
+    ensemble = load_models(members, ["device=cpu"])
+    model = load_exported(out, "torchscript", "cpu")
+    raw = read_case(list_cases(exported["phantom"], "brats2021")[0])
+    labels, probs = predict_case(ensemble, raw, ensemble.prepare_settings, probabilities=True)
+    exported_labels, exported_probs = predict_case(model, raw, model.prepare_settings, probabilities=True)
+    np.testing.assert_array_equal(exported_labels, labels)
+    np.testing.assert_allclose(exported_probs, probs, atol=1e-5, rtol=0)

@@ -72,7 +72,7 @@ def require_format(fmt: str) -> None:
 Graph = Callable[[torch.Tensor], torch.Tensor]
 
 
-def onnx_graph(path: Path, threads: int | None = None) -> Graph:
+def onnx_graph(path: Path) -> Graph:
     """An ONNX file run by onnxruntime on the CPU, as a function of torch tensors.
 
     Raises:
@@ -81,11 +81,8 @@ def onnx_graph(path: Path, threads: int | None = None) -> Graph:
     require_format("onnx")
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ExportError(f"onnx: {path}: onnxruntime cannot load it ({one_line(str(exc))})") from None
     name = session.get_inputs()[0].name
