@@ -22,6 +22,7 @@ from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.core.checkpoint import checkpoint_identity
 from unet_trainer.data.layouts import list_cases, read_case
+from unet_trainer.models.blocks import InstanceNorm
 
 TTA = "eval.mirror_tta=true"  # recorded at export, so the exported folder predicts with TTA as the checkpoint does
 
@@ -182,3 +183,23 @@ def test_an_ensemble_exports_every_model_and_predicts_their_average(exported, tm
     exported_labels, exported_probs = predict_case(model, raw, model.prepare_settings, probabilities=True)
     np.testing.assert_array_equal(exported_labels, labels)
     np.testing.assert_allclose(exported_probs, probs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's exporter on its own internals
+def test_onnx_instance_norms_stay_within_tolerance_over_large_windows(tmp_path):
+    """onnxruntime's own InstanceNormalization drifts by more than the ONNX tolerance over a 64^3 window whose
+    mean is large next to its spread (3e-4 here); the exported axis-by-axis norm stays within it (2e-5)."""
+    norm = torch.nn.Sequential(InstanceNorm(2)).eval()
+    x = 300.0 + torch.randn(1, 2, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = norm(x).numpy()
+    errors = {}
+    for name in ("plain", "exported"):
+        path = tmp_path / f"{name}.onnx"
+        if name == "plain":
+            torch.onnx.export(norm, (x,), dynamo=True, external_data=False).save(str(path))
+        else:
+            export_module.write_onnx(norm, x, path)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        errors[name] = float(np.abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - expected).max())
+    assert errors["exported"] <= export_module.TOLERANCES["onnx"] < errors["plain"], errors
