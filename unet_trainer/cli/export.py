@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
         document = export_models([Path(c) for c in checkpoints], Path(out_dir), formats, overrides, postprocess)
     checks = ", ".join(
-        f"{fmt} {max(m['max_difference_to_torch'][fmt] for m in document['models']):.1e}" for fmt in formats
+        f"{fmt} {max(m['max_difference_to_torch'][fmt] for m in document['models']):.1g}" for fmt in formats
     )
-    print(f"Exported {len(document['models'])} model(s) to {out_dir} ({checks} from torch at most)")
+    print(f"Exported {len(document['models'])} model(s) to {out_dir}; largest logit difference from torch: {checks}")
     return 0
