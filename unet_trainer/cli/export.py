@@ -11,8 +11,8 @@ from ..evaluation.postprocessing import PostprocessingError
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
 from .parsing import command_arguments, command_parser, parse_command_line, postprocessing_flags
 
-# The formats, in the order of exported.GRAPH_FILES, without importing the commands for the usage text.
-FORMATS = ("onnx", "torchscript")
+# The formats, in the order of export.EXPORT_FILES, without importing the commands for the usage text.
+FORMATS = ("onnx", "torchscript", "monai-bundle")
 
 USAGE = f"""usage: unet-export CHECKPOINT [CHECKPOINT...] OUT_DIR --format FMT[,FMT...] [OVERRIDES...]
                    [--postprocessing FILE | --no-postprocessing]

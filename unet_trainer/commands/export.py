@@ -1,7 +1,7 @@
 """Export a checkpoint (or a ``unet-cv`` ensemble) to ONNX and TorchScript: the logic behind ``unet-export``.
 
 :func:`export_models` writes one folder that needs nothing of this package to be used: per model a graph
-file per format (:data:`exported.GRAPH_FILES`) and one ``model.json`` (:func:`model_document`) saying what
+file per format (:data:`EXPORT_FILES`) and one ``model.json`` (:func:`model_document`) saying what
 the input channels are, what the outputs mean and how they become labels (canonical and every layout's
 native numbering), how a case is prepared, the sliding-window settings, the postprocessing rules, and
 which version exported which checkpoints of which runs.
@@ -34,7 +34,7 @@ import torch
 
 from .. import __version__
 from ..core.checkpoint import checkpoint_identity, one_line
-from ..core.fileio import atomic_write_json, temporary_sibling
+from ..core.fileio import atomic_write_json, atomic_write_text, temporary_sibling
 from ..core.guard import check_outputs
 from ..data.labels import REGION_NAMES, REGIONS
 from ..data.layouts import CANONICAL_CHANNELS, FORMAT_LABEL_CONVENTION, LABEL_CONVENTIONS, NATIVE_REGIONS
@@ -44,11 +44,16 @@ from ..data.prepare import zscore_nonzero
 from ..evaluation.inference import gaussian_importance, model_output_window
 from ..evaluation.postprocessing import Postprocessing
 from ..models.blocks import InstanceNorm
+from .bundle import BUNDLE_MODEL, bundle_files, check_bundle
 from .exported import FILE_FORMAT, FILE_VERSION, GRAPH_FILES, MODEL_JSON, ExportError, load_graph, require_format
 from .loading import EnsembleModel, LoadedModel, expand_checkpoints, load_models
 
 #: The largest |exported - torch| logit difference each format may show on the check patches.
-TOLERANCES: dict[str, float] = {"onnx": 1e-4, "torchscript": 1e-5}
+TOLERANCES: dict[str, float] = {"onnx": 1e-4, "torchscript": 1e-5, "monai-bundle": 1e-5}
+#: Every format's model file: the graphs unet-predict runs, and the MONAI bundle's TorchScript graph.
+EXPORT_FILES: dict[str, str] = {**GRAPH_FILES, "monai-bundle": BUNDLE_MODEL}
+# What reads each format's file back for its check.
+RUNTIMES: dict[str, str] = {"onnx": "onnx", "torchscript": "torchscript", "monai-bundle": "torchscript"}
 #: The ONNX operator set the graphs are written with.
 ONNX_OPSET = 18
 # Exported and checked on the CPU in float32: the graph must not depend on where it was traced.
@@ -136,7 +141,7 @@ def write_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path
     traced.save(str(path))
 
 
-WRITERS = {"onnx": write_onnx, "torchscript": write_torchscript}
+WRITERS = {"onnx": write_onnx, "torchscript": write_torchscript, "monai-bundle": write_torchscript}
 
 
 def check_patches(in_channels: int, window: Sequence[int], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -215,13 +220,14 @@ def export_member(member: LoadedModel, folder: Path, prefix: str, formats: Seque
     example = patches["random"][:1]  # traced with one patch; checked with two (dynamic batch)
     files, differences = {}, {}
     for fmt in formats:
-        path = folder / f"{prefix}{GRAPH_FILES[fmt]}"
+        path = folder / f"{prefix}{EXPORT_FILES[fmt]}"
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             WRITERS[fmt](module, example, path)
         except Exception as exc:  # the exporters raise many types; each is this format's failure
             raise ExportError(f"{fmt}: {member.checkpoint} cannot be exported ({one_line(str(exc))})") from None
-        differences[fmt] = check_graph(fmt, load_graph(fmt, path, torch.device("cpu")), module, patches)
-        files[fmt] = path.name
+        differences[fmt] = check_graph(fmt, load_graph(RUNTIMES[fmt], path, torch.device("cpu")), module, patches)
+        files[fmt] = path.relative_to(folder).as_posix()
     return ExportedFiles(files, differences, tuple(window), tuple(output_window))
 
 
@@ -330,7 +336,7 @@ def model_document(
         },
         "formats": {
             fmt: {
-                "file": GRAPH_FILES[fmt],
+                "file": EXPORT_FILES[fmt],
                 "tolerance": TOLERANCES[fmt],
                 **({"opset": ONNX_OPSET} if fmt == "onnx" else {}),
             }
@@ -377,7 +383,8 @@ def export_models(
     Args:
         checkpoints: as ``unet-predict`` takes them (:func:`loading.load_models`).
         out_dir: must not exist yet (or be an empty folder); it appears complete or not at all.
-        formats: keys of :data:`exported.GRAPH_FILES`, each written and checked.
+        formats: keys of :data:`EXPORT_FILES`, each written and checked (``monai-bundle`` also writes the
+            bundle's configs and README, :mod:`bundle`).
         overrides: config overrides (e.g. ``eval.mirror_tta=true``), recorded in the window settings.
         postprocess: the rules to record (applied by ``unet-predict`` on the folder).
         log: where the ensemble's members are listed (default stderr).
@@ -399,6 +406,8 @@ def export_models(
     loaded = load_models(given, [*overrides, *EXPORT_OVERRIDES], log)
     members = loaded.members if isinstance(loaded, EnsembleModel) else [loaded]
     _check_out_dir(out_dir, given, loaded.checkpoints)
+    if "monai-bundle" in formats:
+        check_bundle(len(members), members[0].spatial_dims, loaded.prepare_settings.target_spacing)
     staging = temporary_sibling(out_dir)
     staging.mkdir(parents=True)
     try:
@@ -407,6 +416,9 @@ def export_models(
             prefix = f"member{index}_" if len(members) > 1 else ""
             entries.append(member_entry(member, where, export_member(member, staging, prefix, formats)))
         document = model_document(loaded, entries, formats, postprocess)
+        if "monai-bundle" in formats:
+            for name, text in bundle_files(document).items():
+                atomic_write_text(staging / name, text)
         atomic_write_json(staging / MODEL_JSON, document)
         if out_dir.is_dir():
             out_dir.rmdir()  # empty (checked): the rename below puts the complete folder in its place

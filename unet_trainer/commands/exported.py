@@ -39,7 +39,11 @@ FILE_VERSION = 1
 GRAPH_FILES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts"}
 #: What installs each format's libraries (named in the one-line error when they are missing).
 EXPORT_EXTRA = "pip install 'unet-trainer[export]'"
-FORMAT_MODULES: dict[str, tuple[str, ...]] = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "torchscript": ()}
+FORMAT_MODULES: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnx", "onnxruntime", "onnxscript"),
+    "torchscript": (),
+    "monai-bundle": (),  # MONAI is a dependency; its runner's fire comes with the extra
+}
 
 
 class ExportError(CheckpointError):
