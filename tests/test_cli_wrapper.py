@@ -143,7 +143,7 @@ def test_a_value_flag_without_its_value_is_a_one_line_usage_error(module, argv, 
 def test_every_console_script_resolves_to_a_command_that_python_m_runs_too():
     tomllib = pytest.importorskip("tomllib")
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert sorted(scripts) == ["unet-cv", "unet-data", "unet-eval", "unet-predict", "unet-train"]
+    assert sorted(scripts) == ["unet-cv", "unet-data", "unet-eval", "unet-export", "unet-predict", "unet-train"]
     # python -m unet_trainer.cli dispatches through the installed console scripts: the same ones, the same mains.
     dispatched = dispatch.commands()
     assert sorted(dispatched) == sorted(name.removeprefix("unet-") for name in scripts)
@@ -157,9 +157,9 @@ def test_python_m_without_a_known_command_prints_its_usage_and_exits_2(capsys):
     for argv in ([], ["--help"], ["tran", "configs/demo.yaml"]):
         assert dispatch.main(argv) == 2
         err = capsys.readouterr().err
-        assert err == "usage: python -m unet_trainer.cli {train,data,eval,predict,cv} ...\n", argv
+        assert err == "usage: python -m unet_trainer.cli {train,data,eval,predict,cv,export} ...\n", argv
     done = subprocess.run(
         [sys.executable, "-m", "unet_trainer.cli", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=300
     )
-    assert done.returncode == 2 and done.stdout == "" and "{train,data,eval,predict,cv}" in done.stderr
+    assert done.returncode == 2 and done.stdout == "" and "{train,data,eval,predict,cv,export}" in done.stderr
     assert dispatch.main(["eval", "--help"]) == 0 and capsys.readouterr().out.startswith("usage: unet-eval CHECKPOINT")

@@ -120,7 +120,7 @@ def test_the_dispatcher_knows_the_installed_console_scripts():
     scripts = importlib.metadata.distribution(dispatch.DISTRIBUTION).entry_points.select(group="console_scripts")
     expected = {ep.name.removeprefix("unet-"): ep.value for ep in scripts if ep.name.startswith("unet-")}
     assert {name: ep.value for name, ep in dispatch.commands().items()} == expected
-    assert set(expected) == {"train", "data", "eval", "predict", "cv"}
+    assert set(expected) == {"train", "data", "eval", "predict", "cv", "export"}
 
 
 def test_a_command_is_run_with_the_rest_of_the_line(monkeypatch):

@@ -1,4 +1,4 @@
-"""``python -m unet_trainer.cli train|data|eval|predict|cv ...`` (handy under torchrun).
+"""``python -m unet_trainer.cli train|data|eval|predict|cv|export ...`` (handy under torchrun).
 
 The commands are the package's console scripts (``unet-NAME``, ``[project.scripts]`` of pyproject.toml), read
 from the installed distribution's entry points: that list is the only one, and only the command asked for is
@@ -16,7 +16,7 @@ DISTRIBUTION = "unet-trainer"
 SCRIPT_PREFIX = "unet-"
 # The order the usage line lists the commands in, the order of a project's life; a command missing here is
 # listed after these, in name order.
-USAGE_ORDER = ("train", "data", "eval", "predict", "cv")
+USAGE_ORDER = ("train", "data", "eval", "predict", "cv", "export")
 
 
 class NotInstalledError(RuntimeError):

@@ -7,6 +7,7 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..config.engine import ConfigError
 from ..data.layouts import FORMAT_CHOICES
@@ -95,3 +96,37 @@ def format_flag(flags: dict) -> str:
     if fmt not in FORMAT_CHOICES:
         raise ConfigError(f"command line: --format {fmt!r} is not one of {', '.join(FORMAT_CHOICES)}")
     return fmt
+
+
+def postprocessing_flags(checkpoints: list[str], flags: dict):
+    """The postprocessing rules that ``--postprocessing FILE`` / ``--no-postprocessing`` choose for the models
+    given (None: none), announced in one line: by default the rules of one checkpoint's run folder, of a
+    given run or ``unet-cv`` folder, or those an exported folder's model.json records.
+
+    Raises:
+        ConfigError: both --postprocessing FILE and --no-postprocessing.
+        PostprocessingError: rules that cannot be read. ExportError: an exported folder's bad model.json.
+    """
+    if flags["--postprocessing"] and flags["--no-postprocessing"]:
+        raise ConfigError("command line: --postprocessing FILE and --no-postprocessing exclude each other")
+    from ..commands.exported import exported_postprocessing, is_exported_folder
+    from ..evaluation.postprocessing import postprocessing_for
+
+    explicit, enabled = flags["--postprocessing"], not flags["--no-postprocessing"]
+    # One checkpoint (or one run or unet-cv folder): its folder's postprocessing.json by default.
+    # Several: only the one named, since each model's folder may hold its own rules.
+    single = Path(checkpoints[0]) if len(checkpoints) == 1 else None
+    if single is not None and is_exported_folder(single) and not explicit:
+        postprocess = exported_postprocessing(single) if enabled else None
+    else:
+        postprocess = postprocessing_for(single, Path(explicit) if explicit else None, enabled=enabled)
+    if postprocess is not None:
+        other = (
+            single is not None
+            and single.is_file()
+            and postprocess.checkpoint
+            and Path(postprocess.checkpoint) != single.expanduser().resolve()
+        )
+        note = f" (chosen on another checkpoint, {Path(postprocess.checkpoint).name})" if other else ""
+        print(f"Postprocessing from {postprocess.path}{note}: {postprocess.describe()}")
+    return postprocess

@@ -11,7 +11,14 @@ from ..core.runfolder import RunFolderError
 from ..data.labels import LABEL_NAMES
 from ..data.layouts import FORMAT_LABEL_CONVENTION, LABEL_CONVENTIONS, DataFormatError
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
-from .parsing import FORMAT_LIST, command_arguments, command_parser, format_flag, parse_command_line
+from .parsing import (
+    FORMAT_LIST,
+    command_arguments,
+    command_parser,
+    format_flag,
+    parse_command_line,
+    postprocessing_flags,
+)
 
 
 def label_numbering_text(indent: str = "    ") -> str:
@@ -30,6 +37,7 @@ def label_numbering_text(indent: str = "    ") -> str:
 
 USAGE = f"""usage: unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] [--format FMT]
                     [--probabilities] [--overlays] [--postprocessing FILE | --no-postprocessing] [--no-progress]
+       unet-predict EXPORTED_DIR INPUT OUTPUT [device=cpu|cuda] [--runtime onnx|torchscript] [...]
 
 Segment every case of INPUT (raw cases in any supported layout, labels not needed) with a
 checkpoint of unet-train and write OUTPUT/<case>.nii.gz: uint8 labels with the case's original
@@ -44,6 +52,8 @@ exit status is then 1.
                      probabilities are averaged, one pass per model over each volume. Their
                      outputs and inputs must agree (loss region mode, model.num_classes,
                      data.dle_labels, model.in_channels, data.target_spacing); architectures may differ
+  EXPORTED_DIR       a folder of unet-export: its graphs run (onnxruntime, torch.jit) with the
+                     windows, preprocessing and postprocessing its model.json records
   OVERRIDES          config overrides (every model's), e.g. eval.mirror_tta=true eval.overlap=0.5 device=cpu precision=fp32
   --format FMT       layout of INPUT: {FORMAT_LIST}
   --probabilities    also write OUTPUT/<case>_probabilities.nii.gz (float32, x, y, z, class)
@@ -52,10 +62,12 @@ exit status is then 1.
   --postprocessing FILE
                      postprocess the labels with this postprocessing.json (default: the one
                      unet-eval --choose-postprocessing wrote into the checkpoint's run folder,
-                     or the one in a given run or unet-cv folder, when there is one; none by
-                     default for several checkpoints)
+                     or the one in a given run or unet-cv folder, when there is one, or the
+                     rules an EXPORTED_DIR records; none by default for several checkpoints)
   --no-postprocessing
                      write the model's labels as they are
+  --runtime FMT      the format of EXPORTED_DIR to run: onnx (on the CPU) or torchscript (default:
+                     the first it holds, in that order)
   --no-progress      no progress bar
   -h, --help         show this help
 """
@@ -70,41 +82,11 @@ ERRORS = ErrorTable(
 
 def make_parser():
     parser = command_parser("unet-predict")
-    for flag in ("--format", "--postprocessing"):
+    for flag in ("--format", "--postprocessing", "--runtime"):
         parser.add_argument(flag)
     for flag in ("--probabilities", "--overlays", "--no-progress", "--no-postprocessing"):
         parser.add_argument(flag, action="store_true")
     return parser
-
-
-def _postprocessing(checkpoints: list[str], flags: dict):
-    """The postprocessing rules to apply (None: none), announced in one line.
-
-    Raises:
-        ConfigError: both --postprocessing FILE and --no-postprocessing.
-        PostprocessingError: rules that cannot be read.
-    """
-    if flags["--postprocessing"] and flags["--no-postprocessing"]:
-        raise ConfigError("command line: --postprocessing FILE and --no-postprocessing exclude each other")
-    from ..evaluation.postprocessing import postprocessing_for
-
-    explicit = flags["--postprocessing"]
-    # One checkpoint (or one run or unet-cv folder): its folder's postprocessing.json by default.
-    # Several: only the one named, since each model's folder may hold its own rules.
-    single = Path(checkpoints[0]) if len(checkpoints) == 1 else None
-    postprocess = postprocessing_for(
-        single, Path(explicit) if explicit else None, enabled=not flags["--no-postprocessing"]
-    )
-    if postprocess is not None:
-        other = (
-            single is not None
-            and single.is_file()
-            and postprocess.checkpoint
-            and Path(postprocess.checkpoint) != single.expanduser().resolve()
-        )
-        note = f" (chosen on another checkpoint, {Path(postprocess.checkpoint).name})" if other else ""
-        print(f"Postprocessing from {postprocess.path}{note}: {postprocess.describe()}")
-    return postprocess
 
 
 @command
@@ -117,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     *checkpoints, source, output = positionals
     with guard(ERRORS, Path(output)):
         fmt = format_flag(flags)
-        postprocess = _postprocessing(checkpoints, flags)
+        postprocess = postprocessing_flags(checkpoints, flags)
         from ..commands.predict import predict_dataset
 
         summary = predict_dataset(
@@ -130,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not flags["--no-progress"],
             overlays=flags["--overlays"],
             postprocess=postprocess,
+            runtime=flags["--runtime"],
         )
     files = sum(len(paths) for paths in summary.written.values())
     line = f"Wrote {len(summary.written)} segmentation(s) ({files} files) to {output}"

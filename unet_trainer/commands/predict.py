@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..config.engine import ConfigError
 from ..core.fileio import remove_orphan_temporaries
 from ..core.guard import check_outputs
 from ..core.runfolder import PREDICT_LOCK_NAME, FolderLock
@@ -50,7 +51,11 @@ from ..data.prepare import PrepareSettings, prepare_case
 from ..evaluation.evaluation import logits_to_probabilities, probabilities_to_labels
 from ..evaluation.inference import speed_up_inference
 from ..evaluation.visualize import draw_case_overlay, extract_case_view
+from .exported import ExportedModel, exported_device, is_exported_folder, load_exported
 from .loading import EnsembleModel, LoadedModel, load_models
+
+# What predicts: a checkpoint's model, an ensemble's, or an exported folder's.
+Predictor = LoadedModel | EnsembleModel | ExportedModel
 
 PREDICT_FOLDER_ADVICE = "one unet-predict per output folder: wait for it to finish, or write to another OUTPUT folder"
 
@@ -151,7 +156,7 @@ def probabilities_to_original(
 
 
 def predict_case(
-    loaded: LoadedModel | EnsembleModel,
+    loaded: Predictor,
     raw: RawCase,
     settings: PrepareSettings | None = None,
     probabilities: bool = False,
@@ -185,9 +190,7 @@ class PredictSummary:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def prediction_title(
-    case_id: str, labels: np.ndarray, spacing: Sequence[float], loaded: LoadedModel | EnsembleModel
-) -> str:
+def prediction_title(case_id: str, labels: np.ndarray, spacing: Sequence[float], loaded: Predictor) -> str:
     """``case | prediction, epoch 50 | WT 41.2 mL  TC 12.0 mL  ET 6.3 mL`` (region volumes of a
     canonical label map with voxels of ``spacing`` mm)."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -219,6 +222,7 @@ def predict_dataset(
     log: TextIO | None = None,
     overlays: bool = False,
     postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    runtime: str | None = None,
 ) -> PredictSummary:
     """Segment every case of a raw dataset and write the results as NIfTI files.
 
@@ -234,7 +238,9 @@ def predict_dataset(
     Args:
         checkpoint: the ``unet-train`` checkpoint; or several, and ``unet-cv`` folders (each
             fold's chosen checkpoint), whose probabilities are averaged
-            (:mod:`unet_trainer.commands.loading`).
+            (:mod:`unet_trainer.commands.loading`); or one folder of ``unet-export``
+            (:mod:`unet_trainer.commands.exported`: its settings are its model.json's, and the only override
+            taken is ``device``).
         input_dir: raw cases in any supported layout; labels are not needed (and not used).
         output_dir: created if missing; must not be, lie inside or hold ``input_dir``, nor be or
             hold a checkpoint (or model folder) it reads.
@@ -247,13 +253,15 @@ def predict_dataset(
         postprocess: applied to each case's canonical labels (Z, Y, X) on the raw grid before
             they are written or drawn (e.g. a :class:`unet_trainer.evaluation.postprocessing.Postprocessing`);
             the probabilities stay the model's.
+        runtime: the format an exported folder runs ("onnx", "torchscript"; None: the first it holds).
 
     Returns:
         The :class:`PredictSummary`.
 
     Raises:
         CheckpointError, ConfigError: as :func:`load_model`; EnsembleError (a CheckpointError):
-            checkpoints that cannot be averaged (see :func:`loading.load_models`).
+            checkpoints that cannot be averaged (see :func:`loading.load_models`); ExportError (a
+            CheckpointError): an exported folder that cannot be read; ConfigError: ``runtime`` without one.
         DataFormatError: the input folder is missing, holds no recognised layout or no case,
             or a listing problem of the whole folder (a case missing a modality file is skipped and
             reported instead).
@@ -263,7 +271,7 @@ def predict_dataset(
     log = sys.stderr if log is None else log
     input_dir, output_dir = Path(input_dir).expanduser(), Path(output_dir).expanduser()
     given = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
-    loaded = load_models(given, overrides, log)
+    loaded = load_predictor(given, overrides, log, runtime)
     # A case whose files are incomplete (a missing modality) is skipped like one that cannot be read.
     unlisted: dict[str, str] = {}
     cases = list_cases(input_dir, fmt, require_labels=False, bad=unlisted)
@@ -284,6 +292,24 @@ def predict_dataset(
     return summary
 
 
+def load_predictor(
+    given: Sequence[Path], overrides: Sequence[str], log: TextIO, runtime: str | None = None
+) -> Predictor:
+    """An exported folder's model (one folder with a model.json), else the checkpoints' (:func:`load_models`).
+
+    Raises:
+        ConfigError: ``runtime`` for checkpoints, or an override an exported folder does not take.
+        ExportError, CheckpointError, EnsembleError: as :func:`load_exported`, :func:`load_models`.
+    """
+    if len(given) == 1 and is_exported_folder(given[0]):
+        loaded = load_exported(given[0], runtime, exported_device(list(overrides)))
+        print(f"Model: {given[0]} (exported, {loaded.fmt} on {loaded.device.type})", file=log)
+        return loaded
+    if runtime is not None:
+        raise ConfigError(f"command line: --runtime {runtime} applies to a folder of unet-export only")
+    return load_models(given, overrides, log)
+
+
 def is_prediction_file(name: str) -> bool:
     """Whether ``name`` is one unet-predict writes (``<case>.nii.gz``, ``<case>_probabilities.nii.gz``,
     ``<case>_overlay.png``; ``.nii`` too), so its temporaries are unet-predict's to clear."""
@@ -291,7 +317,7 @@ def is_prediction_file(name: str) -> bool:
 
 
 def _predict_cases(
-    loaded: LoadedModel | EnsembleModel,
+    loaded: Predictor,
     cases: Sequence[CaseFiles],
     output_dir: Path,
     probabilities: bool,

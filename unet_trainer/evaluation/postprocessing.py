@@ -526,10 +526,19 @@ def load_postprocessing(path: Path) -> Postprocessing:
     if not isinstance(kept, list):
         raise PostprocessingError(f'{path}: "kept" must be a list of rules, got {json.dumps(kept)[:60]}')
     checkpoint = document.get("checkpoint", "")
+    return postprocessing_from_rules(path, kept, checkpoint if isinstance(checkpoint, str) else "")
+
+
+def postprocessing_from_rules(path: Path, rules: Any, checkpoint: str = "") -> Postprocessing:
+    """Rules kept elsewhere (e.g. an exported model's ``model.json``), checked as a file's ``kept`` list.
+
+    Raises:
+        PostprocessingError: not a list, or a rule as :func:`load_postprocessing` refuses it (naming ``path``).
+    """
+    if not isinstance(rules, list):
+        raise PostprocessingError(f"{path}: the postprocessing rules must be a list, got {json.dumps(rules)[:60]}")
     return Postprocessing(
-        path,
-        tuple(_check_rule(path, i, rule) for i, rule in enumerate(kept)),
-        checkpoint if isinstance(checkpoint, str) else "",
+        Path(path), tuple(_check_rule(Path(path), i, rule) for i, rule in enumerate(rules)), checkpoint
     )
 
 
