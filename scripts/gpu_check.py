@@ -781,19 +781,16 @@ def step_transforms(ctx: Context, timeout: float) -> dict:
         )
         for r in data.get("rows", [])
     ]
-    for setting, share in data.get("step_share_percent", {}).items():
-        figures.append(
-            figure(
-                f"augmentation share of a step ({setting}, batch 2)",
-                share,
-                unit="%",
-                ratio=None,
-                target="augment_share",
-                value=share,
-            )
-        )
-    result["figures"] = figures
+    result["figures"] = figures + share_figures(data, "augmentation")
     return result
+
+
+def share_figures(data: dict, what: str) -> list[dict]:
+    """The augmentation's share of a training step per setting, from bench_transforms' JSON."""
+    return [
+        figure(f"{what} share of a step ({setting}, batch 2)", share, unit="%", target="augment_share", value=share)
+        for setting, share in data.get("step_share_percent", {}).items()
+    ]
 
 
 def step_nnunet_transforms(ctx: Context, timeout: float) -> dict:
@@ -810,18 +807,7 @@ def step_nnunet_transforms(ctx: Context, timeout: float) -> dict:
         )
         for r in data.get("rows", [])
     ]
-    for setting, share in data.get("step_share_percent", {}).items():
-        figures.append(
-            figure(
-                f"nnU-Net augmentation share of a step ({setting}, batch 2)",
-                share,
-                unit="%",
-                ratio=None,
-                target="augment_share",
-                value=share,
-            )
-        )
-    result["figures"] = figures
+    result["figures"] = figures + share_figures(data, "nnU-Net augmentation")
     return result
 
 

@@ -132,25 +132,19 @@ def batchgenerators_pipeline(patch: tuple[int, ...], all_fire: bool):
                 ),
                 p("low_resolution"),
             ),
-            RandomTransform(
-                GammaTransform(
-                    gamma=BGContrast((0.7, 1.5)),
-                    p_invert_image=1,
-                    synchronize_channels=False,
-                    p_per_channel=1,
-                    p_retain_stats=1,
-                ),
-                p("inverted_gamma"),
-            ),
-            RandomTransform(
-                GammaTransform(
-                    gamma=BGContrast((0.7, 1.5)),
-                    p_invert_image=0,
-                    synchronize_channels=False,
-                    p_per_channel=1,
-                    p_retain_stats=1,
-                ),
-                p("gamma"),
+            # Gamma on the inverted image, then plain.
+            *(
+                RandomTransform(
+                    GammaTransform(
+                        gamma=BGContrast((0.7, 1.5)),
+                        p_invert_image=invert,
+                        synchronize_channels=False,
+                        p_per_channel=1,
+                        p_retain_stats=1,
+                    ),
+                    p(name),
+                )
+                for name, invert in (("inverted_gamma", 1), ("gamma", 0))
             ),
             MirrorTransform(allowed_axes=(0, 1, 2)),
         ]

@@ -363,8 +363,9 @@ class ChannelBlur(ChannelTransform):
 
 
 @dataclass(frozen=True)
-class ChannelBrightness(ChannelTransform):
-    """nnU-Net's multiplicative brightness: each firing channel multiplied by its ``BGContrast(scale)`` factor."""
+class ScaledChannels(ChannelTransform):
+    """A per-channel factor drawn the ``BGContrast(scale)`` way (half below 1, half above); what it scales is
+    the subclass's."""
 
     p: Probability = 0.0
     p_per_channel: Probability = 1.0
@@ -372,6 +373,11 @@ class ChannelBrightness(ChannelTransform):
 
     def channel_values(self, side: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         return below_or_above_one(side, uniform, self.scale)
+
+
+@dataclass(frozen=True)
+class ChannelBrightness(ScaledChannels):
+    """nnU-Net's multiplicative brightness: each firing channel multiplied by its ``BGContrast(scale)`` factor."""
 
     def transform_channels(self, samples: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return samples * _per_channel(values[..., 0], samples)
@@ -388,15 +394,8 @@ def scale_contrast_channels(samples: torch.Tensor, factors: torch.Tensor) -> tor
 
 
 @dataclass(frozen=True)
-class ChannelContrast(ChannelTransform):
+class ChannelContrast(ScaledChannels):
     """nnU-Net's contrast: each firing channel scaled about its mean by ``BGContrast(scale)``, range preserved."""
-
-    p: Probability = 0.0
-    p_per_channel: Probability = 1.0
-    scale: Range = (0.75, 1.25)
-
-    def channel_values(self, side: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-        return below_or_above_one(side, uniform, self.scale)
 
     def transform_channels(self, samples: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return scale_contrast_channels(samples, values[..., 0])
