@@ -16,7 +16,7 @@ from conftest import ROOT, hide_package, tiny_overrides
 import unet_trainer.commands.export as export_module
 from unet_trainer.cli.export import main as export_main
 from unet_trainer.cli.predict import main as predict_main
-from unet_trainer.commands.builders import raw_data_dir
+from unet_trainer.commands.datasets import raw_data_dir
 from unet_trainer.commands.exported import GRAPH_FILES, MODEL_JSON, load_exported
 from unet_trainer.commands.loading import load_model, load_models
 from unet_trainer.commands.predict import predict_case
