@@ -25,7 +25,7 @@ LOWER_STAGES_DEPTH = 5
 # Modules the lower stages share, that must stay leaves (nothing imported from the package).
 LEAVES = (
     "core.schema",
-    "data.labels",
+    "data.schemes",
     "data.layouts.canonical",
     "evaluation.cases",
     "training.prefetch",
@@ -109,7 +109,7 @@ def test_settings_annotations_are_the_schemas():
 
 
 def test_the_label_names_are_the_metrics_and_the_pictures():
-    from unet_trainer.data import labels
+    from unet_trainer.data import schemes as labels
     from unet_trainer.evaluation import metrics, visualize
 
     assert metrics.LABEL_NAMES is labels.LABEL_NAMES is visualize.LABEL_NAMES

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..config.config import ConfigError
 from ..core.checkpoint import CheckpointError
-from ..data.labels import LABEL_NAMES
 from ..data.layouts import LABEL_CONVENTIONS, DataFormatError
+from ..data.schemes import LABEL_NAMES
 from ..evaluation.case_metrics import table_column, table_notes
 from ..evaluation.postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard

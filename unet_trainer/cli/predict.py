@@ -8,8 +8,8 @@ from pathlib import Path
 from ..config.config import ConfigError
 from ..core.checkpoint import CheckpointError
 from ..core.runfolder import RunFolderError
-from ..data.labels import LABEL_NAMES
 from ..data.layouts import FORMAT_LABEL_CONVENTION, LABEL_CONVENTIONS, DataFormatError
+from ..data.schemes import LABEL_NAMES
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
 from .parsing import (
     FORMAT_LIST,

@@ -36,11 +36,11 @@ from .. import __version__
 from ..core.checkpoint import checkpoint_identity, one_line
 from ..core.fileio import atomic_write_json, atomic_write_text, temporary_sibling
 from ..core.guard import check_outputs
-from ..data.labels import REGION_NAMES, REGIONS
 from ..data.layouts import CANONICAL_CHANNELS, FORMAT_LABEL_CONVENTION, LABEL_CONVENTIONS, NATIVE_REGIONS
 from ..data.layouts.canonical import CANONICAL_LABELS
 from ..data.phantom import make_phantom_case
 from ..data.prepare import zscore_nonzero
+from ..data.schemes import REGION_NAMES, REGIONS
 from ..evaluation.inference import gaussian_importance, model_output_window
 from ..evaluation.postprocessing import Postprocessing
 from ..models.blocks import InstanceNorm

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..data.labels import REGION_NAMES, REGIONS
+from ..data.schemes import REGION_NAMES, REGIONS
 from . import surface_distance, torch_morphology
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..data.labels import LABEL_NAMES, REGION_NAMES, REGIONS
+from ..data.schemes import LABEL_NAMES, REGION_NAMES, REGIONS
 
 EMPTY_POLICIES = ("one_if_both_empty", "ignore")
 

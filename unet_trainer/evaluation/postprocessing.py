@@ -1,7 +1,7 @@
 """Postprocessing chosen on validation, as nnU-Net's ``determine_postprocessing`` chooses it.
 
 Rules act on canonical label maps (Z, Y, X) (0 background, 1 NCR, 2 ED, 3 ET; the regions WT, TC
-and ET of :data:`unet_trainer.data.labels.REGIONS`, components 26-connected):
+and ET of :data:`unet_trainer.data.schemes.REGIONS`, components 26-connected):
 
 * ``largest_component`` (``region``): keep only the region's largest connected component;
 * ``remove_small_components`` (``region``, ``min_voxels``): remove the region's components of fewer
@@ -43,7 +43,7 @@ from scipy import ndimage
 from ..core.checkpoints import checkpoint_run_folder
 from ..core.documents import DocumentError, load_json_text, read_utf8
 from ..core.fileio import atomic_write_text, os_error_line
-from ..data.labels import REGION_NAMES, REGIONS
+from ..data.schemes import REGION_NAMES, REGIONS
 from .lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,
     DEFAULT_HD95_PENALTY,

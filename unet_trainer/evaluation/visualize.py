@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
 
 from ..core.fileio import atomic_write
-from ..data.labels import LABEL_NAMES, REGION_NAMES
+from ..data.schemes import LABEL_NAMES, REGION_NAMES
 
 # One colour per canonical label, readable on a grey MR slice and told apart with the common
 # colour-vision deficiencies (orange/sky blue/magenta rather than the red/green of many figures).

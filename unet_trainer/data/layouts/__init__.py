@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..labels import REGION_NAMES, REGIONS  # the evaluation regions, part of the canonical form
+from ..schemes import REGION_NAMES, REGIONS  # the evaluation regions, part of the canonical form
 from . import brats, dle, msd, nnunetv2
 from .canonical import (
     AFFINE_TOLERANCE_MM,

@@ -1,0 +1,248 @@
+"""Label schemes: what a dataset's channels, labels and evaluation regions are, as data.
+
+A :class:`LabelScheme` names, for one family of BraTS releases:
+
+* its image channels, in the order the model takes them;
+* its classes: the class indices ``1..K-1`` the prepared label arrays hold (0 is background),
+  each with a short name (the one scores and pictures use) and a description;
+* its evaluation regions, as sets of class indices, in the order scores report them;
+* the regions a model trained in region mode predicts (one sigmoid channel each) and the class
+  each region paints when outputs turn back into labels, in painting order (nnU-Net's
+  ``regions_class_order``: a later region paints over an earlier one);
+* its lesion-wise metric definition and parameters (the challenge's own);
+* where each of these facts comes from.
+
+How a release numbers its label files (its *label convention*, e.g. BraTS 2021's enhancing
+tumour 4) is the layouts' business (:mod:`unet_trainer.data.layouts.canonical`); every convention
+maps its native values onto one scheme's class indices.
+
+Schemes with the same channels, classes and regions are *compatible*: a model trained on one
+predicts for the other (BraTS 2021 and the 2023 sub-challenges share one set of classes).
+
+A leaf: it imports nothing from the package, so the losses, metrics and pictures read a scheme
+without loading the dataset layouts. A new scheme is one entry in :data:`SCHEMES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DEFAULT_SCHEME",
+    "LABEL_NAMES",
+    "REGIONS",
+    "REGION_NAMES",
+    "SCHEMES",
+    "LabelScheme",
+    "LesionSettings",
+    "UnknownScheme",
+    "get_scheme",
+]
+
+
+class UnknownScheme(ValueError):
+    """A scheme name that is not in :data:`SCHEMES`; the message lists the known ones."""
+
+
+@dataclass(frozen=True)
+class LesionSettings:
+    """A challenge's lesion-wise scoring: the metric ``definition`` (a key of the evaluation's
+    lesion definitions), the ``dilation`` iterations that merge nearby truth lesions, and the
+    ``min_volume`` in mm³ at or below which a truth lesion is dropped."""
+
+    definition: str
+    dilation: int
+    min_volume: float
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    """One family's channels, classes and regions; see the module docstring.
+
+    Attributes:
+        name: the ``data.scheme`` name.
+        title: the family in a few words, for messages and tables.
+        channels: the model's input channels in order, by the canonical names of their MRI
+            sequences (``flair``, ``t1``, ``t1ce``, ``t2``).
+        classes: short name of each class index ``1..K-1``, in index order.
+        class_descriptions: what each class is, in index order.
+        regions: evaluation region name -> its class indices, in reporting order; the region
+            scores' mean is over these.
+        trained_regions: the regions a region-mode model predicts, one output channel each, in order.
+        regions_class_order: the class index each trained region paints, in the same order; a
+            voxel takes the class of the last region that is on there.
+        lesion: the challenge's lesion-wise scoring.
+        source: where the labels and regions are defined (the challenge's own documents).
+    """
+
+    name: str
+    title: str
+    channels: tuple[str, ...]
+    classes: tuple[str, ...]
+    class_descriptions: tuple[str, ...]
+    regions: Mapping[str, tuple[int, ...]]
+    trained_regions: tuple[str, ...]
+    regions_class_order: tuple[int, ...]
+    lesion: LesionSettings
+    source: str
+    _label_names: Mapping[int, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A scheme is data written by hand: check it once, here, so no consumer has to.
+        count = len(self.classes)
+        if len(self.class_descriptions) != count:
+            raise ValueError(f"scheme {self.name}: {count} classes but {len(self.class_descriptions)} descriptions")
+        for region, members in self.regions.items():
+            if not members or any(not 1 <= m <= count for m in members):
+                raise ValueError(f"scheme {self.name}: region {region} {members} is not a set of classes 1..{count}")
+        unknown = [r for r in self.trained_regions if r not in self.regions]
+        if unknown or len(self.regions_class_order) != len(self.trained_regions):
+            raise ValueError(
+                f"scheme {self.name}: trained regions {self.trained_regions} must be regions, one class each"
+            )
+        object.__setattr__(self, "_label_names", {index + 1: name for index, name in enumerate(self.classes)})
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels of a model trained in class mode: background and every class."""
+        return len(self.classes) + 1
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        """The evaluation regions, in reporting order."""
+        return tuple(self.regions)
+
+    @property
+    def label_names(self) -> Mapping[int, str]:
+        """Class index -> short name, background left out."""
+        return self._label_names
+
+    def num_outputs(self, region_mode: bool) -> int:
+        """A model's output channels: one per trained region in region mode, else one per class."""
+        return len(self.trained_regions) if region_mode else self.num_classes
+
+    def trained_region_classes(self) -> tuple[tuple[int, ...], ...]:
+        """The class indices of each trained region, in output-channel order."""
+        return tuple(self.regions[name] for name in self.trained_regions)
+
+    def compatible_with(self, other: LabelScheme) -> bool:
+        """Whether a model trained on ``other`` predicts this scheme's classes from its channels."""
+        return (self.channels, self.classes, dict(self.regions), self.trained_regions) == (
+            other.channels,
+            other.classes,
+            dict(other.regions),
+            other.trained_regions,
+        )
+
+
+# --- The schemes ----------------------------------------------------------------------------------
+
+_GLIOMA_CHANNELS = ("flair", "t1", "t1ce", "t2")
+_GLIOMA_CLASSES = ("NCR", "ED", "EN")
+_GLIOMA_DESCRIPTIONS = (
+    "necrotic / non-enhancing tumour core (NCR/NETC)",
+    "peritumoral edema (ED; 2023: surrounding non-enhancing FLAIR hyperintensity, SNFH)",
+    "enhancing tumour (ET)",
+)
+# Whole tumour, tumour core, enhancing tumour: the BraTS regions since 2012.
+_GLIOMA_REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+# nnU-Net's BraTS region training: WT paints edema, TC necrosis over it, ET enhancing over both
+# (nnunetv2/dataset_conversion/Dataset137_BraTS21.py, regions_class_order).
+_GLIOMA_TRAINING = {"trained_regions": ("WT", "TC", "ET"), "regions_class_order": (2, 1, 3)}
+_BRATS2021_SOURCE = (
+    "Baid et al., The RSNA-ASNR-MICCAI BraTS 2021 Benchmark, arXiv:2107.02314, section 2.3 "
+    "(labels 1 NCR, 2 ED, 4 ET; regions ET, TC = ET+NCR, WT = TC+ED)"
+)
+_BRATS2023_SOURCE = (
+    "BraTS 2023 challenge data description (Synapse syn51156910) and its evaluation code, "
+    "rachitsaluja/BraTS-2023-Metrics metrics.py get_LesionWiseResults (labels 1 NETC, 2 SNFH, 3 ET; "
+    "regions ET, TC = ET+NETC, WT = TC+SNFH; dilation and lesion size per sub-challenge)"
+)
+
+
+def _glioma(name: str, title: str, dilation: int, min_volume: float, source: str) -> LabelScheme:
+    """A scheme of the BraTS glioma classes (2018-2023, every 2023 sub-challenge, MSD Task01, DLE),
+    scored with the 2023 definition and its own lesion parameters."""
+    return LabelScheme(
+        name=name,
+        title=title,
+        channels=_GLIOMA_CHANNELS,
+        classes=_GLIOMA_CLASSES,
+        class_descriptions=_GLIOMA_DESCRIPTIONS,
+        regions=_GLIOMA_REGIONS,
+        lesion=LesionSettings("brats2023", dilation, min_volume),
+        source=source,
+        **_GLIOMA_TRAINING,
+    )
+
+
+_BRATS2024_GLI = LabelScheme(
+    name="brats2024-gli",
+    title="BraTS 2024 post-treatment adult glioma, with resection cavity",
+    channels=_GLIOMA_CHANNELS,
+    classes=("NETC", "SNFH", "ET", "RC"),
+    class_descriptions=(
+        "non-enhancing tumour core",
+        "surrounding non-enhancing FLAIR hyperintensity",
+        "enhancing tissue",
+        "resection cavity",
+    ),
+    # The challenge scores each label and two composites; the resection cavity is in none of them.
+    regions={"ET": (3,), "NETC": (1,), "SNFH": (2,), "RC": (4,), "TC": (1, 3), "WT": (1, 2, 3)},
+    trained_regions=("WT", "TC", "ET", "RC"),
+    regions_class_order=(2, 1, 3, 4),
+    lesion=LesionSettings("brats2023", 3, 50.0),
+    source=(
+        "de Verdier et al., The 2024 Brain Tumor Segmentation (BraTS) Challenge: Glioma Segmentation on "
+        "Post-treatment MRI, arXiv:2405.18368, section 2 (labels 1 NETC, 2 SNFH, 3 ET, 4 RC; regions ET, NETC, "
+        "SNFH, RC, TC = ET+NETC, WT = ET+NETC+SNFH)"
+    ),
+)
+
+#: Every scheme by name; ``data.scheme`` and ``--scheme`` choose among them ("auto" detects).
+SCHEMES: dict[str, LabelScheme] = {
+    scheme.name: scheme
+    for scheme in (
+        _glioma("brats2021", "BraTS 2018-2021 adult glioma", 3, 50.0, _BRATS2021_SOURCE),
+        _glioma("brats2023-gli", "BraTS 2023 adult glioma (GLI)", 3, 50.0, _BRATS2023_SOURCE),
+        _glioma("brats2023-ssa", "BraTS 2023 sub-Saharan Africa glioma (SSA)", 3, 50.0, _BRATS2023_SOURCE),
+        _glioma("brats2023-ped", "BraTS 2023 pediatric tumours (PED)", 3, 50.0, _BRATS2023_SOURCE),
+        _glioma("brats2023-men", "BraTS 2023 meningioma (MEN)", 1, 50.0, _BRATS2023_SOURCE),
+        _glioma("brats2023-met", "BraTS 2023 brain metastases (MET)", 1, 2.0, _BRATS2023_SOURCE),
+        _glioma(
+            "msd",
+            "Medical Segmentation Decathlon Task01 BrainTumour (BraTS 2016-2017 cases)",
+            3,
+            50.0,
+            "Antonelli et al., The Medical Segmentation Decathlon, Nat Commun 13, 4128 (2022); Task01 "
+            "dataset.json (labels 1 edema, 2 non-enhancing tumour, 3 enhancing tumour)",
+        ),
+        _BRATS2024_GLI,
+    )
+}
+
+#: The scheme of a dataset that says nothing else: today's canonical glioma classes.
+DEFAULT_SCHEME = "brats2021"
+
+
+def get_scheme(name: str) -> LabelScheme:
+    """The scheme called ``name``.
+
+    Raises:
+        UnknownScheme: no such scheme (the message lists the known ones).
+    """
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise UnknownScheme(f"unknown label scheme {name!r}; expected one of {', '.join(SCHEMES)}") from None
+
+
+# Views of the default scheme, for code that scores only that scheme.
+_DEFAULT = SCHEMES[DEFAULT_SCHEME]
+#: Short names of the default scheme's classes, as the scores and pictures call them.
+LABEL_NAMES: dict[int, str] = dict(_DEFAULT.label_names)
+#: The default scheme's evaluation regions in class indices: whole tumour, tumour core, enhancing tumour.
+REGIONS: dict[str, tuple[int, ...]] = dict(_DEFAULT.regions)
+#: Order in which region channels/metrics are reported.
+REGION_NAMES: tuple[str, ...] = _DEFAULT.region_names
