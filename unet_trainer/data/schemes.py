@@ -49,11 +49,17 @@ class UnknownScheme(ValueError):
 class LesionSettings:
     """A challenge's lesion-wise scoring: the metric ``definition`` (a key of the evaluation's
     lesion definitions), the ``dilation`` iterations that merge nearby truth lesions, and the
-    ``min_volume`` in mm³ at or below which a truth lesion is dropped."""
+    ``min_volume`` in mm³ at or below which a truth lesion is dropped (``region_min_volume``: for
+    the regions whose threshold differs)."""
 
     definition: str
     dilation: int
     min_volume: float
+    region_min_volume: Mapping[str, float] = field(default_factory=dict)  # regions with their own threshold
+
+    def min_volume_of(self, region: str) -> float:
+        """The size threshold in mm³ for ``region``: its own, or the scheme's."""
+        return self.region_min_volume.get(region, self.min_volume)
 
 
 @dataclass(frozen=True)
@@ -151,13 +157,14 @@ _GLIOMA_REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 # (nnunetv2/dataset_conversion/Dataset137_BraTS21.py, regions_class_order).
 _GLIOMA_TRAINING = {"trained_regions": ("WT", "TC", "ET"), "regions_class_order": (2, 1, 3)}
 _BRATS2021_SOURCE = (
-    "Baid et al., The RSNA-ASNR-MICCAI BraTS 2021 Benchmark, arXiv:2107.02314, section 2.3 "
-    "(labels 1 NCR, 2 ED, 4 ET; regions ET, TC = ET+NCR, WT = TC+ED)"
+    "BraTS 2021 data as NVIDIA DeepLearningExamples nnUNet notebooks/BraTS21.ipynb and MIC-DKFZ/nnUNet "
+    "nnunetv2/dataset_conversion/Dataset137_BraTS21.py describe it: labels 1 NCR, 2 ED, 4 ET; regions WT = {1, 2, 4}, "
+    "TC = {1, 4}, ET = {4}"
 )
 _BRATS2023_SOURCE = (
-    "BraTS 2023 challenge data description (Synapse syn51156910) and its evaluation code, "
-    "rachitsaluja/BraTS-2023-Metrics metrics.py get_LesionWiseResults (labels 1 NETC, 2 SNFH, 3 ET; "
-    "regions ET, TC = ET+NETC, WT = TC+SNFH; dilation and lesion size per sub-challenge)"
+    "BraTS 2023 evaluation code, rachitsaluja/BraTS-2023-Metrics eval.py (get_TissueWiseSeg, get_LesionWiseResults): "
+    "labels 1 NETC, 2 SNFH, 3 ET; regions WT = {1, 2, 3}, TC = {1, 3}, ET = {3}; dilation and minimum lesion volume "
+    "per sub-challenge"
 )
 
 
@@ -192,11 +199,13 @@ _BRATS2024_GLI = LabelScheme(
     regions={"ET": (3,), "NETC": (1,), "SNFH": (2,), "RC": (4,), "TC": (1, 3), "WT": (1, 2, 3)},
     trained_regions=("WT", "TC", "ET", "RC"),
     regions_class_order=(2, 1, 3, 4),
-    lesion=LesionSettings("brats2023", 3, 50.0),
+    # The 2024 scorer keeps 20 mm³ until its loop reaches ET, then 10 for ET and every label after it (RC).
+    lesion=LesionSettings("brats2023", 3, 20.0, {"ET": 10.0, "RC": 10.0}),
     source=(
-        "de Verdier et al., The 2024 Brain Tumor Segmentation (BraTS) Challenge: Glioma Segmentation on "
-        "Post-treatment MRI, arXiv:2405.18368, section 2 (labels 1 NETC, 2 SNFH, 3 ET, 4 RC; regions ET, NETC, "
-        "SNFH, RC, TC = ET+NETC, WT = ET+NETC+SNFH)"
+        "BraTS 2024 post-treatment glioma evaluation code, rachitsaluja/BraTS-2024-Metrics metrics_GLI.py "
+        "(get_TissueWiseSeg, get_LesionWiseResults): labels 1 NETC, 2 SNFH, 3 ET, 4 RC; regions ET, NETC, SNFH, RC, "
+        "TC = {1, 3}, WT = {1, 2, 3}; dilation 3, 20 mm³, 10 mm³ from ET on. That code also merges touching "
+        "lesions of different labels before matching, which the brats2023 definition does not"
     ),
 )
 
