@@ -54,6 +54,7 @@ NATIVE_OF_CANONICAL = {
     "brats2023": (0, 1, 2, 3),
     "msd": (0, 2, 1, 3),
     "dle": (0, 2, 1, 3),
+    "brats2024-gli": (0, 1, 2, 3, 4),  # 2023's numbering plus 4, the resection cavity
     "nnunetv2": (0, 2, 1, 3),  # nnU-Net's BraTS conversion: 1 edema, 2 necrotic core, 3 enhancing
 }
 CASE_IDS = {
@@ -159,13 +160,13 @@ def test_label_mapping_matches_documented_native_values_and_inverts(convention):
     native_values = np.asarray(NATIVE_OF_CANONICAL[convention])
     canonical = to_canonical(native_values, convention)
     assert canonical.dtype == np.uint8
-    assert canonical.tolist() == [0, 1, 2, 3]
+    assert canonical.tolist() == list(range(len(native_values)))
     assert from_canonical(canonical, convention).tolist() == native_values.tolist()
     volume = canonical_labels()
     round_trip = to_canonical(from_canonical(volume, convention), convention)
     assert round_trip.dtype == np.uint8 and np.array_equal(round_trip, volume)
     # Integer-valued floats are accepted.
-    assert to_canonical(native_values.astype(np.float32), convention).tolist() == [0, 1, 2, 3]
+    assert to_canonical(native_values.astype(np.float32), convention).tolist() == list(range(len(native_values)))
 
 
 @pytest.mark.parametrize(

@@ -390,13 +390,13 @@ def write_truncated_dle(root: Path, phantom_cases) -> tuple[str, str]:
 
 
 def write_bad_brats2023(root: Path, phantom_cases) -> tuple[str, str]:
-    """BraTS 2023 case with the BraTS 2021 enhancing label 4 (unknown in 2023's numbering)."""
+    """BraTS 2023 case with a label 5, unknown in every BraTS numbering (4 is 2024's resection cavity)."""
     write_dataset(root, "brats2023", phantom_cases[:2])
     cid = case_id("brats2023", 1)
     path = root / cid / f"{cid}-seg.nii.gz"
     data, affine = load_xyz(path)
     data = data.copy()
-    data[data == 3] = 4
+    data[data == 3] = 5
     save_xyz(path, data, affine)
     return cid, path.name
 
@@ -404,7 +404,7 @@ def write_bad_brats2023(root: Path, phantom_cases) -> tuple[str, str]:
 @pytest.mark.parametrize(
     "writer",
     [write_bad_msd, write_bad_dle, write_truncated_dle, write_bad_brats2023],
-    ids=["msd three channels", "dle NaN", "dle truncated label", "brats2023 label 4"],
+    ids=["msd three channels", "dle NaN", "dle truncated label", "brats2023 label 5"],
 )
 def test_bad_input_in_other_layouts(writer, phantom_cases, tmp_path, capsys):
     bad_case, file_name = writer(tmp_path / "raw", phantom_cases)

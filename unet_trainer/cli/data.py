@@ -9,7 +9,8 @@ from pathlib import Path
 from ..config.config import SEED
 from ..core.runfolder import RunFolderError
 from ..data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES, FORMATS, DataFormatError
-from ..data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
+from ..data.phantom import DEFAULT_PHANTOM_SCHEME, DEFAULT_STYLE, PHANTOM_SCHEMES, PHANTOM_STYLES
+from ..data.schemes import SCHEMES
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, fail, guard
 
 # Bad data or an unwritable --out (its OSErrors name --out when they name no file); Ctrl-C keeps its traceback.
@@ -17,7 +18,7 @@ ERRORS = ErrorTable(rows=(((DataFormatError, ValueError, RunFolderError), FAILUR
 
 
 def _add_synth(sub) -> None:
-    synth = sub.add_parser("synth", help="write a synthetic BraTS phantom in the BraTS 2021 layout")
+    synth = sub.add_parser("synth", help="write a synthetic BraTS phantom (BraTS 2021 layout, or its --scheme's)")
     synth.add_argument("--out", required=True, type=Path, help="dataset folder to create")
     synth.add_argument("--cases", type=int, default=20, help="number of cases (default 20)")
     synth.add_argument(
@@ -36,6 +37,12 @@ def _add_synth(sub) -> None:
         choices=PHANTOM_STYLES,
         help=f"tumour style (default {DEFAULT_STYLE}; see unet_trainer/data/phantom.py)",
     )
+    synth.add_argument(
+        "--scheme",
+        default=DEFAULT_PHANTOM_SCHEME,
+        choices=tuple(PHANTOM_SCHEMES),
+        help=f"label scheme of the cases and the layout they are written in (default {DEFAULT_PHANTOM_SCHEME})",
+    )
 
 
 def _add_prepare(sub) -> None:
@@ -46,6 +53,12 @@ def _add_prepare(sub) -> None:
         "--format", default=FORMAT_CHOICES[0], choices=FORMAT_CHOICES, help="layout of SOURCE (default: auto, detected)"
     )
     prep.add_argument("--workers", type=int, default=2)
+    prep.add_argument(
+        "--scheme",
+        default="auto",
+        choices=("auto", *SCHEMES),
+        help="label scheme of SOURCE (default: auto, from the case names and labels)",
+    )
     prep.add_argument("--skip-bad", action="store_true", help="skip invalid cases and list them instead of stopping")
     prep.add_argument(
         "--dle-labels",
@@ -83,7 +96,7 @@ def _synth(args: argparse.Namespace) -> int:
     if not SEED["minimum"] <= args.seed <= SEED["maximum"]:
         return fail(f"--seed {args.seed} must be in [{SEED['minimum']}, {SEED['maximum']}]", USAGE_ERROR)
     ids = write_phantom_dataset(
-        args.out, args.cases, tuple(args.shape), args.seed, workers=args.workers, style=args.style
+        args.out, args.cases, tuple(args.shape), args.seed, workers=args.workers, style=args.style, scheme=args.scheme
     )
     print(f"Wrote {len(ids)} phantom cases to {args.out}")
     return 0
@@ -96,9 +109,14 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.target_spacing is not None and min(args.target_spacing) <= 0:
         return fail("--target-spacing takes three positive spacings in mm", USAGE_ERROR)
     settings = PrepareSettings(tuple(args.target_spacing) if args.target_spacing else None, args.dle_labels)
-    dataset = open_dataset(args.source, args.format, skip_bad=args.skip_bad)
+    dataset = open_dataset(
+        args.source, args.format, skip_bad=args.skip_bad, scheme=args.scheme, dle_labels=args.dle_labels
+    )
     record = prepare_dataset(dataset, args.out, settings, workers=args.workers)
-    print(f"Prepared {len(record['cases'])} {record['format']} cases into {args.out}")
+    scheme = SCHEMES[record["scheme"]]
+    print(
+        f"Prepared {len(record['cases'])} {record['format']} cases into {args.out} (label scheme {scheme.name}: {scheme.title})"
+    )
     for case_id, error in record["skipped"].items():
         print(f"skipped {case_id}: {error}", file=sys.stderr)
     return 0

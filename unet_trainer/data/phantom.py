@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from ..core.runfolder import FolderLock
 from ..core.workers import worker_pool
-from .layouts.brats import BRATS2021
+from .layouts.brats import BRATS2021, BRATS2023
+from .layouts.canonical import Layout
 from .layouts.files import write_layout_case
 
 # Mean intensity of each tissue in (flair, t1, t1ce, t2), loosely after real 3T contrasts:
@@ -57,10 +58,33 @@ TISSUE_CONTRAST = {
     # Non-enhancing tumour (label 1 of a tumour without enhancement): FLAIR/T2-bright, T1-dark.
     "nonenhancing": (0.95, 0.40, 0.42, 1.15),
 }
+# A resection cavity is fluid: dark in T1 and T1ce, bright in T2, suppressed in FLAIR like CSF.
+CAVITY_CONTRAST = (0.12, 0.15, 0.17, 1.10)
 # Raw scanner units differ per modality; z-scoring in preparation removes this.
 MODALITY_SCALE = (420.0, 780.0, 910.0, 1260.0)
 # Canonical label values (0 bg, 1 necrotic core, 2 oedema, 3 enhancing); written as BraTS 2021.
 LABEL_NECROTIC, LABEL_EDEMA, LABEL_ENHANCING = 1, 2, 3
+# The resection cavity's class in the post-treatment scheme.
+LABEL_CAVITY = 4
+
+
+@dataclass(frozen=True)
+class PhantomScheme:
+    """How phantom cases of one label scheme are named and written: the layout, the case id pattern,
+    the label convention of the files, and whether a post-treatment resection cavity is drawn."""
+
+    layout: Layout
+    case_id: str  # format string of the case index
+    convention: str
+    cavity: bool = False
+
+
+#: The label schemes phantoms are drawn in (``unet-data synth --scheme``); the first is the default.
+PHANTOM_SCHEMES: dict[str, PhantomScheme] = {
+    "brats2021": PhantomScheme(BRATS2021, "BraTS2021_{:05d}", "brats2021"),
+    "brats2024-gli": PhantomScheme(BRATS2023, "BraTS-GLI-{:05d}-000", "brats2024-gli", cavity=True),
+}
+DEFAULT_PHANTOM_SCHEME = next(iter(PHANTOM_SCHEMES))
 # Phantom styles; the first is the default (``data.phantom.style``, ``unet-data synth --style``).
 PHANTOM_STYLES = ("brats", "simple")
 DEFAULT_STYLE = PHANTOM_STYLES[0]
@@ -79,7 +103,7 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], coarse:
 
 
 def make_phantom_case(
-    shape: tuple[int, int, int], rng: np.random.Generator, style: str = DEFAULT_STYLE
+    shape: tuple[int, int, int], rng: np.random.Generator, style: str = DEFAULT_STYLE, cavity: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one phantom case.
 
@@ -88,6 +112,8 @@ def make_phantom_case(
         rng: the random generator (the case is a pure function of its state).
         style: ``"brats"`` (a tumour anywhere in white matter, see the module docstring) or
             ``"simple"`` (one near-centred concentric tumour that always enhances).
+        cavity: also draw a resection cavity (class 4, fluid contrast) beside the tumour, cutting into
+            it, as after surgery (drawn after everything else, so other cases' draws are unchanged).
 
     Returns:
         image: float32 (4, Z, Y, X), channels (flair, t1, t1ce, t2), raw positive units, 0 outside the head.
@@ -128,7 +154,24 @@ def make_phantom_case(
         ("enhancing", enhancing),
         (core_name, necrotic),
     ]
+    if cavity:
+        hole = _cavity(shape, head.grid, head.brain & ~head.ventricles, label > 0, rng)
+        label[hole] = LABEL_CAVITY
+        tissues.append(("cavity", hole))
+        contrast = {**contrast, "cavity": CAVITY_CONTRAST}
     return _render(shape, tissues, contrast, head.head, rng), label
+
+
+def _cavity(
+    shape: tuple[int, int, int], grid: np.ndarray, tissue: np.ndarray, tumour: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """A resection cavity, bool (Z, Y, X): a wavy ball centred on the tumour's edge (where the
+    resected part was), within brain tissue."""
+    edge = tumour & ~ndimage.binary_erosion(tumour)
+    centre = _random_voxel(rng, edge if edge.any() else tissue)
+    radius = max(rng.uniform(0.04, 0.09) * float(min(shape)), 2.0)
+    dist = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) * (1.0 + 0.2 * _smooth_field(rng, shape, 5))
+    return (dist < radius) & tissue
 
 
 @dataclass(frozen=True)
@@ -316,11 +359,14 @@ def _brats_tumour(
     return necrotic, enhancing, edema, "necrotic" if enhances else "nonenhancing"
 
 
-def _write_one_case(folder: Path, shape: tuple[int, int, int], seed: int, index: int, style: str) -> str:
+def _write_one_case(
+    folder: Path, shape: tuple[int, int, int], seed: int, index: int, style: str, scheme: str = DEFAULT_PHANTOM_SCHEME
+) -> str:
     """Draw case ``index`` and write it into ``folder``; returns its id. Runs in a worker process."""
-    image, label = make_phantom_case(shape, np.random.default_rng([seed, index]), style)
-    case_id = f"BraTS2021_{index:05d}"
-    write_layout_case(folder, BRATS2021, case_id, image, label, np.eye(4))
+    written = PHANTOM_SCHEMES[scheme]
+    image, label = make_phantom_case(shape, np.random.default_rng([seed, index]), style, cavity=written.cavity)
+    case_id = written.case_id.format(index)
+    write_layout_case(folder, written.layout, case_id, image, label, np.eye(4), written.convention)
     return case_id
 
 
@@ -332,8 +378,10 @@ def write_phantom_dataset(
     progress: bool = True,
     workers: int = 1,
     style: str = DEFAULT_STYLE,
+    scheme: str = DEFAULT_PHANTOM_SCHEME,
 ) -> list[str]:
-    """Write ``cases`` phantom cases in the BraTS 2021 layout under ``out``.
+    """Write ``cases`` phantom cases of a label scheme under ``out``, in the scheme's layout (the
+    BraTS 2021 one by default).
 
     The dataset is built in a temporary sibling folder and renamed into place when complete,
     so an interrupted run never leaves a half dataset at ``out``.
@@ -347,16 +395,19 @@ def write_phantom_dataset(
         progress: show a progress bar.
         workers: processes drawing and writing cases in parallel (1: in this process).
         style: one of PHANTOM_STYLES (see :func:`make_phantom_case`).
+        scheme: one of :data:`PHANTOM_SCHEMES`.
 
     Returns:
-        The case ids, ``BraTS2021_00000`` onwards.
+        The case ids, ``BraTS2021_00000`` onwards (the scheme's pattern).
 
     Raises:
         FileExistsError: ``out`` exists and is not a complete phantom written with these settings.
-        ValueError: an unknown style.
+        ValueError: an unknown style or scheme.
     """
     if style not in PHANTOM_STYLES:
         raise ValueError(f"phantom style {style!r} is not one of {', '.join(PHANTOM_STYLES)}")
+    if scheme not in PHANTOM_SCHEMES:
+        raise ValueError(f"phantom scheme {scheme!r} is not one of {', '.join(PHANTOM_SCHEMES)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # One writer per phantom folder at a time (a second waits, then finds it complete); under the
@@ -367,20 +418,29 @@ def write_phantom_dataset(
         for orphan in out.parent.iterdir():
             if staging_name.match(orphan.name) and orphan.is_dir():
                 shutil.rmtree(orphan, ignore_errors=True)
-        return _write_phantom_locked(out, cases, shape, seed, progress, workers, style)
+        return _write_phantom_locked(out, cases, shape, seed, progress, workers, style, scheme)
     finally:
         lock.release()
 
 
 def _write_phantom_locked(
-    out: Path, cases: int, shape: tuple[int, int, int], seed: int, progress: bool, workers: int, style: str
+    out: Path,
+    cases: int,
+    shape: tuple[int, int, int],
+    seed: int,
+    progress: bool,
+    workers: int,
+    style: str,
+    scheme: str,
 ) -> list[str]:
     """:func:`write_phantom_dataset` once ``out`` is locked."""
     settings = {"cases": int(cases), "shape": [int(s) for s in shape], "seed": int(seed), "style": style, "version": 2}
+    if scheme != DEFAULT_PHANTOM_SCHEME:  # the default's record stays as it was, so its phantoms stay current
+        settings["scheme"] = scheme
     marker = out / "phantom.json"
     if out.exists():
         if marker.is_file() and json.loads(marker.read_text()) == settings:
-            return [f"BraTS2021_{i:05d}" for i in range(cases)]
+            return [PHANTOM_SCHEMES[scheme].case_id.format(i) for i in range(cases)]
         raise FileExistsError(f"{out}: exists and is not a phantom written with {settings}; choose another --out")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -388,7 +448,7 @@ def _write_phantom_locked(
         bar = tqdm(total=cases, desc="phantom", unit="case", disable=not progress)
         if workers > 1 and cases > 1:
             with worker_pool(min(workers, cases)) as pool:
-                futures = [pool.submit(_write_one_case, staging, shape, seed, i, style) for i in range(cases)]
+                futures = [pool.submit(_write_one_case, staging, shape, seed, i, style, scheme) for i in range(cases)]
                 for future in as_completed(futures):
                     future.result()  # re-raises a worker's error here
                     bar.update()
@@ -396,7 +456,7 @@ def _write_phantom_locked(
         else:
             ids = []
             for i in range(cases):
-                ids.append(_write_one_case(staging, shape, seed, i, style))
+                ids.append(_write_one_case(staging, shape, seed, i, style, scheme))
                 bar.update()
         bar.close()
         (staging / "phantom.json").write_text(json.dumps(settings))

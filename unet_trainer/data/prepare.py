@@ -39,6 +39,7 @@ from ..core.runfolder import PREPARE_LOCK_NAME, FolderLock
 from ..core.workers import worker_pool
 from .layouts.canonical import (
     CANONICAL_CHANNELS,
+    LABEL_CONVENTIONS,
     MAX_IMAGE_VALUES,
     CaseFiles,
     DataFormatError,
@@ -276,13 +277,15 @@ def zero_channel_warning(case: CaseFiles, image: np.ndarray) -> str | None:
     return f"case {case.case_id}: {which} {'is' if len(zero) == 1 else 'are'} all zeros ({source}); check the file"
 
 
-def _prepare_one(args: tuple[CaseFiles, str, PrepareSettings, Layout]) -> tuple[str, str | None, str | None]:
-    """Worker: prepare and write one case read in ``layout``; returns (case_id, error message or None,
-    warning or None)."""
-    case, out_dir, settings, layout = args
+def _prepare_one(
+    args: tuple[CaseFiles, str, PrepareSettings, Layout, tuple[str, ...]],
+) -> tuple[str, str | None, str | None]:
+    """Worker: prepare and write one case read in ``layout``, its labels in the widest of the label
+    schemes given; returns (case_id, error message or None, warning or None)."""
+    case, out_dir, settings, layout, schemes = args
     out = Path(out_dir)
     try:
-        raw = layout.read_case(case, settings.dle_labels)
+        raw = layout.read_case(case, settings.dle_labels, schemes)
     except DataFormatError as exc:
         return case.case_id, str(exc), None
     warning = zero_channel_warning(case, raw.image)
@@ -333,7 +336,7 @@ def prepare_dataset(
             where it would bury the one-line error).
 
     Returns:
-        The ``prepare.json`` record: source, format, settings, case ids and skipped cases.
+        The ``prepare.json`` record: source, format, label scheme, settings, case ids and skipped cases.
 
     Raises:
         DataFormatError: the first bad case (one line naming case and file) unless ``dataset.skip_bad``;
@@ -363,7 +366,7 @@ def _prepare_cases(dataset: RawDataset, out: Path, settings: PrepareSettings, wo
     errors = dict(dataset.skipped)
     digest = settings.digest()
     todo = [c for c in cases if not _case_is_done(out, c.case_id, digest)]
-    jobs = [(c, str(out), settings, dataset.layout) for c in todo]
+    jobs = [(c, str(out), settings, dataset.layout, dataset.schemes) for c in todo]
     # disable=None: tqdm draws only on a terminal.
     bar = tqdm(
         total=len(cases),
@@ -380,9 +383,11 @@ def _prepare_cases(dataset: RawDataset, out: Path, settings: PrepareSettings, wo
     errors = dict(sorted(errors.items()))
     if not good:
         raise DataFormatError(f"{source}: every case failed validation; first: {next(iter(errors.values()))}")
+    scheme = choose_scheme(dataset, settings.dle_labels, {_case_convention(out, case_id) for case_id in good})
     record = {
         "source": str(source.resolve()),
         "format": dataset.format,
+        "scheme": scheme,
         "settings": settings.as_dict(),
         "settings_digest": digest,
         "cases": good,
@@ -391,6 +396,28 @@ def _prepare_cases(dataset: RawDataset, out: Path, settings: PrepareSettings, wo
     atomic_write_text(out / "prepare.json", json.dumps(record, indent=1))
     _print_warning(no_tumour_warning(source, out, good))
     return record
+
+
+def _case_convention(out: Path, case_id: str) -> str:
+    return json.loads((out / f"{case_id}_meta.json").read_text())["label_convention"]
+
+
+def choose_scheme(dataset: RawDataset, dle_labels: str, conventions: set[str]) -> str:
+    """The narrowest of the dataset's candidate schemes whose label convention holds the labels
+    of every case (each case's ``conventions``: the narrowest that held its own labels).
+
+    Raises:
+        DataFormatError: no candidate holds them all (cases prepared under another scheme).
+    """
+    known = dataset.layout.scheme_conventions(dle_labels)
+    needed = set().union(*(LABEL_CONVENTIONS[c].values() for c in conventions))
+    for scheme in dataset.schemes or tuple(known):
+        if needed <= set(LABEL_CONVENTIONS[known[scheme]].values()):
+            return scheme
+    raise DataFormatError(
+        f"{dataset.root}: the cases' labels ({', '.join(sorted(conventions))} numbering) do not fit the label "
+        f"scheme {', '.join(dataset.schemes)}; choose another data.scheme, or auto"
+    )
 
 
 def _run_jobs(jobs: list[tuple], workers: int, bar, skip_bad: bool, errors: dict[str, str]) -> None:

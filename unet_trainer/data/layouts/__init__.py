@@ -206,7 +206,14 @@ def _no_cases_message(root: Path, fmt: str) -> str:
     return f"{root}: no {fmt} cases found; expected {LAYOUT_DESCRIPTIONS[fmt]}{hint}"
 
 
-def open_dataset(root: Path, fmt: str = "auto", require_labels: bool = True, skip_bad: bool = False) -> RawDataset:
+def open_dataset(
+    root: Path,
+    fmt: str = "auto",
+    require_labels: bool = True,
+    skip_bad: bool = False,
+    scheme: str = "auto",
+    dle_labels: str = DLE_LABEL_CONVENTIONS[0],
+) -> RawDataset:
     """Open a raw dataset folder for preparation: list its cases in the layout ``fmt`` (or the
     detected one), as :func:`list_cases` does, and refuse a folder without cases. Reads no image.
 
@@ -216,19 +223,27 @@ def open_dataset(root: Path, fmt: str = "auto", require_labels: bool = True, ski
         require_labels: when True every case must have a segmentation file.
         skip_bad: a case with a problem of its own found while listing is set aside into
             ``skipped`` instead of raised (``--skip-bad``), and so is one that fails when read.
+        scheme: the label scheme (a key of ``data.schemes.SCHEMES``), or "auto": the ones the file
+            names allow, the labels deciding among them when the cases are prepared.
+        dle_labels: the label numbering of files that do not record theirs (DLE arrays).
 
     Returns:
         The :class:`RawDataset`: the folder, its layout and its cases sorted by case id.
 
     Raises:
         DataFormatError: what :func:`list_cases` raises; a folder where no case is found (one
-            line; for a forced ``fmt``, what it expected and what the folder looks like).
+            line; for a forced ``fmt``, what it expected and what the folder looks like); a folder
+            mixing sub-challenges, or a ``scheme`` its layout cannot hold.
     """
     bad: dict[str, str] = {}
     layout, cases = _listing(root, fmt, require_labels, bad if skip_bad else None)
     if not cases and not bad:
         raise DataFormatError(_no_cases_message(Path(root), fmt))
-    return RawDataset(Path(root), layout, tuple(cases), skip_bad, bad)
+    try:
+        schemes = layout.candidate_schemes(cases, dle_labels, scheme)
+    except DataFormatError as error:
+        raise DataFormatError(f"{root}: {error}") from None
+    return RawDataset(Path(root), layout, tuple(cases), skip_bad, bad, schemes)
 
 
 def read_case(case: CaseFiles, dle_labels: str = DLE_LABEL_CONVENTIONS[0]) -> RawCase:

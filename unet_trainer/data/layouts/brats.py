@@ -6,7 +6,9 @@
     are read too.
 ``brats2023``
     ``<case>/<case>-{t2f,t1n,t1c,t2w,seg}.nii.gz`` (or ``.nii``) for every BraTS 2023 challenge
-    prefix (GLI, MEN, MET, PED, SSA), labels 1 necrotic core, 2 edema, 3 enhancing.
+    prefix (GLI, MEN, MET, PED, SSA), labels 1 necrotic core, 2 edema, 3 enhancing; and BraTS 2024
+    post-treatment glioma, the same files with label 4, resection cavity. The label scheme follows the
+    prefix (one sub-challenge per folder) and, for GLI, the labels.
 
 A folder counts as a case when it is named like the release's case folders, or holds files
 named after itself (BraTS 2020, phantoms, renamed copies).
@@ -15,11 +17,13 @@ named after itself (BraTS 2020, phantoms, renamed copies).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..schemes import SCHEMES
 from .canonical import CANONICAL_CHANNELS, CaseFiles, DataFormatError, Layout, RawCase
 from .files import (
     LABELS_NEEDED,
@@ -109,7 +113,12 @@ class _Release:
         save_volume(label_path, native_label, affine)
         return CaseFiles(case_id, self.name, tuple(image_paths), label_path)
 
-    def layout(self, description: str) -> Layout:
+    def layout(
+        self,
+        description: str,
+        schemes: dict[str, str] | None = None,
+        detect_schemes: Callable[[Sequence[CaseFiles]], tuple[str, ...]] | None = None,
+    ) -> Layout:
         return Layout(
             name=self.name,
             description=description,
@@ -118,7 +127,42 @@ class _Release:
             list_cases=self.list_cases,
             read=self.read,
             write=self.write,
+            schemes=schemes or {},
+            detect_schemes=detect_schemes,
         )
+
+
+# The releases since 2023 name each case after its sub-challenge (BraTS-GLI-00000-000); the file names
+# cannot tell 2023's adult glioma from 2024's post-treatment glioma, whose labels add 4 (resection
+# cavity): the labels decide between them.
+_SUB_CHALLENGE = re.compile(r"^BraTS-(GLI|MEN|MET|PED|SSA)-")
+_SUB_CHALLENGE_SCHEMES: dict[str, tuple[str, ...]] = {
+    "GLI": ("brats2023-gli", "brats2024-gli"),
+    "SSA": ("brats2023-ssa",),
+    "PED": ("brats2023-ped",),
+    "MEN": ("brats2023-men",),
+    "MET": ("brats2023-met",),
+}
+
+
+def _sub_challenge_schemes(cases: Sequence[CaseFiles]) -> tuple[str, ...]:
+    """The schemes a folder of BraTS 2023-style cases may hold, from their sub-challenge prefixes;
+    cases named otherwise (renamed copies, phantoms) count as adult glioma.
+
+    Raises:
+        DataFormatError: the cases come from more than one sub-challenge.
+    """
+    counts: dict[str, int] = {}
+    for case in cases:
+        match = _SUB_CHALLENGE.match(case.case_id)
+        prefix = match.group(1) if match else "GLI"
+        counts[prefix] = counts.get(prefix, 0) + 1
+    if len(counts) > 1:
+        mixed = ", ".join(f"{n} {prefix}" for prefix, n in sorted(counts.items()))
+        raise DataFormatError(
+            f"the folder mixes BraTS sub-challenges ({mixed} cases); keep one per folder, each is scored its own way"
+        )
+    return _SUB_CHALLENGE_SCHEMES[next(iter(counts), "GLI")]
 
 
 BRATS2021 = _Release(
@@ -133,4 +177,11 @@ BRATS2023 = _Release(
     separator="-",
     suffixes={"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"},
     case_folder=re.compile(r"^BraTS-(GLI|MEN|MET|PED|SSA)-\d+-\d+$"),
-).layout("brats2023 (<case>/<case>-{t2f,t1n,t1c,t2w,seg}.nii[.gz])")
+).layout(
+    "brats2023 (<case>/<case>-{t2f,t1n,t1c,t2w,seg}.nii[.gz])",
+    schemes={
+        **{scheme: "brats2023" for scheme in SCHEMES if scheme.startswith("brats2023-")},
+        "brats2024-gli": "brats2024-gli",
+    },
+    detect_schemes=_sub_challenge_schemes,
+)

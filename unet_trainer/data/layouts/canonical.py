@@ -14,17 +14,20 @@ opened in one layout is a :class:`RawDataset`, which preparation reads without k
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..schemes import SCHEMES
 
 __all__ = [
     "AFFINE_TOLERANCE_MM",
     "MAX_IMAGE_VALUES",
     "CANONICAL_CHANNELS",
     "CANONICAL_LABELS",
+    "CONVENTION_SCHEME",
     "LABEL_CONVENTIONS",
     "NATIVE_REGIONS",
     "CaseFiles",
@@ -48,7 +51,7 @@ CANONICAL_LABELS: dict[int, str] = {
     3: "enhancing tumour",
 }
 
-#: Native label value -> canonical label value, per label convention.
+#: Native label value -> class index of its scheme, per label convention.
 LABEL_CONVENTIONS: dict[str, dict[int, int]] = {
     # BraTS 2018-2021: 1 necrotic core, 2 edema, 4 enhancing (3 is unused).
     "brats2021": {0: 0, 1: 1, 2: 2, 4: 3},
@@ -58,15 +61,28 @@ LABEL_CONVENTIONS: dict[str, dict[int, int]] = {
     "msd": {0: 0, 1: 2, 2: 1, 3: 3},
     # DLE preprocessed MSD Task01 without relabelling, so its labels are MSD's.
     "dle": {0: 0, 1: 2, 2: 1, 3: 3},
+    # BraTS 2024 post-treatment glioma: 2023's numbering plus 4, the resection cavity.
+    "brats2024-gli": {0: 0, 1: 1, 2: 2, 3: 3, 4: 4},
 }
 
-#: The evaluation regions expressed in each convention's native label values.
-NATIVE_REGIONS: dict[str, dict[str, tuple[int, ...]]] = {
-    "brats2021": {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)},
-    "brats2023": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
-    "msd": {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
-    "dle": {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
+#: The scheme whose class indices each convention's values map onto.
+CONVENTION_SCHEME: dict[str, str] = {
+    "brats2021": "brats2021",
+    "brats2023": "brats2023-gli",
+    "msd": "msd",
+    "dle": "msd",
+    "brats2024-gli": "brats2024-gli",
 }
+
+
+def _native_regions(convention: str) -> dict[str, tuple[int, ...]]:
+    native_of = {index: native for native, index in LABEL_CONVENTIONS[convention].items()}
+    regions = SCHEMES[CONVENTION_SCHEME[convention]].regions
+    return {name: tuple(sorted(native_of[c] for c in members)) for name, members in regions.items()}
+
+
+#: The evaluation regions of each convention's scheme, in the convention's native label values.
+NATIVE_REGIONS: dict[str, dict[str, tuple[int, ...]]] = {name: _native_regions(name) for name in LABEL_CONVENTIONS}
 
 #: Two grids whose affines differ by more than this (in mm, any entry) are different grids.
 AFFINE_TOLERANCE_MM = 1e-3
@@ -150,6 +166,12 @@ class Layout:
             conventions a user may say they hold, the first being the default.
         refines: names of layouts this one is a stricter form of (nnU-Net v2's raw folders are
             MSD's folders with more rules); when both detect a folder, this one wins.
+        schemes: the label schemes (:mod:`unet_trainer.data.schemes`) its files may hold, each with the
+            convention its files number labels in, from the narrowest convention to the widest; empty:
+            the one scheme of the convention it reads in.
+        detect_schemes: ``detect_schemes(cases) -> scheme names`` the cases may hold, from their file
+            names, narrowest first (the labels decide among them); None: every one of ``schemes``.
+            Raises :class:`DataFormatError` for a folder that mixes families.
     """
 
     name: str
@@ -161,6 +183,8 @@ class Layout:
     write: Callable[[Path, str, np.ndarray, np.ndarray | None, np.ndarray], CaseFiles]
     label_choices: tuple[str, ...] = ()
     refines: tuple[str, ...] = ()
+    schemes: Mapping[str, str] = field(default_factory=dict)
+    detect_schemes: Callable[[Sequence[CaseFiles]], tuple[str, ...]] | None = None
 
     def read_convention(self, dle_labels: str) -> str:
         """The label convention this layout's segmentation files are read in: ``label_convention``, or
@@ -175,14 +199,53 @@ class Layout:
             raise ValueError(f"dle_labels must be one of {self.label_choices}, got {dle_labels!r}")
         return dle_labels
 
-    def read_case(self, case: CaseFiles, dle_labels: str) -> RawCase:
-        """Read one case of this layout, its labels in :meth:`read_convention` of ``dle_labels``.
+    def scheme_conventions(self, dle_labels: str) -> dict[str, str]:
+        """Scheme -> the convention this layout's files number its labels in, narrowest first.
+
+        Raises:
+            ValueError: ``dle_labels`` is not one of ``label_choices``.
+        """
+        if self.schemes:
+            return dict(self.schemes)
+        convention = self.read_convention(dle_labels)
+        return {CONVENTION_SCHEME[convention]: convention}
+
+    def candidate_schemes(
+        self, cases: Sequence[CaseFiles], dle_labels: str, requested: str = "auto"
+    ) -> tuple[str, ...]:
+        """The schemes a dataset of ``cases`` may hold, narrowest first: ``requested`` alone, or for
+        "auto" what the file names say (the labels decide among them when the cases are read).
+
+        Raises:
+            DataFormatError: ``requested`` is a scheme this layout's files cannot hold, or the cases
+                mix families (one line).
+            ValueError: ``dle_labels`` is not one of ``label_choices``.
+        """
+        known = self.scheme_conventions(dle_labels)
+        if requested != "auto":
+            if requested not in known:
+                raise DataFormatError(
+                    f"data.scheme {requested}: a {self.name} folder holds one of {', '.join(known)}; "
+                    "choose one of them, or auto"
+                )
+            return (requested,)
+        return self.detect_schemes(cases) if self.detect_schemes else tuple(known)
+
+    def read_case(self, case: CaseFiles, dle_labels: str, schemes: Sequence[str] = ()) -> RawCase:
+        """Read one case of this layout, its labels in the widest convention of ``schemes`` (default:
+        every scheme the layout holds); the case records the narrowest of them that holds its labels.
 
         Raises:
             DataFormatError: what ``read`` raises (one line naming the case and file).
             ValueError: ``dle_labels`` is not one of ``label_choices``.
         """
-        return self.read(case, self.read_convention(dle_labels))
+        known = self.scheme_conventions(dle_labels)
+        conventions = list(dict.fromkeys(known[s] for s in schemes or known))
+        raw = self.read(case, conventions[-1])
+        if raw.label is not None and len(conventions) > 1:
+            present = set(np.unique(raw.label).tolist())
+            raw.label_convention = next(c for c in conventions if present <= set(LABEL_CONVENTIONS[c].values()))
+        return raw
 
 
 @dataclass(frozen=True)
@@ -201,6 +264,8 @@ class RawDataset:
             of stopping whoever works on the dataset (``--skip-bad``): while listing, into
             ``skipped``, and when a case is read.
         skipped: the cases the listing set aside, ``{case_id: message}``; empty unless ``skip_bad``.
+        schemes: the label schemes its cases may hold, narrowest first (:meth:`Layout.candidate_schemes`);
+            preparation keeps the narrowest that holds every case's labels.
     """
 
     root: Path
@@ -208,6 +273,7 @@ class RawDataset:
     cases: tuple[CaseFiles, ...]
     skip_bad: bool = False
     skipped: Mapping[str, str] = field(default_factory=dict)
+    schemes: tuple[str, ...] = ()
 
     @property
     def format(self) -> str:

@@ -466,6 +466,7 @@ def write_layout_case(
     image: np.ndarray,
     label: np.ndarray | None,
     affine: np.ndarray,
+    convention: str | None = None,
 ) -> CaseFiles:
     """Write one case in ``layout`` under ``root``, every file atomically, after the checks every
     layout shares; the registry's ``write_case`` picks the layout by name and calls this.
@@ -480,6 +481,8 @@ def write_layout_case(
             is removed; where a layout keeps unlabelled cases, its module says).
         affine: ``(4, 4)`` NIfTI affine of the ``(x, y, z)`` grid (float32 precision in
             the file). Not stored by "dle", whose arrays have no geometry.
+        convention: the label convention to write ``label`` in (a key of ``LABEL_CONVENTIONS``, one
+            of the layout's schemes' conventions); None: the layout's own ``label_convention``.
 
     Returns:
         The :class:`CaseFiles` of the written case, as the layout's listing would list it.
@@ -501,6 +504,6 @@ def write_layout_case(
         label = np.asarray(label)
         if label.shape != image.shape[1:]:
             raise ValueError(f"label must have shape {image.shape[1:]} (Z, Y, X), got {label.shape}")
-        native_label = from_canonical(label, layout.label_convention)
+        native_label = from_canonical(label, convention or layout.label_convention)
     affine = check_affine(affine)
     return layout.write(Path(root), case_id, image, native_label, affine)
