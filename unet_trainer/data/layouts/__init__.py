@@ -29,21 +29,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..schemes import REGION_NAMES, REGIONS  # the evaluation regions, part of the canonical form
+from ..schemes import REGION_NAMES, REGIONS, SCHEMES
 from . import brats, dle, msd, nnunetv2
 from .canonical import (
     AFFINE_TOLERANCE_MM,
     CANONICAL_CHANNELS,
     CANONICAL_LABELS,
+    CONVENTION_SCHEME,
     LABEL_CONVENTIONS,
     MAX_IMAGE_VALUES,
-    NATIVE_REGIONS,
     CaseFiles,
     DataFormatError,
     Layout,
     RawCase,
     RawDataset,
     from_canonical,
+    native_regions,
     to_canonical,
 )
 from .files import write_label_nifti, write_layout_case, write_probabilities_nifti
@@ -91,6 +92,10 @@ LAYOUTS: dict[str, Layout] = {
     )
 }
 
+#: The evaluation regions of each convention's scheme, in the convention's native label values.
+NATIVE_REGIONS: dict[str, dict[str, tuple[int, ...]]] = {
+    name: native_regions(name, SCHEMES[CONVENTION_SCHEME[name]].regions) for name in LABEL_CONVENTIONS
+}
 #: Layout names accepted by ``fmt`` arguments.
 FORMATS: tuple[str, ...] = tuple(LAYOUTS)
 #: What ``data.format`` and ``--format`` accept: "auto" (detect; the default) or a layout name.

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..schemes import SCHEMES
-
 __all__ = [
     "AFFINE_TOLERANCE_MM",
     "MAX_IMAGE_VALUES",
@@ -29,7 +27,7 @@ __all__ = [
     "CANONICAL_LABELS",
     "CONVENTION_SCHEME",
     "LABEL_CONVENTIONS",
-    "NATIVE_REGIONS",
+    "native_regions",
     "CaseFiles",
     "DataFormatError",
     "Layout",
@@ -75,14 +73,11 @@ CONVENTION_SCHEME: dict[str, str] = {
 }
 
 
-def _native_regions(convention: str) -> dict[str, tuple[int, ...]]:
+def native_regions(convention: str, regions: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """``regions`` (name -> class indices of the convention's scheme) in the convention's native values."""
     native_of = {index: native for native, index in LABEL_CONVENTIONS[convention].items()}
-    regions = SCHEMES[CONVENTION_SCHEME[convention]].regions
     return {name: tuple(sorted(native_of[c] for c in members)) for name, members in regions.items()}
 
-
-#: The evaluation regions of each convention's scheme, in the convention's native label values.
-NATIVE_REGIONS: dict[str, dict[str, tuple[int, ...]]] = {name: _native_regions(name) for name in LABEL_CONVENTIONS}
 
 #: Two grids whose affines differ by more than this (in mm, any entry) are different grids.
 AFFINE_TOLERANCE_MM = 1e-3

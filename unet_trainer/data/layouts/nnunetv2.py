@@ -48,7 +48,16 @@ from pathlib import Path
 import numpy as np
 
 from ...core.fileio import atomic_write_text
-from .canonical import CANONICAL_CHANNELS, NATIVE_REGIONS, CaseFiles, DataFormatError, Layout, RawCase
+from ..schemes import SCHEMES
+from .canonical import (
+    CANONICAL_CHANNELS,
+    CONVENTION_SCHEME,
+    CaseFiles,
+    DataFormatError,
+    Layout,
+    RawCase,
+    native_regions,
+)
 from .files import (
     LABELS_NEEDED,
     NIFTI_EXTENSIONS,
@@ -147,7 +156,12 @@ def _labels_follow_convention(labels: object) -> bool:
         regions = [tuple(value) if isinstance(value, list) else (value,) for value in values]
         if not all(type(v) is int for region in regions for v in region):
             return False
-        expected = sorted(tuple(sorted(region)) for region in NATIVE_REGIONS[_LABEL_CONVENTION].values())
+        expected = sorted(
+            tuple(sorted(region))
+            for region in native_regions(
+                _LABEL_CONVENTION, SCHEMES[CONVENTION_SCHEME[_LABEL_CONVENTION]].regions
+            ).values()
+        )
         return sorted(tuple(sorted(region)) for region in regions) == expected
     if not all(type(value) is int for value in values) or sorted(values) != sorted(_LABEL_ROLES):
         return False
