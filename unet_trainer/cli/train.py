@@ -76,7 +76,7 @@ def format_summary(summary: dict) -> str:
             )
             if path.is_file()
         ],
-        f"Prepared data:     {summary['prepared']}",
+        f"Prepared data:     {summary['prepared']} (label scheme {summary['scheme']})",
         "Run the same command again to resume from the latest checkpoint.",
     ]
     if final:

@@ -11,12 +11,15 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import components
 from ..core.distributed import DistInfo, barrier
 from ..core.guard import check_outputs
-from ..data.layouts import DataFormatError, list_cases, open_dataset
+from ..data.layouts import CONVENTION_SCHEME, FORMAT_LABEL_CONVENTION, DataFormatError, list_cases, open_dataset
 from ..data.phantom import write_phantom_dataset
 from ..data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from ..data.split import kfold_split, load_split_file
+from ..training.losses import OutputMode
 
 
 def cache_dir(cfg: dict) -> Path:
@@ -101,9 +104,10 @@ def ensure_prepared(cfg: dict, dist_info: DistInfo, progress: bool = True) -> tu
     out = prepared_data_dir(cfg, source)
     settings = build_prepare_settings(cfg)
     fmt = cfg["data"]["format"]
-    if dist_info.is_main and not prepared_is_current(out, source, settings, fmt, list_cases=list_cases):
+    scheme = cfg["data"]["scheme"]
+    if dist_info.is_main and not prepared_is_current(out, source, settings, fmt, list_cases=list_cases, scheme=scheme):
         print(f"Preparing {source} -> {out}", file=sys.stderr)
-        dataset = open_dataset(source, fmt)
+        dataset = open_dataset(source, fmt, scheme=scheme, dle_labels=settings.dle_labels)
         prepare_dataset(dataset, out, settings, workers=cfg["data"]["prepare_workers"], progress=progress)
     barrier()
     return out, load_prepared_index(out)
@@ -129,3 +133,42 @@ def with_dataset(cfg: dict, dataset: Path, fmt: str) -> dict:
     path, and no split file); ``cfg`` stays as it was."""
     other = dict(path=str(Path(dataset).expanduser()), format=fmt, prepared_path=None, split_file=None)
     return {**cfg, "data": {**cfg["data"], **other}}
+
+
+def build_scheme(cfg: dict) -> LabelScheme:
+    """The label scheme a resolved config names (``data.scheme``); "auto" in a config that was never
+    given data (an old checkpoint's) is the default scheme, the BraTS glioma classes."""
+    name = cfg["data"]["scheme"]
+    return SCHEMES[DEFAULT_SCHEME if name == "auto" else name]
+
+
+def prepared_scheme(cfg: dict, index: dict) -> LabelScheme:
+    """The label scheme of a prepared dataset (its ``prepare.json`` record ``index``); a record from
+    before schemes were recorded holds its layout's scheme.
+
+    Raises:
+        DataFormatError: ``data.scheme`` names another scheme than the preparation's.
+    """
+    name = index.get("scheme") or CONVENTION_SCHEME[FORMAT_LABEL_CONVENTION[index["format"]]]
+    requested = cfg["data"]["scheme"]
+    if requested not in ("auto", name):
+        raise DataFormatError(f"data.scheme {requested}: the prepared data ({index['source']}) holds scheme {name}")
+    return SCHEMES[name]
+
+
+def with_scheme(cfg: dict, scheme: LabelScheme) -> tuple[dict, list[str]]:
+    """A copy of ``cfg`` for data of ``scheme``: ``data.scheme`` names it, and the model takes its
+    channels and gives one output per class (or per trained region, for a region loss). Returns the
+    copy and a note for each model setting that changed.
+    """
+    ((name, settings),) = cfg["model"].items()
+    region_mode = components.output_mode(cfg["loss"]) is OutputMode.REGIONS
+    wanted = {"in_channels": len(scheme.channels), "num_classes": scheme.num_outputs(region_mode)}
+    notes = [
+        f"model.{name}.{key} {settings[key]} -> {value}: the data's label scheme {scheme.name} has "
+        + (f"{value} channels ({', '.join(scheme.channels)})" if key == "in_channels" else f"{value} outputs")
+        for key, value in wanted.items()
+        if key in settings and settings[key] != value
+    ]
+    model = {name: {**settings, **{k: v for k, v in wanted.items() if k in settings}}}
+    return {**cfg, "data": {**cfg["data"], "scheme": scheme.name}, "model": model}, notes

@@ -24,6 +24,7 @@ from ..core.fileio import atomic_write_text
 from ..core.runfolder import FolderLock
 from ..core.schema import Duration
 from ..data.loader import BatchTooLarge, PatchDataset, build_train_loader
+from ..data.schemes import LabelScheme
 from ..evaluation.evaluation import DiceEvaluator
 from ..training import callbacks as cb
 from ..training.schedules import BatchScheduler
@@ -42,7 +43,7 @@ from .builders import (
     process_group_device,
     seed_everything,
 )
-from .datasets import build_split, check_run_outputs, ensure_prepared
+from .datasets import build_split, check_run_outputs, ensure_prepared, prepared_scheme, with_scheme
 from .resume import restore_checkpoint, setup_resume
 
 
@@ -77,6 +78,10 @@ def _run_training(cfg: dict, progress: bool, extra_callbacks: Sequence[cb.Callba
     dist_info, device = setup_device(cfg)
     resume = setup_resume(cfg, run_dir, dist_info, held)  # before anything is written into the folder
     data = setup_data(cfg, run_dir, dist_info, device, progress)
+    cfg, notes = with_scheme(cfg, data.scheme)  # the model's inputs and outputs follow the data
+    if dist_info.is_main:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     training = setup_model_and_optimizer(cfg, device, data.batches_per_epoch)
     evaluator = setup_evaluator(cfg, data, device, dist_info, run_dir)
     state = build_state(cfg, data, training, evaluator, device, dist_info, run_dir, resume.run_id)
@@ -101,6 +106,7 @@ class DataSetup:
     split: dict[str, list[str]]  # {"train": case ids, "val": case ids}
     dataset: PatchDataset
     loader: torch.utils.data.DataLoader  # with an EpochSampler
+    scheme: LabelScheme  # the prepared data's label scheme
 
     @property
     def batches_per_epoch(self) -> int:
@@ -154,6 +160,7 @@ def setup_data(cfg: dict, run_dir: Path, dist_info: DistInfo, device: torch.devi
             than this machine has.
     """
     prepared, index = ensure_prepared(cfg, dist_info, progress=progress and dist_info.is_main)
+    scheme = prepared_scheme(cfg, index)
     split = build_split(cfg, index["cases"])
     dataset = PatchDataset(
         prepared,
@@ -189,7 +196,7 @@ def setup_data(cfg: dict, run_dir: Path, dist_info: DistInfo, device: torch.devi
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "split.json", json.dumps(split, indent=1))
         _warn_patch_padding(cfg["data"]["patch_size"], prepared, split["train"])
-    return DataSetup(prepared, split, dataset, loader)
+    return DataSetup(prepared, split, dataset, loader, scheme)
 
 
 def setup_model_and_optimizer(cfg: dict, device: torch.device, batches_per_epoch: int) -> TrainingSetup:
@@ -298,6 +305,7 @@ def training_summary(
     return {
         "run_dir": str(run_dir),
         "prepared": str(data.prepared),
+        "scheme": data.scheme.name,
         "checkpoint": str(checkpoints.latest()) if dist_info.is_main else None,
         "best_checkpoint": str(checkpoints.best_path) if state.extra_state.get("best_dice") is not None else None,
         "resumed_from": str(resumed_from) if resumed_from else None,

@@ -37,6 +37,7 @@ from ..core.fileio import os_error_line
 from ..core.schema import F, Field, ListOf, OneOf, SetOf, fields_of
 from ..data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES
 from ..data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
+from ..data.schemes import SCHEMES
 from ..evaluation.case_metrics import DEFAULT_METRICS, METRICS
 from ..evaluation.lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,
@@ -151,6 +152,9 @@ SCHEMA: dict[str, Any] = {
         # Label numbering of DLE .npy arrays: msd (DLE on MSD Task01, as Composer read) or
         # brats2023 (DLE on BraTS 2021, which renumbers enhancing 4 -> 3).
         "dle_labels": F("str", DLE_LABEL_CONVENTIONS[0], choices=DLE_LABEL_CONVENTIONS),
+        # The label scheme (channels, classes, regions, lesion scoring): auto detects it from the case
+        # names and labels when the data is prepared; the model's inputs and outputs follow it.
+        "scheme": F("str", "auto", choices=("auto", *SCHEMES)),
         "cache_dir": F("str", None, nullable=True),
         "prepared_path": F("str", None, nullable=True),
         "phantom": {

@@ -483,12 +483,19 @@ def no_tumour_warning(source: Path, out: Path, case_ids: Sequence[str]) -> str |
 
 
 def prepared_is_current(
-    out: Path, source: Path, settings: PrepareSettings, fmt: str = "auto", *, list_cases: Callable[..., list[CaseFiles]]
+    out: Path,
+    source: Path,
+    settings: PrepareSettings,
+    fmt: str = "auto",
+    *,
+    list_cases: Callable[..., list[CaseFiles]],
+    scheme: str = "auto",
 ) -> bool:
     """True when ``out`` holds a complete preparation of ``source`` with ``settings``.
 
     A forced ``fmt`` (not "auto") must also be the layout the preparation read, so that forcing
-    a layout the folder does not hold fails instead of reusing an earlier preparation.
+    a layout the folder does not hold fails instead of reusing an earlier preparation; a forced
+    label ``scheme`` likewise.
 
     Args:
         list_cases: the registry's ``data.layouts.list_cases``; the raw folder is listed (no file
@@ -504,6 +511,8 @@ def prepared_is_current(
     if record.get("settings_digest") != settings.digest() or record.get("source") != str(Path(source).resolve()):
         return False
     if fmt != "auto" and record.get("format") != fmt:
+        return False
+    if scheme != "auto" and record.get("scheme") != scheme:
         return False
     # Cases added to or removed from the raw folder since make the preparation stale too
     # (a listing, no file is read); cases skipped as bad count as known.
