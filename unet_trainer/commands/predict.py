@@ -36,6 +36,7 @@ from ..core.guard import check_outputs
 from ..core.runfolder import PREDICT_LOCK_NAME, FolderLock
 from ..data.layouts import (
     CANONICAL_CHANNELS,
+    LAYOUTS,
     REGION_NAMES,
     REGIONS,
     CaseFiles,
@@ -336,12 +337,14 @@ def _predict_cases(
             labels, probs = predict_case(loaded, raw, settings, probabilities)
             if postprocess is not None:
                 labels = postprocess(labels)
+            present = set(np.unique(labels).tolist())
+            convention = LAYOUTS[case.format].convention_holding(present, settings.dle_labels, raw.label_convention)
         except DataFormatError as exc:
             summary.failed[case.case_id] = str(exc)
             bar.write(f"skipped {case.case_id}: {exc}", file=log)
             continue
         label_path = output_dir / f"{case.case_id}.nii.gz"
-        write_label_nifti(label_path, labels, raw.affine, raw.label_convention)
+        write_label_nifti(label_path, labels, raw.affine, convention)
         summary.written[case.case_id] = [label_path]
         if probs is not None:
             prob_path = output_dir / f"{case.case_id}{PROBABILITIES_SUFFIX}.nii.gz"

@@ -226,6 +226,22 @@ class Layout:
             return (requested,)
         return self.detect_schemes(cases) if self.detect_schemes else tuple(known)
 
+    def convention_holding(self, classes: set[int], dle_labels: str, preferred: str) -> str:
+        """The convention to write labels of ``classes`` in: ``preferred`` (the case's own) when it
+        holds them all, else the narrowest of this layout's that does (a model that predicts a
+        resection cavity writes 2024's numbering into a 2023-named folder).
+
+        Raises:
+            DataFormatError: no convention of this layout holds every class.
+        """
+        for convention in (preferred, *dict.fromkeys(self.scheme_conventions(dle_labels).values())):
+            if classes <= set(LABEL_CONVENTIONS[convention].values()):
+                return convention
+        raise DataFormatError(
+            f"classes {sorted(classes)} cannot be written in a {self.name} folder's label numbering; "
+            "the model was trained on another label scheme"
+        )
+
     def read_case(self, case: CaseFiles, dle_labels: str, schemes: Sequence[str] = ()) -> RawCase:
         """Read one case of this layout, its labels in the widest convention of ``schemes`` (default:
         every scheme the layout holds); the case records the narrowest of them that holds its labels.
