@@ -130,8 +130,8 @@ def build_prepare_settings(cfg: dict) -> PrepareSettings:
 
 def with_dataset(cfg: dict, dataset: Path, fmt: str) -> dict:
     """A copy of ``cfg`` reading another raw dataset (its own prepared cache folder, keyed by its
-    path, and no split file); ``cfg`` stays as it was."""
-    other = dict(path=str(Path(dataset).expanduser()), format=fmt, prepared_path=None, split_file=None)
+    path, its own label scheme, and no split file); ``cfg`` stays as it was."""
+    other = dict(path=str(Path(dataset).expanduser()), format=fmt, scheme="auto", prepared_path=None, split_file=None)
     return {**cfg, "data": {**cfg["data"], **other}}
 
 
@@ -172,3 +172,20 @@ def with_scheme(cfg: dict, scheme: LabelScheme) -> tuple[dict, list[str]]:
     ]
     model = {name: {**settings, **{k: v for k, v in wanted.items() if k in settings}}}
     return {**cfg, "data": {**cfg["data"], "scheme": scheme.name}, "model": model}, notes
+
+
+def scored_scheme(cfg: dict, index: dict, model_cfg: dict) -> dict:
+    """``cfg`` naming the label scheme of the prepared data it scores (its ``index``), which must be
+    compatible with the scheme the model was trained on (``model_cfg``'s); the data's scheme decides
+    the lesion-wise scoring.
+
+    Raises:
+        DataFormatError: the data's classes or channels are not the model's.
+    """
+    data, model = prepared_scheme(cfg, index), build_scheme(model_cfg)
+    if not data.compatible_with(model):
+        raise DataFormatError(
+            f"{index['source']}: holds label scheme {data.name} ({', '.join(data.classes)}); the model was trained "
+            f"on {model.name} ({', '.join(model.classes)}), whose channels or classes differ"
+        )
+    return {**cfg, "data": {**cfg["data"], "scheme": data.name}}
