@@ -109,10 +109,16 @@ def test_settings_annotations_are_the_schemas():
 
 
 def test_the_label_names_are_the_metrics_and_the_pictures():
+    import torch
+
     from unet_trainer.data import schemes as labels
     from unet_trainer.evaluation import metrics, visualize
 
-    assert metrics.LABEL_NAMES is labels.LABEL_NAMES is visualize.LABEL_NAMES
+    # One definition: the scores and the pictures name the classes as the label scheme does.
+    for scheme in labels.SCHEMES.values():
+        empty = torch.zeros(2, 2, 2, dtype=torch.uint8)
+        assert list(metrics.case_dice(empty, empty, scheme=scheme))[: len(scheme.classes)] == list(scheme.classes)
+        assert [text.split()[0] for text in visualize.label_legend(scheme).values()] == list(scheme.classes)
     assert labels.LABEL_NAMES == {1: "NCR", 2: "ED", 3: "EN"}
 
 

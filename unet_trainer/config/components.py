@@ -92,8 +92,9 @@ LOGGER_DESTINATIONS: dict[str, Callable[..., loggers.LoggerDestination]] = {
 # Arguments the builder supplies by name to a component whose signature names them: not settings.
 # params: the model's parameters (optimizers); run_dir: the run folder; evaluator: the run's
 # evaluator; is_writer: whether this rank writes files (rank 0); config: the resolved config;
-# best_checkpoint: the best checkpoint's path (the run folder's checkpoint manager names it).
-BUILDER_SUPPLIED = ("params", "run_dir", "evaluator", "is_writer", "config", "best_checkpoint")
+# best_checkpoint: the best checkpoint's path (the run folder's checkpoint manager names it);
+# scheme: the data's label scheme (the region loss's regions, the pictures' classes).
+BUILDER_SUPPLIED = ("params", "run_dir", "evaluator", "is_writer", "config", "best_checkpoint", "scheme")
 
 ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
     "channels_last": ChannelsLast,

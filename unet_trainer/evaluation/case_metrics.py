@@ -8,7 +8,9 @@ key group, as the metric's :attr:`CaseMetric.columns` describe it (a plain colum
 
 A metric's settings are its constructor's keyword arguments, filled by name by
 :func:`make_metrics` from the settings the builder hands it (the ``eval`` section of the config,
-and ``lesion``, the grouped :class:`~unet_trainer.evaluation.lesion_metrics.LesionSettings`).
+and ``lesion``, the grouped :class:`~unet_trainer.evaluation.lesion_metrics.LesionSettings`, and
+``scheme``, the data's :class:`~unet_trainer.data.schemes.LabelScheme`, whose classes and regions
+every metric scores).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from .lesion_metrics import LesionSettings, case_lesion_scores, case_region_hd95
 from .metrics import case_dice
 
@@ -56,7 +59,7 @@ class CaseMetric:
         """Scores of one case.
 
         Args:
-            prediction, truth: canonical label maps (*S) uint8, on the evaluator's device.
+            prediction, truth: class-index maps (*S) uint8 of the metric's scheme, on the evaluator's device.
             spacing: the prepared voxel size per axis of S in mm (None when unknown).
 
         Returns:
@@ -66,21 +69,22 @@ class CaseMetric:
 
 
 class Dice(CaseMetric):
-    """Dice per tumour label and region and their region mean (:func:`metrics.case_dice`): keys
-    NCR, ED, EN, WT, TC, ET, mean, reported as ``dice/<key>``."""
+    """Dice per class and region of the scheme and their region mean (:func:`metrics.case_dice`):
+    keys the class short names, the region names and mean (glioma: NCR, ED, EN, WT, TC, ET, mean),
+    reported as ``dice/<key>``."""
 
     columns = (Column("", "Dice", digits=4, width=8),)
 
-    def __init__(self, empty_policy: str) -> None:
-        self.empty_policy = empty_policy
+    def __init__(self, empty_policy: str, scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME]) -> None:
+        self.empty_policy, self.scheme = empty_policy, scheme
 
     def __call__(self, prediction, truth, spacing):
-        return case_dice(prediction, truth, self.empty_policy)
+        return case_dice(prediction, truth, self.empty_policy, self.scheme)
 
 
 class HD95(CaseMetric):
-    """95th-percentile Hausdorff distance per region in mm, as the lesion settings' definition
-    computes it (:func:`lesion_metrics.case_region_hd95`): ``hd95/WT`` ..., never NaN."""
+    """95th-percentile Hausdorff distance per region of the scheme in mm, as the lesion settings'
+    definition computes it (:func:`lesion_metrics.case_region_hd95`): ``hd95/<region>``, never NaN."""
 
     columns = (Column("hd95", "HD95 mm", digits=2, width=10),)
     note = (
@@ -88,17 +92,20 @@ class HD95(CaseMetric):
         "the penalty where a region is empty on one side only, 0 where it is empty on both"
     )
 
-    def __init__(self, lesion: LesionSettings) -> None:
-        self.lesion = lesion
+    def __init__(self, lesion: LesionSettings, scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME]) -> None:
+        self.lesion, self.scheme = lesion, scheme
 
     def __call__(self, prediction, truth, spacing):
         lesion = self.lesion
-        return case_region_hd95(prediction, truth, spacing, lesion.hd95_penalty, lesion.backend, lesion.definition)
+        return case_region_hd95(
+            prediction, truth, spacing, lesion.hd95_penalty, lesion.backend, lesion.definition, self.scheme
+        )
 
 
 class LesionWise(CaseMetric):
-    """BraTS 2023 lesion-wise Dice and HD95 per region (:func:`lesion_metrics.case_lesion_scores`):
-    ``lesion_dice/WT`` ..., ``lesion_hd95/WT`` ... in mm, never NaN."""
+    """BraTS 2023 lesion-wise Dice and HD95 per region of the scheme
+    (:func:`lesion_metrics.case_lesion_scores`): ``lesion_dice/<region>``, ``lesion_hd95/<region>``
+    in mm, never NaN."""
 
     columns = (
         Column("lesion_dice", "LW Dice", digits=4, width=9, counts=False),
@@ -109,12 +116,12 @@ class LesionWise(CaseMetric):
         "lesion's Dice and HD95 mm, averaged over cases"
     )
 
-    def __init__(self, lesion: LesionSettings) -> None:
-        self.lesion = lesion
+    def __init__(self, lesion: LesionSettings, scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME]) -> None:
+        self.lesion, self.scheme = lesion, scheme
 
     def __call__(self, prediction, truth, spacing):
         # LesionSettings' fields are case_lesion_scores' keyword arguments, by name.
-        return case_lesion_scores(prediction, truth, spacing, **dataclasses.asdict(self.lesion))
+        return case_lesion_scores(prediction, truth, spacing, **dataclasses.asdict(self.lesion), scheme=self.scheme)
 
 
 #: The metrics ``eval.metrics`` may name, in the order of their columns when switched on by flag.
@@ -163,6 +170,14 @@ def table_column(group: str) -> Column:
             if column.group == group:
                 return column
     return Column(group, group, width=max(10, len(group) + 2))
+
+
+def table_rows(scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME]) -> tuple[str, ...]:
+    """The row keys of ``unet-eval``'s table for ``scheme``: its regions in reporting order, "mean",
+    then the classes that are not also a region (a region of one class already has their row);
+    glioma: WT, TC, ET, mean, NCR, ED, EN."""
+    classes = [name for name in scheme.classes if name not in scheme.regions]
+    return (*scheme.regions, "mean", *classes)
 
 
 def table_notes(groups: Sequence[str]) -> list[str]:

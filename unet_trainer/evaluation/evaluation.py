@@ -15,17 +15,20 @@ from tqdm import tqdm
 
 from ..core.distributed import all_gather_objects
 from ..data.loader import PreparedCase
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from .case_metrics import CaseMetric
 from .cases import write_cases_csv
 from .inference import SlidingWindow
 from .metrics import mean_scores, regions_to_labels
 
 
-def logits_to_labels(logits: torch.Tensor, region_mode: bool) -> torch.Tensor:
-    """(K, *S) logits -> canonical labels (*S) uint8: argmax over classes, or thresholded sigmoid
-    regions (WT, TC, ET) nested as nnU-Net does."""
+def logits_to_labels(
+    logits: torch.Tensor, region_mode: bool, scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME]
+) -> torch.Tensor:
+    """(K, *S) logits -> class indices (*S) uint8: argmax over classes, or the scheme's thresholded
+    sigmoid trained regions (glioma WT, TC, ET) painted as nnU-Net does (:func:`regions_to_labels`)."""
     if region_mode:
-        return regions_to_labels(torch.sigmoid(logits)[None])[0]
+        return regions_to_labels(torch.sigmoid(logits)[None], scheme)[0]
     return logits.argmax(0).to(torch.uint8)
 
 
@@ -34,11 +37,13 @@ def logits_to_probabilities(logits: torch.Tensor, region_mode: bool) -> torch.Te
     return torch.sigmoid(logits) if region_mode else torch.softmax(logits, dim=0)
 
 
-def probabilities_to_labels(probs: torch.Tensor, region_mode: bool) -> torch.Tensor:
-    """(K, *S) probabilities -> canonical labels (*S) uint8; the same labels
+def probabilities_to_labels(
+    probs: torch.Tensor, region_mode: bool, scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME]
+) -> torch.Tensor:
+    """(K, *S) probabilities -> class indices (*S) uint8; the same labels
     :func:`logits_to_labels` gives for the logits they came from."""
     if region_mode:
-        return regions_to_labels(probs[None])[0]
+        return regions_to_labels(probs[None], scheme)[0]
     return probs.argmax(0).to(torch.uint8)
 
 
@@ -51,14 +56,17 @@ class DiceEvaluator:
         window: the sliding-window inference (patch, model outputs, overlap, mirroring, autocast).
         metrics: the per-case metrics (:data:`~unet_trainer.evaluation.case_metrics.METRICS`), in
             the order of their columns.
-        region_mode: outputs are sigmoid WT/TC/ET regions rather than softmax labels.
+        region_mode: outputs are the scheme's sigmoid trained regions rather than softmax classes.
         device: where the cases are scored.
         rank, world_size: this process among the ranks scoring together.
         cases_csv: where rank 0 writes the per-case scores of the latest evaluation (or None).
         progress: a progress bar over this rank's cases (for ``unet-eval``).
+        scheme: the data's label scheme: how region outputs turn into classes (the metrics carry
+            their own, the same one).
 
-    Scores per case: the keys the metrics return (Dice: NCR, ED, EN, WT, TC, ET, mean; HD95:
-    hd95/WT, hd95/TC, hd95/ET; lesion-wise: lesion_dice/<region> and lesion_hd95/<region>);
+    Scores per case: the keys the metrics return (Dice: the classes, the regions and mean, glioma
+    NCR, ED, EN, WT, TC, ET, mean; HD95: hd95/<region>; lesion-wise: lesion_dice/<region> and
+    lesion_hd95/<region>);
     :meth:`__call__` reports their means with a plain key as ``dice/<key>``, the others as they are.
 
     ``case_view`` (None by default) is a hook for pictures: when set, it is called per scored case
@@ -83,6 +91,7 @@ class DiceEvaluator:
         world_size: int = 1,
         cases_csv: Path | None = None,
         progress: bool = False,
+        scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME],
     ):
         self.folder = Path(folder)
         self.case_ids = list(case_ids)
@@ -90,6 +99,7 @@ class DiceEvaluator:
         self.region_mode, self.device = region_mode, device
         self.rank, self.world_size = rank, world_size
         self.cases_csv, self.progress = cases_csv, progress
+        self.scheme = scheme
         self.last_per_case: list[dict] = []
         self.case_view = None
         self.case_sink = None
@@ -102,7 +112,7 @@ class DiceEvaluator:
         image = torch.from_numpy(np.array(case.image)).to(self.device)  # copy: the memmap is read-only
         label = torch.from_numpy(np.array(case.label)).to(self.device)
         logits = self.window(model, image)
-        pred = logits_to_labels(logits, self.region_mode)
+        pred = logits_to_labels(logits, self.region_mode, self.scheme)
         del logits  # K float32 volumes; free them before the (CPU-heavy) HD95
         if self.case_view is not None:
             self._views.append((case_id, self.case_view(case_id, image, label, pred, case.meta)))

@@ -1,4 +1,4 @@
-"""BraTS 2023 lesion-wise Dice and HD95 per region (WT, TC, ET), with SciPy on the host or with torch
+"""BraTS 2023 lesion-wise Dice and HD95 per region of a label scheme (glioma: WT, TC, ET), with SciPy on the host or with torch
 on the tensors' device.
 
 Definition (the BraTS 2023 challenge's evaluation, ``get_LesionWiseResults``), per region:
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..data.schemes import REGION_NAMES, REGIONS
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from . import surface_distance, torch_morphology
 
 
@@ -405,35 +405,37 @@ def case_lesion_scores(
     backend: str = DEFAULT_LESION_BACKEND,
     distances: bool = True,
     definition: str = DEFAULT_LESION_DEFINITION,
+    scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME],
 ) -> dict[str, float]:
-    """Lesion-wise Dice and HD95 of WT, TC and ET for one case.
+    """Lesion-wise Dice and HD95 of each region of ``scheme`` for one case.
 
     Args:
-        pred_labels, true_labels: canonical label maps (D, H, W) (0 background, 1 NCR, 2 ED,
-            3 ET), NumPy arrays or torch tensors on one device; the "torch" backend works on that
-            device, the "scipy" one on a host copy.
+        pred_labels, true_labels: class-index maps (D, H, W) (0 background, then the scheme's
+            classes), NumPy arrays or torch tensors on one device; the "torch" backend works on
+            that device, the "scipy" one on a host copy.
         spacing, dilation_iterations, min_lesion_volume, hd95_penalty, backend, distances, definition: see
             :func:`region_lesion_scores`.
+        scheme: whose regions are scored, in its reporting order.
 
     Returns:
-        {"lesion_dice/WT", "lesion_dice/TC", "lesion_dice/ET", "lesion_hd95/WT", ...}: floats
-        (Dice in [0, 1], HD95 in mm), never NaN (unless ``distances`` is False: HD95 NaN).
+        {"lesion_dice/<region>" for each region, then "lesion_hd95/<region>"} (glioma: WT, TC, ET):
+        floats (Dice in [0, 1], HD95 in mm), never NaN (unless ``distances`` is False: HD95 NaN).
     """
     ops = _BACKEND_OPS[resolve_backend(backend, pred_labels, true_labels)]
     pred, truth = ops.labels(pred_labels), ops.labels(true_labels)
     if tuple(pred.shape) != tuple(truth.shape):
         raise ValueError(f"prediction {tuple(pred.shape)} and truth {tuple(truth.shape)} differ in shape")
-    # One crop for the three regions (each region lies inside any tumour label), as in
+    # One crop for every region (each region lies inside the foreground, any class), as in
     # region_lesion_scores.
     foreground = ops.bounding_box((pred > 0) | (truth > 0))
     if foreground is not None:
         crop = _grow(foreground, dilation_iterations + 1, tuple(truth.shape))
         pred, truth = pred[crop], truth[crop]
     dice_row, hd_row = {}, {}
-    for name in REGION_NAMES:
+    for name, members in scheme.regions.items():
         score = region_lesion_scores(
-            ops.isin(pred, REGIONS[name]),
-            ops.isin(truth, REGIONS[name]),
+            ops.isin(pred, members),
+            ops.isin(truth, members),
             spacing,
             dilation_iterations,
             min_lesion_volume,
@@ -454,8 +456,10 @@ def case_region_hd95(
     hd95_penalty: float = DEFAULT_HD95_PENALTY,
     backend: str = DEFAULT_LESION_BACKEND,
     definition: str = DEFAULT_LESION_DEFINITION,
+    scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME],
 ) -> dict[str, float]:
-    """The plain (whole-region) HD95 of WT, TC and ET for one case, as the definition computes it.
+    """The plain (whole-region) HD95 of each region of ``scheme`` for one case, as the definition
+    computes it.
 
     Args:
         pred_labels, true_labels: canonical label maps (D, H, W), NumPy arrays or torch tensors
@@ -463,9 +467,10 @@ def case_region_hd95(
         spacing: voxel size in mm per axis (1 mm when None).
         hd95_penalty: the HD95 of a region empty on one side only (a region empty on both is 0).
         backend, definition: see :func:`region_lesion_scores`.
+        scheme: whose regions are scored, in its reporting order.
 
     Returns:
-        {"hd95/WT", "hd95/TC", "hd95/ET"}: floats in mm, never NaN.
+        {"hd95/<region>"} for each region (glioma: WT, TC, ET): floats in mm, never NaN.
 
     Raises:
         ValueError: label maps of different shapes, an unknown backend or definition.
@@ -477,8 +482,8 @@ def case_region_hd95(
     hd95 = _hd95_of(ops, definition)
     spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
     scores = {}
-    for name in REGION_NAMES:
-        distance = hd95(ops.isin(pred, REGIONS[name]), ops.isin(truth, REGIONS[name]), spacing)
+    for name, members in scheme.regions.items():
+        distance = hd95(ops.isin(pred, members), ops.isin(truth, members), spacing)
         scores[f"hd95/{name}"] = hd95_penalty if math.isinf(distance) else distance
     return scores
 

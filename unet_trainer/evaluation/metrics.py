@@ -1,4 +1,4 @@
-"""Dice scores per label and per BraTS region, computed on the device.
+"""Dice scores per class and per region of a label scheme, computed on the device.
 
 Empty ground truth policy (``empty_policy``):
     "one_if_both_empty"  Composer/DLE: a structure absent from the ground truth scores 1 when the
@@ -17,22 +17,33 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..data.schemes import LABEL_NAMES, REGION_NAMES, REGIONS
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 
 EMPTY_POLICIES = ("one_if_both_empty", "ignore")
 
 
-def regions_to_labels(region_probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Sigmoid region outputs (B, 3, *S) in (WT, TC, ET) order -> canonical labels (B, *S) uint8.
+def regions_to_labels(
+    region_probs: torch.Tensor, scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME], threshold: float = 0.5
+) -> torch.Tensor:
+    """Sigmoid region outputs (B, R, *S), one channel per trained region of ``scheme`` in its
+    ``trained_regions`` order -> class indices (B, *S) uint8.
 
-    As nnU-Net converts its BraTS regions: inside WT is oedema (2), inside TC necrotic core (1),
-    inside ET enhancing (3); nested regions win.
+    As nnU-Net converts region outputs (``regions_class_order``): each region that is on paints its
+    class, in the scheme's order, a later region over an earlier one. For the glioma schemes inside
+    WT is oedema (2), inside TC necrotic core (1), inside ET enhancing (3).
+
+    Raises:
+        ValueError: R is not the number of the scheme's trained regions.
     """
+    if region_probs.shape[1] != len(scheme.trained_regions):
+        raise ValueError(
+            f"{region_probs.shape[1]} region outputs, but scheme {scheme.name} trains "
+            f"{len(scheme.trained_regions)} ({', '.join(scheme.trained_regions)})"
+        )
     masks = region_probs > threshold
     labels = torch.zeros(masks.shape[:1] + masks.shape[2:], dtype=torch.uint8, device=region_probs.device)
-    labels[masks[:, 0]] = 2
-    labels[masks[:, 1]] = 1
-    labels[masks[:, 2]] = 3
+    for channel, painted in enumerate(scheme.regions_class_order):
+        labels[masks[:, channel]] = painted
     return labels
 
 
@@ -54,16 +65,18 @@ def dice(pred: torch.Tensor, truth: torch.Tensor, empty_policy: str = "one_if_bo
     return 2.0 * intersection / (pred_sum + truth_sum)
 
 
-def _structure_counts(pred_labels: torch.Tensor, true_labels: torch.Tensor) -> torch.Tensor:
-    """Joint histogram of (prediction, truth) labels: (5, 5) int64 on the labels' device.
+def _structure_counts(pred_labels: torch.Tensor, true_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Joint histogram of (prediction, truth) labels: (K + 1, K + 1) int64 on the labels' device,
+    for K = ``num_classes`` (background included).
 
-    Entry [p, t] counts voxels predicted p with truth t for canonical labels 0..3; any other value
-    counts in row/column 4 ("no tumour label"), so it belongs to no structure. Every Dice of every
-    label and region follows from this one pass over the volume.
+    Entry [p, t] counts voxels predicted p with truth t for class indices 0..K-1; any other value
+    counts in row/column K ("no class of the scheme"), so it belongs to no structure. Every Dice of
+    every class and region follows from this one pass over the volume.
     """
-    pred = pred_labels.reshape(-1).long().clamp(0, 4)
-    truth = true_labels.reshape(-1).long().clamp(0, 4)
-    return torch.bincount(pred * 5 + truth, minlength=25).reshape(5, 5)
+    bins = num_classes + 1
+    pred = pred_labels.reshape(-1).long().clamp(0, num_classes)
+    truth = true_labels.reshape(-1).long().clamp(0, num_classes)
+    return torch.bincount(pred * bins + truth, minlength=bins * bins).reshape(bins, bins)
 
 
 def _dice_from_counts(pred_sum: int, truth_sum: int, intersection: int, empty_policy: str) -> float:
@@ -75,21 +88,26 @@ def _dice_from_counts(pred_sum: int, truth_sum: int, intersection: int, empty_po
 
 
 def case_dice(
-    pred_labels: torch.Tensor, true_labels: torch.Tensor, empty_policy: str = "one_if_both_empty"
+    pred_labels: torch.Tensor,
+    true_labels: torch.Tensor,
+    empty_policy: str = "one_if_both_empty",
+    scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME],
 ) -> dict[str, float]:
-    """Dice per tumour label and per region for one case, computed on the labels' device.
+    """Dice per class and per region of ``scheme`` for one case, computed on the labels' device.
 
-    One histogram kernel over the volume and one transfer of 25 counts to the host (instead of a
-    mask, a reduction and a synchronisation per structure); the values equal :func:`dice` on
+    One histogram kernel over the volume and one transfer of (K + 1)² counts to the host (instead
+    of a mask, a reduction and a synchronisation per structure); the values equal :func:`dice` on
     each structure's masks.
 
     Args:
-        pred_labels, true_labels: canonical label maps (*S), any integer dtype, same device.
+        pred_labels, true_labels: class-index maps (*S), any integer dtype, same device.
         empty_policy: see the module docstring.
+        scheme: the classes and regions scored.
 
     Returns:
-        {"NCR", "ED", "EN", "WT", "TC", "ET", "mean"}: "mean" averages WT, TC and ET
-        (NaNs left out under the "ignore" policy).
+        {each class's short name, each region's name, "mean"} in that order (glioma: NCR, ED, EN,
+        WT, TC, ET, mean): "mean" averages the scheme's regions (NaNs left out under the "ignore"
+        policy).
 
     Raises:
         ValueError: an unknown policy, or label maps of different shapes.
@@ -98,16 +116,17 @@ def case_dice(
         raise ValueError(f"unknown empty_policy {empty_policy!r}; expected one of {EMPTY_POLICIES}")
     if pred_labels.shape != true_labels.shape:
         raise ValueError(f"prediction {tuple(pred_labels.shape)} and truth {tuple(true_labels.shape)} differ in shape")
-    counts = _structure_counts(pred_labels, true_labels).tolist()
-    structures = {name: (value,) for value, name in LABEL_NAMES.items()}
-    structures.update({name: REGIONS[name] for name in REGION_NAMES})
+    counts = _structure_counts(pred_labels, true_labels, scheme.num_classes).tolist()
+    every = range(scheme.num_classes + 1)
+    structures = {name: (value,) for value, name in scheme.label_names.items()}
+    structures.update(scheme.regions)
     scores: dict[str, float] = {}
     for name, members in structures.items():
-        pred_sum = sum(counts[p][t] for p in members for t in range(5))
-        truth_sum = sum(counts[p][t] for p in range(5) for t in members)
+        pred_sum = sum(counts[p][t] for p in members for t in every)
+        truth_sum = sum(counts[p][t] for p in every for t in members)
         intersection = sum(counts[p][t] for p in members for t in members)
         scores[name] = _dice_from_counts(pred_sum, truth_sum, intersection, empty_policy)
-    region_values = [scores[n] for n in REGION_NAMES if not math.isnan(scores[n])]
+    region_values = [scores[n] for n in scheme.regions if not math.isnan(scores[n])]
     scores["mean"] = sum(region_values) / len(region_values) if region_values else math.nan
     return scores
 

@@ -1,24 +1,28 @@
 """Postprocessing chosen on validation, as nnU-Net's ``determine_postprocessing`` chooses it.
 
-Rules act on canonical label maps (Z, Y, X) (0 background, 1 NCR, 2 ED, 3 ET; the regions WT, TC
-and ET of :data:`unet_trainer.data.schemes.REGIONS`, components 26-connected):
+Rules act on class-index maps (Z, Y, X) of a label scheme (:class:`unet_trainer.data.schemes.LabelScheme`;
+glioma: 0 background, 1 NCR, 2 ED, 3 ET, regions WT, TC, ET), components 26-connected:
 
 * ``largest_component`` (``region``): keep only the region's largest connected component;
 * ``remove_small_components`` (``region``, ``min_voxels``): remove the region's components of fewer
   than ``min_voxels`` voxels;
-* ``enhancing_to_necrosis`` (``max_voxels``): relabel enhancing tumour as necrosis in a case whose
-  ET volume is below ``max_voxels`` voxels (DLE's rule for BraTS 2021).
+* ``enhancing_to_necrosis`` (``max_voxels``): relabel the ET region as the class enclosing it
+  (necrosis) in a case whose ET volume is below ``max_voxels`` voxels (DLE's rule for BraTS 2021);
+  only for schemes with an ET region inside a larger one (every BraTS glioma scheme).
 
-A removed voxel takes the label of the region enclosing its own (the regions nest, ET in TC in
-WT): a WT voxel becomes background, a TC voxel oedema, an ET voxel necrosis. So removing small ET
-specks leaves the tumour core whole, and the largest WT component with nothing outside it.
+A removed voxel takes the class of the region enclosing its own (:func:`removal_class`: the regions
+nest, ET in TC in WT): a WT voxel becomes background, a TC voxel oedema, an ET voxel necrosis. So
+removing small ET specks leaves the tumour core whole, and the largest WT component with nothing
+outside it. A region no other one encloses (WT; BraTS 2024's resection cavity RC) becomes
+background, and so does one whose enclosing region adds several classes (BraTS 2024's SNFH).
 
 Selection (:func:`choose_postprocessing`): on a run's validation predictions, the stages of
 :func:`candidate_stages` are tried in a fixed order, each on top of the rules already kept: the
-largest WT component; small components of WT, TC and ET, each region's threshold searched on a
-grid; ET to necrosis, its threshold searched on a grid. A stage's best candidate is kept only if
-it raises the chosen metric (mean over cases): "lesion" (the default), the BraTS 2023 lesion-wise
-Dice averaged over WT, TC and ET; or "dice", the plain mean Dice of the three regions.
+largest component of the widest region (WT); small components of each region of the scheme, each
+region's threshold searched on a grid; ET to necrosis, its threshold searched on a grid. A stage's
+best candidate is kept only if it raises the chosen metric (mean over cases): "lesion" (the
+default), the BraTS 2023 lesion-wise Dice averaged over the scheme's regions; or "dice", the
+plain mean Dice of the regions.
 
 The choice is written as ``postprocessing.json`` in the run folder (:func:`write_postprocessing`):
 every stage's scores before and after (and per grid value), the kept rules, the metric, the
@@ -30,8 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,7 @@ from scipy import ndimage
 from ..core.checkpoints import checkpoint_run_folder
 from ..core.documents import DocumentError, load_json_text, read_utf8
 from ..core.fileio import atomic_write_text, os_error_line
-from ..data.schemes import REGION_NAMES, REGIONS
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from .lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,
     DEFAULT_HD95_PENALTY,
@@ -51,12 +53,15 @@ from .lesion_metrics import (
     case_lesion_scores,
 )
 from .metrics import case_dice
+from .prediction_store import DEFAULT_MEMORY_BYTES, PredictionStore
+
+__all__ = ["DEFAULT_MEMORY_BYTES", "PredictionStore"]  # re-exported: unet-eval and unet-cv keep them here
 
 POSTPROCESSING_FILE = "postprocessing.json"
 FILE_FORMAT = "unet-trainer postprocessing"
 FILE_VERSION = 1
 
-#: metric name -> what it is, in words (each averaged over WT, TC and ET, then over cases).
+#: metric name -> what it is, in words (each averaged over the scheme's regions, then over cases).
 METRICS: dict[str, str] = {"lesion": "lesion-wise Dice (BraTS 2023)", "dice": "plain Dice"}
 DEFAULT_METRIC = "lesion"
 
@@ -64,11 +69,8 @@ DEFAULT_METRIC = "lesion"
 SMALL_COMPONENT_GRID: tuple[int, ...] = (10, 20, 50, 100, 200, 500, 1000)
 ENHANCING_VOLUME_GRID: tuple[int, ...] = (50, 100, 200, 300, 500, 750, 1000)
 
-#: The label a removed voxel of each region takes: that of the enclosing region.
-_REMOVED_LABEL = {"WT": 0, "TC": 2, "ET": 1}
+_DEFAULT = SCHEMES[DEFAULT_SCHEME]
 _COMPONENTS_26 = ndimage.generate_binary_structure(3, 3)
-#: Predicted label maps kept in memory up to this many bytes; the rest go to a temporary folder.
-DEFAULT_MEMORY_BYTES = 2 * 2**30
 
 
 class PostprocessingError(ValueError):
@@ -80,68 +82,100 @@ class PostprocessingError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _components(labels: np.ndarray, region: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def removal_class(scheme: LabelScheme, region: str) -> int:
+    """The class a removed voxel of ``region`` takes: the one class that the smallest region
+    strictly enclosing it (the first in reporting order of equal size) adds to it; background (0)
+    when no region encloses it or the enclosing one adds several classes. Glioma: WT 0, TC 2 (ED),
+    ET 1 (NCR)."""
+    members = set(scheme.regions[region])
+    enclosing = [set(classes) for classes in scheme.regions.values() if members < set(classes)]
+    if not enclosing:
+        return 0
+    added = min(enclosing, key=len) - members
+    return added.pop() if len(added) == 1 else 0
+
+
+def _components(labels: np.ndarray, region: str, scheme: LabelScheme) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(region mask, component ids (Z, Y, X), voxel count per id with id 0 = background)."""
-    mask = np.isin(labels, REGIONS[region])
+    mask = np.isin(labels, scheme.regions[region])
     ids, count = ndimage.label(mask, structure=_COMPONENTS_26)
     return mask, ids, np.bincount(ids.ravel(), minlength=count + 1)
 
 
-def keep_largest_component(labels: np.ndarray, region: str) -> np.ndarray:
+def keep_largest_component(labels: np.ndarray, region: str, scheme: LabelScheme = _DEFAULT) -> np.ndarray:
     """Only the largest connected component of ``region`` stays (the first in raster order on a
-    tie); the region's other voxels take the enclosing region's label. Returns a new uint8 map,
-    or ``labels`` itself when nothing changes."""
-    mask, ids, sizes = _components(labels, region)
+    tie); the region's other voxels take the enclosing region's class (:func:`removal_class`).
+    Returns a new uint8 map, or ``labels`` itself when nothing changes."""
+    mask, ids, sizes = _components(labels, region, scheme)
     if len(sizes) <= 2:  # no component or one
         return labels
     largest = int(np.argmax(sizes[1:])) + 1
     out = labels.copy()
-    out[mask & (ids != largest)] = _REMOVED_LABEL[region]
+    out[mask & (ids != largest)] = removal_class(scheme, region)
     return out
 
 
-def remove_small_components(labels: np.ndarray, region: str, min_voxels: int) -> np.ndarray:
+def remove_small_components(
+    labels: np.ndarray, region: str, min_voxels: int, scheme: LabelScheme = _DEFAULT
+) -> np.ndarray:
     """Components of ``region`` with fewer than ``min_voxels`` voxels take the enclosing region's
-    label. Returns a new uint8 map, or ``labels`` itself when nothing changes."""
-    mask, ids, sizes = _components(labels, region)
+    class (:func:`removal_class`). Returns a new uint8 map, or ``labels`` itself when nothing changes."""
+    mask, ids, sizes = _components(labels, region, scheme)
     small = sizes < min_voxels
     small[0] = False
     if not small.any():
         return labels
     out = labels.copy()
-    out[small[ids]] = _REMOVED_LABEL[region]
+    out[small[ids]] = removal_class(scheme, region)
     return out
 
 
-def enhancing_to_necrosis(labels: np.ndarray, max_voxels: int) -> np.ndarray:
-    """Enhancing tumour becomes necrosis when the case holds fewer than ``max_voxels`` ET voxels
-    (and at least one). Returns a new uint8 map, or ``labels`` itself when nothing changes."""
-    enhancing = labels == 3
+def _without_enhancing(scheme: LabelScheme) -> str | None:
+    """Why ``enhancing_to_necrosis`` does not apply to ``scheme`` (None when it does)."""
+    if "ET" in scheme.regions and removal_class(scheme, "ET"):
+        return None
+    return f"scheme {scheme.name} has no ET region inside a larger one (its regions: {', '.join(scheme.regions)})"
+
+
+def enhancing_to_necrosis(labels: np.ndarray, max_voxels: int, scheme: LabelScheme = _DEFAULT) -> np.ndarray:
+    """The ET region becomes the class enclosing it (necrosis; :func:`removal_class`) when the case
+    holds fewer than ``max_voxels`` ET voxels (and at least one). Returns a new uint8 map, or
+    ``labels`` itself when nothing changes.
+
+    Raises:
+        PostprocessingError: a scheme without an ET region inside a larger one.
+    """
+    refusal = _without_enhancing(scheme)
+    if refusal is not None:
+        raise PostprocessingError(f"rule enhancing_to_necrosis: {refusal}")
+    enhancing = np.isin(labels, scheme.regions["ET"])
     volume = int(enhancing.sum())
     if volume == 0 or volume >= max_voxels:
         return labels
     out = labels.copy()
-    out[enhancing] = 1
+    out[enhancing] = removal_class(scheme, "ET")
     return out
 
 
-def _region(value: Any) -> str | None:
-    return None if isinstance(value, str) and value in REGIONS else f"one of {', '.join(REGION_NAMES)}"
+def _region(value: Any, scheme: LabelScheme) -> str | None:
+    return None if isinstance(value, str) and value in scheme.regions else f"one of {', '.join(scheme.regions)}"
 
 
-def _positive_int(value: Any) -> str | None:
+def _positive_int(value: Any, scheme: LabelScheme) -> str | None:
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
     return None if ok else "an integer of at least 1"
 
 
 @dataclass(frozen=True)
 class RuleSpec:
-    """A rule: its function ``apply(labels, **params)``, each parameter's check (None when the
-    value is fine, else what was expected), and its description in words."""
+    """A rule: its function ``apply(labels, **params, scheme=scheme)``, each parameter's check
+    ``check(value, scheme)`` (None when the value is fine, else what was expected), its description
+    in words, and why a scheme cannot take it (``refusal(scheme)``, None when it can)."""
 
     apply: Callable[..., np.ndarray]
-    params: Mapping[str, Callable[[Any], str | None]]
+    params: Mapping[str, Callable[[Any, LabelScheme], str | None]]
     describe: Callable[[Mapping[str, Any]], str]
+    refusal: Callable[[LabelScheme], str | None] = lambda scheme: None
 
 
 RULES: dict[str, RuleSpec] = {
@@ -154,7 +188,10 @@ RULES: dict[str, RuleSpec] = {
         lambda p: f"remove {p['region']} components < {p['min_voxels']} voxels",
     ),
     "enhancing_to_necrosis": RuleSpec(
-        enhancing_to_necrosis, {"max_voxels": _positive_int}, lambda p: f"ET -> NCR when ET < {p['max_voxels']} voxels"
+        enhancing_to_necrosis,
+        {"max_voxels": _positive_int},
+        lambda p: f"ET -> NCR when ET < {p['max_voxels']} voxels",
+        _without_enhancing,
     ),
 }
 
@@ -164,113 +201,36 @@ def describe_rule(rule: Mapping[str, Any]) -> str:
     return RULES[rule["rule"]].describe(rule)
 
 
-def apply_rules(labels: np.ndarray, rules: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """Apply rules ({"rule": name, params...}, checked) in order to a canonical label map (Z, Y, X).
+def apply_rules(labels: np.ndarray, rules: Sequence[Mapping[str, Any]], scheme: LabelScheme = _DEFAULT) -> np.ndarray:
+    """Apply rules ({"rule": name, params...}, checked against ``scheme``) in order to a class-index
+    map (Z, Y, X) of ``scheme``.
 
     Returns a uint8 map (``labels`` itself when no rule changes anything; never modified in place).
     """
     out = labels
     for rule in rules:
         spec = RULES[rule["rule"]]
-        out = spec.apply(out, **{name: rule[name] for name in spec.params})
+        out = spec.apply(out, **{name: rule[name] for name in spec.params}, scheme=scheme)
     return out
 
 
 def candidate_stages(
-    small_grid: Sequence[int] = SMALL_COMPONENT_GRID, enhancing_grid: Sequence[int] = ENHANCING_VOLUME_GRID
+    small_grid: Sequence[int] = SMALL_COMPONENT_GRID,
+    enhancing_grid: Sequence[int] = ENHANCING_VOLUME_GRID,
+    scheme: LabelScheme = _DEFAULT,
 ) -> list[list[dict]]:
     """The selection's stages in their fixed order, each a list of candidate rules of which the
-    best is kept if it helps: the largest WT component; small components of WT, TC, ET (a stage per
-    region, a candidate per grid value); ET to necrosis (a candidate per grid value)."""
-    stages = [[{"rule": "largest_component", "region": "WT"}]]
-    for region in REGION_NAMES:
+    best is kept if it helps: the largest component of the scheme's widest region (most classes,
+    the first of equal width: WT); small components of each region in reporting order (a stage per
+    region, a candidate per grid value); ET to necrosis where the scheme takes it (a candidate per
+    grid value)."""
+    widest = max(scheme.regions, key=lambda region: len(scheme.regions[region]))
+    stages = [[{"rule": "largest_component", "region": widest}]]
+    for region in scheme.regions:
         stages.append([{"rule": "remove_small_components", "region": region, "min_voxels": n} for n in small_grid])
-    stages.append([{"rule": "enhancing_to_necrosis", "max_voxels": t} for t in enhancing_grid])
+    if _without_enhancing(scheme) is None:
+        stages.append([{"rule": "enhancing_to_necrosis", "max_voxels": t} for t in enhancing_grid])
     return stages
-
-
-# --------------------------------------------------------------------------------------------
-# The predictions of an evaluation
-# --------------------------------------------------------------------------------------------
-
-
-class PredictionStore:
-    """Predicted and true label maps by case id, as unet-eval scores them: in memory while they
-    fit ``memory_bytes``, beyond that as .npy files in a temporary folder inside ``folder`` (the
-    run folder), which :meth:`close` removes (also on leaving a ``with`` block).
-
-    Args:
-        folder: where the temporary folder goes (created when the first case spills).
-        memory_bytes: how many bytes of label maps to keep in memory.
-    """
-
-    def __init__(self, folder: Path, memory_bytes: int = DEFAULT_MEMORY_BYTES):
-        self.folder, self.memory_bytes = Path(folder), memory_bytes
-        self.spill_dir: Path | None = None
-        self._memory: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._files: dict[str, tuple[Path, Path]] = {}
-        self._order: dict[str, None] = {}
-        self._held = 0
-
-    @property
-    def case_ids(self) -> list[str]:
-        """Every case, in the order they were put."""
-        return list(self._order)
-
-    def put(self, case_id: str, truth, prediction) -> None:
-        """Keep (or replace) a case's label maps (Z, Y, X), NumPy arrays or tensors on any device."""
-        truth, prediction = _host_uint8(truth), _host_uint8(prediction)
-        self._order[case_id] = None
-        size = truth.nbytes + prediction.nbytes
-        previous = self._memory.pop(case_id, None)
-        if previous is not None:
-            self._held -= previous[0].nbytes + previous[1].nbytes
-        if case_id not in self._files and self._held + size <= self.memory_bytes:
-            self._memory[case_id] = (truth, prediction)
-            self._held += size
-            return
-        if self.spill_dir is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.spill_dir = Path(tempfile.mkdtemp(prefix=".postprocessing-predictions-", dir=self.folder))
-        # Files by number: case ids come from users' file names.
-        number = list(self._files).index(case_id) if case_id in self._files else len(self._files)
-        paths = (self.spill_dir / f"{number}-truth.npy", self.spill_dir / f"{number}-pred.npy")
-        np.save(paths[0], truth, allow_pickle=False)
-        np.save(paths[1], prediction, allow_pickle=False)
-        self._files[case_id] = paths
-
-    def get(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """(truth, prediction) uint8 (Z, Y, X) of a case. Raises KeyError for an unknown case."""
-        if case_id in self._memory:
-            return self._memory[case_id]
-        truth_path, pred_path = self._files[case_id]
-        return np.load(truth_path, allow_pickle=False), np.load(pred_path, allow_pickle=False)
-
-    def set_prediction(self, case_id: str, prediction: np.ndarray) -> None:
-        """Replace a case's prediction (its truth stays)."""
-        self.put(case_id, self.get(case_id)[0], prediction)
-
-    def close(self) -> None:
-        """Forget every case and remove the temporary folder."""
-        self._memory.clear()
-        self._files.clear()
-        self._order.clear()
-        self._held = 0
-        if self.spill_dir is not None:
-            shutil.rmtree(self.spill_dir, ignore_errors=True)
-            self.spill_dir = None
-
-    def __enter__(self) -> PredictionStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _host_uint8(labels) -> np.ndarray:
-    if hasattr(labels, "detach"):  # a torch tensor
-        labels = labels.detach().cpu().numpy()
-    return np.ascontiguousarray(labels, dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,12 +241,14 @@ def _host_uint8(labels) -> np.ndarray:
 @dataclass(frozen=True)
 class MetricSettings:
     """How a case is scored: ``metric`` (a key of :data:`METRICS`), the lesion-wise settings (see
-    :mod:`unet_trainer.evaluation.lesion_metrics`) and the plain Dice's empty-ground-truth policy."""
+    :mod:`unet_trainer.evaluation.lesion_metrics`), the plain Dice's empty-ground-truth policy, and
+    the label scheme whose regions are scored (and which the rules speak)."""
 
     metric: str = DEFAULT_METRIC
     lesion_dilation: int = DEFAULT_DILATION_ITERATIONS
     lesion_min_volume: float = DEFAULT_MIN_LESION_VOLUME
     empty_policy: str = "one_if_both_empty"
+    scheme: LabelScheme = _DEFAULT
 
     def score(self, prediction: np.ndarray, truth: np.ndarray) -> float:
         """The case's score (higher is better; NaN only for plain Dice with ``ignore`` and no
@@ -294,7 +256,9 @@ class MetricSettings:
         if self.metric == "dice":
             import torch
 
-            return case_dice(torch.from_numpy(prediction), torch.from_numpy(truth), self.empty_policy)["mean"]
+            return case_dice(torch.from_numpy(prediction), torch.from_numpy(truth), self.empty_policy, self.scheme)[
+                "mean"
+            ]
         scores = case_lesion_scores(
             prediction,
             truth,
@@ -303,8 +267,9 @@ class MetricSettings:
             hd95_penalty=DEFAULT_HD95_PENALTY,
             backend="scipy",
             distances=False,  # the Dice alone decides: skip the surface distances
+            scheme=self.scheme,
         )
-        return sum(scores[f"lesion_dice/{r}"] for r in REGION_NAMES) / len(REGION_NAMES)
+        return sum(scores[f"lesion_dice/{r}"] for r in self.scheme.regions) / len(self.scheme.regions)
 
 
 def check_metric(metric: str) -> str:
@@ -341,6 +306,7 @@ class PostprocessingChoice:
             its best candidate, plus, for a grid, the best threshold (e.g. "min_voxels") and
             "grid": every candidate's {threshold: value, "score", "changed_cases"}.
         kept: the kept rules in order, as {"rule": name, params...}.
+        regions: the regions the metric averages (the scheme's).
     """
 
     metric: str
@@ -349,6 +315,7 @@ class PostprocessingChoice:
     score_after: float
     stages: list[dict] = field(default_factory=list)
     kept: list[dict] = field(default_factory=list)
+    regions: tuple[str, ...] = _DEFAULT.region_names
 
 
 def choose_postprocessing(
@@ -366,7 +333,7 @@ def choose_postprocessing(
     Args:
         store: the truths and predictions (at least one case).
         settings: the metric (default: :class:`MetricSettings`'s defaults).
-        stages: candidate stages (default :func:`candidate_stages`).
+        stages: candidate stages (default :func:`candidate_stages` of the settings' scheme).
 
     Raises:
         PostprocessingError: an empty store or an unknown metric.
@@ -376,7 +343,8 @@ def choose_postprocessing(
     case_ids = store.case_ids
     if not case_ids:
         raise PostprocessingError("no predictions to choose postprocessing on")
-    stages = candidate_stages() if stages is None else stages
+    scheme = settings.scheme
+    stages = candidate_stages(scheme=scheme) if stages is None else stages
     # The rules only ever shrink the foreground and the metrics look no further than the
     # dilation beyond it, so each case is scored on the box of its foreground (a few percent of a
     # brain volume) grown by the dilation, as the lesion-wise metric crops anyway.
@@ -385,7 +353,9 @@ def choose_postprocessing(
         truth, prediction = store.get(case_id)
         boxes[case_id] = _foreground_box(truth, prediction, settings.lesion_dilation + 1)
         current[case_id] = settings.score(prediction[boxes[case_id]], truth[boxes[case_id]])
-    choice = PostprocessingChoice(settings.metric, len(case_ids), _mean(current.values()), math.nan)
+    choice = PostprocessingChoice(
+        settings.metric, len(case_ids), _mean(current.values()), math.nan, regions=scheme.region_names
+    )
     for stage in stages:
         stage = [dict(candidate) for candidate in stage]
         scores: list[dict[str, float]] = [{} for _ in stage]
@@ -395,7 +365,7 @@ def choose_postprocessing(
             # Consecutive grid values often give the same labels: score a map once.
             last_labels, last_score = prediction, current[case_id]
             for index, candidate in enumerate(stage):
-                labels = apply_rules(prediction, [candidate])
+                labels = apply_rules(prediction, [candidate], scheme)
                 if labels is not prediction and not np.array_equal(labels, prediction):
                     changed[index] += 1
                 if labels is not last_labels and not np.array_equal(labels, last_labels):
@@ -421,7 +391,7 @@ def choose_postprocessing(
             choice.kept.append(stage[best])
             current = scores[best]
             for case_id in case_ids:
-                store.set_prediction(case_id, apply_rules(store.get(case_id)[1], [stage[best]]))
+                store.set_prediction(case_id, apply_rules(store.get(case_id)[1], [stage[best]], scheme))
     choice.score_after = _mean(current.values())
     return choice
 
@@ -429,6 +399,12 @@ def choose_postprocessing(
 # --------------------------------------------------------------------------------------------
 # postprocessing.json
 # --------------------------------------------------------------------------------------------
+
+
+def _listed(names: Sequence[str]) -> str:
+    """``WT, TC and ET``."""
+    *first, last = names
+    return f"{', '.join(first)} and {last}" if first else last
 
 
 def write_postprocessing(
@@ -439,7 +415,8 @@ def write_postprocessing(
         "format": FILE_FORMAT,
         "version": FILE_VERSION,
         "metric": choice.metric,
-        "metric_description": f"{METRICS[choice.metric]}, mean over WT, TC and ET, then over cases",
+        "metric_description": f"{METRICS[choice.metric]}, mean over {_listed(choice.regions)}, then over cases",
+        "scheme": settings.scheme.name,
         "settings": {
             "lesion_dilation": settings.lesion_dilation,
             "lesion_min_volume": settings.lesion_min_volume,
@@ -463,23 +440,25 @@ class Postprocessing:
 
     Attributes:
         path: the file; rules: the kept rules in order ({"rule": name, params...}, checked);
-        checkpoint: the checkpoint they were chosen on, as the file says ("" if it does not).
+        checkpoint: the checkpoint they were chosen on, as the file says ("" if it does not);
+        scheme: the label scheme the rules were checked against and act in.
     """
 
     path: Path
     rules: tuple[dict, ...]
     checkpoint: str = ""
+    scheme: LabelScheme = _DEFAULT
 
     def __call__(self, labels: np.ndarray) -> np.ndarray:
-        """Postprocess a canonical label map (Z, Y, X) uint8; never in place."""
-        return apply_rules(labels, self.rules)
+        """Postprocess a class-index map (Z, Y, X) uint8 of the scheme; never in place."""
+        return apply_rules(labels, self.rules, self.scheme)
 
     def describe(self) -> str:
         """The rules in words, ``none`` when the file keeps none."""
         return "; ".join(describe_rule(r) for r in self.rules) or "none (no rule helped on validation)"
 
 
-def _check_rule(path: Path, index: int, rule: Any) -> dict:
+def _check_rule(path: Path, index: int, rule: Any, scheme: LabelScheme) -> dict:
     where = f"{path}: kept[{index}]"
     if not isinstance(rule, dict) or "rule" not in rule:
         raise PostprocessingError(f'{where} must be an object with a "rule", got {json.dumps(rule)[:60]}')
@@ -493,18 +472,23 @@ def _check_rule(path: Path, index: int, rule: Any) -> dict:
     for key, check in spec.params.items():
         if key not in rule:
             raise PostprocessingError(f"{where}.{key} is missing (rule {name} takes {', '.join(spec.params)})")
-        expected = check(rule[key])
+        expected = check(rule[key], scheme)
         if expected is not None:
             raise PostprocessingError(f"{where}.{key}: expected {expected}, got {json.dumps(rule[key])[:60]}")
+    refusal = spec.refusal(scheme)
+    if refusal is not None:
+        raise PostprocessingError(f"{where}: rule {name} does not apply: {refusal}")
     return {"rule": name, **{key: rule[key] for key in spec.params}}
 
 
-def load_postprocessing(path: Path) -> Postprocessing:
-    """Read and check a postprocessing file (of :func:`write_postprocessing`, or anyone's).
+def load_postprocessing(path: Path, scheme: LabelScheme = _DEFAULT) -> Postprocessing:
+    """Read and check a postprocessing file (of :func:`write_postprocessing`, or anyone's) against
+    the label scheme its rules are to act in.
 
     Raises:
         PostprocessingError: unreadable, not JSON, not such a file, another version, or a kept rule
-            with an unknown name, a missing, unknown or ill-typed parameter; one line.
+            with an unknown name, a missing, unknown or ill-typed parameter, a region that is not the
+            scheme's or a rule the scheme cannot take; one line.
     """
     path = Path(path)
     try:
@@ -526,10 +510,12 @@ def load_postprocessing(path: Path) -> Postprocessing:
     if not isinstance(kept, list):
         raise PostprocessingError(f'{path}: "kept" must be a list of rules, got {json.dumps(kept)[:60]}')
     checkpoint = document.get("checkpoint", "")
-    return postprocessing_from_rules(path, kept, checkpoint if isinstance(checkpoint, str) else "")
+    return postprocessing_from_rules(path, kept, checkpoint if isinstance(checkpoint, str) else "", scheme)
 
 
-def postprocessing_from_rules(path: Path, rules: Any, checkpoint: str = "") -> Postprocessing:
+def postprocessing_from_rules(
+    path: Path, rules: Any, checkpoint: str = "", scheme: LabelScheme = _DEFAULT
+) -> Postprocessing:
     """Rules kept elsewhere (e.g. an exported model's ``model.json``), checked as a file's ``kept`` list.
 
     Raises:
@@ -537,16 +523,16 @@ def postprocessing_from_rules(path: Path, rules: Any, checkpoint: str = "") -> P
     """
     if not isinstance(rules, list):
         raise PostprocessingError(f"{path}: the postprocessing rules must be a list, got {json.dumps(rules)[:60]}")
-    return Postprocessing(
-        Path(path), tuple(_check_rule(Path(path), i, rule) for i, rule in enumerate(rules)), checkpoint
-    )
+    checked = tuple(_check_rule(Path(path), i, rule, scheme) for i, rule in enumerate(rules))
+    return Postprocessing(Path(path), checked, checkpoint, scheme)
 
 
 def format_choice(choice: PostprocessingChoice, path: Path | None = None) -> str:
     """The choice as one table: a row per stage (its best candidate) with the scores before and
     after, how many cases it changed and whether it was kept, then the totals and the file."""
     lines = [
-        f"Postprocessing chosen on {choice.cases} case(s), metric: {METRICS[choice.metric]}, mean over WT, TC, ET",
+        f"Postprocessing chosen on {choice.cases} case(s), metric: {METRICS[choice.metric]}, "
+        f"mean over {', '.join(choice.regions)}",
         "",
         f"{'rule':<44}{'before':>9}{'after':>9}{'changed':>9}  kept",
     ]
@@ -569,12 +555,12 @@ def format_choice(choice: PostprocessingChoice, path: Path | None = None) -> str
 
 
 def postprocessing_for(
-    checkpoint: Path | None, explicit: Path | None = None, enabled: bool = True
+    checkpoint: Path | None, explicit: Path | None = None, enabled: bool = True, scheme: LabelScheme = _DEFAULT
 ) -> Postprocessing | None:
     """The postprocessing unet-predict applies: ``explicit`` when given (it must exist), else the
     ``postprocessing.json`` of the checkpoint's run folder (of the folder itself when ``checkpoint``
     is a run or unet-cv folder) when present, else none; none when not ``enabled``, and no default
-    without a ``checkpoint`` (an ensemble of several).
+    without a ``checkpoint`` (an ensemble of several). Its rules are checked against and act in ``scheme``.
 
     Raises:
         PostprocessingError: the file cannot be used (see :func:`load_postprocessing`).
@@ -582,9 +568,9 @@ def postprocessing_for(
     if not enabled:
         return None
     if explicit is not None:
-        return load_postprocessing(Path(explicit).expanduser())
+        return load_postprocessing(Path(explicit).expanduser(), scheme)
     if checkpoint is None:
         return None
     folder = Path(checkpoint).expanduser()
     default = (folder if folder.is_dir() else checkpoint_run_folder(folder)) / POSTPROCESSING_FILE
-    return load_postprocessing(default) if default.is_file() else None
+    return load_postprocessing(default, scheme) if default.is_file() else None

@@ -4,22 +4,21 @@ Everything is drawn on matplotlib's Agg canvas directly, never through pyplot: n
 process-wide backend switch, so a headless machine works and a user's own interactive session
 is left alone.
 
-Overlays show three orthogonal slices through the tumour (:func:`extract_case_view` picks them
-and keeps only those slices, so views are small enough to gather from every rank), the first
-channel (FLAIR) in grey, and per canonical label (1 NCR, 2 ED, 3 EN) one colour: ground truth as
-solid, prediction as dashed contours.
+Overlays show three orthogonal slices through the tumour (:func:`case_views.extract_case_view`
+picks them and keeps only those slices, so views are small enough to gather from every rank), the first
+channel (FLAIR) in grey, and per class of the label scheme (glioma: 1 NCR, 2 ED, 3 EN) one colour:
+ground truth as solid, prediction as dashed contours.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import imsave
@@ -27,171 +26,21 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
 
 from ..core.fileio import atomic_write
-from ..data.schemes import LABEL_NAMES, REGION_NAMES
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
+from .case_views import CaseView, evaluator_case_view, extract_case_view, tumour_centre  # noqa: F401 (re-exported)
 
-# One colour per canonical label, readable on a grey MR slice and told apart with the common
-# colour-vision deficiencies (orange/sky blue/magenta rather than the red/green of many figures).
-LABEL_COLOURS = {1: "#ff2da0", 2: "#3fb8ff", 3: "#ffb000"}
-LABEL_LEGEND = {1: "NCR necrotic core", 2: "ED edema", 3: "EN enhancing"}
-# Drawn in this order so that where two labels meet, the inner label's colour is the one on top
-# (edema, then the enhancing rim inside it, then the necrotic core inside that).
-DRAW_ORDER = (2, 3, 1)
-VIEWS = ("axial", "coronal", "sagittal")
+_DEFAULT = SCHEMES[DEFAULT_SCHEME]
 _DPI = 80
 
-
-@dataclass
-class CaseView:
-    """Three orthogonal slices of one case through its tumour.
-
-    Attributes:
-        case_id: the case.
-        centre: (z, y, x) voxel the three slices pass through.
-        image: the first channel's slices in [0, 1] (windowed), float16: axial (Y, X), coronal
-            (Z, X), sagittal (Z, Y).
-        truth: the ground-truth label slices (uint8, same shapes), or None (prediction only).
-        prediction: the predicted label slices (uint8).
-        spacing: voxel size (z, y, x) in mm, for the slices' aspect ratio.
-    """
-
-    case_id: str
-    centre: tuple[int, int, int]
-    image: tuple[np.ndarray, np.ndarray, np.ndarray]
-    truth: tuple[np.ndarray, np.ndarray, np.ndarray] | None
-    prediction: tuple[np.ndarray, np.ndarray, np.ndarray]
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+# One colour per class index (1, 2, ...; repeated past the end), readable on a grey MR slice and told
+# apart with the common colour-vision deficiencies (magenta/sky blue/orange, then bluish green and
+# yellow, rather than the red/green of many figures).
+CLASS_PALETTE = ("#ff2da0", "#3fb8ff", "#ffb000", "#00d68f", "#f0e442", "#d55e00")
 
 
-def tumour_centre(mask: torch.Tensor) -> tuple[int, int, int] | None:
-    """The (z, y, x) voxel whose three slices go through ``mask``'s centre of mass.
-
-    Per axis the slice is the one nearest the centre of mass that holds any of the mask, so a
-    ring-shaped or multi-focal tumour still shows in every view.
-
-    Args:
-        mask: bool (Z, Y, X), on any device.
-
-    Returns:
-        The voxel, or None when the mask is empty.
-    """
-    if not bool(mask.any()):
-        return None
-    centre = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        profile = mask.sum(dim=others, dtype=torch.float64)
-        positions = torch.arange(profile.numel(), dtype=torch.float64, device=profile.device)
-        mean = (profile * positions).sum() / profile.sum()
-        distance = torch.where(profile > 0, (positions - mean).abs(), torch.full_like(positions, math.inf))
-        centre.append(int(distance.argmin()))
-    return tuple(centre)
-
-
-def _slices(volume: torch.Tensor, centre: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    z, y, x = centre
-    return volume[z], volume[:, y], volume[:, :, x]
-
-
-def _window(slices: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-    """Scale to [0, 1] between the 0.5th and 99.5th percentile of the nonzero pixels, background
-    (exactly 0, in prepared and raw BraTS images alike) black. MR intensities have no fixed scale,
-    and a prepared image is z-scored, so its background 0 would otherwise be mid-grey."""
-    values = np.concatenate([s[s != 0].ravel() for s in slices])
-    if values.size == 0:
-        return tuple(np.zeros_like(s, dtype=np.float16) for s in slices)
-    low, high = np.percentile(values, [0.5, 99.5])
-    scale = high - low if high > low else 1.0
-    return tuple(np.where(s != 0, np.clip((s - low) / scale, 0.0, 1.0), 0.0).astype(np.float16) for s in slices)
-
-
-def extract_case_view(case_id: str, image, truth, prediction, spacing: Sequence[float] | None = None) -> CaseView:
-    """Cut the three slices of a case through its tumour's centre of mass.
-
-    The tumour is the ground truth's (labels > 0), else the prediction's when there is no truth or
-    it is empty; with neither, the volume's centre.
-
-    Args:
-        case_id: the case.
-        image: (C, Z, Y, X) float tensor or array (on any device); channel 0 is shown.
-        truth: (Z, Y, X) canonical labels or None.
-        prediction: (Z, Y, X) canonical labels.
-        spacing: (z, y, x) mm (default 1 mm isotropic).
-
-    Returns:
-        The :class:`CaseView` (numpy, on the host).
-    """
-    image, prediction = torch.as_tensor(image), torch.as_tensor(prediction)
-    truth = torch.as_tensor(truth) if truth is not None else None
-    centre = tumour_centre(truth > 0) if truth is not None else None
-    if centre is None:
-        centre = tumour_centre(prediction > 0)
-    if centre is None:
-        centre = tuple(n // 2 for n in prediction.shape)
-    grey = _window([s.float().cpu().numpy() for s in _slices(image[0], centre)])
-    labels = lambda volume: tuple(s.to(torch.uint8).cpu().numpy() for s in _slices(volume, centre))  # noqa: E731
-    return CaseView(
-        case_id=case_id,
-        centre=tuple(int(c) for c in centre),
-        image=grey,
-        truth=labels(truth) if truth is not None else None,
-        prediction=labels(prediction),
-        spacing=tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0))),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Overlays
-# --------------------------------------------------------------------------------------------
-
-
-def _aspect(view: CaseView, index: int) -> float:
-    """Height/width of a pixel for imshow: axial (y over x), coronal (z over x), sagittal (z over y)."""
-    z, y, x = view.spacing
-    return (y / x, z / x, z / y)[index]
-
-
-# Ground truth solid and a little translucent, so that a prediction dashed on top of it stays visible.
-TRUTH_STYLE = {"linestyles": "solid", "alpha": 0.8}
-PREDICTION_STYLE = {"linestyles": [(0, (2.5, 1.5))]}
-
-
-def _contours(ax, labels: np.ndarray, linewidth: float, style: Mapping[str, Any]) -> None:
-    for label in DRAW_ORDER:
-        mask = labels == label
-        # contour needs at least a 2x2 grid and a level that is crossed
-        if mask.any() and not mask.all() and min(mask.shape) >= 2:
-            ax.contour(
-                mask.astype(np.float32), levels=[0.5], colors=[LABEL_COLOURS[label]], linewidths=linewidth, **style
-            )
-
-
-def _draw_slice(ax, view: CaseView, index: int, truth_width: float = 2.6, prediction_width: float = 1.6) -> None:
-    ax.imshow(
-        view.image[index].astype(np.float32),
-        cmap="gray",
-        vmin=0.0,
-        vmax=1.0,
-        origin="lower",
-        aspect=_aspect(view, index),
-        interpolation="nearest",
-    )
-    if view.truth is not None:
-        _contours(ax, view.truth[index], truth_width, TRUTH_STYLE)
-        _contours(ax, view.prediction[index], prediction_width, PREDICTION_STYLE)
-    else:
-        _contours(ax, view.prediction[index], prediction_width + 0.4, {"linestyles": "solid"})
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _legend_handles(with_truth: bool) -> list[Line2D]:
-    handles = [Line2D([], [], color=LABEL_COLOURS[k], lw=3, label=LABEL_LEGEND[k]) for k in sorted(LABEL_COLOURS)]
-    if with_truth:
-        handles += [
-            Line2D([], [], color="black", lw=2.6, ls="solid", alpha=0.8, label="ground truth"),
-            Line2D([], [], color="black", lw=1.6, ls=(0, (2.5, 1.5)), label="prediction"),
-        ]
-    return handles
+def label_colours(scheme: LabelScheme = _DEFAULT) -> dict[int, str]:
+    """Class index -> its contour colour, for each class of ``scheme``."""
+    return {index: CLASS_PALETTE[(index - 1) % len(CLASS_PALETTE)] for index in scheme.label_names}
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -211,13 +60,103 @@ def _save(fig: Figure, path: Path) -> np.ndarray:
     return rgba[..., :3].copy()
 
 
-def scores_text(row: Mapping[str, float]) -> str:
-    """``WT 0.912  TC 0.870  ET 0.801`` from a per-case score row (missing or NaN shown as nan)."""
-    return "  ".join(f"{r} {row.get(r, math.nan):.3f}" for r in REGION_NAMES)
+# Classes 1-3 drawn in this order so that where two meet, the inner class's colour is the one on top
+# (every BraTS glioma scheme: edema, then the enhancing rim inside it, then the necrotic core inside
+# that); classes 4 and up (a resection cavity) after them, in index order.
+DRAW_ORDER = (2, 3, 1)
 
 
-def draw_case_overlay(path: Path, view: CaseView, title: str) -> None:
-    """One case: axial, coronal and sagittal slice side by side with label contours and a legend.
+def label_legend(scheme: LabelScheme = _DEFAULT) -> dict[int, str]:
+    """Class index -> its legend text: the short name and the description's words before any
+    parenthesis (glioma: ``ED peritumoral edema``)."""
+    return {
+        index: f"{name} {description.split(' (')[0]}"
+        for (index, name), description in zip(scheme.label_names.items(), scheme.class_descriptions)
+    }
+
+
+def _draw_order(scheme: LabelScheme) -> list[int]:
+    rank = {label: position for position, label in enumerate(DRAW_ORDER)}
+    return sorted(scheme.label_names, key=lambda index: (rank.get(index, len(DRAW_ORDER)), index))
+
+
+#: The default scheme's colours (glioma: 1 NCR, 2 ED, 3 EN).
+LABEL_COLOURS = label_colours()
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+# --------------------------------------------------------------------------------------------
+# Overlays
+# --------------------------------------------------------------------------------------------
+
+
+def _aspect(view: CaseView, index: int) -> float:
+    """Height/width of a pixel for imshow: axial (y over x), coronal (z over x), sagittal (z over y)."""
+    z, y, x = view.spacing
+    return (y / x, z / x, z / y)[index]
+
+
+# Ground truth solid and a little translucent, so that a prediction dashed on top of it stays visible.
+TRUTH_STYLE = {"linestyles": "solid", "alpha": 0.8}
+PREDICTION_STYLE = {"linestyles": [(0, (2.5, 1.5))]}
+
+
+def _contours(ax, labels: np.ndarray, linewidth: float, style: Mapping[str, Any], scheme: LabelScheme) -> None:
+    colours = label_colours(scheme)
+    for label in _draw_order(scheme):
+        mask = labels == label
+        # contour needs at least a 2x2 grid and a level that is crossed
+        if mask.any() and not mask.all() and min(mask.shape) >= 2:
+            ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colours[label]], linewidths=linewidth, **style)
+
+
+def _draw_slice(
+    ax, view: CaseView, index: int, scheme: LabelScheme, truth_width: float = 2.6, prediction_width: float = 1.6
+) -> None:
+    ax.imshow(
+        view.image[index].astype(np.float32),
+        cmap="gray",
+        vmin=0.0,
+        vmax=1.0,
+        origin="lower",
+        aspect=_aspect(view, index),
+        interpolation="nearest",
+    )
+    if view.truth is not None:
+        _contours(ax, view.truth[index], truth_width, TRUTH_STYLE, scheme)
+        _contours(ax, view.prediction[index], prediction_width, PREDICTION_STYLE, scheme)
+    else:
+        _contours(ax, view.prediction[index], prediction_width + 0.4, {"linestyles": "solid"}, scheme)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _legend_handles(with_truth: bool, scheme: LabelScheme) -> list[Line2D]:
+    colours, legend = label_colours(scheme), label_legend(scheme)
+    handles = [Line2D([], [], color=colours[k], lw=3, label=legend[k]) for k in sorted(colours)]
+    if with_truth:
+        handles += [
+            Line2D([], [], color="black", lw=2.6, ls="solid", alpha=0.8, label="ground truth"),
+            Line2D([], [], color="black", lw=1.6, ls=(0, (2.5, 1.5)), label="prediction"),
+        ]
+    return handles
+
+
+def _legend_columns(handles: Sequence[Line2D], most: int) -> int:
+    """Columns of a legend: ``most``, or half the entries (two rows) when its text would not fit one row."""
+    wide = sum(len(h.get_label()) for h in handles) > 100
+    return min(most, math.ceil(len(handles) / 2)) if wide else most
+
+
+def scores_text(row: Mapping[str, float], scheme: LabelScheme = _DEFAULT) -> str:
+    """``WT 0.912  TC 0.870  ET 0.801`` (the scheme's regions) from a per-case score row (missing or
+    NaN shown as nan)."""
+    return "  ".join(f"{r} {row.get(r, math.nan):.3f}" for r in scheme.regions)
+
+
+def draw_case_overlay(path: Path, view: CaseView, title: str, scheme: LabelScheme = _DEFAULT) -> None:
+    """One case: axial, coronal and sagittal slice side by side with the contours of the scheme's
+    classes and a legend.
 
     Writes a PNG of 960 x 400 pixels atomically.
     """
@@ -225,11 +164,14 @@ def draw_case_overlay(path: Path, view: CaseView, title: str) -> None:
     axes = fig.subplots(1, 3)
     z, y, x = view.centre
     for index, (ax, name, where) in enumerate(zip(axes, VIEWS, (f"z={z}", f"y={y}", f"x={x}"))):
-        _draw_slice(ax, view, index)
+        _draw_slice(ax, view, index, scheme)
         ax.set_title(f"{name} ({where})", fontsize=10)
     fig.suptitle(title, fontsize=12)
-    fig.legend(handles=_legend_handles(view.truth is not None), loc="lower center", ncol=5, fontsize=10, frameon=False)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.1, wspace=0.03)
+    handles = _legend_handles(view.truth is not None, scheme)
+    columns = _legend_columns(handles, 5)
+    fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=10, frameon=False)
+    bottom = 0.1 if columns >= len(handles) else 0.16  # room for one legend row, or two
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=bottom, wspace=0.03)
     _save(fig, path)
 
 
@@ -260,7 +202,11 @@ def pick_worst_and_best(
 
 
 def draw_summary(
-    path: Path, cases: Sequence[tuple[CaseView, Mapping[str, float]]], title: str, per_group: int = 4
+    path: Path,
+    cases: Sequence[tuple[CaseView, Mapping[str, float]]],
+    title: str,
+    per_group: int = 4,
+    scheme: LabelScheme = _DEFAULT,
 ) -> np.ndarray:
     """The worst and the best ``per_group`` cases by mean Dice in one grid of axial slices (see
     :func:`pick_worst_and_best`), each titled with its case id and scores.
@@ -269,6 +215,8 @@ def draw_summary(
         path: the PNG to write (atomically).
         cases: (view, score row) per case; rows need ``mean`` and the region keys.
         title: the figure's title.
+        per_group: cases per row.
+        scheme: the classes drawn and the regions scored.
 
     Returns:
         The picture as uint8 RGB (H, W, 3), e.g. for TensorBoard.
@@ -289,19 +237,15 @@ def draw_summary(
                 ax.axis("off")
                 continue
             view, scores = row[c]
-            _draw_slice(ax, view, 0, truth_width=2.2, prediction_width=1.4)
-            ax.set_title(f"{view.case_id}\nmean {mean_dice(scores):.3f} | {scores_text(scores)}", fontsize=7.5)
+            _draw_slice(ax, view, 0, scheme, truth_width=2.2, prediction_width=1.4)
+            ax.set_title(f"{view.case_id}\nmean {mean_dice(scores):.3f} | {scores_text(scores, scheme)}", fontsize=7.5)
             if c == 0:
                 ax.set_ylabel(group, fontsize=11)
     fig.suptitle(title, fontsize=11)
-    fig.legend(
-        handles=_legend_handles(any(v.truth is not None for v, _ in cases)),
-        loc="lower center",
-        ncol=5 if columns > 2 else 3,
-        fontsize=9,
-        frameon=False,
-    )
-    legend_height = 0.45 if columns > 2 else 0.7  # inches: one row of legend, or two
+    handles = _legend_handles(any(v.truth is not None for v, _ in cases), scheme)
+    legend_columns = _legend_columns(handles, 5 if columns > 2 else 3)
+    fig.legend(handles=handles, loc="lower center", ncol=legend_columns, fontsize=9, frameon=False)
+    legend_height = 0.2 + 0.25 * math.ceil(len(handles) / legend_columns)  # inches: 0.25 per legend row
     fig.subplots_adjust(
         left=0.04,
         right=0.99,
@@ -313,10 +257,12 @@ def draw_summary(
     return _save(fig, path)
 
 
-def overlay_title(case_id: str, scores: Mapping[str, float], epoch: int | None, batch: int | None) -> str:
-    """``BraTS_001 | epoch 25 (step 125) | Dice WT 0.912  TC 0.870  ET 0.801``."""
+def overlay_title(
+    case_id: str, scores: Mapping[str, float], epoch: int | None, batch: int | None, scheme: LabelScheme = _DEFAULT
+) -> str:
+    """``BraTS_001 | epoch 25 (step 125) | Dice WT 0.912  TC 0.870  ET 0.801`` (the scheme's regions)."""
     when = f" | epoch {epoch} (step {batch})" if epoch is not None else ""
-    return f"{case_id}{when} | Dice {scores_text(scores)}"
+    return f"{case_id}{when} | Dice {scores_text(scores, scheme)}"
 
 
 def summary_title(cases: int, epoch: int | None, batch: int | None, per_group: int = 4) -> str:
@@ -329,12 +275,6 @@ def summary_title(cases: int, epoch: int | None, batch: int | None, per_group: i
     return f"Validation{when}: {which} (axial slices)"
 
 
-def evaluator_case_view(case_id: str, image, label, prediction, meta: Mapping):
-    """The evaluator's ``case_view`` hook: the three slices through the tumour (see
-    :func:`unet_trainer.evaluation.visualize.extract_case_view`)."""
-    return extract_case_view(case_id, image, label, prediction, meta.get("spacing"))
-
-
 def write_overlays(
     folder: Path,
     views: Mapping[str, Any],
@@ -342,6 +282,7 @@ def write_overlays(
     cases: int | None,
     epoch: int | None,
     batch: int | None,
+    scheme: LabelScheme = _DEFAULT,
 ) -> np.ndarray | None:
     """One PNG per case (the first ``cases`` by id; None = all) and ``summary.png`` over every case.
 
@@ -351,6 +292,7 @@ def write_overlays(
         rows: case id -> its score row (Dice per region and ``mean``).
         cases: how many per-case PNGs (None: all).
         epoch, batch: shown in the titles (None: left out).
+        scheme: the classes drawn and the regions scored.
 
     Returns:
         The summary picture (H, W, 3) uint8, or None when there are no views.
@@ -360,12 +302,10 @@ def write_overlays(
     folder = Path(folder)
     ids = sorted(views)
     for case_id in ids[:cases] if cases is not None else ids:
-        draw_case_overlay(
-            folder / f"{case_id}.png", views[case_id], overlay_title(case_id, rows[case_id], epoch, batch)
-        )
-    return draw_summary(
-        folder / "summary.png", [(views[c], rows[c]) for c in ids], summary_title(len(ids), epoch, batch)
-    )
+        title = overlay_title(case_id, rows[case_id], epoch, batch, scheme)
+        draw_case_overlay(folder / f"{case_id}.png", views[case_id], title, scheme)
+    cases = [(views[c], rows[c]) for c in ids]
+    return draw_summary(folder / "summary.png", cases, summary_title(len(ids), epoch, batch), scheme=scheme)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,9 +362,10 @@ def _moving_average(values: Sequence[float], window: int) -> np.ndarray:
     return np.concatenate([head, np.convolve(values, kernel, mode="valid")])
 
 
-def _region_order(name: str) -> tuple[int, str]:
-    order = list(REGION_NAMES) + ["mean"]
-    return (order.index(name), name) if name in order else (len(order), name)
+def _region_order(scheme: LabelScheme) -> Callable[[str], tuple[int, str]]:
+    """Sort key of curve names: the scheme's regions in reporting order, "mean", then the rest by name."""
+    order = [*scheme.regions, "mean"]
+    return lambda name: (order.index(name), name) if name in order else (len(order), name)
 
 
 def _draw_loss(ax, train: Mapping[str, Series]) -> None:
@@ -447,18 +388,19 @@ def _draw_loss(ax, train: Mapping[str, Series]) -> None:
     ax.set(title="training loss")
 
 
-def _draw_dice(ax, dice: Mapping[str, Series]) -> None:
-    """Validation Dice: regions solid, the mean black; the labels dotted in their overlay colours."""
-    colours = {
-        "WT": "#1f63b4",
-        "TC": "#c8322d",
-        "ET": "#2a9a48",
-        "mean": "black",
-        **{LABEL_NAMES[k]: colour for k, colour in LABEL_COLOURS.items()},
-    }
-    for name in sorted(dice, key=_region_order):
+# The validation Dice of each region, in the scheme's reporting order (glioma: WT blue, TC red, ET
+# green); repeated past the end; matplotlib's own cycle beyond.
+REGION_PALETTE = ("#1f63b4", "#c8322d", "#2a9a48", "#7b3fa0", "#b07a1e", "#1e9aa0")
+
+
+def _draw_dice(ax, dice: Mapping[str, Series], scheme: LabelScheme) -> None:
+    """Validation Dice: regions solid, the mean black; the classes dotted in their overlay colours."""
+    colours = {scheme.label_names[k]: colour for k, colour in label_colours(scheme).items()}
+    colours.update({name: REGION_PALETTE[i % len(REGION_PALETTE)] for i, name in enumerate(scheme.regions)})
+    colours["mean"] = "black"
+    for name in sorted(dice, key=_region_order(scheme)):
         series = dice[name]
-        region = name in REGION_NAMES or name == "mean"
+        region = name in scheme.regions or name == "mean"
         ax.plot(
             series.steps,
             series.values,
@@ -489,10 +431,10 @@ def _draw_speed(ax, train: Mapping[str, Series]) -> None:
     ax.set(title="training samples/s")
 
 
-def _draw_group(ax, group: str, members: Mapping[str, Series]) -> None:
+def _draw_group(ax, group: str, members: Mapping[str, Series], scheme: LabelScheme) -> None:
     """One other group of evaluation metrics (HD95, lesion-wise Dice...), a curve per name."""
     values = [v for s in members.values() for v in s.values]
-    for name in sorted(members, key=_region_order):
+    for name in sorted(members, key=_region_order(scheme)):
         ax.plot(
             members[name].steps,
             members[name].values,
@@ -539,7 +481,11 @@ def _mark_best(ax, best: Mapping | None, dice: Mapping[str, Series]) -> None:
 
 
 def draw_progress(
-    path: Path, train: Mapping[str, Series], evals: Sequence[Mapping], batches_per_epoch: int | None = None
+    path: Path,
+    train: Mapping[str, Series],
+    evals: Sequence[Mapping],
+    batches_per_epoch: int | None = None,
+    scheme: LabelScheme = _DEFAULT,
 ) -> None:
     """``progress.png``: training loss, validation Dice per region, learning rate, samples/s, and one
     panel per other group of evaluation metrics (HD95, lesion-wise Dice...), against steps, with the
@@ -551,6 +497,7 @@ def draw_progress(
             ``throughput/samples_per_sec``); absent keys leave their panel empty.
         evals: the evaluation records (``epoch``, ``batch`` and metric keys).
         batches_per_epoch: draws an epoch axis on top of each panel when given.
+        scheme: which curves are regions (solid, in reporting order) and which classes (dotted).
     """
     groups = eval_metric_groups(evals)
     dice = groups.pop("dice", {})
@@ -562,11 +509,11 @@ def draw_progress(
     axes = list(fig.subplots(rows, columns, squeeze=False).ravel())
     best = best_evaluation(evals)
     _draw_loss(axes[0], train)
-    _draw_dice(axes[1], dice)
+    _draw_dice(axes[1], dice, scheme)
     _draw_learning_rate(axes[2], train)
     _draw_speed(axes[3], train)
     for ax, (group, members) in zip(axes[4:], extra):
-        _draw_group(ax, group, members)
+        _draw_group(ax, group, members, scheme)
     for ax in axes[panels:]:
         ax.axis("off")
     last_step = max(

@@ -25,6 +25,7 @@ from ..core.checkpoint import capture_rng_state
 from ..core.distributed import all_gather_objects, all_ranks_agree, barrier
 from ..core.fileio import atomic_write
 from ..core.schema import Duration, NonNegative, PositiveInt
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from ..evaluation.cases import write_cases_csv
 from ..evaluation.visualize import Series, draw_progress
 from .trainer import Callback, State, interval_due
@@ -334,12 +335,14 @@ class ProgressPlot(Callback):
 
     Args:
         run_dir: the run folder (``progress.png`` goes there, ``metrics.jsonl`` is read from there).
+        scheme: the data's label scheme (which Dice curves are regions, in its order; the builder supplies it).
     """
 
     writer_only = True
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME]):
         self.path = Path(run_dir) / "progress.png"
+        self.scheme = scheme
         self.train: dict[str, Series] = {}
 
     def fit_start(self, state: State) -> None:
@@ -367,7 +370,7 @@ class ProgressPlot(Callback):
 
     def draw(self, state: State) -> None:
         if self.train:
-            draw_progress(self.path, self.train, state.eval_history, state.batches_per_epoch)
+            draw_progress(self.path, self.train, state.eval_history, state.batches_per_epoch, self.scheme)
 
     def eval_end(self, state: State) -> None:
         self.draw(state)

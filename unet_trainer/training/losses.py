@@ -1,7 +1,7 @@
-"""Training losses: Dice + cross-entropy over labels, or Dice + BCE over BraTS regions.
+"""Training losses: Dice + cross-entropy over classes, or Dice + BCE over a label scheme's regions.
 
-Both take logits ``(B, K, *S)`` and canonical integer labels ``(B, 1, *S)`` (0 background,
-1 necrotic core, 2 oedema, 3 enhancing). With deep supervision the model returns a list of
+Both take logits ``(B, K, *S)`` and class-index labels ``(B, 1, *S)`` (0 background, then the
+scheme's classes; glioma: 1 necrotic core, 2 oedema, 3 enhancing). With deep supervision the model returns a list of
 logits at decreasing resolutions; :class:`DeepSupervisionLoss` matches the target to each and
 sums the losses with the model's normalised weights.
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.schema import NonNegative
-from ..data.schemes import REGION_NAMES, REGIONS
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 
 # Dice smoothing as in MONAI's defaults (smooth_nr = smooth_dr = 1e-5), so the values agree.
 SMOOTH = 1e-5
@@ -30,7 +30,7 @@ class OutputMode(enum.Enum):
     """What a model's output channels mean, as its loss declares it (the value names it in messages).
 
     ``CLASSES``: one channel per label, softmax over them, the label is the argmax.
-    ``REGIONS``: one channel per region (the loss's ``regions``, in :data:`REGION_NAMES` order),
+    ``REGIONS``: one channel per trained region of the scheme (the loss's ``regions``, in order),
     each a sigmoid; the label is built from the regions that are on.
     """
 
@@ -38,10 +38,14 @@ class OutputMode(enum.Enum):
     REGIONS = "sigmoid regions"
 
 
-def labels_to_regions(labels: torch.Tensor) -> torch.Tensor:
-    """Canonical labels (B, 1, *S) -> float region masks (B, 3, *S) in REGION_NAMES order (WT, TC, ET)."""
+def labels_to_regions(
+    labels: torch.Tensor, region_classes: Sequence[Sequence[int]] = SCHEMES[DEFAULT_SCHEME].trained_region_classes()
+) -> torch.Tensor:
+    """Class-index labels (B, 1, *S) -> float region masks (B, R, *S), one per entry of
+    ``region_classes`` (each region's class indices, in output-channel order: a scheme's
+    :meth:`~unet_trainer.data.schemes.LabelScheme.trained_region_classes`; glioma WT, TC, ET)."""
     return torch.cat(
-        [torch.isin(labels, torch.tensor(REGIONS[name], device=labels.device)) for name in REGION_NAMES], dim=1
+        [torch.isin(labels, torch.tensor(members, device=labels.device)) for members in region_classes], dim=1
     ).float()
 
 
@@ -78,31 +82,44 @@ class DiceCELoss(nn.Module):
 
 
 class RegionDiceBCELoss(nn.Module):
-    """nnU-Net's BraTS region mode: sigmoid outputs for WT, TC, ET; batch Dice + binary cross-entropy.
+    """nnU-Net's region mode: one sigmoid output per trained region of the label scheme (glioma: WT,
+    TC, ET); batch Dice + binary cross-entropy.
 
-    The model must have 3 outputs, in REGION_NAMES order.
+    Args:
+        dice_weight, bce_weight: the two terms' weights.
+        scheme: the label scheme whose ``trained_regions`` the model predicts, in order (the
+            builder supplies the data's).
     """
 
     output_mode: ClassVar[OutputMode] = OutputMode.REGIONS
-    regions: ClassVar[tuple[str, ...]] = REGION_NAMES
+    #: The default scheme's trained regions; an instance's ``regions`` are its own scheme's.
+    regions: ClassVar[tuple[str, ...]] = SCHEMES[DEFAULT_SCHEME].trained_regions
 
-    def __init__(self, dice_weight: NonNegative = 1.0, bce_weight: NonNegative = 1.0):
+    def __init__(
+        self,
+        dice_weight: NonNegative = 1.0,
+        bce_weight: NonNegative = 1.0,
+        scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME],
+    ):
         super().__init__()
         self.dice_weight, self.bce_weight = dice_weight, bce_weight
+        self.scheme = scheme
+        self.regions = scheme.trained_regions  # the regions the output channels predict, in order
+        self._region_classes = scheme.trained_region_classes()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """logits (B, 3, *S); target (B, 1, *S) canonical labels -> scalar loss.
+        """logits (B, R, *S), R the scheme's trained regions; target (B, 1, *S) class indices -> scalar loss.
 
         Raises:
-            ValueError: the model does not have 3 outputs.
+            ValueError: the model does not have one output per trained region (the message names them).
         """
-        if logits.shape[1] != len(REGION_NAMES):
+        if logits.shape[1] != len(self.regions):
             raise ValueError(
-                f"region loss needs {len(REGION_NAMES)} outputs (WT, TC, ET), got {logits.shape[1]}; "
-                "set model.num_classes=3"
+                f"region loss needs {len(self.regions)} outputs ({', '.join(self.regions)}, the trained regions "
+                f"of scheme {self.scheme.name}), got {logits.shape[1]}; set model.num_classes={len(self.regions)}"
             )
         logits = logits.float()
-        regions = labels_to_regions(target)
+        regions = labels_to_regions(target, self._region_classes)
         bce = F.binary_cross_entropy_with_logits(logits, regions)
         return self.dice_weight * _batch_dice_loss(torch.sigmoid(logits), regions) + self.bce_weight * bce
 

@@ -12,7 +12,9 @@ from typing import Annotated, Literal
 import numpy as np
 
 from ..core.schema import PositiveInt, Setting
-from ..evaluation.visualize import evaluator_case_view, write_overlays
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
+from ..evaluation.case_views import evaluator_case_view
+from ..evaluation.visualize import write_overlays
 from .trainer import Callback, State
 
 
@@ -25,7 +27,8 @@ class OverlayWriter(Callback):
     that are due (each rank cuts the slices of the cases it scored; the evaluator gathers them),
     and rank 0 (``is_writer``) draws; ``seconds`` is the last drawing's wall time. Keeps the latest
     summary picture in ``summary`` (with ``summary_batch``) for loggers that run after it.
-    Built only when the run evaluates.
+    Built only when the run evaluates. ``scheme``: the data's label scheme (the classes drawn,
+    the regions in the titles; the builder supplies it).
     """
 
     needs_evaluator = True
@@ -37,11 +40,13 @@ class OverlayWriter(Callback):
         cases: Annotated[int | Literal["all"], Setting(kind="int_or_all")] = 16,
         every: PositiveInt = 1,
         is_writer: bool = True,
+        scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME],
     ):
         self.folder = Path(run_dir) / "overlays"
         self.evaluator = evaluator
         self.cases = None if cases == "all" else cases  # None: every case
         self.every, self.is_writer = every, is_writer
+        self.scheme = scheme
         self.summary: np.ndarray | None = None
         self.summary_batch: int | None = None
         self.seconds: float | None = None
@@ -59,7 +64,8 @@ class OverlayWriter(Callback):
             return
         started = time.perf_counter()
         rows = {row["case_id"]: row for row in self.evaluator.last_per_case}
-        summary = write_overlays(self.folder, views, rows, self.cases, state.timestamp.epoch, state.timestamp.batch)
+        when = state.timestamp
+        summary = write_overlays(self.folder, views, rows, self.cases, when.epoch, when.batch, self.scheme)
         if summary is not None:
             self.summary, self.summary_batch = summary, state.timestamp.batch
             # Not in the evaluation record: that must stay the same on every rank.
