@@ -24,6 +24,7 @@ from unet_trainer.config.components import describe_model, output_mode
 from unet_trainer.config.config import resolve_config
 from unet_trainer.config.engine import ConfigError
 from unet_trainer.data.prepare import PrepareSettings
+from unet_trainer.data.schemes import SCHEMES
 from unet_trainer.evaluation.postprocessing import MetricSettings
 from unet_trainer.training.losses import OutputMode
 
@@ -56,19 +57,40 @@ def test_the_model_conventions_are_the_values_an_ensemble_compared(cfg):
 def test_the_eval_settings_carry_the_eval_section(cfg):
     settings = build_eval_settings(cfg)
     ev = cfg["eval"]
-    assert (settings.empty_policy, settings.lesion_dilation, settings.lesion_min_volume, settings.lesion_wise) == (
+    # Lesion settings the config leaves unset are the label scheme's (the phantom's: BraTS 2021, 3 and 50 mm3).
+    assert ev["lesion_dilation"] is None and ev["lesion_min_volume"] is None
+    lesion = settings.lesion
+    assert (settings.empty_policy, lesion.dilation_iterations, lesion.min_lesion_volume, settings.lesion_wise) == (
         ev["empty_policy"],
-        ev["lesion_dilation"],
-        ev["lesion_min_volume"],
+        3,
+        50.0,
         True,
     )
+    assert settings.scheme is SCHEMES["brats2021"]
     # The overrides unet-cv scores its folds with: every eval key, the device and the precision.
     expected = [f"eval.{k}={json.dumps(v)}" for k, v in ev.items()]
     expected += [f"device={json.dumps(cfg['device'])}", f"precision={json.dumps(cfg['precision'])}"]
     assert list(settings.overrides) == expected
-    assert settings.metric_settings("lesion_dice") == MetricSettings(
-        "lesion_dice", ev["lesion_dilation"], ev["lesion_min_volume"], ev["empty_policy"]
-    )
+    assert settings.metric_settings("lesion_dice") == MetricSettings("lesion_dice", 3, 50.0, ev["empty_policy"])
+
+
+@pytest.mark.parametrize(
+    "scheme, overrides, expected",
+    [
+        ("brats2023-met", [], (1, 2.0, {}, "brats2023")),
+        ("brats2024-gli", [], (3, 20.0, {"ET": 10.0, "RC": 10.0}, "brats2023")),
+        ("brats2024-gli", ["eval.lesion_min_volume=7", "eval.lesion_dilation=0"], (0, 7.0, {}, "brats2023")),
+    ],
+)
+def test_lesion_settings_follow_the_scheme_unless_set(scheme, overrides, expected):
+    cfg = resolve_config(DEMO, [f"data.scheme={scheme}", *overrides])
+    lesion = build_eval_settings(cfg).lesion
+    assert (
+        lesion.dilation_iterations,
+        lesion.min_lesion_volume,
+        dict(lesion.region_min_volume),
+        lesion.definition,
+    ) == (expected)
 
 
 def test_the_split_settings_name_the_validation_cases_as_before(cfg):

@@ -25,6 +25,7 @@ from unet_trainer.config.components import describe_model, output_mode
 from unet_trainer.config.config import CALLBACKS, SCHEDULERS, resolve_config
 from unet_trainer.config.engine import ConfigError
 from unet_trainer.core.schema import F, FieldError, NonNegative, PositiveInt, Setting, fields_of
+from unet_trainer.data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from unet_trainer.training import callbacks as cb
 from unet_trainer.training import reporting
 from unet_trainer.training.augment import AUGMENTATIONS
@@ -222,23 +223,22 @@ def test_a_logger_destination_added_with_one_registry_line_is_checked_and_built(
 
 
 class ToyRegionLoss(nn.Module):
-    """A toy region loss: binary cross-entropy over WT and TC only."""
+    """A toy region loss: binary cross-entropy over the label scheme's trained regions."""
 
     output_mode = OutputMode.REGIONS
-    regions = ("WT", "TC")
 
-    def __init__(self, weight: NonNegative = 1.0):
+    def __init__(self, weight: NonNegative = 1.0, scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME]):
         super().__init__()
-        self.weight = weight
+        self.weight, self.scheme = weight, scheme
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        regions = labels_to_regions(target)[:, :2]
+        regions = labels_to_regions(target, self.scheme.trained_region_classes())
         return self.weight * nn.functional.binary_cross_entropy_with_logits(logits.float(), regions)
 
 
 def test_a_region_loss_added_with_one_registry_line_makes_everything_read_regions(monkeypatch, tmp_path):
     monkeypatch.setitem(components.LOSSES, "toy_regions", ToyRegionLoss)  # its one line
-    cfg = resolve_config(DEMO, ["loss={toy_regions: {weight: 0.5}}", "model.unet.num_classes=2"])
+    cfg = resolve_config(DEMO, ["loss={toy_regions: {weight: 0.5}}", "model.unet.num_classes=3"])
     classes = resolve_config(DEMO, [])
     assert output_mode(cfg["loss"]) is OutputMode.REGIONS and output_mode(classes["loss"]) is OutputMode.CLASSES
     # The evaluator (training's and unet-eval's), and what an ensemble's models must agree on.
@@ -246,13 +246,17 @@ def test_a_region_loss_added_with_one_registry_line_makes_everything_read_region
     assert evaluator.region_mode and not build_evaluator(classes, tmp_path, [], torch.device("cpu")).region_mode
     region_mode = dict(CONVENTION_KEYS)["region mode (loss)"]
     assert (region_mode(cfg), region_mode(classes)) == ("sigmoid regions", "softmax classes")
-    # The loss's declared regions, not its name, set the outputs the model needs.
+    # The loss's output mode, not its name, makes the model need one output per trained region of the
+    # label scheme, which the builder supplies.
     model = describe_model(cfg["model"])
-    assert build_loss(cfg, model).loss.weight == 0.5
+    built = build_loss(cfg, model).loss
+    assert built.weight == 0.5 and built.scheme is SCHEMES["brats2021"]
     wrong = resolve_config(DEMO, ["loss={toy_regions: {}}"])
     with pytest.raises(ConfigError) as err:
         build_loss(wrong, describe_model(wrong["model"]))
-    assert str(err.value) == "loss toy_regions predicts WT and TC: set model.unet.num_classes=2"
+    assert str(err.value) == "loss toy_regions predicts WT, TC and ET: set model.unet.num_classes=3"
+    post = resolve_config(DEMO, ["loss={toy_regions: {}}", "data.scheme=brats2024-gli", "model.unet.num_classes=4"])
+    assert build_loss(post, describe_model(post["model"])).loss.scheme is SCHEMES["brats2024-gli"]
 
 
 def test_the_built_in_losses_declare_their_modes_and_the_region_check_keeps_its_message():

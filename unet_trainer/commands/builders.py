@@ -23,6 +23,7 @@ from ..config.components import describe_model
 from ..config.engine import ConfigError
 from ..core.checkpoints import CheckpointManager
 from ..core.schema import Duration, Field
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from ..evaluation import postprocessing as pp
 from ..evaluation.case_metrics import CaseMetric, UnknownMetric, make_metrics, metric_names
 from ..evaluation.evaluation import DiceEvaluator
@@ -118,15 +119,38 @@ def build_loss(cfg: dict, model: SegmentationModel) -> DeepSupervisionLoss:
             output per region.
     """
     ((name, settings),) = cfg["loss"].items()
-    loss = components.LOSSES[name]
-    if components.output_mode(cfg["loss"]) is OutputMode.REGIONS and model.num_classes != len(loss.regions):
+    scheme = build_scheme(cfg)
+    regions = scheme.trained_regions
+    if components.output_mode(cfg["loss"]) is OutputMode.REGIONS and model.num_classes != len(regions):
         ((model_name, _),) = cfg["model"].items()
-        *first, last = loss.regions
+        *first, last = regions
         raise ConfigError(
-            f"loss {name} predicts {', '.join(first)} and {last}: set model.{model_name}.num_classes={len(loss.regions)}"
+            f"loss {name} predicts {', '.join(first)} and {last}: set model.{model_name}.num_classes={len(regions)}"
         )
     weights = model.deep_supervision_weights() if model.deep_supervision_heads else None
-    return DeepSupervisionLoss(components.build(loss, settings), weights)
+    return DeepSupervisionLoss(components.build(components.LOSSES[name], settings, {"scheme": scheme}), weights)
+
+
+def build_scheme(cfg: dict) -> LabelScheme:
+    """The label scheme a resolved config names (``data.scheme``). "auto" (a config never given
+    data, or an old checkpoint's) is the default scheme, the BraTS glioma classes."""
+    name = cfg["data"]["scheme"]
+    return SCHEMES[DEFAULT_SCHEME if name == "auto" else name]
+
+
+def build_lesion_settings(cfg: dict) -> LesionSettings:
+    """The lesion-wise scoring of a config: the ``eval.lesion_*`` values it sets, the rest its label
+    scheme's (each BraTS sub-challenge's own dilation, size thresholds and definition)."""
+    ev, lesion = cfg["eval"], build_scheme(cfg).lesion
+    own_threshold = ev["lesion_min_volume"] is not None
+    return LesionSettings(
+        lesion.dilation if ev["lesion_dilation"] is None else ev["lesion_dilation"],
+        ev["lesion_min_volume"] if own_threshold else lesion.min_volume,
+        ev["lesion_hd95_penalty"],
+        ev["lesion_backend"],
+        ev["lesion_definition"] or lesion.definition,
+        {} if own_threshold else dict(lesion.region_min_volume),
+    )
 
 
 def build_transforms(cfg: dict) -> dict[str, BatchTransform]:
@@ -191,7 +215,13 @@ def build_callbacks(
             command); checked on every rank, so that all of them stop.
     """
     destinations = build_logger_destinations(cfg, run_dir)
-    supplied = {"run_dir": run_dir, "evaluator": evaluator, "is_writer": is_main, "config": cfg}
+    supplied = {
+        "run_dir": run_dir,
+        "evaluator": evaluator,
+        "is_writer": is_main,
+        "config": cfg,
+        "scheme": build_scheme(cfg),
+    }
     callbacks: list[cb.Callback] = []
     for name, settings in cfg["callbacks"].items():
         callback = components.CALLBACKS.get(name)
@@ -241,16 +271,9 @@ def build_metrics(cfg: dict) -> list[CaseMetric]:
         ConfigError: a name that is not a metric (naming ``eval.metrics`` and the metrics).
     """
     ev = cfg["eval"]
-    lesion = LesionSettings(
-        ev["lesion_dilation"],
-        ev["lesion_min_volume"],
-        ev["lesion_hd95_penalty"],
-        ev["lesion_backend"],
-        ev["lesion_definition"],
-    )
     names = metric_names(ev["metrics"], hd95=ev["hd95"], lesion_wise=ev["lesion_wise"])
     try:
-        return make_metrics(names, {**ev, "lesion": lesion})
+        return make_metrics(names, {**ev, "lesion": build_lesion_settings(cfg), "scheme": build_scheme(cfg)})
     except UnknownMetric as exc:
         raise ConfigError(f"eval.metrics: {exc}") from None
 
@@ -288,6 +311,7 @@ def build_evaluator(
         build_sliding_window(cfg),
         build_metrics(cfg),
         region_mode=components.output_mode(cfg["loss"]) is OutputMode.REGIONS,
+        scheme=build_scheme(cfg),
         device=device,
         rank=rank,
         world_size=world_size,
@@ -375,21 +399,30 @@ class EvalSettings:
 
     Attributes:
         empty_policy: the plain Dice's empty-ground-truth policy (``eval.empty_policy``).
-        lesion_dilation, lesion_min_volume: the lesion-wise settings (``eval.lesion_*``; mm³).
+        lesion: the lesion-wise settings (``eval.lesion_*``, else the label scheme's; mm³).
         lesion_wise: ``eval.lesion_wise``.
         overrides: the overrides that score a checkpoint with these settings: every ``eval`` key,
             ``device`` and ``precision``, as ``key=value``.
+        scheme: the label scheme scored.
     """
 
     empty_policy: str
-    lesion_dilation: int
-    lesion_min_volume: float
+    lesion: LesionSettings
     lesion_wise: bool
     overrides: tuple[str, ...]
+    scheme: LabelScheme
 
     def metric_settings(self, metric: str) -> pp.MetricSettings:
         """How postprocessing scores a case with ``metric`` under these settings."""
-        return pp.MetricSettings(metric, self.lesion_dilation, self.lesion_min_volume, self.empty_policy)
+        lesion = self.lesion
+        return pp.MetricSettings(
+            metric,
+            lesion.dilation_iterations,
+            lesion.min_lesion_volume,
+            self.empty_policy,
+            self.scheme,
+            lesion.region_min_volume,
+        )
 
 
 def build_eval_settings(cfg: dict) -> EvalSettings:
@@ -397,7 +430,7 @@ def build_eval_settings(cfg: dict) -> EvalSettings:
     overrides = [_override(f"eval.{k}", v) for k, v in ev.items()]
     overrides += [_override("device", cfg["device"]), _override("precision", cfg["precision"])]
     return EvalSettings(
-        ev["empty_policy"], ev["lesion_dilation"], ev["lesion_min_volume"], ev["lesion_wise"], tuple(overrides)
+        ev["empty_policy"], build_lesion_settings(cfg), ev["lesion_wise"], tuple(overrides), build_scheme(cfg)
     )
 
 

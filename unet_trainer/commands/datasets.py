@@ -17,7 +17,7 @@ from ..core.guard import check_outputs
 from ..data.layouts import CONVENTION_SCHEME, FORMAT_LABEL_CONVENTION, DataFormatError, list_cases, open_dataset
 from ..data.phantom import write_phantom_dataset
 from ..data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current
-from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
+from ..data.schemes import SCHEMES, LabelScheme
 from ..data.split import kfold_split, load_split_file
 from ..training.losses import OutputMode
 
@@ -135,13 +135,6 @@ def with_dataset(cfg: dict, dataset: Path, fmt: str) -> dict:
     return {**cfg, "data": {**cfg["data"], **other}}
 
 
-def build_scheme(cfg: dict) -> LabelScheme:
-    """The label scheme a resolved config names (``data.scheme``); "auto" in a config that was never
-    given data (an old checkpoint's) is the default scheme, the BraTS glioma classes."""
-    name = cfg["data"]["scheme"]
-    return SCHEMES[DEFAULT_SCHEME if name == "auto" else name]
-
-
 def prepared_scheme(cfg: dict, index: dict) -> LabelScheme:
     """The label scheme of a prepared dataset (its ``prepare.json`` record ``index``); a record from
     before schemes were recorded holds its layout's scheme.
@@ -174,15 +167,15 @@ def with_scheme(cfg: dict, scheme: LabelScheme) -> tuple[dict, list[str]]:
     return {**cfg, "data": {**cfg["data"], "scheme": scheme.name}, "model": model}, notes
 
 
-def scored_scheme(cfg: dict, index: dict, model_cfg: dict) -> dict:
+def scored_scheme(cfg: dict, index: dict, model: LabelScheme) -> dict:
     """``cfg`` naming the label scheme of the prepared data it scores (its ``index``), which must be
-    compatible with the scheme the model was trained on (``model_cfg``'s); the data's scheme decides
-    the lesion-wise scoring.
+    compatible with ``model``, the scheme the model was trained on; the data's scheme decides the
+    lesion-wise scoring.
 
     Raises:
         DataFormatError: the data's classes or channels are not the model's.
     """
-    data, model = prepared_scheme(cfg, index), build_scheme(model_cfg)
+    data = prepared_scheme(cfg, index)
     if not data.compatible_with(model):
         raise DataFormatError(
             f"{index['source']}: holds label scheme {data.name} ({', '.join(data.classes)}); the model was trained "

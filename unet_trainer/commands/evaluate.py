@@ -35,7 +35,7 @@ from ..evaluation.evaluation import write_cases_csv
 from ..evaluation.inference import speed_up_inference
 from ..evaluation.metrics import mean_scores
 from ..evaluation.visualize import evaluator_case_view, write_overlays
-from .builders import build_eval_settings, build_evaluator, build_scoring, build_split_settings
+from .builders import build_eval_settings, build_evaluator, build_scheme, build_scoring, build_split_settings
 from .datasets import (
     build_prepare_settings,
     build_split,
@@ -189,7 +189,7 @@ def evaluate_model(
     )
     speed_up_inference(loaded.device)
     prepared, index = ensure_prepared(cfg, DistInfo(), progress=progress)
-    cfg = scored_scheme(cfg, index, loaded.cfg)
+    cfg = scored_scheme(cfg, index, build_scheme(loaded.cfg))
     case_ids, source = _scored_cases(cfg, list(index["cases"]), dataset)
     evaluator = build_evaluator(cfg, prepared, case_ids, loaded.device, progress=progress)
     evaluator.case_view = evaluator_case_view if overlays else None

@@ -40,11 +40,8 @@ from ..data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
 from ..data.schemes import SCHEMES
 from ..evaluation.case_metrics import DEFAULT_METRICS, METRICS
 from ..evaluation.lesion_metrics import (
-    DEFAULT_DILATION_ITERATIONS,
     DEFAULT_HD95_PENALTY,
     DEFAULT_LESION_BACKEND,
-    DEFAULT_LESION_DEFINITION,
-    DEFAULT_MIN_LESION_VOLUME,
     LESION_BACKENDS,
     LESION_DEFINITIONS,
 )
@@ -192,15 +189,15 @@ SCHEMA: dict[str, Any] = {
         # 95th-percentile Hausdorff distance per region, as eval.lesion_definition computes it
         # (slower; off by default).
         "hd95": F("bool", False),
-        # BraTS 2023 lesion-wise Dice and HD95 per region (lesion_dice/WT ..., lesion_hd95/WT ...);
-        # the dilation and size threshold differ per sub-challenge
-        # (evaluation.lesion_metrics.BRATS2023_LESION_PARAMETERS).
+        # Lesion-wise Dice and HD95 per region of the label scheme (lesion_dice/WT ..., lesion_hd95/WT ...).
         "lesion_wise": F("bool", False),
-        # The challenge's metric definition (lesion-wise and plain HD95), by name.
-        "lesion_definition": F("str", DEFAULT_LESION_DEFINITION, choices=tuple(LESION_DEFINITIONS)),
-        "lesion_dilation": F("int", DEFAULT_DILATION_ITERATIONS, minimum=0),
+        # The challenge's metric definition (lesion-wise and plain HD95), its dilation and its size
+        # threshold: null takes the data's label scheme's (each BraTS sub-challenge has its own,
+        # data/schemes.py); a value overrides it.
+        "lesion_definition": F("str", None, nullable=True, choices=tuple(LESION_DEFINITIONS)),
+        "lesion_dilation": F("int", None, nullable=True, minimum=0),
         # Truth lesions of this volume in mm³ or less are dropped (eval.lesion_min_voxels before).
-        "lesion_min_volume": F("float", DEFAULT_MIN_LESION_VOLUME, minimum=0.0),
+        "lesion_min_volume": F("float", None, nullable=True, minimum=0.0),
         "lesion_hd95_penalty": F("float", DEFAULT_HD95_PENALTY, minimum=0.0),
         # Where components and distances are computed: auto = torch on a GPU (no copy to the host),
         # SciPy on the CPU (faster there); every backend gives the same scores.

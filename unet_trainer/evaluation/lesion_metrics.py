@@ -42,8 +42,8 @@ same components, the same dilations and the same distances (tests/test_lesion_me
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -229,6 +229,7 @@ class LesionSettings:
         hd95_penalty: the HD95 of a missed lesion or a false positive, in mm.
         backend: "scipy", "torch" or "auto" (:func:`resolve_backend`).
         definition: a key of :data:`LESION_DEFINITIONS`.
+        region_min_volume: the regions whose threshold is not ``min_lesion_volume``, with theirs (mm³).
     """
 
     dilation_iterations: int = DEFAULT_DILATION_ITERATIONS
@@ -236,6 +237,7 @@ class LesionSettings:
     hd95_penalty: float = DEFAULT_HD95_PENALTY
     backend: str = DEFAULT_LESION_BACKEND
     definition: str = DEFAULT_LESION_DEFINITION
+    region_min_volume: Mapping[str, float] = field(default_factory=dict)
 
 
 def resolve_backend(backend: str, *arrays) -> str:
@@ -406,6 +408,7 @@ def case_lesion_scores(
     distances: bool = True,
     definition: str = DEFAULT_LESION_DEFINITION,
     scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME],
+    region_min_volume: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Lesion-wise Dice and HD95 of each region of ``scheme`` for one case.
 
@@ -416,6 +419,7 @@ def case_lesion_scores(
         spacing, dilation_iterations, min_lesion_volume, hd95_penalty, backend, distances, definition: see
             :func:`region_lesion_scores`.
         scheme: whose regions are scored, in its reporting order.
+        region_min_volume: regions with their own size threshold (mm³) instead of ``min_lesion_volume``.
 
     Returns:
         {"lesion_dice/<region>" for each region, then "lesion_hd95/<region>"} (glioma: WT, TC, ET):
@@ -438,7 +442,7 @@ def case_lesion_scores(
             ops.isin(truth, members),
             spacing,
             dilation_iterations,
-            min_lesion_volume,
+            (region_min_volume or {}).get(name, min_lesion_volume),
             hd95_penalty,
             ops.name,
             distances,

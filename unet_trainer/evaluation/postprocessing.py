@@ -249,6 +249,7 @@ class MetricSettings:
     lesion_min_volume: float = DEFAULT_MIN_LESION_VOLUME
     empty_policy: str = "one_if_both_empty"
     scheme: LabelScheme = _DEFAULT
+    lesion_region_min_volume: Mapping[str, float] = field(default_factory=dict)  # regions with their own threshold
 
     def score(self, prediction: np.ndarray, truth: np.ndarray) -> float:
         """The case's score (higher is better; NaN only for plain Dice with ``ignore`` and no
@@ -268,6 +269,7 @@ class MetricSettings:
             backend="scipy",
             distances=False,  # the Dice alone decides: skip the surface distances
             scheme=self.scheme,
+            region_min_volume=self.lesion_region_min_volume,
         )
         return sum(scores[f"lesion_dice/{r}"] for r in self.scheme.regions) / len(self.scheme.regions)
 

@@ -92,8 +92,6 @@ class RegionDiceBCELoss(nn.Module):
     """
 
     output_mode: ClassVar[OutputMode] = OutputMode.REGIONS
-    #: The default scheme's trained regions; an instance's ``regions`` are its own scheme's.
-    regions: ClassVar[tuple[str, ...]] = SCHEMES[DEFAULT_SCHEME].trained_regions
 
     def __init__(
         self,
