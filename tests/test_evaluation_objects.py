@@ -15,6 +15,7 @@ from unet_trainer.commands.builders import build_evaluator, build_metrics, build
 from unet_trainer.commands.datasets import ensure_prepared
 from unet_trainer.config.config import ConfigError, defaults
 from unet_trainer.core.distributed import DistInfo
+from unet_trainer.data.schemes import SCHEMES
 from unet_trainer.evaluation import case_metrics
 from unet_trainer.evaluation.case_metrics import (
     HD95,
@@ -111,7 +112,7 @@ def test_a_registered_toy_metric_is_a_column_of_the_evaluator(prepared, monkeypa
     # unet-eval's table prints the new group as a column of its own, the name as a row.
     means = mean_scores([{k: v for k, v in r.items() if k != "case_id"} for r in evaluator.last_per_case])
     counts = {k: 2 for k in means}
-    header, *table = _eval_table(means, counts, "brats2023")
+    header, *table = _eval_table(means, counts, "brats2023", SCHEMES["brats2021"])
     assert header.split() == ["Dice", "cases", "voxels", "cases"]
     assert table[-1].split()[0] == "tumour" and table[-1].split()[-2] == f"{means['voxels/tumour']:.4f}"
 

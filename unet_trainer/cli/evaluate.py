@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ..config.config import ConfigError
 from ..core.checkpoint import CheckpointError
-from ..data.layouts import LABEL_CONVENTIONS, DataFormatError
-from ..data.schemes import LABEL_NAMES
-from ..evaluation.case_metrics import table_column, table_notes
+from ..data.layouts import CONVENTION_SCHEME, LABEL_CONVENTIONS, DataFormatError
+from ..data.schemes import SCHEMES, LabelScheme
+from ..evaluation.case_metrics import table_column, table_notes, table_rows
 from ..evaluation.postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
 from .parsing import FORMAT_LIST, command_arguments, command_parser, format_flag, parse_command_line
@@ -68,13 +68,14 @@ _EMPTY_POLICY_TEXT = {
 }
 
 
-def _native_label_values(convention: str) -> dict[str, str]:
-    """{label name: its value in the input's own convention}, e.g. EN: "4" for BraTS 2021 and "3"
-    for BraTS 2023 and MSD; for cases of mixed conventions, every value ("4 / 3")."""
-    conventions = [convention] if convention in LABEL_CONVENTIONS else list(LABEL_CONVENTIONS)
+def _native_label_values(convention: str, scheme: LabelScheme) -> dict[str, str]:
+    """{class name: its value in the input's own convention}, e.g. EN: "4" for BraTS 2021 and "3"
+    for BraTS 2023 and MSD; for cases of mixed conventions, every value of the scheme's family ("4 / 3")."""
+    family = [c for c, name in CONVENTION_SCHEME.items() if SCHEMES[name].compatible_with(scheme)]
+    conventions = [convention] if convention in LABEL_CONVENTIONS else family
     values = {}
-    for canonical, name in LABEL_NAMES.items():
-        natives = [str(n) for c in conventions for n, k in LABEL_CONVENTIONS[c].items() if k == canonical]
+    for index, name in scheme.label_names.items():
+        natives = [str(n) for c in conventions for n, k in LABEL_CONVENTIONS[c].items() if k == index]
         values[name] = " / ".join(dict.fromkeys(natives))
     return values
 
@@ -83,13 +84,14 @@ def _number(value: float | None, digits: int) -> str:
     return "-" if value is None else ("nan" if math.isnan(value) else f"{value:.{digits}f}")
 
 
-def _eval_table(means: dict, counts: dict, label_convention: str) -> list[str]:
-    """The ``unet-eval`` table: a row per region, the mean and each label (then any other name
-    the metrics returned), a column per key group the metrics returned (``case_metrics.table_column``)."""
+def _eval_table(means: dict, counts: dict, label_convention: str, scheme: LabelScheme) -> list[str]:
+    """The ``unet-eval`` table: a row per region of the label scheme, the mean and each class that is
+    no region of its own, with its value in the input's files (then any other name the metrics
+    returned), a column per key group the metrics returned (``case_metrics.table_column``)."""
     columns = [table_column(group) for group in dict.fromkeys(k.rpartition("/")[0] for k in means)]
     header = f"{'':<10}" + "".join(f"{c.title:>{c.width}}" + (f"{'cases':>7}" if c.counts else "") for c in columns)
-    titles = [("WT", "WT"), ("TC", "TC"), ("ET", "ET"), ("mean", "mean")]
-    titles += [(name, f"{name} ({value})") for name, value in _native_label_values(label_convention).items()]
+    values = _native_label_values(label_convention, scheme)
+    titles = [(key, f"{key} ({values[key]})" if key in values else key) for key in table_rows(scheme)]
     known = {key for key, _ in titles}
     titles += [(name, name) for name in dict.fromkeys(k.rpartition("/")[2] for k in means) if name not in known]
     lines = [header]
@@ -114,7 +116,7 @@ def format_report(report) -> str:
         f"Empty ground truth ({report.empty_policy}): {_EMPTY_POLICY_TEXT[report.empty_policy]}",
     ]
     lines += table_notes(list(dict.fromkeys(k.rpartition("/")[0] for k in report.means)))
-    lines += ["", *_eval_table(report.means, report.counts, report.label_convention)]
+    lines += ["", *_eval_table(report.means, report.counts, report.label_convention, SCHEMES[report.scheme])]
     lines += ["", f"Per-case scores: {report.csv_path}"]
     if report.overlays is not None:
         lines.append(f"Overlays:        {report.overlays}")

@@ -167,6 +167,16 @@ def with_scheme(cfg: dict, scheme: LabelScheme) -> tuple[dict, list[str]]:
     return {**cfg, "data": {**cfg["data"], "scheme": scheme.name}, "model": model}, notes
 
 
+def requested_scheme(cfg: dict) -> str:
+    """``data.scheme``: a scheme name, or "auto"."""
+    return cfg["data"]["scheme"]
+
+
+def named_scheme(cfg: dict, name: str) -> dict:
+    """A copy of ``cfg`` whose ``data.scheme`` is ``name``."""
+    return {**cfg, "data": {**cfg["data"], "scheme": name}}
+
+
 def scored_scheme(cfg: dict, index: dict, model: LabelScheme) -> dict:
     """``cfg`` naming the label scheme of the prepared data it scores (its ``index``), which must be
     compatible with ``model``, the scheme the model was trained on; the data's scheme decides the
@@ -181,4 +191,4 @@ def scored_scheme(cfg: dict, index: dict, model: LabelScheme) -> dict:
             f"{index['source']}: holds label scheme {data.name} ({', '.join(data.classes)}); the model was trained "
             f"on {model.name} ({', '.join(model.classes)}), whose channels or classes differ"
         )
-    return {**cfg, "data": {**cfg["data"], "scheme": data.name}}
+    return named_scheme(cfg, data.name)

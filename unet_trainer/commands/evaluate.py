@@ -27,9 +27,10 @@ from tqdm import tqdm
 from ..core.checkpoints import checkpoint_run_folder
 from ..core.distributed import DistInfo
 from ..core.guard import check_outputs
-from ..data.layouts import DataFormatError, list_cases, read_case
+from ..data.layouts import DataFormatError, dataset_scheme, open_dataset
 from ..data.layouts.files import PROBABILITIES_SUFFIX, is_hidden, read_prediction_of, strip_nifti_extension
 from ..data.loader import PreparedCase
+from ..data.schemes import DEFAULT_SCHEME
 from ..evaluation import postprocessing as pp
 from ..evaluation.evaluation import write_cases_csv
 from ..evaluation.inference import speed_up_inference
@@ -41,6 +42,8 @@ from .datasets import (
     build_split,
     data_input_folders,
     ensure_prepared,
+    named_scheme,
+    requested_scheme,
     scored_scheme,
     with_dataset,
 )
@@ -76,6 +79,7 @@ class EvalReport:
         label_convention: the scored cases' own label convention (a key of ``LABEL_CONVENTIONS``;
             "mixed" when they differ), so labels can be named by the values the user's files hold.
         predictions: the folder of predictions that was scored (None for a model).
+        scheme: the label scheme scored (a key of ``data.schemes.SCHEMES``).
     """
 
     means: dict[str, float]
@@ -88,6 +92,7 @@ class EvalReport:
     overlays: Path | None = None
     label_convention: str = "mixed"
     predictions: Path | None = None
+    scheme: str = DEFAULT_SCHEME
 
 
 def default_eval_csv(checkpoint: Path, tag: str) -> Path:
@@ -210,6 +215,7 @@ def evaluate_model(
         loaded=loaded,
         overlays=overlay_dir,
         label_convention=conventions.pop() if len(conventions) == 1 else "mixed",
+        scheme=build_scheme(cfg).name,
     )
 
 
@@ -318,15 +324,18 @@ def evaluate_folder(
         OutputPathError: the CSV would be, lie inside or hold the dataset; nothing is written.
     """
     predictions, dataset = Path(predictions).expanduser(), Path(dataset).expanduser()
-    cases = list_cases(dataset, fmt, require_labels=True)
+    dle_labels = build_prepare_settings(cfg).dle_labels
+    opened = open_dataset(dataset, fmt, require_labels=True, scheme=requested_scheme(cfg), dle_labels=dle_labels)
+    cases = opened.cases
     paths = prediction_files(predictions, [case.case_id for case in cases], dataset)
     csv_path = Path(out_csv).expanduser() if out_csv is not None else predictions / f"eval_{dataset.resolve().name}.csv"
     check_outputs([("the per-case CSV", csv_path)], folders=[("the raw dataset", dataset)])
+    scheme = dataset_scheme(opened, dle_labels)
+    cfg = named_scheme(cfg, scheme)  # scored in the dataset's own scheme
     device, metrics = build_scoring(cfg)
-    dle_labels = build_prepare_settings(cfg).dle_labels
     per_case, conventions = [], set()
     for case in tqdm(cases, desc="evaluate", unit="case", disable=None if progress else True):
-        raw = read_case(case, dle_labels)
+        raw = opened.layout.read_case(case, dle_labels, (scheme,))
         prediction = torch.from_numpy(read_prediction_of(case, raw, paths[case.case_id])).to(device)
         truth = torch.from_numpy(raw.label).to(device)
         row = {"case_id": case.case_id}
@@ -345,4 +354,5 @@ def evaluate_folder(
         loaded=None,
         label_convention=conventions.pop() if len(conventions) == 1 else "mixed",
         predictions=predictions,
+        scheme=scheme,
     )

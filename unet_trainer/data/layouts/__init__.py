@@ -47,7 +47,7 @@ from .canonical import (
     native_regions,
     to_canonical,
 )
-from .files import write_label_nifti, write_layout_case, write_probabilities_nifti
+from .files import load_nifti, write_label_nifti, write_layout_case, write_probabilities_nifti
 
 __all__ = [
     "AFFINE_TOLERANCE_MM",
@@ -69,6 +69,7 @@ __all__ = [
     "Layout",
     "RawCase",
     "RawDataset",
+    "dataset_scheme",
     "detect_format",
     "from_canonical",
     "list_cases",
@@ -301,3 +302,29 @@ def write_case(
     if layout is None:
         raise ValueError(f"unknown layout {fmt!r}; expected one of {list(FORMATS)}")
     return write_layout_case(root, layout, case_id, image, label, affine)
+
+
+def dataset_scheme(dataset: RawDataset, dle_labels: str = DLE_LABEL_CONVENTIONS[0]) -> str:
+    """The label scheme of an opened dataset without preparing it: its one candidate, or, where the
+    case names leave a choice (BraTS 2023 or 2024 glioma), the narrowest candidate whose numbering
+    holds every value of its label files (only the label files are read).
+
+    Raises:
+        DataFormatError: a label file holds values no candidate numbers (one line), or is unreadable.
+        ValueError: ``dle_labels`` is not one of the layout's label choices.
+    """
+    known = dataset.layout.scheme_conventions(dle_labels)
+    schemes = dataset.schemes or tuple(known)
+    if len(schemes) == 1:
+        return schemes[0]
+    values: set[int] = set()
+    for case in dataset.cases:
+        if case.label is not None:
+            data, _, _ = load_nifti(case.label, case.case_id, label=True)
+            values |= {int(v) for v in np.unique(data)}
+    for scheme in schemes:
+        if values <= set(LABEL_CONVENTIONS[known[scheme]]):
+            return scheme
+    raise DataFormatError(
+        f"{dataset.root}: label values {sorted(values)} fit none of the label schemes {', '.join(schemes)}"
+    )
