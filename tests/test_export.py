@@ -45,7 +45,8 @@ def test_model_json_records_inputs_outputs_windows_and_the_run(exported):
     assert sorted(p.name for p in exported["folder"].iterdir()) == ["model.json", "model.onnx", "model.ts"]
     assert document["input"]["channels"] == ["flair", "t1", "t1ce", "t2"]
     assert document["output"]["mode"] == "classes" and len(document["output"]["names"]) == 4
-    assert document["labels"]["native"]["brats2021"]["label_of_canonical"] == {"0": 0, "1": 1, "2": 2, "3": 4}
+    assert document["labels"]["native"]["brats2021"]["label_of_class"] == {"0": 0, "1": 1, "2": 2, "3": 4}
+    assert document["labels"]["scheme"] == "brats2021" and document["labels"]["regions"]["TC"] == [1, 3]
     assert document["preprocessing"]["target_spacing_mm"] is None and document["postprocessing"] is None
     (model,) = document["models"]
     window = model["sliding_window"]

@@ -36,14 +36,20 @@ from .. import __version__
 from ..core.checkpoint import checkpoint_identity, one_line
 from ..core.fileio import atomic_write_json, atomic_write_text, temporary_sibling
 from ..core.guard import check_outputs
-from ..data.layouts import CANONICAL_CHANNELS, FORMAT_LABEL_CONVENTION, LABEL_CONVENTIONS, NATIVE_REGIONS
-from ..data.layouts.canonical import CANONICAL_LABELS
+from ..data.layouts import (
+    CONVENTION_SCHEME,
+    DLE_LABEL_CONVENTIONS,
+    LABEL_CONVENTIONS,
+    LAYOUTS,
+    native_regions,
+)
 from ..data.phantom import make_phantom_case
 from ..data.prepare import zscore_nonzero
-from ..data.schemes import REGION_NAMES, REGIONS
+from ..data.schemes import SCHEMES, LabelScheme
 from ..evaluation.inference import gaussian_importance, model_output_window
 from ..evaluation.postprocessing import Postprocessing
 from ..models.blocks import InstanceNorm
+from .builders import build_scheme
 from .bundle import BUNDLE_MODEL, bundle_files, check_bundle
 from .exported import FILE_FORMAT, FILE_VERSION, GRAPH_FILES, MODEL_JSON, ExportError, load_graph, require_format
 from .loading import EnsembleModel, LoadedModel, expand_checkpoints, load_models
@@ -236,38 +242,47 @@ def export_member(member: LoadedModel, folder: Path, prefix: str, formats: Seque
 # --------------------------------------------------------------------------------------------
 
 
-def labels_section() -> dict:
-    """The label scheme: canonical labels and regions, and each layout's native numbering of them."""
+def labels_section(scheme: LabelScheme) -> dict:
+    """The label scheme: its classes and regions, and the native numbering of each layout whose
+    files hold a scheme of these classes."""
     native = {}
-    for layout, convention in FORMAT_LABEL_CONVENTION.items():
-        native[layout] = {
-            "label_of_canonical": {str(c): n for n, c in LABEL_CONVENTIONS[convention].items()},
-            "regions": {name: list(values) for name, values in NATIVE_REGIONS[convention].items()},
-        }
+    for name, layout in LAYOUTS.items():
+        conventions = [*layout.scheme_conventions(DLE_LABEL_CONVENTIONS[0]).values(), layout.label_convention]
+        own = next((c for c in conventions if SCHEMES[CONVENTION_SCHEME[c]].compatible_with(scheme)), None)
+        if own is not None:
+            native[name] = {
+                "label_of_class": {str(c): n for n, c in LABEL_CONVENTIONS[own].items()},
+                "regions": {r: list(v) for r, v in native_regions(own, scheme.regions).items()},
+            }
     return {
-        "canonical": {str(value): name for value, name in CANONICAL_LABELS.items()},
-        "regions": {name: list(REGIONS[name]) for name in REGION_NAMES},
+        "scheme": scheme.name,
+        "title": scheme.title,
+        "classes": {"0": "background", **{str(i): name for i, name in scheme.label_names.items()}},
+        "descriptions": {str(i + 1): text for i, text in enumerate(scheme.class_descriptions)},
+        "regions": {name: list(values) for name, values in scheme.regions.items()},
         "native": native,
+        "source": scheme.source,
     }
 
 
-def output_section(region_mode: bool, num_outputs: int) -> dict:
-    """What the logits' channels are and how they become canonical labels."""
+def output_section(region_mode: bool, num_outputs: int, scheme: LabelScheme) -> dict:
+    """What the logits' channels are and how they become class indices."""
     if region_mode:
+        painted = dict(zip(scheme.trained_regions, scheme.regions_class_order))
+        order = ", ".join(f"inside {region} class {index}" for region, index in painted.items())
         return {
             "mode": "regions",
-            "names": list(REGION_NAMES),
+            "names": list(scheme.trained_regions),
             "activation": "sigmoid",
-            "to_labels": "sigmoid per channel, then > 0.5: inside WT label 2, inside TC label 1, inside ET label 3 "
-            "(later regions win); else 0",
+            "to_labels": f"sigmoid per channel, then > 0.5: {order} (later regions win); else 0",
             "threshold": 0.5,
-            "label_inside": {"WT": 2, "TC": 1, "ET": 3},
+            "label_inside": painted,
         }
     return {
         "mode": "classes",
-        "names": [CANONICAL_LABELS.get(k, f"class {k}") for k in range(num_outputs)],
+        "names": ["background", *scheme.classes][:num_outputs],
         "activation": "softmax",
-        "to_labels": "argmax over the channels is the canonical label",
+        "to_labels": "argmax over the channels is the class index",
     }
 
 
@@ -326,6 +341,7 @@ def model_document(
     postprocess: Postprocessing | None,
 ) -> dict:
     """model.json: everything a user of the folder needs to prepare inputs and read outputs."""
+    scheme = build_scheme(loaded.cfg)
     return {
         "format": FILE_FORMAT,
         "version": FILE_VERSION,
@@ -343,9 +359,9 @@ def model_document(
             for fmt in formats
         },
         "graph": "input 'patch' (N, C, *window) float32, N free; output 'logits' (N, K, *output_window) float32",
-        "input": {"channels": list(CANONICAL_CHANNELS[: loaded.in_channels]), "dtype": "float32"},
-        "output": output_section(loaded.region_mode, loaded.num_outputs),
-        "labels": labels_section(),
+        "input": {"channels": list(scheme.channels), "dtype": "float32"},
+        "output": output_section(loaded.region_mode, loaded.num_outputs, scheme),
+        "labels": labels_section(scheme),
         "preprocessing": preprocessing_section(loaded),
         "ensemble": "probabilities (after the activation) averaged over the models" if len(entries) > 1 else None,
         "models": entries,

@@ -73,6 +73,7 @@ __all__ = [
     "detect_format",
     "from_canonical",
     "list_cases",
+    "native_regions",
     "open_dataset",
     "read_case",
     "to_canonical",
