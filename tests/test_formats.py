@@ -15,6 +15,7 @@ import pytest
 
 from unet_trainer.data.layouts import (
     CANONICAL_CHANNELS,
+    CONVENTION_SCHEME,
     FORMATS,
     LABEL_CONVENTIONS,
     NATIVE_REGIONS,
@@ -32,6 +33,7 @@ from unet_trainer.data.layouts import (
     write_probabilities_nifti,
 )
 from unet_trainer.data.layouts import files as layout_files
+from unet_trainer.data.schemes import SCHEMES
 
 # Distinct sizes per axis so any axis mix-up changes the shape.
 SHAPE_ZYX = (5, 6, 7)
@@ -55,6 +57,7 @@ NATIVE_OF_CANONICAL = {
     "msd": (0, 2, 1, 3),
     "dle": (0, 2, 1, 3),
     "brats2024-gli": (0, 1, 2, 3, 4),  # 2023's numbering plus 4, the resection cavity
+    "brats2024-ped": (0, 1, 2, 3, 4),  # its own classes, numbered as its files number them
     "nnunetv2": (0, 2, 1, 3),  # nnU-Net's BraTS conversion: 1 edema, 2 necrotic core, 3 enhancing
 }
 CASE_IDS = {
@@ -192,11 +195,13 @@ def test_label_mapping_rejects_non_integers_unknown_canonical_and_unknown_conven
 
 
 @pytest.mark.parametrize("convention", sorted(LABEL_CONVENTIONS))
-def test_native_regions_map_onto_canonical_regions(convention):
+def test_native_regions_map_onto_the_schemes_regions(convention):
     assert tuple(REGIONS) == REGION_NAMES == ("WT", "TC", "ET")
-    for region in REGION_NAMES:
+    regions = SCHEMES[CONVENTION_SCHEME[convention]].regions
+    assert set(regions) >= set(REGION_NAMES) and set(NATIVE_REGIONS[convention]) == set(regions)
+    for region, members in regions.items():
         mapped = to_canonical(np.asarray(NATIVE_REGIONS[convention][region]), convention)
-        assert sorted(mapped.tolist()) == sorted(REGIONS[region])
+        assert sorted(mapped.tolist()) == sorted(members)
 
 
 # ---------------------------------------------------------------------------

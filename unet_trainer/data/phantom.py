@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -42,6 +40,8 @@ from ..core.workers import worker_pool
 from .layouts.brats import BRATS2021, BRATS2023
 from .layouts.canonical import Layout
 from .layouts.files import write_layout_case
+from .layouts.msd import MSD
+from .phantom_tumours import cyst, meningioma, metastases, random_voxel, resection_cavity, smooth_field
 
 # Mean intensity of each tissue in (flair, t1, t1ce, t2), loosely after real 3T contrasts:
 # CSF is dark in FLAIR and T1, bright in T2; oedema is bright in FLAIR and T2; the enhancing rim
@@ -58,31 +58,59 @@ TISSUE_CONTRAST = {
     # Non-enhancing tumour (label 1 of a tumour without enhancement): FLAIR/T2-bright, T1-dark.
     "nonenhancing": (0.95, 0.40, 0.42, 1.15),
 }
-# A resection cavity is fluid: dark in T1 and T1ce, bright in T2, suppressed in FLAIR like CSF.
-CAVITY_CONTRAST = (0.12, 0.15, 0.17, 1.10)
+# Fluid structures: a resection cavity is dark in T1 and T1ce, bright in T2, suppressed in FLAIR
+# like CSF; a tumour cyst holds protein, so it stays brighter in FLAIR.
+EXTRA_CONTRAST = {"cavity": (0.12, 0.15, 0.17, 1.10), "cyst": (0.40, 0.20, 0.22, 1.25)}
 # Raw scanner units differ per modality; z-scoring in preparation removes this.
 MODALITY_SCALE = (420.0, 780.0, 910.0, 1260.0)
 # Canonical label values (0 bg, 1 necrotic core, 2 oedema, 3 enhancing); written as BraTS 2021.
 LABEL_NECROTIC, LABEL_EDEMA, LABEL_ENHANCING = 1, 2, 3
-# The resection cavity's class in the post-treatment scheme.
-LABEL_CAVITY = 4
+# The class of the extra structure some schemes draw (resection cavity, cyst), before relabelling.
+LABEL_EXTRA = 4
+# The tumours a phantom case holds: adult glioma (the style's), metastases or meningioma.
+TUMOURS = ("glioma", "metastases", "meningioma")
 
 
 @dataclass(frozen=True)
 class PhantomScheme:
-    """How phantom cases of one label scheme are named and written: the layout, the case id pattern,
-    the label convention of the files, and whether a post-treatment resection cavity is drawn."""
+    """How phantom cases of one label scheme are drawn, named and written.
+
+    Attributes:
+        layout: the layout the cases are written in.
+        case_id: format string of the case index.
+        convention: the label convention of the files.
+        tumour: one of :data:`TUMOURS`.
+        extra: a structure drawn after the tumour as class 4: "cavity", "cyst", or None.
+        relabel: phantom class (0 background, 1 core, 2 oedema, 3 enhancing, 4 extra) -> the scheme's
+            class; None keeps them.
+    """
 
     layout: Layout
-    case_id: str  # format string of the case index
+    case_id: str
     convention: str
-    cavity: bool = False
+    tumour: str = "glioma"
+    extra: str | None = None
+    relabel: tuple[int, ...] | None = None
+
+
+def _brats2023(prefix: str, **kwargs) -> PhantomScheme:
+    return PhantomScheme(BRATS2023, f"BraTS-{prefix}-{{:05d}}-000", "brats2023", **kwargs)
 
 
 #: The label schemes phantoms are drawn in (``unet-data synth --scheme``); the first is the default.
 PHANTOM_SCHEMES: dict[str, PhantomScheme] = {
     "brats2021": PhantomScheme(BRATS2021, "BraTS2021_{:05d}", "brats2021"),
-    "brats2024-gli": PhantomScheme(BRATS2023, "BraTS-GLI-{:05d}-000", "brats2024-gli", cavity=True),
+    "brats2023-gli": _brats2023("GLI"),
+    "brats2023-ssa": _brats2023("SSA"),
+    "brats2023-ped": _brats2023("PED"),
+    "brats2023-men": _brats2023("MEN", tumour="meningioma"),
+    "brats2023-met": _brats2023("MET", tumour="metastases"),
+    "msd": PhantomScheme(MSD, "BRATS_{:03d}", "msd"),
+    "brats2024-gli": PhantomScheme(BRATS2023, "BraTS-GLI-{:05d}-000", "brats2024-gli", extra="cavity"),
+    # 2024 pediatric classes: core -> NETC 2, oedema -> ED 4, enhancing -> ET 1, cyst -> CC 3.
+    "brats2024-ped": PhantomScheme(
+        BRATS2023, "BraTS-PED-{:05d}-000", "brats2024-ped", extra="cyst", relabel=(0, 2, 4, 1, 3)
+    ),
 }
 DEFAULT_PHANTOM_SCHEME = next(iter(PHANTOM_SCHEMES))
 # Phantom styles; the first is the default (``data.phantom.style``, ``unet-data synth --style``).
@@ -94,16 +122,12 @@ ENHANCING_P = 0.75
 SATELLITE_P = 0.3
 
 
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], coarse: int) -> np.ndarray:
-    """A smooth random field in about [-1, 1]: coarse Gaussian noise, trilinearly upsampled."""
-    noise = rng.standard_normal((1, 1, coarse, coarse, coarse)).astype(np.float32)
-    field = F.interpolate(torch.from_numpy(noise), size=shape, mode="trilinear", align_corners=True)
-    field = field[0, 0].numpy()
-    return field / max(float(np.abs(field).max()), 1e-6)
-
-
 def make_phantom_case(
-    shape: tuple[int, int, int], rng: np.random.Generator, style: str = DEFAULT_STYLE, cavity: bool = False
+    shape: tuple[int, int, int],
+    rng: np.random.Generator,
+    style: str = DEFAULT_STYLE,
+    extra: str | None = None,
+    tumour: str = "glioma",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one phantom case.
 
@@ -111,35 +135,28 @@ def make_phantom_case(
         shape: array shape (Z, Y, X) in voxels of 1 mm; each at least 24.
         rng: the random generator (the case is a pure function of its state).
         style: ``"brats"`` (a tumour anywhere in white matter, see the module docstring) or
-            ``"simple"`` (one near-centred concentric tumour that always enhances).
-        cavity: also draw a resection cavity (class 4, fluid contrast) beside the tumour, cutting into
-            it, as after surgery (drawn after everything else, so other cases' draws are unchanged).
+            ``"simple"`` (one near-centred concentric tumour that always enhances); for glioma.
+        extra: also draw, as class 4 with fluid contrast, a resection cavity beside the tumour
+            ("cavity", as after surgery) or a cyst inside its core ("cyst"); drawn after
+            everything else, so the rest of the case is the one drawn without it.
+        tumour: one of :data:`TUMOURS` (:mod:`unet_trainer.data.phantom_tumours`).
 
     Returns:
         image: float32 (4, Z, Y, X), channels (flair, t1, t1ce, t2), raw positive units, 0 outside the head.
-        label: uint8 (Z, Y, X), canonical labels 0 background, 1 necrotic/non-enhancing core, 2 oedema,
-        3 enhancing.
+        label: uint8 (Z, Y, X), 0 background, 1 necrotic/non-enhancing core, 2 oedema, 3 enhancing,
+        4 the extra structure.
 
     Raises:
         ValueError: a dimension below 24 voxels (too small to hold a head with a tumour), or an
-            unknown style.
+            unknown style, tumour or extra.
     """
-    if style not in PHANTOM_STYLES:
-        raise ValueError(f"phantom style {style!r} is not one of {', '.join(PHANTOM_STYLES)}")
+    if style not in PHANTOM_STYLES or tumour not in TUMOURS or extra not in (None, *EXTRA_CONTRAST):
+        raise ValueError(f"phantom style {style!r}, tumour {tumour!r} or extra {extra!r} is unknown")
     if min(shape) < 24:
         raise ValueError(f"phantom shape {tuple(shape)} is too small: every dimension must be at least 24")
     shape = tuple(int(s) for s in shape)
     head = _draw_head(shape, rng)
-    if style == "simple":
-        necrotic, enhancing, edema = _simple_tumour(shape, head.grid, head.brain, head.ventricles, head.radius, rng)
-        core_name = "necrotic"
-        contrast = TISSUE_CONTRAST
-    else:
-        necrotic, enhancing, edema, core_name = _brats_tumour(
-            shape, head.grid, head.brain, head.white, head.ventricles, rng
-        )
-        contrast = _case_contrast(rng)
-
+    necrotic, enhancing, edema, core_name, contrast = _tumour(shape, head, rng, style, tumour)
     label = np.zeros(shape, np.uint8)
     label[edema] = LABEL_EDEMA
     label[enhancing] = LABEL_ENHANCING
@@ -154,24 +171,38 @@ def make_phantom_case(
         ("enhancing", enhancing),
         (core_name, necrotic),
     ]
-    if cavity:
-        hole = _cavity(shape, head.grid, head.brain & ~head.ventricles, label > 0, rng)
-        label[hole] = LABEL_CAVITY
-        tissues.append(("cavity", hole))
-        contrast = {**contrast, "cavity": CAVITY_CONTRAST}
+    if extra is not None:
+        if extra == "cavity":
+            mask = resection_cavity(head.grid, head.brain & ~head.ventricles, label > 0, rng)
+        else:
+            mask = cyst(head.grid, necrotic | enhancing, rng)
+        label[mask] = LABEL_EXTRA
+        tissues.append((extra, mask))
+        contrast = {**contrast, extra: EXTRA_CONTRAST[extra]}
     return _render(shape, tissues, contrast, head.head, rng), label
 
 
-def _cavity(
-    shape: tuple[int, int, int], grid: np.ndarray, tissue: np.ndarray, tumour: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
-    """A resection cavity, bool (Z, Y, X): a wavy ball centred on the tumour's edge (where the
-    resected part was), within brain tissue."""
-    edge = tumour & ~ndimage.binary_erosion(tumour)
-    centre = _random_voxel(rng, edge if edge.any() else tissue)
-    radius = max(rng.uniform(0.04, 0.09) * float(min(shape)), 2.0)
-    dist = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) * (1.0 + 0.2 * _smooth_field(rng, shape, 5))
-    return (dist < radius) & tissue
+def _tumour(shape: tuple[int, int, int], head: _Head, rng: np.random.Generator, style: str, tumour: str):
+    """The tumour's masks (core, enhancing, oedema), the tissue its core is drawn with, and the contrasts."""
+    if tumour == "metastases":
+        return (
+            *metastases(head.grid, head.white & ~head.ventricles, head.brain & ~head.ventricles, rng),
+            "necrotic",
+            _case_contrast(rng),
+        )
+    if tumour == "meningioma":
+        return (
+            *meningioma(head.grid, head.skull, head.brain & ~head.ventricles, rng),
+            "nonenhancing",
+            _case_contrast(rng),
+        )
+    if style == "simple":
+        necrotic, enhancing, edema = _simple_tumour(shape, head.grid, head.brain, head.ventricles, head.radius, rng)
+        return necrotic, enhancing, edema, "necrotic", TISSUE_CONTRAST
+    necrotic, enhancing, edema, core_name = _brats_tumour(
+        shape, head.grid, head.brain, head.white, head.ventricles, rng
+    )
+    return necrotic, enhancing, edema, core_name, _case_contrast(rng)
 
 
 @dataclass(frozen=True)
@@ -195,11 +226,11 @@ def _draw_head(shape: tuple[int, int, int], rng: np.random.Generator) -> _Head:
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
     centre = np.array(shape, np.float32)[:, None, None, None] / 2 + rng.uniform(-1.5, 1.5, (3, 1, 1, 1))
     rel = (grid - centre) / (np.array(shape, np.float32)[:, None, None, None] / 2)
-    outline = 0.04 * _smooth_field(rng, shape, 4)
+    outline = 0.04 * smooth_field(rng, shape, 4)
     radius = np.sqrt((rel**2).sum(0)) + outline
     head_r = rng.uniform(0.86, 0.92)
     brain = radius < head_r - 0.13
-    tissue = _smooth_field(rng, shape, 6)
+    tissue = smooth_field(rng, shape, 6)
     white = brain & (tissue > rng.uniform(-0.15, 0.15))
     vent_offset = rng.uniform(0.08, 0.14)
     ventricles = np.zeros(shape, bool)
@@ -207,7 +238,7 @@ def _draw_head(shape: tuple[int, int, int], rng: np.random.Generator) -> _Head:
         d = (rel[0] / 0.22) ** 2 + ((rel[1] + 0.05) / 0.30) ** 2 + ((rel[2] - side * vent_offset) / 0.09) ** 2
         ventricles |= d < 1.0
     ventricles &= brain
-    sulci = brain & ~white & (np.abs(_smooth_field(rng, shape, 10)) < 0.06)
+    sulci = brain & ~white & (np.abs(smooth_field(rng, shape, 10)) < 0.06)
     return _Head(grid, radius < head_r, radius < head_r - 0.07, brain, white, ventricles, sulci, head_r)
 
 
@@ -234,9 +265,9 @@ def _render(
     image = np.zeros((4,) + shape, np.float32)
     for name, mask in tissues:
         image[:, mask] = np.array(contrast[name], np.float32)[:, None]
-    texture = 0.04 * _smooth_field(rng, shape, 16)
+    texture = 0.04 * smooth_field(rng, shape, 16)
     for c in range(4):
-        bias = 1.0 + 0.12 * _smooth_field(rng, shape, 3)
+        bias = 1.0 + 0.12 * smooth_field(rng, shape, 3)
         noise = rng.normal(0.0, 0.035, shape).astype(np.float32)
         channel = (image[c] * (1.0 + texture) * bias + noise) * MODALITY_SCALE[c]
         image[c] = np.where(head, np.clip(channel, 1.0, None), 0.0)
@@ -263,7 +294,7 @@ def _simple_tumour(
     direction /= np.linalg.norm(direction)
     tumour_centre = np.array(shape, np.float32) / 2 + direction * rng.uniform(0.0, max(max_offset, 0.0))
     dist = np.sqrt(((grid - tumour_centre[:, None, None, None]) ** 2).sum(0))
-    lobes = 1.0 + 0.22 * _smooth_field(rng, shape, 5)
+    lobes = 1.0 + 0.22 * smooth_field(rng, shape, 5)
     dist = dist * lobes
     necrotic = dist < core_r
     enhancing = (dist < enh_r) & ~necrotic
@@ -273,12 +304,6 @@ def _simple_tumour(
     enhancing &= brain
     necrotic &= brain
     return necrotic, enhancing, edema
-
-
-def _random_voxel(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
-    """The (Z, Y, X) float coordinates of a voxel drawn uniformly from ``mask`` (which is not empty)."""
-    candidates = np.flatnonzero(mask)
-    return np.array(np.unravel_index(candidates[rng.integers(len(candidates))], mask.shape), np.float32)
 
 
 def _brats_tumour(
@@ -311,7 +336,7 @@ def _brats_tumour(
             break
     else:
         where = not_csf
-    centre = _random_voxel(rng, where)
+    centre = random_voxel(rng, where)
 
     # Lobulated core: the main ball plus up to three smaller lobes pushed out in random directions.
     ratio = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) / core_r
@@ -321,7 +346,7 @@ def _brats_tumour(
         lobe_centre = centre + direction * core_r * rng.uniform(0.7, 1.2)
         lobe_r = core_r * rng.uniform(0.4, 0.7)
         ratio = np.minimum(ratio, np.sqrt(((grid - lobe_centre[:, None, None, None]) ** 2).sum(0)) / lobe_r)
-    ratio = ratio * (1.0 + 0.25 * _smooth_field(rng, shape, 6))
+    ratio = ratio * (1.0 + 0.25 * smooth_field(rng, shape, 6))
     core = (ratio < 1.0) & not_csf
     if not core.any():  # a lobe field that missed the brain entirely: keep the centre voxel
         core[tuple(centre.astype(int))] = True
@@ -329,7 +354,7 @@ def _brats_tumour(
     # Enhancing rim of a locally varying thickness (1-4 voxels) around necrosis, or no enhancement.
     enhances = rng.random() < ENHANCING_P
     inner = ndimage.distance_transform_edt(core)  # 1 on the core's outer shell, growing inwards
-    thickness = np.clip(rng.uniform(1.0, 4.0) * (1.0 + 0.35 * _smooth_field(rng, shape, 5)), 1.0, 4.0)
+    thickness = np.clip(rng.uniform(1.0, 4.0) * (1.0 + 0.35 * smooth_field(rng, shape, 5)), 1.0, 4.0)
     if enhances:
         necrotic = core & (inner > thickness)
         enhancing = core & ~necrotic
@@ -338,8 +363,8 @@ def _brats_tumour(
 
     # Oedema: uneven reach around the core, ragged at its edge, mostly in white matter.
     outer = ndimage.distance_transform_edt(~core)
-    reach = (core_r * rng.uniform(0.4, 1.6) + 1.0) * np.clip(1.0 + 0.8 * _smooth_field(rng, shape, 4), 0.1, None)
-    reach = reach * (1.0 + 0.25 * _smooth_field(rng, shape, 10))
+    reach = (core_r * rng.uniform(0.4, 1.6) + 1.0) * np.clip(1.0 + 0.8 * smooth_field(rng, shape, 4), 0.1, None)
+    reach = reach * (1.0 + 0.25 * smooth_field(rng, shape, 10))
     edema = (outer < reach) & ~core & not_csf & (white | (outer < 0.4 * reach))
 
     # Satellites: small lesions a short way off, each with a thin oedema halo.
@@ -348,7 +373,7 @@ def _brats_tumour(
             near = white & (depth > 2.0) & (outer > 3.0) & (outer < core_r + 0.3 * size)
             if not near.any():
                 break
-            spot = _random_voxel(rng, near)
+            spot = random_voxel(rng, near)
             dist = np.sqrt(((grid - spot[:, None, None, None]) ** 2).sum(0))
             lesion = (dist < rng.uniform(1.2, 2.6)) & not_csf & ~core
             halo = (dist < rng.uniform(2.5, 5.0)) & not_csf & ~core & ~lesion
@@ -364,7 +389,10 @@ def _write_one_case(
 ) -> str:
     """Draw case ``index`` and write it into ``folder``; returns its id. Runs in a worker process."""
     written = PHANTOM_SCHEMES[scheme]
-    image, label = make_phantom_case(shape, np.random.default_rng([seed, index]), style, cavity=written.cavity)
+    rng = np.random.default_rng([seed, index])
+    image, label = make_phantom_case(shape, rng, style, extra=written.extra, tumour=written.tumour)
+    if written.relabel is not None:
+        label = np.asarray(written.relabel, np.uint8)[label]
     case_id = written.case_id.format(index)
     write_layout_case(folder, written.layout, case_id, image, label, np.eye(4), written.convention)
     return case_id

@@ -209,6 +209,26 @@ _BRATS2024_GLI = LabelScheme(
     ),
 )
 
+_BRATS2024_PED = LabelScheme(
+    name="brats2024-ped",
+    title="BraTS 2024 pediatric tumours (PED), relabelled",
+    channels=_GLIOMA_CHANNELS,
+    classes=("ET", "NETC", "CC", "ED"),
+    class_descriptions=("enhancing tumour", "non-enhancing tumour core", "cystic component", "peritumoral edema"),
+    regions={"ET": (1,), "NETC": (2,), "CC": (3,), "ED": (4,), "TC": (1, 2, 3), "WT": (1, 2, 3, 4)},
+    # Nested: the whole tumour paints edema, the core non-enhancing tumour, then the cyst and the
+    # enhancing tumour inside it.
+    trained_regions=("WT", "TC", "CC", "ET"),
+    regions_class_order=(4, 2, 3, 1),
+    lesion=LesionSettings("brats2023", 5, 10.0),
+    source=(
+        "BraTS 2024 pediatric evaluation code, rachitsaluja/BraTS-2024-Metrics metrics_PED.py (get_TissueWiseSeg, "
+        "get_LesionWiseResults) and the brats-evaluation package's config_ped.yaml: labels 1 ET, 2 NETC, 3 CC, 4 ED; "
+        "regions ET, NETC, CC, ED, TC = {1, 2, 3}, WT = {1, 2, 3, 4}; dilation 5, 10 mm³. That code also drops "
+        "predicted components of 10 voxels or less before matching, which the brats2023 definition does not"
+    ),
+)
+
 #: Every scheme by name; ``data.scheme`` and ``--scheme`` choose among them ("auto" detects).
 SCHEMES: dict[str, LabelScheme] = {
     scheme.name: scheme
@@ -228,6 +248,7 @@ SCHEMES: dict[str, LabelScheme] = {
             "dataset.json (labels 1 edema, 2 non-enhancing tumour, 3 enhancing tumour)",
         ),
         _BRATS2024_GLI,
+        _BRATS2024_PED,
     )
 }
 

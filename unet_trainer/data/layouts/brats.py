@@ -7,8 +7,8 @@
 ``brats2023``
     ``<case>/<case>-{t2f,t1n,t1c,t2w,seg}.nii.gz`` (or ``.nii``) for every BraTS 2023 challenge
     prefix (GLI, MEN, MET, PED, SSA), labels 1 necrotic core, 2 edema, 3 enhancing; and BraTS 2024
-    post-treatment glioma, the same files with label 4, resection cavity. The label scheme follows the
-    prefix (one sub-challenge per folder) and, for GLI, the labels.
+    post-treatment glioma and pediatric tumours, the same files with a label 4. The label scheme follows
+    the prefix (one sub-challenge per folder) and, for GLI and PED, the labels.
 
 A folder counts as a case when it is named like the release's case folders, or holds files
 named after itself (BraTS 2020, phantoms, renamed copies).
@@ -134,12 +134,13 @@ class _Release:
 
 # The releases since 2023 name each case after its sub-challenge (BraTS-GLI-00000-000); the file names
 # cannot tell 2023's adult glioma from 2024's post-treatment glioma, whose labels add 4 (resection
-# cavity): the labels decide between them.
+# cavity), nor 2023's pediatric numbering from 2024's (1 ET, 2 NETC, 3 CC, 4 ED): the labels decide,
+# a label 4 meaning 2024.
 _SUB_CHALLENGE = re.compile(r"^BraTS-(GLI|MEN|MET|PED|SSA)-")
 _SUB_CHALLENGE_SCHEMES: dict[str, tuple[str, ...]] = {
     "GLI": ("brats2023-gli", "brats2024-gli"),
     "SSA": ("brats2023-ssa",),
-    "PED": ("brats2023-ped",),
+    "PED": ("brats2023-ped", "brats2024-ped"),
     "MEN": ("brats2023-men",),
     "MET": ("brats2023-met",),
 }
@@ -182,6 +183,7 @@ BRATS2023 = _Release(
     schemes={
         **{scheme: "brats2023" for scheme in SCHEMES if scheme.startswith("brats2023-")},
         "brats2024-gli": "brats2024-gli",
+        "brats2024-ped": "brats2024-ped",
     },
     detect_schemes=_sub_challenge_schemes,
 )

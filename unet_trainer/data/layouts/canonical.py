@@ -61,6 +61,8 @@ LABEL_CONVENTIONS: dict[str, dict[int, int]] = {
     "dle": {0: 0, 1: 2, 2: 1, 3: 3},
     # BraTS 2024 post-treatment glioma: 2023's numbering plus 4, the resection cavity.
     "brats2024-gli": {0: 0, 1: 1, 2: 2, 3: 3, 4: 4},
+    # BraTS 2024 pediatric: 1 enhancing, 2 non-enhancing core, 3 cyst, 4 edema (its own classes).
+    "brats2024-ped": {0: 0, 1: 1, 2: 2, 3: 3, 4: 4},
 }
 
 #: The scheme whose class indices each convention's values map onto.
@@ -70,6 +72,7 @@ CONVENTION_SCHEME: dict[str, str] = {
     "msd": "msd",
     "dle": "msd",
     "brats2024-gli": "brats2024-gli",
+    "brats2024-ped": "brats2024-ped",
 }
 
 
@@ -255,6 +258,8 @@ class Layout:
         raw = self.read(case, conventions[-1])
         if raw.label is not None and len(conventions) > 1:
             present = set(np.unique(raw.label).tolist())
+            # The layout's conventions agree on the values they share (identity maps), so the labels
+            # read in the widest are those of the narrowest that holds them.
             raw.label_convention = next(c for c in conventions if present <= set(LABEL_CONVENTIONS[c].values()))
         return raw
 
