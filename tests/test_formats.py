@@ -18,6 +18,7 @@ from unet_trainer.data.layouts import (
     CONVENTION_SCHEME,
     FORMATS,
     LABEL_CONVENTIONS,
+    LAYOUTS,
     NATIVE_REGIONS,
     REGION_NAMES,
     REGIONS,
@@ -58,6 +59,7 @@ NATIVE_OF_CANONICAL = {
     "dle": (0, 2, 1, 3),
     "brats2024-gli": (0, 1, 2, 3, 4),  # 2023's numbering plus 4, the resection cavity
     "brats2024-ped": (0, 1, 2, 3, 4),  # its own classes, numbered as its files number them
+    "brats-men-rt": (0, 1),  # one class, the gross tumour volume
     "nnunetv2": (0, 2, 1, 3),  # nnU-Net's BraTS conversion: 1 edema, 2 necrotic core, 3 enhancing
 }
 CASE_IDS = {
@@ -67,6 +69,7 @@ CASE_IDS = {
     "dle": ["BraTS2021_00003", "BraTS2021_00001", "BraTS2021_00002"],
     # A case id ending in four digits, like nnU-Net's channel numbers, must survive listing.
     "nnunetv2": ["BraTS2021_00010", "BraTS2021_00002", "case_0005"],
+    "brats-men-rt": ["BraTS-MEN-RT-0004-1", "BraTS-MEN-RT-0002-1", "BraTS-MEN-RT-0010-1"],
 }
 
 
@@ -83,16 +86,26 @@ def oblique_affine() -> np.ndarray:
     return affine.astype(np.float32).astype(np.float64)
 
 
-def coded_image(shape_zyx=SHAPE_ZYX) -> np.ndarray:
-    """(4, Z, Y, X) float32 where every voxel encodes channel and position: 1000c+100z+10y+x."""
-    c, z, y, x = np.indices((4, *shape_zyx))
+def coded_image(shape_zyx=SHAPE_ZYX, channels: int = 4) -> np.ndarray:
+    """(C, Z, Y, X) float32 where every voxel encodes channel and position: 1000c+100z+10y+x."""
+    c, z, y, x = np.indices((channels, *shape_zyx))
     return (1000 * c + 100 * z + 10 * y + x).astype(np.float32)
 
 
-def canonical_labels(shape_zyx=SHAPE_ZYX) -> np.ndarray:
-    """(Z, Y, X) uint8 canonical labels using every value 0..3 at known places."""
+def canonical_labels(shape_zyx=SHAPE_ZYX, classes: int = 4) -> np.ndarray:
+    """(Z, Y, X) uint8 class indices using every value 0..classes-1 at known places."""
     z, y, x = np.indices(shape_zyx)
-    return ((z + 2 * y + 3 * x) % 4).astype(np.uint8)
+    return ((z + 2 * y + 3 * x) % classes).astype(np.uint8)
+
+
+def channels_of(fmt: str) -> int:
+    """How many channels a layout's images hold (MEN-RT: one, T1c)."""
+    return len(LAYOUTS[fmt].channels)
+
+
+def classes_of(fmt: str) -> int:
+    """How many classes, background included, a layout's (or convention's) files number."""
+    return len(NATIVE_OF_CANONICAL[fmt])
 
 
 def save_nifti(path: Path, data_xyz: np.ndarray, affine: np.ndarray) -> None:
@@ -119,6 +132,10 @@ def write_native_case(
         np.save(root / f"{case_id}_x.npy", image.astype(np.float32))
         if native_label is not None:
             np.save(root / f"{case_id}_y.npy", native_label[np.newaxis].astype(np.uint8))
+    elif fmt == "brats-men-rt":
+        save_nifti(root / case_id / f"{case_id}_t1c.nii.gz", image[0].T.copy(), affine)
+        if native_label is not None:
+            save_nifti(root / case_id / f"{case_id}_gtv.nii.gz", native_label.T.astype(np.uint8), affine)
     elif fmt == "nnunetv2":
         for index, channel in enumerate(CANONICAL_CHANNELS):
             number = NNUNET_CHANNEL_NUMBER[channel]
@@ -165,7 +182,7 @@ def test_label_mapping_matches_documented_native_values_and_inverts(convention):
     assert canonical.dtype == np.uint8
     assert canonical.tolist() == list(range(len(native_values)))
     assert from_canonical(canonical, convention).tolist() == native_values.tolist()
-    volume = canonical_labels()
+    volume = canonical_labels(classes=classes_of(convention))
     round_trip = to_canonical(from_canonical(volume, convention), convention)
     assert round_trip.dtype == np.uint8 and np.array_equal(round_trip, volume)
     # Integer-valued floats are accepted.
@@ -198,7 +215,7 @@ def test_label_mapping_rejects_non_integers_unknown_canonical_and_unknown_conven
 def test_native_regions_map_onto_the_schemes_regions(convention):
     assert tuple(REGIONS) == REGION_NAMES == ("WT", "TC", "ET")
     regions = SCHEMES[CONVENTION_SCHEME[convention]].regions
-    assert set(regions) >= set(REGION_NAMES) and set(NATIVE_REGIONS[convention]) == set(regions)
+    assert set(NATIVE_REGIONS[convention]) == set(regions)
     for region, members in regions.items():
         mapped = to_canonical(np.asarray(NATIVE_REGIONS[convention][region]), convention)
         assert sorted(mapped.tolist()) == sorted(members)
@@ -213,12 +230,13 @@ def test_native_regions_map_onto_the_schemes_regions(convention):
 def test_detect_format_and_list_cases_sorted(tmp_path, fmt):
     root = tmp_path / fmt
     for case_id in CASE_IDS[fmt]:
-        write_case(root, fmt, case_id, coded_image((2, 3, 4)), canonical_labels((2, 3, 4)), oblique_affine())
+        image, label = coded_image((2, 3, 4), channels_of(fmt)), canonical_labels((2, 3, 4), classes_of(fmt))
+        write_case(root, fmt, case_id, image, label, oblique_affine())
     assert detect_format(root) == fmt
     cases = list_cases(root)
     assert [case.case_id for case in cases] == sorted(CASE_IDS[fmt])
     assert all(case.format == fmt and case.label is not None and case.label.is_file() for case in cases)
-    expected_image_count = 1 if fmt in ("msd", "dle") else 4
+    expected_image_count = 1 if fmt in ("msd", "dle") else channels_of(fmt)
     assert all(len(case.images) == expected_image_count for case in cases)
     assert list_cases(root, fmt=fmt) == cases
 
@@ -268,8 +286,8 @@ def test_unknown_fmt_is_rejected(tmp_path):
 def test_read_case_gives_canonical_channels_labels_and_layout(tmp_path, fmt):
     root = tmp_path / fmt
     case_id = CASE_IDS[fmt][0]
-    image = coded_image()
-    expected_labels = canonical_labels()
+    image = coded_image(channels=channels_of(fmt))
+    expected_labels = canonical_labels(classes=classes_of(fmt))
     native = np.asarray(NATIVE_OF_CANONICAL[fmt], np.uint8)[expected_labels]
     stored_image = image
     if fmt == "dle":
@@ -280,7 +298,7 @@ def test_read_case_gives_canonical_channels_labels_and_layout(tmp_path, fmt):
     (case,) = list_cases(root)
     raw = read_case(case)
     assert raw.case_id == case_id
-    assert raw.image.dtype == np.float32 and raw.image.shape == (4, *SHAPE_ZYX)
+    assert raw.image.dtype == np.float32 and raw.image.shape == (channels_of(fmt), *SHAPE_ZYX)
     # Each voxel encodes channel and (z, y, x) position, so order and axes are both checked.
     np.testing.assert_array_equal(raw.image, image)
     assert raw.label.dtype == np.uint8
@@ -339,8 +357,8 @@ def test_msd_ignores_macos_resource_forks_and_checks_dataset_json(tmp_path):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_write_then_read_round_trip(tmp_path, fmt):
     rng = np.random.default_rng(0)
-    image = rng.normal(size=(4, *SHAPE_ZYX)).astype(np.float32)
-    label = rng.integers(0, 4, size=SHAPE_ZYX).astype(np.uint8)
+    image = rng.normal(size=(channels_of(fmt), *SHAPE_ZYX)).astype(np.float32)
+    label = rng.integers(0, classes_of(fmt), size=SHAPE_ZYX).astype(np.uint8)
     affine = oblique_affine()
     case_id = CASE_IDS[fmt][0]
     written = write_case(tmp_path / fmt, fmt, case_id, image, label, affine)
@@ -362,8 +380,8 @@ def test_write_then_read_round_trip(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_write_case_uses_native_file_naming_and_label_convention(tmp_path, fmt):
-    label = canonical_labels()
-    case = write_case(tmp_path, fmt, "case9", coded_image(), label, oblique_affine())
+    label = canonical_labels(classes=classes_of(fmt))
+    case = write_case(tmp_path, fmt, "case9", coded_image(channels=channels_of(fmt)), label, oblique_affine())
     if fmt == "dle":
         stored = np.load(case.label, allow_pickle=False)
         assert stored.shape == (1, *SHAPE_ZYX) and stored.dtype == np.uint8
@@ -387,8 +405,9 @@ def test_write_case_uses_native_file_naming_and_label_convention(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", [fmt for fmt in FORMATS if fmt != "nnunetv2"])
 def test_unlabelled_cases_and_rewrite_without_label(tmp_path, fmt):
     root = tmp_path / fmt
-    write_case(root, fmt, "case1", coded_image(), canonical_labels(), np.eye(4))
-    case = write_case(root, fmt, "case1", coded_image(), None, np.eye(4))
+    image = coded_image(channels=channels_of(fmt))
+    write_case(root, fmt, "case1", image, canonical_labels(classes=classes_of(fmt)), np.eye(4))
+    case = write_case(root, fmt, "case1", image, None, np.eye(4))
     assert case.label is None
     with pytest.raises(DataFormatError) as excinfo:
         list_cases(root)
@@ -601,7 +620,7 @@ def test_corrupt_or_pickled_npy_is_a_data_format_error(tmp_path):
 
 @pytest.mark.parametrize("convention", sorted(LABEL_CONVENTIONS))
 def test_write_label_nifti_writes_native_convention_in_xyz_order(tmp_path, convention):
-    label = canonical_labels()
+    label = canonical_labels(classes=classes_of(convention))
     path = tmp_path / "pred" / "case.nii.gz"
     write_label_nifti(path, label, oblique_affine(), convention)
     stored = nib.load(str(path))

@@ -50,9 +50,13 @@ def test_cli_choices_and_help_texts_are_the_registry(capsys):
 def test_predict_usage_names_every_layouts_label_numbering():
     lines = re.findall(r"^    (.+): NCR (\d), ED (\d), EN (\d)$", predict.USAGE, flags=re.MULTILINE)
     numbering = {layout: tuple(map(int, values)) for names, *values in lines for layout in names.split(", ")}
-    assert sorted(numbering) == sorted(FORMATS)
+    glioma = [name for name, layout in LAYOUTS.items() if "t2" in layout.channels]
+    assert sorted(numbering) == sorted(glioma)
     assert numbering["brats2021"] == (1, 2, 4) and numbering["brats2023"] == (1, 2, 3)
     assert numbering["msd"] == numbering["nnunetv2"] == (2, 1, 3)
+    # The other schemes' numberings, each under the layouts whose files hold it.
+    assert "    brats2023 (brats2024-gli): NETC 1, SNFH 2, ET 3, RC 4" in predict.USAGE.splitlines()
+    assert "    brats-men-rt: GTV 1" in predict.USAGE.splitlines()
 
 
 @pytest.mark.parametrize("name", FORMATS)

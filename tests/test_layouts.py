@@ -33,6 +33,7 @@ CASE_ID_PATTERNS = {
     "brats2023": "BraTS-GLI-{:05d}-000",
     "dle": "BRATS_{:03d}",  # DLE arrays are preprocessed MSD cases and keep MSD's ids
     "nnunetv2": "BraTS2021_{:05d}",  # nnU-Net's BraTS 2021 conversion keeps the BraTS ids
+    "brats-men-rt": "BraTS-MEN-RT-{:04d}-1",
 }
 # The label convention of each layout's files where it is not the layout's own name.
 NATIVE_CONVENTION = {"nnunetv2": "msd"}  # nnU-Net's BraTS numbering is MSD's
@@ -49,9 +50,17 @@ def phantom_cases() -> list[tuple[np.ndarray, np.ndarray]]:
     return [make_phantom_case(SHAPE, np.random.default_rng([11, i])) for i in range(NUM_CASES)]
 
 
+def in_layout(layout: str, image: np.ndarray, label: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A glioma phantom case as ``layout`` holds it: MEN-RT keeps T1c and calls the core the tumour volume."""
+    if layout != "brats-men-rt":
+        return image, label
+    return image[[2]], None if label is None else np.isin(label, (1, 3)).astype(np.uint8)
+
+
 def write_dataset(root: Path, layout: str, cases: list[tuple[np.ndarray, np.ndarray]]) -> Path:
     """Write ``cases`` in ``layout`` under ``root`` (1 mm identity affine) and return ``root``."""
-    for index, (image, label) in enumerate(cases):
+    for index, case in enumerate(cases):
+        image, label = in_layout(layout, *case)
         if layout == "dle":
             # DLE arrays are already normalised; the preparation only crops them.
             image = zscore_nonzero(image)
@@ -76,6 +85,7 @@ def native_labels_on_disk(root: Path, layout: str, index: int) -> np.ndarray:
         "brats2021": root / cid / f"{cid}_seg.nii.gz",
         "brats2023": root / cid / f"{cid}-seg.nii.gz",
         "nnunetv2": root / "labelsTr" / f"{cid}.nii.gz",
+        "brats-men-rt": root / cid / f"{cid}_gtv.nii.gz",
     }[layout]
     return np.asarray(nib.load(str(path)).dataobj).transpose(2, 1, 0)
 
@@ -131,7 +141,8 @@ def test_every_layout_trains_through_unet_train(layout, datasets, phantom_cases,
     prepared = prepared_folder(cache)
     record = json.loads((prepared / "prepare.json").read_text())
     assert record["format"] == layout and record["skipped"] == {}
-    for index, (_, written) in enumerate(phantom_cases):
+    for index, case in enumerate(phantom_cases):
+        _, written = in_layout(layout, *case)
         cid = case_id(layout, index)
         meta = json.loads((prepared / f"{cid}_meta.json").read_text())
         # DLE arrays record the numbering they were read with (MSD's by default).

@@ -37,6 +37,7 @@ CASE_IDS = {
     "brats2023": "BraTS-GLI-{:05d}-000",
     "dle": "BRATS_{:03d}",
     "nnunetv2": "BraTS2021_{:05d}",
+    "brats-men-rt": "BraTS-MEN-RT-{:04d}-1",
 }
 
 
@@ -54,7 +55,13 @@ def layouts(tmp_path_factory, phantom):
     raws = [read_case(case) for case in list_cases(phantom)]
     for fmt in FORMATS:
         for index, raw in enumerate(raws):
-            write_case(root / fmt, fmt, CASE_IDS[fmt].format(index + 1), raw.image, raw.label, raw.affine)
+            # MEN-RT keeps one channel, T1c, and one label, the tumour volume.
+            image, label = (
+                (raw.image[[2]], np.isin(raw.label, (1, 3)).astype(np.uint8))
+                if fmt == "brats-men-rt"
+                else (raw.image, raw.label)
+            )
+            write_case(root / fmt, fmt, CASE_IDS[fmt].format(index + 1), image, label, raw.affine)
     return root
 
 

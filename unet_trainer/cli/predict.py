@@ -8,8 +8,8 @@ from pathlib import Path
 from ..config.config import ConfigError
 from ..core.checkpoint import CheckpointError
 from ..core.runfolder import RunFolderError
-from ..data.layouts import FORMAT_LABEL_CONVENTION, LABEL_CONVENTIONS, DataFormatError
-from ..data.schemes import LABEL_NAMES
+from ..data.layouts import CONVENTION_SCHEME, DLE_LABEL_CONVENTIONS, LABEL_CONVENTIONS, LAYOUTS, DataFormatError
+from ..data.schemes import SCHEMES
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
 from .parsing import (
     FORMAT_LIST,
@@ -22,17 +22,21 @@ from .parsing import (
 
 
 def label_numbering_text(indent: str = "    ") -> str:
-    """Each layout's native label values, one line per numbering, from the layout registry:
-    "    brats2021: NCR 1, ED 2, EN 4" ... "    msd, dle, nnunetv2: NCR 2, ED 1, EN 3"."""
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for layout, convention in FORMAT_LABEL_CONVENTION.items():
-        native_of = {canonical: native for native, canonical in LABEL_CONVENTIONS[convention].items()}
-        groups.setdefault(tuple(native_of[canonical] for canonical in LABEL_NAMES), []).append(layout)
-    return "\n".join(
-        f"{indent}{', '.join(layouts)}: "
-        + ", ".join(f"{name} {value}" for name, value in zip(LABEL_NAMES.values(), values))
-        for values, layouts in groups.items()
-    )
+    """Each label numbering the layouts' files use, one line each with the layouts that use it, from
+    the layout registry: "    brats2021: NCR 1, ED 2, EN 4" ... "    brats-men-rt: GTV 1"."""
+    groups: dict[str, list[str]] = {}
+    for name, layout in LAYOUTS.items():
+        conventions = dict.fromkeys(
+            [layout.label_convention, *layout.scheme_conventions(DLE_LABEL_CONVENTIONS[0]).values()]
+        )
+        for convention in conventions:
+            names = SCHEMES[CONVENTION_SCHEME[convention]].label_names
+            native_of = {c: n for n, c in LABEL_CONVENTIONS[convention].items()}
+            numbering = ", ".join(f"{names[c]} {native_of[c]}" for c in sorted(names))
+            listed = groups.setdefault(numbering, [])
+            if not any(entry.split(" ")[0] == name for entry in listed):  # a layout once per numbering
+                listed.append(name if convention == layout.label_convention else f"{name} ({convention})")
+    return "\n".join(f"{indent}{', '.join(layouts)}: {numbering}" for numbering, layouts in groups.items())
 
 
 USAGE = f"""usage: unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] [--format FMT]

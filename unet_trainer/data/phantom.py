@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..core.runfolder import FolderLock
 from ..core.workers import worker_pool
-from .layouts.brats import BRATS2021, BRATS2023
+from .layouts.brats import BRATS2021, BRATS2023, BRATS_MEN_RT
 from .layouts.canonical import Layout
 from .layouts.files import write_layout_case
 from .layouts.msd import MSD
@@ -83,6 +83,7 @@ class PhantomScheme:
         extra: a structure drawn after the tumour as class 4: "cavity", "cyst", or None.
         relabel: phantom class (0 background, 1 core, 2 oedema, 3 enhancing, 4 extra) -> the scheme's
             class; None keeps them.
+        channels: the rendered channels (0 flair, 1 t1, 2 t1ce, 3 t2) the layout's files hold, in order.
     """
 
     layout: Layout
@@ -91,6 +92,7 @@ class PhantomScheme:
     tumour: str = "glioma"
     extra: str | None = None
     relabel: tuple[int, ...] | None = None
+    channels: tuple[int, ...] = (0, 1, 2, 3)
 
 
 def _brats2023(prefix: str, **kwargs) -> PhantomScheme:
@@ -110,6 +112,15 @@ PHANTOM_SCHEMES: dict[str, PhantomScheme] = {
     # 2024 pediatric classes: core -> NETC 2, oedema -> ED 4, enhancing -> ET 1, cyst -> CC 3.
     "brats2024-ped": PhantomScheme(
         BRATS2023, "BraTS-PED-{:05d}-000", "brats2024-ped", extra="cyst", relabel=(0, 2, 4, 1, 3)
+    ),
+    # One T1c image; the mass (core and enhancing) is the gross tumour volume, oedema is outside it.
+    "brats-men-rt": PhantomScheme(
+        BRATS_MEN_RT,
+        "BraTS-MEN-RT-{:04d}-1",
+        "brats-men-rt",
+        tumour="meningioma",
+        relabel=(0, 1, 0, 1, 0),
+        channels=(2,),
     ),
 }
 DEFAULT_PHANTOM_SCHEME = next(iter(PHANTOM_SCHEMES))
@@ -394,6 +405,7 @@ def _write_one_case(
     if written.relabel is not None:
         label = np.asarray(written.relabel, np.uint8)[label]
     case_id = written.case_id.format(index)
+    image = image[list(written.channels)]
     write_layout_case(folder, written.layout, case_id, image, label, np.eye(4), written.convention)
     return case_id
 

@@ -258,22 +258,25 @@ def _case_is_done(out: Path, case_id: str, digest: str) -> bool:
     return meta.get("settings_digest") == digest and (out / f"{case_id}_x.npy").is_file()
 
 
-def zero_channel_warning(case: CaseFiles, image: np.ndarray) -> str | None:
+def zero_channel_warning(
+    case: CaseFiles, image: np.ndarray, channels: tuple[str, ...] = CANONICAL_CHANNELS
+) -> str | None:
     """A warning naming the case and its modalities that hold nothing but zeros (a missing or
     blank modality, almost surely a conversion mistake), or None.
 
     Args:
-        image: the raw (C, Z, Y, X) image in canonical channel order; only the modalities are
-            looked at (DLE's extra one-hot channel is empty for a case without tumour).
+        image: the raw (C, Z, Y, X) image; only the modalities are looked at (DLE's extra one-hot
+            channel is empty for a case without tumour).
+        channels: the names of the image's modalities, in order (the layout's channels).
     """
-    modalities = min(image.shape[0], len(CANONICAL_CHANNELS))
+    modalities = min(image.shape[0], len(channels))
     zero = [c for c in range(modalities) if not np.any(image[c])]
     if not zero:
         return None
     source = case.images[zero[0]] if len(case.images) == image.shape[0] else case.images[0]
     if len(zero) == modalities:
         return f"case {case.case_id}: every channel is all zeros ({source.parent}); it carries no image to learn from"
-    which = ", ".join(f"{CANONICAL_CHANNELS[c]} (channel {c})" for c in zero)
+    which = ", ".join(f"{channels[c]} (channel {c})" for c in zero)
     return f"case {case.case_id}: {which} {'is' if len(zero) == 1 else 'are'} all zeros ({source}); check the file"
 
 
@@ -288,7 +291,7 @@ def _prepare_one(
         raw = layout.read_case(case, settings.dle_labels, schemes)
     except DataFormatError as exc:
         return case.case_id, str(exc), None
-    warning = zero_channel_warning(case, raw.image)
+    warning = zero_channel_warning(case, raw.image, layout.channels)
     image, label, meta = prepare_case(raw, settings)
     meta["settings_digest"] = settings.digest()
     arrays = {"x": image}

@@ -229,6 +229,24 @@ _BRATS2024_PED = LabelScheme(
     ),
 )
 
+_BRATS_MEN_RT = LabelScheme(
+    name="brats-men-rt",
+    title="BraTS 2024 meningioma radiotherapy (MEN-RT), one channel",
+    channels=("t1ce",),
+    classes=("GTV",),
+    class_descriptions=("gross tumour volume",),
+    regions={"GTV": (1,)},
+    trained_regions=("GTV",),
+    regions_class_order=(1,),
+    lesion=LesionSettings("brats2023", 1, 50.0),
+    source=(
+        "BraTS 2024 meningioma radiotherapy evaluation code, rachitsaluja/BraTS-2024-Metrics metrics_MEN_RT.py, "
+        "and the brats-evaluation package's config_MenRT.yaml: one T1c image per case (<case>_t1c.nii.gz), label 1 "
+        "GTV (<case>_gtv.nii.gz); dilation 1, 50 mm³. That code also leaves false positives out of the lesion-wise "
+        "mean, which the brats2023 definition does not"
+    ),
+)
+
 #: Every scheme by name; ``data.scheme`` and ``--scheme`` choose among them ("auto" detects).
 SCHEMES: dict[str, LabelScheme] = {
     scheme.name: scheme
@@ -249,6 +267,7 @@ SCHEMES: dict[str, LabelScheme] = {
         ),
         _BRATS2024_GLI,
         _BRATS2024_PED,
+        _BRATS_MEN_RT,
     )
 }
 

@@ -91,6 +91,7 @@ LAYOUTS: dict[str, Layout] = {
         brats.BRATS2023,
         dle.DLE,
         nnunetv2.NNUNET_V2,
+        brats.BRATS_MEN_RT,
     )
 }
 

@@ -4,6 +4,9 @@
     ``<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz`` (or ``.nii``), labels 1 necrotic core,
     2 edema, 4 enhancing. BraTS 2020 folders use the same file naming and label numbering and
     are read too.
+``brats-men-rt``
+    ``<case>/<case>_{t1c,gtv}.nii.gz``: BraTS 2024 meningioma radiotherapy, one channel (T1c) and
+    one label, 1 gross tumour volume.
 ``brats2023``
     ``<case>/<case>-{t2f,t1n,t1c,t2w,seg}.nii.gz`` (or ``.nii``) for every BraTS 2023 challenge
     prefix (GLI, MEN, MET, PED, SSA), labels 1 necrotic core, 2 edema, 3 enhancing; and BraTS 2024
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..schemes import SCHEMES
-from .canonical import CANONICAL_CHANNELS, CaseFiles, DataFormatError, Layout, RawCase
+from .canonical import CaseFiles, DataFormatError, Layout, RawCase
 from .files import (
     LABELS_NEEDED,
     find_nifti,
@@ -36,8 +39,6 @@ from .files import (
     visible_subdirectories,
 )
 
-_SEG_SUFFIX = "seg"
-
 
 @dataclass(frozen=True)
 class _Release:
@@ -45,14 +46,19 @@ class _Release:
 
     name: str
     separator: str  # between case id and suffix
-    suffixes: dict[str, str]  # canonical channel -> file-name suffix
+    suffixes: dict[str, str]  # canonical channel -> file-name suffix, in the release's channel order
     case_folder: re.Pattern[str]  # the official releases' case-folder names
+    seg_suffix: str = "seg"
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return tuple(self.suffixes)
 
     def is_case_folder(self, folder: Path) -> bool:
         """A folder is a case if named like one, or holding files named after it."""
         if self.case_folder.match(folder.name):
             return True
-        suffixes = (*self.suffixes.values(), _SEG_SUFFIX)
+        suffixes = (*self.suffixes.values(), self.seg_suffix)
         stem_prefix = folder.name + self.separator
         for entry in folder.iterdir():
             stem = strip_nifti_extension(entry.name)
@@ -66,16 +72,16 @@ class _Release:
     def case_files(self, folder: Path, require_labels: bool) -> CaseFiles:
         case_id = folder.name
         images: list[Path] = []
-        for channel in CANONICAL_CHANNELS:
+        for channel in self.channels:
             stem = f"{case_id}{self.separator}{self.suffixes[channel]}"
             path = find_nifti(folder, stem, case_id)
             if path is None:
                 raise DataFormatError(
                     f"case {case_id}: missing {channel} file {folder / stem}.nii[.gz]; "
-                    f"expected all of {[self.suffixes[c] for c in CANONICAL_CHANNELS]}"
+                    f"expected all of {list(self.suffixes.values())}"
                 )
             images.append(path)
-        seg_stem = f"{case_id}{self.separator}{_SEG_SUFFIX}"
+        seg_stem = f"{case_id}{self.separator}{self.seg_suffix}"
         label = find_nifti(folder, seg_stem, case_id)
         if label is None and require_labels:
             raise DataFormatError(
@@ -95,20 +101,20 @@ class _Release:
         return cases
 
     def read(self, case: CaseFiles, convention: str) -> RawCase:
-        return read_channel_files(case, convention)
+        return read_channel_files(case, convention, self.channels)
 
     def write(
         self, root: Path, case_id: str, image: np.ndarray, native_label: np.ndarray | None, affine: np.ndarray
     ) -> CaseFiles:
         folder = root / case_id
         image_paths: list[Path] = []
-        for index, channel in enumerate(CANONICAL_CHANNELS):
+        for index, channel in enumerate(self.channels):
             path = folder / f"{case_id}{self.separator}{self.suffixes[channel]}.nii.gz"
             save_volume(path, image[index], affine)
             image_paths.append(path)
-        label_path = folder / f"{case_id}{self.separator}{_SEG_SUFFIX}.nii.gz"
+        label_path = folder / f"{case_id}{self.separator}{self.seg_suffix}.nii.gz"
         if native_label is None:
-            remove_stale([label_path, folder / f"{case_id}{self.separator}{_SEG_SUFFIX}.nii"])
+            remove_stale([label_path, folder / f"{case_id}{self.separator}{self.seg_suffix}.nii"])
             return CaseFiles(case_id, self.name, tuple(image_paths), None)
         save_volume(label_path, native_label, affine)
         return CaseFiles(case_id, self.name, tuple(image_paths), label_path)
@@ -129,6 +135,7 @@ class _Release:
             write=self.write,
             schemes=schemes or {},
             detect_schemes=detect_schemes,
+            channels=self.channels,
         )
 
 
@@ -187,3 +194,11 @@ BRATS2023 = _Release(
     },
     detect_schemes=_sub_challenge_schemes,
 )
+
+BRATS_MEN_RT = _Release(
+    name="brats-men-rt",
+    separator="_",
+    suffixes={"t1ce": "t1c"},
+    case_folder=re.compile(r"^BraTS-MEN-RT-\d+-\d+$"),
+    seg_suffix="gtv",
+).layout("brats-men-rt (<case>/<case>_{t1c,gtv}.nii[.gz], one channel)")

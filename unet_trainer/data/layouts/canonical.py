@@ -63,6 +63,8 @@ LABEL_CONVENTIONS: dict[str, dict[int, int]] = {
     "brats2024-gli": {0: 0, 1: 1, 2: 2, 3: 3, 4: 4},
     # BraTS 2024 pediatric: 1 enhancing, 2 non-enhancing core, 3 cyst, 4 edema (its own classes).
     "brats2024-ped": {0: 0, 1: 1, 2: 2, 3: 3, 4: 4},
+    # BraTS 2024 meningioma radiotherapy: 1 gross tumour volume.
+    "brats-men-rt": {0: 0, 1: 1},
 }
 
 #: The scheme whose class indices each convention's values map onto.
@@ -73,6 +75,7 @@ CONVENTION_SCHEME: dict[str, str] = {
     "dle": "msd",
     "brats2024-gli": "brats2024-gli",
     "brats2024-ped": "brats2024-ped",
+    "brats-men-rt": "brats-men-rt",
 }
 
 
@@ -170,6 +173,7 @@ class Layout:
         detect_schemes: ``detect_schemes(cases) -> scheme names`` the cases may hold, from their file
             names, narrowest first (the labels decide among them); None: every one of ``schemes``.
             Raises :class:`DataFormatError` for a folder that mixes families.
+        channels: the channels its images hold, in order, by canonical name.
     """
 
     name: str
@@ -183,6 +187,7 @@ class Layout:
     refines: tuple[str, ...] = ()
     schemes: Mapping[str, str] = field(default_factory=dict)
     detect_schemes: Callable[[Sequence[CaseFiles]], tuple[str, ...]] | None = None
+    channels: tuple[str, ...] = CANONICAL_CHANNELS
 
     def read_convention(self, dle_labels: str) -> str:
         """The label convention this layout's segmentation files are read in: ``label_convention``, or

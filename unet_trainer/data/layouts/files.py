@@ -315,31 +315,32 @@ def read_prediction_of(case: CaseFiles, raw: RawCase, path: Path) -> np.ndarray:
     return read_label_on_grid(prediction, raw.label_convention, reference, shape_xyz, raw.affine)
 
 
-def read_channel_files(case: CaseFiles, convention: str) -> RawCase:
-    """Read a case stored as one 3D NIfTI per channel (``case.images`` in canonical order).
+def read_channel_files(case: CaseFiles, convention: str, channels: tuple[str, ...] = CANONICAL_CHANNELS) -> RawCase:
+    """Read a case stored as one 3D NIfTI per channel (``case.images`` in the order of ``channels``,
+    canonical channel names).
 
     Raises:
         DataFormatError: a missing or unreadable file, a volume that is not 3D, files on
             different grids, NaN/Inf voxels, bad voxel sizes, labels outside ``convention``.
     """
-    if len(case.images) != len(CANONICAL_CHANNELS):
+    if len(case.images) != len(channels):
         raise DataFormatError(
             f"case {case.case_id}: {len(case.images)} image files given; "
-            f"expected {len(CANONICAL_CHANNELS)} ({', '.join(CANONICAL_CHANNELS)})"
+            f"expected {len(channels)} ({', '.join(channels)})"
         )
     reference_path = case.images[0]
     image: np.ndarray | None = None
     reference_shape: tuple[int, ...] = ()
     reference_affine = np.eye(4)
     spacing = (1.0, 1.0, 1.0)
-    for index, (channel, path) in enumerate(zip(CANONICAL_CHANNELS, case.images)):
+    for index, (channel, path) in enumerate(zip(channels, case.images)):
         data, affine, zooms = load_nifti(path, case.case_id, label=False)
         data = squeeze_to_3d(data, path, case.case_id, f"{channel} volume")
         if index == 0:
             reference_shape, reference_affine = data.shape, affine
             spacing = spacing_from_zooms(zooms, path, case.case_id)
             x, y, z = data.shape
-            image = np.empty((len(CANONICAL_CHANNELS), z, y, x), dtype=np.float32)
+            image = np.empty((len(channels), z, y, x), dtype=np.float32)
         else:
             check_grid(case.case_id, path, data.shape, affine, reference_path, reference_shape, reference_affine)
         check_finite(data, path, case.case_id, channel)
@@ -475,7 +476,7 @@ def write_layout_case(
         root: dataset folder (created if missing).
         layout: the layout to write, e.g. ``brats.BRATS2021``.
         case_id: case identifier; becomes the folder/file name.
-        image: ``(4, Z, Y, X)`` canonical-channel images, written as float32.
+        image: ``(C, Z, Y, X)`` images in the layout's channels (``layout.channels``), written as float32.
         label: ``(Z, Y, X)`` canonical labels written in the layout's native convention
             as uint8, or None for an unlabelled case (a previous label file of this case
             is removed; where a layout keeps unlabelled cases, its module says).
@@ -494,8 +495,8 @@ def write_layout_case(
     """
     check_case_id(case_id)
     image = np.asarray(image)
-    if image.ndim != 4 or image.shape[0] != len(CANONICAL_CHANNELS):
-        raise ValueError(f"image must be ({len(CANONICAL_CHANNELS)}, Z, Y, X), got shape {image.shape}")
+    if image.ndim != 4 or image.shape[0] != len(layout.channels):
+        raise ValueError(f"image must be ({len(layout.channels)}, Z, Y, X), got shape {image.shape}")
     image = np.asarray(image, dtype=np.float32)
     if not np.isfinite(image).all():
         raise ValueError(f"case {case_id}: image has NaN/Inf values; the reader would reject them")
