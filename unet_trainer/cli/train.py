@@ -13,6 +13,7 @@ from ..core.guard import OutputPathError
 from ..core.runfolder import RunFolderError
 from ..data.layouts import DataFormatError
 from ..data.loader import SharedMemoryExhausted
+from ..data.schemes import SCHEMES
 from ..training.trainer import TrainingDiverged
 from .errors import CONFIG_ONLY, FAILURE, USAGE_ERROR, ErrorTable, command, fail, guard
 from .parsing import command_parser
@@ -52,7 +53,8 @@ def format_summary(summary: dict) -> str:
     final = summary["final_eval"]
     lines = [""]
     if final:
-        regions = "  ".join(f"{k} {final.get('dice/' + k, math.nan):.3f}" for k in ("WT", "TC", "ET"))
+        names = SCHEMES[summary["scheme"]].region_names
+        regions = "  ".join(f"{k} {final.get('dice/' + k, math.nan):.3f}" for k in names)
         lines.append(
             f"Validation Dice ({final.get('batch')} steps): {regions}  mean {final.get('dice/mean', math.nan):.3f}"
         )

@@ -158,8 +158,12 @@ def with_scheme(cfg: dict, scheme: LabelScheme) -> tuple[dict, list[str]]:
     region_mode = components.output_mode(cfg["loss"]) is OutputMode.REGIONS
     wanted = {"in_channels": len(scheme.channels), "num_classes": scheme.num_outputs(region_mode)}
     notes = [
-        f"model.{name}.{key} {settings[key]} -> {value}: the data's label scheme {scheme.name} has "
-        + (f"{value} channels ({', '.join(scheme.channels)})" if key == "in_channels" else f"{value} outputs")
+        f"model.{name}.{key} {settings[key]} -> {value}: the data's label scheme {scheme.name} "
+        + (
+            f"has {value} input channel(s) ({', '.join(scheme.channels)})"
+            if key == "in_channels"
+            else f"needs {value} outputs ({', '.join(scheme.trained_regions if region_mode else ('background', *scheme.classes))})"
+        )
         for key, value in wanted.items()
         if key in settings and settings[key] != value
     ]
