@@ -81,3 +81,19 @@ def test_a_malformed_scheme_is_refused(change, message):
     )
     with pytest.raises(ValueError, match=message):
         LabelScheme(**{**fields, **change})
+
+
+def test_each_shipped_config_of_a_scheme_gives_the_model_its_channels_and_classes():
+    from pathlib import Path
+
+    from unet_trainer.commands.datasets import with_scheme
+    from unet_trainer.config.config import resolve_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    named = {}
+    for path in configs:
+        cfg = resolve_config(path, [])
+        if cfg["data"]["scheme"] != "auto":
+            named[cfg["data"]["scheme"]] = cfg
+            assert with_scheme(cfg, SCHEMES[cfg["data"]["scheme"]])[1] == [], path.name  # nothing to change
+    assert {"brats2024-gli", "brats2024-ped", "brats-men-rt"} <= set(named)
