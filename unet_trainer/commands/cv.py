@@ -45,11 +45,12 @@ from ..core.checkpoints import CheckpointManager
 from ..core.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
 from ..core.fileio import atomic_write, atomic_write_text
 from ..core.runfolder import FolderLock, RunFolderError
+from ..data.schemes import SCHEMES
 from ..evaluation import postprocessing as pp
 from ..evaluation.metrics import mean_scores
 from ..training import callbacks as cb
 from .builders import CVSettings, EvalSettings, SplitSettings, build_cv_settings, fold_config
-from .datasets import check_run_outputs
+from .datasets import check_run_outputs, requested_scheme, with_scheme
 from .evaluate import evaluate_model
 from .folders import CV_CONFIG, FoldState, chosen_checkpoint, fold_folder, fold_state
 from .loading import load_model
@@ -177,6 +178,9 @@ def check_fold_config(state: FoldState, cfg: dict) -> None:
             f"{state.checkpoint}: was trained on fold {trained_fold}, but lies in the folder of fold {state.fold}"
         )
     stored = _stored_config(state.checkpoint, lambda: state.config)
+    scheme = (stored.get("data") or {}).get("scheme")
+    if requested_scheme(cfg) == "auto" and scheme in SCHEMES:
+        cfg, _ = with_scheme(cfg, SCHEMES[scheme])  # as training resolved it from the data
     differing = [k for k in config_differences(stored, cfg) if not _free(k, PER_FOLD_KEYS + EVALUATION_KEYS)]
     if differing:
         raise CrossValidationError(

@@ -28,6 +28,7 @@ from ..core.checkpoint import CheckpointError, one_line
 from ..core.documents import DocumentError, load_json_text, read_utf8
 from ..core.fileio import os_error_line
 from ..data.prepare import PrepareSettings
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from ..evaluation.evaluation import logits_to_probabilities
 from ..evaluation.inference import SlidingWindow
 from ..evaluation.postprocessing import Postprocessing, postprocessing_from_rules
@@ -294,13 +295,26 @@ def exported_postprocessing(folder: Path) -> Postprocessing | None:
     Raises:
         ExportError: a bad model.json. PostprocessingError: rules that do not check.
     """
-    section = read_model_json(folder).get("postprocessing")
+    document = read_model_json(folder)
+    section = document.get("postprocessing")
     if section is None:
         return None
     path = Path(folder) / MODEL_JSON
     if not isinstance(section, dict):
         raise ExportError(f'{path}: "postprocessing" must be an object or null')
-    return postprocessing_from_rules(path, section.get("kept"), str(section.get("source", "")))
+    return postprocessing_from_rules(
+        path, section.get("kept"), str(section.get("source", "")), exported_scheme(document)
+    )
+
+
+def exported_scheme(document: dict) -> LabelScheme:
+    """The label scheme a model.json records (a folder exported before schemes were recorded: the
+    default scheme, the BraTS glioma classes)."""
+    labels = document.get("labels")
+    name = labels.get("scheme", DEFAULT_SCHEME) if isinstance(labels, dict) else DEFAULT_SCHEME
+    if name not in SCHEMES:
+        raise ExportError(f"{MODEL_JSON}: unknown label scheme {json.dumps(name)[:40]}")
+    return SCHEMES[name]
 
 
 #: The one setting ``unet-predict`` takes for an exported folder; the others are model.json's.

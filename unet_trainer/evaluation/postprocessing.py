@@ -483,14 +483,16 @@ def _check_rule(path: Path, index: int, rule: Any, scheme: LabelScheme) -> dict:
     return {"rule": name, **{key: rule[key] for key in spec.params}}
 
 
-def load_postprocessing(path: Path, scheme: LabelScheme = _DEFAULT) -> Postprocessing:
+def load_postprocessing(path: Path, scheme: LabelScheme | None = None) -> Postprocessing:
     """Read and check a postprocessing file (of :func:`write_postprocessing`, or anyone's) against
-    the label scheme its rules are to act in.
+    the label scheme its rules are to act in: ``scheme``, else the one the file records, else the
+    default scheme.
 
     Raises:
-        PostprocessingError: unreadable, not JSON, not such a file, another version, or a kept rule
-            with an unknown name, a missing, unknown or ill-typed parameter, a region that is not the
-            scheme's or a rule the scheme cannot take; one line.
+        PostprocessingError: unreadable, not JSON, not such a file, another version, a recorded scheme
+            that is unknown or has other classes than ``scheme``, or a kept rule with an unknown name,
+            a missing, unknown or ill-typed parameter, a region that is not the scheme's or a rule the
+            scheme cannot take; one line.
     """
     path = Path(path)
     try:
@@ -511,8 +513,14 @@ def load_postprocessing(path: Path, scheme: LabelScheme = _DEFAULT) -> Postproce
     kept = document.get("kept")
     if not isinstance(kept, list):
         raise PostprocessingError(f'{path}: "kept" must be a list of rules, got {json.dumps(kept)[:60]}')
+    recorded = document.get("scheme", _DEFAULT.name)
+    if recorded not in SCHEMES:
+        raise PostprocessingError(f"{path}: unknown label scheme {json.dumps(recorded)[:40]}")
+    if scheme is not None and not SCHEMES[recorded].compatible_with(scheme):
+        raise PostprocessingError(f"{path}: its rules were chosen for label scheme {recorded}, not {scheme.name}")
     checkpoint = document.get("checkpoint", "")
-    return postprocessing_from_rules(path, kept, checkpoint if isinstance(checkpoint, str) else "", scheme)
+    checkpoint = checkpoint if isinstance(checkpoint, str) else ""
+    return postprocessing_from_rules(path, kept, checkpoint, scheme or SCHEMES[recorded])
 
 
 def postprocessing_from_rules(
@@ -557,12 +565,13 @@ def format_choice(choice: PostprocessingChoice, path: Path | None = None) -> str
 
 
 def postprocessing_for(
-    checkpoint: Path | None, explicit: Path | None = None, enabled: bool = True, scheme: LabelScheme = _DEFAULT
+    checkpoint: Path | None, explicit: Path | None = None, enabled: bool = True, scheme: LabelScheme | None = None
 ) -> Postprocessing | None:
     """The postprocessing unet-predict applies: ``explicit`` when given (it must exist), else the
     ``postprocessing.json`` of the checkpoint's run folder (of the folder itself when ``checkpoint``
     is a run or unet-cv folder) when present, else none; none when not ``enabled``, and no default
-    without a ``checkpoint`` (an ensemble of several). Its rules are checked against and act in ``scheme``.
+    without a ``checkpoint`` (an ensemble of several). Its rules are checked against and act in ``scheme``
+    (None: the scheme the file records).
 
     Raises:
         PostprocessingError: the file cannot be used (see :func:`load_postprocessing`).
