@@ -130,7 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--cpu-row", action="store_true", help="the CPU row: a full-size phantom case, see above")
     parser.add_argument("--checkpoint", type=Path, default=None, help="CPU row: a checkpoint of the brats.yaml network")
-    parser.add_argument("--fit-steps", type=int, default=60, help="CPU row without --checkpoint: fitting steps")
+    parser.add_argument("--fit-steps", type=int, default=100, help="CPU row without --checkpoint: fitting steps")
+    parser.add_argument("--fit-lr", type=float, default=2e-3, help="CPU row without --checkpoint: Adam's lr")
     parser.add_argument("--fit-patch", type=int, default=64, help="CPU row: fitting patch edge")
     parser.add_argument("--seed", type=int, default=0, help="CPU row: the phantom case's seed")
     parser.add_argument("--cpu-child", type=Path, default=None, help=argparse.SUPPRESS)  # the no-AMX child's input

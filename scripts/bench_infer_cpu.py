@@ -7,7 +7,7 @@ back on the full 155 x 240 x 240 grid (0 outside the head's bounding box), so bo
 
 The model: random weights give near-tie logits whose labels mean nothing, so the network is first given
 meaning. With ``--checkpoint`` the weights of a ``unet-train`` checkpoint of that network (its EMA weights when
-it holds them) are used; by default the network is fitted for ``--fit-steps`` steps (Adam, lr 1e-3, the Dice +
+it holds them) are used; by default the network is fitted for ``--fit-steps`` steps (Adam, lr ``--fit-lr``, the Dice +
 cross-entropy loss of our recipes) on ``--fit-patch``^3 patches of that same case, every other patch centred on
 the tumour, in bf16 autocast where the CPU computes bf16 natively (else fp32): a few minutes, enough for
 confident outputs on this case. The script prints the Dice of the fitted network's fp32 labels against the
@@ -91,10 +91,10 @@ def _patch_origin(label: torch.Tensor, patch: int, on_tumour: bool, rng: np.rand
     return [min(max(c - patch // 2, 0), n - patch) for c, n in zip(centre, label.shape)]
 
 
-def fit(model: UNet, image: torch.Tensor, label: torch.Tensor, steps: int, patch: int, bf16: bool) -> None:
+def fit(model: UNet, image: torch.Tensor, label: torch.Tensor, steps: int, patch: int, lr: float, bf16: bool) -> None:
     """Fit ``model`` on patches of one case, in place (ends in eval mode)."""
     rng = np.random.default_rng(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = DiceCELoss()
     model.train()
     for step in range(steps):
@@ -224,8 +224,8 @@ def cpu_row(args, save: Callable[..., None]) -> int:
         meaning = f"weights of {args.checkpoint}"
     else:
         start = time.perf_counter()
-        fit(model, image, truth, args.fit_steps, args.fit_patch, bool(features.native_bf16))
-        meaning = f"fitted {args.fit_steps} steps on {args.fit_patch}^3 patches of the case ({time.perf_counter() - start:.0f} s)"
+        fit(model, image, truth, args.fit_steps, args.fit_patch, args.fit_lr, bool(features.native_bf16))
+        meaning = f"fitted {args.fit_steps} steps (lr {args.fit_lr}) on {args.fit_patch}^3 patches of the case ({time.perf_counter() - start:.0f} s)"
     print(f"model: configs/brats.yaml network, {meaning}", flush=True)
     save(cpu_device=f"CPU {cpu_model_name()}", cpu_flags=sorted(features.flags), model=meaning, window=window)
 

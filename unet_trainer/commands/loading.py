@@ -3,6 +3,8 @@
 
 :func:`load_model` rebuilds a checkpoint's model from the config stored in it (with command-line
 overrides such as ``eval.mirror_tta=true device=cpu precision=fp32``), as a :class:`LoadedModel`.
+On the CPU, ``unet-predict`` runs it (or an ensemble) through :func:`with_cpu_path`: the fastest path that is
+exact enough (:mod:`~unet_trainer.evaluation.cpu_path`), settled on the first volume predicted, said in one line.
 
 Ensembles (:func:`load_models`): the fold models of a ``unet-cv`` folder, or any checkpoints whose
 predictions mean the same thing.
@@ -467,6 +469,8 @@ class AutoCpuPath:
         self.choice: CpuChoice | None = None
 
     def __getattr__(self, name: str):
+        if name == "inner":  # not yet set (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
