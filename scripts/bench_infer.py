@@ -29,8 +29,14 @@ differ in detail (ours is the continuous Gaussian centred at (n - 1) / 2 voxels,
 Gaussian kernel centred on voxel n // 2, each with its own floor), and under bf16 each window's
 logits round.
 
+The CPU row (``--cpu-row``, :mod:`bench_infer_cpu`): one full-size phantom case through the same network, given
+meaning first (``--checkpoint``, else a short fit on the case), ours in the path ``unet-predict`` takes on this
+CPU against MONAI's fp32, with seconds per case, peak resident memory, the Dice per region between the two
+label maps, and the same for a CPU without AMX (emulated with ``ONEDNN_MAX_CPU_ISA``).
+
 Examples:
     python scripts/bench_infer.py                                   # CUDA: the full setting
+    python scripts/bench_infer.py --cpu-row --warmup 0 --iters 1 --json cpu.json   # the CPU row (minutes)
     python scripts/bench_infer.py --device cpu --size 64 80 80 --window 64 --width-divisor 8 \\
         --iters 2 --warmup 1                                        # CPU smoke run (fp32), well under a minute
 
@@ -122,11 +128,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--json", type=Path, default=None, help="also write the figures to this JSON file, rewritten after each timing"
     )
+    parser.add_argument("--cpu-row", action="store_true", help="the CPU row: a full-size phantom case, see above")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="CPU row: a checkpoint of the brats.yaml network")
+    parser.add_argument("--fit-steps", type=int, default=100, help="CPU row without --checkpoint: fitting steps")
+    parser.add_argument("--fit-lr", type=float, default=2e-3, help="CPU row without --checkpoint: Adam's lr")
+    parser.add_argument("--fit-patch", type=int, default=64, help="CPU row: fitting patch edge")
+    parser.add_argument("--seed", type=int, default=0, help="CPU row: the phantom case's seed")
+    parser.add_argument("--cpu-child", type=Path, default=None, help=argparse.SUPPRESS)  # the no-AMX child's input
     return parser.parse_args(argv)
+
+
+def json_saver(path: Path | None, figures: dict) -> Callable[..., None]:
+    """A function adding figures to ``figures`` and rewriting ``path`` with them (atomically), when given."""
+
+    def save(**measured) -> None:
+        # After each timing, so a run stopped at a time limit keeps what it measured.
+        figures.update(measured)
+        if path:
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_text(json.dumps(figures, indent=1))
+            temporary.replace(path)
+
+    return save
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cpu_row or args.cpu_child:
+        import bench_infer_cpu
+
+        if args.cpu_child:
+            return bench_infer_cpu.child_main(args.cpu_child, args.warmup, args.iters)
+        return bench_infer_cpu.cpu_row(args, json_saver(args.json, {"torch": torch.__version__}))
 
     from monai.inferers import sliding_window_inference
 
@@ -191,13 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "channels_last": channels_last,
     }
 
-    def save(**measured) -> None:
-        # After each timing, so a run stopped at a time limit keeps what it measured.
-        figures.update(measured)
-        if args.json:
-            temporary = args.json.with_name(args.json.name + ".tmp")
-            temporary.write_text(json.dumps(figures, indent=1))
-            temporary.replace(args.json)
+    save = json_saver(args.json, figures)
 
     monai_ms, monai_out, monai_peak = time_volume(monai, device, args.warmup, args.iters)
     save(monai_ms=monai_ms, monai_peak_gib=monai_peak)

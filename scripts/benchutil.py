@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -34,6 +36,50 @@ def device_description(device: torch.device | str) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     return f"CPU {cpu_model_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
+
+
+@dataclass
+class PeakMemory:
+    """The peak resident memory of a block, filled in when it ends: GiB, and how it was measured."""
+
+    gib: float = 0.0
+    method: str = ""
+
+
+def _vm_hwm_kib() -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def peak_rss():
+    """Measure the peak resident memory (RSS) of this process during the block (a :class:`PeakMemory`).
+
+    On Linux the kernel's high-water mark ``VmHWM`` (/proc/self/status) is reset to the current RSS first, by
+    writing 5 to /proc/self/clear_refs, so the figure is the block's own; where that cannot be done
+    ``ru_maxrss`` is read instead, the peak of the whole process so far (the method says which).
+    """
+    peak = PeakMemory()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        reset = _vm_hwm_kib() is not None
+    except OSError:
+        reset = False
+    try:
+        yield peak
+    finally:
+        if reset:
+            peak.gib, peak.method = _vm_hwm_kib() / 2**20, "VmHWM, reset before the loop"
+        else:
+            kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+            peak.gib, peak.method = kib / 2**20, "ru_maxrss, the process's peak so far"
 
 
 def brats_3d_model(width_divisor: int = 1) -> dict:

@@ -41,6 +41,7 @@ def label_numbering_text(indent: str = "    ") -> str:
 
 USAGE = f"""usage: unet-predict CHECKPOINT [CHECKPOINT...] INPUT OUTPUT [OVERRIDES...] [--format FMT]
                     [--probabilities] [--overlays] [--postprocessing FILE | --no-postprocessing] [--no-progress]
+                    [--cpu-path auto|fp32|bf16]
        unet-predict EXPORTED_DIR INPUT OUTPUT [device=cpu|cuda] [--runtime onnx|torchscript] [...]
 
 Segment every case of INPUT (raw cases in any supported layout, labels not needed) with a
@@ -72,6 +73,10 @@ exit status is then 1.
                      write the model's labels as they are
   --runtime FMT      the format of EXPORTED_DIR to run: onnx (on the CPU) or torchscript (default:
                      the first it holds, in that order)
+  --cpu-path PATH     how checkpoints run on the CPU: auto (default: bf16 autocast + channels-last where the
+                     CPU has amx_bf16 or avx512_bf16 and the first volume's centred window agrees with
+                     fp32, Dice >= 0.995 per region; else fp32 + channels-last), fp32 (exactly fp32, as
+                     does precision=fp32) or bf16; one line says which was taken and why
   --no-progress      no progress bar
   -h, --help         show this help
 """
@@ -86,7 +91,7 @@ ERRORS = ErrorTable(
 
 def make_parser():
     parser = command_parser("unet-predict")
-    for flag in ("--format", "--postprocessing", "--runtime"):
+    for flag in ("--format", "--postprocessing", "--runtime", "--cpu-path"):
         parser.add_argument(flag)
     for flag in ("--probabilities", "--overlays", "--no-progress", "--no-postprocessing"):
         parser.add_argument(flag, action="store_true")
@@ -117,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             overlays=flags["--overlays"],
             postprocess=postprocess,
             runtime=flags["--runtime"],
+            cpu_path=flags["--cpu-path"],
         )
     files = sum(len(paths) for paths in summary.written.values())
     line = f"Wrote {len(summary.written)} segmentation(s) ({files} files) to {output}"

@@ -3,6 +3,8 @@
 
 :func:`load_model` rebuilds a checkpoint's model from the config stored in it (with command-line
 overrides such as ``eval.mirror_tta=true device=cpu precision=fp32``), as a :class:`LoadedModel`.
+On the CPU, ``unet-predict`` runs it (or an ensemble) through :func:`with_cpu_path`: the fastest path that is
+exact enough (:mod:`~unet_trainer.evaluation.cpu_path`), settled on the first volume predicted, said in one line.
 
 Ensembles (:func:`load_models`): the fold models of a ``unet-cv`` folder, or any checkpoints whose
 predictions mean the same thing.
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -38,7 +40,17 @@ from ..core.checkpoint import CheckpointError, load_checkpoint, one_line
 from ..core.checkpoints import CheckpointManager
 from ..core.runfolder import RunFolderError, live_holder
 from ..data.prepare import PrepareSettings
-from ..evaluation.evaluation import logits_to_probabilities
+from ..evaluation.cpu_path import (
+    CpuChoice,
+    CpuFeatures,
+    CpuPath,
+    centre_crop,
+    cpu_features,
+    plan_cpu_path,
+    set_channels_last,
+    settle_cpu_path,
+)
+from ..evaluation.evaluation import logits_to_probabilities, probabilities_to_labels
 from ..evaluation.inference import SlidingWindow
 from ..models.base import SegmentationModel, optimize_model
 from .builders import (
@@ -401,3 +413,98 @@ def load_models(
         shown = ", ".join(notes[:8]) + (" ..." if len(notes) > 8 else "")
         print(f"note: the models' configs differ in {shown} (their outputs and inputs agree)", file=log)
     return EnsembleModel(members)
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU path (evaluation.cpu_path): chosen on the first volume predicted
+# --------------------------------------------------------------------------------------------
+
+
+def _members(predictor: LoadedModel | EnsembleModel) -> list[LoadedModel]:
+    return predictor.members if isinstance(predictor, EnsembleModel) else [predictor]
+
+
+def use_cpu_path(predictor: LoadedModel | EnsembleModel, path: CpuPath) -> None:
+    """Run every model of ``predictor`` in ``path``'s precision and memory format from now on."""
+    for member in _members(predictor):
+        set_channels_last(member.model, path.channels_last)
+        member.sliding_window = replace(member.sliding_window, amp_dtype=path.amp_dtype)
+
+
+def check_labels(predictor: LoadedModel | EnsembleModel, image: torch.Tensor, path: CpuPath) -> torch.Tensor:
+    """The canonical labels (*S) of a small prepared volume (C, *S) with ``predictor`` switched to ``path``,
+    its models' probabilities averaged, without mirroring (a check of precision, not of the test-time
+    augmentation)."""
+    use_cpu_path(predictor, path)
+    members = _members(predictor)
+    total = None
+    for member in members:
+        window = replace(member.sliding_window, mirror=False)
+        probs = logits_to_probabilities(window(member.model, image.to(member.device)), member.region_mode)
+        total = probs if total is None else total.add_(probs)
+    return probabilities_to_labels(total.div_(len(members)), predictor.region_mode)
+
+
+class AutoCpuPath:
+    """A checkpoint's model, or an ensemble, on the CPU, whose path (:mod:`~unet_trainer.evaluation.cpu_path`)
+    is settled on the first volume it predicts; otherwise it is the model it wraps (every attribute but
+    :meth:`probabilities` is the wrapped one's).
+
+    Args:
+        inner: the model(s), on the CPU.
+        requested: a key of :data:`~unet_trainer.evaluation.cpu_path.CPU_PATH_CHOICES`.
+        log: where the one line saying which path was taken, and why, goes.
+        features: the CPU's flags (default: read here, :func:`~unet_trainer.evaluation.cpu_path.cpu_features`).
+    """
+
+    def __init__(
+        self,
+        inner: LoadedModel | EnsembleModel,
+        requested: str,
+        log: TextIO,
+        features: CpuFeatures | None = None,
+    ):
+        self.inner, self.log = inner, log
+        self.plan = plan_cpu_path(requested, features or cpu_features())
+        self.choice: CpuChoice | None = None
+
+    def __getattr__(self, name: str):
+        if name == "inner":  # not yet set (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """As the wrapped model's, after settling the path on the first call (float32 (K, Z, Y, X))."""
+        if self.choice is None:
+            crop = centre_crop(image, _members(self.inner)[0].patch_size)
+            self.choice = settle_cpu_path(self.plan, lambda path: check_labels(self.inner, crop, path))
+            use_cpu_path(self.inner, self.choice.path)
+            print(self.choice.message, file=self.log)
+        return self.inner.probabilities(image)
+
+
+def with_cpu_path(
+    predictor: LoadedModel | EnsembleModel, requested: str | None, overrides: Sequence[str], log: TextIO
+) -> LoadedModel | EnsembleModel | AutoCpuPath:
+    """``predictor`` as it runs on its device: on the CPU an :class:`AutoCpuPath` (``requested``; None: auto),
+    unless the command line gives ``precision``, which is then taken exactly (``precision=fp32``: exactly fp32);
+    elsewhere ``predictor`` itself.
+
+    Raises:
+        ConfigError: ``requested`` on a GPU, with a ``precision`` override, or not a path's name.
+    """
+    explicit_precision = any(o.lstrip("-").split("=", 1)[0] == "precision" for o in overrides)
+    if requested is not None and (predictor.device.type != "cpu" or explicit_precision):
+        why = f"the device is {predictor.device.type}" if predictor.device.type != "cpu" else "precision is given"
+        raise ConfigError(f"command line: --cpu-path {requested} applies on the CPU only, without precision ({why})")
+    if predictor.device.type != "cpu":
+        return predictor
+    if explicit_precision:
+        amp = _members(predictor)[0].sliding_window.amp_dtype
+        taken = "fp32" if amp is None else f"{str(amp).removeprefix('torch.')} autocast"
+        print(f"CPU path: {taken} (as the command line's precision asks)", file=log)
+        return predictor
+    try:
+        return AutoCpuPath(predictor, requested or "auto", log)
+    except ValueError as exc:
+        raise ConfigError(f"command line: --cpu-path: {exc}") from None

@@ -53,10 +53,10 @@ from ..evaluation.evaluation import logits_to_probabilities, probabilities_to_la
 from ..evaluation.inference import speed_up_inference
 from ..evaluation.visualize import draw_case_overlay, extract_case_view
 from .exported import ExportedModel, exported_device, is_exported_folder, load_exported
-from .loading import EnsembleModel, LoadedModel, load_models
+from .loading import AutoCpuPath, EnsembleModel, LoadedModel, load_models, with_cpu_path
 
 # What predicts: a checkpoint's model, an ensemble's, or an exported folder's.
-Predictor = LoadedModel | EnsembleModel | ExportedModel
+Predictor = LoadedModel | EnsembleModel | ExportedModel | AutoCpuPath
 
 PREDICT_FOLDER_ADVICE = "one unet-predict per output folder: wait for it to finish, or write to another OUTPUT folder"
 
@@ -224,6 +224,7 @@ def predict_dataset(
     overlays: bool = False,
     postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
     runtime: str | None = None,
+    cpu_path: str | None = None,
 ) -> PredictSummary:
     """Segment every case of a raw dataset and write the results as NIfTI files.
 
@@ -254,7 +255,7 @@ def predict_dataset(
         postprocess: applied to each case's canonical labels (Z, Y, X) on the raw grid before
             they are written or drawn (e.g. a :class:`unet_trainer.evaluation.postprocessing.Postprocessing`);
             the probabilities stay the model's.
-        runtime: the format an exported folder runs ("onnx", "torchscript"; None: the first it holds).
+        runtime, cpu_path: the format an exported folder runs, how checkpoints run on the CPU (:func:`load_predictor`).
 
     Returns:
         The :class:`PredictSummary`.
@@ -262,7 +263,7 @@ def predict_dataset(
     Raises:
         CheckpointError, ConfigError: as :func:`load_model`; EnsembleError (a CheckpointError):
             checkpoints that cannot be averaged (see :func:`loading.load_models`); ExportError (a
-            CheckpointError): an exported folder that cannot be read; ConfigError: ``runtime`` without one.
+            CheckpointError): an exported folder that cannot be read; ConfigError: ``runtime``, ``cpu_path`` misplaced.
         DataFormatError: the input folder is missing, holds no recognised layout or no case,
             or a listing problem of the whole folder (a case missing a modality file is skipped and
             reported instead).
@@ -272,7 +273,7 @@ def predict_dataset(
     log = sys.stderr if log is None else log
     input_dir, output_dir = Path(input_dir).expanduser(), Path(output_dir).expanduser()
     given = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
-    loaded = load_predictor(given, overrides, log, runtime)
+    loaded = load_predictor(given, overrides, log, runtime, cpu_path)
     # A case whose files are incomplete (a missing modality) is skipped like one that cannot be read.
     unlisted: dict[str, str] = {}
     cases = list_cases(input_dir, fmt, require_labels=False, bad=unlisted)
@@ -294,21 +295,35 @@ def predict_dataset(
 
 
 def load_predictor(
-    given: Sequence[Path], overrides: Sequence[str], log: TextIO, runtime: str | None = None
+    given: Sequence[Path],
+    overrides: Sequence[str],
+    log: TextIO,
+    runtime: str | None = None,
+    cpu_path: str | None = None,
 ) -> Predictor:
-    """An exported folder's model (one folder with a model.json), else the checkpoints' (:func:`load_models`).
+    """An exported folder's model (one folder with a model.json), else the checkpoints' (:func:`load_models`;
+    on the CPU in the path :func:`loading.with_cpu_path` takes).
+
+    Args:
+        runtime: the format an exported folder runs ("onnx", "torchscript"; None: the first it holds).
+        cpu_path: how checkpoints run on the CPU ("auto", "fp32", "bf16"; None: auto), said in one line on ``log``.
 
     Raises:
-        ConfigError: ``runtime`` for checkpoints, or an override an exported folder does not take.
+        ConfigError: ``runtime`` for checkpoints, ``cpu_path`` for an exported folder, or an override an
+            exported folder does not take.
         ExportError, CheckpointError, EnsembleError: as :func:`load_exported`, :func:`load_models`.
     """
     if len(given) == 1 and is_exported_folder(given[0]):
+        if cpu_path is not None:
+            raise ConfigError(
+                f"command line: --cpu-path {cpu_path} applies to checkpoints; an exported graph runs as exported"
+            )
         loaded = load_exported(given[0], runtime, exported_device(list(overrides)))
         print(f"Model: {given[0]} (exported, {loaded.fmt} on {loaded.device.type})", file=log)
         return loaded
     if runtime is not None:
         raise ConfigError(f"command line: --runtime {runtime} applies to a folder of unet-export only")
-    return load_models(given, overrides, log)
+    return with_cpu_path(load_models(given, overrides, log), cpu_path, overrides, log)
 
 
 def is_prediction_file(name: str) -> bool:
