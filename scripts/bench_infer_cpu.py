@@ -49,10 +49,10 @@ import numpy as np
 import torch
 from benchutil import brats_3d_model, cpu_model_name, peak_rss
 
-from unet_trainer.data.labels import REGION_NAMES
 from unet_trainer.data.layouts.canonical import RawCase
 from unet_trainer.data.phantom import make_phantom_case
 from unet_trainer.data.prepare import PrepareSettings, prepare_case
+from unet_trainer.data.schemes import REGION_NAMES
 from unet_trainer.evaluation.cpu_path import (
     CpuChoice,
     CpuPath,

@@ -32,7 +32,7 @@ def predicted(cache_root, tmp_path_factory):
     run_training(cfg, progress=False)
     checkpoint = root / "run" / "checkpoints" / "latest-rank0.pt"
     phantom = raw_data_dir(cfg, progress=False)
-    predict_dataset(checkpoint, phantom, root / "predictions", progress=False)
+    predict_dataset(checkpoint, phantom, root / "predictions", progress=False, cpu_path="fp32")  # as unet-eval runs
     return {"checkpoint": checkpoint, "phantom": phantom, "predictions": root / "predictions", "root": root}
 
 

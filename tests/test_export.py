@@ -85,7 +85,12 @@ def test_each_format_predicts_the_checkpoints_labels_on_the_phantom(exported, fm
 
 def test_unet_predict_on_the_exported_folder_writes_the_checkpoints_files(exported, tmp_path, capsys):
     common = [str(exported["phantom"]), "--no-progress", "--probabilities"]
-    assert predict_main([str(exported["checkpoint"]), common[0], str(tmp_path / "ck"), *common[1:], TTA]) == 0
+    assert (
+        predict_main(
+            [str(exported["checkpoint"]), common[0], str(tmp_path / "ck"), *common[1:], TTA, "--cpu-path", "fp32"]
+        )
+        == 0
+    )
     assert predict_main([str(exported["folder"]), common[0], str(tmp_path / "ex"), *common[1:], "device=cpu"]) == 0
     assert "exported, onnx on cpu" in capsys.readouterr().err
     for case in list_cases(exported["phantom"], "brats2021"):

@@ -247,7 +247,9 @@ def test_cases_with_wrong_channel_counts_are_skipped_with_a_clear_message(traine
 def test_a_case_not_matching_the_models_input_channels_is_refused(trained):
     loaded = load_model(trained["checkpoint"])
     loaded.model.in_channels = 5
-    with pytest.raises(predict_module.DataFormatError, match=r"case case0: has 4 channels .* takes 5$"):
+    with pytest.raises(
+        predict_module.DataFormatError, match=r"case case0: has 4 channel\(s\) but .* takes 5 \(flair, t1, t1ce, t2\)$"
+    ):
         predict_case(loaded, raw_case())
 
 

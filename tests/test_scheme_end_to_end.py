@@ -57,7 +57,7 @@ def test_every_scheme_trains_evaluates_predicts_and_round_trips(name, tmp_path):
     assert of_model.scheme == name
     assert {*scheme.regions, *(f"lesion_dice/{r}" for r in scheme.regions), "mean"} <= set(of_model.means)
 
-    predict_dataset(checkpoint, raw, tmp_path / "predictions", progress=False)
+    predict_dataset(checkpoint, raw, tmp_path / "predictions", progress=False, cpu_path="fp32")
     dataset = open_dataset(raw)
     native = set(LABEL_CONVENTIONS[PHANTOM_SCHEMES[name].convention])
     for case in dataset.cases:

@@ -353,6 +353,7 @@ CONVENTION_KEYS = (
     ("data.dle_labels", lambda cfg: cfg["data"]["dle_labels"]),
     ("model.in_channels", lambda cfg: describe_model(cfg["model"]).in_channels),
     ("data.target_spacing", lambda cfg: cfg["data"]["target_spacing"]),
+    ("label scheme classes", lambda cfg: ", ".join(build_scheme(cfg).classes)),
 )
 
 
@@ -366,6 +367,7 @@ class ModelConventions:
         dle_labels: the label numbering of DLE arrays.
         in_channels: the model's input channels.
         target_spacing: the preparation's spacing in mm (Z, Y, X order as configured), None: as recorded.
+        classes: the label scheme's classes, by short name (compatible schemes share them).
     """
 
     output_mode: str
@@ -373,10 +375,11 @@ class ModelConventions:
     dle_labels: str
     in_channels: int
     target_spacing: list[float] | None
+    classes: str
 
     @property
     def region_mode(self) -> bool:
-        """Outputs are sigmoid (WT, TC, ET) regions."""
+        """Outputs are sigmoid regions (the label scheme's trained regions)."""
         return self.output_mode == OutputMode.REGIONS.value
 
     def named(self) -> list[tuple[str, object]]:

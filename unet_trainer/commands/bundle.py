@@ -19,6 +19,7 @@ import json
 import torch
 
 from ..data.layouts import LABEL_CONVENTIONS
+from ..data.schemes import SCHEMES, LabelScheme
 from .exported import ExportError
 
 BUNDLE_MODEL = "models/model.ts"
@@ -34,10 +35,18 @@ DIFFERENCES = (
 )
 
 
-def check_bundle(num_models: int, spatial_dims: int, target_spacing: tuple[float, ...] | None) -> None:
+def check_bundle(
+    num_models: int, spatial_dims: int, target_spacing: tuple[float, ...] | None, scheme: LabelScheme
+) -> None:
     """Raises:
-    ExportError: what one bundle cannot hold: several models, a 2D model, or a model trained at a target
-        spacing (MONAI's affine resampling is not our voxel-grid resampling)."""
+    ExportError: what one bundle cannot hold: several models, a 2D model, a model trained at a target
+        spacing (MONAI's affine resampling is not our voxel-grid resampling), or one of another label
+        scheme than the BraTS 2021 folders its datalist reads."""
+    if not scheme.compatible_with(SCHEMES[BUNDLE_CONVENTION]):
+        raise ExportError(
+            f"monai-bundle: only models of the BraTS glioma classes (the bundle reads BraTS 2021 folders); "
+            f"this one predicts {scheme.name} ({', '.join(scheme.classes)})"
+        )
     if num_models != 1:
         raise ExportError(f"monai-bundle: a bundle holds one model, not an ensemble of {num_models}; export one")
     if spatial_dims != 3:

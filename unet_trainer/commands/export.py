@@ -423,7 +423,9 @@ def export_models(
     members = loaded.members if isinstance(loaded, EnsembleModel) else [loaded]
     _check_out_dir(out_dir, given, loaded.checkpoints)
     if "monai-bundle" in formats:
-        check_bundle(len(members), members[0].spatial_dims, loaded.prepare_settings.target_spacing)
+        check_bundle(
+            len(members), members[0].spatial_dims, loaded.prepare_settings.target_spacing, build_scheme(loaded.cfg)
+        )
     staging = temporary_sibling(out_dir)
     staging.mkdir(parents=True)
     try:

@@ -186,6 +186,11 @@ class ExportedModel:
         return len(self.document["input"]["channels"])
 
     @property
+    def scheme(self) -> LabelScheme:
+        """The label scheme model.json records."""
+        return exported_scheme(self.document)
+
+    @property
     def num_outputs(self) -> int:
         return len(self.document["output"]["names"])
 

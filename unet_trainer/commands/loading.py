@@ -40,6 +40,7 @@ from ..core.checkpoint import CheckpointError, load_checkpoint, one_line
 from ..core.checkpoints import CheckpointManager
 from ..core.runfolder import RunFolderError, live_holder
 from ..data.prepare import PrepareSettings
+from ..data.schemes import LabelScheme
 from ..evaluation.cpu_path import (
     CpuChoice,
     CpuFeatures,
@@ -60,6 +61,7 @@ from .builders import (
     build_conventions,
     build_eval_settings,
     build_inference_model,
+    build_scheme,
     build_sliding_window,
     finish_rule,
 )
@@ -130,6 +132,11 @@ class LoadedModel:
     @property
     def in_channels(self) -> int:
         return self.model.in_channels
+
+    @property
+    def scheme(self) -> LabelScheme:
+        """The label scheme the model was trained on (its config's ``data.scheme``)."""
+        return build_scheme(self.cfg)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits of a prepared volume with the config's ``eval`` settings.
@@ -229,6 +236,11 @@ class EnsembleModel:
     @property
     def in_channels(self) -> int:
         return self.members[0].in_channels
+
+    @property
+    def scheme(self) -> LabelScheme:
+        """The members' label scheme (:func:`check_compatible` makes their classes agree)."""
+        return self.members[0].scheme
 
     @property
     def num_outputs(self) -> int:
@@ -442,7 +454,7 @@ def check_labels(predictor: LoadedModel | EnsembleModel, image: torch.Tensor, pa
         window = replace(member.sliding_window, mirror=False)
         probs = logits_to_probabilities(window(member.model, image.to(member.device)), member.region_mode)
         total = probs if total is None else total.add_(probs)
-    return probabilities_to_labels(total.div_(len(members)), predictor.region_mode)
+    return probabilities_to_labels(total.div_(len(members)), predictor.region_mode, predictor.scheme)
 
 
 class AutoCpuPath:
@@ -477,7 +489,9 @@ class AutoCpuPath:
         """As the wrapped model's, after settling the path on the first call (float32 (K, Z, Y, X))."""
         if self.choice is None:
             crop = centre_crop(image, _members(self.inner)[0].patch_size)
-            self.choice = settle_cpu_path(self.plan, lambda path: check_labels(self.inner, crop, path))
+            self.choice = settle_cpu_path(
+                self.plan, lambda path: check_labels(self.inner, crop, path), self.inner.scheme
+            )
             use_cpu_path(self.inner, self.choice.path)
             print(self.choice.message, file=self.log)
         return self.inner.probabilities(image)

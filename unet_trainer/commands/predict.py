@@ -35,10 +35,7 @@ from ..core.fileio import remove_orphan_temporaries
 from ..core.guard import check_outputs
 from ..core.runfolder import PREDICT_LOCK_NAME, FolderLock
 from ..data.layouts import (
-    CANONICAL_CHANNELS,
     LAYOUTS,
-    REGION_NAMES,
-    REGIONS,
     CaseFiles,
     DataFormatError,
     RawCase,
@@ -49,6 +46,7 @@ from ..data.layouts import (
 )
 from ..data.layouts.files import PROBABILITIES_SUFFIX
 from ..data.prepare import PrepareSettings, prepare_case
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from ..evaluation.evaluation import logits_to_probabilities, probabilities_to_labels
 from ..evaluation.inference import speed_up_inference
 from ..evaluation.visualize import draw_case_overlay, extract_case_view
@@ -115,7 +113,11 @@ def labels_to_original(labels: torch.Tensor | np.ndarray, meta: dict) -> np.ndar
 
 
 def prediction_to_original(
-    logits: torch.Tensor, meta: dict, region_mode: bool, probabilities: bool = False
+    logits: torch.Tensor,
+    meta: dict,
+    region_mode: bool,
+    probabilities: bool = False,
+    scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME],
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits of a prepared volume -> labels (and probabilities) on the raw grid.
 
@@ -125,24 +127,30 @@ def prediction_to_original(
     Args:
         logits: float32 (K, Z', Y', X') of the prepared case.
         meta: its prepared metadata (``crop_box``, ``original_shape``).
-        region_mode: sigmoid (WT, TC, ET) outputs instead of softmax classes.
+        region_mode: sigmoid outputs of the scheme's trained regions instead of softmax classes.
         probabilities: also return the probabilities on the raw grid.
+        scheme: the label scheme whose regions region outputs paint into classes.
 
     Returns:
-        (canonical labels uint8 (Z, Y, X), float32 (K, Z, Y, X) probabilities or None).
+        (class indices uint8 (Z, Y, X), float32 (K, Z, Y, X) probabilities or None).
     """
-    return probabilities_to_original(logits_to_probabilities(logits, region_mode), meta, region_mode, probabilities)
+    probs = logits_to_probabilities(logits, region_mode)
+    return probabilities_to_original(probs, meta, region_mode, probabilities, scheme)
 
 
 def probabilities_to_original(
-    probs: torch.Tensor, meta: dict, region_mode: bool, probabilities: bool = False
+    probs: torch.Tensor,
+    meta: dict,
+    region_mode: bool,
+    probabilities: bool = False,
+    scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME],
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Probabilities of a prepared volume -> labels (and probabilities) on the raw grid; as
     :func:`prediction_to_original`, from float32 (K, Z', Y', X') probabilities."""
     crop = _crop_shape(meta)
     if tuple(probs.shape[1:]) != crop:
         probs = F.interpolate(probs[None], size=crop, mode="trilinear", align_corners=False)[0]
-    labels = uncrop(probabilities_to_labels(probs, region_mode)[None], meta, [0])[0].cpu().numpy()
+    labels = uncrop(probabilities_to_labels(probs, region_mode, scheme)[None], meta, [0])[0].cpu().numpy()
     if not probabilities:
         return labels, None
     background = [0.0] * probs.shape[0]
@@ -174,13 +182,13 @@ def predict_case(
     channels = raw.image.shape[0]
     if channels != loaded.in_channels:
         raise DataFormatError(
-            f"case {raw.case_id}: has {channels} channels ({', '.join(CANONICAL_CHANNELS)}) but "
-            f"the model of {loaded.checkpoint.name} takes {loaded.in_channels}"
+            f"case {raw.case_id}: has {channels} channel(s) but the model of {loaded.checkpoint.name} takes "
+            f"{loaded.in_channels} ({', '.join(loaded.scheme.channels)})"
         )
     image, _, meta = prepare_case(raw, settings if settings is not None else PrepareSettings())
     with torch.no_grad():
         probs = loaded.probabilities(torch.from_numpy(np.ascontiguousarray(image)).to(loaded.device))
-        return probabilities_to_original(probs, meta, loaded.region_mode, probabilities)
+        return probabilities_to_original(probs, meta, loaded.region_mode, probabilities, loaded.scheme)
 
 
 @dataclass
@@ -192,10 +200,11 @@ class PredictSummary:
 
 
 def prediction_title(case_id: str, labels: np.ndarray, spacing: Sequence[float], loaded: Predictor) -> str:
-    """``case | prediction, epoch 50 | WT 41.2 mL  TC 12.0 mL  ET 6.3 mL`` (region volumes of a
-    canonical label map with voxels of ``spacing`` mm)."""
+    """``case | prediction, epoch 50 | WT 41.2 mL  TC 12.0 mL  ET 6.3 mL`` (the volumes of the label
+    scheme's regions in a class-index map with voxels of ``spacing`` mm)."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    volumes = "  ".join(f"{r} {np.isin(labels, REGIONS[r]).sum() * voxel_ml:.1f} mL" for r in REGION_NAMES)
+    regions = loaded.scheme.regions
+    volumes = "  ".join(f"{r} {np.isin(labels, members).sum() * voxel_ml:.1f} mL" for r, members in regions.items())
     epoch = loaded.timestamp.get("epoch")
     return f"{case_id} | prediction{f', epoch {epoch}' if epoch is not None else ''} | {volumes}"
 
@@ -368,5 +377,6 @@ def _predict_cases(
         if overlays:
             png_path = output_dir / f"{case.case_id}_overlay.png"
             view = extract_case_view(case.case_id, raw.image, None, labels, raw.spacing)
-            draw_case_overlay(png_path, view, prediction_title(case.case_id, labels, raw.spacing, loaded))
+            title = prediction_title(case.case_id, labels, raw.spacing, loaded)
+            draw_case_overlay(png_path, view, title, loaded.scheme)
             summary.written[case.case_id].append(png_path)

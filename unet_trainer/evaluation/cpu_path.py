@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.labels import REGION_NAMES, REGIONS
+from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from ..models.base import SegmentationModel, optimize_model
 
 #: The CPU flags that make bf16 convolutions fast (native bf16 arithmetic).
@@ -194,13 +194,15 @@ def centre_crop(image: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     return image[(slice(None),) + tuple(box)]
 
 
-def region_agreement(reference: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
-    """Per region (WT, TC, ET), the Dice of ``labels`` against ``reference`` (canonical label maps of one
-    shape), None where both hold fewer than :data:`MIN_JUDGED_VOXELS` of it; and under ``"voxels"`` the share
-    of voxels whose label agrees."""
+def region_agreement(
+    reference: torch.Tensor, labels: torch.Tensor, scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME]
+) -> dict[str, float | None]:
+    """Per region of ``scheme`` (glioma: WT, TC, ET), the Dice of ``labels`` against ``reference`` (class-index
+    maps of one shape), None where both hold fewer than :data:`MIN_JUDGED_VOXELS` of it; and under ``"voxels"``
+    the share of voxels whose label agrees."""
     agreement: dict[str, float | None] = {}
-    for name in REGION_NAMES:
-        values = torch.tensor(REGIONS[name], device=reference.device)
+    for name, members in scheme.regions.items():
+        values = torch.tensor(members, device=reference.device)
         a, b = torch.isin(reference, values), torch.isin(labels, values)
         count_a, count_b = int(a.sum()), int(b.sum())
         judged = max(count_a, count_b) >= MIN_JUDGED_VOXELS
@@ -211,7 +213,8 @@ def region_agreement(reference: torch.Tensor, labels: torch.Tensor) -> dict[str,
 
 def agreement_text(agreement: Mapping[str, float | None]) -> str:
     """``Dice WT 0.999 TC 0.998 ET n/a, 99.99% of voxels agree`` (n/a: too few voxels to judge)."""
-    dice = " ".join(f"{name} {'n/a' if agreement[name] is None else f'{agreement[name]:.3f}'}" for name in REGION_NAMES)
+    names = [name for name in agreement if name != "voxels"]
+    dice = " ".join(f"{name} {'n/a' if agreement[name] is None else f'{agreement[name]:.3f}'}" for name in names)
     return f"Dice {dice}, {100 * agreement['voxels']:.2f}% of voxels agree"
 
 
@@ -229,7 +232,9 @@ class CpuChoice:
     agreement: dict | None = None
 
 
-def settle_cpu_path(plan: CpuPlan, check_labels: Callable[[CpuPath], torch.Tensor]) -> CpuChoice:
+def settle_cpu_path(
+    plan: CpuPlan, check_labels: Callable[[CpuPath], torch.Tensor], scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME]
+) -> CpuChoice:
     """Take ``plan``'s path, after checking it against fp32 where the plan asks for a check.
 
     Args:
@@ -237,6 +242,7 @@ def settle_cpu_path(plan: CpuPlan, check_labels: Callable[[CpuPath], torch.Tenso
         check_labels: the canonical labels (*S) of the check volume with the model switched to the given path
             (called with :data:`FP32`, then the plan's path); it may leave the model in either path, the
             caller switches it to the path chosen afterwards.
+        scheme: the label scheme whose regions are compared.
 
     Returns:
         The :class:`CpuChoice`: the plan's path, or :data:`FP32` when it disagrees with fp32.
@@ -244,7 +250,7 @@ def settle_cpu_path(plan: CpuPlan, check_labels: Callable[[CpuPath], torch.Tenso
     if not plan.needs_check:
         return CpuChoice(plan.path, f"CPU path: {plan.path.name} ({plan.reason})")
     reference = check_labels(FP32)
-    agreement = region_agreement(reference, check_labels(plan.path))
+    agreement = region_agreement(reference, check_labels(plan.path), scheme)
     where = "the centred window of the first volume"
     if agrees(agreement):
         return CpuChoice(
