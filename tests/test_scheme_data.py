@@ -114,3 +114,21 @@ def test_every_phantom_scheme_is_a_known_scheme():
     from unet_trainer.data.schemes import SCHEMES
 
     assert set(PHANTOM_SCHEMES) <= set(SCHEMES)
+
+
+def test_a_preparation_from_before_schemes_gets_its_scheme_without_redoing_its_cases(tmp_path):
+    from unet_trainer.data.layouts import list_cases
+    from unet_trainer.data.prepare import PrepareSettings, prepared_is_current
+
+    root = tmp_path / "raw"
+    write_phantom_dataset(root, 2, SHAPE, seed=1, progress=False, scheme="brats2023-met")
+    out = tmp_path / "p"
+    prepare_dataset(open_dataset(root), out, progress=False)
+    record = json.loads((out / "prepare.json").read_text())
+    del record["scheme"]  # as an earlier version wrote it
+    (out / "prepare.json").write_text(json.dumps(record))
+    arrays = {path: path.stat().st_mtime_ns for path in out.glob("*.npy")}
+    assert not prepared_is_current(out, root, PrepareSettings(), list_cases=list_cases)
+    assert prepare_dataset(open_dataset(root), out, progress=False)["scheme"] == "brats2023-met"
+    assert {path: path.stat().st_mtime_ns for path in out.glob("*.npy")} == arrays
+    assert prepared_is_current(out, root, PrepareSettings(), list_cases=list_cases)

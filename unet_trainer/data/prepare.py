@@ -515,7 +515,8 @@ def prepared_is_current(
         return False
     if fmt != "auto" and record.get("format") != fmt:
         return False
-    if scheme != "auto" and record.get("scheme") != scheme:
+    # A record without a scheme predates schemes: its cases are kept, the scheme is chosen again.
+    if "scheme" not in record or (scheme != "auto" and record["scheme"] != scheme):
         return False
     # Cases added to or removed from the raw folder since make the preparation stale too
     # (a listing, no file is read); cases skipped as bad count as known.
