@@ -541,3 +541,19 @@ def test_a_new_run_in_the_folder_moves_the_old_runs_postprocessing_aside(tiny_co
     (moved,) = (run / "previous").iterdir()
     assert json.loads((moved / POSTPROCESSING_FILE).read_text()) == valid_document()
     assert postprocessing_for(run / "checkpoints" / "latest-rank0.pt") is None
+
+
+def test_selection_measures_lesion_sizes_in_mm3_at_each_cases_spacing(tmp_path):
+    # The truth's 8-voxel speck is missed: 8 mm³ at 1 mm (dropped at 10 mm³, so WT scores 1) but
+    # 64 mm³ at 2 mm (kept and missed, so WT scores 1/2).
+    truth, pred = labels_with((*CUBE_A, 2), (*SPECK, 2)), labels_with((*CUBE_A, 2))
+    settings = MetricSettings("lesion", lesion_min_volume=10)
+    mean = lambda wt: (wt + 1 + 1) / 3  # noqa: E731  (the case's mean over WT, TC, ET)
+    assert settings.score(pred, truth) == settings.score(pred, truth, (1.0, 1.0, 1.0)) == pytest.approx(mean(1.0))
+    assert settings.score(pred, truth, (2.0, 2.0, 2.0)) == pytest.approx(mean(0.5))
+    for spacing, expected in (((1.0, 1.0, 1.0), mean(1.0)), ((2.0, 2.0, 2.0), mean(0.5))):
+        store = PredictionStore(tmp_path / str(spacing[0]), 2**30)
+        store.put("case", truth, pred, spacing)
+        assert store.spacing("case") == spacing
+        choice = choose_postprocessing(store, settings, candidate_stages(small_grid=(5,), enhancing_grid=(10,)))
+        assert choice.score_before == pytest.approx(expected)

@@ -171,7 +171,7 @@ def evaluate_model(
         progress: progress bars on stderr (drawn only on a terminal).
         overlays: also draw every scored case and the summary grid into ``<CSV name>_overlays/``
             next to the CSV (as training draws ``overlays/``).
-        case_sink: called per scored case as ``case_sink(case_id, truth, prediction)`` (canonical
+        case_sink: called per scored case as ``case_sink(case_id, truth, prediction, spacing)`` (class-index
             label maps of the prepared case, on the device), e.g. to keep them for choosing
             postprocessing; None: nothing kept.
 

@@ -75,7 +75,7 @@ class DiceEvaluator:
     every rank must set it alike, since the gather is collective.
 
     ``case_sink`` (None by default), when set, is called per scored case as
-    ``case_sink(case_id, label (*S), prediction (*S))`` on the device, on this rank only (unet-eval
+    ``case_sink(case_id, label (*S), prediction (*S), spacing (z, y, x) mm)`` on the device, on this rank only (unet-eval
     keeps the predictions this way to choose postprocessing on them).
     """
 
@@ -117,7 +117,7 @@ class DiceEvaluator:
         if self.case_view is not None:
             self._views.append((case_id, self.case_view(case_id, image, label, pred, case.meta)))
         if self.case_sink is not None:
-            self.case_sink(case_id, label, pred)
+            self.case_sink(case_id, label, pred, case.meta.get("spacing"))
         row = {"case_id": case_id}
         for metric in self.metrics:
             row.update(metric(pred, label, case.meta.get("spacing")))

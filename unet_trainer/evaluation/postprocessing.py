@@ -251,9 +251,9 @@ class MetricSettings:
     scheme: LabelScheme = _DEFAULT
     lesion_region_min_volume: Mapping[str, float] = field(default_factory=dict)  # regions with their own threshold
 
-    def score(self, prediction: np.ndarray, truth: np.ndarray) -> float:
+    def score(self, prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None) -> float:
         """The case's score (higher is better; NaN only for plain Dice with ``ignore`` and no
-        region in the truth)."""
+        region in the truth); lesion sizes in mm³ at the voxel ``spacing`` (z, y, x) mm, 1 mm if None."""
         if self.metric == "dice":
             import torch
 
@@ -263,6 +263,7 @@ class MetricSettings:
         scores = case_lesion_scores(
             prediction,
             truth,
+            spacing,
             dilation_iterations=self.lesion_dilation,
             min_lesion_volume=self.lesion_min_volume,
             hd95_penalty=DEFAULT_HD95_PENALTY,
@@ -354,7 +355,7 @@ def choose_postprocessing(
     for case_id in case_ids:
         truth, prediction = store.get(case_id)
         boxes[case_id] = _foreground_box(truth, prediction, settings.lesion_dilation + 1)
-        current[case_id] = settings.score(prediction[boxes[case_id]], truth[boxes[case_id]])
+        current[case_id] = settings.score(prediction[boxes[case_id]], truth[boxes[case_id]], store.spacing(case_id))
     choice = PostprocessingChoice(
         settings.metric, len(case_ids), _mean(current.values()), math.nan, regions=scheme.region_names
     )
@@ -371,7 +372,7 @@ def choose_postprocessing(
                 if labels is not prediction and not np.array_equal(labels, prediction):
                     changed[index] += 1
                 if labels is not last_labels and not np.array_equal(labels, last_labels):
-                    last_labels, last_score = labels, settings.score(labels, truth)
+                    last_labels, last_score = labels, settings.score(labels, truth, store.spacing(case_id))
                 scores[index][case_id] = last_score
         means = [_mean(s.values()) for s in scores]
         best = max(range(len(stage)), key=lambda i: (means[i], -i))  # the first of the best

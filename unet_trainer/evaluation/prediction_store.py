@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ class PredictionStore:
         self._memory: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._files: dict[str, tuple[Path, Path]] = {}
         self._order: dict[str, None] = {}
+        self._spacing: dict[str, tuple[float, ...] | None] = {}
         self._held = 0
 
     @property
@@ -38,10 +40,12 @@ class PredictionStore:
         """Every case, in the order they were put."""
         return list(self._order)
 
-    def put(self, case_id: str, truth, prediction) -> None:
-        """Keep (or replace) a case's label maps (Z, Y, X), NumPy arrays or tensors on any device."""
+    def put(self, case_id: str, truth, prediction, spacing: Sequence[float] | None = None) -> None:
+        """Keep (or replace) a case's label maps (Z, Y, X), NumPy arrays or tensors on any device, and
+        its voxel spacing (z, y, x) mm (None: 1 mm), which lesion sizes in mm³ are measured with."""
         truth, prediction = _host_uint8(truth), _host_uint8(prediction)
         self._order[case_id] = None
+        self._spacing[case_id] = tuple(float(v) for v in spacing) if spacing is not None else None
         size = truth.nbytes + prediction.nbytes
         previous = self._memory.pop(case_id, None)
         if previous is not None:
@@ -59,6 +63,10 @@ class PredictionStore:
         np.save(paths[0], truth, allow_pickle=False)
         np.save(paths[1], prediction, allow_pickle=False)
         self._files[case_id] = paths
+
+    def spacing(self, case_id: str) -> tuple[float, ...] | None:
+        """The voxel spacing (z, y, x) mm a case was put with (None: not given, 1 mm). Raises KeyError."""
+        return self._spacing[case_id]
 
     def get(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(truth, prediction) uint8 (Z, Y, X) of a case. Raises KeyError for an unknown case."""
