@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from unet_trainer.evaluation.lesion_metrics import (
-    BRATS2023_LESION_PARAMETERS,
+    DEFAULT_DILATION_ITERATIONS,
+    DEFAULT_MIN_LESION_VOLUME,
     case_region_hd95,
     region_lesion_scores,
 )
@@ -93,8 +94,17 @@ def test_hd95_on_anisotropic_spacing(backend):
 
 
 def test_the_sub_challenge_parameters():
-    table = {name: (p.dilation_iterations, p.min_lesion_volume) for name, p in BRATS2023_LESION_PARAMETERS.items()}
+    from unet_trainer.data.schemes import SCHEMES
+
+    table = {
+        name: (
+            SCHEMES[f"brats2023-{name.lower()}"].lesion.dilation,
+            SCHEMES[f"brats2023-{name.lower()}"].lesion.min_volume,
+        )
+        for name in ("GLI", "SSA", "PED", "MEN", "MET")
+    }
     assert table == {"GLI": (3, 50.0), "SSA": (3, 50.0), "PED": (3, 50.0), "MEN": (1, 50.0), "MET": (1, 2.0)}
+    assert (DEFAULT_DILATION_ITERATIONS, DEFAULT_MIN_LESION_VOLUME) == (3, 50.0)
 
 
 def test_the_old_voxel_key_reads_as_the_volume_with_one_note(capsys):

@@ -26,7 +26,7 @@ surface distances over area-weighted surface elements, the larger of the two dir
 percentiles (:mod:`unet_trainer.evaluation.surface_distance`). The plain HD95 of a region empty on
 one side only is the penalty, of a region empty on both sides 0.
 
-Each sub-challenge's dilation and size threshold: :data:`BRATS2023_LESION_PARAMETERS`.
+Each sub-challenge's dilation and size threshold are its label scheme's (:mod:`unet_trainer.data.schemes`).
 
 Speed: the whole-case passes (labelling, one dilation) run on the bounding box of the foreground
 grown by the dilation, and every per-lesion operation on the lesion's own box (grown by the
@@ -52,28 +52,9 @@ from scipy import ndimage
 from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from . import surface_distance, torch_morphology
 
-
-@dataclass(frozen=True)
-class LesionParameters:
-    """One sub-challenge's lesion-wise parameters: ``dilation_iterations`` (with the
-    18-neighbourhood) and ``min_lesion_volume`` in mm³ (truth lesions at or below it are dropped)."""
-
-    dilation_iterations: int
-    min_lesion_volume: float
-
-
-#: Each BraTS 2023 sub-challenge's parameters, as the 2023 evaluation code's
-#: ``get_LesionWiseResults`` sets them (rachitsaluja/BraTS-2023-Metrics); a label scheme names its row.
-BRATS2023_LESION_PARAMETERS: dict[str, LesionParameters] = {
-    "GLI": LesionParameters(3, 50.0),
-    "SSA": LesionParameters(3, 50.0),
-    "PED": LesionParameters(3, 50.0),
-    "MEN": LesionParameters(1, 50.0),
-    "MET": LesionParameters(1, 2.0),
-}
-
-DEFAULT_DILATION_ITERATIONS = BRATS2023_LESION_PARAMETERS["GLI"].dilation_iterations
-DEFAULT_MIN_LESION_VOLUME = BRATS2023_LESION_PARAMETERS["GLI"].min_lesion_volume
+# The default scheme's (BraTS 2021 and 2023 GLI: dilation 3, 50 mm³); each scheme holds its own.
+DEFAULT_DILATION_ITERATIONS = SCHEMES[DEFAULT_SCHEME].lesion.dilation
+DEFAULT_MIN_LESION_VOLUME = SCHEMES[DEFAULT_SCHEME].lesion.min_volume
 DEFAULT_HD95_PENALTY = 374.0  # mm; the diagonal of the 240x240x155 SRI-24 volume, rounded up
 
 
