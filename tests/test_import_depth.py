@@ -27,7 +27,6 @@ LEAVES = (
     "core.schema",
     "data.schemes",
     "data.layouts.canonical",
-    "evaluation.cases",
     "training.prefetch",
     "cli.__main__",
 )

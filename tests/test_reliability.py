@@ -617,3 +617,22 @@ def test_the_summary_lists_only_files_that_were_written(cache_root, tmp_path, ca
     out = capsys.readouterr().out
     assert not (run / "eval_metrics.csv").exists() and not (run / "eval_cases.csv").exists()
     assert "eval_metrics.csv" not in out and "eval_cases.csv" not in out and "train_metrics.csv" in out
+
+
+def test_a_per_case_csv_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from unet_trainer.core import fileio
+    from unet_trainer.core.fileio import DiskFullError
+    from unet_trainer.evaluation.cases import write_cases_csv
+
+    path = tmp_path / "eval_cases.csv"
+    write_cases_csv(path, [{"case_id": "a", "WT": 0.5}, {"case_id": "b", "WT": float("nan")}])
+    before = path.read_bytes()
+    assert before == b"case_id,WT\r\na,0.5\r\nb,nan\r\n"
+
+    def full(temporary):  # the disk fills while the new table is written
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fileio, "fsync_path", full)
+    with pytest.raises(DiskFullError):
+        write_cases_csv(path, [{"case_id": "a", "WT": 0.9}])
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["eval_cases.csv"]
