@@ -201,9 +201,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
     Raises:
         DiskFullError: no space left (the temporary is removed, ``path`` is untouched).
+        IsADirectoryError: ``path`` is a folder (naming it, not the temporary); nothing is written.
         whatever ``write`` raises (the temporary file is removed first), or OSError.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     temporary = temporary_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
