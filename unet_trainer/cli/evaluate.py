@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config.config import ConfigError
 from ..core.checkpoint import CheckpointError
-from ..data.layouts import CONVENTION_SCHEME, LABEL_CONVENTIONS, DataFormatError
+from ..data.layouts import CONVENTION_SCHEME, LABEL_CONVENTIONS, DataFormatError, native_of_class
 from ..data.schemes import SCHEMES, LabelScheme
 from ..evaluation.case_metrics import table_column, table_notes, table_rows
 from ..evaluation.postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
@@ -75,7 +75,7 @@ def _native_label_values(convention: str, scheme: LabelScheme) -> dict[str, str]
     conventions = [convention] if convention in LABEL_CONVENTIONS else family
     values = {}
     for index, name in scheme.label_names.items():
-        natives = [str(n) for c in conventions for n, k in LABEL_CONVENTIONS[c].items() if k == index]
+        natives = [str(native_of_class(c)[index]) for c in conventions if index in native_of_class(c)]
         values[name] = " / ".join(dict.fromkeys(natives))
     return values
 

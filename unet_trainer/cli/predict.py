@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config.config import ConfigError
 from ..core.checkpoint import CheckpointError
 from ..core.runfolder import RunFolderError
-from ..data.layouts import CONVENTION_SCHEME, DLE_LABEL_CONVENTIONS, LABEL_CONVENTIONS, LAYOUTS, DataFormatError
+from ..data.layouts import CONVENTION_SCHEME, DLE_LABEL_CONVENTIONS, LAYOUTS, DataFormatError, native_of_class
 from ..data.schemes import SCHEMES
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
 from .parsing import (
@@ -31,7 +31,7 @@ def label_numbering_text(indent: str = "    ") -> str:
         )
         for convention in conventions:
             names = SCHEMES[CONVENTION_SCHEME[convention]].label_names
-            native_of = {c: n for n, c in LABEL_CONVENTIONS[convention].items()}
+            native_of = native_of_class(convention)
             numbering = ", ".join(f"{names[c]} {native_of[c]}" for c in sorted(names))
             listed = groups.setdefault(numbering, [])
             if not any(entry.split(" ")[0] == name for entry in listed):  # a layout once per numbering

@@ -18,7 +18,7 @@ import json
 
 import torch
 
-from ..data.layouts import LABEL_CONVENTIONS
+from ..data.layouts import native_of_class
 from ..data.schemes import SCHEMES, LabelScheme
 from .exported import ExportError
 
@@ -83,7 +83,7 @@ def inference_config(document: dict) -> dict:
     """configs/inference.json: read every case of ``dataset_dir`` (BraTS 2021 layout), predict, write
     ``<case>_flair_seg.nii.gz`` into ``output_dir`` in the native numbering."""
     window = document["models"][0]["sliding_window"]
-    native = {canonical: value for value, canonical in LABEL_CONVENTIONS[BUNDLE_CONVENTION].items()}
+    native = native_of_class(BUNDLE_CONVENTION)
     preprocessing = [
         {"_target_": "LoadImaged", "keys": "image", "image_only": True, "ensure_channel_first": True},
         {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},

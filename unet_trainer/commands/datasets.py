@@ -168,7 +168,7 @@ def with_scheme(cfg: dict, scheme: LabelScheme) -> tuple[dict, list[str]]:
         if key in settings and settings[key] != value
     ]
     model = {name: {**settings, **{k: v for k, v in wanted.items() if k in settings}}}
-    return {**cfg, "data": {**cfg["data"], "scheme": scheme.name}, "model": model}, notes
+    return {**named_scheme(cfg, scheme.name), "model": model}, notes
 
 
 def requested_scheme(cfg: dict) -> str:

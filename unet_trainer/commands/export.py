@@ -39,8 +39,8 @@ from ..core.guard import check_outputs
 from ..data.layouts import (
     CONVENTION_SCHEME,
     DLE_LABEL_CONVENTIONS,
-    LABEL_CONVENTIONS,
     LAYOUTS,
+    native_of_class,
     native_regions,
 )
 from ..data.phantom import make_phantom_case
@@ -251,7 +251,7 @@ def labels_section(scheme: LabelScheme) -> dict:
         own = next((c for c in conventions if SCHEMES[CONVENTION_SCHEME[c]].compatible_with(scheme)), None)
         if own is not None:
             native[name] = {
-                "label_of_class": {str(c): n for n, c in LABEL_CONVENTIONS[own].items()},
+                "label_of_class": {str(c): n for c, n in native_of_class(own).items()},
                 "regions": {r: list(v) for r, v in native_regions(own, scheme.regions).items()},
             }
     return {

@@ -39,6 +39,7 @@ from ..data.layouts import (
     CaseFiles,
     DataFormatError,
     RawCase,
+    classes_present,
     list_cases,
     read_case,
     write_label_nifti,
@@ -361,7 +362,7 @@ def _predict_cases(
             labels, probs = predict_case(loaded, raw, settings, probabilities)
             if postprocess is not None:
                 labels = postprocess(labels)
-            present = set(np.unique(labels).tolist())
+            present = classes_present(labels)
             convention = LAYOUTS[case.format].convention_holding(present, settings.dle_labels, raw.label_convention)
         except DataFormatError as exc:
             summary.failed[case.case_id] = str(exc)

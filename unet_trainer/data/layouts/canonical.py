@@ -27,6 +27,8 @@ __all__ = [
     "CANONICAL_LABELS",
     "CONVENTION_SCHEME",
     "LABEL_CONVENTIONS",
+    "classes_present",
+    "native_of_class",
     "native_regions",
     "CaseFiles",
     "DataFormatError",
@@ -79,9 +81,19 @@ CONVENTION_SCHEME: dict[str, str] = {
 }
 
 
+def native_of_class(convention: str) -> dict[int, int]:
+    """Class index -> the native value a convention's files hold for it (the inverse of its mapping)."""
+    return {index: native for native, index in LABEL_CONVENTIONS[convention].items()}
+
+
+def classes_present(labels: np.ndarray) -> set[int]:
+    """The values a uint8 label map holds (one counting pass, not a sort)."""
+    return {int(v) for v in np.flatnonzero(np.bincount(np.asarray(labels, np.uint8).ravel()))}
+
+
 def native_regions(convention: str, regions: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """``regions`` (name -> class indices of the convention's scheme) in the convention's native values."""
-    native_of = {index: native for native, index in LABEL_CONVENTIONS[convention].items()}
+    native_of = native_of_class(convention)
     return {name: tuple(sorted(native_of[c] for c in members)) for name, members in regions.items()}
 
 
@@ -262,7 +274,7 @@ class Layout:
         conventions = list(dict.fromkeys(known[s] for s in schemes or known))
         raw = self.read(case, conventions[-1])
         if raw.label is not None and len(conventions) > 1:
-            present = set(np.unique(raw.label).tolist())
+            present = classes_present(raw.label)
             # The layout's conventions agree on the values they share (identity maps), so the labels
             # read in the widest are those of the narrowest that holds them.
             raw.label_convention = next(c for c in conventions if present <= set(LABEL_CONVENTIONS[c].values()))
@@ -376,6 +388,5 @@ def from_canonical(labels: np.ndarray, convention: str) -> np.ndarray:
         DataFormatError: a value is not a canonical label, or is not an integer.
         ValueError: unknown convention name.
     """
-    mapping = _check_convention(convention)
-    inverse = {canonical: native for native, canonical in mapping.items()}
-    return _remap_labels(labels, inverse, f"canonical labels (for {convention})")
+    _check_convention(convention)
+    return _remap_labels(labels, native_of_class(convention), f"canonical labels (for {convention})")
