@@ -40,8 +40,9 @@ def _rows(report) -> dict[str, dict]:
     return {row["case_id"]: {k: v for k, v in row.items() if k != "case_id"} for row in report.per_case}
 
 
-def test_the_folder_unet_predict_wrote_scores_as_its_checkpoint(predicted, tmp_path):
-    loaded = load_model(predicted["checkpoint"], SCORES)
+@pytest.mark.parametrize("definition", ["brats2023", "panoptica"])
+def test_the_folder_unet_predict_wrote_scores_as_its_checkpoint(predicted, tmp_path, definition):
+    loaded = load_model(predicted["checkpoint"], [*SCORES, f"eval.lesion_definition={definition}"])
     of_model = evaluate_model(
         loaded, predicted["phantom"], out_csv=tmp_path / "model.csv", progress=False, overlays=False
     )
@@ -60,13 +61,17 @@ def test_the_folder_unet_predict_wrote_scores_as_its_checkpoint(predicted, tmp_p
     assert of_folder.counts == of_model.counts and of_folder.label_convention == of_model.label_convention
     assert of_folder.loaded is None and of_folder.predictions == predicted["predictions"]
     assert (tmp_path / "folder.csv").read_text().splitlines()[0] == (tmp_path / "model.csv").read_text().splitlines()[0]
+    assert of_folder.lesion_definition == of_model.lesion_definition == definition
 
 
 def test_the_command_prints_the_table_of_the_folder(predicted, tmp_path, capsys):
     out = tmp_path / "scores.csv"
     argv = ["--predictions", str(predicted["predictions"]), "--dataset", str(predicted["phantom"]), "device=cpu"]
-    assert eval_main([*argv, "--out", str(out), "--no-progress"]) == 0
+    assert (
+        eval_main([*argv, "--out", str(out), "--no-progress", "--lesion-wise", "eval.lesion_definition=panoptica"]) == 0
+    )
     printed = capsys.readouterr().out
+    assert "Metric definition panoptica: per region, mean over one-to-one matched lesions" in printed
     assert printed.startswith(f"Predictions: {predicted['predictions']}\n")
     assert "all 6 labelled cases of" in printed and f"Per-case scores: {out}" in printed
     assert len(out.read_text().splitlines()) == 7

@@ -173,28 +173,25 @@ def test_unlabelled_cases_live_in_imagests(tmp_path):
     [
         (lambda content: "{not json", ("cannot read JSON",)),
         (lambda content: {**content, "channel_names": None}, ("channel_names",)),
-        (lambda content: {**content, "channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "DWI"}}, ("DWI",)),
         (lambda content: {**content, "channel_names": {"0": "T1", "1": "T1w", "2": "T2", "3": "Flair"}}, ("T1w",)),
         (lambda content: {**content, "channel_names": {"1": "T1", "2": "T1ce", "3": "T2", "4": "Flair"}}, ('"4"',)),
-        # BraTS 2023's numbering (1 necrotic core, 2 edema) would swap core and edema if read.
-        (lambda content: {**content, "labels": {"background": 0, "NCR": 1, "ED": 2, "ET": 3}}, ("labels", "NCR")),
+        (lambda content: {**content, "labels": {"background": 0, "NCR": 1, "ED": 3}}, ("labels", "consecutive")),
         (
             lambda content: {
                 **content,
                 "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [1, 3], "enhancing tumor": [3]},
             },
-            ("labels",),
+            ("regions_class_order",),
         ),
         (lambda content: {**content, "file_ending": ".mha"}, (".mha",)),
     ],
     ids=[
         "not JSON",
         "no channel_names",
-        "unknown channel",
         "channel twice",
         "keys 1-4",
-        "2023 labels",
-        "other regions",
+        "labels with a gap",
+        "regions without order",
         "not NIfTI",
     ],
 )

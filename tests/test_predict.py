@@ -357,7 +357,7 @@ def test_unet_eval_lesion_wise_flag_adds_the_lesion_scores(trained, tmp_path, ca
     ]
     assert eval_main(argv) == 0
     out = capsys.readouterr().out
-    assert "Lesion-wise (BraTS 2023)" in out and "LW Dice" in out
+    assert "Metric definition brats2023: per region" in out and "LW Dice" in out
     header, *rows = csv_path.read_text().splitlines()
     columns = header.split(",")
     lesion_keys = [f"lesion_{m}/{r}" for m in ("dice", "hd95") for r in ("WT", "TC", "ET")]

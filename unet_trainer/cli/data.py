@@ -103,7 +103,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from ..data.layouts import open_dataset
+    from ..data.layouts import open_dataset, scheme_named
     from ..data.prepare import PrepareSettings, prepare_dataset
 
     if args.target_spacing is not None and min(args.target_spacing) <= 0:
@@ -113,7 +113,7 @@ def _prepare(args: argparse.Namespace) -> int:
         args.source, args.format, skip_bad=args.skip_bad, scheme=args.scheme, dle_labels=args.dle_labels
     )
     record = prepare_dataset(dataset, args.out, settings, workers=args.workers)
-    scheme = SCHEMES[record["scheme"]]
+    scheme = scheme_named(record["scheme"], record["scheme_definition"])
     print(
         f"Prepared {len(record['cases'])} {record['format']} cases into {args.out} (label scheme {scheme.name}: {scheme.title})"
     )

@@ -11,6 +11,7 @@ from ..core.checkpoint import CheckpointError
 from ..data.layouts import CONVENTION_SCHEME, LABEL_CONVENTIONS, DataFormatError, native_of_class
 from ..data.schemes import SCHEMES, LabelScheme
 from ..evaluation.case_metrics import table_column, table_notes, table_rows
+from ..evaluation.lesion_metrics import LESION_DEFINITIONS
 from ..evaluation.postprocessing import DEFAULT_METRIC, METRICS, PostprocessingError
 from .errors import FAILURE, USAGE_ERROR, ErrorTable, command, guard
 from .parsing import FORMAT_LIST, command_arguments, command_parser, format_flag, parse_command_line
@@ -37,9 +38,9 @@ the same metrics, table and CSV (default: DIR/eval_<dataset>.csv).
   --format FMT       layout of --dataset: {FORMAT_LIST}
   --out CSV          where to write the per-case scores
   --no-overlays      draw no overlays
-  --lesion-wise      also the lesion-wise Dice and HD95 (settings eval.lesion_dilation,
-                     eval.lesion_min_volume (mm³), eval.lesion_hd95_penalty,
-                     eval.lesion_definition)
+  --lesion-wise      also the lesion-wise Dice and HD95 (settings eval.lesion_definition:
+                     brats2023 or panoptica, default the label scheme's; eval.lesion_dilation,
+                     eval.lesion_min_volume (mm³), eval.lesion_hd95_penalty)
   --choose-postprocessing
                      then choose postprocessing rules on the validation predictions (largest WT
                      component, small components per region, ET -> NCR below a volume; each kept
@@ -89,14 +90,17 @@ def _eval_table(means: dict, counts: dict, label_convention: str, scheme: LabelS
     no region of its own, with its value in the input's files (then any other name the metrics
     returned), a column per key group the metrics returned (``case_metrics.table_column``)."""
     columns = [table_column(group) for group in dict.fromkeys(k.rpartition("/")[0] for k in means)]
-    header = f"{'':<10}" + "".join(f"{c.title:>{c.width}}" + (f"{'cases':>7}" if c.counts else "") for c in columns)
     values = _native_label_values(label_convention, scheme)
     titles = [(key, f"{key} ({values[key]})" if key in values else key) for key in table_rows(scheme)]
     known = {key for key, _ in titles}
     titles += [(name, name) for name in dict.fromkeys(k.rpartition("/")[2] for k in means) if name not in known]
+    width = max(10, *(len(title) + 1 for _, title in titles))  # a dataset.json's region names may be long
+    header = f"{'':<{width}}" + "".join(
+        f"{c.title:>{c.width}}" + (f"{'cases':>7}" if c.counts else "") for c in columns
+    )
     lines = [header]
     for key, title in titles:
-        row = f"{title:<10}"
+        row = f"{title:<{width}}"
         for column in columns:
             full = f"{column.group}/{key}" if column.group else key
             row += f"{_number(means.get(full), column.digits):>{column.width}}"
@@ -115,7 +119,10 @@ def format_report(report) -> str:
         f"Scored:     {report.source}",
         f"Empty ground truth ({report.empty_policy}): {_EMPTY_POLICY_TEXT[report.empty_policy]}",
     ]
-    lines += table_notes(list(dict.fromkeys(k.rpartition("/")[0] for k in report.means)))
+    groups = list(dict.fromkeys(k.rpartition("/")[0] for k in report.means))
+    lines += table_notes(groups)
+    if {"hd95", "lesion_dice"} & set(groups):
+        lines.append(f"Metric definition {LESION_DEFINITIONS[report.lesion_definition].summary}")
     lines += ["", *_eval_table(report.means, report.counts, report.label_convention, SCHEMES[report.scheme])]
     lines += ["", f"Per-case scores: {report.csv_path}"]
     if report.overlays is not None:

@@ -23,7 +23,8 @@ from ..config.components import describe_model
 from ..config.engine import ConfigError
 from ..core.checkpoints import CheckpointManager
 from ..core.schema import Duration, Field
-from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
+from ..data.layouts import scheme_named
+from ..data.schemes import DEFAULT_SCHEME, LabelScheme
 from ..evaluation import postprocessing as pp
 from ..evaluation.case_metrics import CaseMetric, UnknownMetric, make_metrics, metric_names
 from ..evaluation.evaluation import DiceEvaluator
@@ -132,10 +133,11 @@ def build_loss(cfg: dict, model: SegmentationModel) -> DeepSupervisionLoss:
 
 
 def build_scheme(cfg: dict) -> LabelScheme:
-    """The label scheme a resolved config names (``data.scheme``). "auto" (a config never given
-    data, or an old checkpoint's) is the default scheme, the BraTS glioma classes."""
+    """The label scheme a resolved config names (``data.scheme``; one a dataset.json defined is rebuilt
+    from ``data.scheme_definition``). "auto" (a config never given data, or an old checkpoint's) is
+    the default scheme, the BraTS glioma classes."""
     name = cfg["data"]["scheme"]
-    return SCHEMES[DEFAULT_SCHEME if name == "auto" else name]
+    return scheme_named(DEFAULT_SCHEME if name == "auto" else name, cfg["data"].get("scheme_definition"))
 
 
 def build_lesion_settings(cfg: dict) -> LesionSettings:
@@ -425,6 +427,7 @@ class EvalSettings:
             self.empty_policy,
             self.scheme,
             lesion.region_min_volume,
+            lesion.definition,
         )
 
 

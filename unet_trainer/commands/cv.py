@@ -45,7 +45,7 @@ from ..core.checkpoints import CheckpointManager
 from ..core.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
 from ..core.fileio import atomic_write, atomic_write_text
 from ..core.runfolder import FolderLock, RunFolderError
-from ..data.schemes import SCHEMES
+from ..data.layouts import DataFormatError, scheme_named
 from ..evaluation import postprocessing as pp
 from ..evaluation.metrics import mean_scores
 from ..training import callbacks as cb
@@ -178,9 +178,11 @@ def check_fold_config(state: FoldState, cfg: dict) -> None:
             f"{state.checkpoint}: was trained on fold {trained_fold}, but lies in the folder of fold {state.fold}"
         )
     stored = _stored_config(state.checkpoint, lambda: state.config)
-    scheme = (stored.get("data") or {}).get("scheme")
-    if requested_scheme(cfg) == "auto" and scheme in SCHEMES:
-        cfg, _ = with_scheme(cfg, SCHEMES[scheme])  # as training resolved it from the data
+    data = stored.get("data") or {}
+    if requested_scheme(cfg) == "auto" and data.get("scheme", "auto") != "auto":
+        with contextlib.suppress(DataFormatError):  # an unknown scheme: the configs differ, said below
+            scheme = scheme_named(data["scheme"], data.get("scheme_definition"))
+            cfg, _ = with_scheme(cfg, scheme)  # as training resolved it from the data
     differing = [k for k in config_differences(stored, cfg) if not _free(k, PER_FOLD_KEYS + EVALUATION_KEYS)]
     if differing:
         raise CrossValidationError(

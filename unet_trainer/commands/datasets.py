@@ -14,7 +14,14 @@ from pathlib import Path
 from ..config import components
 from ..core.distributed import DistInfo, barrier
 from ..core.guard import check_outputs
-from ..data.layouts import CONVENTION_SCHEME, FORMAT_LABEL_CONVENTION, DataFormatError, list_cases, open_dataset
+from ..data.layouts import (
+    CONVENTION_SCHEME,
+    FORMAT_LABEL_CONVENTION,
+    DataFormatError,
+    list_cases,
+    open_dataset,
+    scheme_named,
+)
 from ..data.phantom import write_phantom_dataset
 from ..data.prepare import PrepareSettings, load_prepared_index, prepare_dataset, prepared_is_current
 from ..data.schemes import SCHEMES, LabelScheme
@@ -146,7 +153,7 @@ def prepared_scheme(cfg: dict, index: dict) -> LabelScheme:
     requested = cfg["data"]["scheme"]
     if requested not in ("auto", name):
         raise DataFormatError(f"data.scheme {requested}: the prepared data ({index['source']}) holds scheme {name}")
-    return SCHEMES[name]
+    return scheme_named(name, index.get("scheme_definition"))
 
 
 def with_scheme(cfg: dict, scheme: LabelScheme) -> tuple[dict, list[str]]:
@@ -177,8 +184,10 @@ def requested_scheme(cfg: dict) -> str:
 
 
 def named_scheme(cfg: dict, name: str) -> dict:
-    """A copy of ``cfg`` whose ``data.scheme`` is ``name``."""
-    return {**cfg, "data": {**cfg["data"], "scheme": name}}
+    """A copy of ``cfg`` whose ``data.scheme`` is ``name`` (a registered scheme), with the definition
+    that rebuilds it where a dataset defined it (``data.scheme_definition``)."""
+    definition = SCHEMES[name].definition or None
+    return {**cfg, "data": {**cfg["data"], "scheme": name, "scheme_definition": definition}}
 
 
 def scored_scheme(cfg: dict, index: dict, model: LabelScheme) -> dict:

@@ -34,6 +34,7 @@ from ..data.schemes import DEFAULT_SCHEME
 from ..evaluation import postprocessing as pp
 from ..evaluation.evaluation import write_cases_csv
 from ..evaluation.inference import speed_up_inference
+from ..evaluation.lesion_metrics import DEFAULT_LESION_DEFINITION
 from ..evaluation.metrics import mean_scores
 from ..evaluation.visualize import evaluator_case_view, write_overlays
 from .builders import build_eval_settings, build_evaluator, build_scheme, build_scoring, build_split_settings
@@ -80,6 +81,8 @@ class EvalReport:
             "mixed" when they differ), so labels can be named by the values the user's files hold.
         predictions: the folder of predictions that was scored (None for a model).
         scheme: the label scheme scored (a key of ``data.schemes.SCHEMES``).
+        lesion_definition: the metric definition of the HD95 and lesion-wise scores (a key of
+            ``LESION_DEFINITIONS``).
     """
 
     means: dict[str, float]
@@ -93,6 +96,7 @@ class EvalReport:
     label_convention: str = "mixed"
     predictions: Path | None = None
     scheme: str = DEFAULT_SCHEME
+    lesion_definition: str = DEFAULT_LESION_DEFINITION
 
 
 def default_eval_csv(checkpoint: Path, tag: str) -> Path:
@@ -216,6 +220,7 @@ def evaluate_model(
         overlays=overlay_dir,
         label_convention=conventions.pop() if len(conventions) == 1 else "mixed",
         scheme=build_scheme(cfg).name,
+        lesion_definition=build_eval_settings(cfg).lesion.definition,
     )
 
 
@@ -355,4 +360,5 @@ def evaluate_folder(
         label_convention=conventions.pop() if len(conventions) == 1 else "mixed",
         predictions=predictions,
         scheme=scheme,
+        lesion_definition=build_eval_settings(cfg).lesion.definition,
     )

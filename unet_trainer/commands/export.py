@@ -248,6 +248,8 @@ def labels_section(scheme: LabelScheme) -> dict:
     native = {}
     for name, layout in LAYOUTS.items():
         conventions = [*layout.scheme_conventions(DLE_LABEL_CONVENTIONS[0]).values(), layout.label_convention]
+        if scheme.definition and layout.dataset_schemes is not None:
+            conventions.insert(0, scheme.name)  # a dataset.json's scheme: its own numbering (value = class)
         own = next((c for c in conventions if SCHEMES[CONVENTION_SCHEME[c]].compatible_with(scheme)), None)
         if own is not None:
             native[name] = {
@@ -256,6 +258,7 @@ def labels_section(scheme: LabelScheme) -> dict:
             }
     return {
         "scheme": scheme.name,
+        "scheme_definition": scheme.definition or None,
         "title": scheme.title,
         "classes": {"0": "background", **{str(i): name for i, name in scheme.label_names.items()}},
         "descriptions": {str(i + 1): text for i, text in enumerate(scheme.class_descriptions)},

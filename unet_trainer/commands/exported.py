@@ -27,8 +27,9 @@ from ..config.engine import ConfigError
 from ..core.checkpoint import CheckpointError, one_line
 from ..core.documents import DocumentError, load_json_text, read_utf8
 from ..core.fileio import os_error_line
+from ..data.layouts import DataFormatError, scheme_named
 from ..data.prepare import PrepareSettings
-from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
+from ..data.schemes import DEFAULT_SCHEME, LabelScheme
 from ..evaluation.evaluation import logits_to_probabilities
 from ..evaluation.inference import SlidingWindow
 from ..evaluation.postprocessing import Postprocessing, postprocessing_from_rules
@@ -316,10 +317,14 @@ def exported_scheme(document: dict) -> LabelScheme:
     """The label scheme a model.json records (a folder exported before schemes were recorded: the
     default scheme, the BraTS glioma classes)."""
     labels = document.get("labels")
-    name = labels.get("scheme", DEFAULT_SCHEME) if isinstance(labels, dict) else DEFAULT_SCHEME
-    if name not in SCHEMES:
-        raise ExportError(f"{MODEL_JSON}: unknown label scheme {json.dumps(name)[:40]}")
-    return SCHEMES[name]
+    labels = labels if isinstance(labels, dict) else {}
+    name, definition = labels.get("scheme", DEFAULT_SCHEME), labels.get("scheme_definition")
+    if not isinstance(name, str) or not isinstance(definition, (str, type(None))):
+        raise ExportError(f"{MODEL_JSON}: labels.scheme must be a name, labels.scheme_definition text or null")
+    try:
+        return scheme_named(name, definition)
+    except DataFormatError:
+        raise ExportError(f"{MODEL_JSON}: unknown label scheme {json.dumps(name)[:40]}") from None
 
 
 #: The one setting ``unet-predict`` takes for an exported folder; the others are model.json's.

@@ -35,6 +35,7 @@ from ..core.fileio import remove_orphan_temporaries
 from ..core.guard import check_outputs
 from ..core.runfolder import PREDICT_LOCK_NAME, FolderLock
 from ..data.layouts import (
+    CONVENTION_SCHEME,
     LAYOUTS,
     CaseFiles,
     DataFormatError,
@@ -190,6 +191,20 @@ def predict_case(
     with torch.no_grad():
         probs = loaded.probabilities(torch.from_numpy(np.ascontiguousarray(image)).to(loaded.device))
         return probabilities_to_original(probs, meta, loaded.region_mode, probabilities, loaded.scheme)
+
+
+def _check_written_scheme(case_id: str, target: LabelScheme, model: LabelScheme) -> None:
+    """Where a dataset.json defines either side's scheme, the folder's files hold class indices of
+    their own meaning: the model must predict exactly those classes.
+
+    Raises:
+        DataFormatError: the schemes differ in channels, classes or regions (one line).
+    """
+    if (target.definition or model.definition) and not target.compatible_with(model):
+        raise DataFormatError(
+            f"case {case_id}: its folder numbers the labels of scheme {target.name} ({', '.join(target.classes)}), "
+            f"not those of the model's {model.name} ({', '.join(model.classes)})"
+        )
 
 
 @dataclass
@@ -363,7 +378,10 @@ def _predict_cases(
             if postprocess is not None:
                 labels = postprocess(labels)
             present = classes_present(labels)
-            convention = LAYOUTS[case.format].convention_holding(present, settings.dle_labels, raw.label_convention)
+            convention = LAYOUTS[case.format].convention_holding(
+                present, settings.dle_labels, raw.label_convention, (case,)
+            )
+            _check_written_scheme(case.case_id, SCHEMES[CONVENTION_SCHEME[convention]], loaded.scheme)
         except DataFormatError as exc:
             summary.failed[case.case_id] = str(exc)
             bar.write(f"skipped {case.case_id}: {exc}", file=log)

@@ -37,10 +37,9 @@ from ..core.fileio import os_error_line
 from ..core.schema import F, Field, ListOf, OneOf, SetOf, fields_of
 from ..data.layouts import DLE_LABEL_CONVENTIONS, FORMAT_CHOICES
 from ..data.phantom import DEFAULT_STYLE, PHANTOM_STYLES
-from ..data.schemes import SCHEMES
+from ..data.schemes import SCHEMES, SchemeDefinitionError, scheme_from_definition
 from ..evaluation.case_metrics import DEFAULT_METRICS, METRICS
 from ..evaluation.lesion_metrics import (
-    DEFAULT_HD95_PENALTY,
     DEFAULT_LESION_BACKEND,
     LESION_BACKENDS,
     LESION_DEFINITIONS,
@@ -150,8 +149,12 @@ SCHEMA: dict[str, Any] = {
         # brats2023 (DLE on BraTS 2021, which renumbers enhancing 4 -> 3).
         "dle_labels": F("str", DLE_LABEL_CONVENTIONS[0], choices=DLE_LABEL_CONVENTIONS),
         # The label scheme (channels, classes, regions, lesion scoring): auto detects it from the case
-        # names and labels when the data is prepared; the model's inputs and outputs follow it.
-        "scheme": F("str", "auto", choices=("auto", *SCHEMES)),
+        # names and labels when the data is prepared; the model's inputs and outputs follow it. One of
+        # auto and data/schemes.py's, or the one an nnU-Net v2 dataset.json defines (nnunetv2-<hash>).
+        "scheme": F("str", "auto"),
+        # Set by training from the prepared data for a scheme a dataset.json defines: that definition
+        # (JSON text), so the run rebuilds the scheme without the data.
+        "scheme_definition": F("str", None, nullable=True),
         "cache_dir": F("str", None, nullable=True),
         "prepared_path": F("str", None, nullable=True),
         "phantom": {
@@ -198,7 +201,9 @@ SCHEMA: dict[str, Any] = {
         "lesion_dilation": F("int", None, nullable=True, minimum=0),
         # Truth lesions of this volume in mm³ or less are dropped (eval.lesion_min_voxels before).
         "lesion_min_volume": F("float", None, nullable=True, minimum=0.0),
-        "lesion_hd95_penalty": F("float", DEFAULT_HD95_PENALTY, minimum=0.0),
+        # The HD95 of a missed lesion, a false positive or an empty side, mm: null takes the definition's
+        # (brats2023: 374; panoptica: 373, what brats-evaluation puts for its infinite HD95).
+        "lesion_hd95_penalty": F("float", None, nullable=True, minimum=0.0),
         # Where components and distances are computed: auto = torch on a GPU (no copy to the host),
         # SciPy on the CPU (faster there); every backend gives the same scores.
         "lesion_backend": F("str", DEFAULT_LESION_BACKEND, choices=LESION_BACKENDS),
@@ -267,9 +272,25 @@ def _model_to_check(section: dict) -> SegmentationModel:
         raise ConfigError(f"'model.{name}': {exc}") from None
 
 
+def _check_scheme(data: dict) -> None:
+    """``data.scheme`` is auto or a known scheme, or the one ``data.scheme_definition`` defines."""
+    name, definition = data["scheme"], data["scheme_definition"]
+    if definition is None:
+        if name != "auto" and name not in SCHEMES:
+            raise ConfigError(f"'data.scheme' = {name!r} must be one of auto, {', '.join(SCHEMES)}")
+        return
+    try:
+        defined = scheme_from_definition(definition).name
+    except SchemeDefinitionError as error:
+        raise ConfigError(f"'data.scheme_definition': {error}") from None
+    if name != defined:
+        raise ConfigError(f"'data.scheme' = {name!r} must be {defined}, the scheme data.scheme_definition defines")
+
+
 def check_consistency(cfg: dict) -> None:
     """Cross-key rules that a single field cannot express."""
     data = cfg["data"]
+    _check_scheme(data)
     if data["fold"] >= data["num_folds"]:
         raise ConfigError(f"'data.fold' = {data['fold']} must be below 'data.num_folds' = {data['num_folds']}")
     if "dice" not in cfg["eval"]["metrics"]:

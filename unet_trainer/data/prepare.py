@@ -48,6 +48,7 @@ from .layouts.canonical import (
     RawDataset,
 )
 from .layouts.dle import DLE_LABEL_CONVENTIONS
+from .schemes import SCHEMES
 
 PREPARE_VERSION = 1
 # Foreground voxels kept per label for oversampling: enough to cover a tumour, small on disk.
@@ -291,7 +292,7 @@ def _prepare_one(
         raw = layout.read_case(case, settings.dle_labels, schemes)
     except DataFormatError as exc:
         return case.case_id, str(exc), None
-    warning = zero_channel_warning(case, raw.image, layout.channels)
+    warning = zero_channel_warning(case, raw.image, SCHEMES[schemes[0]].channels if schemes else layout.channels)
     image, label, meta = prepare_case(raw, settings)
     meta["settings_digest"] = settings.digest()
     arrays = {"x": image}
@@ -391,6 +392,8 @@ def _prepare_cases(dataset: RawDataset, out: Path, settings: PrepareSettings, wo
         "source": str(source.resolve()),
         "format": dataset.format,
         "scheme": scheme,
+        # A scheme the dataset's own files define (nnU-Net v2's dataset.json), to rebuild it without them.
+        "scheme_definition": SCHEMES[scheme].definition or None,
         "settings": settings.as_dict(),
         "settings_digest": digest,
         "cases": good,
@@ -412,7 +415,7 @@ def choose_scheme(dataset: RawDataset, dle_labels: str, conventions: set[str]) -
     Raises:
         DataFormatError: no candidate holds them all (cases prepared under another scheme).
     """
-    known = dataset.layout.scheme_conventions(dle_labels)
+    known = dataset.layout.scheme_conventions(dle_labels, dataset.cases)
     needed = set().union(*(LABEL_CONVENTIONS[c].values() for c in conventions))
     for scheme in dataset.schemes or tuple(known):
         if needed <= set(LABEL_CONVENTIONS[known[scheme]].values()):

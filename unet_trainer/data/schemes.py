@@ -25,10 +25,13 @@ without loading the dataset layouts. A new scheme is one entry in :data:`SCHEMES
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
+    "DATASET_SCHEME_PREFIX",
     "DEFAULT_SCHEME",
     "LABEL_NAMES",
     "REGIONS",
@@ -36,13 +39,21 @@ __all__ = [
     "SCHEMES",
     "LabelScheme",
     "LesionSettings",
+    "SchemeDefinitionError",
     "UnknownScheme",
     "get_scheme",
+    "register_scheme",
+    "scheme_from_dataset_json",
+    "scheme_from_definition",
 ]
 
 
 class UnknownScheme(ValueError):
     """A scheme name that is not in :data:`SCHEMES`; the message lists the known ones."""
+
+
+class SchemeDefinitionError(ValueError):
+    """A dataset.json whose channels or labels make no scheme (one line saying what was expected)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,9 @@ class LabelScheme:
             voxel takes the class of the last region that is on there.
         lesion: the challenge's lesion-wise scoring.
         source: where the labels and regions are defined (the challenge's own documents).
+        definition: for a scheme a dataset defines (:func:`scheme_from_dataset_json`), the JSON text
+            it was built from, which rebuilds it anywhere (a checkpoint's config, ``prepare.json``,
+            ``model.json`` carry it); "" for the schemes of :data:`SCHEMES` as shipped.
     """
 
     name: str
@@ -92,6 +106,7 @@ class LabelScheme:
     regions_class_order: tuple[int, ...]
     lesion: LesionSettings
     source: str
+    definition: str = ""
     _label_names: Mapping[int, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -295,3 +310,164 @@ LABEL_NAMES: dict[int, str] = dict(_DEFAULT.label_names)
 REGIONS: dict[str, tuple[int, ...]] = dict(_DEFAULT.regions)
 #: Order in which region channels/metrics are reported.
 REGION_NAMES: tuple[str, ...] = _DEFAULT.region_names
+
+
+# --- Schemes a dataset defines (nnU-Net v2's dataset.json) -----------------------------------------
+
+#: The name of every dataset-defined scheme starts with this, then a hash of its definition.
+DATASET_SCHEME_PREFIX = "nnunetv2-"
+# Canonical MRI sequence -> its names in a dataset.json (lower case, without punctuation).
+_SEQUENCE_ALIASES: dict[str, tuple[str, ...]] = {
+    "flair": ("flair", "t2f", "t2flair"),
+    "t1": ("t1", "t1w", "t1n"),
+    "t1ce": ("t1ce", "t1gd", "t1c"),
+    "t2": ("t2", "t2w"),
+}
+# What a dataset-defined scheme scores lesions with: BraTS glioma's 2023 settings (a dataset.json
+# says nothing of it; eval.lesion_* override them).
+_DATASET_LESION = LesionSettings("brats2023", 3, 50.0)
+
+
+def _key(name: object) -> str:
+    return "".join(c for c in str(name).lower() if c.isalnum())
+
+
+def _short_name(name: str) -> str:
+    """A label or region name as a score key: its words joined by "_" (``whole tumor`` -> ``whole_tumor``)."""
+    words = "".join(c if c.isalnum() else " " for c in name).split()
+    return "_".join(words)
+
+
+def _channels(channel_names: object) -> tuple[str, ...]:
+    """The channels of ``channel_names`` ({"0": name, ...}) in key order, each MRI sequence by its
+    canonical name (``t1c`` -> ``t1ce``) and any other channel by its own name."""
+    if not isinstance(channel_names, dict) or not channel_names:
+        raise SchemeDefinitionError('no channel_names object, e.g. {"0": "T1", "1": "T1ce", "2": "T2", "3": "Flair"}')
+    keys = sorted(channel_names, key=lambda k: int(k) if str(k).isdigit() else -1)
+    if [str(k) for k in keys] != [str(i) for i in range(len(keys))]:
+        raise SchemeDefinitionError(
+            f"channel_names keys {json.dumps(sorted(map(str, channel_names)))} are not 0 to {len(keys) - 1}"
+        )
+    channels = []
+    for key in keys:
+        name = str(channel_names[key])
+        canonical = next((c for c, aliases in _SEQUENCE_ALIASES.items() if _key(name) in aliases), None)
+        channels.append(canonical or _short_name(name).lower())
+    if len(set(channels)) != len(channels) or not all(channels):
+        raise SchemeDefinitionError(f"channel_names {json.dumps(channel_names)} name a channel twice, or not at all")
+    return tuple(channels)
+
+
+def _labels_and_regions(labels: object, order: object) -> tuple[tuple[str, ...], dict[str, tuple[int, ...]], tuple]:
+    """(class names, regions, (trained regions, regions_class_order)) of a dataset.json ``labels``."""
+    example = '{"background": 0, "edema": 1, "necrosis": 2, "enhancing tumor": 3}'
+    if not isinstance(labels, dict) or labels.get("background") != 0 or type(labels.get("background")) is not int:
+        raise SchemeDefinitionError(f'labels must be an object with "background": 0, e.g. {example}')
+    if "ignore" in labels:
+        raise SchemeDefinitionError('labels has an "ignore" label, which unet-trainer does not train with')
+    entries = {name: value for name, value in labels.items() if name != "background"}
+    regions_given = any(isinstance(v, list) for v in entries.values()) or order is not None
+    values: dict[str, tuple[int, ...]] = {}
+    for name, value in entries.items():
+        members = tuple(value) if isinstance(value, list) else (value,)
+        if not members or not all(type(v) is int and v > 0 for v in members):
+            raise SchemeDefinitionError(
+                f"label {json.dumps(name)}: {json.dumps(value)} is not a positive label value or list of them"
+            )
+        values[name] = members
+    present = sorted({v for members in values.values() for v in members})
+    if not present or present != list(range(1, len(present) + 1)):
+        raise SchemeDefinitionError(f"labels: values {present} are not consecutive from 1, as nnU-Net requires")
+    short = {name: _short_name(name) for name in values}
+    if len(set(short.values())) != len(short) or not all(short.values()):
+        raise SchemeDefinitionError(f"label names {list(values)} do not give distinct names")
+    if not regions_given:
+        if len(set(values.values())) != len(values):
+            raise SchemeDefinitionError(f"labels {json.dumps(labels)} give one value two names")
+        by_value = sorted(values.items(), key=lambda item: item[1])
+        classes = tuple(short[name] for name, _ in by_value)
+        regions = {short[name]: members for name, members in by_value}
+        return classes, regions, (tuple(regions), tuple(m[0] for m in regions.values()))
+    if not isinstance(order, list) or len(order) != len(values) or not all(type(v) is int for v in order):
+        raise SchemeDefinitionError(
+            f"regions {list(values)} need a regions_class_order, one label value per region, e.g. [1, 2, 3]"
+        )
+    if not all(v in values[name] for v, name in zip(order, values)):
+        raise SchemeDefinitionError(f"regions_class_order {order}: each region must paint one of its own labels")
+    classes = tuple(f"L{v}" for v in present)
+    regions = {short[name]: tuple(sorted(members)) for name, members in values.items()}
+    return classes, regions, (tuple(regions), tuple(order))
+
+
+def scheme_from_dataset_json(content: Mapping, title: str = "") -> LabelScheme:
+    """The label scheme an nnU-Net v2 ``dataset.json`` defines.
+
+    Channels: ``channel_names`` in key order (MRI sequences by their canonical names). Labels,
+    nnU-Net's two forms: by name (``{"background": 0, "edema": 1, ...}``: a class and a region per
+    label, the region trained per label) or as regions (lists of label values, with
+    ``regions_class_order``: the regions are evaluated and trained as given, the classes are the
+    label values, named ``L1``, ``L2``, ...). Lesion-wise settings: BraTS glioma's (brats2023, 3,
+    50 mm³). The name is ``nnunetv2-`` and a hash of the definition, so equal definitions are one scheme.
+
+    Args:
+        content: the parsed dataset.json (only ``channel_names``, ``labels``,
+            ``regions_class_order`` and ``name`` are read).
+        title: what to call the family when dataset.json has no ``name``.
+
+    Raises:
+        SchemeDefinitionError: no channel_names, labels not consecutive from 1 or without a
+            background of 0, regions without a regions_class_order, an ignore label (one line).
+    """
+    definition = {
+        "name": str(content.get("name") or title or "nnU-Net v2 dataset"),
+        "channel_names": content.get("channel_names"),
+        "labels": content.get("labels"),
+    }
+    if content.get("regions_class_order") is not None:
+        definition["regions_class_order"] = content.get("regions_class_order")
+    return scheme_from_definition(json.dumps(definition))
+
+
+def scheme_from_definition(text: str) -> LabelScheme:
+    """The scheme a :attr:`LabelScheme.definition` text describes (see :func:`scheme_from_dataset_json`).
+
+    Raises:
+        SchemeDefinitionError: text that is no such definition.
+    """
+    try:
+        definition = json.loads(text)
+    except ValueError:
+        raise SchemeDefinitionError("a scheme definition must be JSON text") from None
+    if not isinstance(definition, dict):
+        raise SchemeDefinitionError("a scheme definition must be a JSON object")
+    channels = _channels(definition.get("channel_names"))
+    classes, regions, (trained, order) = _labels_and_regions(
+        definition.get("labels"), definition.get("regions_class_order")
+    )
+    text = json.dumps(definition)
+    return LabelScheme(
+        name=DATASET_SCHEME_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:8],
+        title=str(definition.get("name", "nnU-Net v2 dataset")),
+        channels=channels,
+        classes=classes,
+        class_descriptions=tuple(f"label {i}" for i in range(1, len(classes) + 1)),
+        regions=regions,
+        trained_regions=trained,
+        regions_class_order=order,
+        lesion=_DATASET_LESION,
+        source="its nnU-Net v2 dataset.json: channel_names, labels and regions_class_order",
+        definition=text,
+    )
+
+
+def register_scheme(scheme: LabelScheme) -> LabelScheme:
+    """Add a dataset-defined scheme to :data:`SCHEMES` (once; again is a no-op), so that everything
+    that looks a scheme up by name finds it. Returns the registered scheme.
+
+    Raises:
+        SchemeDefinitionError: another scheme already holds the name.
+    """
+    known = SCHEMES.get(scheme.name)
+    if known is not None and known != scheme:
+        raise SchemeDefinitionError(f"label scheme {scheme.name} is already another scheme")
+    return SCHEMES.setdefault(scheme.name, scheme)

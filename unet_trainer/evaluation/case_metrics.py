@@ -84,13 +84,11 @@ class Dice(CaseMetric):
 
 class HD95(CaseMetric):
     """95th-percentile Hausdorff distance per region of the scheme in mm, as the lesion settings'
-    definition computes it (:func:`lesion_metrics.case_region_hd95`): ``hd95/<region>``, never NaN."""
+    definition computes it (:func:`lesion_metrics.case_region_hd95`): ``hd95/<region>`` (NaN only
+    where the panoptica definition finds the region empty on both sides)."""
 
     columns = (Column("hd95", "HD95 mm", digits=2, width=10),)
-    note = (
-        "HD95: 95th-percentile Hausdorff distance in mm (prepared spacing) of the lesion definition; "
-        "the penalty where a region is empty on one side only, 0 where it is empty on both"
-    )
+    note = "HD95: 95th-percentile Hausdorff distance of each region, as the metric definition below computes it"
 
     def __init__(self, lesion: LesionSettings, scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME]) -> None:
         self.lesion, self.scheme = lesion, scheme
@@ -103,18 +101,16 @@ class HD95(CaseMetric):
 
 
 class LesionWise(CaseMetric):
-    """BraTS 2023 lesion-wise Dice and HD95 per region of the scheme
-    (:func:`lesion_metrics.case_lesion_scores`): ``lesion_dice/<region>``, ``lesion_hd95/<region>``
-    in mm, never NaN."""
+    """Lesion-wise Dice and HD95 per region of the scheme, as the lesion settings' definition
+    computes them (:func:`lesion_metrics.case_lesion_scores`): ``lesion_dice/<region>``,
+    ``lesion_hd95/<region>`` in mm (NaN only where the panoptica definition finds no lesion on
+    either side)."""
 
     columns = (
-        Column("lesion_dice", "LW Dice", digits=4, width=9, counts=False),
-        Column("lesion_hd95", "LW HD95", digits=2, width=9, counts=False),
+        Column("lesion_dice", "LW Dice", digits=4, width=9),
+        Column("lesion_hd95", "LW HD95", digits=2, width=9),
     )
-    note = (
-        "Lesion-wise (BraTS 2023): per region, mean over truth lesions and false positives of each "
-        "lesion's Dice and HD95 mm, averaged over cases"
-    )
+    note = "Lesion-wise: each region's lesions scored as the metric definition below says, averaged over cases"
 
     def __init__(self, lesion: LesionSettings, scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME]) -> None:
         self.lesion, self.scheme = lesion, scheme

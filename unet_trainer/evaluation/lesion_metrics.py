@@ -1,7 +1,14 @@
-"""BraTS 2023 lesion-wise Dice and HD95 per region of a label scheme (glioma: WT, TC, ET), with SciPy on the host or with torch
-on the tensors' device.
+"""BraTS lesion-wise Dice and HD95, and the plain HD95, per region of a label scheme (glioma: WT, TC, ET), as a
+challenge's metric definition (:data:`LESION_DEFINITIONS`) computes them, with SciPy on the host or
+with torch on the tensors' device.
 
-Definition (the BraTS 2023 challenge's evaluation, ``get_LesionWiseResults``), per region:
+Two definitions: ``brats2023`` (the default; below) and ``panoptica`` (the ``brats-evaluation``
+package that scores the challenges from 2025 on: 26-connected instances without dilation or size
+threshold, one-to-one matching on Dice, Dice and HD95 averaged over the matched instances only;
+:mod:`unet_trainer.evaluation.panoptica` and :func:`_panoptica_region`).
+
+The ``brats2023`` definition (the BraTS 2023 challenge's evaluation, ``get_LesionWiseResults``; also
+the 2024 challenges' code without its extras), per region:
 
 1. Connected components of the truth and of the prediction, 26-connectivity.
 2. Truth lesions closer than the dilation are one lesion: the truth mask is dilated
@@ -50,29 +57,16 @@ import torch
 from scipy import ndimage
 
 from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
-from . import surface_distance, torch_morphology
+from . import panoptica, surface_distance, torch_morphology
 
 # The default scheme's (BraTS 2021 and 2023 GLI: dilation 3, 50 mm³); each scheme holds its own.
 DEFAULT_DILATION_ITERATIONS = SCHEMES[DEFAULT_SCHEME].lesion.dilation
 DEFAULT_MIN_LESION_VOLUME = SCHEMES[DEFAULT_SCHEME].lesion.min_volume
 DEFAULT_HD95_PENALTY = 374.0  # mm; the diagonal of the 240x240x155 SRI-24 volume, rounded up
-
-
-@dataclass(frozen=True)
-class LesionDefinition:
-    """What a challenge's definition fixes beyond the lesion matching: its HD95 of two bool
-    (D, H, W) masks in mm (inf when exactly one is empty, 0 when both are), on NumPy arrays
-    (``hd95_host``) and on torch tensors on their device (``hd95_device``)."""
-
-    hd95_host: Callable[[np.ndarray, np.ndarray, Sequence[float]], float]
-    hd95_device: Callable[[torch.Tensor, torch.Tensor, Sequence[float]], float]
-
-
-#: The metric definitions ``eval.lesion_definition`` chooses from.
-LESION_DEFINITIONS: dict[str, LesionDefinition] = {
-    "brats2023": LesionDefinition(surface_distance.hd95, surface_distance.hd95_torch),
-}
+# brats-evaluation's parser puts 373 ("diameter of the cube in SRI space") where panoptica gives inf.
+PANOPTICA_HD95_PENALTY = 373.0
 DEFAULT_LESION_DEFINITION = "brats2023"
+
 
 _COMPONENTS_26 = ndimage.generate_binary_structure(3, 3)
 _DILATION_18 = ndimage.generate_binary_structure(3, 2)
@@ -207,7 +201,7 @@ class LesionSettings:
     Attributes:
         dilation_iterations: dilation that merges and matches truth lesions (0: no dilation).
         min_lesion_volume: truth lesions of this many mm³ or less are dropped.
-        hd95_penalty: the HD95 of a missed lesion or a false positive, in mm.
+        hd95_penalty: the HD95 of a missed lesion or a false positive, in mm (None: the definition's).
         backend: "scipy", "torch" or "auto" (:func:`resolve_backend`).
         definition: a key of :data:`LESION_DEFINITIONS`.
         region_min_volume: the regions whose threshold is not ``min_lesion_volume``, with theirs (mm³).
@@ -215,7 +209,7 @@ class LesionSettings:
 
     dilation_iterations: int = DEFAULT_DILATION_ITERATIONS
     min_lesion_volume: float = DEFAULT_MIN_LESION_VOLUME
-    hd95_penalty: float = DEFAULT_HD95_PENALTY
+    hd95_penalty: float | None = None
     backend: str = DEFAULT_LESION_BACKEND
     definition: str = DEFAULT_LESION_DEFINITION
     region_min_volume: Mapping[str, float] = field(default_factory=dict)
@@ -289,56 +283,13 @@ def _lesion_match(
     return dice, hd95(pred_mask, lesion_mask, spacing) if hd95 is not None else math.nan
 
 
-def _definition(name: str) -> LesionDefinition:
-    if name not in LESION_DEFINITIONS:
-        raise ValueError(f"unknown lesion definition {name!r}; expected one of {', '.join(LESION_DEFINITIONS)}")
-    return LESION_DEFINITIONS[name]
-
-
-def _hd95_of(ops, definition: str):
-    """The definition's HD95 function for the backend ``ops`` runs on."""
-    chosen = _definition(definition)
-    return chosen.hd95_device if ops is _TorchOps else chosen.hd95_host
-
-
-def region_lesion_scores(
-    pred,
-    truth,
-    spacing: Sequence[float] | None = None,
-    dilation_iterations: int = DEFAULT_DILATION_ITERATIONS,
-    min_lesion_volume: float = DEFAULT_MIN_LESION_VOLUME,
-    hd95_penalty: float = DEFAULT_HD95_PENALTY,
-    backend: str = DEFAULT_LESION_BACKEND,
-    distances: bool = True,
-    definition: str = DEFAULT_LESION_DEFINITION,
+def _brats2023_region(
+    ops, pred, truth, spacing, dilation_iterations: int, min_lesion_volume: float, hd95_penalty: float, hd95
 ) -> LesionScore:
-    """Lesion-wise Dice and HD95 of one region (see the module docstring).
-
-    Args:
-        pred, truth: boolean masks (D, H, W) of the same shape: NumPy arrays, or torch tensors on
-            one device.
-        spacing: voxel size in mm per axis (1 mm when None), for the HD95 and the lesions' volumes.
-        dilation_iterations: dilation that merges and matches truth lesions (0: no dilation).
-        min_lesion_volume: truth lesions of this many mm³ or less are dropped.
-        hd95_penalty: the HD95 of a missed lesion or a false positive, in mm.
-        backend: "scipy" (on the host), "torch" (on the tensors' device) or "auto"
-            (:func:`resolve_backend`); every backend gives the same scores.
-        distances: False skips the surface distances (``hd95`` is then NaN), for callers that
-            need the Dice only.
-        definition: a key of :data:`LESION_DEFINITIONS` (the HD95).
-
-    Raises:
-        ValueError: masks of different shapes or not 3-D, an unknown backend or definition.
-    """
-    if tuple(pred.shape) != tuple(truth.shape) or pred.ndim != 3:
-        raise ValueError(
-            f"lesion-wise metrics need two 3-D masks of one shape, got {tuple(pred.shape)} and {tuple(truth.shape)}"
-        )
-    ops = _BACKEND_OPS[resolve_backend(backend, pred, truth)]
-    pred, truth = ops.mask(pred), ops.mask(truth)
-    spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
+    """The 2023 definition's lesion-wise score of one region (steps 1-6 of the module docstring);
+    ``hd95`` None skips the distances."""
+    distances = hd95 is not None
     voxel_volume = math.prod(spacing)
-    hd95 = _hd95_of(ops, definition) if distances else None
     # Everything happens within the dilation (plus one voxel, so surfaces stay surfaces) of the
     # foreground's bounding box: a tumour fills a few percent of a brain volume.
     foreground = ops.bounding_box(pred | truth)
@@ -378,13 +329,164 @@ def region_lesion_scores(
     return LesionScore(dice_sum / count, hd_mean, lesions, detected, false_positives)
 
 
+def _brats2023_plain_hd95(pred, truth, spacing, hd95_penalty: float, hd95) -> float:
+    """The 2023 definition's whole-region HD95: the penalty where one side is empty, 0 where both are."""
+    distance = hd95(pred, truth, spacing)
+    return hd95_penalty if math.isinf(distance) else distance
+
+
+def _panoptica_region(
+    ops, pred, truth, spacing, dilation_iterations: int, min_lesion_volume: float, hd95_penalty: float, hd95
+) -> LesionScore:
+    """Panoptica's lesion-wise score of one region (brats-evaluation's ``lesionwise_*_mean``, its
+    ``sq_dsc`` and ``sq_hd95``): the mean Dice and HD95 over the matched instances only
+    (:func:`panoptica.match_instances`); no match: Dice 0 and HD95 the penalty (panoptica's
+    zero-TP edge case, whose infinite HD95 becomes the penalty); no instance on either side: NaN,
+    left out of the means over cases as the package's summary leaves it out. No dilation and no
+    size threshold: ``dilation_iterations`` and ``min_lesion_volume`` are not used."""
+    distances = hd95 is not None
+    foreground = ops.bounding_box(pred | truth)
+    if foreground is None:
+        return LesionScore(math.nan, math.nan, 0, 0, 0)
+    crop = _grow(foreground, 1, tuple(truth.shape))
+    pred, truth = pred[crop], truth[crop]
+    pred_cc, n_pred = ops.label(pred)
+    truth_cc, n_truth = ops.label(truth)
+    matches = panoptica.match_instances(truth_cc, n_truth, pred_cc, n_pred)
+    if not matches:
+        return LesionScore(0.0, hd95_penalty if distances else math.nan, n_truth, 0, n_pred)
+    dice = sum(d for _, _, d in matches) / len(matches)
+    hd_mean = math.nan
+    if distances:
+        truth_boxes, pred_boxes = ops.boxes(truth_cc, n_truth), ops.boxes(pred_cc, n_pred)
+        hd_mean = sum(
+            panoptica.matched_hd95(truth_cc, pred_cc, truth_boxes[t - 1], pred_boxes[p - 1], t, p, spacing, hd95)
+            for t, p, _ in matches
+        ) / len(matches)
+    return LesionScore(dice, hd_mean, n_truth, len(matches), n_pred - len(matches))
+
+
+def _panoptica_plain_hd95(pred, truth, spacing, hd95_penalty: float, hd95) -> float:
+    """Panoptica's global HD95 (brats-evaluation's ``global_hd95``): NaN where both sides are
+    empty; the penalty where they share no voxel (one side empty, or no overlap: panoptica's
+    zero-TP edge case); else the HD95 in voxels, as panoptica computes its global metrics without
+    the spacing (the same as mm at BraTS's 1 mm)."""
+    if not bool(pred.any()) and not bool(truth.any()):
+        return math.nan
+    if not bool((pred & truth).any()):
+        return hd95_penalty
+    return hd95(pred, truth, (1.0, 1.0, 1.0))
+
+
+@dataclass(frozen=True)
+class LesionDefinition:
+    """A challenge's metric definition, on one region's bool (D, H, W) masks.
+
+    Attributes:
+        region_scores: ``(ops, pred, truth, spacing, dilation_iterations, min_lesion_volume,
+            hd95_penalty, hd95) -> LesionScore``, the lesion-wise score (``hd95`` None: no distances).
+        plain_hd95: ``(pred, truth, spacing, hd95_penalty, hd95) -> float``, the whole-region HD95.
+        hd95_host, hd95_device: its HD95 of two masks in mm, on NumPy arrays and on torch tensors
+            (inf when exactly one is empty, 0 when both are).
+        hd95_penalty: its HD95 for a missed lesion or a false positive, in mm.
+        summary: one line saying how a case is scored (the evaluation table's note).
+    """
+
+    region_scores: Callable[..., LesionScore]
+    plain_hd95: Callable[..., float]
+    hd95_host: Callable[[np.ndarray, np.ndarray, Sequence[float]], float]
+    hd95_device: Callable[[torch.Tensor, torch.Tensor, Sequence[float]], float]
+    hd95_penalty: float
+    summary: str
+
+
+#: The metric definitions ``eval.lesion_definition`` chooses from.
+LESION_DEFINITIONS: dict[str, LesionDefinition] = {
+    "brats2023": LesionDefinition(
+        _brats2023_region,
+        _brats2023_plain_hd95,
+        surface_distance.hd95,
+        surface_distance.hd95_torch,
+        DEFAULT_HD95_PENALTY,
+        "brats2023: per region, mean over truth lesions (merged within the dilation, above the size threshold) "
+        "and false positives; HD95 over surface elements",
+    ),
+    "panoptica": LesionDefinition(
+        _panoptica_region,
+        _panoptica_plain_hd95,
+        surface_distance.border_hd95,
+        surface_distance.border_hd95_torch,
+        PANOPTICA_HD95_PENALTY,
+        "panoptica: per region, mean over one-to-one matched lesions only (NaN, left out, where neither side "
+        "has one); HD95 over border voxels, the plain one in voxels",
+    ),
+}
+
+
+def _definition(name: str) -> LesionDefinition:
+    if name not in LESION_DEFINITIONS:
+        raise ValueError(f"unknown lesion definition {name!r}; expected one of {', '.join(LESION_DEFINITIONS)}")
+    return LESION_DEFINITIONS[name]
+
+
+def _hd95_of(ops, chosen: LesionDefinition):
+    """The definition's HD95 function for the backend ``ops`` runs on."""
+    return chosen.hd95_device if ops is _TorchOps else chosen.hd95_host
+
+
+def region_lesion_scores(
+    pred,
+    truth,
+    spacing: Sequence[float] | None = None,
+    dilation_iterations: int = DEFAULT_DILATION_ITERATIONS,
+    min_lesion_volume: float = DEFAULT_MIN_LESION_VOLUME,
+    hd95_penalty: float | None = None,
+    backend: str = DEFAULT_LESION_BACKEND,
+    distances: bool = True,
+    definition: str = DEFAULT_LESION_DEFINITION,
+) -> LesionScore:
+    """Lesion-wise Dice and HD95 of one region, as ``definition`` scores it (see the module docstring).
+
+    Args:
+        pred, truth: boolean masks (D, H, W) of the same shape: NumPy arrays, or torch tensors on
+            one device.
+        spacing: voxel size in mm per axis (1 mm when None), for the HD95 and the lesions' volumes.
+        dilation_iterations: dilation that merges and matches truth lesions (0: no dilation;
+            brats2023 only).
+        min_lesion_volume: truth lesions of this many mm³ or less are dropped (brats2023 only).
+        hd95_penalty: the HD95 of a missed lesion or a false positive, in mm (None: the definition's).
+        backend: "scipy" (on the host), "torch" (on the tensors' device) or "auto"
+            (:func:`resolve_backend`); every backend gives the same scores.
+        distances: False skips the surface distances (``hd95`` is then NaN), for callers that
+            need the Dice only.
+        definition: a key of :data:`LESION_DEFINITIONS`.
+
+    Returns:
+        the score; NaN Dice and HD95 only where the panoptica definition finds no instance on either side.
+
+    Raises:
+        ValueError: masks of different shapes or not 3-D, an unknown backend or definition.
+    """
+    if tuple(pred.shape) != tuple(truth.shape) or pred.ndim != 3:
+        raise ValueError(
+            f"lesion-wise metrics need two 3-D masks of one shape, got {tuple(pred.shape)} and {tuple(truth.shape)}"
+        )
+    chosen = _definition(definition)
+    ops = _BACKEND_OPS[resolve_backend(backend, pred, truth)]
+    pred, truth = ops.mask(pred), ops.mask(truth)
+    spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
+    penalty = chosen.hd95_penalty if hd95_penalty is None else hd95_penalty
+    hd95 = _hd95_of(ops, chosen) if distances else None
+    return chosen.region_scores(ops, pred, truth, spacing, dilation_iterations, min_lesion_volume, penalty, hd95)
+
+
 def case_lesion_scores(
     pred_labels,
     true_labels,
     spacing: Sequence[float] | None = None,
     dilation_iterations: int = DEFAULT_DILATION_ITERATIONS,
     min_lesion_volume: float = DEFAULT_MIN_LESION_VOLUME,
-    hd95_penalty: float = DEFAULT_HD95_PENALTY,
+    hd95_penalty: float | None = None,
     backend: str = DEFAULT_LESION_BACKEND,
     distances: bool = True,
     definition: str = DEFAULT_LESION_DEFINITION,
@@ -404,7 +506,8 @@ def case_lesion_scores(
 
     Returns:
         {"lesion_dice/<region>" for each region, then "lesion_hd95/<region>"} (glioma: WT, TC, ET):
-        floats (Dice in [0, 1], HD95 in mm), never NaN (unless ``distances`` is False: HD95 NaN).
+        floats (Dice in [0, 1], HD95 in mm); NaN only for HD95 when ``distances`` is False, and
+        where the panoptica definition finds no lesion on either side.
     """
     ops = _BACKEND_OPS[resolve_backend(backend, pred_labels, true_labels)]
     pred, truth = ops.labels(pred_labels), ops.labels(true_labels)
@@ -438,7 +541,7 @@ def case_region_hd95(
     pred_labels,
     true_labels,
     spacing: Sequence[float] | None = None,
-    hd95_penalty: float = DEFAULT_HD95_PENALTY,
+    hd95_penalty: float | None = None,
     backend: str = DEFAULT_LESION_BACKEND,
     definition: str = DEFAULT_LESION_DEFINITION,
     scheme: LabelScheme = SCHEMES[DEFAULT_SCHEME],
@@ -450,12 +553,14 @@ def case_region_hd95(
         pred_labels, true_labels: canonical label maps (D, H, W), NumPy arrays or torch tensors
             on one device.
         spacing: voxel size in mm per axis (1 mm when None).
-        hd95_penalty: the HD95 of a region empty on one side only (a region empty on both is 0).
+        hd95_penalty: the HD95 where one side is empty (brats2023), or where the sides share no
+            voxel (panoptica), in mm; None: the definition's.
         backend, definition: see :func:`region_lesion_scores`.
         scheme: whose regions are scored, in its reporting order.
 
     Returns:
-        {"hd95/<region>"} for each region (glioma: WT, TC, ET): floats in mm, never NaN.
+        {"hd95/<region>"} for each region (glioma: WT, TC, ET): floats in mm. Where a region is empty
+        on both sides: 0 (brats2023), NaN (panoptica, left out of the means over cases).
 
     Raises:
         ValueError: label maps of different shapes, an unknown backend or definition.
@@ -464,13 +569,14 @@ def case_region_hd95(
     pred, truth = ops.labels(pred_labels), ops.labels(true_labels)
     if tuple(pred.shape) != tuple(truth.shape):
         raise ValueError(f"prediction {tuple(pred.shape)} and truth {tuple(truth.shape)} differ in shape")
-    hd95 = _hd95_of(ops, definition)
+    chosen = _definition(definition)
+    hd95 = _hd95_of(ops, chosen)
+    penalty = chosen.hd95_penalty if hd95_penalty is None else hd95_penalty
     spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
-    scores = {}
-    for name, members in scheme.regions.items():
-        distance = hd95(ops.isin(pred, members), ops.isin(truth, members), spacing)
-        scores[f"hd95/{name}"] = hd95_penalty if math.isinf(distance) else distance
-    return scores
+    return {
+        f"hd95/{name}": chosen.plain_hd95(ops.isin(pred, members), ops.isin(truth, members), spacing, penalty, hd95)
+        for name, members in scheme.regions.items()
+    }
 
 
 def _to_numpy(labels) -> np.ndarray:

@@ -48,7 +48,7 @@ from ..core.fileio import atomic_write_text, os_error_line
 from ..data.schemes import DEFAULT_SCHEME, SCHEMES, LabelScheme
 from .lesion_metrics import (
     DEFAULT_DILATION_ITERATIONS,
-    DEFAULT_HD95_PENALTY,
+    DEFAULT_LESION_DEFINITION,
     DEFAULT_MIN_LESION_VOLUME,
     case_lesion_scores,
 )
@@ -250,6 +250,7 @@ class MetricSettings:
     empty_policy: str = "one_if_both_empty"
     scheme: LabelScheme = _DEFAULT
     lesion_region_min_volume: Mapping[str, float] = field(default_factory=dict)  # regions with their own threshold
+    lesion_definition: str = DEFAULT_LESION_DEFINITION
 
     def score(self, prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None) -> float:
         """The case's score (higher is better; NaN only for plain Dice with ``ignore`` and no
@@ -266,13 +267,14 @@ class MetricSettings:
             spacing,
             dilation_iterations=self.lesion_dilation,
             min_lesion_volume=self.lesion_min_volume,
-            hd95_penalty=DEFAULT_HD95_PENALTY,
             backend="scipy",
             distances=False,  # the Dice alone decides: skip the surface distances
+            definition=self.lesion_definition,
             scheme=self.scheme,
             region_min_volume=self.lesion_region_min_volume,
         )
-        return sum(scores[f"lesion_dice/{r}"] for r in self.scheme.regions) / len(self.scheme.regions)
+        # A region without lesions on either side scores NaN under panoptica: left out, as the challenge does.
+        return _mean(scores[f"lesion_dice/{r}"] for r in self.scheme.regions)
 
 
 def check_metric(metric: str) -> str:
@@ -423,6 +425,7 @@ def write_postprocessing(
         "settings": {
             "lesion_dilation": settings.lesion_dilation,
             "lesion_min_volume": settings.lesion_min_volume,
+            "lesion_definition": settings.lesion_definition,
             "empty_policy": settings.empty_policy,
         },
         "checkpoint": str(checkpoint),

@@ -1,6 +1,7 @@
-"""Surface distances over surface elements, as the BraTS 2023 evaluation computes them (DeepMind's
-``surface_distance``: ``compute_surface_distances`` then ``compute_robust_hausdorff``), with SciPy on
-the host or with torch on the masks' device.
+"""The HD95 of the two metric definitions, with SciPy on the host or with torch on the masks' device:
+over surface elements, as the BraTS 2023 evaluation computes it (DeepMind's ``surface_distance``:
+``compute_surface_distances`` then ``compute_robust_hausdorff``; :func:`hd95`), and over border
+voxels, as panoptica (brats-evaluation) computes it (medpy's; :func:`border_hd95`).
 
 The surface of a mask is cut into surface elements ("surfels"), one per 2x2x2 cube of voxel
 centres whose eight voxels are neither all inside nor all outside the mask. Each surfel sits at the
@@ -17,6 +18,12 @@ polygon through its crossing edges' midpoints, triangulated the way that gives t
 1 mm; an anisotropic spacing scales each triangle's area vector (sy*sz, sx*sz, sx*sy). This
 reproduces the 256-entry table of DeepMind's ``lookup_tables`` (tests/test_surface_distance.py
 compares both on every code and on random shapes, when the package is installed).
+
+Border voxels (:func:`border_hd95`): the border of a mask is its voxels with a face neighbour
+outside it (``mask ^ binary_erosion(mask, generate_binary_structure(3, 1))``, the volume's edge
+outside); the distances in mm from each border voxel of one mask to the nearest border voxel of
+the other, both directions pooled, and their 95th percentile with linear interpolation
+(``numpy.percentile``'s default): panoptica 2.1.7's ``metrics/hausdorff_distance.py``.
 """
 
 from __future__ import annotations
@@ -211,3 +218,85 @@ def hd95_torch(pred: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float]
         distances = nearest_distances(points[source], points[target])
         directed.append(_torch_percentile(distances, table[codes[source][borders[source]]], 95.0))
     return max(directed)
+
+
+# ------------------------------------------------------------------------------------------
+# Border voxels: panoptica's (medpy's) HD95
+# ------------------------------------------------------------------------------------------
+
+_FACES = ndimage.generate_binary_structure(3, 1)
+
+
+def torch_border(mask: torch.Tensor) -> torch.Tensor:
+    """Voxels of a bool (D, H, W) mask with a face neighbour outside it (the volume's border counts
+    as outside): ``mask & ~binary_erosion(mask, generate_binary_structure(3, 1), border_value=0)``."""
+    p = F.pad(mask.to(torch.uint8), (1, 1, 1, 1, 1, 1)).bool()
+    centre = (slice(1, -1),) * 3
+    interior = mask.clone()
+    for axis in range(3):
+        for shifted in (slice(None, -2), slice(2, None)):
+            index = list(centre)
+            index[axis] = shifted
+            interior &= p[tuple(index)]
+    return mask & ~interior
+
+
+def _border(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=_FACES, border_value=0)
+
+
+def _percentile_95(distances: np.ndarray) -> float:
+    return float(np.percentile(distances, 95))
+
+
+def border_hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float:
+    """Panoptica's (medpy's) HD95 in mm of two bool (D, H, W) masks: the 95th percentile of both
+    directions' border-to-border distances pooled (see the module docstring); inf when exactly one
+    mask is empty, 0 when both are (panoptica never asks: its edge cases decide those).
+
+    Works on the box around both masks grown by one voxel: every border voxel lies inside it, so the
+    distances are the whole volume's."""
+    has_pred, has_truth = bool(pred.any()), bool(truth.any())
+    if not has_pred or not has_truth:
+        return 0.0 if not has_pred and not has_truth else math.inf
+    both = pred | truth
+    box = tuple(
+        slice(max(int(hits[0]) - 1, 0), min(int(hits[-1]) + 2, n))
+        for hits, n in (
+            (np.flatnonzero(both.any(axis=tuple(a for a in range(3) if a != axis))), both.shape[axis])
+            for axis in range(3)
+        )
+    )
+    pred_border, truth_border = _border(pred[box]), _border(truth[box])
+    sampling = tuple(float(s) for s in spacing)
+    to_truth = ndimage.distance_transform_edt(~truth_border, sampling=sampling)[pred_border]
+    to_pred = ndimage.distance_transform_edt(~pred_border, sampling=sampling)[truth_border]
+    return _percentile_95(np.concatenate([to_truth, to_pred]))
+
+
+def _torch_percentile_95(distances: torch.Tensor) -> float:
+    """``numpy.percentile(distances, 95)`` (linear interpolation) of a 1-D float64 tensor; sorted
+    by hand, as ``torch.quantile`` refuses more than 2**24 values."""
+    ordered = torch.sort(distances).values
+    position = 0.95 * (len(ordered) - 1)
+    below = math.floor(position)
+    above = min(below + 1, len(ordered) - 1)
+    low, high = float(ordered[below]), float(ordered[above])
+    return low + (high - low) * (position - below)
+
+
+def border_hd95_torch(pred: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float]) -> float:
+    """:func:`border_hd95` on bool (D, H, W) tensors, on their device (exact nearest-border distances)."""
+    has_pred, has_truth = bool(pred.any()), bool(truth.any())
+    if not has_pred or not has_truth:
+        return 0.0 if not has_pred and not has_truth else math.inf
+    scale = torch.tensor([float(s) for s in spacing], dtype=torch.float64, device=pred.device)
+    pred_points = torch_border(pred).nonzero().to(torch.float64) * scale
+    truth_points = torch_border(truth).nonzero().to(torch.float64) * scale
+    pooled = torch.cat(
+        [
+            nearest_distances(pred_points, truth_points),
+            nearest_distances(truth_points, pred_points),
+        ]
+    )
+    return _torch_percentile_95(pooled)

@@ -5,8 +5,6 @@ lesion-wise metrics and the postprocessing need, equal to their SciPy counterpar
   them (1..n in the raster order of each component's first voxel).
 * :func:`dilate_18`: ``ndimage.binary_dilation`` with ``generate_binary_structure(3, 2)`` (the
   18-neighbourhood), ``iterations`` times, outside the volume background.
-* :func:`surface`: voxels of a mask with a face neighbour outside it (the volume's border counts as
-  outside).
 * :func:`component_boxes`: the bounding box of every label, as ``ndimage.find_objects``.
 
 Labelling (why it converges fast on long thin shapes): every foreground voxel starts as its own
@@ -109,20 +107,6 @@ def dilate_18(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
         zy, zx = _along(along_z, 1, torch.maximum, 0), _along(along_z, 2, torch.maximum, 0)
         x = torch.maximum(torch.maximum(zy, zx), _along(along_y, 2, torch.maximum, 0))
     return x.bool()
-
-
-def surface(mask: torch.Tensor) -> torch.Tensor:
-    """Voxels of a bool (D, H, W) mask with a face neighbour outside it (the volume's border counts
-    as outside): ``mask & ~binary_erosion(mask, generate_binary_structure(3, 1), border_value=0)``."""
-    p = F.pad(mask.to(torch.uint8), (1, 1, 1, 1, 1, 1)).bool()
-    centre = (slice(1, -1),) * 3
-    interior = mask.clone()
-    for axis in range(3):
-        for shifted in (slice(None, -2), slice(2, None)):
-            index = list(centre)
-            index[axis] = shifted
-            interior &= p[tuple(index)]
-    return mask & ~interior
 
 
 def component_boxes(labels: torch.Tensor, count: int) -> list[tuple[slice, ...]]:

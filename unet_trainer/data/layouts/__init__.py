@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..schemes import REGION_NAMES, REGIONS, SCHEMES
+from ..schemes import REGION_NAMES, REGIONS, SCHEMES, LabelScheme, SchemeDefinitionError, scheme_from_definition
 from . import brats, dle, msd, nnunetv2
 from .canonical import (
     AFFINE_TOLERANCE_MM,
@@ -80,6 +80,7 @@ __all__ = [
     "native_regions",
     "open_dataset",
     "read_case",
+    "scheme_named",
     "to_canonical",
     "write_case",
     "write_label_nifti",
@@ -319,7 +320,7 @@ def dataset_scheme(dataset: RawDataset, dle_labels: str = DLE_LABEL_CONVENTIONS[
         DataFormatError: a label file holds values no candidate numbers (one line), or is unreadable.
         ValueError: ``dle_labels`` is not one of the layout's label choices.
     """
-    known = dataset.layout.scheme_conventions(dle_labels)
+    known = dataset.layout.scheme_conventions(dle_labels, dataset.cases)
     schemes = dataset.schemes or tuple(known)
     if len(schemes) == 1:
         return schemes[0]
@@ -334,3 +335,24 @@ def dataset_scheme(dataset: RawDataset, dle_labels: str = DLE_LABEL_CONVENTIONS[
     raise DataFormatError(
         f"{dataset.root}: label values {sorted(values)} fit none of the label schemes {', '.join(schemes)}"
     )
+
+
+def scheme_named(name: str, definition: str | None = None) -> LabelScheme:
+    """The label scheme called ``name``: a known one, or the one ``definition`` (a scheme's
+    :attr:`~unet_trainer.data.schemes.LabelScheme.definition`, as a config, ``prepare.json`` or
+    ``model.json`` records it) rebuilds, registered with its label convention.
+
+    Raises:
+        DataFormatError: no such scheme, or a definition that makes no scheme or another one (one line).
+    """
+    if definition:
+        try:
+            scheme = nnunetv2.register_dataset_scheme(scheme_from_definition(definition))
+        except SchemeDefinitionError as error:
+            raise DataFormatError(f"label scheme {name}: {error}") from None
+        if scheme.name != name:
+            raise DataFormatError(f"label scheme {name}: its recorded definition defines {scheme.name}")
+        return scheme
+    if name not in SCHEMES:
+        raise DataFormatError(f"unknown label scheme {name!r}; expected one of {', '.join(SCHEMES)}")
+    return SCHEMES[name]

@@ -30,6 +30,7 @@ __all__ = [
     "classes_present",
     "native_of_class",
     "native_regions",
+    "register_dataset_convention",
     "CaseFiles",
     "DataFormatError",
     "Layout",
@@ -79,6 +80,21 @@ CONVENTION_SCHEME: dict[str, str] = {
     "brats2024-ped": "brats2024-ped",
     "brats-men-rt": "brats-men-rt",
 }
+
+
+def register_dataset_convention(scheme_name: str, num_classes: int) -> str:
+    """The label convention of a scheme a dataset defines (nnU-Net v2's dataset.json: native value =
+    class index, 0 to ``num_classes - 1``), added to :data:`LABEL_CONVENTIONS` and
+    :data:`CONVENTION_SCHEME` under the scheme's own name (once; again is a no-op). Returns its name.
+
+    Raises:
+        ValueError: the name already holds another numbering.
+    """
+    mapping = {value: value for value in range(num_classes)}
+    if LABEL_CONVENTIONS.setdefault(scheme_name, mapping) != mapping:
+        raise ValueError(f"label convention {scheme_name} already holds another numbering")
+    CONVENTION_SCHEME.setdefault(scheme_name, scheme_name)
+    return scheme_name
 
 
 def native_of_class(convention: str) -> dict[int, int]:
@@ -186,6 +202,9 @@ class Layout:
             names, narrowest first (the labels decide among them); None: every one of ``schemes``.
             Raises :class:`DataFormatError` for a folder that mixes families.
         channels: the channels its images hold, in order, by canonical name.
+        dataset_schemes: for a layout whose dataset files define the scheme (nnU-Net v2's dataset.json):
+            ``dataset_schemes(cases) -> {scheme: convention}`` of the dataset the cases belong to, which
+            then replaces ``schemes``; registers a scheme the dataset defines.
     """
 
     name: str
@@ -200,6 +219,7 @@ class Layout:
     schemes: Mapping[str, str] = field(default_factory=dict)
     detect_schemes: Callable[[Sequence[CaseFiles]], tuple[str, ...]] | None = None
     channels: tuple[str, ...] = CANONICAL_CHANNELS
+    dataset_schemes: Callable[[Sequence[CaseFiles]], Mapping[str, str]] | None = None
 
     def read_convention(self, dle_labels: str) -> str:
         """The label convention this layout's segmentation files are read in: ``label_convention``, or
@@ -214,12 +234,16 @@ class Layout:
             raise ValueError(f"dle_labels must be one of {self.label_choices}, got {dle_labels!r}")
         return dle_labels
 
-    def scheme_conventions(self, dle_labels: str) -> dict[str, str]:
-        """Scheme -> the convention this layout's files number its labels in, narrowest first.
+    def scheme_conventions(self, dle_labels: str, cases: Sequence[CaseFiles] = ()) -> dict[str, str]:
+        """Scheme -> the convention this layout's files number its labels in, narrowest first; for a
+        layout whose datasets define their scheme, that of the dataset ``cases`` belong to.
 
         Raises:
             ValueError: ``dle_labels`` is not one of ``label_choices``.
+            DataFormatError: the dataset's own definition of its scheme is bad (one line).
         """
+        if self.dataset_schemes is not None and cases:
+            return dict(self.dataset_schemes(cases))
         if self.schemes:
             return dict(self.schemes)
         convention = self.read_convention(dle_labels)
@@ -236,7 +260,7 @@ class Layout:
                 mix families (one line).
             ValueError: ``dle_labels`` is not one of ``label_choices``.
         """
-        known = self.scheme_conventions(dle_labels)
+        known = self.scheme_conventions(dle_labels, cases)
         if requested != "auto":
             if requested not in known:
                 raise DataFormatError(
@@ -246,15 +270,18 @@ class Layout:
             return (requested,)
         return self.detect_schemes(cases) if self.detect_schemes else tuple(known)
 
-    def convention_holding(self, classes: set[int], dle_labels: str, preferred: str) -> str:
+    def convention_holding(
+        self, classes: set[int], dle_labels: str, preferred: str, cases: Sequence[CaseFiles] = ()
+    ) -> str:
         """The convention to write labels of ``classes`` in: ``preferred`` (the case's own) when it
         holds them all, else the narrowest of this layout's that does (a model that predicts a
-        resection cavity writes 2024's numbering into a 2023-named folder).
+        resection cavity writes 2024's numbering into a 2023-named folder); ``cases``: of the folder,
+        for a layout whose datasets define their scheme.
 
         Raises:
             DataFormatError: no convention of this layout holds every class.
         """
-        for convention in (preferred, *dict.fromkeys(self.scheme_conventions(dle_labels).values())):
+        for convention in (preferred, *dict.fromkeys(self.scheme_conventions(dle_labels, cases).values())):
             if classes <= set(LABEL_CONVENTIONS[convention].values()):
                 return convention
         raise DataFormatError(
@@ -270,7 +297,7 @@ class Layout:
             DataFormatError: what ``read`` raises (one line naming the case and file).
             ValueError: ``dle_labels`` is not one of ``label_choices``.
         """
-        known = self.scheme_conventions(dle_labels)
+        known = self.scheme_conventions(dle_labels, (case,))
         conventions = list(dict.fromkeys(known[s] for s in schemes or known))
         raw = self.read(case, conventions[-1])
         if raw.label is not None and len(conventions) > 1:

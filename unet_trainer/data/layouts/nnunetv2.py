@@ -7,25 +7,30 @@ Files::
     labelsTr/<case>.nii.gz              the segmentation of each imagesTr case
     imagesTs/<case>_0000.nii.gz ...     unlabelled (test) cases, optional
 
-Channels. The channel order is whatever ``channel_names`` says; each of the four BraTS sequences
-must appear once, under the keys "0" to "3", by any of its usual names (compared ignoring case
-and punctuation): FLAIR (flair, t2f, t2flair), T1 (t1, t1w, t1n), T1ce (t1ce, t1gd, t1c) and T2
-(t2, t2w). Any other set of channels is refused in one line naming dataset.json. New datasets are
-written in the order of nnU-Net's own BraTS 2021 conversion (``Dataset137_BraTS2021``:
-``{"0": "T1", "1": "T1ce", "2": "T2", "3": "Flair"}``), so a dataset converted by nnU-Net and
-one written here name their files alike; MSD's order (``Dataset001_BrainTumour``: FLAIR, T1w,
-t1gd, T2w) reads as well.
+Channels and labels: nnU-Net's BraTS numbering, or the dataset's own scheme.
 
-Labels. nnU-Net needs consecutive labels, so its BraTS 2021 conversion renumbers BraTS' 2 (edema)
-to 1, 1 (necrotic core) to 2 and 4 (enhancing) to 3. That is exactly MSD Task01's numbering
-(1 edema, 2 non-enhancing tumour, 3 enhancing), which ``Dataset001_BrainTumour`` keeps, so this
-layout's label convention is ``"msd"`` and predictions are written back in it. dataset.json must
-say so, in either of nnU-Net's two forms: labels by name (``{"background": 0, "edema": 1,
-"non-enhancing tumor": 2, "enhancing tumour": 3}``), or the regions Dataset137 trains on
-(``{"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}``
-with ``"regions_class_order": [1, 2, 3]``), which is what a new dataset.json gets. Labels in
-another numbering (e.g. a BraTS 2023 conversion keeping 1 = necrotic core) are refused rather
-than read with core and edema swapped.
+* **BraTS numbering** (the ``msd`` scheme). nnU-Net needs consecutive labels, so its BraTS 2021
+  conversion renumbers BraTS' 2 (edema) to 1, 1 (necrotic core) to 2 and 4 (enhancing) to 3. That
+  is exactly MSD Task01's numbering (1 edema, 2 non-enhancing tumour, 3 enhancing), which
+  ``Dataset001_BrainTumour`` keeps, so these datasets read in the label convention ``"msd"``. A
+  dataset.json says so in either of nnU-Net's two forms: labels by name (``{"background": 0,
+  "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}``), or the regions Dataset137
+  trains on (``{"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing
+  tumor": [3]}`` with ``"regions_class_order": [1, 2, 3]``); and ``channel_names`` holds each of
+  the four BraTS sequences once, under the keys "0" to "3", by any of its usual names (compared
+  ignoring case and punctuation): FLAIR (flair, t2f, t2flair), T1 (t1, t1w, t1n), T1ce (t1ce,
+  t1gd, t1c) and T2 (t2, t2w). New datasets are written this way, in the channel order of nnU-Net's
+  ``Dataset137_BraTS2021`` (``{"0": "T1", "1": "T1ce", "2": "T2", "3": "Flair"}``), so a dataset
+  converted by nnU-Net and one written here name their files alike; MSD's order reads as well.
+* **Any other dataset.json** defines its own label scheme
+  (:func:`~unet_trainer.data.schemes.scheme_from_dataset_json`): its channels in ``channel_names``
+  order, its labels by name (a class and a region each) or as regions with
+  ``regions_class_order`` (evaluated and trained as given), e.g. nnU-Net's conversions of BraTS
+  2023 (1 necrotic core), BraTS 2024 with the resection cavity, or the one-channel MEN-RT. The
+  scheme is named ``nnunetv2-`` and a hash of its definition; it is registered, with its label
+  convention (file value = class index), when the dataset is listed or a case read, and the
+  definition travels in ``prepare.json``, the run's config (``data.scheme_definition``) and
+  ``model.json``. Cases are not written into such a dataset.
 
 Unlabelled cases. ``imagesTs/`` holds nnU-Net's unlabelled test cases: listed when labels are not
 needed (``unet-predict``), left out when they are (training, scoring), as nnU-Net itself does.
@@ -48,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from ...core.fileio import atomic_write_text
-from ..schemes import SCHEMES
+from ..schemes import SCHEMES, LabelScheme, SchemeDefinitionError, register_scheme, scheme_from_dataset_json
 from .canonical import (
     CANONICAL_CHANNELS,
     CONVENTION_SCHEME,
@@ -57,6 +62,7 @@ from .canonical import (
     Layout,
     RawCase,
     native_regions,
+    register_dataset_convention,
 )
 from .files import (
     LABELS_NEEDED,
@@ -108,8 +114,15 @@ _LABEL_ROLES = {1: "edema", 2: "core", 3: "enhancing"}
 class _Spec:
     """What dataset.json says about the files."""
 
-    file_index: tuple[int, ...]  # the file channel number of each canonical channel
+    file_index: tuple[int, ...]  # the file channel number of each channel of the scheme, in its order
     file_ending: str
+    scheme: str  # the label scheme: msd, or the one dataset.json defines
+    channels: tuple[str, ...]  # the scheme's channels
+
+    @property
+    def convention(self) -> str:
+        """The label convention of the files: MSD's, or the dataset's own (native = class index)."""
+        return _LABEL_CONVENTION if self.scheme == CONVENTION_SCHEME[_LABEL_CONVENTION] else self.scheme
 
 
 def _normalised(name: object) -> str:
@@ -168,26 +181,62 @@ def _labels_follow_convention(labels: object) -> bool:
     return all(_label_role(name) == _LABEL_ROLES[value] for name, value in labels.items() if name != "background")
 
 
-def _spec(path: Path, content: dict) -> _Spec:
-    """Check dataset.json's channels, labels and file ending.
+def register_dataset_scheme(scheme: LabelScheme) -> LabelScheme:
+    """Register a scheme a dataset.json defines and its label convention (native value = class index),
+    so that every lookup by name finds them; again is a no-op. Returns the registered scheme.
 
     Raises:
-        DataFormatError: (one line naming ``path``) an unknown channel set, labels in another
-            numbering, or files that are not NIfTI.
+        SchemeDefinitionError: the name already holds another scheme.
     """
-    file_index = _file_index(path, content.get("channel_names"))
-    if not _labels_follow_convention(content.get("labels")):
-        raise DataFormatError(
-            f"{path}: labels {json.dumps(content.get('labels'))} are not nnU-Net's BraTS numbering "
-            f"(1 edema, 2 necrotic/non-enhancing core, 3 enhancing); expected {json.dumps(_NAMED_LABELS)} "
-            f"or the regions {json.dumps(_NEW_LABELS)}"
-        )
+    scheme = register_scheme(scheme)
+    register_dataset_convention(scheme.name, scheme.num_classes)
+    return scheme
+
+
+def _brats_file_index(content: dict) -> tuple[int, ...] | None:
+    """The file channel number of each canonical channel where dataset.json holds the four BraTS
+    sequences in nnU-Net's BraTS numbering (as Dataset137 and Dataset001 do), else None."""
+    try:
+        file_index = _file_index(Path(_DATASET_JSON), content.get("channel_names"))
+    except DataFormatError:
+        return None
+    return file_index if _labels_follow_convention(content.get("labels")) else None
+
+
+def _spec(path: Path, content: dict) -> _Spec:
+    """Check dataset.json's channels, labels and file ending: nnU-Net's BraTS numbering (the
+    ``msd`` scheme), or a label scheme of its own (:func:`~unet_trainer.data.schemes.scheme_from_dataset_json`),
+    which is registered, with its label convention, so that every scheme lookup finds it.
+
+    Raises:
+        DataFormatError: (one line naming ``path``) channels or labels that make no scheme, or files
+            that are not NIfTI.
+    """
     file_ending = content.get("file_ending", _NEW_FILE_ENDING)
     if file_ending not in NIFTI_EXTENSIONS:
         raise DataFormatError(
             f"{path}: file_ending is {json.dumps(file_ending)}; expected one of {list(NIFTI_EXTENSIONS)}"
         )
-    return _Spec(file_index, file_ending)
+    brats = _brats_file_index(content)
+    if brats is not None:
+        return _Spec(brats, file_ending, CONVENTION_SCHEME[_LABEL_CONVENTION], CANONICAL_CHANNELS)
+    try:
+        scheme = register_dataset_scheme(scheme_from_dataset_json(content, path.parent.name))
+    except SchemeDefinitionError as error:
+        raise DataFormatError(f"{path}: {error}") from None
+    return _Spec(tuple(range(len(scheme.channels))), file_ending, scheme.name, scheme.channels)
+
+
+def _case_spec(case: CaseFiles) -> _Spec:
+    """The dataset.json spec of the dataset a listed case belongs to (its images' folder's parent)."""
+    path = case.images[0].parent.parent / _DATASET_JSON
+    return _spec(path, read_json(path))
+
+
+def _dataset_schemes(cases) -> dict[str, str]:
+    """{scheme: convention} of the dataset the cases belong to, as its dataset.json says."""
+    spec = _case_spec(cases[0])
+    return {spec.scheme: spec.convention}
 
 
 def _channel_files(folder: Path, spec: _Spec, bad: dict[str, str] | None) -> dict[str, dict[int, Path]]:
@@ -202,7 +251,7 @@ def _channel_files(folder: Path, spec: _Spec, bad: dict[str, str] | None) -> dic
         if match is None:
             error = DataFormatError(
                 f"case {stem}: {path} is not named <case>_XXXX{ending}; expected one file per channel, "
-                f"{stem}_0000{ending} to {stem}_{len(CANONICAL_CHANNELS) - 1:04d}{ending}"
+                f"{stem}_0000{ending} to {stem}_{len(spec.channels) - 1:04d}{ending}"
             )
             record_bad(bad, stem, error)
             continue
@@ -233,14 +282,14 @@ def _cases_in(
             if unnamed:
                 raise DataFormatError(
                     f"case {case_id}: {files[unnamed[0]]} is channel {unnamed[0]}, which dataset.json channel_names "
-                    f"does not name; expected channels 0 to {len(CANONICAL_CHANNELS) - 1}"
+                    f"does not name; expected channels 0 to {len(spec.channels) - 1}"
                 )
             images = []
-            for channel, index in zip(CANONICAL_CHANNELS, spec.file_index):
+            for channel, index in zip(spec.channels, spec.file_index):
                 if index not in files:
                     raise DataFormatError(
                         f"case {case_id}: missing {channel} file {folder / f'{case_id}_{index:04d}{ending}'}; expected "
-                        f"{case_id}_0000{ending} to {case_id}_{len(CANONICAL_CHANNELS) - 1:04d}{ending} (dataset.json channel_names)"
+                        f"{case_id}_0000{ending} to {case_id}_{len(spec.channels) - 1:04d}{ending} (dataset.json channel_names)"
                     )
                 images.append(files[index])
             label = None
@@ -297,7 +346,7 @@ def _list_cases(root: Path, require_labels: bool, bad: dict[str, str] | None) ->
 
 
 def _read(case: CaseFiles, convention: str) -> RawCase:
-    return read_channel_files(case, convention)
+    return read_channel_files(case, convention, _case_spec(case).channels)
 
 
 def _training_case_count(images_dir: Path, ending: str) -> int:
@@ -329,6 +378,11 @@ def _write(
         }
     # Refuse before writing any image into a dataset with other channels or labels.
     spec = _spec(path, content)
+    if spec.scheme != CONVENTION_SCHEME[_LABEL_CONVENTION]:
+        raise DataFormatError(
+            f"{path}: its channels and labels are its own ({', '.join(spec.channels)}); cases are written only "
+            f"into an nnU-Net BraTS dataset ({json.dumps(_NAMED_LABELS)})"
+        )
     ending = spec.file_ending
     labelled = native_label is not None
     images_dir, other_dir = (
@@ -363,4 +417,5 @@ NNUNET_V2 = Layout(
     read=_read,
     write=_write,
     refines=("msd",),
+    dataset_schemes=_dataset_schemes,
 )
