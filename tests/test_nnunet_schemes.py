@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT, tiny_overrides
 
 from unet_trainer.commands.builders import build_scheme
+from unet_trainer.commands.datasets import ensure_prepared
 from unet_trainer.commands.evaluate import evaluate_folder, evaluate_model
 from unet_trainer.commands.export import labels_section
 from unet_trainer.commands.exported import exported_scheme
@@ -24,6 +25,7 @@ from unet_trainer.commands.predict import predict_dataset
 from unet_trainer.commands.train import run_training
 from unet_trainer.config.config import resolve_config
 from unet_trainer.config.engine import ConfigError
+from unet_trainer.core.distributed import DistInfo
 from unet_trainer.data.layouts import CONVENTION_SCHEME, LABEL_CONVENTIONS, open_dataset, read_case
 from unet_trainer.data.phantom import write_phantom_dataset
 from unet_trainer.data.schemes import SCHEMES, SchemeDefinitionError, scheme_from_dataset_json
@@ -193,3 +195,25 @@ def test_the_config_checks_the_scheme_against_its_definition():
     assert (
         resolve_config(None, [f"data.scheme={name}", f"data.scheme_definition={definition}"])["data"]["scheme"] == name
     )
+
+
+def test_a_dataset_json_edited_after_preparation_prepares_again(tmp_path):
+    raw = nnunet_from_phantom(tmp_path, "brats2024-gli", GLI_2024, GLI_2024_FILES, cases=2)
+    cfg = resolve_config(
+        ROOT / "configs" / "demo.yaml", tiny_overrides(tmp_path / "cache", tmp_path / "run", f"data.path={raw}")
+    )
+    folder, index = ensure_prepared(cfg, DistInfo(), progress=False)
+    assert index["scheme"] == scheme_from_dataset_json(GLI_2024).name
+    renamed = {
+        **GLI_2024,
+        "labels": {
+            "background": 0,
+            **{k.replace("tumor", "tumour"): v for k, v in GLI_2024["labels"].items() if k != "background"},
+        },
+    }
+    (raw / "dataset.json").write_text(json.dumps({**renamed, "file_ending": ".nii.gz"}))
+    again_folder, again = ensure_prepared(cfg, DistInfo(), progress=False)
+    assert again_folder == folder and again["scheme"] == scheme_from_dataset_json(renamed).name != index["scheme"]
+    for case_id in again["cases"]:  # every case read again, in the new scheme's numbering
+        assert json.loads((folder / f"{case_id}_meta.json").read_text())["label_convention"] == again["scheme"]
+    assert {"whole_tumour", "tumour_core"} <= set(SCHEMES[again["scheme"]].regions)

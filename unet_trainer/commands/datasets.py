@@ -112,12 +112,23 @@ def ensure_prepared(cfg: dict, dist_info: DistInfo, progress: bool = True) -> tu
     settings = build_prepare_settings(cfg)
     fmt = cfg["data"]["format"]
     scheme = cfg["data"]["scheme"]
-    if dist_info.is_main and not prepared_is_current(out, source, settings, fmt, list_cases=list_cases, scheme=scheme):
+    current = prepared_is_current(out, source, settings, fmt, list_cases=list_cases, scheme=scheme)
+    if dist_info.is_main and not (current and _defined_scheme_is_current(out, source, settings)):
         print(f"Preparing {source} -> {out}", file=sys.stderr)
         dataset = open_dataset(source, fmt, scheme=scheme, dle_labels=settings.dle_labels)
         prepare_dataset(dataset, out, settings, workers=cfg["data"]["prepare_workers"], progress=progress)
     barrier()
     return out, load_prepared_index(out)
+
+
+def _defined_scheme_is_current(out: Path, source: Path, settings: PrepareSettings) -> bool:
+    """Whether the scheme a dataset.json defined when ``out`` was prepared is still the one it defines
+    (a dataset.json edited since, say a region renamed, makes the preparation stale); True for every
+    other scheme."""
+    index = load_prepared_index(out)
+    if not index.get("scheme_definition"):
+        return True
+    return index["scheme"] in open_dataset(source, index["format"], dle_labels=settings.dle_labels).schemes
 
 
 def build_split(cfg: dict, case_ids: list[str]) -> dict[str, list[str]]:

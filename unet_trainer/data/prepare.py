@@ -248,13 +248,17 @@ def prepare_case(raw: RawCase, settings: PrepareSettings) -> tuple[np.ndarray, n
     return image.astype(np.float32, copy=False), label, meta
 
 
-def _case_is_done(out: Path, case_id: str, digest: str) -> bool:
+def _case_is_done(out: Path, case_id: str, digest: str, conventions: set[str] | None = None) -> bool:
+    """Whether the case is prepared with these settings (``digest``) and, where ``conventions`` is
+    given, read in one of them (a dataset.json that defines another scheme since makes it stale)."""
     meta_path = out / f"{case_id}_meta.json"
     if not meta_path.is_file():
         return False
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError):
+        return False
+    if conventions is not None and meta.get("label_convention") not in conventions:
         return False
     return meta.get("settings_digest") == digest and (out / f"{case_id}_x.npy").is_file()
 
@@ -369,7 +373,8 @@ def _prepare_cases(dataset: RawDataset, out: Path, settings: PrepareSettings, wo
     # cases that fail when read join them.
     errors = dict(dataset.skipped)
     digest = settings.digest()
-    todo = [c for c in cases if not _case_is_done(out, c.case_id, digest)]
+    known = set(dataset.layout.scheme_conventions(settings.dle_labels, cases).values()) if cases else None
+    todo = [c for c in cases if not _case_is_done(out, c.case_id, digest, known)]
     jobs = [(c, str(out), settings, dataset.layout, dataset.schemes) for c in todo]
     # disable=None: tqdm draws only on a terminal.
     bar = tqdm(
