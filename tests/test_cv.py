@@ -26,9 +26,13 @@ from unet_trainer.cli.predict import main as predict_main
 from unet_trainer.commands.builders import fold_config
 from unet_trainer.commands.cv import (
     CrossValidationError,
+    CVSummary,
+    FoldScore,
     claim_cv_folder,
+    format_summary,
     parse_folds,
     run_cross_validation,
+    summary_rows,
 )
 from unet_trainer.commands.datasets import ensure_prepared, raw_data_dir
 from unet_trainer.commands.folders import fold_state
@@ -347,3 +351,14 @@ def test_postprocessing_chosen_on_the_out_of_fold_predictions_applies_to_the_fol
         assert status == 2 and err.count("\n") == 1 and "goes with --choose-postprocessing" in err
     finally:
         chosen.unlink(missing_ok=True)  # the other tests predict from this folder without rules
+
+
+def test_the_summary_table_has_a_column_per_region_of_the_scheme(tmp_path):
+    """MEN-RT's one region, GTV (the columns were once WT, TC and ET whatever the scheme)."""
+    rows = [{"case_id": f"c{i}", "GTV": 0.5 + i / 10, "mean": 0.5 + i / 10, "lesion_dice/GTV": 0.25} for i in range(2)]
+    scores = [FoldScore(0, tmp_path / "best-rank0.pt", "best", 4, rows)]
+    table_rows, keys = summary_rows(scores)
+    table = format_summary(CVSummary(scores, table_rows, keys, tmp_path / "cv.csv", ("GTV",)))
+    header = next(line for line in table.splitlines() if line.startswith("fold"))
+    assert header.split()[2:6] == ["GTV", "mean", "LW", "GTV"] and "WT" not in table
+    assert "0.5500" in table  # the GTV mean over the two cases

@@ -46,6 +46,7 @@ from ..core.distributed import DistInfo, barrier, broadcast_object, init_distrib
 from ..core.fileio import atomic_write, atomic_write_text
 from ..core.runfolder import FolderLock, RunFolderError
 from ..data.layouts import DataFormatError, scheme_named
+from ..data.schemes import SCHEMES
 from ..evaluation import postprocessing as pp
 from ..evaluation.metrics import mean_scores
 from ..training import callbacks as cb
@@ -217,12 +218,14 @@ class CVSummary:
             rows, then one "fold_mean" row per fold, then the overall "mean" and "std" rows.
         keys: the score keys, in the evaluator's order.
         csv_path: where the rows were written.
+        regions: the label scheme's evaluation regions, in reporting order (the table's columns).
     """
 
     folds: list[FoldScore]
     rows: list[dict]
     keys: list[str]
     csv_path: Path
+    regions: tuple[str, ...] = ("WT", "TC", "ET")
     # With a postprocessing metric: the rules chosen on all folds' out-of-fold predictions
     # (a postprocessing.PostprocessingChoice) and the postprocessing.json written.
     postprocessing: Any = None
@@ -337,7 +340,7 @@ def score_folds(
         pp.check_metric(postprocessing_metric)
     cv_dir = settings.cv_dir
     overrides = evaluation_overrides(settings.eval, lesion_wise)
-    scores = []
+    scores, regions = [], ()
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(pp.PredictionStore(cv_dir)) if postprocessing_metric else None
         for state in states:
@@ -351,10 +354,11 @@ def score_folds(
                 case_sink=store.put if store else None,
             )
             scores.append(FoldScore(state.fold, checkpoint, why, batch, report.per_case))
+            regions = SCHEMES[report.scheme].region_names
         rows, keys = summary_rows(scores)
         csv_path = cv_dir / CV_SUMMARY
         write_summary_csv(csv_path, rows, keys)
-        summary = CVSummary(scores, rows, keys, csv_path)
+        summary = CVSummary(scores, rows, keys, csv_path, regions)
         if store is not None:
             scoring = settings.eval.metric_settings(postprocessing_metric)
             summary.postprocessing = pp.choose_postprocessing(store, scoring)
@@ -541,9 +545,10 @@ def run_cross_validation(
 def format_summary(summary: CVSummary) -> str:
     """A small table: per fold and overall (mean and standard deviation) Dice per region and its
     mean, and the lesion-wise Dice and HD95 per region when scored."""
-    columns = [("WT", "WT"), ("TC", "TC"), ("ET", "ET"), ("mean", "mean")]
-    columns += [(f"lesion_dice/{r}", f"LW {r}") for r in ("WT", "TC", "ET") if f"lesion_dice/{r}" in summary.keys]
-    columns += [(f"lesion_hd95/{r}", f"LW HD {r}") for r in ("WT", "TC", "ET") if f"lesion_hd95/{r}" in summary.keys]
+    columns = [(r, r) for r in summary.regions] + [("mean", "mean")]
+    columns += [(f"lesion_dice/{r}", f"LW {r}") for r in summary.regions if f"lesion_dice/{r}" in summary.keys]
+    columns += [(f"lesion_hd95/{r}", f"LW HD {r}") for r in summary.regions if f"lesion_hd95/{r}" in summary.keys]
+    width = max(10, *(len(title) + 1 for _, title in columns))  # a dataset.json's region names may be long
 
     def number(key: str, value) -> str:
         if value is None or math.isnan(value):
@@ -551,7 +556,7 @@ def format_summary(summary: CVSummary) -> str:
         return f"{value:.2f}" if "hd95" in key else f"{value:.4f}"  # mm; Dice
 
     counts = {s.fold: len(s.rows) for s in summary.folds}
-    header = f"{'fold':<6}{'cases':>6}  " + "".join(f"{title:>10}" for _, title in columns) + "  checkpoint"
+    header = f"{'fold':<6}{'cases':>6}  " + "".join(f"{title:>{width}}" for _, title in columns) + "  checkpoint"
     lines = [
         f"Cross-validation of {len(summary.folds)} folds: each fold's checkpoint on its own validation cases "
         f"({sum(counts.values())} cases); mean and sample standard deviation over all cases",
@@ -565,6 +570,6 @@ def format_summary(summary: CVSummary) -> str:
         cases = counts[row["fold"]] if row["row"] == "fold_mean" else sum(counts.values())
         scored = next((s for s in summary.folds if s.fold == row["fold"]), None)
         where = f"  {scored.checkpoint.name} ({scored.choice}, batch {scored.batch})" if scored else ""
-        lines.append(f"{fold!s:<6}{cases:>6}  " + "".join(f"{number(k, row[k]):>10}" for k, _ in columns) + where)
+        lines.append(f"{fold!s:<6}{cases:>6}  " + "".join(f"{number(k, row[k]):>{width}}" for k, _ in columns) + where)
     lines += ["", f"Per case, per fold and overall: {summary.csv_path}"]
     return "\n".join(lines)
