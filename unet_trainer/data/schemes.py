@@ -41,7 +41,9 @@ __all__ = [
     "LesionSettings",
     "SchemeDefinitionError",
     "UnknownScheme",
+    "canonical_sequence",
     "get_scheme",
+    "name_key",
     "register_scheme",
     "scheme_from_dataset_json",
     "scheme_from_definition",
@@ -328,8 +330,15 @@ _SEQUENCE_ALIASES: dict[str, tuple[str, ...]] = {
 _DATASET_LESION = LesionSettings("brats2023", 3, 50.0)
 
 
-def _key(name: object) -> str:
+def name_key(name: object) -> str:
+    """A name as dataset.json names are compared: lower case, letters and digits only."""
     return "".join(c for c in str(name).lower() if c.isalnum())
+
+
+def canonical_sequence(name: object) -> str | None:
+    """The canonical name (``flair``, ``t1``, ``t1ce``, ``t2``) of an MRI sequence a dataset.json
+    names in any usual way (``T2f``, ``t1-gd``, ...), or None for another channel."""
+    return next((c for c, aliases in _SEQUENCE_ALIASES.items() if name_key(name) in aliases), None)
 
 
 def _short_name(name: str) -> str:
@@ -351,8 +360,7 @@ def _channels(channel_names: object) -> tuple[str, ...]:
     channels = []
     for key in keys:
         name = str(channel_names[key])
-        canonical = next((c for c, aliases in _SEQUENCE_ALIASES.items() if _key(name) in aliases), None)
-        channels.append(canonical or _short_name(name).lower())
+        channels.append(canonical_sequence(name) or _short_name(name).lower())
     if len(set(channels)) != len(channels) or not all(channels):
         raise SchemeDefinitionError(f"channel_names {json.dumps(channel_names)} name a channel twice, or not at all")
     return tuple(channels)

@@ -53,7 +53,15 @@ from pathlib import Path
 import numpy as np
 
 from ...core.fileio import atomic_write_text
-from ..schemes import SCHEMES, LabelScheme, SchemeDefinitionError, register_scheme, scheme_from_dataset_json
+from ..schemes import (
+    SCHEMES,
+    LabelScheme,
+    SchemeDefinitionError,
+    canonical_sequence,
+    name_key,
+    register_scheme,
+    scheme_from_dataset_json,
+)
 from .canonical import (
     CANONICAL_CHANNELS,
     CONVENTION_SCHEME,
@@ -99,13 +107,6 @@ _NEW_FILE_ENDING = ".nii.gz"
 # The same numbering labelled by name, as in Dataset001_BrainTumour (from MSD Task01).
 _NAMED_LABELS = {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}
 
-# Canonical channel -> its names in dataset.json, lower case without punctuation.
-_CHANNEL_ALIASES: dict[str, tuple[str, ...]] = {
-    "flair": ("flair", "t2f", "t2flair"),
-    "t1": ("t1", "t1w", "t1n"),
-    "t1ce": ("t1ce", "t1gd", "t1c"),
-    "t2": ("t2", "t2w"),
-}
 # What each native label value means in this layout's convention (for checking label names).
 _LABEL_ROLES = {1: "edema", 2: "core", 3: "enhancing"}
 
@@ -125,15 +126,6 @@ class _Spec:
         return _LABEL_CONVENTION if self.scheme == CONVENTION_SCHEME[_LABEL_CONVENTION] else self.scheme
 
 
-def _normalised(name: object) -> str:
-    return re.sub(r"[^a-z0-9]", "", str(name).lower())
-
-
-def _canonical_channel(name: object) -> str | None:
-    key = _normalised(name)
-    return next((channel for channel, aliases in _CHANNEL_ALIASES.items() if key in aliases), None)
-
-
 def _file_index(path: Path, channel_names: object) -> tuple[int, ...]:
     """The file channel number of each canonical channel, from dataset.json's ``channel_names``."""
     count = len(CANONICAL_CHANNELS)
@@ -143,7 +135,7 @@ def _file_index(path: Path, channel_names: object) -> tuple[int, ...]:
     )
     if not isinstance(channel_names, dict):
         raise DataFormatError(f"{path}: no channel_names object, which a nnunetv2 dataset.json needs; {expected}")
-    by_channel = {_canonical_channel(name): str(key) for key, name in channel_names.items()}
+    by_channel = {canonical_sequence(name): str(key) for key, name in channel_names.items()}
     if set(by_channel) != set(CANONICAL_CHANNELS) or {str(k) for k in channel_names} != {str(i) for i in range(count)}:
         raise DataFormatError(
             f"{path}: channel_names {json.dumps(channel_names)} are not the four BraTS MRI sequences; {expected}"
@@ -152,7 +144,7 @@ def _file_index(path: Path, channel_names: object) -> tuple[int, ...]:
 
 
 def _label_role(name: str) -> str:
-    key = _normalised(name)
+    key = name_key(name)
     if "edema" in key or key == "ed":
         return "edema"
     if ("enhanc" in key and "non" not in key) or key in ("et", "en"):
