@@ -109,9 +109,23 @@ def test_labels_by_name_are_a_class_and_a_region_each():
             "its own labels",
         ),
         ({"channel_names": {"0": "T1", "2": "T2"}, "labels": {"background": 0, "a": 1}}, '"2"'),
+        (
+            {"channel_names": {"0": "T1"}, "labels": {"background": 0, **{f"l{i}": i for i in range(1, 256)}}},
+            "at most 254",
+        ),
         ({"channel_names": {"0": "t1c", "1": "T1ce"}, "labels": {"background": 0, "a": 1}}, "twice"),
     ],
-    ids=["no channels", "no background", "gap", "ignore", "no order", "order outside", "keys", "channel twice"],
+    ids=[
+        "no channels",
+        "no background",
+        "gap",
+        "ignore",
+        "no order",
+        "order outside",
+        "keys",
+        "255 labels",
+        "channel twice",
+    ],
 )
 def test_a_dataset_json_that_makes_no_scheme_is_refused_in_one_line(content, words):
     with pytest.raises(SchemeDefinitionError) as excinfo:

@@ -328,6 +328,8 @@ _SEQUENCE_ALIASES: dict[str, tuple[str, ...]] = {
 # What a dataset-defined scheme scores lesions with: BraTS glioma's 2023 settings (a dataset.json
 # says nothing of it; eval.lesion_* override them).
 _DATASET_LESION = LesionSettings("brats2023", 3, 50.0)
+# Label maps are uint8, and 255 marks a value outside a convention while reading.
+_MAX_LABELS = 254
 
 
 def name_key(name: object) -> str:
@@ -386,6 +388,8 @@ def _labels_and_regions(labels: object, order: object) -> tuple[tuple[str, ...],
     present = sorted({v for members in values.values() for v in members})
     if not present or present != list(range(1, len(present) + 1)):
         raise SchemeDefinitionError(f"labels: values {present} are not consecutive from 1, as nnU-Net requires")
+    if len(present) > _MAX_LABELS:
+        raise SchemeDefinitionError(f"labels: {len(present)} label values; at most {_MAX_LABELS} (uint8 label maps)")
     short = {name: _short_name(name) for name in values}
     if len(set(short.values())) != len(short) or not all(short.values()):
         raise SchemeDefinitionError(f"label names {list(values)} do not give distinct names")
